@@ -1,0 +1,37 @@
+# Influence search: the two set-up commands are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint openapi bench load clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/influence demo
+
+# Exit code 5 (no tests collected) is a failure of intent, not a pass.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check encoder indexer service api evaluation tests benchmarks
+	$(BIN)/mypy encoder api
+
+openapi: $(STAMP)
+	$(BIN)/influence openapi --out api/openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .demo
