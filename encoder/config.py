@@ -1,0 +1,86 @@
+"""Typed configuration of the TrackStar fingerprint (DESIGN.md, "The fingerprint, exactly")."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from encoder.errors import ConfigError
+
+HessianMode = Literal["none", "train", "mixed"]
+EncoderMode = Literal["exact", "factored"]
+
+
+@dataclass(frozen=True)
+class FingerprintConfig:
+    """Everything that determines a fingerprint; saved in the index manifest.
+
+    Args:
+        include: glob patterns over module names selecting tracked linear maps. The default
+            ``("*",)`` tracks every ``nn.Linear``/``Conv1D`` except the output embedding.
+        exclude: glob patterns removed from the selection.
+        track_lm_head: also track the output embedding (LM head) if it is a linear map.
+        k: projection size per side; each module contributes k*k dims. ``0`` = no projection
+            (phi_W = vec(G~_W), exact mode for tiny models and tests).
+        seed: seed of the projection matrices (generated from (seed, module name)).
+        correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
+            ``False`` is the ablation.
+        hessian: ``none`` (ablation), ``train`` (R = R_train) or ``mixed``
+            (R = lambda R_eval + (1 - lambda) R_train, paper Sec. 3 / App. A.1.3).
+        lambda_: mixing weight; ``None`` chooses it by the eigenvalue rule of App. A.1.3.
+        lambda_component: the rule's component c as a fraction of d (paper: d/64).
+        delta: damping, R + delta * mean_eig(R) * I before the inverse square root.
+        unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
+        mode: ``exact`` (per-example weight gradients) or ``factored`` (rank-1 second moment,
+            no weight gradients; a measured approximation).
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    track_lm_head: bool = False
+    k: int = 16
+    seed: int = 0
+    correction: bool = True
+    hessian: HessianMode = "mixed"
+    lambda_: float | None = None
+    lambda_component: float = 1.0 / 64.0
+    delta: float = 1e-3
+    unit_norm: bool = True
+    mode: EncoderMode = "exact"
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigError(f"k must be >= 0, got {self.k}")
+        if self.hessian not in ("none", "train", "mixed"):
+            raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
+        if self.mode not in ("exact", "factored"):
+            raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
+        if self.mode == "factored" and self.k == 0:
+            raise ConfigError("the factored mode needs a projection (k > 0)")
+        if self.lambda_ is not None and not 0.0 <= self.lambda_ <= 1.0:
+            raise ConfigError(f"lambda must lie in [0, 1], got {self.lambda_}")
+        if not 0.0 < self.lambda_component <= 1.0:
+            raise ConfigError("lambda_component must lie in (0, 1]")
+        if self.delta < 0:
+            raise ConfigError(f"delta must be >= 0, got {self.delta}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FingerprintConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown fingerprint config keys: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("include", "exclude"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+

@@ -1,0 +1,74 @@
+"""Project exceptions: one small hierarchy with stable codes.
+
+Every error a user can cause carries a stable machine-readable ``code``. The service maps
+these to HTTP in one place (``service/errors.py``) and the CLI maps them to exit code 2 in
+one place (``service/cli.py``).
+"""
+
+from __future__ import annotations
+
+
+class InfluenceError(Exception):
+    """Base class. ``code`` is stable (clients match on it); ``message`` is for people."""
+
+    code: str = "influence_error"
+    http_status: int = 400
+
+    def __init__(self, message: str, *, code: str | None = None, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(InfluenceError):
+    """A configuration value is invalid (unknown module glob, bad k, bad lambda, ...)."""
+
+    code = "invalid_config"
+    http_status = 422
+
+
+class ModelLoadError(InfluenceError):
+    """A model or tokenizer directory cannot be loaded."""
+
+    code = "model_load_error"
+    http_status = 422
+
+
+class OptimizerStateError(InfluenceError):
+    """Optimizer state is missing, unreadable, or does not match the model."""
+
+    code = "optimizer_state_mismatch"
+    http_status = 422
+
+
+class InputError(InfluenceError):
+    """A query or training example is malformed (e.g. an empty completion)."""
+
+    code = "invalid_input"
+    http_status = 422
+
+
+class InputTooLongError(InputError):
+    """A query or example has more tokens than allowed."""
+
+    code = "input_too_long"
+    http_status = 413
+
+
+class ArtifactError(InfluenceError):
+    """An index artifact is missing, corrupt, or does not match the model."""
+
+    code = "artifact_error"
+    http_status = 422
+
+
+class NotFoundError(InfluenceError):
+    """An id or resource does not exist."""
+
+    code = "not_found"
+    http_status = 404

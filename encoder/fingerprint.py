@@ -1,0 +1,219 @@
+"""The TrackStar fingerprint of an example (DESIGN.md, "The fingerprint, exactly").
+
+    G_W   = dL/dW per example                            (hooks.py)
+    G~_W  = G_W / (sqrt(v_hat_W) + eps)                  (optimizer_state.py)
+    phi_W = A_W G~_W B_W^T, phi = concat_W vec(phi_W)    (projection.py)
+    e     = R^-1/2 phi / ||R^-1/2 phi||                  (whitening.py)
+
+``project`` returns phi (the statistics pass accumulates R from it); ``finalize`` whitens
+and normalizes; ``encode`` does both. The exact path forms each example's G_W one module at
+a time inside the backward pass and drops it at once; the factored path never forms it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from encoder.batching import TokenBatch
+from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
+from encoder.hooks import GradientCapture, make_inputs_differentiable
+from encoder.modules import TrackedModule, block_dims, select_modules
+from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
+from encoder.projection import make_projections
+from encoder.whitening import RStatistics, Whitener
+
+log = logging.getLogger(__name__)
+
+GRADIENT_BUDGET_BYTES = 256 << 20
+"""Per-module memory for materialized per-example gradients; larger batches are chunked."""
+
+
+def sequence_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Sum over the batch of each example's summed target-token NLL (a scalar).
+
+    Summing over examples keeps them separable: d(sum)/d(output of example b) is example
+    b's own output gradient.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits[:, :-1].float()
+    targets = batch.input_ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    return (nll * batch.target_mask[:, 1:].to(nll.dtype)).sum()
+
+
+class TrackStarEncoder:
+    """Encodes token batches into TrackStar fingerprints.
+
+    Args:
+        model: a frozen causal LM (``encoder.model_loading.load_model``).
+        config: the fingerprint configuration.
+        second_moments: Adam second moments; required when ``config.correction``.
+        whitener: R^-1/2 blocks; required by ``finalize`` unless ``config.hessian == "none"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: FingerprintConfig,
+        *,
+        second_moments: SecondMoments | None = None,
+        whitener: Whitener | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.modules: list[TrackedModule] = select_modules(model, config)
+        self.block_dims = block_dims(self.modules, config.k)
+        self.dim = sum(self.block_dims)
+        starts = _cumsum(self.block_dims)
+        self._spans = {
+            m.name: (s, s + d) for m, s, d in zip(self.modules, starts, self.block_dims, strict=True)
+        }
+        first = next(model.parameters())
+        self.device = first.device
+        self.accum_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self._proj = {
+            name: (a.to(self.device, self.accum_dtype), b.to(self.device, self.accum_dtype))
+            for name, (a, b) in make_projections(config.seed, self.modules, config.k).items()
+        }
+        self.second_moments: SecondMoments | None = None
+        self._inv_scale: dict[str, torch.Tensor] = {}
+        if second_moments is not None:
+            self.set_second_moments(second_moments)
+        elif config.correction:
+            log.info("no optimizer state yet: estimate it before encoding")
+        self.whitener: Whitener | None = None
+        if whitener is not None:
+            self.set_whitener(whitener)
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    def projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The projection matrices (float32, CPU) by module name, for saving."""
+        return {n: (a.float().cpu(), b.float().cpu()) for n, (a, b) in self._proj.items()}
+
+    def set_second_moments(self, sm: SecondMoments) -> None:
+        """Install second moments; precomputes 1 / (sqrt(v_hat) + eps) per module [out, in]."""
+        v = sm.for_modules(self.modules)
+        self._inv_scale = {
+            n: (t.to(self.device, self.accum_dtype).sqrt() + sm.eps).reciprocal()
+            for n, t in v.items()
+        }
+        self.second_moments = sm
+
+    def set_whitener(self, whitener: Whitener) -> None:
+        if whitener.names != self.module_names or [m.shape[0] for m in whitener.matrices] != self.block_dims:
+            raise ConfigError("the whitener's blocks do not match the tracked modules")
+        self.whitener = whitener
+
+    def new_statistics(self) -> RStatistics:
+        """Empty R statistics with this encoder's blocks."""
+        return RStatistics(self.module_names, self.block_dims)
+
+    # -- encoding ------------------------------------------------------------------------
+    def _backward(self, batch: TokenBatch, capture: GradientCapture) -> None:
+        batch = batch.to(self.device)
+        handle = make_inputs_differentiable(self.model)
+        try:
+            with torch.enable_grad(), capture:
+                capture.set_mask(batch.attention_mask)
+                loss = sequence_loss(self.model, batch)
+                if loss.requires_grad:
+                    loss.backward()
+        finally:
+            handle.remove()
+
+    def project(self, batch: TokenBatch) -> torch.Tensor:
+        """phi for a batch: corrected, projected, not whitened.
+
+        Args:
+            batch: [B, T] token batch.
+        Returns:
+            phi [B, d] in the accumulation dtype (float32; float64 for a float64 model).
+        """
+        if self.config.correction and self.second_moments is None:
+            raise ConfigError("optimizer correction is on but no second moments were given")
+        out = torch.zeros(len(batch), self.dim, dtype=self.accum_dtype, device=self.device)
+
+        def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            start, stop = self._spans[m.name]
+            out[:, start:stop] = self._phi_block(m, acts, grads)
+
+        self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
+        return out
+
+    def _phi_block(self, m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """phi_W [B, d_W] from acts [B, T, in] and grads [B, T, out]."""
+        proj = self._proj.get(m.name)
+        inv = self._inv_scale.get(m.name) if self.config.correction else None
+        if inv is None and proj is not None:
+            # Without correction A G B^T = sum_t (A g_t)(B a_t)^T exactly: no G needed.
+            a_mat, b_mat = proj
+            return torch.einsum("btk,btl->bkl", grads @ a_mat.T, acts @ b_mat.T).flatten(1)
+        per_example = m.out_features * m.in_features * acts.element_size()
+        chunk = max(1, GRADIENT_BUDGET_BYTES // per_example)
+        parts = []
+        for s in range(0, acts.shape[0], chunk):
+            g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
+            if inv is not None:
+                g = g * inv
+            if proj is not None:
+                a_mat, b_mat = proj
+                g = a_mat @ g @ b_mat.T
+            parts.append(g.flatten(1))
+        return torch.cat(parts)
+
+    def finalize(self, phi: torch.Tensor) -> torch.Tensor:
+        """Whiten (unless hessian none) and unit-normalize (unless the ablation) phi [B, d].
+
+        A zero phi (an example without targets) stays zero.
+        """
+        if self.config.hessian != "none":
+            if self.whitener is None:
+                raise ConfigError("hessian is on but no whitener was built (statistics pass)")
+            phi = self.whitener.apply(phi)
+        if self.config.unit_norm:
+            phi = phi / phi.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(phi.dtype).tiny)
+        return phi
+
+    def encode(self, batch: TokenBatch) -> torch.Tensor:
+        """Fingerprints e [B, d] (float32 unless the model is float64), on the model's device."""
+        return self.finalize(self.project(batch))
+
+    def estimate_second_moments(self, batches: Iterable[TokenBatch]) -> SecondMoments:
+        """v as the mean squared per-example gradient over the given batches (no optimizer
+        state available). eps is Adam's default 1e-8."""
+        sums = {m.name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64) for m in self.modules}
+        count = 0
+
+        def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            g = torch.einsum("bto,bti->boi", grads, acts)
+            sums[m.name] += (g * g).sum(0).double().cpu()
+
+        for batch in batches:
+            self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
+            count += len(batch)
+        if count == 0:
+            raise ConfigError("no sequences to estimate the second moments from")
+        v_hat = {}
+        for m in self.modules:
+            v = (sums[m.name] / count).float()
+            v_hat[m.param_name] = v.t().contiguous() if m.transposed else v
+        return SecondMoments(v_hat=v_hat, eps=DEFAULT_EPS, source=f"estimated(n={count})")
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        out.append(total)
+        total += x
+    return out

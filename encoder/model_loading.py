@@ -1,0 +1,104 @@
+"""Load a causal LM and its tokenizer from a local directory, and hash them.
+
+The hashes go into the index manifest so that the service can refuse a model that does
+not match the index it serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from encoder.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "tokenizer.model",
+)
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over the config and weight files of a model directory."""
+    d = Path(model_dir)
+    files = [d / "config.json"] if (d / "config.json").is_file() else []
+    for pattern in _WEIGHT_PATTERNS:
+        files += [p for p in d.glob(pattern) if p.is_file()]
+    if not files:
+        raise ModelLoadError(f"{d} holds no model weights")
+    return _sha256_files(list(dict.fromkeys(files)))
+
+
+def tokenizer_hash(model_dir: str | Path) -> str:
+    """sha256 over the tokenizer files of a model directory."""
+    d = Path(model_dir)
+    files = [d / n for n in _TOKENIZER_FILES if (d / n).is_file()]
+    if not files:
+        raise ModelLoadError(f"{d} holds no tokenizer files", code="missing_tokenizer")
+    return _sha256_files(files)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU; bf16 weights on an accelerator (accumulation stays float32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a transformers causal LM from a local directory, frozen and in eval mode.
+
+    Raises:
+        ModelLoadError: not a directory, or transformers cannot load it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    d = Path(model_dir)
+    if not d.is_dir() or not (d / "config.json").is_file():
+        raise ModelLoadError(f"{d} is not a model directory (no config.json)")
+    dev = torch.device(device) if device is not None else default_device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or default_dtype(dev))
+    except Exception as exc:  # noqa: BLE001 - report any loader failure as the user's input
+        raise ModelLoadError(f"cannot load a causal LM from {d}: {exc}") from exc
+    model.to(dev).eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(model_dir: str | Path):
+    """Load the tokenizer saved beside a model; a pad id is guaranteed (eos if unset).
+
+    Raises:
+        ModelLoadError: code ``missing_tokenizer`` when the directory has none.
+    """
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    tokenizer_hash(d)  # raises missing_tokenizer with a clear message
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer in {d}: {exc}", code="missing_tokenizer") from exc
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok

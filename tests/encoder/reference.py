@@ -1,0 +1,89 @@
+"""A slow, obviously-correct TrackStar reference for tiny models.
+
+Independent of the encoder's fast path: per-example gradients by ``torch.func.grad`` over
+``functional_call`` on each example alone (no padding, no hooks), the optimizer correction
+on the stored parameter, dense Kronecker projection matrices ``kron(A, B)``, and whitening
+by scipy's fractional matrix power.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch.func import functional_call, grad
+
+from encoder.batching import Example
+from encoder.projection import projection_pair
+
+
+def per_example_grads(model, param_names: list[str], example: Example) -> dict[str, torch.Tensor]:
+    """dL/dW for the named parameters, for one example on its own (stored orientation)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ids = torch.tensor(example.input_ids)
+    mask = torch.tensor(example.target_mask, dtype=torch.float64)
+
+    def loss_fn(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(model, {**params, **tracked}, args=(), kwargs={"input_ids": ids[None]}).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:], reduction="none")
+        return (nll * mask[1:]).sum()
+
+    return grad(loss_fn)({n: params[n] for n in param_names})
+
+
+def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8) -> np.ndarray:
+    """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64."""
+    grads = per_example_grads(model, [m.param_name for m in modules], example)
+    parts = []
+    for m in modules:
+        g = grads[m.param_name].double()
+        if v_hat is not None:
+            g = g / (v_hat[m.param_name].double().sqrt() + eps)
+        if m.transposed:  # Conv1D stores [in, out]
+            g = g.T
+        if k == 0:
+            parts.append(g.reshape(-1).numpy())
+        else:
+            a, b = projection_pair(seed, m, k)
+            dense = torch.kron(a.double(), b.double())  # [k*k, out*in]
+            parts.append((dense @ g.reshape(-1)).numpy())
+    return np.concatenate(parts)
+
+
+def reference_lambda(r_train: list[np.ndarray], r_eval: list[np.ndarray], component: float) -> float:
+    s_t = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_train]))[::-1]
+    s_e = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_eval]))[::-1]
+    c = int(component * s_t.size)
+    t, e = max(s_t[c], 0.0), max(s_e[c], 0.0)
+    return t / (t + e)
+
+
+def reference_whiten(blocks_train, blocks_eval, lam, delta):
+    """Per-block (R + delta mean_eig I)^-1/2 with R = lam R_eval + (1 - lam) R_train."""
+    out = []
+    for i, t in enumerate(blocks_train):
+        r = t if blocks_eval is None else lam * blocks_eval[i] + (1 - lam) * t
+        damp = delta * np.trace(r) / r.shape[0]
+        out.append(np.real(scipy.linalg.fractional_matrix_power(r + damp * np.eye(r.shape[0]), -0.5)))
+    return out
+
+
+def block_moments(phis: np.ndarray, dims: list[int]) -> list[np.ndarray]:
+    out, s = [], 0
+    for d in dims:
+        blk = phis[:, s : s + d]
+        out.append(blk.T @ blk / phis.shape[0])
+        s += d
+    return out
+
+
+def reference_fingerprints(phis: np.ndarray, whiteners, dims, unit_norm=True) -> np.ndarray:
+    if whiteners is not None:
+        parts, s = [], 0
+        for w, d in zip(whiteners, dims, strict=True):
+            parts.append(phis[:, s : s + d] @ w)
+            s += d
+        phis = np.concatenate(parts, axis=1)
+    if unit_norm:
+        phis = phis / np.linalg.norm(phis, axis=1, keepdims=True)
+    return phis

@@ -1,0 +1,131 @@
+"""The encoder against the slow reference: every mode, max abs diff < 1e-5 (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from encoder.batching import Example, collate, sequence_example
+from encoder.config import FingerprintConfig
+from encoder.fingerprint import TrackStarEncoder
+from encoder.optimizer_state import SecondMoments
+from encoder.whitening import Whitener
+from tests.conftest import tiny_gpt2
+from tests.encoder import reference as ref
+
+TOL = 1e-5
+
+
+def _examples(seed: int, n: int, lo: int, hi: int, vocab: int) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        out.append(sequence_example(torch.randint(1, vocab, (length,), generator=g).tolist()))
+    return out
+
+
+def _queries(seed: int, n: int, vocab: int) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, c = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        ids = torch.randint(1, vocab, (p + c,), generator=g).tolist()
+        out.append(Example(tuple(ids), tuple([False] * p + [True] * c)))
+    return out
+
+
+def _random_second_moments(model, seed: int) -> SecondMoments:
+    g = torch.Generator().manual_seed(seed)
+    v = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
+    return SecondMoments(v_hat=v, eps=1e-6, source="test")
+
+
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("correction", [True, False])
+@pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
+def test_fingerprints_match_reference(k, correction, hessian):
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    cfg = FingerprintConfig(k=k, seed=7, correction=correction, hessian=hessian)
+    sm = _random_second_moments(model, seed=2) if correction else None
+    enc = TrackStarEncoder(model, cfg, second_moments=sm)
+    train = _examples(3, 10, 3, 12, 40)
+    queries = _queries(4, 5, 40)
+
+    # Encoder: padded batches, hooks.
+    phi_train = torch.cat([enc.project(collate(train[i : i + 4])) for i in range(0, len(train), 4)])
+    phi_query = enc.project(collate(queries))
+    # Reference: each example alone, torch.func, dense projection.
+    kw = dict(k=k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8)
+    ref_train = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in train])
+    ref_query = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in queries])
+    scale = np.abs(ref_train).max()
+    assert np.abs(phi_train.numpy() - ref_train).max() <= TOL * max(scale, 1.0)
+    assert np.abs(phi_query.numpy() - ref_query).max() <= TOL * max(scale, 1.0)
+
+    whiteners = None
+    if hessian != "none":
+        st = enc.new_statistics()
+        st.update(phi_train)
+        se = None
+        if hessian == "mixed":
+            se = enc.new_statistics()
+            se.update(phi_query)
+        enc.set_whitener(
+            Whitener.from_statistics(st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta)
+        )
+        rt = ref.block_moments(ref_train, enc.block_dims)
+        re = ref.block_moments(ref_query, enc.block_dims) if hessian == "mixed" else None
+        lam = ref.reference_lambda(rt, re, cfg.lambda_component) if re is not None else 0.0
+        assert enc.whitener.lambda_ == pytest.approx(lam, rel=1e-6)
+        whiteners = ref.reference_whiten(rt, re, lam, cfg.delta)
+
+    e_train = enc.finalize(phi_train).numpy()
+    e_query = enc.finalize(phi_query).numpy()
+    assert np.abs(e_train - ref.reference_fingerprints(ref_train, whiteners, enc.block_dims)).max() < TOL
+    assert np.abs(e_query - ref.reference_fingerprints(ref_query, whiteners, enc.block_dims)).max() < TOL
+    assert np.allclose(np.linalg.norm(e_train, axis=1), 1.0)
+
+
+def test_batch_invariance_float32():
+    """An example's fingerprint alone equals its fingerprint inside a padded batch."""
+    model = tiny_gpt2(seed=5, n_embd=16)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none"), second_moments=_random_second_moments(model, 6))
+    short = sequence_example([3, 9, 4, 7])
+    others = _examples(8, 5, 10, 20, 40)
+    alone = enc.encode(collate([short]))[0]
+    inside = enc.encode(collate([others[0], short, *others[1:]]))[1]
+    assert torch.abs(alone - inside).max() < TOL
+    # Padding tokens with any id contribute nothing.
+    padded = enc.encode(collate([short, others[0]], pad_id=17))[0]
+    assert torch.abs(alone - padded).max() < TOL
+
+
+def test_query_loss_only_on_completion():
+    """Changing a prompt token's target status changes the fingerprint; padding does not."""
+    model = tiny_gpt2(seed=9, dtype=torch.float64)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, hessian="none", correction=False))
+    ids = (5, 6, 7, 8, 9)
+    q = Example(ids, (False, False, False, True, True))
+    full = sequence_example(ids)
+    e_q, e_full = enc.encode(collate([q, full]))
+    assert not torch.allclose(e_q, e_full)
+    e_ref = ref.reference_phi(model, enc.modules, q, k=3, seed=0)
+    assert np.allclose(enc.project(collate([q])).numpy()[0], e_ref, atol=1e-10)
+
+
+def test_projection_matrices_are_deterministic_and_scaled():
+    from encoder.modules import select_modules
+    from encoder.projection import projection_pair
+
+    model = tiny_gpt2()
+    m = select_modules(model, FingerprintConfig())[2]
+    a1, b1 = projection_pair(3, m, 64)
+    a2, b2 = projection_pair(3, m, 64)
+    a3, _ = projection_pair(4, m, 64)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert not torch.equal(a1, a3)
+    assert a1.shape == (64, m.out_features) and b1.shape == (64, m.in_features)
+    # Entries N(0, 1/k): the variance estimate over 64*out entries is close to 1/64.
+    assert float(a1.var()) == pytest.approx(1 / 64, rel=0.15)
