@@ -26,3 +26,27 @@ def tiny_gpt2(seed: int = 0, *, n_embd: int = 8, n_layer: int = 2, vocab: int = 
 @pytest.fixture
 def tiny_model():
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def fact_corpus():
+    """The test-size synthetic fact corpus (evaluation.corpus)."""
+    from evaluation.corpus import generate_fact_corpus
+
+    return generate_fact_corpus("test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fact_corpus_files(fact_corpus, tmp_path_factory):
+    """(corpus.jsonl, queries.jsonl) of the test-size corpus."""
+    return fact_corpus.write(tmp_path_factory.mktemp("fact_corpus"))
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(fact_corpus, tmp_path_factory):
+    """A test-size GPT-2 trained on the fact corpus with HF Trainer + AdamW, once per
+    session: a real Trainer checkpoint directory (model, tokenizer, optimizer.pt)."""
+    from evaluation.train import train_fact_model
+
+    result = train_fact_model(fact_corpus, tmp_path_factory.mktemp("trained"), size="test", seed=0)
+    return result
