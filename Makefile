@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint openapi bench load clean
+.PHONY: install system-deps demo test test-fast lint openapi bench load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/influence demo
 
+# System packages the tests drive for real: nginx (tests/deploy gateway) and chromium
+# (tests/ui). CI runs as root on Debian; elsewhere, install them yourself.
+system-deps:
+	@missing=""; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "system-deps: please install:$$missing"; fi; \
+	fi
+
 # Exit code 5 (no tests collected) is a failure of intent, not a pass.
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
