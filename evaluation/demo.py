@@ -1,0 +1,197 @@
+"""`influence demo`: from a fresh clone to a serving influence index, with no downloads.
+
+Steps (each skipped when its output already exists for the same inputs, keyed by a
+content hash recorded in the step's ``stamp.json``):
+1. generate the synthetic fact corpus (``evaluation.corpus``),
+2. train a GPT-2 on it with HF Trainer + AdamW (``evaluation.train``),
+3. build the index with the full TrackStar configuration: optimizer correction from the
+   checkpoint's AdamW state, Kronecker projection, R mixed from training sequences and a
+   query sample, unit norm (``influence index build``),
+4. print what to try, then serve it with ``influence serve`` on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """Sizes of one demo flavour."""
+
+    corpus: str  # evaluation.corpus size
+    model: str  # evaluation.train size
+    proj_dim: int  # k: each tracked module contributes k*k dims
+
+
+SIZES = {"full": DemoSize("demo", "demo", 16), "quick": DemoSize("test", "test", 8)}
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(step_dir: Path, key: str) -> dict | None:
+    stamp = step_dir / "stamp.json"
+    if stamp.is_file():
+        data = json.loads(stamp.read_text())
+        if data.get("key") == key:
+            return data
+    return None
+
+
+def _stamp(step_dir: Path, key: str, **info: object) -> dict:
+    data = {"key": key, **info}
+    (step_dir / "stamp.json").write_text(json.dumps(data, indent=2, default=str))
+    return data
+
+
+def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
+    """Run steps 1-3 (cached) and return paths and measurements.
+
+    Returns:
+        dict with corpus, queries, checkpoint, index (paths) and fact_accuracy.
+    """
+    from evaluation.corpus import generate_fact_corpus
+    from service.cli import main as cli
+
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # 1. corpus
+    corpus_dir = workdir / "corpus"
+    key = _sha("corpus", size.corpus, str(seed), (HERE / "corpus.py").read_bytes())
+    if not _cached(corpus_dir, key):
+        log.info("[1/3] generating the %s fact corpus", size.corpus)
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        corpus = generate_fact_corpus(size.corpus, seed=seed)
+        corpus.write(corpus_dir)
+        _stamp(corpus_dir, key, passages=len(corpus.passages), queries=len(corpus.queries))
+    else:
+        log.info("[1/3] fact corpus: cached")
+    corpus_file, queries_file = corpus_dir / "corpus.jsonl", corpus_dir / "queries.jsonl"
+
+    # 2. model
+    model_dir = workdir / "model"
+    key = _sha("model", size.model, str(seed), _file_sha(corpus_file), (HERE / "train.py").read_bytes())
+    trained = _cached(model_dir, key)
+    if not trained:
+        from evaluation.train import train_fact_model
+
+        log.info("[2/3] training the %s GPT-2 with HF Trainer + AdamW", size.model)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        corpus = generate_fact_corpus(size.corpus, seed=seed)
+        result = train_fact_model(corpus, model_dir, size=size.model, seed=seed, progress=True)
+        trained = _stamp(
+            model_dir, key, checkpoint=str(result.checkpoint_dir), fact_accuracy=result.fact_accuracy,
+            train_seconds=round(result.train_seconds, 1), n_queries=result.n_queries,
+        )  # fmt: skip
+    else:
+        log.info("[2/3] model: cached (%s)", trained["checkpoint"])
+    checkpoint = Path(trained["checkpoint"])
+
+    # 3. index
+    index_dir = workdir / "index"
+    key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
+               _file_sha(corpus_file), _file_sha(queries_file), str(size.proj_dim))  # fmt: skip
+    stamp_dir = workdir / "index-stamp"
+    if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
+        log.info("[3/3] building the TrackStar index")
+        shutil.rmtree(index_dir, ignore_errors=True)
+        rc = cli([
+            "index", "build", "--model", str(checkpoint), "--corpus", str(corpus_file),
+            "--out", str(index_dir), "--queries", str(queries_file),
+            "--proj-dim", str(size.proj_dim), "--hessian", "mixed",
+        ])  # fmt: skip
+        if rc != 0:
+            raise SystemExit(rc)
+        stamp_dir.mkdir(exist_ok=True)
+        _stamp(stamp_dir, key, index=str(index_dir))
+    else:
+        log.info("[3/3] index: cached (%s)", index_dir)
+    return {
+        "corpus": corpus_file, "queries": queries_file, "checkpoint": checkpoint,
+        "index": index_dir, "fact_accuracy": trained["fact_accuracy"],
+    }  # fmt: skip
+
+
+def show_example(index_dir: Path, queries_file: Path, host: str, port: int) -> None:
+    """Print a curl line, the web address, and one example query with its top results."""
+    from evaluation.corpus import load_queries
+    from indexer.artifacts import InfluenceIndex
+
+    q = load_queries(queries_file)[0]
+    index = InfluenceIndex.open(index_dir)
+    try:
+        vec = index.encode_queries([(q.prompt, q.completion)])
+        scores, ids = index.search(vec, 5)
+        records = index.examples([int(i) for i in ids[0] if i >= 0])
+    finally:
+        index.close()
+    body = json.dumps({"prompt": q.prompt, "completion": q.completion, "k": 5})
+    lines = [
+        "",
+        f"Influence search is serving {index_dir} on http://{host}:{port}",
+        f"  web UI:   http://{host}:{port}/",
+        f"  API docs: http://{host}:{port}/docs",
+        "  try:",
+        f"    curl -s http://{host}:{port}/v1/influence -H 'Content-Type: application/json' \\",
+        f"      -d '{body}'",
+        "",
+        f"Example: which training sequences made the model say {q.prompt!r} -> {q.completion!r}?",
+    ]
+    relevant = set(q.relevant_ids)
+    for rank, (score, rec) in enumerate(zip(scores[0], records, strict=False), start=1):
+        mark = "*" if str(rec.document_id) in relevant else " "
+        lines.append(f"  {rank}. {mark} {score:+.3f}  [{rec.document_id}] {rec.text[:90]!r}")
+    lines.append("  (* = a passage that states the fact)\n")
+    print("\n".join(lines), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    size = SIZES["quick" if args.quick else "full"]
+    start = time.perf_counter()
+    info = prepare(Path(args.workdir), size, seed=args.seed)
+    log.info(
+        "ready in %.1fs (model fact accuracy %.3f)", time.perf_counter() - start, info["fact_accuracy"]
+    )
+    show_example(info["index"], info["queries"], args.host, args.port)
+    if args.no_serve:
+        return 0
+    from service.cli import main as cli
+
+    return cli(["serve", "--index", str(info["index"]), "--host", args.host, "--port", str(args.port)])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="generate a fact corpus, train a tiny GPT-2, index it, and serve it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), used by tests")
+    p.add_argument("--workdir", default=".demo", help="where the corpus, model and index go")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
+    p.set_defaults(func=run)
