@@ -1,0 +1,204 @@
+"""Read side of a published index: ``InfluenceIndex`` (the contract in docs/architecture.md).
+
+``open`` checks the manifest checksums and the model hash, rebuilds the exact encoder the
+index was built with (saved projections, second moments and whitener), and loads FAISS,
+the float16 fingerprints (memory-mapped) and the SQLite metadata. The service, the
+evaluation and the ``influence query`` command all go through this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from encoder.batching import collate, tokenize_query
+from encoder.config import FingerprintConfig
+from encoder.errors import ArtifactError
+from encoder.fingerprint import TrackStarEncoder
+from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
+from encoder.optimizer_state import load_second_moments
+from encoder.whitening import Whitener
+from indexer import faiss_index
+from indexer import manifest as mf
+from indexer.metadata import ExampleRecord, MetadataStore
+
+log = logging.getLogger(__name__)
+
+QUERY_BATCH = 32
+"""Queries encoded per backward pass in ``encode_queries``."""
+
+__all__ = ["ExampleRecord", "InfluenceIndex"]
+
+
+def model_max_tokens(model: torch.nn.Module) -> int | None:
+    """The model's context length (positions), if its config says."""
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Module) -> TrackStarEncoder:
+    """The encoder an index was built with, from its saved artifacts.
+
+    Raises:
+        ArtifactError: the saved projections differ from those the config generates.
+    """
+    fp = manifest["fingerprint"]
+    config = FingerprintConfig.from_dict(fp["config"])
+    second_moments = None
+    if config.correction:
+        second_moments = load_second_moments(index_dir / mf.SECOND_MOMENTS, model)
+    whitener = Whitener.load(index_dir / mf.WHITENER) if config.hessian != "none" else None
+    encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener)
+    if encoder.module_names != fp["modules"]:
+        raise ArtifactError("the model's tracked modules differ from those the index was built with")
+    if config.k > 0:
+        saved = load_file(str(index_dir / mf.PROJECTIONS))
+        for name, (a, b) in encoder.projections().items():
+            if not (torch.equal(saved[f"{name}.A"], a) and torch.equal(saved[f"{name}.B"], b)):
+                raise ArtifactError(f"projection of {name} differs from the saved one (seed or torch RNG changed)")
+    return encoder
+
+
+class InfluenceIndex:
+    """A loaded, immutable index: encode queries, search, fetch examples.
+
+    Use ``InfluenceIndex.open``. ``search`` and ``examples`` are thread-safe;
+    ``encode_queries`` serializes its backward passes with a lock.
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        manifest: dict[str, Any],
+        encoder: TrackStarEncoder,
+        tokenizer: Any,
+        faiss_idx: Any,
+        fingerprints: np.ndarray,
+        store: MetadataStore,
+    ) -> None:
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.faiss = faiss_idx
+        self.fingerprints = fingerprints
+        self.store = store
+        self.version = mf.manifest_version(index_dir)
+        self.exact = faiss_index.is_exact(manifest["faiss"]["factory"])
+        self.max_tokens = model_max_tokens(encoder.model)
+        self._encode_lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        model_dir: str | Path | None = None,
+        verify: bool = True,
+    ) -> InfluenceIndex:
+        """Open a published index directory.
+
+        Args:
+            index_dir: the directory holding ``manifest.json``.
+            device: where the model runs (default: CUDA if present, else CPU).
+            model_dir: the model, if not at the path recorded in the manifest.
+            verify: check file checksums and the model/tokenizer hashes.
+        Raises:
+            ArtifactError: not an index, a failed checksum, or a model that is not the one
+                the index was built with (code ``model_mismatch``).
+            ModelLoadError: the model or tokenizer cannot be loaded.
+        """
+        index_dir = Path(index_dir).resolve()
+        manifest = mf.read_manifest(index_dir)
+        mdir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
+        if verify:
+            mf.verify_checksums(index_dir, manifest)
+            if not mdir.is_dir():
+                raise ArtifactError(
+                    f"the index's model directory {mdir} does not exist; pass the model directory",
+                    code="model_missing",
+                )
+            if model_hash(mdir) != manifest["model"]["hash"]:
+                raise ArtifactError(
+                    f"the model in {mdir} is not the model this index was built with "
+                    f"(hash mismatch); rebuild the index or pass the right model",
+                    code="model_mismatch",
+                )
+            if tokenizer_hash(mdir) != manifest["model"]["tokenizer_hash"]:
+                raise ArtifactError(
+                    f"the tokenizer in {mdir} differs from the one this index was built with",
+                    code="model_mismatch",
+                )
+        tokenizer = load_tokenizer(mdir)
+        model = load_model(mdir, device=device)
+        encoder = build_encoder(index_dir, manifest, model)
+        fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
+        idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX, use_gpu=encoder.device.type == "cuda")
+        store = MetadataStore(index_dir / mf.METADATA)
+        n = int(manifest["counts"]["sequences"])
+        if fingerprints.shape != (n, encoder.dim) or idx.ntotal != n:
+            raise ArtifactError(
+                f"index counts disagree: manifest {n}, fingerprints {list(fingerprints.shape)}, "
+                f"FAISS {idx.ntotal}, encoder dim {encoder.dim}"
+            )
+        log.info("opened index %s: %d sequences, d=%d, %s", index_dir, n, encoder.dim, manifest["faiss"]["factory"])
+        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store)
+
+    @property
+    def size(self) -> int:
+        return int(self.faiss.ntotal)
+
+    def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
+        """Fingerprints of (prompt, completion) queries, completion tokens as targets.
+
+        Args:
+            pairs: Q (prompt, completion) strings.
+            max_tokens: token limit per query (capped at the model's context length).
+        Returns:
+            [Q, d] float32 unit vectors.
+        Raises:
+            InputError: empty completion / prompt. InputTooLongError: over the limit.
+        """
+        limit = self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens or max_tokens)
+        examples = [tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs]
+        out = np.zeros((len(examples), self.encoder.dim), dtype=np.float32)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        with self._encode_lock:
+            for s in range(0, len(examples), QUERY_BATCH):
+                batch = collate(examples[s : s + QUERY_BATCH], pad)
+                out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()
+        return out
+
+    def search(self, vectors: np.ndarray, k: int, *, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k training sequences by influence for query fingerprints.
+
+        Args:
+            vectors: [Q, d] float32 query fingerprints.
+            k: results per query.
+            rerank: re-rank an approximate index's candidates exactly (ignored for Flat).
+        Returns:
+            scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad).
+        """
+        return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank)
+
+    def examples(self, ids: list[int]) -> list[ExampleRecord]:
+        """Metadata records for ids, in order (``NotFoundError`` for an unknown id)."""
+        return self.store.get_many(ids)
+
+    def example(self, id: int) -> ExampleRecord:  # noqa: A002 - the contract's name
+        return self.store.get_many([id])[0]
+
+    def close(self) -> None:
+        self.store.close()
+        self.fingerprints = np.zeros((0, self.encoder.dim), dtype=np.float16)

@@ -1,0 +1,95 @@
+"""The index manifest: what was built, from what, and a checksum per file (DESIGN.md,
+"Index artifacts").
+
+The manifest is the last file written into a staging directory before it is published by
+an atomic rename, so a directory holding a ``manifest.json`` is a complete index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from encoder.errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROJECTIONS = "projections.safetensors"
+WHITENER = "whitener.safetensors"
+R_TRAIN = "r_train.safetensors"
+R_EVAL = "r_eval.safetensors"
+SECOND_MOMENTS = "second_moments.safetensors"
+FAISS_INDEX = "index.faiss"
+FINGERPRINTS = "fingerprints.f16.npy"
+METADATA = "metadata.sqlite"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(directory: Path, names: list[str]) -> dict[str, str]:
+    """{file name: sha256} for the given files of a directory."""
+    return {n: sha256_file(directory / n) for n in sorted(names)}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    """Load and sanity-check ``manifest.json``.
+
+    Raises:
+        ArtifactError: no manifest, unreadable JSON, or an unknown format version.
+    """
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{index_dir} is not an index directory (no {MANIFEST})", code="not_an_index")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {manifest.get('format_version')!r}, "
+            f"this build reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def manifest_version(index_dir: Path) -> str:
+    """Content hash of the manifest (16 hex chars): the ``index_version`` the service reports."""
+    return sha256_file(Path(index_dir) / MANIFEST)[:16]
+
+
+def verify_checksums(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Check every file listed in the manifest against its sha256.
+
+    Raises:
+        ArtifactError: code ``checksum_mismatch`` naming the first bad or missing file.
+    """
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        path = Path(index_dir) / name
+        if not path.is_file():
+            raise ArtifactError(f"index file {name} is missing from {index_dir}", code="checksum_mismatch")
+        if sha256_file(path) != expected:
+            raise ArtifactError(
+                f"index file {name} in {index_dir} fails its checksum (corrupt or modified)",
+                code="checksum_mismatch",
+            )

@@ -1,0 +1,113 @@
+"""The metadata store: SQLite mapping sequence id -> text, source, document, offsets.
+
+Ids are dense 0..N-1 in corpus order (the row id of the FAISS index and of the float16
+fingerprint matrix). Offsets locate the sequence in its document: tokens
+[token_start, token_end) and characters [char_start, char_end).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoder.errors import ArtifactError, NotFoundError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL,
+    source TEXT,
+    document_id TEXT NOT NULL,
+    token_start INTEGER NOT NULL,
+    token_end INTEGER NOT NULL,
+    char_start INTEGER NOT NULL,
+    char_end INTEGER NOT NULL
+)
+"""
+_COLUMNS = "id, text, source, document_id, token_start, token_end, char_start, char_end"
+
+
+@dataclass(frozen=True)
+class ExampleRecord:
+    """One indexed training sequence.
+
+    Attributes:
+        id: dense sequence id (row of the index).
+        text: the sequence's text.
+        source: the document's source label (may be None).
+        document_id: id of the document the sequence starts in.
+        token_start, token_end: token span in the document, end exclusive.
+        char_start, char_end: character span in the document, end exclusive.
+    """
+
+    id: int
+    text: str
+    source: str | None
+    document_id: str
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+
+
+class MetadataWriter:
+    """Appends records to a new SQLite file in one transaction per ``add`` call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.unlink(missing_ok=True)
+        self._conn = sqlite3.connect(str(self.path))
+        self._conn.execute("PRAGMA journal_mode=OFF")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._conn.execute(_SCHEMA)
+
+    def add(self, records: Iterable[ExampleRecord]) -> None:
+        rows = [
+            (r.id, r.text, r.source, r.document_id, r.token_start, r.token_end, r.char_start, r.char_end)
+            for r in records
+        ]
+        with self._conn:
+            self._conn.executemany(f"INSERT INTO examples ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+
+    def close(self) -> None:
+        self._conn.commit()
+        self._conn.close()
+
+
+class MetadataStore:
+    """Read-only access to a published metadata store (safe to share across threads)."""
+
+    def __init__(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise ArtifactError(f"metadata store {path} is missing")
+        uri = f"file:{Path(path).resolve()}?mode=ro&immutable=1"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    def count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
+
+    def get_many(self, ids: Sequence[int]) -> list[ExampleRecord]:
+        """Records for ``ids`` in the given order.
+
+        Raises:
+            NotFoundError: an id is not in the store (code ``unknown_id``).
+        """
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return []
+        found: dict[int, ExampleRecord] = {}
+        unique = sorted(set(wanted))
+        for s in range(0, len(unique), 500):
+            chunk = unique[s : s + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._conn.execute(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk):
+                found[int(row[0])] = ExampleRecord(*row)
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
+        return [found[i] for i in wanted]
+
+    def close(self) -> None:
+        self._conn.close()
