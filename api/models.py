@@ -1,0 +1,175 @@
+"""The v1 wire contract: pydantic request and response models (DESIGN.md, "Service contract").
+
+These models are shared by the service and by Python clients; ``api/openapi.json`` is
+exported from the app built on them (``influence openapi``). Field descriptions and
+examples end up in generated clients, so they are written for the people reading those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_K = 1000
+"""The largest ``k`` a query may ask for."""
+
+MAX_TEXT_FIELD_CHARS = 100_000
+"""A character cap on prompt and completion, checked before tokenization; the token limits
+(413) are the real bound and are set by the server's settings."""
+
+EXAMPLE_QUERY = {
+    "prompt": "The capital of Veloria is",
+    "completion": " Quenton.",
+    "k": 5,
+}
+
+
+class InfluenceQuery(BaseModel):
+    """One influence query: which training examples made the model say ``completion``
+    after ``prompt``?"""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_QUERY]})
+
+    prompt: str = Field(
+        max_length=MAX_TEXT_FIELD_CHARS,
+        description="Context given to the model. Its tokens are not attributed.",
+        examples=["The capital of Veloria is"],
+    )
+    completion: str = Field(
+        min_length=1,
+        max_length=MAX_TEXT_FIELD_CHARS,
+        description="The model output to explain; only its tokens carry loss.",
+        examples=[" Quenton."],
+    )
+    k: int = Field(10, ge=1, le=MAX_K, description="Number of results to return.")
+    return_text: bool = Field(True, description="Include each training example's text.")
+    max_text_chars: int | None = Field(
+        None, ge=0, description="Truncate returned texts to this many characters."
+    )
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Drop results whose influence score is below this."
+    )
+    source: str | None = Field(
+        None, max_length=1000, description="Only return training examples from this source."
+    )
+    mode: Literal["influence"] = Field(
+        "influence", description="Retrieval mode; `influence` is TrackStar gradient search."
+    )
+
+
+class InfluenceResult(BaseModel):
+    """One retrieved training example."""
+
+    rank: int = Field(description="1-based rank, best first.", examples=[1])
+    id: int = Field(description="Stable training example id.", examples=[42])
+    score: float = Field(
+        description="Influence score: cosine of the unit-norm fingerprints, in [-1, 1].",
+        examples=[0.83],
+    )
+    text: str | None = Field(
+        None, description="The training sequence's text (null when return_text is false)."
+    )
+    source: str | None = Field(None, description="Where the training example came from.")
+    document_id: str | None = Field(None, description="The document it was chunked from.")
+
+
+class Timings(BaseModel):
+    """Server-side time in milliseconds. ``encode`` and ``search`` are the times of the
+    micro-batch the query ran in (shared with the queries batched with it)."""
+
+    encode: float
+    search: float
+    total: float
+
+
+class InfluenceResponse(BaseModel):
+    """Ranked training examples for one query."""
+
+    results: list[InfluenceResult]
+    model: str = Field(description="The model the index was built on.")
+    index_version: str = Field(description="Content hash of the index manifest that answered.")
+    timings_ms: Timings
+
+
+class BatchInfluenceRequest(BaseModel):
+    """Many queries in one call; the server caps how many (`max_batch_queries`)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"queries": [EXAMPLE_QUERY]}]}
+    )
+
+    queries: list[InfluenceQuery] = Field(min_length=1, description="Queries, answered in order.")
+
+
+class BatchInfluenceResponse(BaseModel):
+    """One response per query, in request order."""
+
+    responses: list[InfluenceResponse]
+
+
+class Example(BaseModel):
+    """A training example as stored in the index's metadata store."""
+
+    id: int
+    text: str
+    source: str | None = None
+    document_id: str | None = None
+    token_start: int | None = Field(None, description="First token offset in the document.")
+    token_end: int | None = Field(None, description="End token offset (exclusive).")
+    char_start: int | None = None
+    char_end: int | None = None
+
+
+class IndexSummary(BaseModel):
+    """What the service is serving: the index manifest, summarized."""
+
+    model: str
+    model_hash: str | None = None
+    index_version: str
+    index_dir: str
+    size: int = Field(description="Number of training examples in the index.")
+    counts: dict[str, Any] = Field(default_factory=dict)
+    fingerprint: dict[str, Any] = Field(
+        default_factory=dict, description="Fingerprint config (modules, k, seed, hessian, ...)."
+    )
+    faiss: str | None = Field(None, description="FAISS factory string of the index.")
+    built_at: str | None = None
+
+
+class ReloadRequest(BaseModel):
+    """Load a newly published index directory (default: the configured one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_dir: str | None = Field(None, description="Index directory; default: the configured.")
+
+
+class ReloadResponse(BaseModel):
+    """The outcome of a successful hot swap."""
+
+    index_version: str
+    previous_version: str | None
+    index_dir: str
+    size: int
+
+
+class Health(BaseModel):
+    """Liveness / readiness."""
+
+    status: Literal["ok", "ready"]
+    index_version: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """A stable machine-readable ``code`` plus a message for people."""
+
+    code: str = Field(examples=["input_too_long"])
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API returns has this shape."""
+
+    error: ErrorBody

@@ -1,0 +1,153 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` wires settings, the served index (``state.py``), the micro-batcher
+(``batcher.py``), auth, error mapping, metrics and the request-id middleware; the routes live
+in ``routes.py``. The index loads in the background at startup, so ``/healthz`` answers at
+once and ``/readyz`` turns 200 when the model and index are loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from encoder.errors import InfluenceError
+from service.batcher import MicroBatcher
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.routes import ops, v1
+from service.search import Limits
+from service.settings import Settings
+from service.state import IndexOpener, IndexState
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+API_DESCRIPTION = """\
+TrackStar influence search: which training examples made the model say this?
+
+`POST /v1/influence` encodes a prompt + completion as a unit-norm gradient fingerprint
+(Chang et al. 2024) and returns the training sequences with the highest influence score.
+Errors are JSON `{"error": {"code", "message", "details"}}` with stable codes.
+"""
+
+
+def default_opener(settings: Settings) -> IndexOpener:
+    """Opens an index directory with ``indexer.artifacts.InfluenceIndex`` per ``settings``."""
+
+    def open_index(index_dir: Path):
+        from indexer.artifacts import InfluenceIndex  # heavy: torch, faiss, the model
+
+        return InfluenceIndex.open(
+            index_dir,
+            device=settings.device,
+            model_dir=settings.model_dir,
+            verify=settings.verify_index,
+        )
+
+    return open_index
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    opener: IndexOpener | None = None,
+    handle_sighup: bool = False,
+) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: service settings (default: from the environment).
+        opener: ``Path -> index`` (default: ``InfluenceIndex.open`` with the settings);
+            tests pass their own.
+        handle_sighup: reload the configured index on SIGHUP (``influence serve``; needs
+            the main thread's event loop).
+    Returns:
+        The FastAPI app; the index loads when its lifespan starts.
+    """
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    state = IndexState(opener or default_opener(settings), settings.index_dir)
+    batcher = MicroBatcher(
+        state,
+        Limits(settings.max_prompt_tokens, settings.max_completion_tokens),
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        timeout_s=settings.request_timeout_s,
+        observe=metrics.observe_batch,
+    )
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    metrics.index_size.set_function(lambda: state.current.size if state.ready else 0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        loading = None
+        if settings.index_dir is not None:
+            loading = asyncio.create_task(_load(state, metrics))
+        if handle_sighup:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: loop.create_task(_load(state, metrics, "SIGHUP"))
+            )
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            await batcher.stop()
+            state.close()
+
+    app = FastAPI(
+        title="Influence search",
+        version="1.0.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "influence", "description": "Influence queries."},
+            {"name": "examples", "description": "Training examples by id."},
+            {"name": "index", "description": "The served index."},
+            {"name": "admin", "description": "Operations; always need an API key."},
+            {"name": "health", "description": "Liveness, readiness, metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.index_state = state
+    app.state.batcher = batcher
+    install_error_handlers(app, retry_after_s=settings.retry_after_s)
+    app.include_router(v1)
+    app.include_router(ops)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+    return app
+
+
+async def _load(state: IndexState, metrics: Metrics, why: str = "startup") -> None:
+    """(Re)load the configured index; a refused index is logged and counted."""
+    log.info("%s: loading %s", why, state.index_dir)
+    try:
+        await state.reload()
+        metrics.reloads.labels("ok").inc()
+    except InfluenceError:
+        metrics.reloads.labels("refused").inc()  # logged by state; /readyz reports it

@@ -1,0 +1,73 @@
+"""Optional API-key auth: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+
+With no keys configured the query endpoints are open; health, readiness and metrics are
+always open. The admin endpoint (reload) always needs a key: with no keys configured it is
+disabled (use SIGHUP).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from encoder.errors import InfluenceError
+
+
+class UnauthorizedError(InfluenceError):
+    """No API key was sent."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenError(InfluenceError):
+    """The API key sent is not accepted."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+def presented_key(request: Request) -> str | None:
+    """The key the client sent, from ``Authorization: Bearer`` or ``X-API-Key``."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = request.headers.get("x-api-key")
+    return key.strip() if key and key.strip() else None
+
+
+def check_key(keys: list[str], presented: str | None) -> None:
+    """Raise unless ``presented`` is one of ``keys`` (constant-time comparison).
+
+    Raises:
+        UnauthorizedError: no key presented (401).
+        ForbiddenError: a key that is not accepted (403).
+    """
+    if presented is None:
+        raise UnauthorizedError("an API key is required (Authorization: Bearer or X-API-Key)")
+    ok = False
+    for key in keys:  # compare against every key: timing does not reveal which matched
+        ok |= hmac.compare_digest(key.encode(), presented.encode())
+    if not ok:
+        raise ForbiddenError("the API key is not accepted")
+
+
+def require_key(request: Request) -> None:
+    """FastAPI dependency for query endpoints: a valid key when auth is enabled."""
+    keys = request.app.state.settings.api_keys
+    if keys:
+        check_key(keys, presented_key(request))
+
+
+def require_admin(request: Request) -> None:
+    """FastAPI dependency for admin endpoints: always a valid key."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        raise ForbiddenError(
+            "admin endpoints are disabled without API keys (set INFLUENCE_API_KEYS, or send SIGHUP)",
+            code="admin_disabled",
+        )
+    check_key(keys, presented_key(request))

@@ -1,0 +1,179 @@
+"""Async micro-batcher: concurrent queries share one encode pass on the accelerator.
+
+A single consumer task takes the first waiting query, gathers more for at most
+``max_wait_ms`` or until ``max_batch_size``, and runs the batch in a worker thread (so
+encoding and search never block the event loop) on a leased index. The queue is bounded:
+when it is full, ``submit`` raises ``OverloadedError`` (503 + Retry-After) at once instead
+of letting latency pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from encoder.errors import InfluenceError
+from service.search import Limits, Outcome, Query, run_batch
+from service.state import IndexState
+
+log = logging.getLogger(__name__)
+
+
+class OverloadedError(InfluenceError):
+    """The query queue is full: retry later (503 + Retry-After)."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+class QueryTimeoutError(InfluenceError):
+    """A query waited and ran longer than the request timeout (503 + Retry-After)."""
+
+    code = "timeout"
+    http_status = 503
+
+
+@dataclass
+class _Item:
+    query: Query
+    future: asyncio.Future
+
+
+BatchObserver = Callable[[list[Outcome]], None]
+
+
+class MicroBatcher:
+    """Bounded queue + bounded wait + bounded batch in front of ``run_batch``.
+
+    Args:
+        state: the served index (each batch takes one lease).
+        limits: token limits passed to validation.
+        max_batch_size: queries per encode pass.
+        max_wait_ms: how long the first query of a batch waits for others.
+        max_queue: queries allowed to wait; more are refused with ``OverloadedError``.
+        timeout_s: per-query bound on queue + compute time.
+        observe: called with each finished batch's outcomes (metrics).
+    """
+
+    def __init__(
+        self,
+        state: IndexState,
+        limits: Limits,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        timeout_s: float,
+        observe: BatchObserver | None = None,
+    ) -> None:
+        self.state = state
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1e3
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.observe = observe
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+        # One worker thread: batches run one at a time on the device.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-batch")
+
+    @property
+    def depth(self) -> int:
+        """Queries waiting (not yet taken into a batch)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._task = asyncio.create_task(self._run(), name="influence-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, queries: list[Query]) -> list[Outcome]:
+        """Enqueue queries (all or none) and wait for their outcomes, in order.
+
+        Raises:
+            OverloadedError: the queue cannot take all of them.
+            QueryTimeoutError: they did not finish within ``timeout_s``.
+        """
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        if self._queue.qsize() + len(queries) > self.max_queue:
+            raise OverloadedError(
+                f"{self._queue.qsize()} queries are waiting (limit {self.max_queue}); retry later",
+                queue_depth=self._queue.qsize(),
+            )
+        loop = asyncio.get_running_loop()
+        items = [_Item(q, loop.create_future()) for q in queries]
+        for item in items:  # no await between the check and the puts: all fit
+            self._queue.put_nowait(item)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return list(await asyncio.gather(*(item.future for item in items)))
+        except TimeoutError:
+            for item in items:
+                item.future.cancel()
+            raise QueryTimeoutError(
+                f"the query did not finish within {self.timeout_s:g} s; retry later"
+            ) from None
+
+    async def _gather(self) -> list[_Item]:
+        """The next batch: the first waiting item plus any that arrive within the wait."""
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return [item for item in batch if not item.future.done()]
+
+    def _compute(self, queries: list[Query]) -> list[Outcome]:
+        with self.state.lease() as index:
+            return run_batch(index, queries, self.limits)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            if not batch:
+                continue
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._compute, [item.query for item in batch]
+                )
+            except asyncio.CancelledError:
+                for item in batch:
+                    item.future.cancel()
+                raise
+            except Exception as exc:  # delivered to the waiting requests, never lost
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(outcome)
+            if self.observe is not None:
+                self.observe(outcomes)

@@ -1,0 +1,88 @@
+"""``influence serve`` and ``influence openapi``: the service's CLI subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from encoder.errors import InfluenceError
+
+log = logging.getLogger(__name__)
+
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "api" / "openapi.json"
+
+
+def register(subparsers) -> None:
+    """Add ``serve`` and ``openapi`` to the ``influence`` dispatcher."""
+    serve = subparsers.add_parser("serve", help="serve an index over HTTP (FastAPI + uvicorn)")
+    serve.add_argument("--index", type=Path, help="published index directory (INFLUENCE_INDEX_DIR)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", help="torch device for query encoding (default: auto)")
+    serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
+    serve.add_argument("--max-batch-size", type=int, help="queries per encode pass")
+    serve.add_argument("--max-wait-ms", type=float, help="how long a query waits for batch mates")
+    serve.add_argument("--max-queue", type=int, help="waiting queries before 503")
+    serve.set_defaults(func=run_serve)
+
+    openapi = subparsers.add_parser("openapi", help="export the API's OpenAPI schema")
+    openapi.add_argument(
+        "--out", type=Path, default=None, help="output file (default: stdout; `-` also stdout)"
+    )
+    openapi.set_defaults(func=run_openapi)
+
+
+def openapi_text() -> str:
+    """The app's OpenAPI schema as the committed ``api/openapi.json`` text."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    schema = create_app(Settings(index_dir=None)).openapi()
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def run_openapi(args: argparse.Namespace) -> int:
+    text = openapi_text()
+    if args.out is None or str(args.out) == "-":
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        log.info("wrote %s", args.out)
+    return 0
+
+
+def _settings_from(args: argparse.Namespace):
+    from service.settings import Settings
+
+    overrides = {
+        "index_dir": args.index,
+        "host": args.host,
+        "port": args.port,
+        "device": args.device,
+        "model_dir": args.model_dir,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": args.max_queue,
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run uvicorn; SIGHUP reloads the configured index directory."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings_from(args)
+    if settings.index_dir is None:
+        raise InfluenceError(
+            "no index: pass --index DIR or set INFLUENCE_INDEX_DIR", code="no_index"
+        )
+    if not Path(settings.index_dir).is_dir():
+        raise InfluenceError(f"{settings.index_dir} is not a directory", code="no_index")
+    app = create_app(settings, handle_sighup=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    return 0

@@ -1,0 +1,249 @@
+"""The v1 routes. Thin: validate (pydantic), hand off to the batcher or the index, format.
+
+Operation ids, tags and descriptions are written for generated clients
+(``openapi-python-client`` turns ``query_influence`` into ``query_influence.sync(...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+
+from api.models import (
+    BatchInfluenceRequest,
+    BatchInfluenceResponse,
+    ErrorResponse,
+    Example,
+    Health,
+    IndexSummary,
+    InfluenceQuery,
+    InfluenceResponse,
+    InfluenceResult,
+    ReloadRequest,
+    ReloadResponse,
+    Timings,
+)
+from encoder.errors import InfluenceError, InputError
+from service.auth import require_admin, require_key
+from service.errors import ERROR_RESPONSES
+from service.search import Outcome, Query, model_name
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+ops = APIRouter()
+
+INT64_MAX = 2**63 - 1
+
+
+def _query(q: InfluenceQuery) -> Query:
+    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score)
+
+
+def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:
+    if outcome.error is not None:
+        raise outcome.error
+    results = []
+    for rank, hit in enumerate(outcome.hits, start=1):
+        text = hit.record.text if q.return_text else None
+        if text is not None and q.max_text_chars is not None:
+            text = text[: q.max_text_chars]
+        results.append(
+            InfluenceResult(
+                rank=rank,
+                id=hit.id,
+                score=hit.score,
+                text=text,
+                source=hit.record.source,
+                document_id=_str_or_none(hit.record.document_id),
+            )
+        )
+    return InfluenceResponse(
+        results=results,
+        model=outcome.model,
+        index_version=outcome.index_version,
+        timings_ms=Timings(
+            encode=outcome.encode_ms,
+            search=outcome.search_ms,
+            total=(time.perf_counter() - started) * 1e3,
+        ),
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+@v1.post(
+    "/influence",
+    operation_id="query_influence",
+    tags=["influence"],
+    summary="Find the training examples that most influenced a completion",
+    response_model=InfluenceResponse,
+)
+async def query_influence(body: InfluenceQuery, request: Request) -> InfluenceResponse:
+    """Encode (prompt, completion) as a TrackStar fingerprint and return the `k` training
+    examples with the highest influence score, best first."""
+    started = time.perf_counter()
+    (outcome,) = await request.app.state.batcher.submit([_query(body)])
+    return _response(body, outcome, started)
+
+
+@v1.post(
+    "/influence/batch",
+    operation_id="query_influence_batch",
+    tags=["influence"],
+    summary="Run many influence queries in one call",
+    response_model=BatchInfluenceResponse,
+)
+async def query_influence_batch(
+    body: BatchInfluenceRequest, request: Request
+) -> BatchInfluenceResponse:
+    """Answer each query exactly as `POST /v1/influence` would, in request order. The whole
+    call fails with the first failing query's error (`details.query_index` says which)."""
+    started = time.perf_counter()
+    limit = request.app.state.settings.max_batch_queries
+    if len(body.queries) > limit:
+        raise InputError(
+            f"{len(body.queries)} queries in one call, the limit is {limit}",
+            code="too_many_queries",
+            field="queries",
+            limit=limit,
+        )
+    outcomes = await request.app.state.batcher.submit([_query(q) for q in body.queries])
+    responses = []
+    for i, (q, outcome) in enumerate(zip(body.queries, outcomes, strict=True)):
+        if outcome.error is not None:
+            exc = outcome.error
+            exc.details = {**exc.details, "query_index": i}
+            raise exc
+        responses.append(_response(q, outcome, started))
+    return BatchInfluenceResponse(responses=responses)
+
+
+@v1.get(
+    "/examples/{example_id}",
+    operation_id="get_example",
+    tags=["examples"],
+    summary="Get one training example by id",
+    response_model=Example,
+    responses={404: {"model": ErrorResponse, "description": "Unknown example id."}},
+)
+async def get_example(
+    request: Request,
+    example_id: int = Path(ge=0, le=INT64_MAX, description="Training example id."),
+) -> Example:
+    """The stored training sequence with its source, document id and offsets."""
+    state = request.app.state.index_state
+
+    def fetch():
+        with state.lease() as index:
+            return index.example(example_id)
+
+    record = await asyncio.get_running_loop().run_in_executor(None, fetch)
+    return Example(
+        id=int(record.id),
+        text=record.text,
+        source=record.source,
+        document_id=_str_or_none(record.document_id),
+        token_start=record.token_start,
+        token_end=record.token_end,
+        char_start=record.char_start,
+        char_end=record.char_end,
+    )
+
+
+def summarize(index) -> IndexSummary:
+    """The manifest of ``index`` as an ``IndexSummary``."""
+    manifest = index.manifest
+    model = manifest.get("model")
+    fingerprint = manifest.get("fingerprint") or manifest.get("fingerprint_config") or {}
+    faiss = manifest.get("faiss")
+    factory = faiss.get("factory") if isinstance(faiss, dict) else faiss
+    factory = factory or manifest.get("faiss_factory")
+    return IndexSummary(
+        model=model_name(manifest),
+        model_hash=(model.get("hash") if isinstance(model, dict) else None)
+        or manifest.get("model_hash"),
+        index_version=str(index.version),
+        index_dir=str(index.index_dir),
+        size=int(index.size),
+        counts=manifest.get("counts") or {"examples": int(index.size)},
+        fingerprint=fingerprint if isinstance(fingerprint, dict) else {},
+        faiss=None if factory is None else str(factory),
+        built_at=_str_or_none(manifest.get("built_at") or manifest.get("build_time")),
+    )
+
+
+@v1.get(
+    "/index",
+    operation_id="get_index",
+    tags=["index"],
+    summary="Describe the served index",
+    response_model=IndexSummary,
+)
+async def get_index(request: Request) -> IndexSummary:
+    """Model, example counts, fingerprint configuration and FAISS index type."""
+    return summarize(request.app.state.index_state.current)
+
+
+@v1.post(
+    "/admin/reload",
+    operation_id="reload_index",
+    tags=["admin"],
+    summary="Hot-swap to a newly published index",
+    response_model=ReloadResponse,
+    dependencies=[Depends(require_admin)],
+)
+async def reload_index(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Open the index directory (default: the configured one) and swap it in atomically.
+    In-flight queries finish on the old index; a bad index is refused (422) and the old one
+    keeps serving. Always requires an API key."""
+    state = request.app.state.index_state
+    target = body.index_dir if body is not None and body.index_dir else None
+    try:
+        index, previous = await state.reload(target)
+    except InfluenceError:
+        request.app.state.metrics.reloads.labels("refused").inc()
+        raise
+    request.app.state.metrics.reloads.labels("ok").inc()
+    return ReloadResponse(
+        index_version=str(index.version),
+        previous_version=None if previous is None else str(previous.version),
+        index_dir=str(index.index_dir),
+        size=int(index.size),
+    )
+
+
+@ops.get("/healthz", operation_id="healthz", tags=["health"], response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process is up and serving HTTP."""
+    return Health(status="ok")
+
+
+@ops.get(
+    "/readyz",
+    operation_id="readyz",
+    tags=["health"],
+    response_model=Health,
+    responses={503: ERROR_RESPONSES[503]},
+)
+async def readyz(request: Request) -> Health:
+    """Readiness: the model and the index are loaded (503 until then)."""
+    index = request.app.state.index_state.current
+    return Health(status="ready", index_version=str(index.version))
+
+
+@ops.get(
+    "/metrics",
+    operation_id="metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests and latency by route and status, queue depth, batch
+    sizes, encode and search time."""
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,169 @@
+"""One micro-batch of influence queries against one index: validate, encode, search, filter.
+
+Blocking (torch, FAISS, SQLite): called from the batcher's worker thread, never on the
+event loop. Each query's outcome is independent: a query that fails validation gets its
+own error and never fails its batch mates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from encoder.batching import tokenize_query
+from encoder.errors import InfluenceError, InputTooLongError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the search needs from a request (text formatting happens in the route)."""
+
+    prompt: str
+    completion: str
+    k: int
+    source: str | None = None
+    min_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits per query (413 beyond them)."""
+
+    max_prompt_tokens: int
+    max_completion_tokens: int
+
+
+@dataclass
+class Hit:
+    """A result: example id, influence score, and its metadata record."""
+
+    id: int
+    score: float
+    record: Any
+
+
+@dataclass
+class Outcome:
+    """One query's result, or its error, plus the index and batch timings it ran with."""
+
+    hits: list[Hit] = field(default_factory=list)
+    error: InfluenceError | None = None
+    model: str = ""
+    index_version: str = ""
+    encode_ms: float = 0.0
+    search_ms: float = 0.0
+    batch_size: int = 0
+
+
+def model_name(manifest: dict) -> str:
+    """The model id recorded in an index manifest."""
+    model = manifest.get("model")
+    if isinstance(model, dict):
+        return str(model.get("id") or model.get("name") or model.get("path") or "unknown")
+    if model:
+        return str(model)
+    return str(manifest.get("model_id") or "unknown")
+
+
+def validate(tokenizer, query: Query, limits: Limits) -> None:
+    """Tokenize as the encoder will and enforce the per-part token limits.
+
+    Raises:
+        InputError: empty completion / empty prompt without BOS (422).
+        InputTooLongError: prompt or completion over its limit (413).
+    """
+    example = tokenize_query(tokenizer, query.prompt, query.completion)
+    n_completion = example.n_targets
+    n_prompt = len(example.input_ids) - n_completion
+    for part, n, limit in (
+        ("prompt", n_prompt, limits.max_prompt_tokens),
+        ("completion", n_completion, limits.max_completion_tokens),
+    ):
+        if n > limit:
+            raise InputTooLongError(
+                f"the {part} is {n} tokens, the limit is {limit}",
+                field=part,
+                n_tokens=n,
+                limit=limit,
+            )
+
+
+def _records(index, ids: list[int]) -> dict[int, Any]:
+    return {int(r.id): r for r in index.examples(ids)} if ids else {}
+
+
+def _hits(index, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    """Hits for one row of search output (-1 padding dropped), best first."""
+    pairs = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if int(i) >= 0]
+    records = _records(index, [i for i, _ in pairs])
+    return [Hit(i, s, records[i]) for i, s in pairs]
+
+
+def _filtered_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
+    """Search for ``query.k`` hits from ``query.source``: widen the candidate pool until
+    enough match or the whole index has been ranked, so the filter is exact."""
+    size = int(index.size)
+    pool = min(size, max(4 * query.k, 64))
+    while True:
+        scores, ids = index.search(vector[None, :], pool)
+        hits = [h for h in _hits(index, scores[0], ids[0]) if h.record.source == query.source]
+        if len(hits) >= query.k or pool >= size:
+            return hits[: query.k]
+        pool = min(size, pool * 4)
+
+
+def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
+    """Answer a micro-batch of queries with one encode pass and one search call.
+
+    Args:
+        index: an ``InfluenceIndex`` (leased for the duration of the call).
+        queries: Q queries.
+        limits: token limits.
+    Returns:
+        Q outcomes in order; each carries hits (best first) or an error.
+    """
+    meta = {"model": model_name(index.manifest), "index_version": str(index.version)}
+    outcomes = [Outcome(**meta, batch_size=len(queries)) for _ in queries]
+    valid: list[int] = []
+    for i, query in enumerate(queries):
+        try:
+            validate(index.tokenizer, query, limits)
+            valid.append(i)
+        except InfluenceError as exc:
+            outcomes[i].error = exc
+    if not valid:
+        return outcomes
+
+    t0 = time.perf_counter()
+    pairs = [(queries[i].prompt, queries[i].completion) for i in valid]
+    vectors = np.asarray(index.encode_queries(pairs), dtype=np.float32)  # [V, d]
+    t1 = time.perf_counter()
+
+    plain = [j for j, i in enumerate(valid) if queries[i].source is None]
+    if plain:
+        k_max = max(queries[valid[j]].k for j in plain)
+        scores, ids = index.search(vectors[plain], k_max)  # [P, k_max]
+        for row, j in enumerate(plain):
+            query = queries[valid[j]]
+            outcomes[valid[j]].hits = _hits(index, scores[row, : query.k], ids[row, : query.k])
+    for j, i in enumerate(valid):
+        if queries[i].source is not None:
+            outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
+    for i in valid:
+        if queries[i].min_score is not None:
+            outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= queries[i].min_score]
+    t2 = time.perf_counter()
+
+    for i in valid:
+        outcomes[i].encode_ms = (t1 - t0) * 1e3
+        outcomes[i].search_ms = (t2 - t1) * 1e3
+    log.debug(
+        "batch of %d: encode %.1f ms, search %.1f ms", len(valid), (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    )
+    return outcomes

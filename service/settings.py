@@ -1,0 +1,59 @@
+"""Service settings: the only place the service reads the environment.
+
+Every field can be set by an ``INFLUENCE_<FIELD>`` environment variable (lists as
+comma-separated strings, e.g. ``INFLUENCE_API_KEYS=k1,k2``) or by ``influence serve`` flags,
+which take precedence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed service configuration.
+
+    Batching (DESIGN.md: bounded queue, bounded wait, bounded batch): a query waits at most
+    ``max_wait_ms`` for others to share its encode pass, a pass holds at most
+    ``max_batch_size`` queries, and at most ``max_queue`` queries wait; beyond that the
+    service answers 503 with ``Retry-After: retry_after_s``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="INFLUENCE_", extra="ignore")
+
+    index_dir: Path | None = Field(None, description="Published index directory to serve.")
+    model_dir: Path | None = Field(None, description="Override the manifest's model directory.")
+    device: str | None = Field(None, description="torch device for query encoding; default auto.")
+    verify_index: bool = Field(True, description="Verify artifact checksums when loading.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a query waits for batch mates.")
+    max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")
+    max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Queue + compute time per request.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503.")
+
+    max_prompt_tokens: int = Field(512, ge=1)
+    max_completion_tokens: int = Field(256, ge=1)
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="Accepted API keys; empty: auth off."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
