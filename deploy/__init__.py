@@ -1,0 +1,1 @@
+"""Deployment helpers: render the gateway config and run replicas + nginx on 127.0.0.1."""
