@@ -1,0 +1,66 @@
+"""``influence eval``: the fact-tracing evaluation as a command (CLI edge: progress bars)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluation.methods import METHOD_NAMES
+from evaluation.run import EvalSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand to the ``influence`` dispatcher."""
+    p = subparsers.add_parser(
+        "eval",
+        help="fact-tracing evaluation: TrackStar, ablations, BM25, hybrid; MRR, recall@10, tail-patch",
+        description="Rank every training sequence for every fact query with each method, "
+        "then write eval.json, eval.md and eval.png into --out.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="Trainer checkpoint directory (with optimizer.pt)")
+    p.add_argument("--corpus", required=True, type=Path, help="corpus.jsonl the model was trained on")
+    p.add_argument("--queries", required=True, type=Path, help="queries.jsonl with relevant_ids")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
+    p.add_argument("--k", type=int, default=16, help="projection size per side (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tailpatch-lr", type=float, default=EvalSettings.tailpatch_lr)
+    p.add_argument("--tailpatch-optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first n queries")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: tiny matmuls, shared cores)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation and write the report; returns the exit code."""
+    from evaluation.report import write_report
+    from evaluation.run import run_evaluation
+
+    settings = EvalSettings(
+        k=args.k, seed=args.seed, batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
+        tailpatch_optimizer=args.tailpatch_optimizer, methods=tuple(args.methods),
+        max_queries=args.max_queries,
+    )  # fmt: skip
+
+    def progress(desc: str, total: int) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="seq", disable=args.no_progress, file=sys.stderr)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        result = run_evaluation(args.model, args.corpus, args.queries, settings, progress)
+    finally:
+        torch.set_num_threads(previous)
+    command = "influence " + shlex.join(sys.argv[1:]) if sys.argv and "eval" in sys.argv else None
+    for path in write_report(result, args.out, stem=args.stem, command=command):
+        print(path)
+    return 0

@@ -1,0 +1,91 @@
+"""Write an evaluation result as JSON, a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from evaluation.run import TAILPATCH_CUTOFFS, EvalResult
+
+log = logging.getLogger(__name__)
+
+
+def markdown_table(result: EvalResult) -> str:
+    """One row per method: MRR, recall@10, mean tail-patch of the top 1/3/10 (nats)."""
+    tp_cols = [f"tail-patch top-{c}" for c in TAILPATCH_CUTOFFS]
+    lines = [
+        "| method | MRR | recall@10 | " + " | ".join(tp_cols) + " |",
+        "|---|---:|---:|" + "---:|" * len(tp_cols),
+    ]
+    for row in result.rows:
+        tp = " | ".join(f"{row[f'tailpatch_top{c}']:+.4f}" for c in TAILPATCH_CUTOFFS)
+        lines.append(f"| {row['method']} | {row['mrr']:.3f} | {row['recall_at_10']:.3f} | {tp} |")
+    return "\n".join(lines)
+
+
+def markdown_report(result: EvalResult, command: str | None = None) -> str:
+    """The full Markdown page: command, setup, table, method legend."""
+    s, c = result.settings, result.context
+    parts = ["# Fact-tracing evaluation", ""]
+    if command:
+        parts += ["Produced by:", "", "```bash", command, "```", ""]
+    parts += [
+        f"- model: `{c.get('model_dir')}` (sha256 {str(c.get('model_hash', ''))[:12]}), "
+        f"fact accuracy {c.get('fact_accuracy', float('nan')):.3f}",
+        f"- {c.get('n_train_sequences')} training sequences, {c.get('n_queries')} queries; "
+        f"fingerprint d = {c.get('fingerprint_dim')} (k = {s['k']}), second moments: "
+        f"{c.get('second_moments_source')}",
+        f"- tail-patch: one {s['tailpatch_optimizer']} step, lr {s['tailpatch_lr']:g}, on each "
+        f"retrieved sequence alone; change of log p(completion | prompt) in nats, mean over "
+        f"queries of the mean over the top 1/3/10; {c.get('n_tailpatch_pairs')} (query, sequence) pairs",
+        f"- reference: tail-patch of the passages that state the fact (ground truth): "
+        f"{c.get('oracle_tailpatch_relevant', float('nan')):+.4f}",
+        f"- mixed-R lambda per query fold (paper App. A.1.3 rule): "
+        f"{c.get('lambdas_by_fold', {}).get('trackstar', [])}",
+        f"- wall time {c.get('timings', {}).get('total_s', float('nan')):.0f} s",
+        "",
+        markdown_table(result),
+        "",
+        "Methods:",
+        "",
+    ]
+    parts += [f"- `{row['method']}`: {row['description']}" for row in result.rows]
+    return "\n".join(parts) + "\n"
+
+
+def plot(result: EvalResult, path: Path) -> None:
+    """MRR and recall@10 (y) against tail-patch top-10 (x), one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "mrr", "MRR"), (axes[1], "recall_at_10", "recall@10")):
+        for row in result.rows:
+            x, y = row["tailpatch_top10"], row[key]
+            ax.scatter(x, y)
+            ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set_xlabel("tail-patch, mean of top 10 (delta log p, nats)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Fact tracing: attribution vs influence per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: EvalResult, out_dir: Path, *, stem: str = "eval", command: str | None = None) -> list[Path]:
+    """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.png`` into out_dir.
+
+    Returns:
+        The three paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(result.to_json() + "\n", encoding="utf-8")
+    paths[1].write_text(markdown_report(result, command), encoding="utf-8")
+    plot(result, paths[2])
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    return paths

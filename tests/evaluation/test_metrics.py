@@ -1,0 +1,80 @@
+"""Attribution metrics on hand-made rankings, BM25 (bm25s) and rank fusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoder.errors import ArtifactError, InputError
+from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
+from indexer.bm25 import BM25Index
+from indexer.fusion import reciprocal_rank_fusion
+
+
+def test_reciprocal_rank_first_relevant_within_cutoff():
+    assert reciprocal_rank([5, 7, 3], {3}, k=10) == pytest.approx(1 / 3)
+    assert reciprocal_rank([3, 7, 5], {5, 3}, k=10) == 1.0  # the first relevant counts
+    assert reciprocal_rank(list(range(20)), {12}, k=10) == 0.0  # beyond the cutoff
+    assert reciprocal_rank(list(range(20)), {9}, k=10) == pytest.approx(0.1)
+    assert reciprocal_rank([], {1}, k=10) == 0.0
+
+
+def test_hit_at_ten():
+    assert hit_at(list(range(10)), {9}, 10) == 1.0
+    assert hit_at(list(range(11)), {10}, 10) == 0.0
+    assert hit_at([4, 2], {2, 99}, 10) == 1.0
+
+
+def test_attribution_metrics_averages_over_queries():
+    rankings = np.array([
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],   # relevant at rank 2
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 42],    # relevant (42) at rank 11: miss
+        [42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],   # rank 1
+        [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],  # relevant at rank 4 (and 10)
+    ])  # fmt: skip
+    relevant = [{2}, {42}, {42, 3}, {8, 14}]
+    m = attribution_metrics(rankings, relevant)
+    assert m["mrr"] == pytest.approx((1 / 2 + 0 + 1 + 1 / 4) / 4)
+    assert m["recall_at_10"] == pytest.approx(3 / 4)
+
+
+def test_attribution_metrics_rejects_mismatched_inputs():
+    with pytest.raises(InputError):
+        attribution_metrics([[1, 2]], [{1}, {2}])
+    with pytest.raises(InputError):
+        attribution_metrics([], [])
+
+
+def test_rrf_prefers_documents_ranked_high_by_both():
+    # doc 7 is 2nd in both lists, 1 and 2 are 1st in one list but absent from the other.
+    scores, ids = reciprocal_rank_fusion([[1, 7, 3], [2, 7, 4]], k=4)
+    assert ids[0] == 7
+    assert scores[0] == pytest.approx(2 / 62)
+    assert set(ids[1:3].tolist()) == {1, 2} and scores[1] == pytest.approx(1 / 61)
+    assert scores[3] == pytest.approx(1 / 63) and ids[3] == 3  # tie 3/4 broken by the lower id
+    _, padded = reciprocal_rank_fusion([[5, -1]], k=3)
+    assert padded.tolist() == [5, -1, -1]
+    with pytest.raises(InputError):
+        reciprocal_rank_fusion([[1]], k=1, weights=[1.0, 2.0])
+
+
+def test_bm25_finds_the_stating_passage_and_round_trips(tmp_path, fact_corpus):
+    texts = [p.text for p in fact_corpus.passages]
+    ids = np.arange(100, 100 + len(texts))
+    index = BM25Index.build(texts, ids)
+    queries = fact_corpus.queries[:10]
+    scores, got = index.search([q.prompt + q.completion for q in queries], k=10)
+    assert got.shape == (10, 10) and np.all(np.diff(scores, axis=1) <= 0)
+    row_of = {p.id: 100 + i for i, p in enumerate(fact_corpus.passages)}
+    # The canonical statement is a prefix of one passage: lexical search must find it.
+    hits = [bool({row_of[r] for r in q.relevant_ids} & set(g.tolist())) for q, g in zip(queries, got, strict=True)]
+    assert sum(hits) >= 8
+    index.save(tmp_path)
+    loaded = BM25Index.load(tmp_path)
+    s2, g2 = loaded.search([queries[0].prompt + queries[0].completion], k=10)
+    np.testing.assert_array_equal(g2[0], got[0])
+    np.testing.assert_allclose(s2[0], scores[0], rtol=1e-6)
+    pad_scores, pad_ids = BM25Index.build(["alpha beta", "gamma"]).search(["beta"], k=4)
+    assert pad_ids[0].tolist() == [0, 1, -1, -1] and np.isinf(pad_scores[0, 2])
+    with pytest.raises(ArtifactError):
+        BM25Index.load(tmp_path / "nothing")
