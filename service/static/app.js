@@ -1,0 +1,305 @@
+// Influence search web UI: plain JS against the live v1 API (no build step).
+// Every piece of API text goes into the page through textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STOPWORDS = new Set(
+  ("a an and are as at be by for from has have he her his in is it its of on or she that the " +
+   "their them they this to was were which who will with").split(" "));
+let lastQuery = null; // {prompt, completion} of the results on screen
+let selectedId = null;
+
+// ---- API -------------------------------------------------------------------------------
+function headers() {
+  const h = { "Content-Type": "application/json", Accept: "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["X-API-Key"] = key;
+  return h;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(plainError(status, body));
+    this.status = status;
+    this.code = body && body.error ? body.error.code : "http_" + status;
+  }
+}
+
+async function api(method, path, body) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (err) {
+    throw new ApiError(0, { error: { code: "network", message: "" } });
+  }
+  let data = null;
+  try { data = await response.json(); } catch (err) { data = null; }
+  if (!response.ok) {
+    if (response.status === 503) {
+      const retry = response.headers.get("Retry-After");
+      if (data && data.error && retry) data.error.retry_after = retry;
+    }
+    throw new ApiError(response.status, data);
+  }
+  return data;
+}
+
+// Turn an API error body into one sentence a person can act on.
+function plainError(status, body) {
+  const err = body && body.error ? body.error : null;
+  if (status === 0) return "Cannot reach the service. Is it running?";
+  if (!err) return `The service answered ${status} without an explanation.`;
+  const d = err.details || {};
+  switch (err.code) {
+    case "input_too_long":
+      if (d.field && d.n_tokens !== undefined && d.limit !== undefined)
+        return `${d.field} too long: ${d.n_tokens} tokens, limit ${d.limit}`;
+      return err.message;
+    case "empty_completion": return "The completion is empty: type the output to explain.";
+    case "unauthorized": return "This service needs an API key: enter it above.";
+    case "forbidden": return "The API key was not accepted.";
+    case "not_found": return err.message || "Not found.";
+    case "validation_error": return `Invalid input: ${err.message}`;
+    default:
+      if (status === 503) {
+        const wait = err.retry_after ? ` Try again in ${err.retry_after} s.` : " Try again shortly.";
+        return `The service is busy or not ready: ${err.message}.${wait}`;
+      }
+      return err.message || `Error ${status} (${err.code}).`;
+  }
+}
+
+// ---- serving info and modes ------------------------------------------------------------
+async function loadServing() {
+  try {
+    const info = await api("GET", "/v1/index");
+    $("serving-model").textContent = info.model;
+    $("serving-index").textContent =
+      info.index_version.slice(0, 12) + (info.faiss ? ` (${info.faiss})` : "");
+    $("serving-index").title = info.index_version;
+    $("serving-size").textContent = String(info.size);
+  } catch (err) {
+    $("serving-model").textContent = "unavailable";
+    $("serving-index").textContent = err.message;
+  }
+}
+
+// The modes the server accepts, read from its OpenAPI schema (bm25/hybrid when available).
+async function loadModes() {
+  let modes = ["influence"];
+  try {
+    const spec = await (await fetch("/openapi.json")).json();
+    const mode = spec.components.schemas.InfluenceQuery.properties.mode || {};
+    const found = mode.enum || (mode.const ? [mode.const] : null);
+    if (found && found.length) modes = found;
+  } catch (err) { /* keep the default */ }
+  const select = $("mode");
+  select.replaceChildren(...modes.map((m) => new Option(m, m)));
+}
+
+// ---- results ---------------------------------------------------------------------------
+function words(text) {
+  return text.match(/[\p{L}\p{N}]+|[^\p{L}\p{N}]+/gu) || [];
+}
+const isWord = (w) => /[\p{L}\p{N}]/u.test(w);
+
+// Words to highlight: every non-stopword of the completion, and the capitalized words
+// (entities) of the prompt.
+function highlightTerms(prompt, completion) {
+  const completionTerms = new Set();
+  for (const w of words(completion)) {
+    if (isWord(w) && !STOPWORDS.has(w.toLowerCase())) completionTerms.add(w.toLowerCase());
+  }
+  const entities = new Set();
+  for (const w of words(prompt)) {
+    if (isWord(w) && /^\p{Lu}/u.test(w) && !STOPWORDS.has(w.toLowerCase()))
+      entities.add(w.toLowerCase());
+  }
+  return { completionTerms, entities };
+}
+
+function highlighted(text, terms) {
+  const frag = document.createDocumentFragment();
+  for (const w of words(text)) {
+    const low = w.toLowerCase();
+    let cls = null;
+    if (terms.completionTerms.has(low)) cls = "hl-completion";
+    else if (terms.entities.has(low)) cls = "hl-entity";
+    if (cls) {
+      const mark = document.createElement("mark");
+      mark.className = cls;
+      mark.textContent = w;
+      frag.append(mark);
+    } else {
+      frag.append(document.createTextNode(w));
+    }
+  }
+  return frag;
+}
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function renderResults(data, terms) {
+  const list = $("results");
+  list.replaceChildren();
+  for (const r of data.results) {
+    const li = el("li", "card");
+    li.dataset.id = String(r.id);
+    const open = el("button", "card-open");
+    open.type = "button";
+    open.setAttribute("aria-label", `Rank ${r.rank}: example ${r.id}, score ${r.score.toFixed(3)}. Open details`);
+    const head = el("div", "card-head");
+    head.append(el("span", "rank", `#${r.rank}`));
+    const bar = el("span", "bar");
+    const fill = el("span", r.score >= 0 ? "fill" : "fill negative");
+    fill.style.width = `${Math.min(100, Math.abs(r.score) * 100).toFixed(1)}%`;
+    bar.append(fill);
+    head.append(bar, el("span", "score", r.score.toFixed(3)));
+    const meta = el("div", "card-meta");
+    meta.append(el("span", "source", r.source || "unknown source"),
+                el("span", "id", `id ${r.id}`));
+    if (r.document_id) meta.append(el("span", "doc", `doc ${r.document_id}`));
+    const text = el("p", "card-text");
+    text.append(highlighted(r.text || "", terms));
+    open.append(head, meta, text);
+    open.addEventListener("click", () => openDetail(r.id, r.score));
+    li.append(open);
+    list.append(li);
+  }
+  $("legend").hidden = data.results.length === 0;
+}
+
+function showError(box, message) {
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function runQuery(event) {
+  event.preventDefault();
+  const prompt = $("prompt").value;
+  const completion = $("completion").value;
+  const k = Number.parseInt($("k").value, 10) || 10;
+  const body = { prompt, completion, k };
+  const mode = $("mode").value;
+  if (mode && mode !== "influence") body.mode = mode;
+  showError($("error"), "");
+  $("status").textContent = "Searching…";
+  $("submit").disabled = true;
+  $("results").setAttribute("aria-busy", "true");
+  const started = performance.now();
+  try {
+    const data = await api("POST", "/v1/influence", body);
+    const roundTrip = performance.now() - started;
+    lastQuery = { prompt, completion };
+    renderResults(data, highlightTerms(prompt, completion));
+    const t = data.timings_ms;
+    $("status").textContent =
+      `${data.results.length} results in ${roundTrip.toFixed(0)} ms ` +
+      `(server ${t.total.toFixed(0)} ms: encode ${t.encode.toFixed(0)} ms, ` +
+      `search ${t.search.toFixed(0)} ms) from index ${data.index_version.slice(0, 12)}`;
+  } catch (err) {
+    $("results").replaceChildren();
+    $("legend").hidden = true;
+    $("status").textContent = "";
+    showError($("error"), err.message);
+  } finally {
+    $("submit").disabled = false;
+    $("results").removeAttribute("aria-busy");
+  }
+}
+
+// ---- detail and per-token view ---------------------------------------------------------
+async function openDetail(id, score) {
+  selectedId = id;
+  const dialog = $("detail");
+  $("detail-title").textContent = `Training example ${id}`;
+  $("detail-meta").replaceChildren();
+  $("detail-text").textContent = "Loading…";
+  $("heatmap-figure").hidden = true;
+  $("explain-status").textContent = "";
+  showError($("explain-error"), "");
+  if (!dialog.open) dialog.showModal();
+  try {
+    const ex = await api("GET", `/v1/examples/${id}`);
+    if (selectedId !== id) return;
+    const meta = $("detail-meta");
+    const rows = [["Score", score.toFixed(4)], ["Source", ex.source || "–"],
+                  ["Document", ex.document_id || "–"],
+                  ["Tokens", `${ex.token_start}–${ex.token_end}`],
+                  ["Characters", `${ex.char_start}–${ex.char_end}`]];
+    for (const [k, v] of rows) meta.append(el("dt", null, k), el("dd", null, String(v)));
+    const text = $("detail-text");
+    text.replaceChildren(lastQuery ? highlighted(ex.text, highlightTerms(lastQuery.prompt, lastQuery.completion))
+                                   : document.createTextNode(ex.text));
+  } catch (err) {
+    $("detail-text").textContent = "";
+    showError($("explain-error"), err.message);
+  }
+}
+
+function heatColor(c, scale) {
+  const a = scale > 0 ? Math.min(1, Math.abs(c) / scale) : 0;
+  return c >= 0 ? `rgba(220, 80, 20, ${(0.85 * a).toFixed(3)})` : `rgba(30, 100, 220, ${(0.85 * a).toFixed(3)})`;
+}
+
+async function explain() {
+  if (selectedId === null || !lastQuery) return;
+  const id = selectedId;
+  showError($("explain-error"), "");
+  $("explain-status").textContent = "Computing per-token contributions…";
+  $("explain").disabled = true;
+  const started = performance.now();
+  try {
+    const data = await api("POST", "/v1/influence/explain",
+                           { prompt: lastQuery.prompt, completion: lastQuery.completion, id });
+    if (selectedId !== id) return;
+    const scale = Math.max(...data.tokens.map((t) => Math.abs(t.contribution)), 0);
+    const map = $("heatmap");
+    map.replaceChildren();
+    for (const t of data.tokens) {
+      const span = el("span", "tok", t.text);
+      span.dataset.contribution = String(t.contribution);
+      span.style.backgroundColor = heatColor(t.contribution, scale);
+      span.title = `${JSON.stringify(t.text)}: ${t.contribution >= 0 ? "+" : ""}${t.contribution.toExponential(2)}`;
+      map.append(span);
+    }
+    const top = [...data.tokens].sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution)).slice(0, 8);
+    $("top-tokens").replaceChildren(...top.map((t) =>
+      el("li", null, `${JSON.stringify(t.text)} ${t.contribution >= 0 ? "+" : ""}${t.contribution.toFixed(4)}`)));
+    $("heatmap-figure").hidden = false;
+    $("explain-status").textContent =
+      `Score ${data.score.toFixed(4)} split over ${data.tokens.length} tokens ` +
+      `in ${(performance.now() - started).toFixed(0)} ms`;
+  } catch (err) {
+    $("explain-status").textContent = "";
+    showError($("explain-error"), err.message);
+  } finally {
+    $("explain").disabled = false;
+  }
+}
+
+// ---- wiring ----------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  const saved = sessionStorage.getItem("influence-api-key");
+  if (saved) $("api-key").value = saved;
+  $("api-key").addEventListener("change", () => {
+    sessionStorage.setItem("influence-api-key", $("api-key").value.trim());
+    loadServing();
+  });
+  $("query-form").addEventListener("submit", runQuery);
+  $("detail-close").addEventListener("click", () => $("detail").close());
+  $("explain").addEventListener("click", explain);
+  $("detail").addEventListener("close", () => {
+    const card = document.querySelector(`.card[data-id="${selectedId}"] button`);
+    if (card) card.focus();
+  });
+  loadServing();
+  loadModes();
+});
