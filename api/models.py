@@ -92,6 +92,56 @@ class InfluenceResponse(BaseModel):
     timings_ms: Timings
 
 
+class ExplainRequest(BaseModel):
+    """Split one result's influence score over the training example's tokens."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": EXAMPLE_QUERY["prompt"], "completion": EXAMPLE_QUERY["completion"], "id": 42}
+            ]
+        },
+    )
+
+    prompt: str = Field(max_length=MAX_TEXT_FIELD_CHARS, description="The query's prompt.")
+    completion: str = Field(
+        min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
+    )
+    id: int = Field(ge=0, description="The training example to explain (a result's id).")
+
+
+class TokenContribution(BaseModel):
+    """One token of the training example and its share of the score."""
+
+    text: str = Field(description="The token's text (a slice of the example's text).")
+    start: int = Field(description="Character offset of the token in the example's text.")
+    end: int = Field(description="End character offset (exclusive).")
+    contribution: float = Field(
+        description="This token's loss term's share of the score: e_q . R^-1/2 phi^(t) / "
+        "||R^-1/2 phi||. Signed; the contributions sum to `score`. 0 for the first token, "
+        "which is never predicted."
+    )
+
+
+class ExplainResponse(BaseModel):
+    """Per-token attribution of one (query, training example) influence score."""
+
+    id: int
+    score: float = Field(description="The influence score recomputed exactly (float32), "
+                         "= sum of the token contributions.")
+    index_score: float = Field(description="The score against the stored float16 fingerprint "
+                               "(what the search ranked by).")
+    fingerprint_agreement: float = Field(
+        description="Cosine between the recomputed and the stored fingerprint of the example; "
+        "~1 when the example's tokens were reconstructed exactly from its text."
+    )
+    tokens: list[TokenContribution]
+    model: str
+    index_version: str
+    timings_ms: dict[str, float] = Field(description="Server-side time: `total`.")
+
+
 class BatchInfluenceRequest(BaseModel):
     """Many queries in one call; the server caps how many (`max_batch_queries`)."""
 

@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from encoder.errors import InfluenceError
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
+from service.explain import router as explain_router
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.routes import ops, v1
@@ -128,6 +129,7 @@ def create_app(
     app.state.batcher = batcher
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.include_router(v1)
+    app.include_router(explain_router)
     app.include_router(ops)
     if settings.cors_origins:
         app.add_middleware(

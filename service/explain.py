@@ -1,0 +1,144 @@
+"""POST /v1/influence/explain: which tokens of a retrieved training example carry its score.
+
+The math is ``encoder.token_attribution`` (the score split over the example's target-token
+loss terms). This module rebuilds the example's token ids from its stored text, runs the
+attribution under the index's encode lock (the encoder's hooks live on the shared model, so
+two backward passes must not interleave), and formats tokens with character offsets.
+
+The metadata store keeps text, not token ids: the ids are re-tokenized from the text, plus
+the trailing EOS that the chunker appends to a document's last window (visible as a token
+count one above the text's). ``fingerprint_agreement`` compares the rebuilt fingerprint with
+the stored one, so a reconstruction that differs from the indexed sequence is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request
+
+from api.models import ExplainRequest, ExplainResponse, TokenContribution
+from encoder.batching import collate, sequence_example, tokenize_query
+from encoder.errors import InputError
+from encoder.token_attribution import attribute_tokens
+from service.auth import require_key
+from service.errors import ERROR_RESPONSES
+from service.search import Limits, Query, model_name, validate
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+
+AGREEMENT_WARN = 0.999
+"""Below this cosine the rebuilt example is logged as differing from the indexed one."""
+
+
+@dataclass(frozen=True)
+class SequenceTokens:
+    """A training sequence's token ids with their character spans in its text."""
+
+    input_ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+def sequence_tokens(tokenizer, record) -> SequenceTokens:
+    """Rebuild the token ids of an indexed training sequence from its metadata record.
+
+    Args:
+        tokenizer: the index's tokenizer.
+        record: an ``ExampleRecord`` (text, token_start, token_end).
+    Returns:
+        ids and [start, end) character spans; an appended EOS token spans (len, len).
+    """
+    text = record.text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    n_indexed = int(record.token_end) - int(record.token_start)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and n_indexed == len(ids) + 1:
+        ids.append(int(eos))
+        spans.append((len(text), len(text)))
+    if len(ids) < 2:
+        raise InputError(f"example {record.id} has fewer than 2 tokens: nothing to attribute")
+    return SequenceTokens(ids, spans)
+
+
+def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
+    """Attribute the score of (query, example ``body.id``) to the example's tokens.
+
+    Blocking (torch); call it off the event loop.
+
+    Args:
+        index: an ``InfluenceIndex`` (leased).
+        body: the request.
+        limits: the service's token limits (the query is validated like a search).
+    Returns:
+        The response; contributions sum to ``score``.
+    Raises:
+        InputError / InputTooLongError: a bad query. NotFoundError: unknown id.
+    """
+    started = time.perf_counter()
+    validate(index.tokenizer, Query(body.prompt, body.completion, 1), limits, getattr(index, "max_tokens", None))
+    record = index.example(body.id)
+    seq = sequence_tokens(index.tokenizer, record)
+    query = tokenize_query(index.tokenizer, body.prompt, body.completion)
+    encoder = index.encoder
+    lock = getattr(index, "_encode_lock", None) or contextlib.nullcontext()
+    with lock:
+        e_q = encoder.encode(collate([query], int(index.tokenizer.pad_token_id or 0)))[0]
+        attribution = attribute_tokens(encoder, sequence_example(seq.input_ids), e_q)
+    stored = torch.from_numpy(np.asarray(index.fingerprints[body.id], dtype=np.float64))
+    rebuilt = attribution.fingerprint.double()
+    agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
+    if agreement < AGREEMENT_WARN:
+        log.warning("example %d: rebuilt fingerprint agrees with the stored one at cosine %.4f",
+                    body.id, agreement)
+    tokens = [
+        TokenContribution(
+            text=record.text[s:e] if e > s else index.tokenizer.decode([tok]),
+            start=s,
+            end=e,
+            contribution=float(c),
+        )
+        for tok, (s, e), c in zip(seq.input_ids, seq.spans, attribution.contributions.tolist(), strict=True)
+    ]
+    return ExplainResponse(
+        id=int(record.id),
+        score=attribution.score,
+        index_score=float(stored @ e_q.double().cpu()),
+        fingerprint_agreement=agreement,
+        tokens=tokens,
+        model=model_name(index.manifest),
+        index_version=str(index.version),
+        timings_ms={"total": (time.perf_counter() - started) * 1e3},
+    )
+
+
+@router.post(
+    "/influence/explain",
+    operation_id="explain_influence",
+    tags=["influence"],
+    summary="Split one result's score over the training example's tokens",
+    response_model=ExplainResponse,
+)
+async def explain_influence(body: ExplainRequest, request: Request) -> ExplainResponse:
+    """For a query and one training example (a result's `id`), each example token's
+    contribution to the influence score: that token's loss term, corrected, projected and
+    whitened, dotted with the query fingerprint. The contributions sum to `score`.
+    Costs one backward pass per token of the example."""
+    settings = request.app.state.settings
+    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens)
+    state = request.app.state.index_state
+
+    def run() -> ExplainResponse:
+        with state.lease() as index:
+            return explain(index, body, limits)
+
+    return await asyncio.get_running_loop().run_in_executor(None, run)
