@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
@@ -141,8 +141,24 @@ def create_app(
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     if STATIC_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+        _add_ui_routes(app, STATIC_DIR)
     return app
+
+
+def _add_ui_routes(app: FastAPI, static_dir: Path) -> None:
+    """Serve the web UI: ``GET /`` is ``index.html``, ``GET /<file>`` a top-level file.
+
+    Routes rather than a catch-all mount at ``/``, which would answer 404 where the API
+    answers 405 (a GET on a POST route).
+    """
+    files = StaticFiles(directory=static_dir, html=True)
+
+    async def ui(request: Request) -> Response:
+        name = request.path_params.get("filename", "")
+        return await files.get_response(name or ".", request.scope)
+
+    app.add_api_route("/", ui, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route("/{filename}", ui, methods=["GET", "HEAD"], include_in_schema=False)
 
 
 async def _load(state: IndexState, metrics: Metrics, why: str = "startup") -> None:

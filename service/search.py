@@ -71,8 +71,9 @@ def model_name(manifest: dict) -> str:
     return str(manifest.get("model_id") or "unknown")
 
 
-def validate(tokenizer, query: Query, limits: Limits) -> None:
-    """Tokenize as the encoder will and enforce the per-part token limits.
+def validate(tokenizer, query: Query, limits: Limits, context: int | None = None) -> None:
+    """Tokenize as the encoder will and enforce the per-part token limits and the model's
+    context length ``context`` (total tokens).
 
     Raises:
         InputError: empty completion / empty prompt without BOS (422).
@@ -92,6 +93,40 @@ def validate(tokenizer, query: Query, limits: Limits) -> None:
                 n_tokens=n,
                 limit=limit,
             )
+    if context is not None and len(example.input_ids) > context:
+        raise InputTooLongError(
+            f"prompt + completion is {len(example.input_ids)} tokens, "
+            f"the model's context is {context}",
+            field="completion",
+            n_tokens=len(example.input_ids),
+            limit=context,
+        )
+
+
+def _encode(index, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[InfluenceError | None]]:
+    """Encode validated queries in one pass; should the encoder still refuse one, encode
+    them one by one so that only that query fails.
+
+    Returns:
+        vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
+    """
+    try:
+        return np.asarray(index.encode_queries(pairs), dtype=np.float32), [None] * len(pairs)
+    except InfluenceError:
+        if len(pairs) == 1:
+            raise
+    rows: list[np.ndarray | None] = []
+    errors: list[InfluenceError | None] = []
+    for pair in pairs:
+        try:
+            rows.append(np.asarray(index.encode_queries([pair]), dtype=np.float32)[0])
+            errors.append(None)
+        except InfluenceError as exc:
+            rows.append(None)
+            errors.append(exc)
+    dim = next(r.shape[0] for r in rows if r is not None) if any(r is not None for r in rows) else 1
+    vectors = np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows])
+    return vectors, errors
 
 
 def _records(index, ids: list[int]) -> dict[int, Any]:
@@ -130,10 +165,11 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     """
     meta = {"model": model_name(index.manifest), "index_version": str(index.version)}
     outcomes = [Outcome(**meta, batch_size=len(queries)) for _ in queries]
+    context = getattr(index, "max_tokens", None)
     valid: list[int] = []
     for i, query in enumerate(queries):
         try:
-            validate(index.tokenizer, query, limits)
+            validate(index.tokenizer, query, limits, context)
             valid.append(i)
         except InfluenceError as exc:
             outcomes[i].error = exc
@@ -142,8 +178,19 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
 
     t0 = time.perf_counter()
     pairs = [(queries[i].prompt, queries[i].completion) for i in valid]
-    vectors = np.asarray(index.encode_queries(pairs), dtype=np.float32)  # [V, d]
+    try:
+        vectors, errors = _encode(index, pairs)  # [V, d]
+    except InfluenceError as exc:
+        outcomes[valid[0]].error = exc
+        return outcomes
     t1 = time.perf_counter()
+    for j, error in enumerate(errors):
+        if error is not None:
+            outcomes[valid[j]].error = error
+    keep = [j for j, error in enumerate(errors) if error is None]
+    vectors, valid = vectors[keep], [valid[j] for j in keep]
+    if not valid:
+        return outcomes
 
     plain = [j for j, i in enumerate(valid) if queries[i].source is None]
     if plain:
