@@ -1,0 +1,220 @@
+"""``influence index build|info|verify`` and ``influence query`` (registered into service.cli).
+
+Progress bars (tqdm) live here, at the CLI edge; the library reports progress through a
+callback. Project errors propagate to the dispatcher, which prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
+
+
+def _tqdm_progress(enabled: bool):
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+    labels = {"statistics": "pass 1 (statistics)", "encode": "pass 2 (encode)"}
+
+    def progress(stage: str, n: int, total: int) -> None:
+        if not enabled:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[stage] = tqdm(total=total, desc=labels.get(stage, stage), unit="seq",
+                                     dynamic_ncols=True, file=sys.stderr)
+        bar.update(n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
+
+
+def fingerprint_config(args: argparse.Namespace) -> FingerprintConfig:
+    """The FingerprintConfig of the build options."""
+    return FingerprintConfig(
+        include=tuple(args.include or ("*",)),
+        exclude=tuple(args.exclude or ()),
+        track_lm_head=args.track_lm_head,
+        k=args.proj_dim,
+        seed=args.seed,
+        correction=not args.no_correction,
+        hessian=args.hessian,
+        lambda_=args.lambda_,
+        delta=args.delta,
+        mode=args.encoder,
+    )
+
+
+def build_config(args: argparse.Namespace):
+    """The BuildConfig of ``influence index build`` options."""
+    from indexer.build import BuildConfig
+
+    return BuildConfig(
+        model=Path(args.model), corpus=Path(args.corpus), out=Path(args.out),
+        fingerprint=fingerprint_config(args), seq_len=args.seq_len, stride=args.stride,
+        pack=args.pack, append_eos=not args.no_eos,
+        queries=Path(args.queries) if args.queries else None,
+        optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
+        v_sample=args.v_sample, hessian_sample=args.hessian_sample, faiss=args.faiss,
+        faiss_train_sample=args.faiss_train_sample, batch_size=args.batch_size,
+        shard_size=args.shard_size, device=args.device, threads=args.threads,
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from indexer.build import run_build
+    from indexer.distributed import init_distributed, shutdown
+
+    cfg = build_config(args)
+    ctx = init_distributed()
+    progress, close = _tqdm_progress(ctx.is_main and not args.no_progress)
+    try:
+        out = run_build(cfg, ctx, progress)
+    finally:
+        close()
+        shutdown()
+    if ctx.is_main:
+        print(f"index published: {out}")
+    return 0
+
+
+def _summary(index_dir: Path) -> dict:
+    from indexer import manifest as mf
+
+    m = mf.read_manifest(index_dir)
+    size = sum(p.stat().st_size for p in index_dir.iterdir() if p.is_file())
+    n = m["counts"]["sequences"]
+    return {
+        "index": str(index_dir), "version": mf.manifest_version(index_dir), "model": m["model"]["path"],
+        "sequences": n, "documents": m["counts"]["documents"], "dim": m["counts"]["dim"],
+        "faiss": m["faiss"]["factory"], "recall": m["faiss"].get("recall"),
+        "k": m["fingerprint"]["config"]["k"], "hessian": m["fingerprint"]["config"]["hessian"],
+        "lambda": m["fingerprint"]["lambda"], "second_moments": m["fingerprint"]["second_moments"],
+        "seq_len": m["corpus"]["seq_len"], "stride": m["corpus"]["stride"], "packing": m["corpus"]["packing"],
+        "bytes": size, "bytes_per_sequence": round(size / max(n, 1), 1),
+        "build": m["build"], "created_at": m["created_at"],
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    s = _summary(Path(args.index_dir))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    for key in ("index", "version", "model", "sequences", "documents", "dim", "faiss", "k", "hessian",
+                "lambda", "second_moments", "seq_len", "stride", "packing", "bytes", "bytes_per_sequence",
+                "created_at"):
+        print(f"{key:>20}: {s[key]}")
+    if s["recall"]:
+        r = s["recall"]
+        print(f"{'recall@10':>20}: {r['recall_at_k']:.4f} (re-ranked {r['recall_at_k_reranked']:.4f}, "
+              f"{int(r['n_queries'])} probes)")
+    b = s["build"]
+    print(f"{'pass 1 seq/s':>20}: {b.get('statistics_seq_per_s')}")
+    print(f"{'pass 2 seq/s':>20}: {b.get('encode_seq_per_s')}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from indexer.verify import verify_index
+
+    for line in verify_index(Path(args.index_dir), model_dir=Path(args.model) if args.model else None):
+        print(line)
+    print("OK")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from indexer.artifacts import InfluenceIndex
+
+    if args.k < 1:
+        raise ConfigError(f"-k must be >= 1, got {args.k}")
+    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model)
+    try:
+        vec = idx.encode_queries([(args.prompt, args.completion)])
+        scores, ids = idx.search(vec, args.k, rerank=not args.no_rerank)
+        hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        records = idx.examples([i for _, i in hits])
+    finally:
+        idx.close()
+    rows = [
+        {"rank": r + 1, "id": rec.id, "score": s, "text": rec.text, "source": rec.source,
+         "document_id": rec.document_id}
+        for r, ((s, _), rec) in enumerate(zip(hits, records, strict=True))
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            text = row["text"].replace("\n", " ")
+            print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build an index from a corpus")
+    p.add_argument("--model", required=True, help="model or HF Trainer checkpoint directory")
+    p.add_argument("--corpus", required=True, help=".jsonl, .parquet, datasets dir, or folder of .txt")
+    p.add_argument("--out", required=True, help="index directory to publish")
+    p.add_argument("--queries", help="JSONL of {prompt, completion} for R_eval")
+    p.add_argument("--optimizer-state", help="optimizer.pt / checkpoint dir / second-moment safetensors")
+    p.add_argument("--no-correction", action="store_true", help="ablation: no optimizer correction")
+    p.add_argument("--hessian", choices=("none", "train", "mixed"), default="mixed")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="R_eval weight (default: App. A.1.3 rule)")
+    p.add_argument("--delta", type=float, default=1e-3, help="whitening damping")
+    p.add_argument("-k", "--proj-dim", type=int, default=16, help="projection size per side (0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--include", action="append", help="module name glob to track (repeatable)")
+    p.add_argument("--exclude", action="append", help="module name glob to skip (repeatable)")
+    p.add_argument("--track-lm-head", action="store_true")
+    p.add_argument("--encoder", choices=("exact", "factored"), default="exact")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model context)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: seq-len)")
+    p.add_argument("--pack", action="store_true", help="pack documents into sequences")
+    p.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
+    p.add_argument("--v-sample", type=int, default=256, help="sequences for the second-moment estimate")
+    p.add_argument("--hessian-sample", type=int, default=None, help="sequences for R_train (default: all)")
+    p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
+    p.add_argument("--faiss-train-sample", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+
+def register(subparsers) -> None:
+    """Add ``index`` (build/info/verify) and ``query`` to the influence CLI."""
+    index = subparsers.add_parser("index", help="build and inspect influence indexes")
+    isub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    _add_build(isub)
+    info = isub.add_parser("info", help="manifest summary")
+    info.add_argument("index_dir")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    ver = isub.add_parser("verify", help="checksums, counts, model hash")
+    ver.add_argument("index_dir")
+    ver.add_argument("--model", default=None, help="model directory (default: the manifest's)")
+    ver.set_defaults(func=cmd_verify)
+
+    q = subparsers.add_parser("query", help="query an index locally (no server)")
+    q.add_argument("--index", required=True)
+    q.add_argument("--prompt", required=True)
+    q.add_argument("--completion", required=True)
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
+    q.add_argument("--device", default=None)
+    q.add_argument("--no-rerank", action="store_true")
+    q.set_defaults(func=cmd_query)

@@ -1,0 +1,190 @@
+"""The build's passes over the sequences, one shard at a time.
+
+Pass 0 (rank 0): tokenize and chunk the corpus into the token store and the metadata store.
+Pass 1 (statistics): projected gradients phi of the Hessian sample, summed per shard into
+    R_train statistics (float64); phi of fully sampled shards is cached for pass 2.
+Pass 2 (encode): e = R^-1/2 phi / ||.|| per shard, stored as float16.
+
+Batches are consecutive ids of one shard, ``batch_size`` at a time, so a vector depends
+only on its shard's contents, never on how shards are spread over ranks or runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder.batching import TokenBatch, collate, sequence_example, tokenize_query
+from encoder.errors import InputError
+from encoder.fingerprint import TrackStarEncoder
+from encoder.whitening import RStatistics
+from indexer.chunking import ChunkConfig, Chunker
+from indexer.corpus import read_corpus
+from indexer.metadata import MetadataWriter
+from indexer.workdir import TokenStore, WorkDir, save_npy_atomic, write_atomic
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, n_new, total): called as sequences are processed."""
+
+METADATA_BATCH = 1024
+
+
+def _no_progress(stage: str, n: int, total: int) -> None:
+    return None
+
+
+def tokenize_corpus(
+    work: WorkDir, corpus: Path, tokenizer, chunk: ChunkConfig, metadata_path: Path
+) -> dict[str, int]:
+    """Pass 0: stream the corpus into ``tokens.u32``/``spans.npy`` and the metadata store.
+
+    Returns:
+        counts {sequences, documents, tokens, dropped}.
+    Raises:
+        InputError: code ``empty_corpus`` when no sequence results.
+    """
+    chunker = Chunker(tokenizer, chunk)
+    writer = MetadataWriter(metadata_path)
+    spans: list[tuple[int, int]] = []
+    offset, pending = 0, []
+    tokens_tmp = work.path("tokens.u32.tmp")
+    with tokens_tmp.open("wb") as fh:
+        for c in chunker.chunks(read_corpus(corpus)):
+            fh.write(np.asarray(c.input_ids, dtype=np.uint32).tobytes())
+            spans.append((offset, len(c.input_ids)))
+            offset += len(c.input_ids)
+            pending.append(c.record)
+            if len(pending) >= METADATA_BATCH:
+                writer.add(pending)
+                pending = []
+    writer.add(pending)
+    writer.close()
+    if not spans:
+        raise InputError(
+            f"the corpus {corpus} yields no training sequences ({chunker.n_documents} documents, "
+            f"{chunker.n_tokens} tokens)",
+            code="empty_corpus",
+        )
+    tokens_tmp.replace(work.path("tokens.u32"))
+    save_npy_atomic(work.path("spans.npy"), np.asarray(spans, dtype=np.int64))
+    counts = {
+        "sequences": len(spans),
+        "documents": chunker.n_documents,
+        "tokens": offset,
+        "dropped": chunker.n_dropped,
+    }
+    write_atomic(work.path("tokens.json"), lambda p: p.write_text(json.dumps(counts)))
+    log.info("tokenized %d documents into %d sequences (%d tokens)", counts["documents"], len(spans), offset)
+    return counts
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) id ranges of the shards of n sequences."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def evenly_spaced(n: int, n_sample: int | None) -> np.ndarray:
+    """A deterministic sample of ids in [0, n): all when n_sample is None or >= n."""
+    if n_sample is None or n_sample >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, max(n_sample, 1)).round().astype(np.int64))
+
+
+def batches(store: TokenStore, ids: np.ndarray, batch_size: int, pad_id: int) -> Iterator[TokenBatch]:
+    """Consecutive groups of ``batch_size`` sequences as padded batches."""
+    for s in range(0, len(ids), batch_size):
+        yield collate([sequence_example(store.ids(int(i))) for i in ids[s : s + batch_size]], pad_id)
+
+
+def statistics_shard(
+    encoder: TrackStarEncoder,
+    store: TokenStore,
+    work: WorkDir,
+    shard: int,
+    ids: np.ndarray,
+    shard_len: int,
+    batch_size: int,
+    pad_id: int,
+    progress: Progress = _no_progress,
+    total: int = 0,
+) -> None:
+    """Pass 1 for one shard: R_train sums over its sampled ``ids``; phi cached when the
+    sample is the whole shard."""
+    stats = encoder.new_statistics()
+    phis = []
+    for batch in batches(store, ids, batch_size, pad_id):
+        phi = encoder.project(batch)
+        stats.update(phi)
+        if len(ids) == shard_len:
+            phis.append(phi.float().cpu().numpy())
+        progress("statistics", len(batch), total)
+    if len(ids) == shard_len and phis:
+        save_npy_atomic(work.phi_path(shard), np.concatenate(phis))
+    write_atomic(work.stats_path(shard), stats.save)
+
+
+def query_statistics(
+    encoder: TrackStarEncoder, tokenizer, queries: Path, batch_size: int, max_tokens: int | None
+) -> RStatistics:
+    """R_eval sums over a JSONL file of {prompt, completion} queries (completion = targets)."""
+    examples = []
+    with Path(queries).open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+                obj = json.loads(line) if line else None
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise InputError(f"{queries}, line {lineno}: not a UTF-8 JSON object", code="invalid_queries") from exc
+            if obj is None:
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("completion"), str):
+                raise InputError(f"{queries}, line {lineno}: needs 'prompt' and 'completion'", code="invalid_queries")
+            examples.append(tokenize_query(tokenizer, obj.get("prompt", ""), obj["completion"], max_tokens=max_tokens))
+    if not examples:
+        raise InputError(f"the query file {queries} holds no queries", code="invalid_queries")
+    stats = encoder.new_statistics()
+    pad = int(tokenizer.pad_token_id or 0)
+    for s in range(0, len(examples), batch_size):
+        stats.update(encoder.project(collate(examples[s : s + batch_size], pad)))
+    log.info("R_eval from %d queries", stats.count)
+    return stats
+
+
+def encode_shard(
+    encoder: TrackStarEncoder,
+    store: TokenStore,
+    work: WorkDir,
+    shard: int,
+    start: int,
+    stop: int,
+    batch_size: int,
+    pad_id: int,
+    progress: Progress = _no_progress,
+    total: int = 0,
+) -> None:
+    """Pass 2 for one shard: fingerprints of ids [start, stop) as float16 in ``fp/``."""
+    cached = work.phi_path(shard)
+    out = np.empty((stop - start, encoder.dim), dtype=np.float16)
+    if cached.is_file():
+        phi_all = np.load(cached)
+        for s in range(0, stop - start, batch_size):
+            phi = torch.from_numpy(phi_all[s : s + batch_size]).to(encoder.device, encoder.accum_dtype)
+            out[s : s + len(phi)] = encoder.finalize(phi).float().cpu().numpy().astype(np.float16)
+            progress("encode", len(phi), total)
+    else:
+        ids = np.arange(start, stop, dtype=np.int64)
+        row = 0
+        for batch in batches(store, ids, batch_size, pad_id):
+            e = encoder.encode(batch).float().cpu().numpy()
+            out[row : row + len(e)] = e.astype(np.float16)
+            row += len(e)
+            progress("encode", len(e), total)
+    save_npy_atomic(work.fp_path(shard), out)
+    cached.unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""Assemble the index directory from a finished build's shards and publish it atomically.
+
+The staging directory receives the float16 fingerprint matrix (shards concatenated in id
+order, streamed through a memory map), the FAISS index, the encoder's artifacts and finally
+the manifest with a sha256 per file; then ``os.rename(staging, out)`` publishes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+from safetensors.torch import save_file
+
+from encoder.fingerprint import TrackStarEncoder
+from encoder.model_loading import model_hash, tokenizer_hash
+from indexer import faiss_index
+from indexer import manifest as mf
+from indexer.chunking import ChunkConfig
+from indexer.passes import Progress, evenly_spaced
+from indexer.workdir import WorkDir
+
+if TYPE_CHECKING:
+    from indexer.build import BuildConfig
+
+log = logging.getLogger(__name__)
+
+RECALL_QUERIES = 100
+ADD_CHUNK = 65536
+
+
+def _chunks(fps: np.ndarray, step: int = ADD_CHUNK) -> Iterator[np.ndarray]:
+    for s in range(0, fps.shape[0], step):
+        yield np.asarray(fps[s : s + step], dtype=np.float32)
+
+
+def publish(
+    cfg: BuildConfig,
+    chunk: ChunkConfig,
+    work: WorkDir,
+    encoder: TrackStarEncoder,
+    counts: dict[str, int],
+    shards: list[tuple[int, int]],
+    build_key: str,
+    timing: dict[str, Any],
+    world_size: int,
+    elapsed: float,
+    progress: Progress,
+) -> None:
+    """Write every artifact into ``work.staging``, then rename it to ``cfg.out``."""
+    t0 = time.perf_counter()
+    staging, n, d = work.staging, counts["sequences"], encoder.dim
+    fp_path = staging / mf.FINGERPRINTS
+    fps = np.lib.format.open_memmap(fp_path, mode="w+", dtype=np.float16, shape=(n, d))
+    for s, (start, stop) in enumerate(shards):
+        fps[start:stop] = np.load(work.fp_path(s))
+    fps.flush()
+    del fps
+    fps = np.load(fp_path, mmap_mode="r")
+
+    train_ids = evenly_spaced(n, cfg.faiss_train_sample)
+    train = np.asarray(fps[train_ids], dtype=np.float32)
+    index = faiss_index.build_index(cfg.faiss, d, _chunks(fps), train, use_gpu=encoder.device.type == "cuda")
+    exact = faiss_index.is_exact(cfg.faiss)
+    recall = None
+    if not exact:
+        probes = np.asarray(fps[evenly_spaced(n, RECALL_QUERIES)], dtype=np.float32)
+        recall = faiss_index.recall_at_k(index, fps, probes, k=10)
+        log.info("recall@10 vs exact: %.3f (re-ranked %.3f)", recall["recall_at_k"], recall["recall_at_k_reranked"])
+    faiss.write_index(index, str(staging / mf.FAISS_INDEX))
+
+    if cfg.fingerprint.k > 0:
+        tensors = {}
+        for name, (a, b) in encoder.projections().items():
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
+        save_file(tensors, str(staging / mf.PROJECTIONS))
+    for name in (mf.SECOND_MOMENTS, mf.WHITENER):
+        if work.path(name).is_file():
+            shutil.copyfile(work.path(name), staging / name)
+
+    files = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    fp_cfg = cfg.fingerprint
+    model_dir = Path(cfg.model).resolve()
+    manifest = {
+        "format_version": mf.FORMAT_VERSION,
+        "model": {"path": str(model_dir), "hash": model_hash(model_dir), "tokenizer_hash": tokenizer_hash(model_dir)},
+        "fingerprint": {
+            "config": fp_cfg.to_dict(),
+            "lambda": encoder.whitener.lambda_ if encoder.whitener is not None else None,
+            "second_moments": encoder.second_moments.source if encoder.second_moments else None,
+            "modules": encoder.module_names,
+            "block_dims": encoder.block_dims,
+        },
+        "counts": {"sequences": n, "documents": counts["documents"], "tokens": counts["tokens"],
+                   "dropped": counts["dropped"], "dim": d},
+        "faiss": {"factory": cfg.faiss, "exact": exact, "recall": recall},
+        "corpus": {"path": str(Path(cfg.corpus).resolve()), "seq_len": chunk.seq_len, "stride": chunk.stride,
+                   "packing": chunk.pack, "append_eos": chunk.append_eos,
+                   "hessian_sample": cfg.hessian_sample, "v_sample": cfg.v_sample,
+                   "queries": str(Path(cfg.queries).resolve()) if cfg.queries else None},
+        "storage": {"fingerprints_dtype": "float16", "faiss_vectors": "float16 upcast to float32"},
+        "build": {"build_key": build_key, "world_size": world_size, "shards": len(shards),
+                  "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+                  "seconds": round(elapsed + time.perf_counter() - t0, 3), **timing},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": mf.checksums(staging, files),
+    }
+    mf.write_json_atomic(staging / mf.MANIFEST, manifest)
+    out = Path(cfg.out).resolve()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    os.rename(staging, out)
+    work.remove()
+    log.info("published %s: %d sequences, d=%d, %s", out, n, d, cfg.faiss)

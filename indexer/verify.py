@@ -1,0 +1,49 @@
+"""``influence index verify``: checksums, counts across artifacts, model hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from encoder.errors import ArtifactError
+from encoder.model_loading import model_hash, tokenizer_hash
+from indexer import manifest as mf
+from indexer.metadata import MetadataStore
+
+
+def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
+    """Check an index directory end to end.
+
+    Returns:
+        human-readable lines, one per passed check.
+    Raises:
+        ArtifactError: the first failed check, with a clear message.
+    """
+    lines = []
+    m = mf.read_manifest(index_dir)
+    mf.verify_checksums(index_dir, m)
+    lines.append(f"checksums: {len(m['files'])} files OK")
+    n, d = m["counts"]["sequences"], m["counts"]["dim"]
+    fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
+    index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
+    store = MetadataStore(index_dir / mf.METADATA)
+    try:
+        n_meta = store.count()
+    finally:
+        store.close()
+    if fps.shape != (n, d) or index.ntotal != n or index.d != d or n_meta != n:
+        raise ArtifactError(
+            f"counts disagree: manifest {n}x{d}, fingerprints {list(fps.shape)}, "
+            f"FAISS {index.ntotal}x{index.d}, metadata {n_meta}",
+            code="count_mismatch",
+        )
+    lines.append(f"counts: {n} sequences x {d} dims in fingerprints, FAISS and metadata")
+    mdir = model_dir or Path(m["model"]["path"])
+    if not mdir.is_dir():
+        raise ArtifactError(f"model directory {mdir} does not exist", code="model_missing")
+    if model_hash(mdir) != m["model"]["hash"] or tokenizer_hash(mdir) != m["model"]["tokenizer_hash"]:
+        raise ArtifactError(f"the model in {mdir} is not the one the index was built with", code="model_mismatch")
+    lines.append(f"model: {mdir} matches")
+    return lines
