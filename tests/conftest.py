@@ -50,3 +50,23 @@ def trained_checkpoint(fact_corpus, tmp_path_factory):
 
     result = train_fact_model(fact_corpus, tmp_path_factory.mktemp("trained"), size="test", seed=0)
     return result
+
+
+TINY_INDEX_CLI_OPTIONS = ("-k", "8", "--shard-size", "16", "--batch-size", "8")
+"""`influence index build` options that reproduce `tiny_index` (with its --queries file)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
+    """A built exact (Flat) index on the trained test model and the fact corpus, with
+    k=8 and hessian 'mixed' (R_eval from the query file): the index directory Path."""
+    from encoder.config import FingerprintConfig
+    from indexer.build import BuildConfig, run_build
+
+    corpus, queries = fact_corpus_files
+    cfg = BuildConfig(
+        model=trained_checkpoint.checkpoint_dir, corpus=corpus, queries=queries,
+        out=tmp_path_factory.mktemp("tiny_index") / "index",
+        fingerprint=FingerprintConfig(k=8), shard_size=16, batch_size=8,
+    )
+    return run_build(cfg)
