@@ -1,0 +1,32 @@
+"""Fixtures for the live gateway tests: two real replicas of the tiny index behind nginx."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy.harness import find_nginx, start_replicas
+
+
+def _need_nginx() -> None:
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed and could not be: `make system-deps` installs it")
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_index, tmp_path_factory):
+    """Two ``influence serve`` replicas of ``tiny_index`` on 127.0.0.1 (one module's worth)."""
+    _need_nginx()
+    started = start_replicas(tiny_index, 2, tmp_path_factory.mktemp("replicas"))
+    yield started
+    for replica in started:
+        replica.stop()
+
+
+@pytest.fixture(scope="session")
+def query_body(fact_corpus_files) -> dict:
+    """One real fact query from the test corpus, as a /v1/influence body."""
+    _, queries = fact_corpus_files
+    first = json.loads(queries.read_text().splitlines()[0])
+    return {"prompt": first["prompt"], "completion": first["completion"], "k": 3}

@@ -1,0 +1,118 @@
+"""The gateway for real: nginx with deploy/nginx.conf in front of two live replicas."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from deploy.harness import Gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(replicas, tmp_path_factory):
+    gw = Gateway(tmp_path_factory.mktemp("gateway"), [r.address for r in replicas],
+                 rate_limit="1000r/s", rate_burst=1000)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def _log_lines(gw: Gateway) -> list[dict]:
+    return [json.loads(line) for line in gw.access_log.read_text().splitlines() if line]
+
+
+def test_queries_are_answered_and_balanced(gateway, replicas, query_body):
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        for _ in range(8):
+            resp = client.post("/v1/influence", json=query_body)
+            assert resp.status_code == 200, resp.text
+            results = resp.json()["results"]
+            assert 0 < len(results) <= query_body["k"]
+            scores = [r["score"] for r in results]
+            assert scores == sorted(scores, reverse=True)
+    time.sleep(0.2)  # nginx writes the access line after the response
+    served_by = {line["upstream"] for line in _log_lines(gateway) if line["uri"] == "/v1/influence"}
+    assert served_by == {r.address for r in replicas}
+
+
+def test_request_id_passes_through_and_is_logged(gateway, replicas, query_body):
+    rid = f"deploy-test-{uuid.uuid4().hex[:12]}"
+    resp = httpx.post(f"{gateway.url}/v1/influence", json=query_body,
+                      headers={"X-Request-ID": rid}, timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers.get_list("x-request-id") == [rid]
+    # Without one, the gateway mints an id, and the replica logs that same id.
+    minted = httpx.get(f"{gateway.url}/v1/index", timeout=30)
+    assert minted.status_code == 200
+    new_id = minted.headers["x-request-id"]
+    assert new_id and new_id != rid
+    time.sleep(0.3)
+    assert any(line["request_id"] == rid for line in _log_lines(gateway))
+    replica_logs = "".join(r.log_text() for r in replicas)
+    assert f"request_id={rid}" in replica_logs
+    assert f"request_id={new_id}" in replica_logs
+
+
+def test_json_is_gzipped_when_asked(gateway, query_body):
+    body = {**query_body, "k": 20}
+    url = f"{gateway.url}/v1/influence"
+    with httpx.Client(timeout=30) as client:
+        zipped = client.post(url, json=body, headers={"Accept-Encoding": "gzip"})
+        plain = client.post(url, json=body, headers={"Accept-Encoding": "identity"})
+    assert zipped.status_code == plain.status_code == 200
+    assert len(plain.content) > 1024, "response too small to exercise gzip_min_length"
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert "content-encoding" not in plain.headers
+    assert zipped.json()["results"] == plain.json()["results"]
+    # The bytes on the wire really are gzip, and smaller.
+    with httpx.stream("POST", url, json=body, headers={"Accept-Encoding": "gzip"},
+                      timeout=30) as raw:
+        wire = b"".join(raw.iter_raw())
+    assert len(wire) < len(plain.content)
+    assert json.loads(gzip.decompress(wire))["results"] == plain.json()["results"]
+
+
+def test_body_over_limit_is_413_at_the_gateway(gateway, replicas):
+    before = sum(r.log_text().count("/v1/influence") for r in replicas)
+    big = {"prompt": "x" * (1536 * 1024), "completion": " y"}
+    resp = httpx.post(f"{gateway.url}/v1/influence", json=big, timeout=30)
+    assert resp.status_code == 413
+    assert resp.json()["code"] == "request_too_large"
+    assert resp.headers.get("x-request-id")
+    time.sleep(0.2)
+    after = sum(r.log_text().count("/v1/influence") for r in replicas)
+    assert after == before, "an over-limit body must not reach a replica"
+
+
+def test_metrics_and_admin_stay_internal(gateway, replicas):
+    assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 404
+    assert httpx.post(f"{gateway.url}/v1/admin/reload", timeout=10).status_code == 404
+    direct = httpx.get(f"http://{replicas[0].address}/metrics", timeout=10)
+    assert direct.status_code == 200 and "# TYPE" in direct.text
+
+
+def test_rate_limit_answers_429_then_recovers(replicas, tmp_path):
+    gw = Gateway(tmp_path, [r.address for r in replicas], rate_limit="2r/s", rate_burst=3)
+    gw.start()
+    try:
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            started = time.monotonic()
+            codes = [client.get("/healthz") for _ in range(20)]
+            elapsed = time.monotonic() - started
+            ok = sum(r.status_code == 200 for r in codes)
+            limited = [r for r in codes if r.status_code == 429]
+            assert ok + len(limited) == 20
+            # 1 + burst at once, then 2 per second.
+            assert 1 <= ok <= 1 + 3 + int(2 * elapsed) + 1
+            assert len(limited) >= 20 - (1 + 3 + int(2 * elapsed) + 1)
+            assert limited[0].json()["code"] == "rate_limited"
+            assert limited[0].headers["retry-after"] == "1"
+            time.sleep(1.1)
+            assert client.get("/healthz").status_code == 200
+    finally:
+        gw.stop()
