@@ -180,7 +180,12 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
         if not work.path("tokens.json").is_file():
             passes.tokenize_corpus(work, Path(cfg.corpus), tokenizer, chunk, work.staging / mf.METADATA)
 
-    ctx.run(tokenize, only_main=True)
+    try:
+        ctx.run(tokenize, only_main=True)
+    except BaseException:
+        if ctx.is_main and not work.path("tokens.json").is_file():
+            work.remove()  # a bad corpus leaves nothing behind
+        raise
     counts = json.loads(work.path("tokens.json").read_text())
     store = TokenStore(work)
     n = len(store)

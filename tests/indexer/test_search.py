@@ -1,0 +1,72 @@
+"""Exact (Flat) index: stored fingerprints and search scores against the encoder itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from encoder.batching import collate, sequence_example
+from encoder.errors import NotFoundError
+from indexer.artifacts import InfluenceIndex
+from tests.indexer.helpers import influence, rechunk
+
+F16_TOL = 2e-3  # fingerprints are stored as float16 (relative rounding 2^-11 per entry)
+
+
+@pytest.fixture(scope="module")
+def opened(tiny_index):
+    idx = InfluenceIndex.open(tiny_index, device="cpu")
+    yield idx
+    idx.close()
+
+
+def test_stored_fingerprints_are_the_encoders(opened, fact_corpus_files):
+    seqs = rechunk(opened.manifest, fact_corpus_files[0], opened.tokenizer)
+    assert len(seqs) == opened.size == opened.manifest["counts"]["sequences"]
+    pad = int(opened.tokenizer.pad_token_id)
+    bs = opened.manifest["build"]["batch_size"]
+    enc = np.concatenate([
+        opened.encoder.encode(collate([sequence_example(s) for s in seqs[i : i + bs]], pad)).numpy()
+        for i in range(0, len(seqs), bs)
+    ])
+    stored = np.asarray(opened.fingerprints, dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(enc, axis=1), 1.0, atol=1e-5)
+    assert np.abs(stored - enc).max() < F16_TOL
+    # Flat search scores are the dot products of the query with the encoder's fingerprints.
+    q = opened.encode_queries([("Drorex is headquartered in", " Dutrus"), ("Cara Nalkun works for", " Buneco")])
+    scores, ids = opened.search(q, 10)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ enc.T, ids, axis=1), atol=F16_TOL)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ stored.T, ids, axis=1), atol=1e-5)
+    brute = np.argsort(-(q @ stored.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ stored.T, brute, axis=1), atol=1e-5)
+
+
+def test_search_pads_and_examples(opened):
+    q = opened.encode_queries([("Drorex is headquartered in", " Dutrus")])
+    scores, ids = opened.search(q, opened.size + 3)
+    assert (ids[0, -3:] == -1).all() and np.isneginf(scores[0, -3:]).all()
+    assert sorted(ids[0, : opened.size].tolist()) == list(range(opened.size))
+    rec = opened.example(int(ids[0, 0]))
+    assert rec.id == int(ids[0, 0]) and rec.text and rec.document_id
+    with pytest.raises(NotFoundError):
+        opened.example(opened.size)
+
+
+@pytest.mark.slow
+def test_query_cli_json_matches_brute_force(opened, tiny_index):
+    prompt, completion = "Cara Nalkun works for", " Buneco"
+    proc = influence("query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
+                     "-k", "7", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    q = opened.encode_queries([(prompt, completion)])[0]
+    brute = np.asarray(opened.fingerprints, dtype=np.float32) @ q
+    order = np.argsort(-brute, kind="stable")[:7]
+    assert [r["rank"] for r in rows] == list(range(1, 8))
+    assert [r["id"] for r in rows] == order.tolist()
+    np.testing.assert_allclose([r["score"] for r in rows], brute[order], atol=1e-5)
+    recs = opened.examples(order.tolist())
+    assert [r["text"] for r in rows] == [x.text for x in recs]
+    assert {"source", "document_id"} <= set(rows[0])
