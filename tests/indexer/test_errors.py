@@ -1,0 +1,95 @@
+"""Bad input: a clear message, exit code 2, nothing half-written published."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from encoder.errors import ArtifactError
+from indexer import manifest as mf
+from indexer.__main__ import main
+from indexer.artifacts import InfluenceIndex
+
+
+def _build(capsys, model, corpus, out, *extra: str) -> tuple[int, str]:
+    rc = main(["build", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
+               "-k", "4", "--hessian", "train", "--no-progress", *extra])
+    return rc, capsys.readouterr().err
+
+
+def _nothing_left(out) -> None:
+    assert not out.exists()
+    assert not (out.parent / f".{out.name}.build").exists()
+
+
+def test_missing_corpus(trained_checkpoint, tmp_path, capsys):
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, tmp_path / "nope.jsonl", tmp_path / "ix")
+    assert rc == 2 and "[corpus_not_found]" in err and "nope.jsonl" in err
+    _nothing_left(tmp_path / "ix")
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [(b"", "empty_corpus"), (b"\n\n", "empty_corpus"),
+     (b'{"text": "fine"}\n{"text": "bad \xff\xfe bytes"}\n', "invalid_encoding"),
+     (b'{"id": 1}\n', "invalid_corpus")],
+)
+def test_bad_corpus(trained_checkpoint, tmp_path, capsys, content, code):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(content)
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "ix")
+    assert rc == 2 and f"[{code}]" in err and "corpus.jsonl" in err
+    _nothing_left(tmp_path / "ix")
+
+
+def test_model_without_tokenizer(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained_checkpoint.checkpoint_dir / name, model / name)
+    rc, err = _build(capsys, model, fact_corpus_files[0], tmp_path / "ix")
+    assert rc == 2 and "[missing_tokenizer]" in err and str(model) in err
+    _nothing_left(tmp_path / "ix")
+
+
+def test_out_holds_a_different_index(trained_checkpoint, fact_corpus_files, tiny_index, capsys):
+    before = mf.sha256_file(tiny_index / mf.MANIFEST)
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tiny_index)
+    assert rc == 2 and "[index_exists]" in err and "different index" in err
+    assert mf.sha256_file(tiny_index / mf.MANIFEST) == before
+    assert not (tiny_index.parent / f".{tiny_index.name}.build").exists()
+
+
+def test_out_is_a_non_empty_directory(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    out = tmp_path / "ix"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], out)
+    assert rc == 2 and "[output_not_empty]" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_corrupt_index_is_refused(tiny_index, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_index, copy)
+    assert main(["verify", str(copy)]) == 0
+    assert "OK" in capsys.readouterr().out
+    data = bytearray((copy / mf.FINGERPRINTS).read_bytes())
+    data[-1] ^= 0x01
+    (copy / mf.FINGERPRINTS).write_bytes(bytes(data))
+    assert main(["verify", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "[checksum_mismatch]" in err and mf.FINGERPRINTS in err
+    with pytest.raises(ArtifactError, match="checksum"):
+        InfluenceIndex.open(copy, device="cpu")
+
+
+def test_wrong_model_is_refused(tiny_index, trained_checkpoint, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained_checkpoint.checkpoint_dir, other)
+    cfg = (other / "config.json").read_text()
+    (other / "config.json").write_text(cfg.replace("{", '{\n  "_edited": true,', 1))
+    with pytest.raises(ArtifactError) as info:
+        InfluenceIndex.open(tiny_index, device="cpu", model_dir=other)
+    assert info.value.code == "model_mismatch"
