@@ -172,7 +172,7 @@ def summarize(index) -> IndexSummary:
         counts=manifest.get("counts") or {"examples": int(index.size)},
         fingerprint=fingerprint if isinstance(fingerprint, dict) else {},
         faiss=None if factory is None else str(factory),
-        built_at=_str_or_none(manifest.get("built_at") or manifest.get("build_time")),
+        built_at=_str_or_none(manifest.get("created_at") or manifest.get("built_at")),
     )
 
 

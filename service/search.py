@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,10 @@ def model_name(manifest: dict) -> str:
     """The model id recorded in an index manifest."""
     model = manifest.get("model")
     if isinstance(model, dict):
-        return str(model.get("id") or model.get("name") or model.get("path") or "unknown")
+        if model.get("id") or model.get("name"):
+            return str(model.get("id") or model.get("name"))
+        # The build records the model directory; its name, not the server's full path.
+        return Path(str(model.get("path") or "unknown")).name
     if model:
         return str(model)
     return str(manifest.get("model_id") or "unknown")

@@ -26,10 +26,11 @@ def live_server(app, *, ready_path: str = "/readyz", timeout_s: float = 120.0) -
             time.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
         base = f"http://127.0.0.1:{port}"
-        while httpx.get(base + ready_path, timeout=5).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{ready_path} did not turn 200 in {timeout_s} s")
-            time.sleep(0.05)
+        with httpx.Client(timeout=5) as client:
+            while client.get(base + ready_path).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{ready_path} did not turn 200 in {timeout_s} s")
+                time.sleep(0.05)
         yield base
     finally:
         server.should_exit = True

@@ -15,6 +15,7 @@ from tests.service.fakes import FakeIndex, FakeOpener
 from tests.service.live import assert_same_results, live_server
 
 KEY = "s3cret-key"
+HTTP = httpx.Client(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def expected_ranking(index_dir, prompt: str, completion: str, k: int, source=Non
 
 
 def query(base, **body):
-    return httpx.post(f"{base}/v1/influence", json=body, timeout=30)
+    return HTTP.post(f"{base}/v1/influence", json=body, timeout=30)
 
 
 def test_query_returns_exact_ranking(server, index_dir):
@@ -93,7 +94,7 @@ def test_k_larger_than_index_returns_all(server):
 
 def test_batch_equals_singles(server):
     queries = [{"prompt": f"prompt {i}", "completion": f" answer {i}", "k": 3 + i} for i in range(4)]
-    r = httpx.post(f"{server}/v1/influence/batch", json={"queries": queries}, timeout=30)
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": queries}, timeout=30)
     assert r.status_code == 200, r.text
     for q, got in zip(queries, r.json()["responses"], strict=True):
         single = query(server, **q).json()
@@ -113,7 +114,7 @@ def test_batch_equals_singles(server):
     ],
 )
 def test_schema_violation_is_422_naming_the_field(server, body, field):
-    r = httpx.post(f"{server}/v1/influence", json=body)
+    r = HTTP.post(f"{server}/v1/influence", json=body)
     assert r.status_code == 422
     error = r.json()["error"]
     assert error["code"] == "validation_error"
@@ -122,7 +123,7 @@ def test_schema_violation_is_422_naming_the_field(server, body, field):
 
 
 def test_malformed_json_is_422(server):
-    r = httpx.post(f"{server}/v1/influence", content=b"{not json", headers={"content-type": "application/json"})
+    r = HTTP.post(f"{server}/v1/influence", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
@@ -138,40 +139,40 @@ def test_too_long_is_413(server):
 
 def test_batch_limits_and_errors(server):
     q = {"prompt": "p", "completion": "c"}
-    r = httpx.post(f"{server}/v1/influence/batch", json={"queries": [q] * 5})
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q] * 5})
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_queries"
-    r = httpx.post(f"{server}/v1/influence/batch", json={"queries": [q, {"prompt": "x" * 99, "completion": "c"}]})
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q, {"prompt": "x" * 99, "completion": "c"}]})
     assert r.status_code == 413 and r.json()["error"]["details"]["query_index"] == 1
-    r = httpx.post(f"{server}/v1/influence/batch", json={"queries": []})
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": []})
     assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "queries"
 
 
 def test_examples_index_and_unknown_routes(server):
-    r = httpx.get(f"{server}/v1/examples/11")
+    r = HTTP.get(f"{server}/v1/examples/11")
     assert r.status_code == 200
     assert r.json()["text"] == "training example 11 " * 3 and r.json()["source"] == "b"
-    r = httpx.get(f"{server}/v1/examples/200")
+    r = HTTP.get(f"{server}/v1/examples/200")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = httpx.get(f"{server}/v1/examples/-1")
+    r = HTTP.get(f"{server}/v1/examples/-1")
     assert r.status_code == 422
-    r = httpx.get(f"{server}/v1/examples/abc")
+    r = HTTP.get(f"{server}/v1/examples/abc")
     assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "example_id"
-    summary = httpx.get(f"{server}/v1/index").json()
+    summary = HTTP.get(f"{server}/v1/index").json()
     assert summary["model"] == "fake-model" and summary["size"] == 200
     assert summary["faiss"] == "Flat" and summary["index_version"] == "fake0000"
-    r = httpx.get(f"{server}/no/such/route")
+    r = HTTP.get(f"{server}/no/such/route")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = httpx.get(f"{server}/v1/influence")
+    r = HTTP.get(f"{server}/v1/influence")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_request_id_is_echoed_or_generated(server):
-    r = httpx.get(f"{server}/healthz", headers={"X-Request-ID": "gw-123.abc"})
+    r = HTTP.get(f"{server}/healthz", headers={"X-Request-ID": "gw-123.abc"})
     assert r.headers["x-request-id"] == "gw-123.abc"
-    a = httpx.get(f"{server}/healthz").headers["x-request-id"]
-    b = httpx.get(f"{server}/healthz").headers["x-request-id"]
+    a = HTTP.get(f"{server}/healthz").headers["x-request-id"]
+    b = HTTP.get(f"{server}/healthz").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", a) and a != b
-    r = httpx.get(f"{server}/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    r = HTTP.get(f"{server}/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
 
 
@@ -186,11 +187,11 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 def test_metrics_move(server):
-    before = httpx.get(f"{server}/metrics").text
+    before = HTTP.get(f"{server}/metrics").text
     for _ in range(3):
         assert query(server, prompt="m", completion="n").status_code == 200
     assert query(server, prompt="m", completion="n", k=0).status_code == 422
-    after = httpx.get(f"{server}/metrics").text
+    after = HTTP.get(f"{server}/metrics").text
     route = {"route": "/v1/influence", "method": "POST"}
     for status, n in (("200", 3), ("422", 1)):
         delta = _metric(after, "influence_http_requests_total", status=status, **route) - _metric(
@@ -206,22 +207,22 @@ def test_metrics_move(server):
 def test_auth(auth_server):
     url = f"{auth_server}/v1/influence"
     body = {"prompt": "p", "completion": "c"}
-    r = httpx.post(url, json=body)
+    r = HTTP.post(url, json=body)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-    r = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+    r = HTTP.post(url, json=body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert httpx.post(url, json=body, headers={"X-API-Key": "other-key"}).status_code == 200
-    assert httpx.get(f"{auth_server}/v1/examples/1").status_code == 401
-    assert httpx.get(f"{auth_server}/v1/index", headers={"X-API-Key": "nope"}).status_code == 403
+    assert HTTP.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert HTTP.post(url, json=body, headers={"X-API-Key": "other-key"}).status_code == 200
+    assert HTTP.get(f"{auth_server}/v1/examples/1").status_code == 401
+    assert HTTP.get(f"{auth_server}/v1/index", headers={"X-API-Key": "nope"}).status_code == 403
     for open_path in ("/healthz", "/readyz", "/metrics"):
-        assert httpx.get(auth_server + open_path).status_code == 200
-    r = httpx.post(f"{auth_server}/v1/admin/reload")
+        assert HTTP.get(auth_server + open_path).status_code == 200
+    r = HTTP.post(f"{auth_server}/v1/admin/reload")
     assert r.status_code == 401
 
 
 def test_admin_reload_disabled_without_keys(server):
-    r = httpx.post(f"{server}/v1/admin/reload")
+    r = HTTP.post(f"{server}/v1/admin/reload")
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
 
 
@@ -230,7 +231,7 @@ def test_not_ready_is_503_with_retry_after(tmp_path):
     app = create_app(Settings(index_dir=tmp_path, retry_after_s=3), opener=FakeOpener())
     with live_server(app, ready_path="/healthz") as base:
         for path in ("/readyz", "/v1/index"):
-            r = httpx.get(base + path)
+            r = HTTP.get(base + path)
             assert r.status_code == 503 and r.headers["retry-after"] == "3"
             assert r.json()["error"]["code"] == "not_ready"
             assert "checksum mismatch" in r.json()["error"]["message"]

@@ -1,0 +1,189 @@
+"""Live server on the real ``tiny_index`` over HTTP on 127.0.0.1: the service answers what
+``influence query`` answers, batches equal singles, concurrent clients never get mixed
+results, overload is a prompt 503, and an index swap under load fails no request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.cli import main as influence_main
+from service.settings import Settings
+from tests.service.live import assert_same_results, live_server
+
+KEY = "admin-key"
+PROMPTS = [
+    ("The capital of Veloria is", " Quenton."),
+    ("Marta Lind was born in", " Osterby."),
+    ("The river that runs through Kesh is the", " Amber."),
+    ("", "Quenton"),
+    ("Who wrote the ledger?", " The scribe of Veloria."),
+    ("Favourite colour:", " blue"),
+]
+
+
+def republish(src, dst, note: str):
+    """A copy of a published index whose manifest differs (so its version differs)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["republished"] = note
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index):
+    settings = Settings(index_dir=tiny_index, api_keys=[KEY], max_batch_size=8, max_wait_ms=10)
+    with live_server(create_app(settings)) as base:
+        client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
+        yield client
+        client.close()
+
+
+def influence(client, prompt, completion, k=10, **extra):
+    r = client.post("/v1/influence", json={"prompt": prompt, "completion": completion, "k": k, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_results_equal_influence_query(server, tiny_index, capsys):
+    prompt, completion = PROMPTS[0]
+    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", prompt,
+                         "--completion", completion, "-k", "10", "--json"])
+    assert rc == 0
+    cli_rows = json.loads(capsys.readouterr().out)
+    body = influence(server, prompt, completion, k=10)
+    assert len(cli_rows) == 10
+    assert_same_results(body["results"], cli_rows)
+    assert [r["document_id"] for r in body["results"]] == [r["document_id"] for r in cli_rows]
+    summary = server.get("/v1/index").json()
+    assert body["index_version"] == summary["index_version"]
+    assert summary["size"] == summary["counts"]["sequences"] > 0
+    assert summary["faiss"] == "Flat" and summary["fingerprint"]["config"]["k"] == 8
+
+
+def test_batch_equals_singles(server):
+    queries = [{"prompt": p, "completion": c, "k": 5} for p, c in PROMPTS]
+    r = server.post("/v1/influence/batch", json={"queries": queries})
+    assert r.status_code == 200, r.text
+    for q, got in zip(queries, r.json()["responses"], strict=True):
+        assert_same_results(got["results"], influence(server, **q)["results"])
+
+
+def test_concurrent_clients_get_their_own_results(server):
+    singles = {pc: influence(server, *pc, k=8)["results"] for pc in PROMPTS}
+    before = server.get("/metrics").text
+    jobs = [PROMPTS[i % len(PROMPTS)] for i in range(36)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        bodies = list(pool.map(lambda pc: influence(server, *pc, k=8), jobs))
+    for pc, body in zip(jobs, bodies, strict=True):
+        assert_same_results(body["results"], singles[pc])
+    after = server.get("/metrics").text
+    # Batching happened: fewer encode passes than queries.
+    passes = _value(after, "influence_batch_size_count") - _value(before, "influence_batch_size_count")
+    queries = _value(after, "influence_batch_size_sum") - _value(before, "influence_batch_size_sum")
+    assert queries == len(jobs) and passes < len(jobs)
+
+
+def test_example_and_errors_on_real_model(server):
+    first = influence(server, *PROMPTS[0], k=1)["results"][0]
+    example = server.get(f"/v1/examples/{first['id']}").json()
+    assert example["text"] == first["text"] and example["id"] == first["id"]
+    size = server.get("/v1/index").json()["size"]
+    r = server.get(f"/v1/examples/{size}")
+    assert r.status_code == 404 and r.json()["error"]["code"] in ("not_found", "unknown_id")
+    # Past the model's context (128 positions): 413, not a 500.
+    r = server.post("/v1/influence", json={"prompt": "word " * 200, "completion": " x"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "input_too_long"
+
+
+def test_reload_under_load_fails_no_request(server, tiny_index, tmp_path):
+    v0 = server.get("/v1/index").json()["index_version"]
+    new = republish(tiny_index, tmp_path / "v1", "v1")
+    bad = shutil.copytree(tiny_index, tmp_path / "bad")
+    (bad / "index.faiss").write_bytes(b"\0" * 64)
+    expected = influence(server, *PROMPTS[1], k=5)["results"]
+
+    stop = threading.Event()
+    failures: list[str] = []
+    versions: set[str] = set()
+    served = [0]
+
+    def client_loop():
+        with httpx.Client(base_url=str(server.base_url), timeout=60, headers={"X-API-Key": KEY}) as c:
+            while not stop.is_set():
+                r = c.post("/v1/influence", json={"prompt": PROMPTS[1][0], "completion": PROMPTS[1][1], "k": 5})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                    continue
+                body = r.json()
+                versions.add(body["index_version"])
+                try:
+                    assert_same_results(body["results"], expected)
+                except AssertionError as exc:
+                    failures.append(str(exc))
+                served[0] += 1
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        r = server.post("/v1/admin/reload", json={"index_dir": str(new)})
+        assert r.status_code == 200, r.text
+        assert r.json()["previous_version"] == v0 and r.json()["index_version"] != v0
+        v1 = r.json()["index_version"]
+        time.sleep(0.5)
+        r = server.post("/v1/admin/reload", json={"index_dir": str(bad)})
+        assert r.status_code == 422 and r.json()["error"]["code"] in ("checksum_mismatch", "artifact_error")
+        assert server.get("/v1/index").json()["index_version"] == v1  # the old one serves on
+        time.sleep(0.3)
+        r = server.post("/v1/admin/reload", json={"index_dir": str(tiny_index)})
+        assert r.status_code == 200 and r.json()["index_version"] == v0
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    assert served[0] >= 8 and v0 in versions and v1 in versions
+    metrics = server.get("/metrics").text
+    assert _value(metrics, "influence_index_reloads_total", outcome="refused") >= 1
+
+
+def test_overload_is_prompt_503_with_retry_after(tiny_index):
+    settings = Settings(index_dir=tiny_index, max_batch_size=1, max_wait_ms=0, max_queue=2,
+                        retry_after_s=2)
+    with live_server(create_app(settings)) as base:
+        def one(i):
+            with httpx.Client(timeout=60) as c:
+                t0 = time.perf_counter()
+                r = c.post(f"{base}/v1/influence", json={"prompt": f"Query {i} is", "completion": " long" * 20})
+                return r, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            outcomes = list(pool.map(one, range(24)))
+        statuses = [r.status_code for r, _ in outcomes]
+        assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+        for r, seconds in outcomes:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "2"
+                assert r.json()["error"]["code"] == "overloaded"
+                assert seconds < 2.0  # refused at once, not after waiting in line
+        metrics = httpx.get(f"{base}/metrics").text
+        assert _value(metrics, "influence_rejected_total", code="overloaded") == statuses.count(503)
+
+
+def _value(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
