@@ -1,6 +1,6 @@
 """Failover through the gateway: SIGKILL one of two replicas under load, lose no request.
 
-Own module, so the replica it kills is not shared with the other gateway tests.
+The victim is the pool's third replica, which no other test routes to.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ DEADLINE_S = 60.0
 
 
 @pytest.mark.slow
-def test_killing_a_replica_mid_run_fails_no_request(replicas, query_body, tmp_path):
-    gw = Gateway(tmp_path, [r.address for r in replicas], rate_limit="1000r/s", rate_burst=1000)
+def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tmp_path):
+    survivor, victim = replica_pool[0], replica_pool[2]
+    gw = Gateway(tmp_path, [victim.address, survivor.address], rate_limit="1000r/s",
+                 rate_burst=1000)
     gw.start()
     lock = threading.Lock()
     stop = threading.Event()
@@ -55,7 +57,6 @@ def test_killing_a_replica_mid_run_fails_no_request(replicas, query_body, tmp_pa
             t.start()
         while sent["before"] < BEFORE_KILL and time.monotonic() < deadline:
             time.sleep(0.01)
-        victim, survivor = replicas
         victim.kill()  # SIGKILL with requests in flight
         killed.set()
         while sent["after"] < AFTER_KILL and time.monotonic() < deadline:
