@@ -45,5 +45,11 @@ lint: $(STAMP)
 openapi: $(STAMP)
 	$(BIN)/influence openapi --out api/openapi.json
 
+# Locust through the nginx gateway to 2 local replicas of the demo index (built and cached
+# in .demo like `make demo`), at 1/8/32 users plus a failover run; writes
+# benchmarks/results/load_gateway.{md,json}. LOAD_ARGS passes options (e.g. --quick).
+load: $(STAMP) system-deps
+	$(BIN)/python -m deploy.load $(LOAD_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -110,8 +110,9 @@ def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
         f"`make load` (deploy/load.py, benchmarks/locustfile.py), {report['date']}. "
         f"{env['replicas']} replicas (`influence serve`, {env['threads_per_replica']} torch "
         f"thread each) behind nginx {env['nginx']} on 127.0.0.1, index of {env['index_size']} "
-        f"sequences ({env['index']}), {env['cpus']} CPU cores shared by replicas, nginx and "
-        f"locust, no GPU. Closed loop: each user sends POST /v1/influence (k=10) back to back; "
+        f"sequences (d={env['dim']}, FAISS {env['index']}), {env['cpus']} CPU cores shared by "
+        f"replicas, nginx and locust (load average {env['load_avg_at_start']:.1f} at start: "
+        f"other work ran on the host), no GPU. Closed loop: each user sends POST /v1/influence (k=10) back to back; "
         f"{report['run_time_s']} s per level.",
         "",
         "| users | requests | failures | RPS | p50 ms | p95 ms | p99 ms | mean ms |",
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "replicas": args.replicas, "threads_per_replica": args.threads,
             "nginx": nginx_version.split("/")[-1], "cpus": os.cpu_count(),
-            "machine": platform.machine(), "index": str(manifest.get("faiss_factory", "")),
-            "index_size": manifest.get("counts", {}).get("sequences", manifest.get("size")),
+            "machine": platform.machine(), "load_avg_at_start": os.getloadavg()[0],
+            "index": manifest["faiss"]["factory"], "index_size": manifest["counts"]["sequences"],
+            "dim": manifest["counts"]["dim"], "index_dir": str(index_dir),
         },
     }
     try:
