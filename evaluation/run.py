@@ -41,7 +41,7 @@ from evaluation.methods import (
     rank_random,
 )
 from evaluation.metrics import attribution_metrics
-from evaluation.tailpatch import TailPatcher, load_trainable_model
+from evaluation.tailpatch import TailPatcher, load_trainable_model, read_adam_hyper
 from indexer.bm25 import BM25Index
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ def run_evaluation(
             pairs.setdefault(sid, set()).add(qi)
     patcher = TailPatcher(
         load_trainable_model(Path(model_dir)), second_moments=second_moments,
-        lr=settings.tailpatch_lr, optimizer=settings.tailpatch_optimizer, pad_id=pad_id,
+        lr=settings.tailpatch_lr, optimizer=settings.tailpatch_optimizer,
+        hyper=read_adam_hyper(Path(model_dir)), pad_id=pad_id,
     )  # fmt: skip
     pb = bar("tail-patch", len(pairs))
     start = time.perf_counter()

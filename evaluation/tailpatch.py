@@ -5,16 +5,23 @@ For a query (prompt, completion) and a candidate training sequence s, take one o
 step on s alone from the checkpoint and measure the change in the completion's
 log-probability given the prompt:
 
-    tailpatch(q, s) = log p_{theta'}(completion | prompt) - log p_theta(completion | prompt),
-    theta' = theta - lr * g_s / (sqrt(v_hat) + eps)         ("adam", the default)
-    theta' = theta - lr * g_s                                ("sgd")
+    tailpatch(q, s) = log p_{theta'}(completion | prompt) - log p_theta(completion | prompt)
 
 g_s is the gradient of the training loss on s (mean token NLL over the sequence plus eos,
-exactly what the HF Trainer minimized). v_hat and eps are the checkpoint's bias-corrected
-Adam second moments. This is the part of a real Adam step from the checkpoint's state that
-depends on s: a full Adam step adds beta1 * m (the checkpoint's momentum), which is the same
-for every candidate and would dominate the difference between them, so it is left out, and
-one gradient moves v by a factor (1 - beta2) = 1e-3, so v is not updated.
+exactly what the HF Trainer minimized). The step ("adam", the default) is the Adam update
+the checkpoint's optimizer would apply at its next step t+1 if s were the batch, with the
+checkpoint's second moment v and step count t but the first moment reset to zero:
+
+    m' = (1 - beta1) g_s,   v' = beta2 v + (1 - beta2) g_s^2
+    theta' = theta - lr * (m' / (1 - beta1^(t+1))) / (sqrt(v' / (1 - beta2^(t+1))) + eps)
+
+The checkpoint's momentum beta1 * m is left out because it is the same for every candidate
+and would swamp the differences between them. Updating v matters: at convergence some
+coordinates have v ~ 0, and dividing a fresh gradient by sqrt(v) alone takes huge steps;
+with v' the step per coordinate is bounded by lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr.
+"sgd" is theta' = theta - lr * g_s. The learning rate is a parameter of the evaluation
+(see ``evaluation.run.EvalSettings``): small enough that the change stays close to linear
+in lr, large enough to stand out of float32 noise.
 
 The model is restored after every step. Candidates are grouped by sequence, so each
 sequence costs one backward pass whatever the number of queries that retrieved it.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +43,36 @@ from encoder.errors import ConfigError, OptimizerStateError
 from encoder.optimizer_state import SecondMoments
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """Adam's hyperparameters and step count at the checkpoint.
+
+    Attributes:
+        beta1, beta2: moment decay rates.
+        step: number of steps taken (t).
+        peak_lr: the schedule's initial (peak) learning rate, for reference.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    step: int = 0
+    peak_lr: float | None = None
+
+
+def read_adam_hyper(checkpoint_dir: Path) -> AdamHyper:
+    """Betas, step and peak lr from a Trainer checkpoint's optimizer.pt (defaults if absent)."""
+    path = Path(checkpoint_dir) / "optimizer.pt"
+    if not path.is_file():
+        log.warning("%s missing: Adam betas (0.9, 0.999), step 0 assumed", path)
+        return AdamHyper()
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    group = sd["param_groups"][0]
+    steps = [float(st["step"]) for st in sd["state"].values() if "step" in st]
+    beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+    peak = group.get("initial_lr", group.get("lr"))
+    return AdamHyper(beta1, beta2, int(max(steps, default=0)), float(peak) if peak is not None else None)
 
 
 def completion_logprobs(
@@ -68,8 +106,9 @@ class TailPatcher:
 
     Args:
         model: the checkpoint's model; its parameters are updated in place and restored.
-        second_moments: the checkpoint's Adam second moments (needed for ``adam``).
+        second_moments: the checkpoint's bias-corrected Adam second moments (for ``adam``).
         lr: step size (see the module docstring for how it is used).
+        hyper: the checkpoint's Adam betas and step count (for ``adam``).
         optimizer: ``adam`` (gradient / (sqrt(v_hat) + eps)) or ``sgd`` (plain gradient).
         pad_id: padding id of the tokenizer.
     """
@@ -81,6 +120,7 @@ class TailPatcher:
         second_moments: SecondMoments | None,
         lr: float,
         optimizer: str = "adam",
+        hyper: AdamHyper | None = None,
         pad_id: int = 0,
     ) -> None:
         if lr <= 0:
@@ -95,20 +135,34 @@ class TailPatcher:
         for p in self.params.values():
             p.requires_grad_(True)
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
-        self.scale: dict[str, torch.Tensor] = {}
+        self.hyper = hyper or AdamHyper()
+        self.v_raw: dict[str, torch.Tensor] = {}
         if optimizer == "adam":
             if second_moments is None:
                 raise OptimizerStateError("the adam tail-patch needs the checkpoint's second moments")
             missing = [n for n in self.params if n not in second_moments.v_hat]
             if missing:
                 raise OptimizerStateError(f"no second moments for {missing[:3]} (of {len(missing)})")
-            self.scale = {
-                n: (second_moments.v_hat[n].to(p.device, p.dtype).sqrt() + second_moments.eps).reciprocal()
+            self.eps = second_moments.eps
+            # Undo the bias correction: v = v_hat (1 - beta2^t).
+            keep = 1.0 - self.hyper.beta2**self.hyper.step if self.hyper.step > 0 else 0.0
+            self.v_raw = {
+                n: second_moments.v_hat[n].to(p.device, torch.float32) * keep
                 for n, p in self.params.items()
             }
 
+    def _update(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The parameter change for one gradient (module docstring), before the minus sign."""
+        if self.optimizer == "sgd":
+            return self.lr * grad
+        h = self.hyper
+        t = h.step + 1
+        m_hat = (1.0 - h.beta1) * grad / (1.0 - h.beta1**t)
+        v_hat = (h.beta2 * self.v_raw[name] + (1.0 - h.beta2) * grad * grad) / (1.0 - h.beta2**t)
+        return self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
     def _step(self, sequence: Sequence[int]) -> None:
-        """theta <- theta - lr * precondition(grad of the mean token NLL on one sequence)."""
+        """theta <- theta - update(grad of the mean token NLL on one sequence)."""
         device = next(self.model.parameters()).device
         ids = torch.tensor([list(sequence)], dtype=torch.long, device=device)
         logits = self.model(input_ids=ids).logits[:, :-1].float()
@@ -119,8 +173,7 @@ class TailPatcher:
             for n, g in zip(names, grads, strict=True):
                 if g is None:
                     continue
-                update = g * self.scale[n] if self.optimizer == "adam" else g
-                self.params[n].sub_(self.lr * update)
+                self.params[n].sub_(self._update(n, g))
 
     def _restore(self) -> None:
         with torch.no_grad():
