@@ -1,0 +1,414 @@
+"""Seeded synthetic fact corpus in the spirit of T-REx, for fact-tracing evaluation.
+
+A small invented world (people, cities, countries, companies, languages) yields facts
+(subject, relation, object). Each queried fact is stated in 2-4 passages, each time with a
+different paraphrase template; distractor passages talk about the same entities (other
+relations, filler sentences) or use the same templates with other entities, but never state
+a queried fact. Every fact has a cloze query (prompt, completion) whose template, the
+canonical subject-first one, opens one of the passages that state it, so the query's tokens
+are exactly a prefix of a training sequence (Chang et al. 2024, Section 4: T-REx closed-set
+fact tracing with passage-level ground truth).
+
+Pure Python and deterministic given the seed; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FACT_SOURCE = "synthetic/facts"
+DISTRACTOR_SOURCE = "synthetic/distractor"
+
+# Relation -> (subject type, object type, templates). Template 0 is canonical: subject
+# first, object last, so its text before "{o}" is the query prompt.
+RELATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "birthplace": (
+        "person",
+        "city",
+        (
+            "{s} was born in {o}.",
+            "{o} is the birthplace of {s}.",
+            "The city of {o} saw the birth of {s}.",
+        ),
+    ),
+    "employer": (
+        "person",
+        "company",
+        ("{s} works for {o}.", "{o} employs {s}.", "{s} is an employee of {o}."),
+    ),
+    "native_language": (
+        "person",
+        "language",
+        (
+            "The native language of {s} is {o}.",
+            "{s} speaks {o} as a first language.",
+            "{o} is the mother tongue of {s}.",
+        ),
+    ),
+    "capital": (
+        "country",
+        "city",
+        ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s} has its capital in {o}."),
+    ),
+    "located_in": (
+        "city",
+        "country",
+        ("{s} is located in {o}.", "{s} is a city in {o}.", "{o} contains the city of {s}."),
+    ),
+    "founded_by": (
+        "company",
+        "person",
+        ("{s} was founded by {o}.", "{o} founded {s}.", "The founder of {s} is {o}."),
+    ),
+    "headquarters": (
+        "company",
+        "city",
+        (
+            "{s} is headquartered in {o}.",
+            "The headquarters of {s} are in {o}.",
+            "{o} hosts the headquarters of {s}.",
+        ),
+    ),
+    "official_language": (
+        "country",
+        "language",
+        (
+            "The official language of {s} is {o}.",
+            "People in {s} speak {o}.",
+            "{o} is spoken in {s}.",
+        ),
+    ),
+}
+
+# Sentences about one entity that state no relation of the world.
+FILLERS: dict[str, tuple[str, ...]] = {
+    "person": (
+        "{e} enjoys painting on quiet weekends.",
+        "Many people admire {e}.",
+        "{e} wrote a short book about rivers.",
+        "{e} likes long walks in the rain.",
+        "Friends describe {e} as patient and kind.",
+    ),
+    "city": (
+        "{e} has a famous old bridge.",
+        "Tourists often visit {e} in summer.",
+        "The streets of {e} are narrow and green.",
+        "A large market opens in {e} every week.",
+    ),
+    "country": (
+        "{e} has many tall mountains.",
+        "Travelers praise the long coast of {e}.",
+        "The winters in {e} are cold.",
+        "{e} exports fruit and wool.",
+    ),
+    "company": (
+        "{e} makes small machines.",
+        "{e} has a large new office.",
+        "Customers trust the products of {e}.",
+        "{e} grew quickly last year.",
+    ),
+    "language": (
+        "{e} has a rich grammar.",
+        "{e} uses an old alphabet.",
+        "Poets love the sound of {e}.",
+        "Few schools teach {e} today.",
+    ),
+}
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "", "n", "r", "l", "s", "k")
+_SUFFIX = {
+    "country": ("ia", "land", "ora"),
+    "company": ("ex", "co", "tek"),
+    "language": ("ish", "ese", "ic"),
+}
+_FIRST_NAMES = ("Ana", "Bo", "Cara", "Dov", "Eli", "Fen", "Gia", "Hal", "Ivo", "Juna", "Kai", "Lia")
+
+
+@dataclass
+class Passage:
+    """One training sequence of the corpus.
+
+    Attributes:
+        id: Stable passage id ("p00000", dense, in corpus order).
+        text: 2-4 sentences.
+        source: FACT_SOURCE or DISTRACTOR_SOURCE.
+        fact_ids: Ids of the queried facts the passage states (empty for distractors).
+    """
+
+    id: str
+    text: str
+    source: str
+    fact_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FactQuery:
+    """A cloze query for one fact and its ground truth.
+
+    Attributes:
+        fact_id: The fact's id ("f0000").
+        prompt: Canonical template up to the object, e.g. "Ana Tesko was born in".
+        completion: The object with a leading space, e.g. " Vanor".
+        relevant_ids: Ids of the passages that state the fact.
+    """
+
+    fact_id: str
+    prompt: str
+    completion: str
+    relevant_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A queried fact (subject, relation, object), e.g. ("Ana Tesko", "birthplace", "Vanor")."""
+
+    id: str
+    subject: str
+    relation: str
+    object: str
+
+    def statements(self) -> list[str]:
+        """Every sentence that states the fact, one per template of its relation."""
+        return [t.format(s=self.subject, o=self.object) for t in RELATIONS[self.relation][2]]
+
+
+@dataclass
+class FactCorpus:
+    """Passages plus queries with passage-level ground truth.
+
+    Attributes:
+        passages: All passages, fact and distractor, in training order.
+        queries: One query per fact, in fact id order.
+        seed: The seed the corpus was generated from.
+        facts: The queried facts, aligned with queries (not written by write()).
+    """
+
+    passages: list[Passage]
+    queries: list[FactQuery]
+    seed: int
+    facts: list[Fact] = field(default_factory=list)
+
+    def write(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write corpus.jsonl ({"id", "text", "source"}) and queries.jsonl.
+
+        Args:
+            out_dir: Directory to write into (created if missing).
+
+        Returns:
+            (corpus path, queries path).
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        corpus_path, queries_path = out_dir / "corpus.jsonl", out_dir / "queries.jsonl"
+        with corpus_path.open("w", encoding="utf-8") as f:
+            for p in self.passages:
+                f.write(json.dumps({"id": p.id, "text": p.text, "source": p.source}) + "\n")
+        with queries_path.open("w", encoding="utf-8") as f:
+            for q in self.queries:
+                f.write(json.dumps(asdict(q)) + "\n")
+        return corpus_path, queries_path
+
+
+@dataclass(frozen=True)
+class _SizeSpec:
+    n_facts: int
+    min_mentions: int  # passages stating each queried fact
+    max_mentions: int
+    distractor_ratio: float  # distractor passages per fact passage
+
+
+SIZES: dict[str, _SizeSpec] = {
+    "test": _SizeSpec(n_facts=40, min_mentions=2, max_mentions=4, distractor_ratio=0.8),
+    "demo": _SizeSpec(n_facts=500, min_mentions=2, max_mentions=4, distractor_ratio=1.0),
+}
+
+
+@dataclass(frozen=True)
+class _Fact:
+    subject: str
+    relation: str
+    object: str
+
+    def render(self, template_idx: int) -> str:
+        return RELATIONS[self.relation][2][template_idx].format(s=self.subject, o=self.object)
+
+
+class _Names:
+    """Unique pronounceable words built from syllables."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.used: set[str] = set(_FIRST_NAMES)
+
+    def word(self, suffix: str = "") -> str:
+        while True:
+            n_syll = self.rng.choice((1, 2, 2))
+            root = "".join(
+                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS)
+                for _ in range(n_syll)
+            )
+            name = (root + suffix).capitalize()
+            if len(name) >= 4 and name not in self.used:
+                self.used.add(name)
+                return name
+
+
+def _build_world(n_facts: int, rng: random.Random) -> list[_Fact]:
+    """Generate a consistent world with about 2 * n_facts candidate facts."""
+    names = _Names(rng)
+    n = max(n_facts, 8)
+    n_countries, n_languages = max(3, n // 16), max(4, n // 16)
+    n_cities, n_people, n_companies = max(6, n // 6), max(6, n // 3), max(3, n // 8)
+    countries = [names.word(rng.choice(_SUFFIX["country"])) for _ in range(n_countries)]
+    languages = [names.word(rng.choice(_SUFFIX["language"])) for _ in range(n_languages)]
+    cities = [names.word() for _ in range(n_cities)]
+    companies = [names.word(rng.choice(_SUFFIX["company"])) for _ in range(n_companies)]
+    people = [f"{rng.choice(_FIRST_NAMES)} {names.word()}" for _ in range(n_people)]
+
+    # Every country gets at least one city, so it can have a capital inside itself.
+    city_country = {
+        c: countries[i] if i < n_countries else rng.choice(countries) for i, c in enumerate(cities)
+    }
+    country_language = {k: rng.choice(languages) for k in countries}
+    facts: list[_Fact] = []
+    for k in countries:
+        facts.append(_Fact(k, "capital", rng.choice([c for c in cities if city_country[c] == k])))
+        facts.append(_Fact(k, "official_language", country_language[k]))
+    for c in cities:
+        facts.append(_Fact(c, "located_in", city_country[c]))
+    for p in people:
+        born = rng.choice(cities)
+        facts.append(_Fact(p, "birthplace", born))
+        facts.append(_Fact(p, "employer", rng.choice(companies)))
+        facts.append(_Fact(p, "native_language", country_language[city_country[born]]))
+    for m in companies:
+        facts.append(_Fact(m, "founded_by", rng.choice(people)))
+        facts.append(_Fact(m, "headquarters", rng.choice(cities)))
+    return facts
+
+
+def _entity_types(facts: list[_Fact]) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for f in facts:
+        s_type, o_type, _ = RELATIONS[f.relation]
+        types[f.subject], types[f.object] = s_type, o_type
+    return types
+
+
+def generate_fact_corpus(
+    size: str = "test", seed: int = 0, *, n_facts: int | None = None
+) -> FactCorpus:
+    """Generate the corpus deterministically from (size, seed, n_facts).
+
+    Args:
+        size: "test" (~40 facts, ~150 passages) or "demo" (~500 facts, ~2000 passages).
+        seed: Seed of the world, the fact sample, templates and passage layout.
+        n_facts: Overrides the number of queried facts of the size.
+
+    Returns:
+        A FactCorpus whose passages are shuffled and numbered densely.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown corpus size {size!r}; expected one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    n = spec.n_facts if n_facts is None else n_facts
+    if n < 1:
+        raise ValueError(f"n_facts must be positive, got {n}")
+    rng = random.Random(f"fact-corpus/{seed}")
+    world = _build_world(n, rng)
+    types = _entity_types(world)
+    rng.shuffle(world)
+    queried, background = world[:n], world[n:]
+    fact_ids = {f: f"f{i:04d}" for i, f in enumerate(queried)}
+
+    def filler(entity: str) -> str:
+        return rng.choice(FILLERS[types[entity]]).format(e=entity)
+
+    def pad(sentences: list[str], keep_first: bool, anchor: _Fact) -> list[str]:
+        """Add filler or background sentences up to 2-4 sentences in total."""
+        target = max(len(sentences), rng.randint(2, 4))
+        for _ in range(20 * target):
+            if len(sentences) >= target:
+                break
+            if background and rng.random() < 0.3:
+                extra = rng.choice(background).render(rng.randrange(3))
+            else:
+                extra = filler(rng.choice((anchor.subject, anchor.object)))
+            if extra not in sentences:
+                sentences.insert(rng.randint(1 if keep_first else 0, len(sentences)), extra)
+        return sentences
+
+    # Statements: canonical template once per fact (it leads a passage), others distinct.
+    others: list[tuple[_Fact, int]] = []
+    for f in queried:
+        n_mentions = rng.randint(spec.min_mentions, spec.max_mentions)
+        alt = [1, 2]
+        rng.shuffle(alt)
+        others += [(f, alt[i % 2]) for i in range(n_mentions - 1)]
+    rng.shuffle(others)
+
+    fact_passages: list[tuple[list[str], list[_Fact]]] = []
+    for f in queried:
+        stated, sentences = [f], [f.render(0)]
+        if others and rng.random() < 0.5 and others[-1][0] != f:
+            g, t = others.pop()
+            stated.append(g)
+            sentences.append(g.render(t))
+        fact_passages.append((pad(sentences, True, f), stated))
+    while others:
+        g, t = others.pop()
+        stated, sentences = [g], [g.render(t)]
+        if others and rng.random() < 0.5 and others[-1][0] != g:
+            h, u = others.pop()
+            stated.append(h)
+            sentences.append(h.render(u))
+        rng.shuffle(sentences)
+        fact_passages.append((pad(sentences, False, g), stated))
+
+    # Distractors: hard negatives around a queried fact, never stating a queried fact.
+    by_subject: dict[str, list[_Fact]] = {}
+    by_relation: dict[str, list[_Fact]] = {}
+    for b in background:
+        by_subject.setdefault(b.subject, []).append(b)
+        by_relation.setdefault(b.relation, []).append(b)
+    distractors: list[list[str]] = []
+    for _ in range(round(spec.distractor_ratio * len(fact_passages))):
+        f = rng.choice(queried)
+        sentences = [filler(f.subject)]
+        same_subject, same_relation = by_subject.get(f.subject, []), by_relation.get(f.relation, [])
+        if same_subject and rng.random() < 0.7:  # same subject, another relation
+            sentences.append(rng.choice(same_subject).render(rng.randrange(3)))
+        if same_relation and rng.random() < 0.7:  # same template, other entities
+            sentences.append(rng.choice(same_relation).render(rng.randrange(3)))
+        sentences = list(dict.fromkeys(sentences))
+        rng.shuffle(sentences)
+        distractors.append(pad(sentences, False, f))
+
+    layout = [(s, FACT_SOURCE, stated) for s, stated in fact_passages]
+    layout += [(s, DISTRACTOR_SOURCE, []) for s in distractors]
+    rng.shuffle(layout)
+    passages: list[Passage] = []
+    relevant: dict[_Fact, list[str]] = {f: [] for f in queried}
+    for i, (sentences, source, stated) in enumerate(layout):
+        pid = f"p{i:05d}"
+        passages.append(Passage(pid, " ".join(sentences), source, [fact_ids[g] for g in stated]))
+        for g in stated:
+            relevant[g].append(pid)
+
+    queries = []
+    for f in queried:
+        prompt = RELATIONS[f.relation][2][0].split("{o}")[0].format(s=f.subject).rstrip()
+        queries.append(FactQuery(fact_ids[f], prompt, " " + f.object, relevant[f]))
+    facts = [Fact(fact_ids[f], f.subject, f.relation, f.object) for f in queried]
+    return FactCorpus(passages=passages, queries=queries, seed=seed, facts=facts)
+
+
+def load_queries(path: Path) -> list[FactQuery]:
+    """Read a queries.jsonl written by FactCorpus.write."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [FactQuery(**json.loads(line)) for line in f if line.strip()]
