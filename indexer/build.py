@@ -42,6 +42,8 @@ from indexer.workdir import TokenStore, WorkDir, write_atomic
 
 log = logging.getLogger(__name__)
 
+SMALL_MODEL_PARAMS = 50_000_000
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -66,7 +68,7 @@ class BuildConfig:
         batch_size: sequences per backward pass (part of the build's identity).
         shard_size: sequences per shard (resume and scale-out unit).
         device: torch device; None = CUDA if present.
-        threads: torch intra-op threads; None = torch's default.
+        threads: torch intra-op threads; None = 1 for a small model on the CPU, else torch's default.
     """
 
     model: Path
@@ -158,9 +160,27 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_threads(cfg, model))
+    try:
+        return _run(cfg, ctx, progress, out, tokenizer, model, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _threads(cfg: BuildConfig, model: torch.nn.Module) -> int:
+    """Intra-op threads: as asked; else 1 for a small model on the CPU, whose small matmuls
+    lose more to thread contention than they gain (vectors do not depend on it)."""
+    if cfg.threads:
+        return cfg.threads
+    device = next(model.parameters()).device
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        return 1
+    return torch.get_num_threads()
+
+
+def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, tokenizer, model, t_start: float) -> Path:
     ctx_len = model_max_tokens(model)
     seq_len = cfg.seq_len or ctx_len or 512
     if ctx_len is not None and seq_len > ctx_len:

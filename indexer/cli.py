@@ -189,7 +189,7 @@ def _add_build(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for models < 50M params on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build)
 
