@@ -7,6 +7,7 @@ contributions must sum to the score e_q . e of the encoder's own fingerprints.
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,11 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 from encoder.token_attribution import attribute_tokens, target_projections
 from encoder.whitening import Whitener
+from service.app import create_app
+from service.settings import Settings
 from tests.conftest import tiny_gpt2
 from tests.encoder import reference as ref
+from tests.service.live import live_server
 
 
 def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[list[int]]:
@@ -96,3 +100,49 @@ def test_float32_parts_sum_to_projection():
     att = attribute_tokens(enc, example, e_q)
     assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=1e-5)
     assert torch.allclose(att.fingerprint.float(), enc.encode(collate([example]))[0], atol=1e-5)
+
+
+# -- the endpoint, over real HTTP on the trained test index ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index):
+    settings = Settings(index_dir=tiny_index, max_completion_tokens=16)
+    with live_server(create_app(settings)) as base:
+        yield httpx.Client(base_url=base, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def query(fact_corpus):
+    q = fact_corpus.queries[0]
+    return {"prompt": q.prompt, "completion": q.completion}
+
+
+def test_explain_endpoint_splits_the_result_score(server, query):
+    hits = server.post("/v1/influence", json={**query, "k": 2}).json()["results"]
+    for hit in hits:
+        r = server.post("/v1/influence/explain", json={**query, "id": hit["id"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        contributions = [t["contribution"] for t in body["tokens"]]
+        assert sum(contributions) == pytest.approx(body["score"], abs=1e-5)
+        # The recomputed example is the indexed one: same fingerprint, same score.
+        assert body["fingerprint_agreement"] > 0.9999
+        assert body["score"] == pytest.approx(hit["score"], abs=2e-3)  # float16 storage
+        assert body["index_score"] == pytest.approx(hit["score"], abs=1e-5)
+        # Tokens tile the example's text in order.
+        text = server.get(f"/v1/examples/{hit['id']}").json()["text"]
+        spans = [t for t in body["tokens"] if t["end"] > t["start"]]
+        assert "".join(text[t["start"] : t["end"]] for t in spans) == text
+        assert all(t["text"] == text[t["start"] : t["end"]] for t in spans)
+        assert contributions[0] == 0.0
+
+
+def test_explain_errors(server, query):
+    r = server.post("/v1/influence/explain", json={**query, "id": 10**9})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == server.get(f"/v1/examples/{10**9}").json()["error"]["code"]
+    r = server.post("/v1/influence/explain", json={**query, "completion": " x" * 40, "id": 0})
+    assert r.status_code == 413 and r.json()["error"]["details"]["limit"] == 16
+    r = server.post("/v1/influence/explain", json={"prompt": "a", "completion": "", "id": 0})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
