@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
@@ -29,7 +29,10 @@ class InfluenceQuery(BaseModel):
     """One influence query: which training examples made the model say ``completion``
     after ``prompt``?"""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_QUERY]})
+    # strict: `false` is not a score and `"5"` is not a k (no silent coercion).
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [EXAMPLE_QUERY]}
+    )
 
     prompt: str = Field(
         max_length=MAX_TEXT_FIELD_CHARS,
@@ -56,6 +59,14 @@ class InfluenceQuery(BaseModel):
     mode: Literal["influence"] = Field(
         "influence", description="Retrieval mode; `influence` is TrackStar gradient search."
     )
+
+    @field_validator("k", "max_text_chars", mode="before")
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        # JSON Schema's "integer" includes 5.0; strict mode would refuse it.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class InfluenceResult(BaseModel):
@@ -146,7 +157,7 @@ class BatchInfluenceRequest(BaseModel):
     """Many queries in one call; the server caps how many (`max_batch_queries`)."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"queries": [EXAMPLE_QUERY]}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"queries": [EXAMPLE_QUERY]}]}
     )
 
     queries: list[InfluenceQuery] = Field(min_length=1, description="Queries, answered in order.")
@@ -190,7 +201,7 @@ class IndexSummary(BaseModel):
 class ReloadRequest(BaseModel):
     """Load a newly published index directory (default: the configured one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     index_dir: str | None = Field(None, description="Index directory; default: the configured.")
 

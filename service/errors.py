@@ -101,6 +101,13 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
         )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI: a body that is not decodable at all
+            return error_response(
+                422,
+                "validation_error",
+                f"body: {exc.detail}",
+                {"field": "body", "fields": "body"},
+            )
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return error_response(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
