@@ -40,6 +40,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every setting spelled out (for the report)."""
+    parts = ["influence", "eval", "--model", str(args.model), "--corpus", str(args.corpus),
+             "--queries", str(args.queries), "--out", str(args.out), "--stem", args.stem,
+             "--k", str(args.k), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+             "--tailpatch-lr", f"{args.tailpatch_lr:g}", "--tailpatch-optimizer", args.tailpatch_optimizer,
+             "--methods", *args.methods]  # fmt: skip
+    if args.max_queries is not None:
+        parts += ["--max-queries", str(args.max_queries)]
+    return shlex.join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and write the report; returns the exit code."""
     from evaluation.report import write_report
@@ -60,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         result = run_evaluation(args.model, args.corpus, args.queries, settings, progress)
     finally:
         torch.set_num_threads(previous)
-    command = "influence " + shlex.join(sys.argv[1:]) if sys.argv and "eval" in sys.argv else None
-    for path in write_report(result, args.out, stem=args.stem, command=command):
+    for path in write_report(result, args.out, stem=args.stem, command=command_line(args)):
         print(path)
     return 0
