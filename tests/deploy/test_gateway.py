@@ -116,3 +116,24 @@ def test_rate_limit_answers_429_then_recovers(replicas, tmp_path):
             assert client.get("/healthz").status_code == 200
     finally:
         gw.stop()
+
+
+def test_no_live_replica_is_a_json_503(tmp_path):
+    """Every upstream refuses: the gateway's own error is JSON with a code and Retry-After."""
+    from deploy.harness import free_port
+
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    gw = Gateway(tmp_path, dead)
+    gw.start()
+    try:
+        resp = httpx.post(f"{gw.url}/v1/influence", json={"prompt": "a", "completion": " b"},
+                          headers={"X-Request-ID": "all-down-1"}, timeout=30)
+    finally:
+        gw.stop()
+    assert resp.status_code == 503
+    assert resp.json()["code"] == "unavailable"
+    assert resp.headers["retry-after"] == "5"
+    assert resp.headers["x-request-id"] == "all-down-1"
+    line = json.loads(gw.access_log.read_text().splitlines()[-1])
+    # nginx tried both replicas before giving up.
+    assert set(line["upstream"].split(", ")) == set(dead)
