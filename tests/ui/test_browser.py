@@ -117,7 +117,8 @@ def test_api_errors_in_plain_words(page, ui_server, expected):
 
 
 def test_phone_width_and_screenshot(browser, ui_server, fact_query):
-    """No horizontal scrolling at 390 px; ``UI_SCREENSHOT=docs/ui.png`` saves the page."""
+    """No horizontal scrolling at 390 px. ``UI_SCREENSHOT=docs/ui.png`` saves the result
+    page there, and the per-token view as ``docs/ui_tokens.png``."""
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     try:
@@ -136,4 +137,8 @@ def test_phone_width_and_screenshot(browser, ui_server, fact_query):
         _search(page, ui_server, fact_query.prompt, fact_query.completion)
         page.wait_for_selector("#results .card")
         page.screenshot(path=target, full_page=False)
+        page.locator("#results .card button").first.click()
+        page.get_by_role("button", name="Explain tokens").click()
+        page.wait_for_selector("#heatmap .tok")
+        page.screenshot(path=target.replace(".png", "_tokens.png"), full_page=False)
         context.close()
