@@ -82,7 +82,7 @@ def test_body_over_limit_is_413_at_the_gateway(gateway, replicas):
     big = {"prompt": "x" * (1536 * 1024), "completion": " y"}
     resp = httpx.post(f"{gateway.url}/v1/influence", json=big, timeout=30)
     assert resp.status_code == 413
-    assert resp.json()["code"] == "request_too_large"
+    assert resp.json()["error"]["code"] == "request_too_large"
     assert resp.headers.get("x-request-id")
     time.sleep(0.2)
     after = sum(r.log_text().count("/v1/influence") for r in replicas)
@@ -110,7 +110,7 @@ def test_rate_limit_answers_429_then_recovers(replicas, tmp_path):
             # 1 + burst at once, then 2 per second.
             assert 1 <= ok <= 1 + 3 + int(2 * elapsed) + 1
             assert len(limited) >= 20 - (1 + 3 + int(2 * elapsed) + 1)
-            assert limited[0].json()["code"] == "rate_limited"
+            assert limited[0].json()["error"]["code"] == "rate_limited"
             assert limited[0].headers["retry-after"] == "1"
             time.sleep(1.1)
             assert client.get("/healthz").status_code == 200
@@ -131,7 +131,7 @@ def test_no_live_replica_is_a_json_503(tmp_path):
     finally:
         gw.stop()
     assert resp.status_code == 503
-    assert resp.json()["code"] == "unavailable"
+    assert resp.json()["error"]["code"] == "unavailable"
     assert resp.headers["retry-after"] == "5"
     assert resp.headers["x-request-id"] == "all-down-1"
     line = json.loads(gw.access_log.read_text().splitlines()[-1])
