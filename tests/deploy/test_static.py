@@ -179,3 +179,22 @@ def test_prometheus_scrapes_replicas():
     assert job.get("metrics_path", "/metrics") == "/metrics"
     sd = job["dns_sd_configs"][0]
     assert sd["names"] == ["service"] and sd["port"] == 8000
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """SafeLoader plus Compose's ``!reset`` tag (an override that clears a value)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: ("RESET", loader.construct_object(node)))
+
+
+def test_cpu_override_drops_gpu_reservations(compose):
+    override = yaml.load((REPO_ROOT / "deploy" / "compose.cpu.yml").read_text(), _ComposeLoader)
+    for name, spec in override["services"].items():
+        assert name in compose["services"]
+        assert spec["build"]["args"]["VARIANT"] == "cpu"
+        assert spec["deploy"]["resources"]["reservations"] == ("RESET", {})
+    # Every service that reserves a GPU in the base file is reset by the override.
+    gpu = {n for n, s in compose["services"].items() if "reservations" in
+           s.get("deploy", {}).get("resources", {})}
+    assert gpu == set(override["services"])
