@@ -30,6 +30,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging as hf_logging
 
 from evaluation.corpus import FactCorpus, FactQuery
 
@@ -160,13 +161,20 @@ class _LogCallback(TrainerCallback):
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+def _quiet_torch(n_threads: int | None, progress: bool) -> Iterator[None]:
+    """Set torch's CPU threads (None: leave as is) and silence transformers' bars."""
+    previous_threads = torch.get_num_threads()
+    previous_bars = hf_logging.is_progress_bar_enabled()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous_threads)
+        if previous_bars:
+            hf_logging.enable_progress_bar()
 
 
 def train_fact_model(
@@ -246,7 +254,7 @@ def train_fact_model(
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_LogCallback())
 
-    with _torch_threads(spec.num_threads) if use_cpu else contextlib.nullcontext():
+    with _quiet_torch(spec.num_threads if use_cpu else None, progress):
         start = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - start
