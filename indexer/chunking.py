@@ -5,8 +5,8 @@ the last window of a document may be shorter. Packed: documents are concatenated
 token stream (EOS between them) and cut into windows that may span documents; a packed
 sequence's metadata names the document it starts in and its text joins the parts.
 Windows start every ``stride`` tokens (``stride == seq_len``: no overlap); a final window
-is added so that every token is covered. Sequences of fewer than 2 tokens have no
-next-token target and are dropped.
+is added so that every token is covered (a lone last token gets one token of context).
+A document of a single token has no next-token target and is dropped.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class Chunker:
         live: dict[int, Document] = {}
         buf: deque[_Tok] = deque()
         covered = 0  # leading tokens of buf already inside an emitted window
+        prev: _Tok | None = None  # the token before buf[0], context for a 1-token tail
         for doc in documents:
             index = self.n_documents
             self.n_documents += 1
@@ -108,20 +109,28 @@ class Chunker:
                 if len(buf) == cfg.seq_len:
                     yield from self._emit(list(buf), live)
                     for _ in range(cfg.stride):
-                        buf.popleft()
+                        prev = buf.popleft()
                     covered = len(buf)
             if not cfg.pack:
                 if len(buf) > covered:
-                    yield from self._emit(list(buf), live)
+                    yield from self._emit(self._tail(buf, prev), live)
                 buf.clear()
                 covered = 0
+                prev = None
                 live.pop(index, None)
             else:
                 first = buf[0].doc if buf else index + 1
                 for d in [d for d in live if d < first]:
                     del live[d]
         if cfg.pack and len(buf) > covered:
-            yield from self._emit(list(buf), live)
+            yield from self._emit(self._tail(buf, prev), live)
+
+    @staticmethod
+    def _tail(buf: deque[_Tok], prev: _Tok | None) -> list[_Tok]:
+        """The last window; a lone token gets its predecessor as context so it is a target."""
+        if len(buf) == 1 and prev is not None:
+            return [prev, *buf]
+        return list(buf)
 
     def _emit(self, window: list[_Tok], live: dict[int, Document]) -> Iterator[Chunk]:
         if len(window) < 2:
