@@ -149,6 +149,10 @@ function el(tag, cls, text) {
 function renderResults(data, terms) {
   const list = $("results");
   list.replaceChildren();
+  // Influence scores are cosines in [-1, 1]: bars show them as they are. Other modes
+  // (BM25, fused ranks) have unbounded scores: bars are relative to the best result.
+  const top = Math.max(...data.results.map((r) => Math.abs(r.score)), 0);
+  const scale = top > 1 ? top : 1;
   for (const r of data.results) {
     const li = el("li", "card");
     li.dataset.id = String(r.id);
@@ -159,7 +163,7 @@ function renderResults(data, terms) {
     head.append(el("span", "rank", `#${r.rank}`));
     const bar = el("span", "bar");
     const fill = el("span", r.score >= 0 ? "fill" : "fill negative");
-    fill.style.width = `${Math.min(100, Math.abs(r.score) * 100).toFixed(1)}%`;
+    fill.style.width = `${Math.min(100, (Math.abs(r.score) / scale) * 100).toFixed(1)}%`;
     bar.append(fill);
     head.append(bar, el("span", "score", r.score.toFixed(3)));
     const meta = el("div", "card-meta");
@@ -275,7 +279,7 @@ async function explain() {
       el("li", null, `${JSON.stringify(t.text)} ${t.contribution >= 0 ? "+" : ""}${t.contribution.toFixed(4)}`)));
     $("heatmap-figure").hidden = false;
     $("explain-status").textContent =
-      `Score ${data.score.toFixed(4)} split over ${data.tokens.length} tokens ` +
+      `Influence score ${data.score.toFixed(4)} split over ${data.tokens.length} tokens ` +
       `in ${(performance.now() - started).toFixed(0)} ms`;
   } catch (err) {
     $("explain-status").textContent = "";

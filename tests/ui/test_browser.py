@@ -65,6 +65,10 @@ def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     assert page.locator("#serving-model").inner_text() == info["model"]
     assert info["index_version"].startswith(page.locator("#serving-index").inner_text()[:12])
     assert page.locator("#serving-size").inner_text() == str(info["size"])
+    # The mode menu offers exactly the modes the server's schema accepts.
+    mode = httpx.get(ui_server + "/openapi.json").json()["components"]["schemas"]["InfluenceQuery"]["properties"]["mode"]
+    options = page.eval_on_selector_all("#mode option", "els => els.map(e => e.value)")
+    assert options == (mode.get("enum") or [mode["const"]])
     status = page.locator("#status").inner_text()
     assert status.startswith("5 results in ") and "encode" in status and "search" in status
     # The answer word is highlighted in the top card when the card contains it.
