@@ -185,7 +185,15 @@ class _ComposeLoader(yaml.SafeLoader):
     """SafeLoader plus Compose's ``!reset`` tag (an override that clears a value)."""
 
 
-_ComposeLoader.add_constructor("!reset", lambda loader, node: ("RESET", loader.construct_object(node)))
+def _reset(loader: yaml.SafeLoader, node: yaml.Node) -> tuple[str, object]:
+    if isinstance(node, yaml.MappingNode):
+        return ("RESET", loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return ("RESET", loader.construct_sequence(node, deep=True))
+    return ("RESET", loader.construct_scalar(node))
+
+
+_ComposeLoader.add_constructor("!reset", _reset)
 
 
 def test_cpu_override_drops_gpu_reservations(compose):
