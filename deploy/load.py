@@ -107,13 +107,14 @@ def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
     lines = [
         "# Load test through the nginx gateway",
         "",
-        f"`make load` (deploy/load.py, benchmarks/locustfile.py), {report['date']}. "
+        f"`{report['command']}` (deploy/load.py, benchmarks/locustfile.py), {report['date']}. "
         f"{env['replicas']} replicas (`influence serve`, {env['threads_per_replica']} torch "
         f"thread each) behind nginx {env['nginx']} on 127.0.0.1, index of {env['index_size']} "
         f"sequences (d={env['dim']}, FAISS {env['index']}), {env['cpus']} CPU cores shared by "
         f"replicas, nginx and locust (load average {env['load_avg_at_start']:.1f} at start: "
         f"other work ran on the host), no GPU. Closed loop: each user sends POST /v1/influence (k=10) back to back; "
-        f"{report['run_time_s']} s per level.",
+        f"{report['run_time_s']} s per level. RPS as locust reports it (requests over the "
+        f"active span).",
         "",
         "| users | requests | failures | RPS | p50 ms | p95 ms | p99 ms | mean ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     nginx_version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
     report: dict = {
         "date": time.strftime("%Y-%m-%d"), "run_time_s": args.run_time, "levels": {},
+        "command": " ".join(["python -m deploy.load", *(argv if argv is not None else sys.argv[1:])]),
         "environment": {
             "replicas": args.replicas, "threads_per_replica": args.threads,
             "nginx": nginx_version.split("/")[-1], "cpus": os.cpu_count(),
