@@ -3,6 +3,7 @@ Prometheus config, gateway template and its entrypoint, the nginx config syntax 
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 import shutil
@@ -83,15 +84,28 @@ def test_dockerfile_structure():
     assert "faiss-gpu" in build and "uninstall -y faiss-cpu" in build
 
 
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches decides; ``!`` re-includes."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").removeprefix("**/")
+        if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path.split("/")[-1], pattern):
+            ignored = not negate
+    return ignored
+
+
 def test_dockerignore_keeps_context_small():
-    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
-    for heavy in (".git", ".venv", ".demo", "tests"):
-        assert heavy in ignored
+    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for heavy in (".git", ".venv", ".demo", "tests", "benchmarks"):
+        assert _dockerignored(heavy, patterns), heavy
     # Everything the builder copies must survive the ignore list.
-    copied = [a.split()[0] for kw, a in _instructions(DOCKERFILE.read_text())
-              if kw == "COPY" and not a.startswith("--")]
+    copied = [src for kw, a in _instructions(DOCKERFILE.read_text())
+              if kw == "COPY" and not a.startswith("--") for src in a.split()[:-1]]
+    assert "README.md" in copied
     for path in copied:
-        assert path.rstrip("/") not in ignored, path
+        assert not _dockerignored(path.rstrip("/"), patterns), path
         assert (REPO_ROOT / path).exists(), path
 
 
@@ -206,3 +220,11 @@ def test_cpu_override_drops_gpu_reservations(compose):
     gpu = {n for n, s in compose["services"].items() if "reservations" in
            s.get("deploy", {}).get("resources", {})}
     assert gpu == set(override["services"])
+
+
+def test_render_refuses_missing_values_and_no_upstreams():
+    template = NGINX_TEMPLATE.read_text()
+    with pytest.raises(ValueError, match="RATE_LIMIT"):
+        render_nginx_conf(template, {"NGINX_LISTEN": "1"}, ["127.0.0.1:1"])
+    with pytest.raises(ValueError, match="upstream"):
+        render_nginx_conf(template, {}, [])
