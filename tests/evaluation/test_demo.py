@@ -1,0 +1,93 @@
+"""`influence demo --quick` end to end: corpus -> trained model -> index -> live HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"demo exited early with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("demo did not become ready in time")
+
+
+def _learned(checkpoint: Path, queries) -> list:
+    """The queries whose completion the demo model reproduces greedily."""
+    from encoder.model_loading import load_model, load_tokenizer
+    from evaluation.train import fact_accuracy
+
+    model, tok = load_model(checkpoint, device="cpu"), load_tokenizer(checkpoint)
+    return [q for q in queries if fact_accuracy(model, tok, [q]) == 1.0]
+
+
+def test_quick_demo_serves_a_learned_fact(tmp_path):
+    from evaluation.corpus import load_queries
+
+    workdir, port = tmp_path / "demo", _free_port()
+    log = (tmp_path / "demo.log").open("w")
+    cmd = [sys.executable, "-m", "service.cli", "demo", "--quick", "--workdir", str(workdir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, timeout=480)
+        printed = (tmp_path / "demo.log").read_text()
+        assert "curl -s" in printed and f"{url}/" in printed and "(* = a passage that states the fact)" in printed
+
+        queries = load_queries(workdir / "corpus" / "queries.jsonl")
+        checkpoint = next((workdir / "model").glob("checkpoint-*"))
+        learned = _learned(checkpoint, queries)
+        assert len(learned) >= len(queries) // 2, "the quick demo model learned too few facts"
+
+        hits = 0
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for q in learned:
+                r = client.post("/v1/influence", json={"prompt": q.prompt, "completion": q.completion, "k": 10})
+                assert r.status_code == 200, r.text
+                top10 = {str(res["document_id"]) for res in r.json()["results"]}
+                hits += bool(top10 & set(q.relevant_ids))
+        # Every learned fact should be traceable; demand a clear majority, and report.
+        recall = hits / len(learned)
+        print(f"quick demo: {len(learned)}/{len(queries)} facts learned, top-10 fact recall {recall:.3f}")
+        assert recall >= 0.5
+
+        # A second run reuses every cached step and is ready quickly.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(url, proc, timeout=120)
+        assert time.monotonic() - start < 60
+        assert (tmp_path / "demo.log").read_text().count("model: cached") == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
