@@ -56,8 +56,12 @@ class InfluenceQuery(BaseModel):
     source: str | None = Field(
         None, max_length=1000, description="Only return training examples from this source."
     )
-    mode: Literal["influence"] = Field(
-        "influence", description="Retrieval mode; `influence` is TrackStar gradient search."
+    mode: Literal["influence", "bm25", "hybrid"] = Field(
+        "influence",
+        description="Retrieval mode: `influence` is TrackStar gradient search (scores are "
+        "cosines in [-1, 1]); `bm25` is lexical BM25 over the training texts with query = "
+        "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
+        "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
 
     @field_validator("k", "max_text_chars", mode="before")
@@ -119,7 +123,9 @@ class ExplainRequest(BaseModel):
     completion: str = Field(
         min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
     )
-    id: int = Field(ge=0, description="The training example to explain (a result's id).")
+    id: int = Field(
+        ge=0, le=2**63 - 1, strict=True, description="The training example to explain (a result's id)."
+    )
 
 
 class TokenContribution(BaseModel):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
@@ -128,3 +131,32 @@ class BM25Index:
             out_scores[i, :n] = s[order]
             out_ids[i, :n] = self.ids[order]
         return out_scores, out_ids
+
+
+_FOR_INDEX: weakref.WeakKeyDictionary[Any, BM25Index] = weakref.WeakKeyDictionary()
+_FOR_INDEX_LOCK = threading.Lock()
+
+
+def bm25_for(index: Any) -> BM25Index:
+    """The BM25 index of a served ``InfluenceIndex``: ``index_dir/bm25/`` when the build
+    wrote one, else built once from the metadata store's texts and kept for the index's
+    lifetime (the published directory is immutable, so nothing is written there).
+
+    Args:
+        index: an ``indexer.artifacts.InfluenceIndex`` (``index_dir``, ``size``, ``examples``).
+    Returns:
+        Its BM25Index (ids = the index's sequence ids).
+    """
+    with _FOR_INDEX_LOCK:
+        cached = _FOR_INDEX.get(index)
+        if cached is not None:
+            return cached
+        if (Path(index.index_dir) / SUBDIR / IDS_FILE).is_file():
+            built = BM25Index.load(index.index_dir)
+        else:
+            ids = list(range(int(index.size)))
+            texts = [r.text for r in index.examples(ids)] if ids else []
+            log.info("no %s/ in %s: building BM25 over %d texts", SUBDIR, index.index_dir, len(ids))
+            built = BM25Index.build(texts, ids)
+        _FOR_INDEX[index] = built
+        return built

@@ -38,7 +38,7 @@ INT64_MAX = 2**63 - 1
 
 
 def _query(q: InfluenceQuery) -> Query:
-    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score)
+    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode)
 
 
 def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:

@@ -17,6 +17,7 @@ import numpy as np
 
 from encoder.batching import tokenize_query
 from encoder.errors import InfluenceError, InputTooLongError
+from indexer.fusion import mode_search
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Query:
     k: int
     source: str | None = None
     min_score: float | None = None
+    mode: str = "influence"
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,16 @@ def _filtered_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
         pool = min(size, pool * 4)
 
 
+def _mode_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
+    """``bm25`` / ``hybrid`` hits (indexer.fusion); a source filter ranks the whole index."""
+    k = int(index.size) if query.source is not None else query.k
+    scores, ids = mode_search(index, vector, query.prompt + query.completion, query.mode, k)
+    hits = _hits(index, scores, ids)
+    if query.source is not None:
+        hits = [h for h in hits if h.record.source == query.source]
+    return hits[: query.k]
+
+
 def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
@@ -196,7 +208,7 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     if not valid:
         return outcomes
 
-    plain = [j for j, i in enumerate(valid) if queries[i].source is None]
+    plain = [j for j, i in enumerate(valid) if queries[i].source is None and queries[i].mode == "influence"]
     if plain:
         k_max = max(queries[valid[j]].k for j in plain)
         scores, ids = index.search(vectors[plain], k_max)  # [P, k_max]
@@ -204,7 +216,9 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
             query = queries[valid[j]]
             outcomes[valid[j]].hits = _hits(index, scores[row, : query.k], ids[row, : query.k])
     for j, i in enumerate(valid):
-        if queries[i].source is not None:
+        if queries[i].mode != "influence":
+            outcomes[i].hits = _mode_search(index, vectors[j], queries[i])
+        elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
     for i in valid:
         if queries[i].min_score is not None:

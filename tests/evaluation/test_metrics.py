@@ -78,3 +78,54 @@ def test_bm25_finds_the_stating_passage_and_round_trips(tmp_path, fact_corpus):
     assert pad_ids[0].tolist() == [0, 1, -1, -1] and np.isinf(pad_scores[0, 2])
     with pytest.raises(ArtifactError):
         BM25Index.load(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def mode_server(tiny_index):
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.service.live import live_server
+
+    settings = Settings(index_dir=tiny_index, api_keys=["k"], max_batch_size=4, max_wait_ms=5)
+    with live_server(create_app(settings)) as base:
+        with httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": "k"}) as client:
+            yield client
+
+
+def _ask(client, query, **extra):
+    r = client.post("/v1/influence", json={"prompt": query.prompt, "completion": query.completion, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+@pytest.mark.slow
+def test_service_modes_bm25_and_hybrid_over_http(mode_server, tiny_index, fact_corpus):
+    from indexer.artifacts import InfluenceIndex
+
+    index = InfluenceIndex.open(tiny_index)
+    try:
+        texts = [r.text for r in index.examples(list(range(index.size)))]
+    finally:
+        index.close()
+    reference = BM25Index.build(texts)
+    query = fact_corpus.queries[3]
+    text = query.prompt + query.completion
+
+    bm25 = _ask(mode_server, query, k=5, mode="bm25")
+    want_scores, want_ids = reference.search([text], 5)
+    assert [r["id"] for r in bm25] == want_ids[0].tolist()
+    np.testing.assert_allclose([r["score"] for r in bm25], want_scores[0], rtol=1e-5)
+    assert text.rstrip(".") in bm25[0]["text"]
+
+    influence = _ask(mode_server, query, k=100)
+    assert influence == _ask(mode_server, query, k=100, mode="influence")  # default unchanged
+    hybrid = _ask(mode_server, query, k=5, mode="hybrid")
+    fused_scores, fused_ids = reciprocal_rank_fusion(
+        [reference.search([text], 100)[1][0], [r["id"] for r in influence]], 5
+    )
+    assert [r["id"] for r in hybrid] == fused_ids.tolist()
+    np.testing.assert_allclose([r["score"] for r in hybrid], fused_scores, rtol=1e-6)
+    bad = mode_server.post("/v1/influence", json={"prompt": "a", "completion": " b", "mode": "lexical"})
+    assert bad.status_code == 422
