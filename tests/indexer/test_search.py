@@ -9,8 +9,9 @@ import pytest
 
 from encoder.batching import collate, sequence_example
 from encoder.errors import NotFoundError
+from indexer.__main__ import main
 from indexer.artifacts import InfluenceIndex
-from tests.indexer.helpers import influence, rechunk
+from tests.indexer.helpers import rechunk
 
 F16_TOL = 2e-3  # fingerprints are stored as float16 (relative rounding 2^-11 per entry)
 
@@ -54,13 +55,13 @@ def test_search_pads_and_examples(opened):
         opened.example(opened.size)
 
 
-@pytest.mark.slow
-def test_query_cli_json_matches_brute_force(opened, tiny_index):
+def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     prompt, completion = "Cara Nalkun works for", " Buneco"
-    proc = influence("query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
-                     "-k", "7", "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
+    rc = main(["query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
+               "-k", "7", "--json", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)
     q = opened.encode_queries([(prompt, completion)])[0]
     brute = np.asarray(opened.fingerprints, dtype=np.float32) @ q
     order = np.argsort(-brute, kind="stable")[:7]
