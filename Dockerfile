@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Influence search image: the `influence` CLI (index build, serve).
 #
-#   docker build -t influence-search .                       # GPU: CUDA runtime, torch cu124, faiss-gpu
+#   docker build -t influence-search .                       # GPU: CUDA runtime, CUDA torch, faiss-gpu
 #   docker build -t influence-search:cpu --build-arg VARIANT=cpu .
 #
 # Stages: base-<variant> (Python 3.11 on the runtime base) -> builder (venv with the
@@ -10,10 +10,7 @@
 
 ARG VARIANT=gpu
 
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS base-gpu
-# torch's CUDA build comes from PyTorch's cu124 wheel index; faiss-gpu replaces faiss-cpu.
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 \
-    PROJECT_EXTRAS=gpu
+FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04 AS base-gpu
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         python3.11=3.11.* python3.11-venv=3.11.* libgomp1=12.* \
@@ -21,8 +18,6 @@ RUN apt-get update \
     && ln -s /usr/bin/python3.11 /usr/local/bin/python3.11
 
 FROM python:3.11-slim-bookworm AS base-cpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-    PROJECT_EXTRAS=""
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1=12.* \
     && rm -rf /var/lib/apt/lists/*
@@ -30,11 +25,12 @@ RUN apt-get update \
 # base-${VARIANT} names a stage above, not an image, so it carries no tag.
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS builder
+ARG VARIANT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python3.11 -m venv /opt/venv
-# Dependencies first, so code edits do not reinstall torch.
+# A regular (non-editable) install of the project and its pinned dependencies.
 COPY pyproject.toml README.md ./
 COPY encoder ./encoder
 COPY indexer ./indexer
@@ -42,13 +38,15 @@ COPY service ./service
 COPY api ./api
 COPY evaluation ./evaluation
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# faiss-cpu (a base dependency) and faiss-gpu ship the same `faiss` module: the GPU variant
-# swaps one for the other.
-RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" \
-        ".${PROJECT_EXTRAS:+[${PROJECT_EXTRAS}]}" \
-    && if [ "${PROJECT_EXTRAS}" = "gpu" ]; then \
-        /opt/venv/bin/pip uninstall -y faiss-cpu \
+# GPU: PyPI's torch wheel is the CUDA build (it bundles its CUDA libraries); faiss-cpu (a
+# base dependency) and faiss-gpu ship the same `faiss` module, so the GPU variant swaps them.
+# CPU: torch from PyTorch's CPU wheel index, without the CUDA libraries.
+RUN if [ "${VARIANT}" = "gpu" ]; then \
+        /opt/venv/bin/pip install ".[gpu]" \
+        && /opt/venv/bin/pip uninstall -y faiss-cpu \
         && /opt/venv/bin/pip install --force-reinstall --no-deps "faiss-gpu-cu12==1.14.1.post1"; \
+    else \
+        /opt/venv/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu .; \
     fi \
     && /opt/venv/bin/python -c "import faiss, torch, service, indexer, encoder"
 

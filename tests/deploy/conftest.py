@@ -14,10 +14,11 @@ def _need_nginx() -> None:
         pytest.skip("nginx is not installed and could not be: `make system-deps` installs it")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def replica_pool(tiny_index, tmp_path_factory):
     """Three ``influence serve`` replicas of ``tiny_index`` on 127.0.0.1, started together
-    once: the gateway tests use the first two, the failover test kills the third."""
+    once for tests/deploy (stopped after it): the gateway tests use the first two, the
+    failover test kills the third."""
     _need_nginx()
     started = start_replicas(tiny_index, 3, tmp_path_factory.mktemp("replicas"), timeout_s=300)
     yield started
@@ -25,7 +26,7 @@ def replica_pool(tiny_index, tmp_path_factory):
         replica.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def replicas(replica_pool):
     """The two replicas behind the shared gateway (never killed)."""
     return replica_pool[:2]
