@@ -80,7 +80,7 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
         if exc.http_status == 503:
             headers = {"Retry-After": str(retry_after_s)}
             request.app.state.metrics.rejected.labels(exc.code).inc()
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and exc.code != "not_ready":  # /readyz polls are routine
             log.warning(
                 "%s %s -> %d %s", request.method, request.url.path, exc.http_status, exc.code
             )

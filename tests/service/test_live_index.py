@@ -187,3 +187,57 @@ def _value(text: str, name: str, **labels) -> float:
         if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@pytest.mark.slow
+def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
+    """`influence serve` in its own process; a new index published at the same path by
+    rename is picked up on SIGHUP; a bad one is refused and the old one serves on."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    served = republish(tiny_index, tmp_path / "served", "a")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "influence"
+    proc = subprocess.Popen([str(exe), "serve", "--index", str(served), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+
+    def wait_for(predicate, seconds=90):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return True
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        return False
+
+    try:
+        assert wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200)
+        v_a = httpx.get(f"{base}/v1/index").json()["index_version"]
+        republish(tiny_index, tmp_path / "staging", "b")
+        os.rename(served, tmp_path / "old")
+        os.rename(tmp_path / "staging", served)
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: httpx.get(f"{base}/v1/index").json()["index_version"] != v_a)
+        v_b = httpx.get(f"{base}/v1/index").json()["index_version"]
+        assert influence(httpx.Client(base_url=base, timeout=60), *PROMPTS[0], k=3)["index_version"] == v_b
+
+        (served / "index.faiss").write_bytes(b"corrupt")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "influence_index_reloads_total{outcome=\"refused\"} 1.0"
+                        in httpx.get(f"{base}/metrics").text)
+        assert httpx.get(f"{base}/v1/index").json()["index_version"] == v_b
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
