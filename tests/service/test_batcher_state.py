@@ -1,0 +1,119 @@
+"""The micro-batcher, the hot-swap state and the settings, in-process on a fake index."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.batcher import MicroBatcher, OverloadedError, QueryTimeoutError
+from service.commands import _settings_from, register
+from service.search import Limits, Query
+from service.settings import Settings
+from service.state import IndexState, NotReadyError
+from tests.service.fakes import FakeOpener
+
+LIMITS = Limits(max_prompt_tokens=50, max_completion_tokens=50)
+
+
+async def _started(tmp_path, *, delay=0.0, **kwargs):
+    opener = FakeOpener(encode_delay_s=delay)
+    state = IndexState(opener, tmp_path)
+    await state.reload()
+    batcher = MicroBatcher(state, LIMITS, **{"max_batch_size": 8, "max_wait_ms": 20,
+                                             "max_queue": 64, "timeout_s": 10, **kwargs})
+    batcher.start()
+    return opener, state, batcher
+
+
+def test_concurrent_queries_share_batches_and_keep_their_own_results(tmp_path):
+    async def scenario():
+        opener, state, batcher = await _started(tmp_path, delay=0.05)
+        queries = [Query(f"prompt {i}", f" completion {i}", k=5) for i in range(24)]
+        singles = [(await batcher.submit([q]))[0] for q in queries[:6]]
+        together = await asyncio.gather(*(batcher.submit([q]) for q in queries))
+        await batcher.stop()
+        return opener, singles, [o for (o,) in together]
+
+    opener, singles, together = asyncio.run(scenario())
+    for single, outcome in zip(singles, together[:6], strict=True):
+        assert [h.id for h in outcome.hits] == [h.id for h in single.hits]
+    assert len({tuple(h.id for h in o.hits) for o in together}) == 24  # all distinct
+    calls = opener.opened[0].encode_calls
+    assert sum(calls) == 6 + 24 and max(calls) == 8  # batches formed, bounded by max_batch_size
+
+
+def test_a_bad_query_does_not_fail_its_batch_mates(tmp_path):
+    async def scenario():
+        _, _, batcher = await _started(tmp_path)
+        good, bad = Query("p", "c", k=3), Query("x" * 80, "c", k=3)
+        outcomes = await asyncio.gather(batcher.submit([good]), batcher.submit([bad]))
+        await batcher.stop()
+        return [o for (o,) in outcomes]
+
+    good, bad = asyncio.run(scenario())
+    assert good.error is None and len(good.hits) == 3
+    assert bad.error is not None and bad.error.code == "input_too_long" and bad.hits == []
+
+
+def test_full_queue_refuses_at_once_and_timeout_is_bounded(tmp_path):
+    async def scenario():
+        _, _, batcher = await _started(tmp_path, delay=0.3, max_batch_size=1, max_queue=2,
+                                       timeout_s=0.5)
+        tasks = [asyncio.create_task(batcher.submit([Query(f"p{i}", "c", k=1)])) for i in range(6)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    kinds = [type(r).__name__ for r in results]
+    assert kinds.count("OverloadedError") >= 3  # 1 running + 2 queued fit, the rest refused
+    assert all(isinstance(r, list | OverloadedError | QueryTimeoutError) for r in results)
+
+
+def test_swap_waits_for_leases_and_refuses_bad_index(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "SEED").write_text("7")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "BAD").write_text("")
+
+    async def scenario():
+        opener = FakeOpener()
+        state = IndexState(opener, tmp_path)
+        with pytest.raises(NotReadyError):
+            state.current  # noqa: B018 - the property raises
+        await state.reload()
+        first = state.current
+        with state.lease() as leased:
+            new, previous = await state.reload(good)
+            assert previous is first and not first.closed  # in-flight: still open
+            assert state.current is new and new.version == "fake0007"
+            assert leased.search(leased.vectors[:1], 1)[1][0, 0] == 0  # still usable
+        assert first.closed  # closed when the lease came back
+        with pytest.raises(Exception) as refused:
+            await state.reload(bad)
+        assert refused.value.code == "checksum_mismatch"
+        assert state.current is new and not new.closed
+
+    asyncio.run(scenario())
+
+
+def test_settings_from_env_and_flags(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("INFLUENCE_API_KEYS", "k1, k2")
+    monkeypatch.setenv("INFLUENCE_MAX_QUEUE", "9")
+    monkeypatch.setenv("INFLUENCE_CORS_ORIGINS", "http://a.example")
+    settings = Settings()
+    assert settings.api_keys == ["k1", "k2"] and settings.max_queue == 9
+    assert settings.cors_origins == ["http://a.example"]
+    assert "k1" not in repr(settings)
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--index", "/tmp/x", "--port", "9001", "--max-queue", "3"])
+    flagged = _settings_from(args)
+    assert flagged.port == 9001 and flagged.max_queue == 3 and str(flagged.index_dir) == "/tmp/x"
+    assert flagged.api_keys == ["k1", "k2"]  # env still applies where no flag is given
