@@ -59,8 +59,10 @@ def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tm
             time.sleep(0.01)
         victim.kill()  # SIGKILL with requests in flight
         killed.set()
+        killed_at = time.monotonic()
         while sent["after"] < AFTER_KILL and time.monotonic() < deadline:
             time.sleep(0.01)
+        after_kill_s = time.monotonic() - killed_at
     finally:
         stop.set()
         for t in threads:
@@ -80,3 +82,8 @@ def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tm
     # Before the kill both replicas served; the survivor served everything after it.
     assert {x["upstream"] for x in queries[:BEFORE_KILL]} == {victim.address, survivor.address}
     assert all(x["upstream"].endswith(survivor.address) for x in queries[-AFTER_KILL // 2:])
+    # Health-aware: the requests caught by the kill were retried on the survivor, then the
+    # victim was taken out (max_fails=1) and only probed again once per fail_timeout (10 s),
+    # so few requests paid for a retry.
+    retried = [x for x in queries if x["upstream"] == f"{victim.address}, {survivor.address}"]
+    assert 1 <= len(retried) <= WORKERS * (2 + int(after_kill_s // 10)), len(retried)
