@@ -60,8 +60,9 @@ class InfluenceUser(HttpUser):
         query = next(_next_query)
         body = {**query, "k": TOP_K, "max_text_chars": 200}
         headers = {"X-Request-ID": f"load-{uuid.uuid4().hex[:16]}"}
-        with self.client.post("/v1/influence", json=body, headers=headers,
-                              name="/v1/influence", catch_response=True) as resp:
+        with self.client.post(
+            "/v1/influence", json=body, headers=headers, name="/v1/influence", catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
             elif not resp.json().get("results"):

@@ -137,13 +137,32 @@ class Replica:
     def start(self) -> None:
         """Spawn the process (returns at once; see :meth:`wait_ready`)."""
         env = dict(os.environ)
-        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
-                   TOKENIZERS_PARALLELISM="false")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--index", str(self.index_dir),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        env.update(
+            OMP_NUM_THREADS=str(self.threads),
+            MKL_NUM_THREADS=str(self.threads),
+            TOKENIZERS_PARALLELISM="false",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--index",
+            str(self.index_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.info("replica %s: pid %d", self.address, self.proc.pid)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -246,8 +265,12 @@ class Gateway:
     def start(self, timeout_s: float = 10.0) -> None:
         """Render, start nginx, and wait until it answers its own health location."""
         conf = self.render()
-        self.proc = subprocess.Popen(self._command(conf), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self._command(conf),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             wait_http(f"{self.url}/gateway/healthz", timeout_s, self.proc)
         except RuntimeError as exc:
@@ -269,8 +292,9 @@ class Gateway:
             self.proc.stderr.close()
 
 
-def start_replicas(index_dir: Path, count: int, log_dir: Path, timeout_s: float = 120.0,
-                   threads: int = 1) -> list[Replica]:
+def start_replicas(
+    index_dir: Path, count: int, log_dir: Path, timeout_s: float = 120.0, threads: int = 1
+) -> list[Replica]:
     """Start ``count`` replicas of one index in parallel and wait until all are ready.
 
     Args:

@@ -31,8 +31,9 @@ LOCUSTFILE = REPO_ROOT / "benchmarks" / "locustfile.py"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
-def run_locust(url: str, users: int, run_time_s: int, queries: Path, csv_prefix: Path,
-               on_midpoint=None) -> dict:
+def run_locust(
+    url: str, users: int, run_time_s: int, queries: Path, csv_prefix: Path, on_midpoint=None
+) -> dict:
     """One headless locust run against ``url`` (127.0.0.1 only).
 
     Args:
@@ -48,13 +49,33 @@ def run_locust(url: str, users: int, run_time_s: int, queries: Path, csv_prefix:
     """
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError("load runs only against 127.0.0.1")
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-           "-u", str(users), "-r", str(users), "-t", f"{run_time_s}s", "--host", url,
-           "--csv", str(csv_prefix), "--only-summary", "--stop-timeout", "10",
-           "--loglevel", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{run_time_s}s",
+        "--host",
+        url,
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+        "--loglevel",
+        "WARNING",
+    ]
     env = dict(os.environ, INFLUENCE_QUERIES=str(queries))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if on_midpoint is not None:
         time.sleep(run_time_s / 2)
         on_midpoint()
@@ -81,9 +102,13 @@ def parse_stats(path: Path) -> dict:
         return float(value) if value not in ("", "N/A") else float("nan")
 
     return {
-        "requests": int(num("Request Count")), "failures": int(num("Failure Count")),
-        "rps": round(num("Requests/s"), 2), "p50_ms": num("50%"), "p95_ms": num("95%"),
-        "p99_ms": num("99%"), "mean_ms": round(num("Average Response Time"), 1),
+        "requests": int(num("Request Count")),
+        "failures": int(num("Failure Count")),
+        "rps": round(num("Requests/s"), 2),
+        "p50_ms": num("50%"),
+        "p95_ms": num("95%"),
+        "p99_ms": num("99%"),
+        "mean_ms": round(num("Average Response Time"), 1),
         "max_ms": num("Max Response Time"),
     }
 
@@ -120,9 +145,11 @@ def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for users, s in report["levels"].items():
-        lines.append(f"| {users} | {s['requests']} | {s['failures']} | {s['rps']} | "
-                     f"{s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | "
-                     f"{s['mean_ms']:.0f} |")
+        lines.append(
+            f"| {users} | {s['requests']} | {s['failures']} | {s['rps']} | "
+            f"{s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | "
+            f"{s['mean_ms']:.0f} |"
+        )
     fo = report.get("failover")
     if fo:
         lines += [
@@ -137,8 +164,11 @@ def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.load", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--index", help="index directory (default: the demo's)")
     parser.add_argument("--queries", help="queries.jsonl (with --index)")
     parser.add_argument("--workdir", default=".demo", help="demo workdir (default .demo)")
@@ -152,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index and not args.queries:
         parser.error("--index needs --queries")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     nginx = find_nginx()
     if nginx is None:
         log.error("nginx is not installed: run `make system-deps`")
@@ -163,18 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="influence-load-"))
     replicas = start_replicas(index_dir, args.replicas, work / "replicas", threads=args.threads)
     # Every locust user comes from 127.0.0.1, one "client" to the per-client limit.
-    gateway = Gateway(work / "gateway", [r.address for r in replicas],
-                      rate_limit="100000r/s", rate_burst=100000)
+    gateway = Gateway(
+        work / "gateway", [r.address for r in replicas], rate_limit="100000r/s", rate_burst=100000
+    )
     nginx_version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"), "run_time_s": args.run_time, "levels": {},
-        "command": " ".join(["python -m deploy.load", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+        "run_time_s": args.run_time,
+        "levels": {},
+        "command": " ".join(
+            ["python -m deploy.load", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "environment": {
-            "replicas": args.replicas, "threads_per_replica": args.threads,
-            "nginx": nginx_version.split("/")[-1], "cpus": os.cpu_count(),
-            "machine": platform.machine(), "load_avg_at_start": os.getloadavg()[0],
-            "index": manifest["faiss"]["factory"], "index_size": manifest["counts"]["sequences"],
-            "dim": manifest["counts"]["dim"], "index_dir": str(index_dir),
+            "replicas": args.replicas,
+            "threads_per_replica": args.threads,
+            "nginx": nginx_version.split("/")[-1],
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "load_avg_at_start": os.getloadavg()[0],
+            "index": manifest["faiss"]["factory"],
+            "index_size": manifest["counts"]["sequences"],
+            "dim": manifest["counts"]["dim"],
+            "index_dir": str(index_dir),
         },
     }
     try:
@@ -188,10 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_failover and len(replicas) > 1:
             users = 8
             log.info("failover: %d users, killing %s halfway", users, replicas[0].address)
-            stats = run_locust(gateway.url, users, args.run_time, queries, work / "failover",
-                               on_midpoint=replicas[0].kill)
-            report["failover"] = {"users": users, "run_time_s": args.run_time,
-                                  "killed": replicas[0].address, **stats}
+            stats = run_locust(
+                gateway.url,
+                users,
+                args.run_time,
+                queries,
+                work / "failover",
+                on_midpoint=replicas[0].kill,
+            )
+            report["failover"] = {
+                "users": users,
+                "run_time_s": args.run_time,
+                "killed": replicas[0].address,
+                **stats,
+            }
             log.info("failover: %s", stats)
     finally:
         gateway.stop()

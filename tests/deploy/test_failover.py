@@ -26,8 +26,9 @@ DEADLINE_S = 60.0
 @pytest.mark.slow
 def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tmp_path):
     survivor, victim = replica_pool[0], replica_pool[2]
-    gw = Gateway(tmp_path, [victim.address, survivor.address], rate_limit="1000r/s",
-                 rate_burst=1000)
+    gw = Gateway(
+        tmp_path, [victim.address, survivor.address], rate_limit="1000r/s", rate_burst=1000
+    )
     gw.start()
     lock = threading.Lock()
     stop = threading.Event()
@@ -70,8 +71,12 @@ def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tm
         gw.stop()
 
     total = sent["before"] + sent["after"]
-    log.info("failover: %d requests sent (%d after the kill), %d failed",
-             total, sent["after"], len(failures))
+    log.info(
+        "failover: %d requests sent (%d after the kill), %d failed",
+        total,
+        sent["after"],
+        len(failures),
+    )
     assert sent["before"] >= BEFORE_KILL and sent["after"] >= AFTER_KILL, sent
     assert victim.proc.poll() is not None, "the victim replica should be dead"
     assert failures == [], f"{len(failures)} of {total} failed: {failures[:3]}"
@@ -81,7 +86,7 @@ def test_killing_a_replica_mid_run_fails_no_request(replica_pool, query_body, tm
     assert len(queries) == total and all(x["status"] == 200 for x in queries)
     # Before the kill both replicas served; the survivor served everything after it.
     assert {x["upstream"] for x in queries[:BEFORE_KILL]} == {victim.address, survivor.address}
-    assert all(x["upstream"].endswith(survivor.address) for x in queries[-AFTER_KILL // 2:])
+    assert all(x["upstream"].endswith(survivor.address) for x in queries[-AFTER_KILL // 2 :])
     # Health-aware: the requests caught by the kill were retried on the survivor, then the
     # victim was taken out (max_fails=1) and only probed again once per fail_timeout (10 s),
     # so few requests paid for a retry.

@@ -15,8 +15,12 @@ from deploy.harness import Gateway
 
 @pytest.fixture(scope="module")
 def gateway(replicas, tmp_path_factory):
-    gw = Gateway(tmp_path_factory.mktemp("gateway"), [r.address for r in replicas],
-                 rate_limit="1000r/s", rate_burst=1000)
+    gw = Gateway(
+        tmp_path_factory.mktemp("gateway"),
+        [r.address for r in replicas],
+        rate_limit="1000r/s",
+        rate_burst=1000,
+    )
     gw.start()
     yield gw
     gw.stop()
@@ -42,8 +46,9 @@ def test_queries_are_answered_and_balanced(gateway, replicas, query_body):
 
 def test_request_id_passes_through_and_is_logged(gateway, replicas, query_body):
     rid = f"deploy-test-{uuid.uuid4().hex[:12]}"
-    resp = httpx.post(f"{gateway.url}/v1/influence", json=query_body,
-                      headers={"X-Request-ID": rid}, timeout=30)
+    resp = httpx.post(
+        f"{gateway.url}/v1/influence", json=query_body, headers={"X-Request-ID": rid}, timeout=30
+    )
     assert resp.status_code == 200
     assert resp.headers.get_list("x-request-id") == [rid]
     # Without one, the gateway mints an id, and the replica logs that same id.
@@ -70,8 +75,9 @@ def test_json_is_gzipped_when_asked(gateway, query_body):
     assert "content-encoding" not in plain.headers
     assert zipped.json()["results"] == plain.json()["results"]
     # The bytes on the wire really are gzip, and smaller.
-    with httpx.stream("POST", url, json=body, headers={"Accept-Encoding": "gzip"},
-                      timeout=30) as raw:
+    with httpx.stream(
+        "POST", url, json=body, headers={"Accept-Encoding": "gzip"}, timeout=30
+    ) as raw:
         wire = b"".join(raw.iter_raw())
     assert len(wire) < len(plain.content)
     assert json.loads(gzip.decompress(wire))["results"] == plain.json()["results"]
@@ -126,8 +132,12 @@ def test_no_live_replica_is_a_json_503(tmp_path):
     gw = Gateway(tmp_path, dead)
     gw.start()
     try:
-        resp = httpx.post(f"{gw.url}/v1/influence", json={"prompt": "a", "completion": " b"},
-                          headers={"X-Request-ID": "all-down-1"}, timeout=30)
+        resp = httpx.post(
+            f"{gw.url}/v1/influence",
+            json={"prompt": "a", "completion": " b"},
+            headers={"X-Request-ID": "all-down-1"},
+            timeout=30,
+        )
     finally:
         gw.stop()
     assert resp.status_code == 503

@@ -13,8 +13,9 @@ from deploy.load import run_locust, write_results
 @pytest.mark.slow
 def test_locust_through_gateway_short_run(replicas, fact_corpus_files, tmp_path):
     _, queries = fact_corpus_files
-    gw = Gateway(tmp_path / "gw", [r.address for r in replicas], rate_limit="100000r/s",
-                 rate_burst=100000)
+    gw = Gateway(
+        tmp_path / "gw", [r.address for r in replicas], rate_limit="100000r/s", rate_burst=100000
+    )
     gw.start()
     try:
         stats = run_locust(gw.url, 4, 4, queries, tmp_path / "smoke")
@@ -27,10 +28,22 @@ def test_locust_through_gateway_short_run(replicas, fact_corpus_files, tmp_path)
     proxied = [line for line in gw.access_log.read_text().splitlines() if "/v1/influence" in line]
     assert len(proxied) >= stats["requests"]
 
-    report = {"date": "test", "command": "test", "run_time_s": 4, "levels": {"4": stats},
-              "environment": {"replicas": 2, "threads_per_replica": 1, "nginx": "x", "cpus": 2,
-                              "load_avg_at_start": 0.0, "index": "Flat", "index_size": 1,
-                              "dim": 1}}
+    report = {
+        "date": "test",
+        "command": "test",
+        "run_time_s": 4,
+        "levels": {"4": stats},
+        "environment": {
+            "replicas": 2,
+            "threads_per_replica": 1,
+            "nginx": "x",
+            "cpus": 2,
+            "load_avg_at_start": 0.0,
+            "index": "Flat",
+            "index_size": 1,
+            "dim": 1,
+        },
+    }
     _, md = write_results(report, tmp_path / "results")
     assert f"| 4 | {stats['requests']} | 0 |" in md.read_text()
 

@@ -36,8 +36,11 @@ def compose() -> dict:
 
 def _instructions(text: str) -> list[tuple[str, str]]:
     """Dockerfile instructions as (KEYWORD, arguments), continuations joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(
-        line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")),
+    )
     out = []
     for line in joined.splitlines():
         if line.strip():
@@ -96,13 +99,20 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_context_small():
-    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for heavy in (".git", ".venv", ".demo", "tests", "benchmarks"):
         assert _dockerignored(heavy, patterns), heavy
     # Everything the builder copies must survive the ignore list.
-    copied = [src for kw, a in _instructions(DOCKERFILE.read_text())
-              if kw == "COPY" and not a.startswith("--") for src in a.split()[:-1]]
+    copied = [
+        src
+        for kw, a in _instructions(DOCKERFILE.read_text())
+        if kw == "COPY" and not a.startswith("--")
+        for src in a.split()[:-1]
+    ]
     assert "README.md" in copied
     for path in copied:
         assert not _dockerignored(path.rstrip("/"), patterns), path
@@ -150,8 +160,15 @@ def test_compose_bind_mounts_exist(compose):
 def test_gateway_env_matches_template(compose):
     template = NGINX_TEMPLATE.read_text()
     names = template_variables(template)
-    assert names == {"NGINX_LISTEN", "NGINX_RUN_DIR", "NGINX_LOG_DIR", "UPSTREAM",
-                     "RATE_LIMIT", "RATE_BURST", "MAX_BODY_SIZE"}
+    assert names == {
+        "NGINX_LISTEN",
+        "NGINX_RUN_DIR",
+        "NGINX_LOG_DIR",
+        "UPSTREAM",
+        "RATE_LIMIT",
+        "RATE_BURST",
+        "MAX_BODY_SIZE",
+    }
     env = compose["services"]["gateway"]["environment"]
     assert names == set(env)
     match = re.search(r"TEMPLATE_VARS='([^']*)'", ENTRYPOINT.read_text())
@@ -163,12 +180,24 @@ def test_entrypoint_envsubst_matches_harness(tmp_path):
     """The compose path (envsubst) and the test path (harness) render the same config."""
     if shutil.which("envsubst") is None:
         pytest.skip("envsubst (gettext-base) not installed")
-    env = {"NGINX_LISTEN": "8080", "NGINX_RUN_DIR": "/tmp/nginx", "NGINX_LOG_DIR": "/var/log/x",
-           "UPSTREAM": "service:8000", "RATE_LIMIT": "20r/s", "RATE_BURST": "40",
-           "MAX_BODY_SIZE": "1m"}
+    env = {
+        "NGINX_LISTEN": "8080",
+        "NGINX_RUN_DIR": "/tmp/nginx",
+        "NGINX_LOG_DIR": "/var/log/x",
+        "UPSTREAM": "service:8000",
+        "RATE_LIMIT": "20r/s",
+        "RATE_BURST": "40",
+        "MAX_BODY_SIZE": "1m",
+    }
     shell_vars = re.search(r"TEMPLATE_VARS='([^']*)'", ENTRYPOINT.read_text()).group(1)
-    done = subprocess.run(["envsubst", shell_vars], input=NGINX_TEMPLATE.read_text(),
-                          capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(
+        ["envsubst", shell_vars],
+        input=NGINX_TEMPLATE.read_text(),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     values = {k: v for k, v in env.items() if k != "UPSTREAM"}
     ours = render_nginx_conf(NGINX_TEMPLATE.read_text(), values, ["service:8000"])
     assert done.stdout.rstrip("\n") == ours.rstrip("\n")
@@ -217,8 +246,11 @@ def test_cpu_override_drops_gpu_reservations(compose):
         assert spec["build"]["args"]["VARIANT"] == "cpu"
         assert spec["deploy"]["resources"]["reservations"] == ("RESET", {})
     # Every service that reserves a GPU in the base file is reset by the override.
-    gpu = {n for n, s in compose["services"].items() if "reservations" in
-           s.get("deploy", {}).get("resources", {})}
+    gpu = {
+        n
+        for n, s in compose["services"].items()
+        if "reservations" in s.get("deploy", {}).get("resources", {})
+    }
     assert gpu == set(override["services"])
 
 
