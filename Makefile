@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check encoder indexer service api evaluation tests benchmarks
+	$(BIN)/ruff check encoder indexer service api evaluation tests benchmarks deploy
 	$(BIN)/mypy encoder api
 
 openapi: $(STAMP)
