@@ -124,7 +124,10 @@ class ExplainRequest(BaseModel):
         min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
     )
     id: int = Field(
-        ge=0, le=2**63 - 1, strict=True, description="The training example to explain (a result's id)."
+        ge=0,
+        le=2**53 - 1,  # exact in JSON numbers (float64) and JavaScript; ids are dense row numbers
+        strict=True,
+        description="The training example to explain (a result's id).",
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
 
-from api.models import ExplainRequest, ExplainResponse, TokenContribution
+from api.models import ErrorResponse, ExplainRequest, ExplainResponse, TokenContribution
 from encoder.batching import collate, sequence_example, tokenize_query
 from encoder.errors import InputError
 from encoder.token_attribution import attribute_tokens
@@ -127,6 +127,7 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     tags=["influence"],
     summary="Split one result's score over the training example's tokens",
     response_model=ExplainResponse,
+    responses={404: {"model": ErrorResponse, "description": "Unknown example id."}},
 )
 async def explain_influence(body: ExplainRequest, request: Request) -> ExplainResponse:
     """For a query and one training example (a result's `id`), each example token's

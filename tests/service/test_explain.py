@@ -7,6 +7,10 @@ contributions must sum to the score e_q . e of the encoder's own fingerprints.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -146,3 +150,19 @@ def test_explain_errors(server, query):
     assert r.status_code == 413 and r.json()["error"]["details"]["limit"] == 16
     r = server.post("/v1/influence/explain", json={"prompt": "a", "completion": "", "id": 0})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+
+
+@pytest.mark.slow
+def test_explain_schemathesis(server):
+    """schemathesis on the explain route alone (the service's run leaves it out): no 5xx,
+    responses match the documented schema, invalid input refused; bounded examples."""
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    result = subprocess.run(
+        [str(schemathesis), "run", f"{server.base_url}/openapi.json", "--checks", "all",
+         "--max-examples", "5", "--phases", "examples,coverage", "--generation-deterministic",
+         "--workers", "1",
+         "--request-timeout", "60", "--include-path", "/v1/influence/explain"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
