@@ -21,6 +21,7 @@ from torch import nn
 from encoder.batching import TokenBatch
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
+from encoder.factored import factored_phi, fold_projections, rank1_correction
 from encoder.hooks import GradientCapture, make_inputs_differentiable
 from encoder.modules import TrackedModule, block_dims, select_modules
 from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
@@ -84,6 +85,7 @@ class TrackStarEncoder:
         }
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
+        self._folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if second_moments is not None:
             self.set_second_moments(second_moments)
         elif config.correction:
@@ -108,6 +110,13 @@ class TrackStarEncoder:
             n: (t.to(self.device, self.accum_dtype).sqrt() + sm.eps).reciprocal()
             for n, t in v.items()
         }
+        if self.config.mode == "factored":
+            # Rank-1 correction folded into A, B (encoder/factored.py); no [out, in] scale kept.
+            self._folded = {
+                n: fold_projections(*self._proj[n], *rank1_correction(t.to(self.device), sm.eps))
+                for n, t in v.items()
+            }
+            self._inv_scale = {}
         self.second_moments = sm
 
     def set_whitener(self, whitener: Whitener) -> None:
@@ -154,11 +163,12 @@ class TrackStarEncoder:
     def _phi_block(self, m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """phi_W [B, d_W] from acts [B, T, in] and grads [B, T, out]."""
         proj = self._proj.get(m.name)
+        if self.config.correction and m.name in self._folded:
+            return factored_phi(acts, grads, *self._folded[m.name])
         inv = self._inv_scale.get(m.name) if self.config.correction else None
         if inv is None and proj is not None:
             # Without correction A G B^T = sum_t (A g_t)(B a_t)^T exactly: no G needed.
-            a_mat, b_mat = proj
-            return torch.einsum("btk,btl->bkl", grads @ a_mat.T, acts @ b_mat.T).flatten(1)
+            return factored_phi(acts, grads, *proj)
         per_example = m.out_features * m.in_features * acts.element_size()
         chunk = max(1, GRADIENT_BUDGET_BYTES // per_example)
         parts = []
