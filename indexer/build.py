@@ -181,6 +181,7 @@ def _threads(cfg: BuildConfig, model: torch.nn.Module) -> int:
 
 
 def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, tokenizer, model, t_start: float) -> Path:
+    """The build proper, with model and tokenizer loaded (see ``run_build``)."""
     ctx_len = model_max_tokens(model)
     seq_len = cfg.seq_len or ctx_len or 512
     if ctx_len is not None and seq_len > ctx_len:
@@ -305,7 +306,7 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
 
     def finish() -> None:
         publish(cfg, chunk, work, encoder, counts, shards, key, timing, ctx.world_size,
-                time.perf_counter() - t_start, progress)
+                time.perf_counter() - t_start)
 
     ctx.run(finish, only_main=True)
     return out

@@ -25,7 +25,7 @@ from encoder.model_loading import model_hash, tokenizer_hash
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.chunking import ChunkConfig
-from indexer.passes import Progress, evenly_spaced
+from indexer.passes import evenly_spaced
 from indexer.workdir import WorkDir
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ def publish(
     timing: dict[str, Any],
     world_size: int,
     elapsed: float,
-    progress: Progress,
 ) -> None:
     """Write every artifact into ``work.staging``, then rename it to ``cfg.out``."""
     t0 = time.perf_counter()
