@@ -190,6 +190,8 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     key = build_key(cfg, chunk)
     if _out_state(out, key):
         log.info("%s already holds this index; nothing to do", out)
+        if ctx.is_main:
+            WorkDir(out).remove()  # left over if a run died between publish and clean-up
         return out
     work = WorkDir(out)
     resumed = ctx.run(lambda: work.prepare(key), only_main=True)
