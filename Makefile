@@ -51,5 +51,12 @@ openapi: $(STAMP)
 load: $(STAMP) system-deps
 	$(BIN)/python -m deploy.load $(LOAD_ARGS)
 
+# Encoding (exact / factored vs a plain training step, factored fidelity) and approximate
+# search (IVF-PQ + exact re-rank vs Flat); writes benchmarks/results/bench_*.{md,json}.
+# BENCH_ARGS passes options to each (e.g. --quick for a smoke run).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_encode $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_search $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -1,0 +1,274 @@
+"""Approximate search vs exact Flat on synthetic fingerprint-like vectors (issue 7, "Search").
+
+Vectors: unit vectors with the structure of real fingerprints, a power-law low-rank
+"topic" part shared by clusters of near-duplicate sequences plus isotropic noise:
+x = normalize(0.55 u_c + 0.45 n) with cluster centers u_c = normalize(z B + 0.5 m) (B a
+fixed [256, d] basis, z power-law weighted), ~100 sequences per cluster; queries are fresh
+draws from random clusters, so each has real near neighbours to find (as fact queries do).
+They are written as float16 to a memory-mapped ``.npy`` (the re-rank store, on disk).
+
+Per (N, d, factory): build time, bytes per vector in RAM (serialized index / N), re-rank
+store bytes on disk, recall@10 against exact search over the same float16 vectors, and
+latency p50/p99 + QPS at batch 1 and 32, next to Flat (IndexFlatIP, float32 in RAM), whose
+latency is measured on a subset of at most 50k vectors and scaled linearly to N (Flat is a
+linear scan; stated as extrapolated in the results).
+
+    python -m benchmarks.bench_search [--quick] [--sizes 100000x4096,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
+from indexer.search_backends import SearchParams, build_index, open_rerank_store, search
+
+log = logging.getLogger("bench_search")
+CHUNK = 50_000
+FLAT_SUBSET = 50_000
+GOALS = {"recall_min": 0.95, "speedup_min": 20.0, "bytes_per_vector_max": 256}
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class Synthetic:
+    """Deterministic generator of fingerprint-like unit vectors (see module docstring)."""
+
+    def __init__(self, n: int, d: int, seed: int = 0, per_cluster: int = 100, rank: int = 256):
+        rng = np.random.default_rng(seed)
+        self.n, self.d = n, d
+        n_clusters = max(1, n // per_cluster)
+        basis = rng.standard_normal((rank, d), dtype=np.float32)
+        weights = (np.arange(1, rank + 1, dtype=np.float32) ** -0.8)[None, :]
+        z = rng.standard_normal((n_clusters, rank), dtype=np.float32) * weights
+        topic = _normalize(z @ basis)
+        self.centers = _normalize(
+            topic + 0.5 * _normalize(rng.standard_normal((n_clusters, d), dtype=np.float32))
+        )
+        self.seed = seed
+
+    def _draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        c = rng.integers(0, len(self.centers), count)
+        noise = _normalize(rng.standard_normal((count, self.d), dtype=np.float32))
+        return _normalize(0.55 * self.centers[c] + 0.45 * noise).astype(np.float32)
+
+    def write_store(self, path: Path) -> np.ndarray:
+        """Write all N vectors as float16 [N, d] .npy; returns the memory map."""
+        store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(self.n, self.d))
+        rng = np.random.default_rng(self.seed + 1)
+        for s in range(0, self.n, CHUNK):
+            store[s : s + CHUNK] = self._draw(rng, min(CHUNK, self.n - s))
+        store.flush()
+        del store
+        return open_rerank_store(path)
+
+    def queries(self, count: int) -> np.ndarray:
+        return self._draw(np.random.default_rng(self.seed + 2), count)
+
+
+def chunks(store: np.ndarray, limit: int | None = None):
+    n = len(store) if limit is None else min(limit, len(store))
+    for s in range(0, n, CHUNK):
+        yield np.asarray(store[s : min(s + CHUNK, n)], dtype=np.float32)
+
+
+def exact_topk(store: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ground truth ids [Q, k] by a chunked exact scan of the float16 store."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for s, chunk in zip(range(0, len(store), CHUNK), chunks(store), strict=True):
+        sc = queries @ chunk.T
+        all_s = np.concatenate([best_s, sc], axis=1)
+        all_i = np.concatenate(
+            [best_i, np.arange(s, s + len(chunk))[None].repeat(len(queries), 0)], axis=1
+        )
+        top = np.argsort(-all_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    return best_i
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+
+
+def latency(fn, queries: np.ndarray, batch: int, max_batches: int) -> dict[str, float]:
+    """Per-call latency percentiles and QPS of fn(queries[i:i+batch])."""
+    times = []
+    for i in range(0, min(len(queries), batch * max_batches), batch):
+        q = queries[i : i + batch]
+        if len(q) < batch:
+            break
+        t0 = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t0)
+    out = percentiles_ms(times)
+    out["qps"] = batch / float(np.mean(times))
+    return out
+
+
+def bench_flat(store: np.ndarray, queries: np.ndarray, k: int) -> dict[str, Any]:
+    n_sub = min(FLAT_SUBSET, len(store))
+    flat = faiss.IndexFlatIP(store.shape[1])
+    for c in chunks(store, n_sub):
+        flat.add(c)
+    scale = len(store) / n_sub
+    out: dict[str, Any] = {
+        "measured_on": n_sub,
+        "scaled_by": scale,
+        "bytes_per_vector_ram": 4 * store.shape[1],
+    }
+    for b in (1, 32):
+        lat = latency(lambda q: flat.search(q, k), queries, b, 50 if b == 1 else 4)
+        out[f"b{b}"] = {
+            "p50_ms": lat["p50_ms"] * scale,
+            "p99_ms": lat["p99_ms"] * scale,
+            "qps": lat["qps"] / scale,
+        }
+    return out
+
+
+def bench_config(
+    n: int,
+    d: int,
+    factory: str,
+    n_train: int,
+    settings: list[SearchParams],
+    workdir: Path,
+    n_queries: int,
+) -> dict[str, Any]:
+    k = 10
+    gen = Synthetic(n, d)
+    t0 = time.perf_counter()
+    store = gen.write_store(workdir / f"store_{n}x{d}.npy")
+    gen_s = time.perf_counter() - t0
+    queries = gen.queries(n_queries)
+    truth = exact_topk(store, queries, k)
+    flat = bench_flat(store, queries, k)
+    rng = np.random.default_rng(3)
+    sample = np.asarray(
+        store[np.sort(rng.choice(n, min(n_train, n), replace=False))], dtype=np.float32
+    )
+    t0 = time.perf_counter()
+    index = build_index(factory, sample, chunks(store))
+    build_s = time.perf_counter() - t0
+    ram = len(faiss.serialize_index(index))
+    rows = []
+    for p in settings:
+        found = search(index, queries, k, store=store, params=p)[1]
+        row: dict[str, Any] = {
+            "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
+            "candidates": p.candidates, "recall@10": recall_at(found, truth),
+        }  # fmt: skip
+        for b in (1, 32):
+            lat = latency(
+                lambda q, p=p: search(index, q, k, store=store, params=p),
+                queries,
+                b,
+                50 if b == 1 else 4,
+            )
+            row.update(
+                {
+                    f"b{b}_p50_ms": lat["p50_ms"],
+                    f"b{b}_p99_ms": lat["p99_ms"],
+                    f"b{b}_qps": lat["qps"],
+                }
+            )
+        row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
+        row["bytes_per_vector_ram"] = ram / n
+        row["rerank_bytes_per_vector_disk"] = 2 * d
+        row["build_s"] = build_s
+        rows.append(row)
+        log.info("%s", row)
+    (workdir / f"store_{n}x{d}.npy").unlink()
+    return {"N": n, "d": d, "factory": factory, "generate_s": gen_s, "flat": flat, "rows": rows}
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [(int(n), int(d)) for n, d in (item.lower().split("x") for item in text.split(","))]
+
+
+def config_for(n: int, d: int) -> tuple[int, int, str, int]:
+    """(N, d, factory, n_train): PCA to <= 256 dims, ~4 sqrt(N) IVF lists, 4-bit fast-scan
+    PQ codes of pca/8 bytes (8-bit PQ training is too slow for this 2-core machine)."""
+    nlist = 1 << max(4, round(np.log2(4 * np.sqrt(n))))
+    pca = min(256, d // 8)
+    n_train = min(n, max(40 * nlist, 10_000), 8_000 if d > 8192 else 50_000)
+    return n, d, f"PCA{pca},IVF{nlist},PQ{pca // 4}x4fs", n_train
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke: 20k x 512")
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=_sizes("100000x4096,100000x16384"),
+        help="comma-separated NxD, e.g. 100000x4096,1000000x4096",
+    )
+    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_search"))
+    p.add_argument("--queries", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [(20_000, 512)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    faiss.omp_set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ivf = [
+        SearchParams(nprobe=8, candidates=100),
+        SearchParams(nprobe=16, candidates=256),
+        SearchParams(nprobe=32, candidates=512),
+    ]
+    grid = [(*config_for(n, d), ivf) for n, d in args.sizes]
+    results = []
+    for n, d, factory, n_train, settings in grid:
+        log.info("config N=%d d=%d %s", n, d, factory)
+        results.append(bench_config(n, d, factory, n_train, settings, args.workdir, args.queries))
+    rows = [r for res in results for r in res["rows"]]
+    flats = [{"N": r["N"], "d": r["d"], "measured_on": r["flat"]["measured_on"], "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
+              "b1_p99_ms": r["flat"]["b1"]["p99_ms"], "b1_qps": r["flat"]["b1"]["qps"], "b32_p50_ms": r["flat"]["b32"]["p50_ms"],
+              "b32_qps": r["flat"]["b32"]["qps"], "bytes_per_vector_ram": r["flat"]["bytes_per_vector_ram"], "generate_s": r["generate_s"]}
+             for r in results]  # fmt: skip
+    big = max(rows, key=lambda r: r["N"])["N"]
+    ok = [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]]
+    best = (
+        max(ok, key=lambda r: r["speedup_vs_flat_b1"])
+        if ok
+        else max((r for r in rows if r["N"] == big), key=lambda r: r["recall@10"])
+    )
+    goals = [
+        {"goal": f"recall@10 >= 0.95 at N={big}", "measured": best["recall@10"], "met": best["recall@10"] >= GOALS["recall_min"]},
+        {"goal": f">= 20x lower latency than Flat at N={big} (batch 1, p50)", "measured": best["speedup_vs_flat_b1"], "met": best["speedup_vs_flat_b1"] >= GOALS["speedup_min"]},
+        {"goal": "<= 256 bytes per vector in RAM (+ float16 re-rank store on disk)", "measured": best["bytes_per_vector_ram"], "met": best["bytes_per_vector_ram"] <= GOALS["bytes_per_vector_max"]},
+    ]  # fmt: skip
+    payload = {"benchmark": "search", "quick": args.quick, "threads": args.threads, "machine": machine(),
+               "configs": results, "goals": goals, "goal_setting": best}  # fmt: skip
+    cols = ["N", "d", "factory", "nprobe", "ef_search", "candidates", "recall@10", "b1_p50_ms", "b1_p99_ms", "b1_qps",
+            "b32_p50_ms", "b32_p99_ms", "b32_qps", "speedup_vs_flat_b1", "bytes_per_vector_ram", "rerank_bytes_per_vector_disk", "build_s"]  # fmt: skip
+    md = (
+        "# Search benchmark\n"
+        f"Synthetic fingerprint-like unit vectors; {args.queries} queries; FAISS threads={args.threads}; candidates re-ranked "
+        "exactly against the memory-mapped float16 store; recall@10 vs exact search over the same vectors. "
+        "Flat latency measured on a subset (measured_on) and scaled linearly to N.\n\n"
+        + md_table(rows, cols) + "\n## Flat (IndexFlatIP, float32 in RAM)\n\n"
+        + md_table(flats, list(flats[0])) + "\n## Goals\n\n" + md_table(goals, ["goal", "measured", "met"])
+    )  # fmt: skip
+    path = write_results("search" + ("_quick" if args.quick else ""), payload, md, args.out)
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
