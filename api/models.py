@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
@@ -18,7 +18,7 @@ MAX_TEXT_FIELD_CHARS = 100_000
 """A character cap on prompt and completion, checked before tokenization; the token limits
 (413) are the real bound and are set by the server's settings."""
 
-EXAMPLE_QUERY = {
+EXAMPLE_QUERY: dict[str, JsonValue] = {
     "prompt": "The capital of Veloria is",
     "completion": " Quenton.",
     "k": 5,
@@ -114,7 +114,7 @@ class ExplainRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"prompt": EXAMPLE_QUERY["prompt"], "completion": EXAMPLE_QUERY["completion"], "id": 42}
+                {"prompt": "The capital of Veloria is", "completion": " Quenton.", "id": 42}
             ]
         },
     )
