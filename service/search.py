@@ -179,8 +179,10 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     Returns:
         Q outcomes in order; each carries hits (best first) or an error.
     """
-    meta = {"model": model_name(index.manifest), "index_version": str(index.version)}
-    outcomes = [Outcome(**meta, batch_size=len(queries)) for _ in queries]
+    model, version = model_name(index.manifest), str(index.version)
+    outcomes = [
+        Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries
+    ]
     context = getattr(index, "max_tokens", None)
     valid: list[int] = []
     for i, query in enumerate(queries):
@@ -221,8 +223,9 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
         elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
     for i in valid:
-        if queries[i].min_score is not None:
-            outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= queries[i].min_score]
+        floor = queries[i].min_score
+        if floor is not None:
+            outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= floor]
     t2 = time.perf_counter()
 
     for i in valid:
