@@ -37,10 +37,10 @@ def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[li
     ]
 
 
-def _encoder(model, hessian: str, unit_norm: bool = True) -> TrackStarEncoder:
+def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact") -> TrackStarEncoder:
     g = torch.Generator().manual_seed(2)
     v = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
-    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm)
+    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode)
     enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
     if hessian != "none":
         stats = enc.new_statistics()
@@ -55,10 +55,12 @@ def _query(enc: TrackStarEncoder, seed: int) -> torch.Tensor:
     return enc.encode(collate([q]))[0]
 
 
-@pytest.mark.parametrize("hessian,unit_norm", [("none", True), ("train", False)])
-def test_contributions_sum_to_score(hessian, unit_norm):
+@pytest.mark.parametrize(
+    "hessian,unit_norm,mode", [("none", True, "exact"), ("train", False, "exact"), ("train", True, "factored")]
+)
+def test_contributions_sum_to_score(hessian, unit_norm, mode):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    enc = _encoder(model, hessian, unit_norm)
+    enc = _encoder(model, hessian, unit_norm, mode)
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)  # chunk < n_targets: several passes
