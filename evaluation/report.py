@@ -11,14 +11,18 @@ log = logging.getLogger(__name__)
 
 
 def markdown_table(result: EvalResult) -> str:
-    """One row per method: MRR, recall@10, mean tail-patch of the top 1/3/10 (nats)."""
+    """One row per method: MRR, recall@10, mean tail-patch of the top 1/3/10 (nats) ± its
+    standard error over queries."""
     tp_cols = [f"tail-patch top-{c}" for c in TAILPATCH_CUTOFFS]
     lines = [
         "| method | MRR | recall@10 | " + " | ".join(tp_cols) + " |",
         "|---|---:|---:|" + "---:|" * len(tp_cols),
     ]
     for row in result.rows:
-        tp = " | ".join(f"{row[f'tailpatch_top{c}']:+.4f}" for c in TAILPATCH_CUTOFFS)
+        tp = " | ".join(
+            f"{row[f'tailpatch_top{c}']:+.4f} ± {row.get(f'tailpatch_top{c}_se', 0.0):.4f}"
+            for c in TAILPATCH_CUTOFFS
+        )
         lines.append(f"| {row['method']} | {row['mrr']:.3f} | {row['recall_at_10']:.3f} | {tp} |")
     return "\n".join(lines)
 

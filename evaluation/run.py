@@ -120,6 +120,11 @@ def _second_moments(model_dir: Path, model: torch.nn.Module, estimate: Callable[
         return estimate()
 
 
+def _standard_error(values: list[float]) -> float:
+    """Standard error of the mean over queries (0.0 for fewer than two)."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def run_evaluation(
     model_dir: Path,
     corpus_path: Path,
@@ -249,6 +254,7 @@ def run_evaluation(
         for c in TAILPATCH_CUTOFFS:
             per_query = [np.mean([tp[(qi, int(s))] for s in r[:c]]) for qi, r in enumerate(ranking)]
             row[f"tailpatch_top{c}"] = float(np.mean(per_query))
+            row[f"tailpatch_top{c}_se"] = _standard_error(per_query)
         rows.append(row)
     oracle = float(np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(relevant)]))
     timings["total_s"] = time.perf_counter() - t0
