@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Request
 
 from api.models import ErrorResponse, ExplainRequest, ExplainResponse, TokenContribution
 from encoder.batching import collate, sequence_example, tokenize_query
-from encoder.errors import InputError
+from encoder.errors import InputError, InputTooLongError
 from encoder.token_attribution import attribute_tokens
 from service.auth import require_key
 from service.errors import ERROR_RESPONSES
@@ -34,6 +34,9 @@ from service.search import Limits, Query, model_name, validate
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+
+MAX_EXPLAIN_TOKENS = 512
+"""Longest example explained: the cost is one backward pass per token (O(T^2) in all)."""
 
 AGREEMENT_WARN = 0.999
 """Below this cosine the rebuilt example is logged as differing from the indexed one."""
@@ -88,6 +91,14 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     validate(index.tokenizer, Query(body.prompt, body.completion, 1), limits, getattr(index, "max_tokens", None))
     record = index.example(body.id)
     seq = sequence_tokens(index.tokenizer, record)
+    if len(seq.input_ids) > MAX_EXPLAIN_TOKENS:
+        raise InputTooLongError(
+            f"example {record.id} has {len(seq.input_ids)} tokens; per-token explanations are "
+            f"limited to {MAX_EXPLAIN_TOKENS} (one backward pass per token)",
+            field="id",
+            n_tokens=len(seq.input_ids),
+            limit=MAX_EXPLAIN_TOKENS,
+        )
     query = tokenize_query(index.tokenizer, body.prompt, body.completion)
     encoder = index.encoder
     lock = getattr(index, "_encode_lock", None) or contextlib.nullcontext()

@@ -154,6 +154,17 @@ def test_explain_errors(server, query):
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
+def test_explain_refuses_examples_over_the_token_cap(server, query, monkeypatch):
+    import service.explain
+
+    monkeypatch.setattr(service.explain, "MAX_EXPLAIN_TOKENS", 3)
+    r = server.post("/v1/influence/explain", json={**query, "id": 0})
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["code"] == "input_too_long" and error["details"]["field"] == "id"
+    assert error["details"]["limit"] == 3 and error["details"]["n_tokens"] > 3
+
+
 @pytest.mark.slow
 def test_explain_schemathesis(server):
     """schemathesis on the explain route alone (the service's run leaves it out): no 5xx,
