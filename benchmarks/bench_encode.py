@@ -39,7 +39,8 @@ log = logging.getLogger("bench_encode")
 GOALS = {"exact_ratio_max": 1.5, "factored_ratio_max": 1.0, "spearman_min": 0.95}
 MODELS = {  # name: (n_layer, n_embd, n_head, vocab)
     "gpt2-4x256": (4, 256, 4, 8192),
-    "gpt2-6x512": (6, 512, 8, 8192),
+    "gpt2-6x384": (6, 384, 6, 8192),
+    "gpt2-2x128": (2, 128, 2, 4096),
     "tiny-2x64": (2, 64, 2, 1024),
 }
 
@@ -208,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="trained demo checkpoint (else trained here)",
     )
+    p.add_argument(
+        "--corpus-size",
+        choices=("test", "demo"),
+        default=None,
+        help="fact corpus for the fidelity part (default: demo; test with --quick)",
+    )
+    p.add_argument(
+        "--models", default="gpt2-4x256,gpt2-6x384", help=f"comma-separated, of {sorted(MODELS)}"
+    )
     p.add_argument("--k", type=int, default=16)
     p.add_argument(
         "--threads",
@@ -225,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         grid, batch_size, repeats, size = [("tiny-2x64", 32)], 4, 2, "test"
     else:
-        grid = [(m, t) for m in ("gpt2-4x256", "gpt2-6x512") for t in (128, 512)]
-        batch_size, repeats, size = 8, 5, "demo"
+        grid = [(m, t) for m in args.models.split(",") for t in (128, 256)]
+        batch_size, repeats, size = 4, 3, "demo"
     rows = []
     for model_name, seq_len in grid:
         rows.append(speed(model_name, seq_len, batch_size, args.k, repeats))
         log.info("%s", rows[-1])
+    size = args.corpus_size or size
     fid = demo_fidelity(size, args.demo_checkpoint, args.k)
     log.info("fidelity: %s", fid)
 
