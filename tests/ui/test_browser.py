@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from indexer.artifacts import InfluenceIndex
+from service.app import create_app
+from service.settings import Settings
+from tests.service.live import live_server
 from tests.ui.conftest import MAX_COMPLETION_TOKENS
 
 
@@ -146,3 +149,26 @@ def test_phone_width_and_screenshot(browser, ui_server, fact_query):
         page.wait_for_selector("#heatmap .tok")
         page.screenshot(path=target.replace(".png", "_tokens.png"), full_page=False)
         context.close()
+
+
+def test_api_key_prompt_and_use(browser, ui_index_dir, fact_query):
+    """With auth on, the UI says a key is needed, then sends the typed key."""
+    settings = Settings(index_dir=ui_index_dir, api_keys=["ui-test-key"])
+    with live_server(create_app(settings)) as base:
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            _search(page, base, fact_query.prompt, fact_query.completion, k=2)
+            error = page.locator("#error")
+            error.wait_for(state="visible")
+            assert error.inner_text() == "This service needs an API key: enter it above."
+            page.get_by_label("API key").fill("wrong-key")
+            page.get_by_role("button", name="Search").click()
+            page.wait_for_function(
+                "() => document.getElementById('error').textContent.includes('not accepted')")
+            page.get_by_label("API key").fill("ui-test-key")
+            page.get_by_role("button", name="Search").click()
+            page.wait_for_selector("#results .card")
+            assert error.is_hidden() and page.locator("#results .card").count() == 2
+        finally:
+            context.close()
