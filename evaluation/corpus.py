@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 FACT_SOURCE = "synthetic/facts"
@@ -172,9 +172,13 @@ class Fact:
     relation: str
     object: str
 
+    def statement(self, template_idx: int) -> str:
+        """The fact stated with template template_idx of its relation (0: canonical)."""
+        return RELATIONS[self.relation][2][template_idx].format(s=self.subject, o=self.object)
+
     def statements(self) -> list[str]:
         """Every sentence that states the fact, one per template of its relation."""
-        return [t.format(s=self.subject, o=self.object) for t in RELATIONS[self.relation][2]]
+        return [self.statement(i) for i in range(len(RELATIONS[self.relation][2]))]
 
 
 @dataclass
@@ -228,16 +232,6 @@ SIZES: dict[str, _SizeSpec] = {
 }
 
 
-@dataclass(frozen=True)
-class _Fact:
-    subject: str
-    relation: str
-    object: str
-
-    def render(self, template_idx: int) -> str:
-        return RELATIONS[self.relation][2][template_idx].format(s=self.subject, o=self.object)
-
-
 class _Names:
     """Unique pronounceable words built from syllables."""
 
@@ -258,7 +252,7 @@ class _Names:
                 return name
 
 
-def _build_world(n_facts: int, rng: random.Random) -> list[_Fact]:
+def _build_world(n_facts: int, rng: random.Random) -> list[Fact]:
     """Generate a consistent world with about 2 * n_facts candidate facts."""
     names = _Names(rng)
     n = max(n_facts, 8)
@@ -275,29 +269,119 @@ def _build_world(n_facts: int, rng: random.Random) -> list[_Fact]:
         c: countries[i] if i < n_countries else rng.choice(countries) for i, c in enumerate(cities)
     }
     country_language = {k: rng.choice(languages) for k in countries}
-    facts: list[_Fact] = []
+    facts: list[Fact] = []
     for k in countries:
-        facts.append(_Fact(k, "capital", rng.choice([c for c in cities if city_country[c] == k])))
-        facts.append(_Fact(k, "official_language", country_language[k]))
+        facts.append(
+            Fact("", k, "capital", rng.choice([c for c in cities if city_country[c] == k]))
+        )
+        facts.append(Fact("", k, "official_language", country_language[k]))
     for c in cities:
-        facts.append(_Fact(c, "located_in", city_country[c]))
+        facts.append(Fact("", c, "located_in", city_country[c]))
     for p in people:
         born = rng.choice(cities)
-        facts.append(_Fact(p, "birthplace", born))
-        facts.append(_Fact(p, "employer", rng.choice(companies)))
-        facts.append(_Fact(p, "native_language", country_language[city_country[born]]))
+        facts.append(Fact("", p, "birthplace", born))
+        facts.append(Fact("", p, "employer", rng.choice(companies)))
+        facts.append(Fact("", p, "native_language", country_language[city_country[born]]))
     for m in companies:
-        facts.append(_Fact(m, "founded_by", rng.choice(people)))
-        facts.append(_Fact(m, "headquarters", rng.choice(cities)))
+        facts.append(Fact("", m, "founded_by", rng.choice(people)))
+        facts.append(Fact("", m, "headquarters", rng.choice(cities)))
     return facts
 
 
-def _entity_types(facts: list[_Fact]) -> dict[str, str]:
+def _entity_types(facts: list[Fact]) -> dict[str, str]:
     types: dict[str, str] = {}
     for f in facts:
         s_type, o_type, _ = RELATIONS[f.relation]
         types[f.subject], types[f.object] = s_type, o_type
     return types
+
+
+class _Layout:
+    """Arranges statements into passages; all randomness comes from one rng, in order."""
+
+    def __init__(self, rng: random.Random, world: list[Fact], background: list[Fact]) -> None:
+        self.rng = rng
+        self.types = _entity_types(world)
+        self.background = background
+
+    def filler(self, entity: str) -> str:
+        return self.rng.choice(FILLERS[self.types[entity]]).format(e=entity)
+
+    def pad(self, sentences: list[str], keep_first: bool, anchor: Fact) -> list[str]:
+        """Add filler or background sentences (never a queried fact) up to 2-4 in total."""
+        rng = self.rng
+        target = max(len(sentences), rng.randint(2, 4))
+        for _ in range(20 * target):
+            if len(sentences) >= target:
+                break
+            if self.background and rng.random() < 0.3:
+                extra = rng.choice(self.background).statement(rng.randrange(3))
+            else:
+                extra = self.filler(rng.choice((anchor.subject, anchor.object)))
+            if extra not in sentences:
+                sentences.insert(rng.randint(1 if keep_first else 0, len(sentences)), extra)
+        return sentences
+
+    def fact_passages(
+        self, queried: list[Fact], spec: _SizeSpec
+    ) -> list[tuple[list[str], list[Fact]]]:
+        """Passages stating queried facts: (sentences, facts stated).
+
+        Each fact is stated min..max_mentions times: once with the canonical template at the
+        start of a passage (so the query's tokens prefix a training sequence), otherwise with
+        the two paraphrases, so at least two templates are used.
+        """
+        rng = self.rng
+        others: list[tuple[Fact, int]] = []
+        for f in queried:
+            n_mentions = rng.randint(spec.min_mentions, spec.max_mentions)
+            alt = [1, 2]
+            rng.shuffle(alt)
+            others += [(f, alt[i % 2]) for i in range(n_mentions - 1)]
+        rng.shuffle(others)
+
+        out: list[tuple[list[str], list[Fact]]] = []
+        for f in queried:
+            stated, sentences = [f], [f.statement(0)]
+            if others and rng.random() < 0.5 and others[-1][0] != f:
+                g, t = others.pop()
+                stated.append(g)
+                sentences.append(g.statement(t))
+            out.append((self.pad(sentences, True, f), stated))
+        while others:
+            g, t = others.pop()
+            stated, sentences = [g], [g.statement(t)]
+            if others and rng.random() < 0.5 and others[-1][0] != g:
+                h, u = others.pop()
+                stated.append(h)
+                sentences.append(h.statement(u))
+            rng.shuffle(sentences)
+            out.append((self.pad(sentences, False, g), stated))
+        return out
+
+    def distractors(self, queried: list[Fact], n: int) -> list[list[str]]:
+        """Hard negatives around a queried fact: its entities, its relation's templates with
+        other entities, its subject with another relation; never a queried fact."""
+        rng = self.rng
+        by_subject: dict[str, list[Fact]] = {}
+        by_relation: dict[str, list[Fact]] = {}
+        for b in self.background:
+            by_subject.setdefault(b.subject, []).append(b)
+            by_relation.setdefault(b.relation, []).append(b)
+        out: list[list[str]] = []
+        for _ in range(n):
+            f = rng.choice(queried)
+            sentences = [self.filler(f.subject)]
+            same_subject = by_subject.get(f.subject, [])
+            same_relation = by_relation.get(f.relation, [])
+            if same_subject and rng.random() < 0.7:
+                sentences.append(rng.choice(same_subject).statement(rng.randrange(3)))
+            if same_relation and rng.random() < 0.7:
+                sentences.append(rng.choice(same_relation).statement(rng.randrange(3)))
+            sentences = list(dict.fromkeys(sentences))
+            rng.shuffle(sentences)
+            out.append(self.pad(sentences, False, f))
+        return out
 
 
 def generate_fact_corpus(
@@ -306,7 +390,7 @@ def generate_fact_corpus(
     """Generate the corpus deterministically from (size, seed, n_facts).
 
     Args:
-        size: "test" (~40 facts, ~150 passages) or "demo" (~500 facts, ~2000 passages).
+        size: "test" (~40 facts, ~140 passages) or "demo" (~500 facts, ~2000 passages).
         seed: Seed of the world, the fact sample, templates and passage layout.
         n_facts: Overrides the number of queried facts of the size.
 
@@ -321,91 +405,30 @@ def generate_fact_corpus(
         raise ValueError(f"n_facts must be positive, got {n}")
     rng = random.Random(f"fact-corpus/{seed}")
     world = _build_world(n, rng)
-    types = _entity_types(world)
+    layout = _Layout(rng, world, [])
     rng.shuffle(world)
-    queried, background = world[:n], world[n:]
-    fact_ids = {f: f"f{i:04d}" for i, f in enumerate(queried)}
+    # Background facts are true in the world but never queried; distractors state them.
+    queried = [replace(f, id=f"f{i:04d}") for i, f in enumerate(world[:n])]
+    layout.background = world[n:]
 
-    def filler(entity: str) -> str:
-        return rng.choice(FILLERS[types[entity]]).format(e=entity)
-
-    def pad(sentences: list[str], keep_first: bool, anchor: _Fact) -> list[str]:
-        """Add filler or background sentences up to 2-4 sentences in total."""
-        target = max(len(sentences), rng.randint(2, 4))
-        for _ in range(20 * target):
-            if len(sentences) >= target:
-                break
-            if background and rng.random() < 0.3:
-                extra = rng.choice(background).render(rng.randrange(3))
-            else:
-                extra = filler(rng.choice((anchor.subject, anchor.object)))
-            if extra not in sentences:
-                sentences.insert(rng.randint(1 if keep_first else 0, len(sentences)), extra)
-        return sentences
-
-    # Statements: canonical template once per fact (it leads a passage), others distinct.
-    others: list[tuple[_Fact, int]] = []
-    for f in queried:
-        n_mentions = rng.randint(spec.min_mentions, spec.max_mentions)
-        alt = [1, 2]
-        rng.shuffle(alt)
-        others += [(f, alt[i % 2]) for i in range(n_mentions - 1)]
-    rng.shuffle(others)
-
-    fact_passages: list[tuple[list[str], list[_Fact]]] = []
-    for f in queried:
-        stated, sentences = [f], [f.render(0)]
-        if others and rng.random() < 0.5 and others[-1][0] != f:
-            g, t = others.pop()
-            stated.append(g)
-            sentences.append(g.render(t))
-        fact_passages.append((pad(sentences, True, f), stated))
-    while others:
-        g, t = others.pop()
-        stated, sentences = [g], [g.render(t)]
-        if others and rng.random() < 0.5 and others[-1][0] != g:
-            h, u = others.pop()
-            stated.append(h)
-            sentences.append(h.render(u))
-        rng.shuffle(sentences)
-        fact_passages.append((pad(sentences, False, g), stated))
-
-    # Distractors: hard negatives around a queried fact, never stating a queried fact.
-    by_subject: dict[str, list[_Fact]] = {}
-    by_relation: dict[str, list[_Fact]] = {}
-    for b in background:
-        by_subject.setdefault(b.subject, []).append(b)
-        by_relation.setdefault(b.relation, []).append(b)
-    distractors: list[list[str]] = []
-    for _ in range(round(spec.distractor_ratio * len(fact_passages))):
-        f = rng.choice(queried)
-        sentences = [filler(f.subject)]
-        same_subject, same_relation = by_subject.get(f.subject, []), by_relation.get(f.relation, [])
-        if same_subject and rng.random() < 0.7:  # same subject, another relation
-            sentences.append(rng.choice(same_subject).render(rng.randrange(3)))
-        if same_relation and rng.random() < 0.7:  # same template, other entities
-            sentences.append(rng.choice(same_relation).render(rng.randrange(3)))
-        sentences = list(dict.fromkeys(sentences))
-        rng.shuffle(sentences)
-        distractors.append(pad(sentences, False, f))
-
-    layout = [(s, FACT_SOURCE, stated) for s, stated in fact_passages]
-    layout += [(s, DISTRACTOR_SOURCE, []) for s in distractors]
-    rng.shuffle(layout)
+    fact_passages = layout.fact_passages(queried, spec)
+    distractors = layout.distractors(queried, round(spec.distractor_ratio * len(fact_passages)))
+    order = [(s, FACT_SOURCE, stated) for s, stated in fact_passages]
+    order += [(s, DISTRACTOR_SOURCE, []) for s in distractors]
+    rng.shuffle(order)
     passages: list[Passage] = []
-    relevant: dict[_Fact, list[str]] = {f: [] for f in queried}
-    for i, (sentences, source, stated) in enumerate(layout):
+    relevant: dict[str, list[str]] = {f.id: [] for f in queried}
+    for i, (sentences, source, stated) in enumerate(order):
         pid = f"p{i:05d}"
-        passages.append(Passage(pid, " ".join(sentences), source, [fact_ids[g] for g in stated]))
+        passages.append(Passage(pid, " ".join(sentences), source, [g.id for g in stated]))
         for g in stated:
-            relevant[g].append(pid)
+            relevant[g.id].append(pid)
 
     queries = []
     for f in queried:
         prompt = RELATIONS[f.relation][2][0].split("{o}")[0].format(s=f.subject).rstrip()
-        queries.append(FactQuery(fact_ids[f], prompt, " " + f.object, relevant[f]))
-    facts = [Fact(fact_ids[f], f.subject, f.relation, f.object) for f in queried]
-    return FactCorpus(passages=passages, queries=queries, seed=seed, facts=facts)
+        queries.append(FactQuery(f.id, prompt, " " + f.object, relevant[f.id]))
+    return FactCorpus(passages=passages, queries=queries, seed=seed, facts=queried)
 
 
 def load_queries(path: Path) -> list[FactQuery]:
