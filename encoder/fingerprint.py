@@ -89,7 +89,7 @@ class TrackStarEncoder:
         if second_moments is not None:
             self.set_second_moments(second_moments)
         elif config.correction:
-            log.info("no optimizer state yet: estimate it before encoding")
+            log.debug("no second moments yet: they must be set or estimated before encoding")
         self.whitener: Whitener | None = None
         if whitener is not None:
             self.set_whitener(whitener)

@@ -113,6 +113,10 @@ def publish(
         "files": mf.checksums(staging, files),
     }
     mf.write_json_atomic(staging / mf.MANIFEST, manifest)
+    # An index is read-only data, served by other users (e.g. a non-root container); some
+    # writers (safetensors) create files 0600.
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     out = Path(cfg.out).resolve()
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()

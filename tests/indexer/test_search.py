@@ -71,3 +71,9 @@ def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     recs = opened.examples(order.tolist())
     assert [r["text"] for r in rows] == [x.text for x in recs]
     assert {"source", "document_id"} <= set(rows[0])
+
+
+def test_published_index_is_world_readable(tiny_index):
+    """Served by other users (a non-root container): no artifact may be private."""
+    for path in [tiny_index, *tiny_index.rglob("*")]:
+        assert path.stat().st_mode & 0o444 == 0o444, path
