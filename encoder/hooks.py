@@ -93,4 +93,5 @@ def make_inputs_differentiable(model: nn.Module) -> torch.utils.hooks.RemovableH
             output = output.detach().requires_grad_(True)
         return output
 
-    return model.get_input_embeddings().register_forward_hook(hook)
+    embeddings: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
+    return embeddings.register_forward_hook(hook)

@@ -81,7 +81,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or default_dtype(dev))
     except Exception as exc:  # noqa: BLE001 - report any loader failure as the user's input
         raise ModelLoadError(f"cannot load a causal LM from {d}: {exc}") from exc
-    model.to(dev).eval().requires_grad_(False)
+    model.to(dev)  # type: ignore[arg-type]  # transformers types .to() via a wrapper
+    model.eval().requires_grad_(False)
     return model
 
 

@@ -63,7 +63,8 @@ def select_modules(model: nn.Module, config: FingerprintConfig) -> list[TrackedM
     Raises:
         ConfigError: a glob that matches no candidate linear map, or an empty selection.
     """
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    getter = getattr(model, "get_output_embeddings", None)
+    output_embeddings = getter() if callable(getter) else None
     candidates: list[TrackedModule] = []
     for name, module in model.named_modules():
         shape = _linear_shape(module)
