@@ -31,7 +31,7 @@ system-deps:
 	fi
 
 # Exit code 5 (no tests collected) is a failure of intent, not a pass.
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
