@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
-from indexer.search_backends import SearchParams, build_index, open_rerank_store, search
+from indexer.faiss_index import SearchParams, build_index, exact_top_k, search
 
 log = logging.getLogger("bench_search")
 CHUNK = 50_000
@@ -69,7 +69,7 @@ class Synthetic:
             store[s : s + CHUNK] = self._draw(rng, min(CHUNK, self.n - s))
         store.flush()
         del store
-        return open_rerank_store(path)
+        return np.load(path, mmap_mode="r")
 
     def queries(self, count: int) -> np.ndarray:
         return self._draw(np.random.default_rng(self.seed + 2), count)
@@ -79,21 +79,6 @@ def chunks(store: np.ndarray, limit: int | None = None):
     n = len(store) if limit is None else min(limit, len(store))
     for s in range(0, n, CHUNK):
         yield np.asarray(store[s : min(s + CHUNK, n)], dtype=np.float32)
-
-
-def exact_topk(store: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ground truth ids [Q, k] by a chunked exact scan of the float16 store."""
-    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    for s, chunk in zip(range(0, len(store), CHUNK), chunks(store), strict=True):
-        sc = queries @ chunk.T
-        all_s = np.concatenate([best_s, sc], axis=1)
-        all_i = np.concatenate(
-            [best_i, np.arange(s, s + len(chunk))[None].repeat(len(queries), 0)], axis=1
-        )
-        top = np.argsort(-all_s, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
-    return best_i
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -152,26 +137,26 @@ def bench_config(
     store = gen.write_store(workdir / f"store_{n}x{d}.npy")
     gen_s = time.perf_counter() - t0
     queries = gen.queries(n_queries)
-    truth = exact_topk(store, queries, k)
+    truth = exact_top_k(store, queries, k)
     flat = bench_flat(store, queries, k)
     rng = np.random.default_rng(3)
     sample = np.asarray(
         store[np.sort(rng.choice(n, min(n_train, n), replace=False))], dtype=np.float32
     )
     t0 = time.perf_counter()
-    index = build_index(factory, sample, chunks(store))
+    index = build_index(factory, d, chunks(store), sample)
     build_s = time.perf_counter() - t0
     ram = len(faiss.serialize_index(index))
     rows = []
     for p in settings:
-        found = search(index, queries, k, store=store, params=p)[1]
+        found = search(index, store, queries, k, exact=False, params=p)[1]
         row: dict[str, Any] = {
             "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
             "candidates": p.candidates, "recall@10": recall_at(found, truth),
         }  # fmt: skip
         for b in (1, 32):
             lat = latency(
-                lambda q, p=p: search(index, q, k, store=store, params=p),
+                lambda q, p=p: search(index, store, q, k, exact=False, params=p),
                 queries,
                 b,
                 50 if b == 1 else 4,

@@ -1,17 +1,23 @@
-"""FAISS index over fingerprints: build from a factory string, search, exact re-rank.
+"""FAISS index over fingerprints: build, placement, search, exact re-rank (one implementation).
 
 Influence is the inner product of unit fingerprints, so every index uses
 ``METRIC_INNER_PRODUCT``. ``Flat`` is exact. Approximate indexes (``IVF{n},PQ{m}``,
-``HNSW32``, ...) are trained on a sample and return candidates that are re-ranked exactly
-against the float16 fingerprints, so returned scores are always exact inner products.
+``PCA256,IVF1024,PQ64x4fs``, ``HNSW32``, ...) are trained on a sample and return candidates
+that are re-ranked exactly against the float16 fingerprints (memory-mapped ``.npy``, so RAM
+holds only the compressed codes), so returned scores are always exact inner products.
 The vectors added to FAISS are the float16-rounded fingerprints (upcast), so the Flat
 scores, the re-ranked scores and a brute-force product over ``fingerprints.f16.npy`` agree.
+
+Placement: ``cpu`` (default), ``gpu`` (one GPU, needs faiss-gpu) or ``shards`` (the index
+split over all visible GPUs); the re-rank always reads the memory-mapped store.
+Used by ``InfluenceIndex`` (build and search) and by ``benchmarks/bench_search.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -21,9 +27,28 @@ from encoder.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RERANK_FACTOR = 10
-"""Candidates fetched per requested result from an approximate index before re-ranking."""
+"""Default candidates fetched per requested result from an approximate index."""
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 128
+PLACEMENTS = ("cpu", "gpu", "shards")
+RERANK_GATHER_BYTES = 64 << 20
+"""Upper bound on the float32 [Q, C, d] candidate block scored at once by the re-rank."""
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Query-time knobs of an approximate index.
+
+    Attributes:
+        nprobe: IVF lists visited per query (capped at nlist).
+        ef_search: HNSW beam width.
+        candidates: approximate hits re-ranked exactly per query; None: ``RERANK_FACTOR * k``;
+            0: no re-rank (the index's own approximate scores).
+    """
+
+    nprobe: int = DEFAULT_NPROBE
+    ef_search: int = DEFAULT_EF_SEARCH
+    candidates: int | None = None
 
 
 def is_exact(factory: str) -> bool:
@@ -44,10 +69,34 @@ def create_index(factory: str, dim: int) -> faiss.Index:
         raise ConfigError(f"bad FAISS factory string {factory!r}: {msg}", code="invalid_faiss_factory") from exc
 
 
+def _n_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def place(index: faiss.Index, placement: str) -> faiss.Index:
+    """Move an index to its placement (a no-op for ``cpu``).
+
+    Raises:
+        ConfigError: unknown placement, or a GPU placement without faiss-gpu and a GPU.
+    """
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "cpu":
+        return index
+    if _n_gpus() == 0:
+        raise ConfigError(f"placement {placement!r} needs faiss-gpu and a visible GPU")
+    if placement == "gpu":
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    opts = faiss.GpuMultipleClonerOptions()
+    opts.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=opts)
+
+
 def _to_gpu(index: faiss.Index, use_gpu: bool) -> tuple[faiss.Index, bool]:
-    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    """Best effort: one GPU when asked and possible, else the index unchanged."""
+    if use_gpu and _n_gpus() > 0:
         try:
-            return faiss.index_cpu_to_all_gpus(index), True
+            return place(index, "gpu"), True
         except RuntimeError as exc:  # not every index type has a GPU version (e.g. HNSW)
             log.info("FAISS index stays on the CPU: %s", exc)
     return index, False
@@ -56,7 +105,7 @@ def _to_gpu(index: faiss.Index, use_gpu: bool) -> tuple[faiss.Index, bool]:
 def build_index(
     factory: str,
     dim: int,
-    chunks: Iterator[np.ndarray],
+    chunks: Iterable[np.ndarray],
     train_sample: np.ndarray | None,
     *,
     use_gpu: bool = False,
@@ -71,7 +120,7 @@ def build_index(
             the index needs no training).
         use_gpu: train and add on the GPU when FAISS has GPU support and one is present.
     Returns:
-        a CPU index holding every vector, with search parameters set (nprobe, efSearch).
+        a CPU index holding every vector, with the default search parameters set.
     """
     index = create_index(factory, dim)
     index, on_gpu = _to_gpu(index, use_gpu)
@@ -95,21 +144,68 @@ def build_index(
     return index
 
 
-def set_search_params(index: faiss.Index) -> None:
-    """Default accuracy knobs of approximate indexes (nprobe, efSearch)."""
-    ivf = _find_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = min(DEFAULT_NPROBE, ivf.nlist)
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
-    if hnsw is not None:
-        hnsw.efSearch = DEFAULT_EF_SEARCH
-
-
 def _find_ivf(index: faiss.Index):
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def set_search_params(index: faiss.Index, params: SearchParams | None = None) -> None:
+    """Apply nprobe / efSearch wherever the index (or a wrapped sub-index) has them.
+
+    Mutates the index: call it at load time or from one thread at a time.
+    """
+    params = params or SearchParams()
+    ivf = _find_ivf(index)
+    nprobe = min(params.nprobe, ivf.nlist) if ivf is not None else params.nprobe
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", params.ef_search)):
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass  # this index type has no such parameter
+
+
+def rerank_exact(
+    queries: np.ndarray, candidate_ids: np.ndarray, fingerprints: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact e_q . e_t over each query's candidates, all queries at once; the top k.
+
+    The union of all candidates is read once, in id order (sequential reads from the
+    memory map); duplicate candidates of a query count once; ties go to the lower id.
+
+    Args:
+        queries: [Q, d] float32 unit vectors.
+        candidate_ids: [Q, C] int64 ids from the approximate index (-1 = none).
+        fingerprints: [N, d] float16 stored fingerprints (may be memory-mapped).
+        k: results per query.
+    Returns:
+        scores [Q, k] float32 (descending), ids [Q, k] int64 (-1 / -inf padded).
+    """
+    n_q, n_c = candidate_ids.shape
+    scores = np.full((n_q, k), -np.inf, dtype=np.float32)
+    ids = np.full((n_q, k), -1, dtype=np.int64)
+    cand = np.sort(candidate_ids, axis=1)  # -1 first; duplicates become neighbours
+    valid = cand >= 0
+    valid[:, 1:] &= cand[:, 1:] != cand[:, :-1]
+    if n_q == 0 or not valid.any():
+        return scores, ids
+    uniq, pos = np.unique(cand[valid], return_inverse=True)  # [U], [V]
+    rows = np.asarray(fingerprints[uniq], dtype=np.float32)  # [U, d]
+    slot = np.zeros((n_q, n_c), dtype=np.int64)
+    slot[valid] = pos
+    exact = np.empty((n_q, n_c), dtype=np.float32)
+    step = max(1, RERANK_GATHER_BYTES // max(1, n_c * rows.shape[1] * 4))
+    for s in range(0, n_q, step):  # bounded memory; one step for typical batches
+        block = rows[slot[s : s + step]]  # [q, C, d]
+        exact[s : s + step] = np.matmul(block, queries[s : s + step, :, None])[..., 0]
+    exact[~valid] = -np.inf
+    top = np.argsort(-exact, axis=1, kind="stable")[:, :k]  # [Q, k'] with k' = min(k, C)
+    top_s = np.take_along_axis(exact, top, axis=1)
+    top_i = np.where(np.isfinite(top_s), np.take_along_axis(cand, top, axis=1), -1)
+    scores[:, : top.shape[1]], ids[:, : top.shape[1]] = top_s, top_i
+    return scores, ids
 
 
 def search(
@@ -120,6 +216,7 @@ def search(
     *,
     exact: bool,
     rerank: bool = True,
+    params: SearchParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product search, exactly re-ranked for approximate indexes.
 
@@ -130,6 +227,7 @@ def search(
         k: results per query.
         exact: the index is Flat (its scores are already exact).
         rerank: re-rank an approximate index's candidates against ``fingerprints``.
+        params: query-time knobs, applied to the index first (None: keep its current ones).
     Returns:
         scores [Q, k] float32 (descending) and ids [Q, k] int64; ids -1 (score -inf) pad
         when the index holds fewer than k vectors.
@@ -139,28 +237,21 @@ def search(
         raise ConfigError(f"queries must be [Q, {fingerprints.shape[1]}], got {list(queries.shape)}")
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
+    if params is not None:
+        set_search_params(index, params)
     n_q, n = queries.shape[0], index.ntotal
     scores = np.full((n_q, k), -np.inf, dtype=np.float32)
     ids = np.full((n_q, k), -1, dtype=np.int64)
     if n == 0 or n_q == 0:
         return scores, ids
-    if exact or not rerank:
+    n_cand = RERANK_FACTOR * k if params is None or params.candidates is None else params.candidates
+    if exact or not rerank or n_cand == 0:
         d, i = index.search(queries, min(k, n))
         d = np.where(i >= 0, d, -np.inf).astype(np.float32)
         scores[:, : d.shape[1]], ids[:, : i.shape[1]] = d, i
         return scores, ids
-    n_cand = min(max(k * RERANK_FACTOR, k), n)
-    _, cand = index.search(queries, n_cand)
-    for q in range(n_q):
-        c = cand[q][cand[q] >= 0]
-        c = np.unique(c)
-        if c.size == 0:
-            continue
-        exact_scores = fingerprints[c].astype(np.float32) @ queries[q]
-        order = np.argsort(-exact_scores, kind="stable")[:k]
-        scores[q, : order.size] = exact_scores[order]
-        ids[q, : order.size] = c[order]
-    return scores, ids
+    _, cand = index.search(queries, min(max(n_cand, k), n))
+    return rerank_exact(queries, cand, fingerprints, k)
 
 
 def recall_at_k(
