@@ -1,0 +1,326 @@
+"""Service benchmark (issue 7, "Service"): latency split, QPS and p50/p99 under load.
+
+Serves an index with ``influence serve`` (uvicorn, a subprocess on 127.0.0.1, free port)
+twice, one server at a time: batching on (the default settings) and batching off
+(``INFLUENCE_MAX_BATCH_SIZE=1``, ``INFLUENCE_MAX_WAIT_MS=0``). For each:
+
+- single-query latency split: sequential ``POST /v1/influence`` calls; ``timings_ms`` gives
+  the server's encode (tokenize + gradient fingerprint), search (FAISS + SQLite) and total;
+  tokenize and serialize are timed in-process with the code the service runs
+  (``service.search.validate`` + ``encoder.batching.tokenize_query``, and pydantic's JSON
+  serializer on the returned ``InfluenceResponse``); the rest of the client round trip is
+  HTTP + framework.
+- closed-loop load with httpx (async): C workers each send the next query as soon as the
+  previous one returns, for a bounded duration, at C = 1, 4, 16: QPS, p50, p99, failures.
+
+Goals: p99 at concurrency 16 <= 3x single-query p50, QPS at 16 >= 3x QPS at 1.
+Without ``--index`` a test-size index is built first (fact corpus "test", trained test
+model, ``influence index build``), which takes a few CPU minutes.
+
+    python -m benchmarks.bench_service [--quick] [--index DIR] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
+
+log = logging.getLogger("bench_service")
+CONCURRENCY = (1, 4, 16)
+GOAL_P99_RATIO = 3.0
+GOAL_QPS_RATIO = 3.0
+K = 10
+MODES = {
+    "batching_on": {},
+    "batching_off": {"INFLUENCE_MAX_BATCH_SIZE": "1", "INFLUENCE_MAX_WAIT_MS": "0"},
+}
+
+
+def build_test_index(workdir: Path) -> Path:
+    """Corpus "test" -> trained test model -> published index; returns the index dir."""
+    from evaluation.corpus import generate_fact_corpus
+    from evaluation.train import train_fact_model
+    from service.cli import main as influence
+
+    corpus = generate_fact_corpus("test", seed=0)
+    corpus_path, queries_path = corpus.write(workdir / "data")
+    trained = train_fact_model(corpus, workdir / "train", size="test", seed=0)
+    out = workdir / "index"
+    argv = ["index", "build", "--model", str(trained.checkpoint_dir), "--corpus", str(corpus_path),
+            "--queries", str(queries_path), "--out", str(out), "--no-progress"]  # fmt: skip
+    if influence(argv) != 0:
+        raise RuntimeError(f"influence {' '.join(argv)} failed")
+    return out
+
+
+def load_queries(index_dir: Path, fallback: Path | None) -> list[dict[str, str]]:
+    """Query (prompt, completion) pairs: ``fallback`` JSONL, else the fact corpus "test"."""
+    if fallback is not None:
+        rows = [json.loads(line) for line in fallback.read_text().splitlines() if line.strip()]
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    from evaluation.corpus import generate_fact_corpus
+
+    return [{"prompt": q.prompt, "completion": q.completion} for q in generate_fact_corpus("test").queries]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``influence serve`` as a subprocess on 127.0.0.1; a context manager that stops it."""
+
+    def __init__(self, index_dir: Path, env: dict[str, str], log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--index", str(index_dir),
+               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        self._log = log_path.open("w")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFLUENCE_")}
+        self.proc = subprocess.Popen(cmd, env={**full_env, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self._log.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready within {timeout_s:g} s; see {self._log.name}")
+
+    def __enter__(self) -> Server:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def in_process_split(index_dir: Path, queries: list[dict[str, str]], response: dict, repeats: int) -> dict[str, float]:
+    """Median ms of the service's tokenize (validate + encode_queries both tokenize) and of
+    serializing one real response with pydantic, as the route does."""
+    from api.models import InfluenceResponse
+    from encoder.batching import tokenize_query
+    from encoder.model_loading import load_tokenizer
+    from indexer.artifacts import InfluenceIndex
+
+    model_dir = Path(json.loads((index_dir / "manifest.json").read_text())["model"]["path"])
+    if not model_dir.is_absolute():
+        model_dir = index_dir / model_dir
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except Exception:  # a relative/moved model path: open the index as the server does
+        index = InfluenceIndex.open(index_dir, verify=False)
+        tokenizer = index.tokenizer
+    tok, ser = [], []
+    obj = InfluenceResponse.model_validate(response)
+    for i in range(repeats):
+        q = queries[i % len(queries)]
+        t0 = time.perf_counter()
+        tokenize_query(tokenizer, q["prompt"], q["completion"])
+        tokenize_query(tokenizer, q["prompt"], q["completion"])
+        t1 = time.perf_counter()
+        obj.model_dump_json()
+        t2 = time.perf_counter()
+        tok.append(t1 - t0)
+        ser.append(t2 - t1)
+    return {"tokenize_ms": float(np.median(tok) * 1e3), "serialize_ms": float(np.median(ser) * 1e3)}
+
+
+def single_query(url: str, queries: list[dict[str, str]], n: int) -> tuple[dict[str, float], dict]:
+    """Sequential queries (after a warm-up): median server timings and client round trip."""
+    rows: list[tuple[float, float, float, float]] = []
+    last: dict = {}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(n + 3):
+            body = {**queries[i % len(queries)], "k": K}
+            t0 = time.perf_counter()
+            r = client.post("/v1/influence", json=body)
+            rtt = (time.perf_counter() - t0) * 1e3
+            r.raise_for_status()
+            last = r.json()
+            t = last["timings_ms"]
+            if i >= 3:
+                rows.append((t["encode"], t["search"], t["total"], rtt))
+    arr = np.asarray(rows)
+    med = np.median(arr, axis=0)
+    out = {"encode_ms": med[0], "search_ms": med[1], "server_total_ms": med[2], "client_p50_ms": med[3],
+           "client_p99_ms": float(np.percentile(arr[:, 3], 99)), "n": n}  # fmt: skip
+    return {k: float(v) for k, v in out.items()}, last
+
+
+async def _load(url: str, queries: list[dict[str, str]], concurrency: int, duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(w: int, client: httpx.AsyncClient) -> None:
+        i = w
+        while time.perf_counter() < deadline:
+            body = {**queries[i % len(queries)], "k": K}
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/influence", json=body)
+                ok = r.status_code == 200
+                key = str(r.status_code)
+            except httpx.HTTPError as exc:
+                ok, key = False, type(exc).__name__
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                failures[key] = failures.get(key, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w, client) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    stats = percentiles_ms(latencies) if latencies else {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"concurrency": concurrency, "duration_s": elapsed, "requests": len(latencies),
+            "qps": len(latencies) / elapsed, "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
+            "failures": sum(failures.values()), "failure_kinds": failures}  # fmt: skip
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    """Encode passes and queries from /metrics, to report the mean micro-batch size."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "batch_size" not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.endswith("_sum") or name.endswith("_count"):
+            out[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
+    return out
+
+
+def bench_mode(index_dir: Path, mode: str, queries: list[dict[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    log.info("mode %s: starting server", mode)
+    env = {**args.env, **MODES[mode]}
+    with Server(index_dir, env, args.workdir / f"server_{mode}.log") as server:
+        single, response = single_query(server.url, queries, args.single)
+        single.update(in_process_split(index_dir, queries, response, 50))
+        single["http_and_framework_ms"] = single["client_p50_ms"] - single["server_total_ms"] - single["serialize_ms"]
+        loads = []
+        for c in CONCURRENCY:
+            before = batch_sizes(server.url)
+            cpu0 = (_cpu_s(server.proc.pid), _self_cpu_s())
+            row = asyncio.run(_load(server.url, queries, c, args.duration))
+            cpu1 = (_cpu_s(server.proc.pid), _self_cpu_s())
+            after = batch_sizes(server.url)
+            n = max(1, row["requests"] + row["failures"])
+            row["server_cpu_ms_per_req"] = (cpu1[0] - cpu0[0]) * 1e3 / n
+            row["client_cpu_ms_per_req"] = (cpu1[1] - cpu0[1]) * 1e3 / n
+            row["busy_cores"] = (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / row["duration_s"]
+            if after.get("count", 0) > before.get("count", 0):
+                row["mean_batch"] = (after["sum"] - before.get("sum", 0)) / (after["count"] - before.get("count", 0))
+            loads.append({"mode": mode, **row})
+            log.info("%s", loads[-1])
+    return {"mode": mode, "env": env, "single": {"mode": mode, **single}, "load": loads}
+
+
+def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
+    by_c = {r["concurrency"]: r for r in res["load"]}
+    p99_ratio = by_c[16]["p99_ms"] / res["single"]["client_p50_ms"]
+    qps_ratio = by_c[16]["qps"] / by_c[1]["qps"]
+    return [
+        {"mode": res["mode"], "goal": "p99@16 / single-query p50 <= 3", "measured": p99_ratio, "met": p99_ratio <= GOAL_P99_RATIO},
+        {"mode": res["mode"], "goal": "QPS@16 / QPS@1 >= 3", "measured": qps_ratio, "met": qps_ratio >= GOAL_QPS_RATIO},
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--index", type=Path, help="published index to serve (default: build the test one)")
+    p.add_argument("--queries", type=Path, help="JSONL of {prompt, completion} (default: fact corpus test)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
+    p.add_argument("--single", type=int, default=30, help="sequential queries for the latency split")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra server environment for both modes (repeatable), e.g. OMP_NUM_THREADS=1")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries")
+    p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
+    p.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/results)")
+    args = p.parse_args(argv)
+    args.env = dict(item.split("=", 1) for item in args.env)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.quick:
+        args.duration, args.single = 2.0, 10
+    args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_service_"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    index_dir = args.index or build_test_index(args.workdir)
+    build_s = None if args.index else time.perf_counter() - t0
+    queries = load_queries(index_dir, args.queries)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    results = [bench_mode(index_dir, mode, queries, args) for mode in MODES]
+    goals = [g for res in results for g in goals_for(res)]
+    singles = [r["single"] for r in results]
+    loads = [row for r in results for row in r["load"]]
+    index_info = {"dir": str(index_dir), "built_here_s": build_s, "size": manifest.get("counts"),
+                  "fingerprint": manifest.get("fingerprint"), "faiss": manifest.get("faiss")}  # fmt: skip
+    payload = {"benchmark": "service", "quick": args.quick, "machine": machine(), "index": index_info,
+               "duration_s": args.duration, "k": K, "modes": results, "goals": goals}  # fmt: skip
+    payload["machine"]["note"] = "quiet machine; load client and server share the same 2 cores"
+    md = (
+        "# Service benchmark\n"
+        f"`influence serve` (uvicorn, 1 process) on 127.0.0.1; index {index_dir.name} "
+        f"({json.dumps(manifest.get('counts'))}, faiss {json.dumps(manifest.get('faiss', {}).get('factory'))}); "
+        f"k={K}; closed loop with httpx for {args.duration:g} s per concurrency level; the client "
+        f"runs on the same machine. Extra server environment: {args.env or 'none'}. Batching off: INFLUENCE_MAX_BATCH_SIZE=1, INFLUENCE_MAX_WAIT_MS=0.\n\n"
+        "## Single-query latency split (medians, ms)\n\n"
+        "encode = tokenize + gradient fingerprint (server); tokenize, serialize measured in-process; "
+        "http_and_framework = client round trip - server total - serialize.\n\n"
+        + md_table(singles, ["mode", "tokenize_ms", "encode_ms", "search_ms", "serialize_ms", "server_total_ms",
+                             "http_and_framework_ms", "client_p50_ms", "client_p99_ms"])
+        + "\n## Closed-loop load\n\n"
+        + md_table(loads, ["mode", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
+                         "server_cpu_ms_per_req", "client_cpu_ms_per_req", "busy_cores"])
+        + "\n## Goals\n\n" + md_table(goals, ["mode", "goal", "measured", "met"])
+    )  # fmt: skip
+    path = write_results("service" + ("_quick" if args.quick else ""), payload, md, args.out)
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
