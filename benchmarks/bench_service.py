@@ -75,7 +75,10 @@ def load_queries(index_dir: Path, fallback: Path | None) -> list[dict[str, str]]
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
     from evaluation.corpus import generate_fact_corpus
 
-    return [{"prompt": q.prompt, "completion": q.completion} for q in generate_fact_corpus("test").queries]
+    return [
+        {"prompt": q.prompt, "completion": q.completion}
+        for q in generate_fact_corpus("test").queries
+    ]
 
 
 def _free_port() -> int:
@@ -94,13 +97,17 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         self._log = log_path.open("w")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFLUENCE_")}
-        self.proc = subprocess.Popen(cmd, env={**full_env, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, env={**full_env, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self._log.name}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; see {self._log.name}"
+                )
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return
@@ -123,7 +130,9 @@ class Server:
         self._log.close()
 
 
-def in_process_split(index_dir: Path, queries: list[dict[str, str]], response: dict, repeats: int) -> dict[str, float]:
+def in_process_split(
+    index_dir: Path, queries: list[dict[str, str]], response: dict, repeats: int
+) -> dict[str, float]:
     """Median ms of the service's tokenize (validate + encode_queries both tokenize) and of
     serializing one real response with pydantic, as the route does."""
     from api.models import InfluenceResponse
@@ -176,7 +185,15 @@ def single_query(url: str, queries: list[dict[str, str]], n: int) -> tuple[dict[
     return {k: float(v) for k, v in out.items()}, last
 
 
-async def _load(url: str, queries: list[dict[str, str]], concurrency: int, duration_s: float) -> dict[str, Any]:
+async def _load(
+    url: str,
+    queries: list[dict[str, str]],
+    concurrency: int,
+    duration_s: float,
+    path: str = "/v1/influence",
+) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` workers, each sends its next request when one returns
+    (POST a query to ``/v1/influence``, or GET any other ``path``)."""
     latencies: list[float] = []
     failures: dict[str, int] = {}
     deadline = time.perf_counter() + duration_s
@@ -189,7 +206,10 @@ async def _load(url: str, queries: list[dict[str, str]], concurrency: int, durat
             i += concurrency
             t0 = time.perf_counter()
             try:
-                r = await client.post("/v1/influence", json=body)
+                if path == "/v1/influence":
+                    r = await client.post(path, json=body)
+                else:
+                    r = await client.get(path)
                 ok = r.status_code == 200
                 key = str(r.status_code)
             except httpx.HTTPError as exc:
@@ -203,8 +223,10 @@ async def _load(url: str, queries: list[dict[str, str]], concurrency: int, durat
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w, client) for w in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    stats = percentiles_ms(latencies) if latencies else {"p50_ms": float("nan"), "p99_ms": float("nan")}
-    return {"concurrency": concurrency, "duration_s": elapsed, "requests": len(latencies),
+    stats = (
+        percentiles_ms(latencies) if latencies else {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    )
+    return {"path": path, "concurrency": concurrency, "duration_s": elapsed, "requests": len(latencies),
             "qps": len(latencies) / elapsed, "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
             "failures": sum(failures.values()), "failure_kinds": failures}  # fmt: skip
 
@@ -233,29 +255,58 @@ def batch_sizes(url: str) -> dict[str, float]:
     return out
 
 
-def bench_mode(index_dir: Path, mode: str, queries: list[dict[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+def bench_mode(
+    index_dir: Path, mode: str, queries: list[dict[str, str]], args: argparse.Namespace
+) -> dict[str, Any]:
     log.info("mode %s: starting server", mode)
     env = {**args.env, **MODES[mode]}
     with Server(index_dir, env, args.workdir / f"server_{mode}.log") as server:
         single, response = single_query(server.url, queries, args.single)
         single.update(in_process_split(index_dir, queries, response, 50))
-        single["http_and_framework_ms"] = single["client_p50_ms"] - single["server_total_ms"] - single["serialize_ms"]
-        loads = []
-        for c in CONCURRENCY:
-            before = batch_sizes(server.url)
-            cpu0 = (_cpu_s(server.proc.pid), _self_cpu_s())
-            row = asyncio.run(_load(server.url, queries, c, args.duration))
-            cpu1 = (_cpu_s(server.proc.pid), _self_cpu_s())
-            after = batch_sizes(server.url)
-            n = max(1, row["requests"] + row["failures"])
-            row["server_cpu_ms_per_req"] = (cpu1[0] - cpu0[0]) * 1e3 / n
-            row["client_cpu_ms_per_req"] = (cpu1[1] - cpu0[1]) * 1e3 / n
-            row["busy_cores"] = (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / row["duration_s"]
-            if after.get("count", 0) > before.get("count", 0):
-                row["mean_batch"] = (after["sum"] - before.get("sum", 0)) / (after["count"] - before.get("count", 0))
-            loads.append({"mode": mode, **row})
-            log.info("%s", loads[-1])
-    return {"mode": mode, "env": env, "single": {"mode": mode, **single}, "load": loads}
+        single["http_and_framework_ms"] = (
+            single["client_p50_ms"] - single["server_total_ms"] - single["serialize_ms"]
+        )
+        loads = [
+            {"mode": mode, **measured_load(server, queries, c, args.duration)} for c in CONCURRENCY
+        ]
+        # The HTTP + framework floor: the same client on a route that does no work.
+        floor = {
+            "mode": mode,
+            **measured_load(server, queries, 16, min(args.duration, 3.0), "/healthz"),
+        }
+    return {
+        "mode": mode,
+        "env": env,
+        "single": {"mode": mode, **single},
+        "load": loads,
+        "healthz_floor": floor,
+    }
+
+
+def measured_load(
+    server: Server,
+    queries: list[dict[str, str]],
+    concurrency: int,
+    duration_s: float,
+    path: str = "/v1/influence",
+) -> dict[str, Any]:
+    """One closed-loop level plus the server's and this client's CPU per request, the
+    cores they kept busy, and the mean micro-batch size (from /metrics)."""
+    before = batch_sizes(server.url)
+    cpu0 = (_cpu_s(server.proc.pid), _self_cpu_s())
+    row = asyncio.run(_load(server.url, queries, concurrency, duration_s, path))
+    cpu1 = (_cpu_s(server.proc.pid), _self_cpu_s())
+    after = batch_sizes(server.url)
+    n = max(1, row["requests"] + row["failures"])
+    row["server_cpu_ms_per_req"] = (cpu1[0] - cpu0[0]) * 1e3 / n
+    row["client_cpu_ms_per_req"] = (cpu1[1] - cpu0[1]) * 1e3 / n
+    row["busy_cores"] = (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / row["duration_s"]
+    if after.get("count", 0) > before.get("count", 0):
+        row["mean_batch"] = (after["sum"] - before.get("sum", 0)) / (
+            after["count"] - before.get("count", 0)
+        )
+    log.info("%s", row)
+    return row
 
 
 def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -270,15 +321,32 @@ def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--index", type=Path, help="published index to serve (default: build the test one)")
-    p.add_argument("--queries", type=Path, help="JSONL of {prompt, completion} (default: fact corpus test)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
-    p.add_argument("--single", type=int, default=30, help="sequential queries for the latency split")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra server environment for both modes (repeatable), e.g. OMP_NUM_THREADS=1")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries")
+    p.add_argument(
+        "--index", type=Path, help="published index to serve (default: build the test one)"
+    )
+    p.add_argument(
+        "--queries", type=Path, help="JSONL of {prompt, completion} (default: fact corpus test)"
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of load per concurrency level"
+    )
+    p.add_argument(
+        "--single", type=int, default=30, help="sequential queries for the latency split"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra server environment for both modes (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
-    p.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/results)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results dir (default benchmarks/results)"
+    )
     args = p.parse_args(argv)
     args.env = dict(item.split("=", 1) for item in args.env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -294,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench_mode(index_dir, mode, queries, args) for mode in MODES]
     goals = [g for res in results for g in goals_for(res)]
     singles = [r["single"] for r in results]
-    loads = [row for r in results for row in r["load"]]
+    loads = [row for r in results for row in r["load"]] + [r["healthz_floor"] for r in results]
     index_info = {"dir": str(index_dir), "built_here_s": build_s, "size": manifest.get("counts"),
                   "fingerprint": manifest.get("fingerprint"), "faiss": manifest.get("faiss")}  # fmt: skip
     payload = {"benchmark": "service", "quick": args.quick, "machine": machine(), "index": index_info,
@@ -312,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         + md_table(singles, ["mode", "tokenize_ms", "encode_ms", "search_ms", "serialize_ms", "server_total_ms",
                              "http_and_framework_ms", "client_p50_ms", "client_p99_ms"])
         + "\n## Closed-loop load\n\n"
-        + md_table(loads, ["mode", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
+        + md_table(loads, ["mode", "path", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
                          "server_cpu_ms_per_req", "client_cpu_ms_per_req", "busy_cores"])
         + "\n## Goals\n\n" + md_table(goals, ["mode", "goal", "measured", "met"])
     )  # fmt: skip

@@ -66,7 +66,9 @@ def create_index(factory: str, dim: int) -> faiss.Index:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise ConfigError(f"bad FAISS factory string {factory!r}: {msg}", code="invalid_faiss_factory") from exc
+        raise ConfigError(
+            f"bad FAISS factory string {factory!r}: {msg}", code="invalid_faiss_factory"
+        ) from exc
 
 
 def _n_gpus() -> int:
@@ -159,7 +161,9 @@ def set_search_params(index: faiss.Index, params: SearchParams | None = None) ->
     params = params or SearchParams()
     ivf = _find_ivf(index)
     nprobe = min(params.nprobe, ivf.nlist) if ivf is not None else params.nprobe
-    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    space = (
+        faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    )
     for name, value in (("nprobe", nprobe), ("efSearch", params.ef_search)):
         try:
             space.set_index_parameter(index, name, value)
@@ -234,7 +238,9 @@ def search(
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != fingerprints.shape[1]:
-        raise ConfigError(f"queries must be [Q, {fingerprints.shape[1]}], got {list(queries.shape)}")
+        raise ConfigError(
+            f"queries must be [Q, {fingerprints.shape[1]}], got {list(queries.shape)}"
+        )
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
     if params is not None:
@@ -271,19 +277,25 @@ def recall_at_k(
     out: dict[str, float] = {"k": float(k), "n_queries": float(len(queries))}
     for key, rr in (("recall_at_k", False), ("recall_at_k_reranked", True)):
         _, ids = search(index, fingerprints, queries, k, exact=False, rerank=rr)
-        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact_ids, strict=True))
+        hits = sum(
+            len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact_ids, strict=True)
+        )
         out[key] = hits / float(k * len(queries))
     return out
 
 
-def exact_top_k(fingerprints: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+def exact_top_k(
+    fingerprints: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536
+) -> np.ndarray:
     """Brute-force top-k ids [Q, k] over float16 fingerprints [N, d], in row chunks."""
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for s in range(0, fingerprints.shape[0], chunk):
         sc = queries @ np.asarray(fingerprints[s : s + chunk], dtype=np.float32).T
         all_s = np.concatenate([best_s, sc], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(np.arange(s, s + sc.shape[1]), sc.shape)], axis=1)
+        all_i = np.concatenate(
+            [best_i, np.broadcast_to(np.arange(s, s + sc.shape[1]), sc.shape)], axis=1
+        )
         order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
         best_s = np.take_along_axis(all_s, order, axis=1)
         best_i = np.take_along_axis(all_i, order, axis=1)
