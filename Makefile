@@ -51,12 +51,14 @@ openapi: $(STAMP)
 load: $(STAMP) system-deps
 	$(BIN)/python -m deploy.load $(LOAD_ARGS)
 
-# Encoding (exact / factored vs a plain training step, factored fidelity) and approximate
-# search (IVF-PQ + exact re-rank vs Flat); writes benchmarks/results/bench_*.{md,json}.
-# BENCH_ARGS passes options to each (e.g. --quick for a smoke run).
+# Encoding (exact / factored vs a plain training step, factored fidelity), approximate
+# search (IVF-PQ + exact re-rank vs Flat) and the service (local uvicorn on 127.0.0.1:
+# latency split, QPS and p50/p99 at concurrency 1/4/16, batching on/off); writes
+# benchmarks/results/bench_*.{md,json}. BENCH_ARGS passes options to each (e.g. --quick).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_encode $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_search $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_service $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo
