@@ -319,6 +319,22 @@ def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def cpu_bound(res: dict[str, Any], cores: int) -> dict[str, Any]:
+    """Why the p99 goal is (not) reachable here, from measured numbers (closed loop, Little's
+    law: mean latency at concurrency C is C / QPS, so p99@16 <= 3 x p50_1 needs at least
+    QPS@16 >= 16 / (3 x p50_1)); the CPU ceiling is cores / (server + client CPU per request)."""
+    c16 = next(r for r in res["load"] if r["concurrency"] == 16)
+    cpu_ms = c16["server_cpu_ms_per_req"] + c16["client_cpu_ms_per_req"]
+    return {
+        "mode": res["mode"],
+        "qps_needed_for_p99_goal": 16e3 / (GOAL_P99_RATIO * res["single"]["client_p50_ms"]),
+        "qps_at_16": c16["qps"],
+        "cpu_ms_per_req_server_plus_client": cpu_ms,
+        "cpu_ceiling_qps": cores * 1e3 / cpu_ms,
+        "client_ceiling_qps_healthz": 1e3 / res["healthz_floor"]["client_cpu_ms_per_req"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument(
@@ -361,12 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((index_dir / "manifest.json").read_text())
     results = [bench_mode(index_dir, mode, queries, args) for mode in MODES]
     goals = [g for res in results for g in goals_for(res)]
+    bounds = [cpu_bound(res, len(os.sched_getaffinity(0))) for res in results]
     singles = [r["single"] for r in results]
     loads = [row for r in results for row in r["load"]] + [r["healthz_floor"] for r in results]
     index_info = {"dir": str(index_dir), "built_here_s": build_s, "size": manifest.get("counts"),
                   "fingerprint": manifest.get("fingerprint"), "faiss": manifest.get("faiss")}  # fmt: skip
     payload = {"benchmark": "service", "quick": args.quick, "machine": machine(), "index": index_info,
-               "duration_s": args.duration, "k": K, "modes": results, "goals": goals}  # fmt: skip
+               "duration_s": args.duration, "k": K, "modes": results, "goals": goals, "bounds": bounds}  # fmt: skip
     payload["machine"]["note"] = "quiet machine; load client and server share the same 2 cores"
     md = (
         "# Service benchmark\n"
@@ -383,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         + md_table(loads, ["mode", "path", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
                          "server_cpu_ms_per_req", "client_cpu_ms_per_req", "busy_cores"])
         + "\n## Goals\n\n" + md_table(goals, ["mode", "goal", "measured", "met"])
+        + "\n## Bounds (closed loop, Little's law; CPU ceiling = cores / CPU per request)\n\n"
+        + md_table(bounds, list(bounds[0]))
     )  # fmt: skip
     path = write_results("service" + ("_quick" if args.quick else ""), payload, md, args.out)
     print(md)
