@@ -54,7 +54,7 @@ def test_ivf_search_reranked_is_exact_on_its_candidates():
     vectors = rng.standard_normal((2000, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     fingerprints = vectors.astype(np.float16)
-    index = faiss_index.build_index("IVF16,PQ8", 32, [fingerprints.astype(np.float32)], vectors)
+    index = faiss_index.build_index("IVF16,SQ8", 32, [fingerprints.astype(np.float32)], vectors)
     queries = vectors[:5]
     params = SearchParams(nprobe=16, candidates=2000)  # every list, every vector: exact
     scores, ids = faiss_index.search(index, fingerprints, queries, 10, exact=False, params=params)
