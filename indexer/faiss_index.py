@@ -32,7 +32,7 @@ DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 128
 PLACEMENTS = ("cpu", "gpu", "shards")
 RERANK_GATHER_BYTES = 64 << 20
-"""Upper bound on the float32 [Q, C, d] candidate block scored at once by the re-rank."""
+"""Re-rank block size: queries per block x candidates x d x 4 bytes stays under this."""
 
 
 @dataclass(frozen=True)
@@ -190,21 +190,24 @@ def rerank_exact(
     n_q, n_c = candidate_ids.shape
     scores = np.full((n_q, k), -np.inf, dtype=np.float32)
     ids = np.full((n_q, k), -1, dtype=np.int64)
+    if n_q == 0 or n_c == 0:
+        return scores, ids
     cand = np.sort(candidate_ids, axis=1)  # -1 first; duplicates become neighbours
     valid = cand >= 0
     valid[:, 1:] &= cand[:, 1:] != cand[:, :-1]
-    if n_q == 0 or not valid.any():
-        return scores, ids
-    uniq, pos = np.unique(cand[valid], return_inverse=True)  # [U], [V]
-    rows = np.asarray(fingerprints[uniq], dtype=np.float32)  # [U, d]
-    slot = np.zeros((n_q, n_c), dtype=np.int64)
-    slot[valid] = pos
-    exact = np.empty((n_q, n_c), dtype=np.float32)
-    step = max(1, RERANK_GATHER_BYTES // max(1, n_c * rows.shape[1] * 4))
-    for s in range(0, n_q, step):  # bounded memory; one step for typical batches
-        block = rows[slot[s : s + step]]  # [q, C, d]
-        exact[s : s + step] = np.matmul(block, queries[s : s + step, :, None])[..., 0]
-    exact[~valid] = -np.inf
+    exact = np.full((n_q, n_c), -np.inf, dtype=np.float32)
+    step = max(1, RERANK_GATHER_BYTES // (n_c * fingerprints.shape[1] * 4))
+    for s in range(0, n_q, step):  # bounded memory; one block for typical batches
+        block, ok = cand[s : s + step], valid[s : s + step]
+        if not ok.any():
+            continue
+        uniq, pos = np.unique(block[ok], return_inverse=True)  # [U], [V]
+        rows = np.asarray(fingerprints[uniq], dtype=np.float32)  # [U, d], one read per id
+        slot = np.zeros(block.shape, dtype=np.int64)
+        slot[ok] = pos
+        # One BLAS product [q, U], then each query keeps its own candidates' columns.
+        every = queries[s : s + step] @ rows.T
+        exact[s : s + step] = np.where(ok, np.take_along_axis(every, slot, axis=1), -np.inf)
     top = np.argsort(-exact, axis=1, kind="stable")[:, :k]  # [Q, k'] with k' = min(k, C)
     top_s = np.take_along_axis(exact, top, axis=1)
     top_i = np.where(np.isfinite(top_s), np.take_along_axis(cand, top, axis=1), -1)
