@@ -28,10 +28,11 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"demo exited early with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+            ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:  # not listening yet
+            ready = False
+        if ready:
+            return
         time.sleep(0.5)
     raise AssertionError("demo did not become ready in time")
 

@@ -213,10 +213,11 @@ def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                if predicate():
-                    return True
-            except httpx.HTTPError:
-                pass
+                ok = predicate()
+            except httpx.HTTPError:  # not listening yet
+                ok = False
+            if ok:
+                return True
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             time.sleep(0.2)
         return False
