@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import httpx
 import numpy as np
 
 from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
+from deploy.harness import free_port, wait_http
 
 log = logging.getLogger("bench_service")
 CONCURRENCY = (1, 4, 16)
@@ -81,17 +81,11 @@ def load_queries(index_dir: Path, fallback: Path | None) -> list[dict[str, str]]
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """``influence serve`` as a subprocess on 127.0.0.1; a context manager that stops it."""
 
     def __init__(self, index_dir: Path, env: dict[str, str], log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--index", str(index_dir),
                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
@@ -102,19 +96,10 @@ class Server:
         )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}; see {self._log.name}"
-                )
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready within {timeout_s:g} s; see {self._log.name}")
+        try:
+            wait_http(self.url + "/readyz", timeout_s, self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; see {self._log.name}") from exc
 
     def __enter__(self) -> Server:
         self.wait_ready()

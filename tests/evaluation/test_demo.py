@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,28 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deploy.harness import free_port, wait_http
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"demo exited early with {proc.returncode}")
-        try:
-            ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:  # not listening yet
-            ready = False
-        if ready:
-            return
-        time.sleep(0.5)
-    raise AssertionError("demo did not become ready in time")
 
 
 def _learned(checkpoint: Path, queries) -> list:
@@ -49,13 +29,13 @@ def _learned(checkpoint: Path, queries) -> list:
 def test_quick_demo_serves_a_learned_fact(tmp_path):
     from evaluation.corpus import load_queries
 
-    workdir, port = tmp_path / "demo", _free_port()
+    workdir, port = tmp_path / "demo", free_port()
     log = (tmp_path / "demo.log").open("w")
     cmd = [sys.executable, "-m", "service.cli", "demo", "--quick", "--workdir", str(workdir), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, timeout=480)
+        wait_http(f"{url}/readyz", 480, proc)
         printed = (tmp_path / "demo.log").read_text()
         assert "curl -s" in printed and f"{url}/" in printed and "(* = a passage that states the fact)" in printed
 
@@ -81,7 +61,7 @@ def test_quick_demo_serves_a_learned_fact(tmp_path):
         proc.wait(timeout=30)
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_ready(url, proc, timeout=120)
+        wait_http(f"{url}/readyz", 120, proc)
         assert time.monotonic() - start < 60
         assert (tmp_path / "demo.log").read_text().count("model: cached") == 1
     finally:

@@ -195,15 +195,14 @@ def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
     rename is picked up on SIGHUP; a bad one is refused and the old one serves on."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from deploy.harness import free_port
+
     served = republish(tiny_index, tmp_path / "served", "a")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).parent / "influence"
     proc = subprocess.Popen([str(exe), "serve", "--index", str(served), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
