@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,6 +138,7 @@ class Whitener:
     names: list[str]
     matrices: list[torch.Tensor]
     lambda_: float
+    _converted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_statistics(
@@ -166,18 +167,16 @@ class Whitener:
 
     def apply(self, phi: torch.Tensor) -> torch.Tensor:
         """R^-1/2 phi for a batch phi [B, d], blockwise; returns phi's dtype and device."""
-        dims = [m.shape[0] for m in self.matrices]
-        parts = torch.split(phi, dims, dim=-1)
-        out = [p @ self._on(m, p) for p, m in zip(parts, self.matrices, strict=True)]
-        return torch.cat(out, dim=-1)
+        mats = self._matrices_like(phi)
+        parts = torch.split(phi, [m.shape[0] for m in mats], dim=-1)
+        return torch.cat([p @ m for p, m in zip(parts, mats, strict=True)], dim=-1)
 
-    def _on(self, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _matrices_like(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks on ``like``'s device and dtype, converted once per (device, dtype)."""
         key = (like.device, like.dtype)
-        cache = self.__dict__.setdefault("_cache", {})
-        per = cache.setdefault(key, {})
-        if id(m) not in per:
-            per[id(m)] = m.to(device=like.device, dtype=like.dtype)
-        return per[id(m)]
+        if key not in self._converted:
+            self._converted[key] = [m.to(device=like.device, dtype=like.dtype) for m in self.matrices]
+        return self._converted[key]
 
     def save(self, path: Path) -> None:
         save_file(
