@@ -28,9 +28,11 @@ from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.bench_common import machine, md_table, write_results
+from encoder import fingerprint
 from encoder.batching import Example, TokenBatch, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder, sequence_loss
+from encoder.memory import auto_batch_size
 from encoder.optimizer_state import SecondMoments
 from encoder.whitening import Whitener
 
@@ -38,6 +40,8 @@ log = logging.getLogger("bench_encode")
 
 GOALS = {"exact_ratio_max": 1.5, "factored_ratio_max": 1.0, "spearman_min": 0.95}
 MODELS = {  # name: (n_layer, n_embd, n_head, vocab)
+    "gpt2-medium": (24, 1024, 16, 50257),
+    "gpt2-small": (12, 768, 12, 50257),
     "gpt2-4x256": (4, 256, 4, 8192),
     "gpt2-6x384": (6, 384, 6, 8192),
     "gpt2-2x128": (2, 128, 2, 4096),
@@ -158,13 +162,24 @@ def _train_step(model, batch: TokenBatch) -> None:
         p.grad = None
 
 
-def speed(model_name: str, seq_len: int, batch_size: int, k: int, repeats: int) -> dict[str, Any]:
-    """Median seconds per batch of the plain step, exact and factored encoders, and ratios."""
+def speed(
+    model_name: str,
+    seq_len: int,
+    batch_size: int,
+    k: int,
+    repeats: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Median seconds per batch of the plain step, exact and factored encoders, and ratios.
+
+    ``batch_size`` 0 = auto: the largest batch that fits the free memory for the exact path
+    (``encoder.memory.auto_batch_size``), used for all three.
+    """
     model = build_model(model_name, seq_len)
     sm = random_second_moments(model)
-    g = torch.Generator().manual_seed(1)
-    batch = collate([sequence_example(torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist())
-                     for _ in range(batch_size)])  # fmt: skip
+    model = model.to(device, dtype)
+    dev = torch.device(device)
     encoders = {
         mode: TrackStarEncoder(
             model.requires_grad_(False),
@@ -173,6 +188,17 @@ def speed(model_name: str, seq_len: int, batch_size: int, k: int, repeats: int) 
         )
         for mode in ("exact", "factored")
     }
+    auto = None
+    if batch_size == 0:
+        batch_size, est = auto_batch_size(encoders["exact"], seq_len)
+        auto = {"fixed_MiB": est.fixed / 2**20, "per_example_MiB": est.per_example / 2**20, "method": est.method}
+    g = torch.Generator().manual_seed(1)
+    batch = collate([sequence_example(torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist())
+                     for _ in range(batch_size)]).to(dev)  # fmt: skip
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def plain() -> None:
         model.requires_grad_(True)
@@ -181,22 +207,37 @@ def speed(model_name: str, seq_len: int, batch_size: int, k: int, repeats: int) 
 
     runs = {"plain": plain, "exact": lambda: encoders["exact"].project(batch),
             "factored": lambda: encoders["factored"].project(batch)}  # fmt: skip
-    for fn in runs.values():  # warm-up
+    peak: dict[str, float] = {}
+    for name, fn in runs.items():  # warm-up (and peak memory per path on CUDA)
+        if dev.type == "cuda":
+            sync()
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         fn()
+        if dev.type == "cuda":
+            sync()
+            peak[name] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):  # interleaved so that machine noise hits all three alike
         for name, fn in runs.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     med = {name: float(np.median(ts)) for name, ts in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
+    # A plain step's arithmetic: ~6 flops per parameter per token (forward 2, backward 4).
+    tflops = 6 * n_params * batch_size * seq_len / med["plain"] / 1e12
     return {
         "model": model_name, "params_M": n_params / 1e6, "seq_len": seq_len, "batch": batch_size, "k": k,
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
         "d": encoders["exact"].dim, "plain_s": med["plain"], "exact_s": med["exact"], "factored_s": med["factored"],
         "exact_ratio": med["exact"] / med["plain"], "factored_ratio": med["factored"] / med["plain"],
         "factored_speedup_vs_exact": med["exact"] / med["factored"],
+        "tokens_per_s_exact": batch_size * seq_len / med["exact"],
         "tokens_per_s_factored": batch_size * seq_len / med["factored"],
+        "plain_TFLOPs": tflops, "peak_GiB": peak, "auto_batch": auto,
     }  # fmt: skip
 
 
@@ -219,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default="gpt2-4x256,gpt2-6x384", help=f"comma-separated, of {sorted(MODELS)}"
     )
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--seq-lens", default="128,256", help="comma-separated sequence lengths")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="model weights (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--batch", default=None,
+                   help="sequences per batch, or 'auto' (from free memory); default 4 on the CPU, auto on CUDA")
+    p.add_argument("--no-fidelity", action="store_true", help="speed only")
+    p.add_argument("--gradient-budget-mb", type=int, default=None,
+                   help="exact path: MiB of per-example gradients formed at once (default: encoder's)")
+    p.add_argument("--tag", default=None, help="result file suffix (default: the device type if not cpu)")
     p.add_argument(
         "--threads",
         type=int,
@@ -232,27 +283,41 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
+    cuda = torch.device(args.device).type == "cuda"
+    if args.gradient_budget_mb:
+        fingerprint.GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
+        fingerprint.CUDA_GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    batch_arg = args.batch or ("auto" if cuda else "4")
+    batch_size = 0 if batch_arg == "auto" else int(batch_arg)
     if args.quick:
         grid, batch_size, repeats, size = [("tiny-2x64", 32)], 4, 2, "test"
     else:
-        grid = [(m, t) for m in args.models.split(",") for t in (128, 256)]
-        batch_size, repeats, size = 4, 3, "demo"
+        seq_lens = [int(t) for t in args.seq_lens.split(",")]
+        grid = [(m, t) for m in args.models.split(",") for t in seq_lens]
+        repeats, size = (10 if cuda else 3), "demo"
     rows = []
     for model_name, seq_len in grid:
-        rows.append(speed(model_name, seq_len, batch_size, args.k, repeats))
+        rows.append(speed(model_name, seq_len, batch_size, args.k, repeats, args.device, dtype))
         log.info("%s", rows[-1])
+        if cuda:
+            torch.cuda.empty_cache()
     size = args.corpus_size or size
-    fid = demo_fidelity(size, args.demo_checkpoint, args.k)
-    log.info("fidelity: %s", fid)
+    fid: dict[str, Any] = {"skipped": True}
+    if not args.no_fidelity:
+        fid = demo_fidelity(size, args.demo_checkpoint, args.k)
+        log.info("fidelity: %s", fid)
 
     worst_exact = max(r["exact_ratio"] for r in rows)
     worst_fact = max(r["factored_ratio"] for r in rows)
-    rho = fid["hessian_train"]["spearman_mean"]
     goals = [
         {"goal": "exact encode <= 1.5x plain fwd+bwd (worst config)", "measured": worst_exact, "met": worst_exact <= GOALS["exact_ratio_max"]},
         {"goal": "factored encode <= 1.0x plain fwd+bwd (worst config)", "measured": worst_fact, "met": worst_fact <= GOALS["factored_ratio_max"]},
-        {"goal": "Spearman factored vs exact >= 0.95 (mean over queries)", "measured": rho, "met": rho >= GOALS["spearman_min"]},
     ]  # fmt: skip
+    if not args.no_fidelity:
+        rho = fid["hessian_train"]["spearman_mean"]
+        goals.append({"goal": "Spearman factored vs exact >= 0.95 (mean over queries)", "measured": rho,
+                      "met": rho >= GOALS["spearman_min"]})  # fmt: skip
     payload = {
         "benchmark": "encode",
         "quick": args.quick,
@@ -274,17 +339,25 @@ def main(argv: list[str] | None = None) -> int:
         "factored_ratio",
         "factored_speedup_vs_exact",
     ]
-    fid_rows = [{"hessian": h, **fid[f"hessian_{h}"]} for h in ("train", "none")]
+    if cuda:
+        cols[4:4] = ["dtype", "plain_TFLOPs"]
+        cols += ["tokens_per_s_factored"]
+    fid_md = ""
+    if not args.no_fidelity:
+        fid_rows = [{"hessian": h, **fid[f"hessian_{h}"]} for h in ("train", "none")]
+        fid_md = (f"\n## Factored vs exact influence scores ({size} fact corpus, trained model)\n\n"
+                  + md_table(fid_rows, ["hessian", "spearman_mean", "spearman_min_query", "spearman_pooled", "top10_overlap", "n_train", "n_queries"]))  # fmt: skip
     md = (
         "# Encoding benchmark\n"
         f"Ratios are encode time / plain forward+backward (training step without optimizer) on the same batch, "
-        f"median of {repeats} interleaved runs, k={args.k}, correction on.\n\n"
-        + md_table(rows, cols)
-        + f"\n## Factored vs exact influence scores ({size} fact corpus, trained model)\n\n"
-        + md_table(fid_rows, ["hessian", "spearman_mean", "spearman_min_query", "spearman_pooled", "top10_overlap", "n_train", "n_queries"])
+        f"median of {repeats} interleaved runs, k={args.k}, correction on, device {args.device}, weights {dtype} "
+        f"(accumulation float32), batch {batch_arg}.\n\n"
+        + md_table(rows, cols) + fid_md
         + "\n## Goals\n\n" + md_table(goals, ["goal", "measured", "met"])
     )  # fmt: skip
-    path = write_results("encode" + ("_quick" if args.quick else ""), payload, md, args.out)
+    tag = args.tag if args.tag is not None else ("" if not cuda else torch.device(args.device).type)
+    name = "encode" + ("_quick" if args.quick else "") + (f"_{tag}" if tag else "")
+    path = write_results(name, payload, md, args.out)
     print(md)
     print(f"wrote {path}")
     return 0

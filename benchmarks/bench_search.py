@@ -26,6 +26,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
 from indexer.faiss_index import SearchParams, build_index, exact_top_k, search
@@ -36,43 +37,46 @@ FLAT_SUBSET = 50_000
 GOALS = {"recall_min": 0.95, "speedup_min": 20.0, "bytes_per_vector_max": 256}
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
 
 
 class Synthetic:
-    """Deterministic generator of fingerprint-like unit vectors (see module docstring)."""
+    """Deterministic generator of fingerprint-like unit vectors (see module docstring).
+
+    Drawn with torch on the GPU when present (a 1M x 4096 store in seconds), else on the
+    CPU; the same seed gives the same vectors on the same kind of device.
+    """
 
     def __init__(self, n: int, d: int, seed: int = 0, per_cluster: int = 100, rank: int = 256):
-        rng = np.random.default_rng(seed)
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        g = torch.Generator(self.dev).manual_seed(seed)
         self.n, self.d = n, d
         n_clusters = max(1, n // per_cluster)
-        basis = rng.standard_normal((rank, d), dtype=np.float32)
-        weights = (np.arange(1, rank + 1, dtype=np.float32) ** -0.8)[None, :]
-        z = rng.standard_normal((n_clusters, rank), dtype=np.float32) * weights
+        basis = torch.randn(rank, d, generator=g, device=self.dev)
+        weights = (torch.arange(1, rank + 1, dtype=torch.float32, device=self.dev) ** -0.8)[None, :]
+        z = torch.randn(n_clusters, rank, generator=g, device=self.dev) * weights
         topic = _normalize(z @ basis)
-        self.centers = _normalize(
-            topic + 0.5 * _normalize(rng.standard_normal((n_clusters, d), dtype=np.float32))
-        )
+        self.centers = _normalize(topic + 0.5 * _normalize(torch.randn(n_clusters, d, generator=g, device=self.dev)))
         self.seed = seed
 
-    def _draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        c = rng.integers(0, len(self.centers), count)
-        noise = _normalize(rng.standard_normal((count, self.d), dtype=np.float32))
-        return _normalize(0.55 * self.centers[c] + 0.45 * noise).astype(np.float32)
+    def _draw(self, g: torch.Generator, count: int) -> np.ndarray:
+        c = torch.randint(0, len(self.centers), (count,), generator=g, device=self.dev)
+        noise = _normalize(torch.randn(count, self.d, generator=g, device=self.dev))
+        return _normalize(0.55 * self.centers[c] + 0.45 * noise).cpu().numpy()
 
     def write_store(self, path: Path) -> np.ndarray:
         """Write all N vectors as float16 [N, d] .npy; returns the memory map."""
         store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(self.n, self.d))
-        rng = np.random.default_rng(self.seed + 1)
+        g = torch.Generator(self.dev).manual_seed(self.seed + 1)
         for s in range(0, self.n, CHUNK):
-            store[s : s + CHUNK] = self._draw(rng, min(CHUNK, self.n - s))
+            store[s : s + CHUNK] = self._draw(g, min(CHUNK, self.n - s))
         store.flush()
         del store
         return np.load(path, mmap_mode="r")
 
     def queries(self, count: int) -> np.ndarray:
-        return self._draw(np.random.default_rng(self.seed + 2), count)
+        return self._draw(torch.Generator(self.dev).manual_seed(self.seed + 2), count)
 
 
 def chunks(store: np.ndarray, limit: int | None = None):
@@ -125,12 +129,11 @@ def bench_flat(store: np.ndarray, queries: np.ndarray, k: int) -> dict[str, Any]
 def bench_config(
     n: int,
     d: int,
-    factory: str,
-    n_train: int,
-    settings: list[SearchParams],
+    variants: list[tuple[str, int, list[SearchParams]]],
     workdir: Path,
     n_queries: int,
 ) -> dict[str, Any]:
+    """One synthetic store of N x d, Flat, and each (factory, n_train, settings) variant."""
     k = 10
     gen = Synthetic(n, d)
     t0 = time.perf_counter()
@@ -139,43 +142,46 @@ def bench_config(
     queries = gen.queries(n_queries)
     truth = exact_top_k(store, queries, k)
     flat = bench_flat(store, queries, k)
-    rng = np.random.default_rng(3)
-    sample = np.asarray(
-        store[np.sort(rng.choice(n, min(n_train, n), replace=False))], dtype=np.float32
-    )
-    t0 = time.perf_counter()
-    index = build_index(factory, d, chunks(store), sample)
-    build_s = time.perf_counter() - t0
-    ram = len(faiss.serialize_index(index))
     rows = []
-    for p in settings:
-        found = search(index, store, queries, k, exact=False, params=p)[1]
-        row: dict[str, Any] = {
-            "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
-            "candidates": p.candidates, "recall@10": recall_at(found, truth),
-        }  # fmt: skip
-        for b in (1, 32):
-            lat = latency(
-                lambda q, p=p: search(index, store, q, k, exact=False, params=p),
-                queries,
-                b,
-                50 if b == 1 else 4,
-            )
-            row.update(
-                {
-                    f"b{b}_p50_ms": lat["p50_ms"],
-                    f"b{b}_p99_ms": lat["p99_ms"],
-                    f"b{b}_qps": lat["qps"],
-                }
-            )
-        row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
-        row["bytes_per_vector_ram"] = ram / n
-        row["rerank_bytes_per_vector_disk"] = 2 * d
-        row["build_s"] = build_s
-        rows.append(row)
-        log.info("%s", row)
+    for factory, n_train, settings in variants:
+        rng = np.random.default_rng(3)
+        sample = np.asarray(
+            store[np.sort(rng.choice(n, min(n_train, n), replace=False))], dtype=np.float32
+        )
+        t0 = time.perf_counter()
+        index = build_index(factory, d, chunks(store), sample)
+        build_s = time.perf_counter() - t0
+        log.info("built %s in %.1fs", factory, build_s)
+        ram = len(faiss.serialize_index(index))
+        for p in settings:
+            found = search(index, store, queries, k, exact=False, params=p)[1]
+            row: dict[str, Any] = {
+                "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
+                "candidates": p.candidates, "recall@10": recall_at(found, truth),
+            }  # fmt: skip
+            for b in (1, 32):
+                lat = latency(
+                    lambda q, p=p, index=index: search(index, store, q, k, exact=False, params=p),
+                    queries,
+                    b,
+                    50 if b == 1 else 4,
+                )
+                row.update(
+                    {
+                        f"b{b}_p50_ms": lat["p50_ms"],
+                        f"b{b}_p99_ms": lat["p99_ms"],
+                        f"b{b}_qps": lat["qps"],
+                    }
+                )
+            row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
+            row["bytes_per_vector_ram"] = ram / n
+            row["rerank_bytes_per_vector_disk"] = 2 * d
+            row["build_s"] = build_s
+            rows.append(row)
+            log.info("%s", row)
+        del index  # noqa: F821
     (workdir / f"store_{n}x{d}.npy").unlink()
-    return {"N": n, "d": d, "factory": factory, "generate_s": gen_s, "flat": flat, "rows": rows}
+    return {"N": n, "d": d, "factories": [v[0] for v in variants], "generate_s": gen_s, "flat": flat, "rows": rows}
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated NxD, e.g. 100000x4096,1000000x4096",
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
+    p.add_argument("--hnsw", action="store_true", help="also PCA + HNSW32 (graph index; slower to build)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_search"))
     p.add_argument("--queries", type=int, default=128)
     p.add_argument("--out", type=Path, default=None)
@@ -215,18 +222,28 @@ def main(argv: list[str] | None = None) -> int:
         SearchParams(nprobe=16, candidates=256),
         SearchParams(nprobe=32, candidates=512),
     ]
-    grid = [(*config_for(n, d), ivf) for n, d in args.sizes]
+    hnsw = [
+        SearchParams(ef_search=64, candidates=100),
+        SearchParams(ef_search=128, candidates=256),
+        SearchParams(ef_search=256, candidates=512),
+    ]
     results = []
-    for n, d, factory, n_train, settings in grid:
-        log.info("config N=%d d=%d %s", n, d, factory)
-        results.append(bench_config(n, d, factory, n_train, settings, args.workdir, args.queries))
+    for n, d in args.sizes:
+        _, _, factory, n_train = config_for(n, d)
+        variants = [(factory, n_train, ivf)]
+        if args.hnsw:
+            variants.append((f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw))
+        log.info("config N=%d d=%d %s", n, d, [v[0] for v in variants])
+        results.append(bench_config(n, d, variants, args.workdir, args.queries))
     rows = [r for res in results for r in res["rows"]]
     flats = [{"N": r["N"], "d": r["d"], "measured_on": r["flat"]["measured_on"], "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
               "b1_p99_ms": r["flat"]["b1"]["p99_ms"], "b1_qps": r["flat"]["b1"]["qps"], "b32_p50_ms": r["flat"]["b32"]["p50_ms"],
               "b32_qps": r["flat"]["b32"]["qps"], "bytes_per_vector_ram": r["flat"]["bytes_per_vector_ram"], "generate_s": r["generate_s"]}
              for r in results]  # fmt: skip
     big = max(rows, key=lambda r: r["N"])["N"]
-    ok = [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]]
+    ok = [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]
+          and r["bytes_per_vector_ram"] <= GOALS["bytes_per_vector_max"]]  # fmt: skip
+    ok = ok or [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]]
     best = (
         max(ok, key=lambda r: r["speedup_vs_flat_b1"])
         if ok

@@ -31,10 +31,12 @@ class GradientCapture:
         modules: the tracked modules.
         sink: called once per module per backward pass, inside the backward pass.
         token_mask: [B, T] mask of real tokens for the current batch (set via ``set_mask``).
-        accum_dtype: dtype handed to the sink (float32, or float64 for exactness tests).
+        accum_dtype: dtype handed to the sink (float32, or float64 for exactness tests);
+            None hands over the model's own dtype (the bf16 fast path converts inside its
+            matrix products, with float32 outputs).
     """
 
-    def __init__(self, modules: list[TrackedModule], sink: Sink, accum_dtype: torch.dtype):
+    def __init__(self, modules: list[TrackedModule], sink: Sink, accum_dtype: torch.dtype | None):
         self.modules = modules
         self.sink = sink
         self.accum_dtype = accum_dtype
@@ -72,7 +74,10 @@ class GradientCapture:
                 acts = acts * self._mask.to(acts.dtype).unsqueeze(-1)
 
             def on_grad(grad: torch.Tensor) -> None:
-                self.sink(tracked, acts.to(self.accum_dtype), grad.to(self.accum_dtype))
+                if self.accum_dtype is None:
+                    self.sink(tracked, acts, grad)
+                else:
+                    self.sink(tracked, acts.to(self.accum_dtype), grad.to(self.accum_dtype))
 
             output.register_hook(on_grad)
             return None

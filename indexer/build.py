@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError, InputError
 from encoder.fingerprint import TrackStarEncoder
+from encoder.memory import auto_batch_size
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import SecondMoments, load_second_moments
 from encoder.whitening import RStatistics, Whitener
@@ -65,7 +66,10 @@ class BuildConfig:
         hessian_sample: sequences for R_train; None = all.
         faiss: FAISS factory string.
         faiss_train_sample: vectors to train an approximate index on.
-        batch_size: sequences per backward pass (part of the build's identity).
+        batch_size: sequences per backward pass (part of the build's identity); 0 = auto:
+            the largest batch that fits the device's free memory (``encoder.memory``),
+            measured once per build and kept in the work directory, so a resumed build
+            uses the same batches.
         shard_size: sequences per shard (resume and scale-out unit).
         device: torch device; None = CUDA if present.
         threads: torch intra-op threads; None = 1 for a small model on the CPU, else torch's default.
@@ -154,8 +158,8 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     progress = progress or passes._no_progress
     t_start = time.perf_counter()
     out = Path(cfg.out).resolve()
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise ConfigError("batch size and shard size must be >= 1")
+    if cfg.batch_size < 0 or cfg.shard_size < 1:
+        raise ConfigError("batch size must be >= 1 (or 0: auto) and shard size >= 1")
     corpus_format(Path(cfg.corpus))  # missing corpus: fail before loading the model
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")
@@ -216,6 +220,20 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     shards = passes.shard_ranges(n, cfg.shard_size)
     mine = [s for s in range(len(shards)) if ctx.owns(s)]
     encoder = TrackStarEncoder(model, cfg.fingerprint)
+
+    # -- batch size (auto: from free memory, once per build) -----------------------------
+    if cfg.batch_size == 0:
+        bs_path = work.path("batch_size.json")
+
+        def resolve_batch_size() -> None:
+            if bs_path.is_file():
+                return
+            bs, est = auto_batch_size(encoder, max(2, int(store.spans[:, 1].max())))
+            write_atomic(bs_path, lambda p: p.write_text(json.dumps({"batch_size": bs, **asdict(est)})))
+
+        ctx.run(resolve_batch_size, only_main=True)
+        cfg = replace(cfg, batch_size=int(json.loads(bs_path.read_text())["batch_size"]))
+        log.info("batch size: %d (auto)", cfg.batch_size)
 
     # -- second moments ------------------------------------------------------------------
     sm_path = work.path(mf.SECOND_MOMENTS)

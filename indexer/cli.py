@@ -161,6 +161,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_size(text: str) -> int:
+    """--batch-size: a positive integer, or ``auto`` (0 in BuildConfig)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="build an index from a corpus")
     p.add_argument("--model", required=True, help="model or HF Trainer checkpoint directory")
@@ -186,7 +199,8 @@ def _add_build(sub) -> None:
     p.add_argument("--hessian-sample", type=int, default=None, help="sequences for R_train (default: all)")
     p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
     p.add_argument("--faiss-train-sample", type=int, default=65536)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="sequences per backward pass, or 'auto': the largest that fits free memory")
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for models < 50M params on CPU)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -77,8 +78,9 @@ def create_app(
         The FastAPI app; the index loads when its lifespan starts.
     """
     settings = settings if settings is not None else Settings()
+    _set_threads(settings)
     metrics = Metrics()
-    state = IndexState(opener or default_opener(settings), settings.index_dir)
+    state = IndexState(opener or default_opener(settings), settings.index_dir, freeze_heap=True)
     batcher = MicroBatcher(
         state,
         Limits(settings.max_prompt_tokens, settings.max_completion_tokens),
@@ -159,6 +161,18 @@ def _add_ui_routes(app: FastAPI, static_dir: Path) -> None:
 
     app.add_api_route("/", ui, methods=["GET", "HEAD"], include_in_schema=False)
     app.add_api_route("/{filename}", ui, methods=["GET", "HEAD"], include_in_schema=False)
+
+
+def _set_threads(settings: Settings) -> None:
+    """CPU threads of torch and FAISS in this process: as configured, else the cores shared
+    out among the workers (oversubscribed OpenMP threads spin against each other)."""
+    import faiss
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = settings.torch_threads or max(1, cores // settings.workers)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
 
 
 async def _load(state: IndexState, metrics: Metrics, why: str = "startup") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def register(subparsers) -> None:
     serve.add_argument("--max-batch-size", type=int, help="queries per encode pass")
     serve.add_argument("--max-wait-ms", type=float, help="how long a query waits for batch mates")
     serve.add_argument("--max-queue", type=int, help="waiting queries before 503")
+    serve.add_argument("--workers", type=int, help="server processes, each with its own model and index (default 1)")
+    serve.add_argument("--torch-threads", type=int, help="CPU threads per process (default: cores / workers)")
     serve.set_defaults(func=run_serve)
 
     openapi = subparsers.add_parser("openapi", help="export the API's OpenAPI schema")
@@ -66,6 +69,8 @@ def _settings_from(args: argparse.Namespace):
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "max_queue": args.max_queue,
+        "workers": getattr(args, "workers", None),
+        "torch_threads": getattr(args, "torch_threads", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -83,6 +88,17 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not Path(settings.index_dir).is_dir():
         raise InfluenceError(f"{settings.index_dir} is not a directory", code="no_index")
-    app = create_app(settings, handle_sighup=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    if settings.workers == 1:
+        app = create_app(settings, handle_sighup=True)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        return 0
+    # Several processes: each worker builds its app from the environment (the command
+    # line's settings are passed down as INFLUENCE_* variables); SIGHUP makes uvicorn's
+    # supervisor restart the workers, which reload the configured index.
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name in ("api_keys", "cors_origins"):
+            value = ",".join(value)
+        os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
+    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
+                host=settings.host, port=settings.port, log_level="info")  # fmt: skip
     return 0

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
+    workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers), each with its own model and index.")
+    torch_threads: int | None = Field(None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers.")
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long a query waits for batch mates.")
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")

@@ -93,3 +93,25 @@ def test_wrong_model_is_refused(tiny_index, trained_checkpoint, tmp_path):
     with pytest.raises(ArtifactError) as info:
         InfluenceIndex.open(tiny_index, device="cpu", model_dir=other)
     assert info.value.code == "model_mismatch"
+
+
+def test_batch_size_auto_is_resolved_once_and_recorded(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    """--batch-size auto: measured from free memory, recorded in the manifest; the same
+    vectors as an explicit build with that batch size; bad values exit 2."""
+    import numpy as np
+
+    corpus = fact_corpus_files[0]
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "auto", "--batch-size", "auto")
+    assert rc == 0, err
+    bs = mf.read_manifest(tmp_path / "auto")["build"]["batch_size"]
+    assert bs >= 8 and bs % 8 == 0  # a few MiB per sequence against GiBs free
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "fixed", "--batch-size", str(bs))
+    assert rc == 0, err
+    a = np.load(tmp_path / "auto" / mf.FINGERPRINTS)
+    b = np.load(tmp_path / "fixed" / mf.FINGERPRINTS)
+    np.testing.assert_array_equal(a, b)
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(SystemExit) as exit_:
+            _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "bad", "--batch-size", bad)
+        assert exit_.value.code == 2
+        assert "positive integer or 'auto'" in capsys.readouterr().err

@@ -117,3 +117,34 @@ def test_settings_from_env_and_flags(monkeypatch):
     flagged = _settings_from(args)
     assert flagged.port == 9001 and flagged.max_queue == 3 and str(flagged.index_dir) == "/tmp/x"
     assert flagged.api_keys == ["k1", "k2"]  # env still applies where no flag is given
+
+
+def test_service_state_freezes_the_loaded_heap_out_of_gc_scans(tmp_path):
+    """After a load the long-lived objects are frozen (no full-collection stalls under load);
+    a later reload unfreezes first, so a replaced index's cycles can still be collected."""
+    import gc
+    import weakref
+
+    class Cyclic:
+        def __init__(self):
+            self.me = self
+
+    async def scenario():
+        state = IndexState(FakeOpener(), tmp_path, freeze_heap=True)
+        await state.reload()
+        frozen = gc.get_freeze_count()
+        garbage = Cyclic()
+        ref = weakref.ref(garbage)
+        gc.collect()
+        gc.freeze()  # garbage is now frozen, as an old index's cycles would be
+        del garbage
+        assert ref() is not None  # not collectable while frozen
+        await state.reload()
+        return frozen, ref
+
+    try:
+        frozen, ref = asyncio.run(scenario())
+        assert frozen > 1000
+        assert ref() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -241,3 +241,43 @@ def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_serve_command_with_several_workers(server, tiny_index):
+    """`influence serve --workers 2`: two processes, each with its own model and index,
+    answer like the one-process server (any worker may take any fresh connection)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    from deploy.harness import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "influence"
+    proc = subprocess.Popen([str(exe), "serve", "--index", str(tiny_index), "--port", str(port),
+                             "--workers", "2", "--torch-threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, streak = time.monotonic() + 120, 0
+        while streak < 20:  # fresh connections: every worker must be ready
+            assert time.monotonic() < deadline, "workers did not all become ready"
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                streak = streak + 1 if httpx.get(f"{base}/readyz").status_code == 200 else 0
+            except httpx.HTTPError:
+                streak = 0
+            time.sleep(0.05 if streak else 0.2)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()
+                   or "influence" in " ".join(c.cmdline())]  # fmt: skip
+        assert len(workers) >= 2
+        want = influence(server, *PROMPTS[1], k=5)["results"]  # the one-process server
+        for _ in range(6):
+            with httpx.Client(base_url=base, timeout=60) as fresh:
+                assert_same_results(influence(fresh, *PROMPTS[1], k=5)["results"], want)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,57 @@
+"""Automatic batch size from free memory (encoder/memory.py); the CUDA peak check is in
+tests/gpu/test_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
+from encoder.fingerprint import TrackStarEncoder
+from encoder.memory import auto_batch_size, estimate_memory, free_memory
+from tests.conftest import tiny_gpt2
+
+
+def _encoder(mode: str = "exact", correction: bool = True) -> TrackStarEncoder:
+    model = tiny_gpt2(seed=0, n_embd=32, vocab=64)
+    return TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none", mode=mode, correction=correction))
+
+
+def test_free_memory_is_positive():
+    assert free_memory(torch.device("cpu")) > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_estimate_grows_with_sequence_length(mode):
+    enc = _encoder(mode)  # correction on, no second moments: probed on a uniform twin
+    short, long = estimate_memory(enc, 8), estimate_memory(enc, 32)
+    assert short.method == "cpu-saved-tensors"
+    assert 0 < short.per_example < long.per_example
+    # Attention scores make per-example memory at least linear in length.
+    assert long.per_example >= 3 * short.per_example
+
+
+def test_auto_batch_size_fits_the_budget_and_is_monotone():
+    enc = _encoder(correction=False)
+    est = estimate_memory(enc, 16)
+    sizes = []
+    for examples in (1, 5, 40, 200):
+        free = int((est.fixed + examples * est.per_example) / 0.5) + 1
+        bs, got = auto_batch_size(enc, 16, free=free, fraction=0.5, max_batch=10_000)
+        assert got == est
+        assert got.bytes_for(bs) <= 0.5 * free
+        if bs < 8:
+            assert got.bytes_for(bs + 1) > 0.5 * free  # the largest that fits
+        else:
+            assert bs % 8 == 0 and got.bytes_for(bs + 8) > 0.5 * free
+        sizes.append(bs)
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] >= 192
+    assert auto_batch_size(enc, 16, free=1 << 40, max_batch=64)[0] == 64
+
+
+def test_auto_batch_size_refuses_when_nothing_fits():
+    with pytest.raises(ConfigError) as err:
+        auto_batch_size(_encoder(), 16, free=1024)
+    assert err.value.code == "insufficient_memory"
+    assert "MiB" in str(err.value)

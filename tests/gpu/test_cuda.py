@@ -1,0 +1,216 @@
+"""The accelerator paths (issue 7): run only where CUDA is present, skipped elsewhere (CI).
+
+- float64 on CUDA against the CPU reference (same tolerance as tests/encoder);
+- float32 on CUDA against float32 on the CPU;
+- the bf16 model (the default on an accelerator) against float32: fingerprint cosine and
+  influence-ranking agreement on the trained fact model;
+- the automatic batch size: the chosen batch's measured peak stays inside the budget;
+- a whole index build on CUDA (bf16, auto batch size) that finds the stating passages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from encoder.batching import collate, sequence_example
+from encoder.config import FingerprintConfig
+from encoder.fingerprint import TrackStarEncoder
+from encoder.memory import auto_batch_size
+from encoder.whitening import Whitener
+from tests.conftest import tiny_gpt2
+from tests.encoder import reference as ref
+from tests.encoder.test_exactness import TOL, _examples, _queries, _random_second_moments
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+CUDA = torch.device("cuda")
+
+
+def _encode(enc: TrackStarEncoder, examples, bs: int = 4) -> torch.Tensor:
+    return torch.cat([enc.project(collate(examples[i : i + bs])) for i in range(0, len(examples), bs)])
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_cuda_float64_matches_reference(k):
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    cfg = FingerprintConfig(k=k, seed=7, correction=True, hessian="mixed")
+    sm = _random_second_moments(model, seed=2)
+    enc = TrackStarEncoder(model.to(CUDA), cfg, second_moments=sm)
+    train, queries = _examples(3, 10, 3, 12, 40), _queries(4, 5, 40)
+    phi_t, phi_q = _encode(enc, train), enc.project(collate(queries))
+    assert phi_t.device.type == "cuda"
+    cpu_model = tiny_gpt2(seed=1, dtype=torch.float64)
+    kw = dict(k=k, seed=7, v_hat=sm.v_hat, eps=sm.eps)
+    ref_t = np.stack([ref.reference_phi(cpu_model, enc.modules, e, **kw) for e in train])
+    ref_q = np.stack([ref.reference_phi(cpu_model, enc.modules, e, **kw) for e in queries])
+    scale = max(np.abs(ref_t).max(), 1.0)
+    assert np.abs(phi_t.cpu().numpy() - ref_t).max() <= TOL * scale
+    assert np.abs(phi_q.cpu().numpy() - ref_q).max() <= TOL * scale
+    st, se = enc.new_statistics(), enc.new_statistics()
+    st.update(phi_t)
+    se.update(phi_q)
+    enc.set_whitener(Whitener.from_statistics(st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta))
+    rt, re_ = ref.block_moments(ref_t, enc.block_dims), ref.block_moments(ref_q, enc.block_dims)
+    lam = ref.reference_lambda(rt, re_, cfg.lambda_component)
+    wh = ref.reference_whiten(rt, re_, lam, cfg.delta)
+    e = enc.finalize(phi_t).cpu().numpy()
+    assert np.abs(e - ref.reference_fingerprints(ref_t, wh, enc.block_dims)).max() < TOL
+
+
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_cuda_float32_matches_cpu(mode):
+    cfg = FingerprintConfig(k=4, seed=3, hessian="none", mode=mode)
+    model = tiny_gpt2(seed=5, n_embd=32, vocab=64)
+    sm = _random_second_moments(model, seed=6)
+    examples = _examples(8, 12, 5, 30, 64)
+    cpu = _encode(TrackStarEncoder(model, cfg, second_moments=sm), examples).numpy()
+    gpu_model = tiny_gpt2(seed=5, n_embd=32, vocab=64).to(CUDA)
+    gpu = _encode(TrackStarEncoder(gpu_model, cfg, second_moments=sm), examples)
+    assert gpu.dtype == torch.float32 and gpu.device.type == "cuda"
+    gpu = gpu.cpu().numpy()
+    assert np.abs(gpu - cpu).max() <= 1e-4 * np.abs(cpu).max()
+
+
+def _fact_scores(checkpoint, corpus, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Influence scores [Q, N] (hessian train) and the fingerprints of the train set."""
+    from benchmarks.bench_encode import corpus_examples
+    from encoder.model_loading import load_model, load_tokenizer
+    from encoder.optimizer_state import load_second_moments
+
+    model = load_model(checkpoint, device=CUDA, dtype=dtype)
+    tok = load_tokenizer(checkpoint)
+    sm = load_second_moments(checkpoint, model)
+    train, queries = corpus_examples(corpus, tok, max_len=model.config.n_positions - 1)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="train"), second_moments=sm)
+    phi_t, phi_q = _encode(enc, train, 32), _encode(enc, queries, 32)
+    st = enc.new_statistics()
+    st.update(phi_t)
+    enc.set_whitener(Whitener.from_statistics(st, None, lambda_=0.0, lambda_component=1 / 64, delta=1e-3))
+    e_t, e_q = enc.finalize(phi_t), enc.finalize(phi_q)
+    return (e_q @ e_t.T).cpu().double().numpy(), e_t.cpu().double().numpy()
+
+
+def test_bf16_model_agrees_with_float32(trained_checkpoint, fact_corpus):
+    ck = trained_checkpoint.checkpoint_dir
+    s32, e32 = _fact_scores(ck, fact_corpus, torch.float32)
+    s16, e16 = _fact_scores(ck, fact_corpus, torch.bfloat16)
+    cos = (e32 * e16).sum(1)
+    rho = [spearmanr(a, b).statistic for a, b in zip(s32, s16, strict=True)]
+    top1 = np.mean(s32.argmax(1) == s16.argmax(1))
+    print(f"bf16 vs fp32: cosine mean {cos.mean():.4f} min {cos.min():.4f}; "
+          f"spearman mean {np.mean(rho):.4f} min {np.min(rho):.4f}; top-1 agreement {top1:.3f}")
+    assert cos.mean() >= 0.95 and np.mean(rho) >= 0.9 and top1 >= 0.8
+
+
+def test_auto_batch_size_peak_stays_in_budget():
+    from benchmarks.bench_encode import build_model, random_second_moments
+
+    model = build_model("gpt2-4x256", 256)
+    sm = random_second_moments(model)
+    model = model.to(CUDA, torch.bfloat16)
+    budget = 2 << 30
+    for mode in ("exact", "factored"):
+        enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", mode=mode), second_moments=sm)
+        bs, est = auto_batch_size(enc, 256, free=budget, fraction=0.5, max_batch=4096)
+        g = torch.Generator().manual_seed(9)
+        ids = torch.randint(1, model.config.vocab_size, (bs, 256), generator=g)
+        batch = collate([sequence_example(r.tolist()) for r in ids])
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        enc.project(batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"{mode}: batch {bs}, estimate {est.bytes_for(bs) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+        assert bs >= 8
+        assert peak <= 0.5 * budget
+        assert abs(peak - est.bytes_for(bs)) <= 0.25 * est.bytes_for(bs)
+
+
+def test_index_build_on_cuda_finds_stating_passages(trained_checkpoint, fact_corpus, fact_corpus_files, tmp_path):
+    from indexer.artifacts import InfluenceIndex
+    from indexer.build import BuildConfig, run_build
+
+    corpus, queries = fact_corpus_files
+    cfg = BuildConfig(model=trained_checkpoint.checkpoint_dir, corpus=corpus, queries=queries,
+                      out=tmp_path / "index", fingerprint=FingerprintConfig(k=8), shard_size=64,
+                      batch_size=0, device="cuda")  # fmt: skip
+    out = run_build(cfg)
+    idx = InfluenceIndex.open(out)
+    try:
+        assert idx.encoder.device.type == "cuda"
+        assert next(idx.encoder.model.parameters()).dtype == torch.bfloat16
+        assert idx.manifest["build"]["batch_size"] >= 8
+        qs = fact_corpus.queries
+        _, ids = idx.search(idx.encode_queries([(q.prompt, q.completion) for q in qs]), 10)
+        hits = []
+        for q, row in zip(qs, ids, strict=True):
+            docs = [r.document_id for r in idx.examples([int(i) for i in row if i >= 0])]
+            hits.append(any(d in q.relevant_ids for d in docs))
+        recall = float(np.mean(hits))
+        print(f"CUDA bf16 index: batch {idx.manifest['build']['batch_size']}, recall@10 {recall:.3f}")
+        assert recall >= 0.7
+    finally:
+        idx.close()
+
+
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_low_precision_products_match_float32_copies(mode):
+    """The bf16 fast path (bf16 operands, float32 outputs) against converting activations
+    and gradients to float32 first: exact up to summation order for the exact path; the
+    factored path's bf16-rounded projections cost < 1e-4 in cosine."""
+    from benchmarks.bench_encode import build_model, random_second_moments
+
+    model = build_model("gpt2-2x128", 64)
+    sm = random_second_moments(model)
+    model = model.to(CUDA, torch.bfloat16)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none", mode=mode), second_moments=sm)
+    assert enc.low_precision_products
+    batch = collate(_examples(11, 6, 20, 64, model.config.vocab_size))
+    fast = enc.project(batch)
+    enc.low_precision_products = False
+    slow = enc.project(batch)
+    assert fast.dtype == slow.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(fast, slow, dim=1)
+    rel = ((fast - slow).abs().max() / slow.abs().max()).item()
+    print(f"{mode}: fast vs float32 copies: min cosine {cos.min().item():.7f}, max rel diff {rel:.2e}")
+    if mode == "exact":
+        assert rel < 1e-4
+    assert cos.min().item() > 1 - 1e-4
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 128, 3), (12, 200, 333, 5), (7, 1000, 77, 1)])
+def test_fused_scale_project_kernel_matches_torch(shape):
+    from encoder import fused
+
+    k, out_dim, in_dim, n = shape
+    g = torch.Generator(device=CUDA).manual_seed(sum(shape))
+    a = torch.randn(k, out_dim, generator=g, device=CUDA)
+    grads = torch.randn(n, out_dim, in_dim, generator=g, device=CUDA)
+    s = torch.rand(out_dim, in_dim, generator=g, device=CUDA) * 1e3
+    assert fused.available(CUDA)
+    got = fused.scale_project(a, grads, s).double()
+    ref = torch.einsum("ko,noi->nki", a.double(), grads.double() * s.double())
+    assert got.shape == (n, k, in_dim)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5  # float32 sums over out
+
+
+def test_fused_correction_equals_unfused_exact_path():
+    from benchmarks.bench_encode import build_model, random_second_moments
+
+    model = build_model("gpt2-2x128", 64)
+    sm = random_second_moments(model)
+    model = model.to(CUDA, torch.bfloat16)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none"), second_moments=sm)
+    batch = collate(_examples(12, 5, 10, 64, model.config.vocab_size))
+    fused_phi = enc.project(batch)
+    enc.fused_correction = False
+    plain_phi = enc.project(batch)
+    rel = ((fused_phi - plain_phi).abs().max() / plain_phi.abs().max()).item()
+    print(f"fused vs unfused correction: max rel diff {rel:.2e}")
+    assert rel < 1e-5
