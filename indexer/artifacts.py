@@ -96,7 +96,8 @@ class InfluenceIndex:
         self.version = mf.manifest_version(index_dir)
         self.exact = faiss_index.is_exact(manifest["faiss"]["factory"])
         self.max_tokens = model_max_tokens(encoder.model)
-        self._encode_lock = threading.Lock()
+        self.encode_lock = threading.Lock()
+        """Held while the model runs (hooks are per-pass state): take it to run the model."""
 
     @classmethod
     def open(
@@ -174,7 +175,7 @@ class InfluenceIndex:
         examples = [tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs]
         out = np.zeros((len(examples), self.encoder.dim), dtype=np.float32)
         pad = int(self.tokenizer.pad_token_id or 0)
-        with self._encode_lock:
+        with self.encode_lock:
             for s in range(0, len(examples), QUERY_BATCH):
                 batch = collate(examples[s : s + QUERY_BATCH], pad)
                 out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()

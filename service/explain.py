@@ -101,7 +101,7 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
         )
     query = tokenize_query(index.tokenizer, body.prompt, body.completion)
     encoder = index.encoder
-    lock = getattr(index, "_encode_lock", None) or contextlib.nullcontext()
+    lock = getattr(index, "encode_lock", None) or contextlib.nullcontext()
     with lock:
         e_q = encoder.encode(collate([query], int(index.tokenizer.pad_token_id or 0)))[0]
         attribution = attribute_tokens(encoder, sequence_example(seq.input_ids), e_q)
