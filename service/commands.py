@@ -99,6 +99,16 @@ def run_serve(args: argparse.Namespace) -> int:
         if name in ("api_keys", "cors_origins"):
             value = ",".join(value)
         os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
-    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
+    uvicorn.run("service.commands:worker_app", factory=True, workers=settings.workers,
                 host=settings.host, port=settings.port, log_level="info")  # fmt: skip
     return 0
+
+
+def worker_app():
+    """App factory of one ``--workers`` process: the CLI's log format (the process is
+    spawned fresh, so errors would otherwise reach stderr unformatted), settings from the
+    INFLUENCE_* environment that ``run_serve`` exported."""
+    from service.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    return create_app()
