@@ -60,10 +60,10 @@ class Synthetic:
         self.centers = _normalize(topic + 0.5 * _normalize(torch.randn(n_clusters, d, generator=g, device=self.dev)))
         self.seed = seed
 
-    def _draw(self, g: torch.Generator, count: int) -> np.ndarray:
+    def _draw(self, g: torch.Generator, count: int, signal: float = 0.55) -> np.ndarray:
         c = torch.randint(0, len(self.centers), (count,), generator=g, device=self.dev)
         noise = _normalize(torch.randn(count, self.d, generator=g, device=self.dev))
-        return _normalize(0.55 * self.centers[c] + 0.45 * noise).cpu().numpy()
+        return _normalize(signal * self.centers[c] + (1.0 - signal) * noise).cpu().numpy()
 
     def write_store(self, path: Path) -> np.ndarray:
         """Write all N vectors as float16 [N, d] .npy; returns the memory map."""
@@ -75,8 +75,11 @@ class Synthetic:
         del store
         return np.load(path, mmap_mode="r")
 
-    def queries(self, count: int) -> np.ndarray:
-        return self._draw(torch.Generator(self.dev).manual_seed(self.seed + 2), count)
+    def queries(self, count: int, signal: float = 0.55) -> np.ndarray:
+        """Queries drawn like the data (signal 0.55), or further from every stored vector
+        (a smaller signal), as real influence queries are: on the demo index a query's
+        best training fingerprint has cosine ~0.17 (bench_search_index.md)."""
+        return self._draw(torch.Generator(self.dev).manual_seed(self.seed + 2), count, signal)
 
 
 def chunks(store: np.ndarray, limit: int | None = None):
@@ -132,14 +135,24 @@ def bench_config(
     variants: list[tuple[str, int, list[SearchParams]]],
     workdir: Path,
     n_queries: int,
+    query_signal: float = 0.55,
 ) -> dict[str, Any]:
     """One synthetic store of N x d, Flat, and each (factory, n_train, settings) variant."""
-    k = 10
     gen = Synthetic(n, d)
     t0 = time.perf_counter()
     store = gen.write_store(workdir / f"store_{n}x{d}.npy")
     gen_s = time.perf_counter() - t0
-    queries = gen.queries(n_queries)
+    out = bench_store(store, gen.queries(n_queries, query_signal), variants)
+    (workdir / f"store_{n}x{d}.npy").unlink()
+    return {**out, "generate_s": gen_s}
+
+
+def bench_store(
+    store: np.ndarray, queries: np.ndarray, variants: list[tuple[str, int, list[SearchParams]]]
+) -> dict[str, Any]:
+    """Flat and each approximate variant over a float16 store [N, d] (memory-mapped)."""
+    n, d = store.shape
+    k = 10
     truth = exact_top_k(store, queries, k)
     flat = bench_flat(store, queries, k)
     rows = []
@@ -180,8 +193,24 @@ def bench_config(
             rows.append(row)
             log.info("%s", row)
         del index  # noqa: F821
-    (workdir / f"store_{n}x{d}.npy").unlink()
-    return {"N": n, "d": d, "factories": [v[0] for v in variants], "generate_s": gen_s, "flat": flat, "rows": rows}
+    return {"N": n, "d": d, "factories": [v[0] for v in variants], "generate_s": None, "flat": flat, "rows": rows}
+
+
+def index_store(index_dir: Path, queries_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A published index's float16 fingerprints (memory-mapped) and the fingerprints of
+    real queries encoded by the index itself (``{prompt, completion}`` JSONL)."""
+    import json
+
+    from indexer import manifest as mf
+    from indexer.artifacts import InfluenceIndex
+
+    idx = InfluenceIndex.open(index_dir, device="cpu")
+    try:
+        rows = [json.loads(line) for line in queries_path.read_text().splitlines() if line.strip()]
+        vectors = idx.encode_queries([(r.get("prompt", ""), r["completion"]) for r in rows])
+    finally:
+        idx.close()
+    return np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r"), vectors
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -208,8 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
     p.add_argument("--hnsw", action="store_true", help="also PCA + HNSW32 (graph index; slower to build)")
+    p.add_argument("--index", type=Path, default=None,
+                   help="benchmark a published index's fingerprints (e.g. the demo one) instead of synthetic ones")
+    p.add_argument("--index-queries", type=Path, default=None,
+                   help="with --index: JSONL of {prompt, completion} encoded as the queries")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_search"))
     p.add_argument("--queries", type=int, default=128)
+    p.add_argument("--query-signal", type=float, default=0.55,
+                   help="weight of the cluster center in a synthetic query (data: 0.55; lower: harder, like real queries)")
+    p.add_argument("--tag", default=None, help="result file suffix")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -228,13 +264,29 @@ def main(argv: list[str] | None = None) -> int:
         SearchParams(ef_search=256, candidates=512),
     ]
     results = []
+    queries = np.zeros((0, 0), dtype=np.float32)
+    if args.index is not None:
+        if args.index_queries is None:
+            p.error("--index needs --index-queries")
+        store, queries = index_store(args.index, args.index_queries)
+        n, d = store.shape
+        _, _, factory, n_train = config_for(n, d)
+        # Real fingerprints: also graphs over 8-bit scalar codes of the full vectors (IVF
+        # cells and PCA fail the demo index's queries, which sit far from any training
+        # fingerprint: top-1 cosine ~0.17; see bench_search_index.md).
+        variants = [(factory, n_train, ivf)] + ([(f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw),
+                                                  ("HNSW32_SQ8", n_train, hnsw)] if args.hnsw else [])  # fmt: skip
+        log.info("index %s: N=%d d=%d, %d queries", args.index, n, d, len(queries))
+        results.append(bench_store(store, queries, variants))
+        args.sizes = []
     for n, d in args.sizes:
         _, _, factory, n_train = config_for(n, d)
         variants = [(factory, n_train, ivf)]
         if args.hnsw:
             variants.append((f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw))
+            variants.append(("HNSW32_SQ8", n_train, hnsw))
         log.info("config N=%d d=%d %s", n, d, [v[0] for v in variants])
-        results.append(bench_config(n, d, variants, args.workdir, args.queries))
+        results.append(bench_config(n, d, variants, args.workdir, args.queries, args.query_signal))
     rows = [r for res in results for r in res["rows"]]
     flats = [{"N": r["N"], "d": r["d"], "measured_on": r["flat"]["measured_on"], "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
               "b1_p99_ms": r["flat"]["b1"]["p99_ms"], "b1_qps": r["flat"]["b1"]["qps"], "b32_p50_ms": r["flat"]["b32"]["p50_ms"],
@@ -260,13 +312,17 @@ def main(argv: list[str] | None = None) -> int:
             "b32_p50_ms", "b32_p99_ms", "b32_qps", "speedup_vs_flat_b1", "bytes_per_vector_ram", "rerank_bytes_per_vector_disk", "build_s"]  # fmt: skip
     md = (
         "# Search benchmark\n"
-        f"Synthetic fingerprint-like unit vectors; {args.queries} queries; FAISS threads={args.threads}; candidates re-ranked "
+        + (f"The fingerprints of the index {args.index} with {len(queries)} real queries ({args.index_queries.name}) encoded by it"
+           if args.index is not None else f"Synthetic fingerprint-like unit vectors; {args.queries} queries (signal {args.query_signal})")
+        + f"; FAISS threads={args.threads}; candidates re-ranked "
         "exactly against the memory-mapped float16 store; recall@10 vs exact search over the same vectors. "
         "Flat latency measured on a subset (measured_on) and scaled linearly to N.\n\n"
         + md_table(rows, cols) + "\n## Flat (IndexFlatIP, float32 in RAM)\n\n"
         + md_table(flats, list(flats[0])) + "\n## Goals\n\n" + md_table(goals, ["goal", "measured", "met"])
     )  # fmt: skip
-    path = write_results("search" + ("_quick" if args.quick else ""), payload, md, args.out)
+    name = "search" + ("_quick" if args.quick else "") + ("_index" if args.index is not None else "")
+    name += f"_{args.tag}" if args.tag else ""
+    path = write_results(name, payload, md, args.out)
     print(md)
     print(f"wrote {path}")
     return 0
