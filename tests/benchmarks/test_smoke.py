@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end at smoke size (no timing asserted: `make bench`
+reports ratios; this only keeps the scripts from rotting)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_search_quick_with_graphs(tmp_path):
+    from benchmarks import bench_search
+
+    assert bench_search.main(["--quick", "--hnsw", "--queries", "32", "--workdir", str(tmp_path / "w"),
+                              "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "bench_search_quick.json").read_text())
+    factories = {r["factory"] for r in data["configs"][0]["rows"]}
+    assert factories == {"PCA64,IVF512,PQ16x4fs", "PCA64,HNSW32", "HNSW32_SQ8"}
+    for row in data["configs"][0]["rows"]:
+        assert 0.0 <= row["recall@10"] <= 1.0 and row["b1_p50_ms"] > 0 and row["bytes_per_vector_ram"] > 0
+    # The most generous setting of every index finds most true neighbours of easy queries.
+    assert max(r["recall@10"] for r in data["configs"][0]["rows"]) >= 0.9
+    assert (tmp_path / "bench_search_quick.md").read_text().startswith("# Search benchmark")
+
+
+@pytest.mark.slow
+def test_bench_encode_quick_speed_only(tmp_path):
+    from benchmarks import bench_encode
+
+    assert bench_encode.main(["--quick", "--no-fidelity", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_encode_quick.json").read_text())
+    row = data["speed"][0]
+    assert row["plain_s"] > 0 and row["exact_s"] > 0 and row["factored_s"] > 0
+    assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["exact", "factored"]
