@@ -81,9 +81,18 @@ def _launch(a: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def scale_project(a: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``A @ (G o S)``: a [k, out], g [n, out, in], s [out, in] float32 -> [n, k, in]."""
+    """``A @ (G o S)``: a [k, out], g [n, out, in], s [out, in] float32 -> [n, k, in].
+
+    A kernel that fails here (Triton compiles a variant per new shape and stride pattern)
+    is switched off for the device with a warning and torch answers instead: a fast path
+    must never fail a request.
+    """
     if available(g.device):
-        return _launch(a, g, s)
+        try:
+            return _launch(a, g, s)
+        except Exception as exc:  # noqa: BLE001 - compile/launch failure: fall back
+            log.warning("fused scale+project kernel failed (%s); torch is used from now on", exc)
+            _CHECKED[str(g.device)] = False
     return a @ (g * s)
 
 

@@ -55,3 +55,4 @@ def test_auto_batch_size_refuses_when_nothing_fits():
         auto_batch_size(_encoder(), 16, free=1024)
     assert err.value.code == "insufficient_memory"
     assert "MiB" in str(err.value)
+
