@@ -69,7 +69,8 @@ def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
 def write_results(
     name: str, payload: dict[str, Any], markdown: str, out_dir: Path | None = None
 ) -> Path:
-    """Write <out_dir>/bench_<name>.json and .md; returns the JSON path."""
+    """Write <out_dir>/bench_<name>.json and .md, print the Markdown and where it went;
+    returns the JSON path."""
     out_dir = RESULTS_DIR if out_dir is None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_{name}.json"
@@ -82,6 +83,8 @@ def write_results(
     (out_dir / f"bench_{name}.md").write_text(
         markdown.split("\n", 1)[0] + "\n\n" + header + markdown.split("\n", 1)[1]
     )
+    print(markdown)
+    print(f"wrote {path}")
     return path
 
 

@@ -357,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     tag = args.tag if args.tag is not None else ("" if not cuda else torch.device(args.device).type)
     name = "encode" + ("_quick" if args.quick else "") + (f"_{tag}" if tag else "")
-    path = write_results(name, payload, md, args.out)
-    print(md)
-    print(f"wrote {path}")
+    write_results(name, payload, md, args.out)
     return 0
 
 

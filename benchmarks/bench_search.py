@@ -322,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     name = "search" + ("_quick" if args.quick else "") + ("_index" if args.index is not None else "")
     name += f"_{args.tag}" if args.tag else ""
-    path = write_results(name, payload, md, args.out)
-    print(md)
-    print(f"wrote {path}")
+    write_results(name, payload, md, args.out)
     return 0
 
 

@@ -87,29 +87,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers 200.
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, *, streak: int = 1) -> None:
+    """Poll ``url`` until it answers 200 ``streak`` times in a row.
+
+    Each GET opens a fresh connection, so with several worker processes sharing the port
+    (any of them may accept it) a streak of ~20 means every worker is ready.
 
     Args:
         url: the URL to GET.
         timeout_s: give up after this many seconds.
         proc: the process expected to serve it; fail fast if it exits.
+        streak: consecutive 200 answers required.
     Raises:
         RuntimeError: the process exited or the deadline passed.
     """
     deadline = time.monotonic() + timeout_s
     last: object = None
+    run = 0
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process serving {url} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
                 last = resp.status
         except (urllib.error.URLError, OSError) as exc:
             last = exc
-        time.sleep(0.2)
+        run = run + 1 if last == 200 else 0
+        if run >= streak:
+            return
+        time.sleep(0.02 if run else 0.2)
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s (last: {last})")
 
 

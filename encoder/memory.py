@@ -131,7 +131,8 @@ def estimate_memory(encoder, seq_len: int) -> MemoryEstimate:
     s1 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b1))
     s2 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b2))
     per = max(1, int(CPU_TRANSIENT_FACTOR * (s2 - s1) / (b2 - b1)))
-    # Batch-independent: the exact path's chunked per-example gradients (x2: scaled copy).
+    # Batch-independent: the exact path's chunk of per-example gradients, with x2 headroom
+    # for the product's operand copies (the correction is applied in place).
     fixed = 2 * GRADIENT_BUDGET_BYTES if encoder.config.mode == "exact" else 0
     return MemoryEstimate(fixed, per, "cpu-saved-tensors")
 

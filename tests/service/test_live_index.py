@@ -253,7 +253,7 @@ def test_serve_command_with_several_workers(server, tiny_index):
 
     import psutil
 
-    from deploy.harness import free_port
+    from deploy.harness import free_port, wait_http
 
     port = free_port()
     exe = Path(sys.executable).parent / "influence"
@@ -262,15 +262,10 @@ def test_serve_command_with_several_workers(server, tiny_index):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, streak = time.monotonic() + 120, 0
-        while streak < 20:  # fresh connections: every worker must be ready
-            assert time.monotonic() < deadline, "workers did not all become ready"
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                streak = streak + 1 if httpx.get(f"{base}/readyz").status_code == 200 else 0
-            except httpx.HTTPError:
-                streak = 0
-            time.sleep(0.05 if streak else 0.2)
+        try:  # 20 fresh connections in a row: every worker is ready
+            wait_http(f"{base}/readyz", 120, proc, streak=20)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}: {proc.stderr.read().decode()[-3000:] if proc.poll() is not None else ''}") from exc
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()
                    or "influence" in " ".join(c.cmdline())]  # fmt: skip
         assert len(workers) >= 2
