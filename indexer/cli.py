@@ -73,18 +73,23 @@ def build_config(args: argparse.Namespace):
 
 def cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import run_build
-    from indexer.distributed import init_distributed, shutdown
+    from indexer.distributed import exit_after_success, init_distributed, shutdown
 
     cfg = build_config(args)
     ctx = init_distributed()
     progress, close = _tqdm_progress(ctx.is_main and not args.no_progress)
     try:
         out = run_build(cfg, ctx, progress)
-    finally:
+    except BaseException:
         close()
         shutdown()
+        raise
+    close()
     if ctx.is_main:
         print(f"index published: {out}")
+    if ctx.world_size > 1:
+        exit_after_success(0)
+    shutdown()
     return 0
 
 

@@ -95,5 +95,6 @@ def test_torchrun_two_processes_equal_single_process(tiny_index, trained_checkpo
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1 of 2" in proc.stderr
+    assert proc.stdout.count("index published:") == 1  # rank 0 only, flushed before os._exit
     assert mf.read_manifest(out)["build"]["world_size"] == 2
     assert_same_index(out, tiny_index)
