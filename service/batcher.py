@@ -1,7 +1,8 @@
 """Async micro-batcher: concurrent queries share one encode pass on the accelerator.
 
-A single consumer task takes the first waiting query, gathers more for at most
-``max_wait_ms`` or until ``max_batch_size``, and runs the batch in a worker thread (so
+A single consumer task takes the first waiting query and everything already queued, waits
+(at most ``max_wait_ms``) for more only while the batch is smaller than the number of
+clients likely to be active (see ``_gather``), never beyond ``max_batch_size``, and runs the batch in a worker thread (so
 encoding and search never block the event loop) on a leased index. The queue is bounded:
 when it is full, ``submit`` raises ``OverloadedError`` (503 + Retry-After) at once instead
 of letting latency pile up.
@@ -14,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from encoder.errors import InfluenceError
 from service.search import Limits, Outcome, Query, run_batch
@@ -41,6 +42,7 @@ class QueryTimeoutError(InfluenceError):
 class _Item:
     query: Query
     future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
 
 
 BatchObserver = Callable[[list[Outcome]], None]
@@ -53,7 +55,8 @@ class MicroBatcher:
         state: the served index (each batch takes one lease).
         limits: token limits passed to validation.
         max_batch_size: queries per encode pass.
-        max_wait_ms: how long the first query of a batch waits for others.
+        max_wait_ms: at most how long the first query of a batch waits for others (only
+            while fewer have gathered than there are clients likely to be active).
         max_queue: queries allowed to wait; more are refused with ``OverloadedError``.
         timeout_s: per-query bound on queue + compute time.
         observe: called with each finished batch's outcomes (metrics).
@@ -79,6 +82,10 @@ class MicroBatcher:
         self.observe = observe
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
+        # How many mates the next batch waits for (see _gather): the previous batch's size,
+        # and when it finished (queries queued before then came from other clients).
+        self._previous = 0
+        self._last_done = float("-inf")
         # One worker thread: batches run one at a time on the device.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-batch")
 
@@ -129,16 +136,29 @@ class MicroBatcher:
             ) from None
 
     async def _gather(self) -> list[_Item]:
-        """The next batch: the first waiting item plus any that arrive within the wait."""
+        """The next batch: the first waiting item, everything already queued, and (for at
+        most ``max_wait_ms``) later arrivals until the batch holds as many queries as there
+        are clients likely to be active.
+
+        That estimate is the previous batch's size (its clients got their answers together
+        and come back together) plus the queries that arrived while it ran (other clients).
+        A lone client (previous batch of 1, nothing else queued) never waits; C closed-loop
+        clients are gathered into one pass once all C are back, and two groups that fell
+        out of step (one queued while the other ran) are merged again. A fixed wait charged
+        every query ``max_wait_ms`` at low load; waiting only for the previous batch's size
+        left such groups alternating in half-size passes.
+        """
         assert self._queue is not None
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
-                continue
             except asyncio.QueueEmpty:
-                pass
+                break
+        arrived_while_running = sum(item.enqueued < self._last_done for item in batch)
+        target = min(self.max_batch_size, self._previous + arrived_while_running)
+        while len(batch) < target:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -147,6 +167,12 @@ class MicroBatcher:
                     batch.append(await self._queue.get())
             except TimeoutError:
                 break
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+        self._previous = len(batch)
         return [item for item in batch if not item.future.done()]
 
     def _compute(self, queries: list[Query]) -> list[Outcome]:
@@ -168,10 +194,12 @@ class MicroBatcher:
                     item.future.cancel()
                 raise
             except Exception as exc:  # delivered to the waiting requests, never lost
+                self._last_done = time.monotonic()
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            self._last_done = time.monotonic()
             for item, outcome in zip(batch, outcomes, strict=True):
                 if not item.future.done():
                     item.future.set_result(outcome)

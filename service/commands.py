@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -99,9 +100,31 @@ def run_serve(args: argparse.Namespace) -> int:
         if name in ("api_keys", "cors_origins"):
             value = ",".join(value)
         os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
-    uvicorn.run("service.commands:worker_app", factory=True, workers=settings.workers,
-                host=settings.host, port=settings.port, log_level="info")  # fmt: skip
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("service.commands:worker_app", factory=True, workers=settings.workers,
+                            host=settings.host, port=settings.port, log_level="info")  # fmt: skip
+    try:
+        Multiprocess(config, sockets=[bind_nodelay(config)]).run()
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def bind_nodelay(config) -> socket.socket:
+    """uvicorn's shared listening socket for ``workers > 1``, with TCP_NODELAY set.
+
+    uvicorn binds ``socket.socket(family)`` itself there: its ``proto`` is 0, so asyncio's
+    transports skip their TCP_NODELAY (they set it only when proto is IPPROTO_TCP), and every
+    response written in two sends (headers, then body) waits for the client's delayed ACK:
+    a ~40 ms floor on every request (bench_service with 2 workers measured p50 56-60 ms for
+    a 20 ms query and 44 ms for /healthz). Linux copies TCP_NODELAY from the listener to
+    each accepted connection.
+    """
+    sock = config.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def worker_app():

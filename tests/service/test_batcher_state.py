@@ -43,6 +43,51 @@ def test_concurrent_queries_share_batches_and_keep_their_own_results(tmp_path):
     assert sum(calls) == 6 + 24 and max(calls) == 8  # batches formed, bounded by max_batch_size
 
 
+def test_wait_adapts_to_the_previous_batch(tmp_path):
+    """A lone client never waits for mates; clients that came back together are gathered
+    together again (the wait lasts until the previous batch's size is reached)."""
+
+    async def scenario():
+        # A 3 s wait against a 1.5 s timeout: any query that sat out the full wait would fail.
+        opener, _, batcher = await _started(tmp_path, max_wait_ms=3000, timeout_s=1.5)
+        lone = [await batcher.submit([Query(f"lone {i}", "c", k=2)]) for i in range(3)]
+        first = await asyncio.gather(*(batcher.submit([Query(f"a {i}", "c", k=2)]) for i in range(4)))
+
+        async def late(i):  # the same 4 clients, back 50 ms apart
+            await asyncio.sleep(0.05 * i)
+            return await batcher.submit([Query(f"b {i}", "c", k=2)])
+
+        second = await asyncio.gather(*(late(i) for i in range(4)))
+        await batcher.stop()
+        return opener, lone, first, second
+
+    opener, lone, first, second = asyncio.run(scenario())
+    assert all(o.error is None for (o,) in [*lone, *first, *second])
+    assert opener.opened[0].encode_calls == [1, 1, 1, 4, 4]
+
+
+def test_groups_out_of_step_are_merged_into_one_pass(tmp_path):
+    """Clients that queued while another group's pass ran are counted as active: the next
+    pass waits for the running group to come back instead of alternating half-size passes."""
+
+    async def scenario():
+        opener, _, batcher = await _started(tmp_path, delay=0.1, max_wait_ms=300, timeout_s=5)
+
+        async def client(name, start):
+            await asyncio.sleep(start)
+            return [await batcher.submit([Query(f"{name} {j}", "c", k=2)]) for j in range(2)]
+
+        runs = await asyncio.gather(*(client(f"a{i}", 0.0) for i in range(4)),
+                                    *(client(f"b{i}", 0.02) for i in range(4)))
+        await batcher.stop()
+        return opener, runs
+
+    opener, runs = asyncio.run(scenario())
+    assert all(o.error is None for run in runs for (o,) in run)
+    # a's first queries; b's first (queued during it) + a's second, merged; b's second.
+    assert opener.opened[0].encode_calls == [4, 8, 4]
+
+
 def test_a_bad_query_does_not_fail_its_batch_mates(tmp_path):
     async def scenario():
         _, _, batcher = await _started(tmp_path)
