@@ -122,8 +122,8 @@ class Server:
 def in_process_split(
     index_dir: Path, queries: list[dict[str, str]], response: dict, repeats: int
 ) -> dict[str, float]:
-    """Median ms of the service's tokenize (validate + encode_queries both tokenize) and of
-    serializing one real response with pydantic, as the route does."""
+    """Median ms of the service's tokenize (once per query: validation keeps the tokens for
+    the encoder) and of serializing one real response with pydantic, as the route does."""
     from api.models import InfluenceResponse
     from encoder.batching import tokenize_query
     from encoder.model_loading import load_tokenizer
@@ -142,7 +142,6 @@ def in_process_split(
     for i in range(repeats):
         q = queries[i % len(queries)]
         t0 = time.perf_counter()
-        tokenize_query(tokenizer, q["prompt"], q["completion"])
         tokenize_query(tokenizer, q["prompt"], q["completion"])
         t1 = time.perf_counter()
         obj.model_dump_json()
@@ -384,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries"
     )
     p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
+    p.add_argument("--tag", default=None, help="result file suffix, e.g. workers2")
     p.add_argument(
         "--out", type=Path, default=None, help="results dir (default benchmarks/results)"
     )
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n## Bounds (closed loop, Little's law; CPU ceiling = cores / CPU per request)\n\n"
         + md_table(bounds, list(bounds[0]))
     )  # fmt: skip
-    write_results("service" + ("_quick" if args.quick else ""), payload, md, args.out)
+    name = "service" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    write_results(name, payload, md, args.out)
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from encoder.batching import collate, tokenize_query
+from encoder.batching import Example, collate, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
@@ -172,7 +172,15 @@ class InfluenceIndex:
             InputError: empty completion / prompt. InputTooLongError: over the limit.
         """
         limit = self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens or max_tokens)
-        examples = [tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs]
+        return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs])
+
+    def encode_examples(self, examples: list[Example]) -> np.ndarray:
+        """Fingerprints of already tokenized queries (``encoder.batching.tokenize_query``), so
+        a caller that tokenized them to validate them does not tokenize them twice.
+
+        Returns:
+            [Q, d] float32 unit vectors.
+        """
         out = np.zeros((len(examples), self.encoder.dim), dtype=np.float32)
         pad = int(self.tokenizer.pad_token_id or 0)
         with self.encode_lock:

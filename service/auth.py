@@ -55,15 +55,19 @@ def check_key(keys: list[str], presented: str | None) -> None:
         raise ForbiddenError("the API key is not accepted")
 
 
-def require_key(request: Request) -> None:
-    """FastAPI dependency for query endpoints: a valid key when auth is enabled."""
+async def require_key(request: Request) -> None:
+    """FastAPI dependency for query endpoints: a valid key when auth is enabled.
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its
+    thread pool, a thread hop (and a GIL hand-off) on every request for a header check.
+    """
     keys = request.app.state.settings.api_keys
     if keys:
         check_key(keys, presented_key(request))
 
 
-def require_admin(request: Request) -> None:
-    """FastAPI dependency for admin endpoints: always a valid key."""
+async def require_admin(request: Request) -> None:
+    """FastAPI dependency for admin endpoints: always a valid key (``async``: see require_key)."""
     keys = request.app.state.settings.api_keys
     if not keys:
         raise ForbiddenError(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.batching import tokenize_query
+from encoder.batching import Example, tokenize_query
 from encoder.errors import InfluenceError, InputTooLongError
 from indexer.fusion import mode_search
 
@@ -77,9 +77,12 @@ def model_name(manifest: dict) -> str:
     return str(manifest.get("model_id") or "unknown")
 
 
-def validate(tokenizer, query: Query, limits: Limits, context: int | None = None) -> None:
+def validate(tokenizer, query: Query, limits: Limits, context: int | None = None) -> Example:
     """Tokenize as the encoder will and enforce the per-part token limits and the model's
     context length ``context`` (total tokens).
+
+    Returns:
+        the tokenized query, ready for ``encode_examples``.
 
     Raises:
         InputError: empty completion / empty prompt without BOS (422).
@@ -107,9 +110,10 @@ def validate(tokenizer, query: Query, limits: Limits, context: int | None = None
             n_tokens=len(example.input_ids),
             limit=context,
         )
+    return example
 
 
-def _encode(index, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[InfluenceError | None]]:
+def _encode(index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
     """Encode validated queries in one pass; should the encoder still refuse one, encode
     them one by one so that only that query fails.
 
@@ -117,15 +121,15 @@ def _encode(index, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[Influ
         vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
     """
     try:
-        return np.asarray(index.encode_queries(pairs), dtype=np.float32), [None] * len(pairs)
+        return np.asarray(index.encode_examples(examples), dtype=np.float32), [None] * len(examples)
     except InfluenceError:
-        if len(pairs) == 1:
+        if len(examples) == 1:
             raise
     rows: list[np.ndarray | None] = []
     errors: list[InfluenceError | None] = []
-    for pair in pairs:
+    for example in examples:
         try:
-            rows.append(np.asarray(index.encode_queries([pair]), dtype=np.float32)[0])
+            rows.append(np.asarray(index.encode_examples([example]), dtype=np.float32)[0])
             errors.append(None)
         except InfluenceError as exc:
             rows.append(None)
@@ -185,9 +189,10 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     ]
     context = getattr(index, "max_tokens", None)
     valid: list[int] = []
+    examples: list[Example] = []
     for i, query in enumerate(queries):
         try:
-            validate(index.tokenizer, query, limits, context)
+            examples.append(validate(index.tokenizer, query, limits, context))
             valid.append(i)
         except InfluenceError as exc:
             outcomes[i].error = exc
@@ -195,9 +200,8 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
         return outcomes
 
     t0 = time.perf_counter()
-    pairs = [(queries[i].prompt, queries[i].completion) for i in valid]
     try:
-        vectors, errors = _encode(index, pairs)  # [V, d]
+        vectors, errors = _encode(index, examples)  # [V, d]
     except InfluenceError as exc:
         outcomes[valid[0]].error = exc
         return outcomes

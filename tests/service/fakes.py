@@ -77,16 +77,20 @@ class FakeIndex:
         self._lock = threading.Lock()
 
     def encode_queries(self, pairs, max_tokens=None) -> np.ndarray:
+        return self.encode_examples(
+            [tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs]
+        )
+
+    def encode_examples(self, examples) -> np.ndarray:
         if self.closed:
             raise RuntimeError("encode on a closed index")
         with self._lock:
-            self.encode_calls.append(len(pairs))
-        for prompt, completion in pairs:
-            tokenize_query(self.tokenizer, prompt, completion, max_tokens=max_tokens)
+            self.encode_calls.append(len(examples))
         time.sleep(self.encode_delay_s)
-        out = np.empty((len(pairs), self.d), dtype=np.float32)
-        for i, (prompt, completion) in enumerate(pairs):
-            digest = hashlib.sha256(f"{prompt}\x00{completion}".encode()).digest()
+        out = np.empty((len(examples), self.d), dtype=np.float32)
+        for i, example in enumerate(examples):
+            key = repr((example.input_ids, example.target_mask)).encode()
+            digest = hashlib.sha256(key).digest()
             v = np.random.default_rng(list(digest[:8])).standard_normal(self.d)
             out[i] = v / np.linalg.norm(v)
         return out
