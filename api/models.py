@@ -172,10 +172,22 @@ class BatchInfluenceRequest(BaseModel):
     queries: list[InfluenceQuery] = Field(min_length=1, description="Queries, answered in order.")
 
 
-class BatchInfluenceResponse(BaseModel):
-    """One response per query, in request order."""
+class BatchQueryError(BaseModel):
+    """Why one query of a batch call failed: what `POST /v1/influence` would have answered."""
 
-    responses: list[InfluenceResponse]
+    query_index: int = Field(ge=0, description="Position of the query in the request.")
+    status: int = Field(description="The HTTP status a single `POST /v1/influence` would have returned.", examples=[413])
+    error: ErrorBody
+
+
+class BatchInfluenceResponse(BaseModel):
+    """One entry per query, in request order: a response, or `null` where the query failed
+    (its error is in `errors`). One bad query does not fail its batch mates."""
+
+    responses: list[InfluenceResponse | None]
+    errors: list[BatchQueryError] = Field(
+        default_factory=list, description="One per failed query, in request order; empty when all succeeded."
+    )
 
 
 class Example(BaseModel):

@@ -58,7 +58,7 @@ def error_response(
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+def jsonable(details: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v if isinstance(v, str | int | float | bool | None) else str(v)
         for k, v in details.items()
@@ -85,7 +85,7 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
                 "%s %s -> %d %s", request.method, request.url.path, exc.http_status, exc.code
             )
         return error_response(
-            exc.http_status, exc.code, exc.message, _jsonable(exc.details), headers
+            exc.http_status, exc.code, exc.message, jsonable(exc.details), headers
         )
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

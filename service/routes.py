@@ -15,6 +15,8 @@ from fastapi.responses import Response
 from api.models import (
     BatchInfluenceRequest,
     BatchInfluenceResponse,
+    BatchQueryError,
+    ErrorBody,
     ErrorResponse,
     Example,
     Health,
@@ -28,7 +30,7 @@ from api.models import (
 )
 from encoder.errors import InfluenceError, InputError
 from service.auth import require_admin, require_key
-from service.errors import ERROR_RESPONSES
+from service.errors import ERROR_RESPONSES, jsonable
 from service.search import Outcome, Query, model_name
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
@@ -100,8 +102,10 @@ async def query_influence(body: InfluenceQuery, request: Request) -> InfluenceRe
 async def query_influence_batch(
     body: BatchInfluenceRequest, request: Request
 ) -> BatchInfluenceResponse:
-    """Answer each query exactly as `POST /v1/influence` would, in request order. The whole
-    call fails with the first failing query's error (`details.query_index` says which)."""
+    """Answer each query exactly as `POST /v1/influence` would, in request order. A query
+    that fails gets `null` in `responses` and an entry in `errors` (its `query_index`, the
+    status and error body the single endpoint would have returned); the others are
+    answered. Only problems of the call itself (too many queries, auth, overload) fail it."""
     started = time.perf_counter()
     limit = request.app.state.settings.max_batch_queries
     if len(body.queries) > limit:
@@ -112,14 +116,18 @@ async def query_influence_batch(
             limit=limit,
         )
     outcomes = await request.app.state.batcher.submit([_query(q) for q in body.queries])
-    responses = []
+    responses: list[InfluenceResponse | None] = []
+    errors: list[BatchQueryError] = []
     for i, (q, outcome) in enumerate(zip(body.queries, outcomes, strict=True)):
-        if outcome.error is not None:
-            exc = outcome.error
-            exc.details = {**exc.details, "query_index": i}
-            raise exc
-        responses.append(_response(q, outcome, started))
-    return BatchInfluenceResponse(responses=responses)
+        if outcome.error is None:
+            responses.append(_response(q, outcome, started))
+            continue
+        exc = outcome.error
+        responses.append(None)
+        errors.append(BatchQueryError(query_index=i, status=exc.http_status,
+                                      error=ErrorBody(code=exc.code, message=exc.message,
+                                                      details=jsonable(exc.details) or None)))  # fmt: skip
+    return BatchInfluenceResponse(responses=responses, errors=errors)
 
 
 @v1.get(

@@ -141,8 +141,24 @@ def test_batch_limits_and_errors(server):
     q = {"prompt": "p", "completion": "c"}
     r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q] * 5})
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_queries"
-    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q, {"prompt": "x" * 99, "completion": "c"}]})
-    assert r.status_code == 413 and r.json()["error"]["details"]["query_index"] == 1
+    # A bad query fails alone, with what the single endpoint answers; its mates are answered.
+    bad = {"prompt": "x" * 99, "completion": "c"}
+    long_completion = {"prompt": "p", "completion": "y" * 21}  # over the completion limit
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q, bad, q, long_completion]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    single_ok, single_bad, single_long_completion = (query(server, **x) for x in (q, bad, long_completion))
+    assert [x is None for x in body["responses"]] == [False, True, False, True]
+    for got in (body["responses"][0], body["responses"][2]):
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in single_ok.json()["results"]]
+    assert body["errors"] == [
+        {"query_index": 1, "status": single_bad.status_code, "error": single_bad.json()["error"]},
+        {"query_index": 3, "status": single_long_completion.status_code, "error": single_long_completion.json()["error"]},
+    ]
+    assert single_bad.status_code == single_long_completion.status_code == 413
+    assert single_long_completion.json()["error"]["details"]["field"] == "completion"
+    r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q, q]})
+    assert r.status_code == 200 and r.json()["errors"] == [] and None not in r.json()["responses"]
     r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": []})
     assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "queries"
 
