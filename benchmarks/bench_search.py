@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=128)
     p.add_argument("--query-signal", type=float, default=0.55,
                    help="weight of the cluster center in a synthetic query (data: 0.55; lower: harder, like real queries)")
+    p.add_argument("--factories", default=None,
+                   help="';'-separated FAISS factories to run instead of the default ones, e.g. "
+                        "'PQ512x4fs;PCA256,IVF1024,PQ64x4fs' (IVF: nprobe grid; HNSW: ef grid; "
+                        "others, e.g. flat PQ codes: candidates grid)")
     p.add_argument("--tag", default=None, help="result file suffix")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -263,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         SearchParams(ef_search=128, candidates=256),
         SearchParams(ef_search=256, candidates=512),
     ]
+    codes = [SearchParams(candidates=256), SearchParams(candidates=512), SearchParams(candidates=1024)]
+
+    def grid(factory: str) -> list[SearchParams]:
+        return ivf if "IVF" in factory else hnsw if "HNSW" in factory else codes
+
+    def chosen(n_train: int) -> list[tuple[str, int, list[SearchParams]]] | None:
+        if not args.factories:
+            return None
+        return [(f, n_train, grid(f)) for f in args.factories.split(";") if f.strip()]
+
     results = []
     queries = np.zeros((0, 0), dtype=np.float32)
     if args.index is not None:
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         # fingerprint: top-1 cosine ~0.17; see bench_search_index.md).
         variants = [(factory, n_train, ivf)] + ([(f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw),
                                                   ("HNSW32_SQ8", n_train, hnsw)] if args.hnsw else [])  # fmt: skip
+        variants = chosen(n_train) or variants
         log.info("index %s: N=%d d=%d, %d queries", args.index, n, d, len(queries))
         results.append(bench_store(store, queries, variants))
         args.sizes = []
@@ -285,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.hnsw:
             variants.append((f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw))
             variants.append(("HNSW32_SQ8", n_train, hnsw))
+        variants = chosen(n_train) or variants
         log.info("config N=%d d=%d %s", n, d, [v[0] for v in variants])
         results.append(bench_config(n, d, variants, args.workdir, args.queries, args.query_signal))
     rows = [r for res in results for r in res["rows"]]

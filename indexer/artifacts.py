@@ -96,6 +96,8 @@ class InfluenceIndex:
         self.version = mf.manifest_version(index_dir)
         self.exact = faiss_index.is_exact(manifest["faiss"]["factory"])
         self.max_tokens = model_max_tokens(encoder.model)
+        self.search_params = faiss_index.SearchParams()
+        """Query-time knobs; nprobe/efSearch are set on the FAISS index when opened."""
         self.encode_lock = threading.Lock()
         """Held while the model runs (hooks are per-pass state): take it to run the model."""
 
@@ -107,6 +109,7 @@ class InfluenceIndex:
         device: str | torch.device | None = None,
         model_dir: str | Path | None = None,
         verify: bool = True,
+        search_params: faiss_index.SearchParams | None = None,
     ) -> InfluenceIndex:
         """Open a published index directory.
 
@@ -115,6 +118,8 @@ class InfluenceIndex:
             device: where the model runs (default: CUDA if present, else CPU).
             model_dir: the model, if not at the path recorded in the manifest.
             verify: check file checksums and the model/tokenizer hashes.
+            search_params: an approximate index's query-time knobs (nprobe, efSearch,
+                candidates re-ranked exactly); default ``SearchParams()``.
         Raises:
             ArtifactError: not an index, a failed checksum, or a model that is not the one
                 the index was built with (code ``model_mismatch``).
@@ -153,8 +158,13 @@ class InfluenceIndex:
                 f"index counts disagree: manifest {n}, fingerprints {list(fingerprints.shape)}, "
                 f"FAISS {idx.ntotal}, encoder dim {encoder.dim}"
             )
-        log.info("opened index %s: %d sequences, d=%d, %s", index_dir, n, encoder.dim, manifest["faiss"]["factory"])
-        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store)
+        params = search_params or faiss_index.SearchParams()
+        faiss_index.set_search_params(idx, params)  # once, before any concurrent search
+        log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
+                 manifest["faiss"]["factory"], params)  # fmt: skip
+        opened = cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store)
+        opened.search_params = params
+        return opened
 
     @property
     def size(self) -> int:
@@ -199,7 +209,8 @@ class InfluenceIndex:
         Returns:
             scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad).
         """
-        return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank)
+        return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank,
+                                  candidates=self.search_params.candidates)  # fmt: skip
 
     def examples(self, ids: list[int]) -> list[ExampleRecord]:
         """Metadata records for ids, in order (``NotFoundError`` for an unknown id)."""

@@ -144,7 +144,16 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
-    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model)
+    from indexer.faiss_index import SearchParams
+
+    for name in ("nprobe", "ef_search", "rerank_candidates"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "rerank_candidates" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'rerank_candidates' else 1}, got {value}")
+    defaults = SearchParams()
+    params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
+                          candidates=args.rerank_candidates)  # fmt: skip
+    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params)
     try:
         vec = idx.encode_queries([(args.prompt, args.completion)])
         scores, ids = idx.search(vec, args.k, rerank=not args.no_rerank)
@@ -236,4 +245,8 @@ def register(subparsers) -> None:
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None)
     q.add_argument("--no-rerank", action="store_true")
+    q.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)")
+    q.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)")
+    q.add_argument("--rerank-candidates", type=int, default=None,
+                   help="approximate indexes: hits re-ranked exactly (default 10 x k)")
     q.set_defaults(func=cmd_query)

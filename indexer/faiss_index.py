@@ -282,6 +282,7 @@ def search(
     exact: bool,
     rerank: bool = True,
     params: SearchParams | None = None,
+    candidates: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product search, exactly re-ranked for approximate indexes.
 
@@ -293,6 +294,10 @@ def search(
         exact: the index is Flat (its scores are already exact).
         rerank: re-rank an approximate index's candidates against ``fingerprints``.
         params: query-time knobs, applied to the index first (None: keep its current ones).
+            Applying them mutates the index: concurrent searchers set them once at load
+            and pass only ``candidates``.
+        candidates: approximate hits re-ranked per query (overrides ``params.candidates``;
+            None: ``params.candidates``, else ``RERANK_FACTOR * k``).
     Returns:
         scores [Q, k] float32 (descending) and ids [Q, k] int64; ids -1 (score -inf) pad
         when the index holds fewer than k vectors.
@@ -311,7 +316,9 @@ def search(
     ids = np.full((n_q, k), -1, dtype=np.int64)
     if n == 0 or n_q == 0:
         return scores, ids
-    n_cand = RERANK_FACTOR * k if params is None or params.candidates is None else params.candidates
+    if candidates is None and params is not None:
+        candidates = params.candidates
+    n_cand = RERANK_FACTOR * k if candidates is None else candidates
     if exact or not rerank or n_cand == 0:
         d, i = index.search(queries, min(k, n))
         d = np.where(i >= 0, d, -np.inf).astype(np.float32)

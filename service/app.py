@@ -49,12 +49,15 @@ def default_opener(settings: Settings) -> IndexOpener:
 
     def open_index(index_dir: Path):
         from indexer.artifacts import InfluenceIndex  # heavy: torch, faiss, the model
+        from indexer.faiss_index import SearchParams
 
         return InfluenceIndex.open(
             index_dir,
             device=settings.device,
             model_dir=settings.model_dir,
             verify=settings.verify_index,
+            search_params=SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search,
+                                       candidates=settings.rerank_candidates),  # fmt: skip
         )
 
     return open_index

@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", help="torch device for query encoding (default: auto)")
     serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
+    serve.add_argument("--nprobe", type=int, help="IVF indexes: lists visited per query (default 16)")
+    serve.add_argument("--ef-search", type=int, help="HNSW indexes: search beam width (default 128)")
+    serve.add_argument("--rerank-candidates", type=int,
+                       help="approximate indexes: hits re-ranked exactly per query (default 10 x k)")
     serve.add_argument("--max-batch-size", type=int, help="queries per encode pass")
     serve.add_argument("--max-wait-ms", type=float, help="how long a query waits for batch mates")
     serve.add_argument("--max-queue", type=int, help="waiting queries before 503")
@@ -67,6 +71,9 @@ def _settings_from(args: argparse.Namespace):
         "port": args.port,
         "device": args.device,
         "model_dir": args.model_dir,
+        "nprobe": getattr(args, "nprobe", None),
+        "ef_search": getattr(args, "ef_search", None),
+        "rerank_candidates": getattr(args, "rerank_candidates", None),
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "max_queue": args.max_queue,

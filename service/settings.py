@@ -34,6 +34,12 @@ class Settings(BaseSettings):
 
     workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers), each with its own model and index.")
     torch_threads: int | None = Field(None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers.")
+    nprobe: int = Field(16, ge=1, description="IVF indexes: lists visited per query.")
+    ef_search: int = Field(128, ge=1, description="HNSW indexes: search beam width.")
+    rerank_candidates: int | None = Field(
+        None, ge=0,
+        description="Approximate indexes: hits re-ranked exactly per query (default 10 x k; 0: no re-rank).",
+    )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(5.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")

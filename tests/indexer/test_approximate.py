@@ -10,11 +10,12 @@ import pytest
 
 from indexer.__main__ import main
 from indexer.artifacts import InfluenceIndex
+from indexer.faiss_index import SearchParams
 from tests.conftest import TINY_INDEX_CLI_OPTIONS
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", ["IVF4,PQ16x4", "HNSW32"])
+@pytest.mark.parametrize("factory", ["IVF4,PQ16x4", "HNSW32", "PQ128x4fs"])
 def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_files, tmp_path, capsys):
     corpus, queries = fact_corpus_files
     out = tmp_path / "approx"
@@ -52,3 +53,20 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
     finally:
         flat.close()
         approx.close()
+
+    # Query-time knobs: every list visited, a wide beam, every vector a candidate: the
+    # re-ranked answer is the exact one. candidates=0 returns the index's own scores.
+    wide = InfluenceIndex.open(out, device="cpu", search_params=SearchParams(nprobe=64, ef_search=512,
+                                                                          candidates=10_000))  # fmt: skip
+    raw_only = InfluenceIndex.open(out, device="cpu", search_params=SearchParams(candidates=0))
+    flat = InfluenceIndex.open(tiny_index, device="cpu")
+    try:
+        q = wide.encode_queries([(f"Query {i} about", f" thing {i}") for i in range(8)])
+        scores, ids = wide.search(q, 10)
+        flat_scores, flat_ids = flat.search(q, 10)
+        np.testing.assert_array_equal(ids, flat_ids)
+        np.testing.assert_allclose(scores, flat_scores, atol=1e-6)
+        np.testing.assert_array_equal(raw_only.search(q, 10)[1], raw_only.search(q, 10, rerank=False)[1])
+    finally:
+        for opened in (wide, raw_only, flat):
+            opened.close()

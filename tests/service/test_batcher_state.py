@@ -164,6 +164,27 @@ def test_settings_from_env_and_flags(monkeypatch):
     assert flagged.api_keys == ["k1", "k2"]  # env still applies where no flag is given
 
 
+def test_search_knobs_reach_the_opened_index(monkeypatch, tmp_path):
+    """--nprobe / --ef-search / --rerank-candidates (or INFLUENCE_*) become the index's
+    SearchParams when the service opens it."""
+    import argparse
+
+    from indexer import artifacts
+    from indexer.faiss_index import SearchParams
+    from service.app import default_opener
+
+    monkeypatch.setenv("INFLUENCE_EF_SEARCH", "300")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--index", str(tmp_path), "--nprobe", "64", "--rerank-candidates", "512"])
+    settings = _settings_from(args)
+    seen = {}
+    monkeypatch.setattr(artifacts.InfluenceIndex, "open", classmethod(lambda cls, d, **kw: seen.update(kw)))
+    default_opener(settings)(tmp_path)
+    assert seen["search_params"] == SearchParams(nprobe=64, ef_search=300, candidates=512)
+    assert default_opener(Settings(index_dir=tmp_path)) and Settings().rerank_candidates is None
+
+
 def test_service_state_freezes_the_loaded_heap_out_of_gc_scans(tmp_path):
     """After a load the long-lived objects are frozen (no full-collection stalls under load);
     a later reload unfreezes first, so a replaced index's cycles can still be collected."""
