@@ -66,6 +66,8 @@ class BuildConfig:
         hessian_sample: sequences for R_train; None = all.
         faiss: FAISS factory string.
         faiss_train_sample: vectors to train an approximate index on.
+        bm25: also write the BM25 index of the sequence texts (``bm25/``, for the
+            service's ``mode: bm25|hybrid``); not part of the fingerprints' identity.
         batch_size: sequences per backward pass (part of the build's identity); 0 = auto:
             the largest batch that fits the device's free memory (``encoder.memory``),
             measured once per build and kept in the work directory, so a resumed build
@@ -89,6 +91,7 @@ class BuildConfig:
     hessian_sample: int | None = None
     faiss: str = "Flat"
     faiss_train_sample: int = 65536
+    bm25: bool = True
     batch_size: int = 8
     shard_size: int = 256
     device: str | None = None

@@ -66,7 +66,7 @@ def build_config(args: argparse.Namespace):
         queries=Path(args.queries) if args.queries else None,
         optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
         v_sample=args.v_sample, hessian_sample=args.hessian_sample, faiss=args.faiss,
-        faiss_train_sample=args.faiss_train_sample, batch_size=args.batch_size,
+        faiss_train_sample=args.faiss_train_sample, bm25=not args.no_bm25, batch_size=args.batch_size,
         shard_size=args.shard_size, device=args.device, threads=args.threads,
     )
 
@@ -213,6 +213,8 @@ def _add_build(sub) -> None:
     p.add_argument("--hessian-sample", type=int, default=None, help="sequences for R_train (default: all)")
     p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
     p.add_argument("--faiss-train-sample", type=int, default=65536)
+    p.add_argument("--no-bm25", action="store_true",
+                   help="skip the BM25 index (bm25/); the service then builds it on first bm25/hybrid query")
     p.add_argument("--batch-size", type=_batch_size, default=8,
                    help="sequences per backward pass, or 'auto': the largest that fits free memory")
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")

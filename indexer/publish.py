@@ -2,7 +2,8 @@
 
 The staging directory receives the float16 fingerprint matrix (shards concatenated in id
 order, streamed through a memory map), the FAISS index, the encoder's artifacts and finally
-the manifest with a sha256 per file; then ``os.rename(staging, out)`` publishes it.
+the BM25 index of the texts (``bm25/``) and finally the manifest with a sha256 per file
+(``bm25/`` files included); then ``os.rename(staging, out)`` publishes it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
 from indexer import faiss_index
 from indexer import manifest as mf
+from indexer.bm25 import SUBDIR, BM25Index
 from indexer.chunking import ChunkConfig
+from indexer.metadata import MetadataStore
 from indexer.passes import evenly_spaced
 from indexer.workdir import WorkDir
 
@@ -40,6 +43,18 @@ ADD_CHUNK = 65536
 def _chunks(fps: np.ndarray, step: int = ADD_CHUNK) -> Iterator[np.ndarray]:
     for s in range(0, fps.shape[0], step):
         yield np.asarray(fps[s : s + step], dtype=np.float32)
+
+
+def _write_bm25(staging: Path, n: int, chunk: int = 20_000) -> None:
+    """BM25 over every sequence's text (ids 0..n-1) into ``staging/bm25/``."""
+    store = MetadataStore(staging / mf.METADATA)
+    try:
+        texts = [r.text for s in range(0, n, chunk) for r in store.get_many(range(s, min(n, s + chunk)))]
+    finally:
+        store.close()
+    t0 = time.perf_counter()
+    BM25Index.build(texts, np.arange(n, dtype=np.int64)).save(staging)
+    log.info("BM25 index over %d sequences in %.1f s", n, time.perf_counter() - t0)
 
 
 def publish(
@@ -85,7 +100,11 @@ def publish(
         if work.path(name).is_file():
             shutil.copyfile(work.path(name), staging / name)
 
+    if cfg.bm25:
+        _write_bm25(staging, n)
     files = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    if (staging / SUBDIR).is_dir():
+        files += sorted(str(p.relative_to(staging)) for p in (staging / SUBDIR).rglob("*") if p.is_file())
     fp_cfg = cfg.fingerprint
     model_dir = Path(cfg.model).resolve()
     manifest = {

@@ -77,3 +77,30 @@ def test_published_index_is_world_readable(tiny_index):
     """Served by other users (a non-root container): no artifact may be private."""
     for path in [tiny_index, *tiny_index.rglob("*")]:
         assert path.stat().st_mode & 0o444 == 0o444, path
+
+
+def test_build_writes_a_checksummed_bm25_index(opened, tiny_index, tmp_path, caplog):
+    """bm25/ is published with the index (listed in the manifest's checksums), so the service
+    loads it instead of building one on its first bm25/hybrid query."""
+    import logging
+    import shutil
+
+    from indexer import manifest as mf
+    from indexer.bm25 import BM25Index, bm25_for
+
+    listed = [name for name in mf.read_manifest(tiny_index)["files"] if name.startswith("bm25/")]
+    assert "bm25/ids.npy" in listed and len(listed) >= 3
+    with caplog.at_level(logging.INFO, logger="indexer.bm25"):
+        served = bm25_for(opened)
+    assert "building BM25" not in caplog.text
+    texts = [r.text for r in opened.examples(list(range(opened.size)))]
+    fresh = BM25Index.build(texts, np.arange(opened.size))
+    queries = ["Drorex is headquartered in Dutrus", "Cara Nalkun works for Buneco"]
+    for got, want in zip(served.search(queries, 10), fresh.search(queries, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_index, copy)
+    victim = copy / listed[-1]
+    victim.write_bytes(victim.read_bytes() + b" ")
+    assert main(["verify", str(copy)]) == 2
