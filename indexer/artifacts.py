@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from encoder.batching import Example, collate, tokenize_query
 from encoder.config import FingerprintConfig
-from encoder.errors import ArtifactError
+from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
@@ -27,9 +27,11 @@ from encoder.whitening import Whitener
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, MetadataStore
+from indexer.torch_search import TorchFlatSearch
 
 log = logging.getLogger(__name__)
 
+SEARCH_PLACEMENTS = ("auto", "cpu", "gpu", "shards", "torch")
 QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_queries``."""
 
@@ -97,6 +99,8 @@ class InfluenceIndex:
         self.exact = faiss_index.is_exact(manifest["faiss"]["factory"])
         self.max_tokens = model_max_tokens(encoder.model)
         self.search_params = faiss_index.SearchParams()
+        self.torch_search: TorchFlatSearch | None = None
+        """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
         """Query-time knobs; nprobe/efSearch are set on the FAISS index when opened."""
         self.encode_lock = threading.Lock()
         """Held while the model runs (hooks are per-pass state): take it to run the model."""
@@ -110,6 +114,7 @@ class InfluenceIndex:
         model_dir: str | Path | None = None,
         verify: bool = True,
         search_params: faiss_index.SearchParams | None = None,
+        placement: str = "auto",
     ) -> InfluenceIndex:
         """Open a published index directory.
 
@@ -120,11 +125,19 @@ class InfluenceIndex:
             verify: check file checksums and the model/tokenizer hashes.
             search_params: an approximate index's query-time knobs (nprobe, efSearch,
                 candidates re-ranked exactly); default ``SearchParams()``.
+            placement: where search runs. ``auto``: the FAISS index on one GPU when the
+                model runs on CUDA and faiss-gpu is present, else on the CPU; ``cpu``;
+                ``gpu`` / ``shards``: the FAISS index on one GPU / split over all GPUs
+                (needs faiss-gpu); ``torch``: exact brute force over the stored
+                fingerprints with torch, split over all visible GPUs (else the CPU), which
+                needs no faiss-gpu and ignores the approximate index.
         Raises:
             ArtifactError: not an index, a failed checksum, or a model that is not the one
                 the index was built with (code ``model_mismatch``).
             ModelLoadError: the model or tokenizer cannot be loaded.
         """
+        if placement not in SEARCH_PLACEMENTS:
+            raise ConfigError(f"search placement must be one of {SEARCH_PLACEMENTS}, got {placement!r}")
         index_dir = Path(index_dir).resolve()
         manifest = mf.read_manifest(index_dir)
         mdir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
@@ -150,7 +163,10 @@ class InfluenceIndex:
         model = load_model(mdir, device=device)
         encoder = build_encoder(index_dir, manifest, model)
         fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
-        idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX, use_gpu=encoder.device.type == "cuda")
+        idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX,
+                                     use_gpu=placement == "auto" and encoder.device.type == "cuda")  # fmt: skip
+        if placement in ("gpu", "shards"):
+            idx = faiss_index.place(idx, placement)
         store = MetadataStore(index_dir / mf.METADATA)
         n = int(manifest["counts"]["sequences"])
         if fingerprints.shape != (n, encoder.dim) or idx.ntotal != n:
@@ -164,6 +180,8 @@ class InfluenceIndex:
                  manifest["faiss"]["factory"], params)  # fmt: skip
         opened = cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store)
         opened.search_params = params
+        if placement == "torch":
+            opened.torch_search = TorchFlatSearch(fingerprints)
         return opened
 
     @property
@@ -209,6 +227,8 @@ class InfluenceIndex:
         Returns:
             scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad).
         """
+        if self.torch_search is not None:
+            return self.torch_search.search(vectors, k)
         return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank,
                                   candidates=self.search_params.candidates)  # fmt: skip
 
@@ -220,5 +240,6 @@ class InfluenceIndex:
         return self.store.get_many([id])[0]
 
     def close(self) -> None:
+        self.torch_search = None  # frees its device memory
         self.store.close()
         self.fingerprints = np.zeros((0, self.encoder.dim), dtype=np.float16)

@@ -153,7 +153,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     defaults = SearchParams()
     params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
                           candidates=args.rerank_candidates)  # fmt: skip
-    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params)
+    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params,
+                              placement=args.search_placement)  # fmt: skip
     try:
         vec = idx.encode_queries([(args.prompt, args.completion)])
         scores, ids = idx.search(vec, args.k, rerank=not args.no_rerank)
@@ -247,6 +248,8 @@ def register(subparsers) -> None:
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None)
     q.add_argument("--no-rerank", action="store_true")
+    q.add_argument("--search-placement", default="auto", choices=("auto", "cpu", "gpu", "shards", "torch"),
+                   help="where search runs (torch: exact brute force on the GPUs, else the CPU)")
     q.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)")
     q.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)")
     q.add_argument("--rerank-candidates", type=int, default=None,

@@ -9,7 +9,8 @@ The vectors added to FAISS are the float16-rounded fingerprints (upcast), so the
 scores, the re-ranked scores and a brute-force product over ``fingerprints.f16.npy`` agree.
 
 Placement: ``cpu`` (default), ``gpu`` (one GPU, needs faiss-gpu) or ``shards`` (the index
-split over all visible GPUs); the re-rank always reads the memory-mapped store.
+split over all visible GPUs); the re-rank always reads the memory-mapped store. (Exact
+search with torch on the GPUs, without faiss-gpu: ``indexer.torch_search``.)
 Used by ``InfluenceIndex`` (build and search) and by ``benchmarks/bench_search.py``.
 """
 

@@ -58,6 +58,7 @@ def default_opener(settings: Settings) -> IndexOpener:
             verify=settings.verify_index,
             search_params=SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search,
                                        candidates=settings.rerank_candidates),  # fmt: skip
+            placement=settings.search_placement,
         )
 
     return open_index

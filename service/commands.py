@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", help="torch device for query encoding (default: auto)")
     serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
+    serve.add_argument("--search-placement", choices=("auto", "cpu", "gpu", "shards", "torch"),
+                       help="where search runs (default auto; torch: exact brute force on the GPUs)")
     serve.add_argument("--nprobe", type=int, help="IVF indexes: lists visited per query (default 16)")
     serve.add_argument("--ef-search", type=int, help="HNSW indexes: search beam width (default 128)")
     serve.add_argument("--rerank-candidates", type=int,
@@ -71,6 +73,7 @@ def _settings_from(args: argparse.Namespace):
         "port": args.port,
         "device": args.device,
         "model_dir": args.model_dir,
+        "search_placement": getattr(args, "search_placement", None),
         "nprobe": getattr(args, "nprobe", None),
         "ef_search": getattr(args, "ef_search", None),
         "rerank_candidates": getattr(args, "rerank_candidates", None),

@@ -8,7 +8,7 @@ which take precedence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,12 @@ class Settings(BaseSettings):
 
     workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers), each with its own model and index.")
     torch_threads: int | None = Field(None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers.")
+    search_placement: Literal["auto", "cpu", "gpu", "shards", "torch"] = Field(
+        "auto",
+        description="Where search runs: auto (FAISS on the GPU when the model is on CUDA and faiss-gpu "
+        "is present), cpu, gpu / shards (FAISS on one GPU / over all GPUs, needs faiss-gpu), torch "
+        "(exact brute force with torch over all GPUs, else the CPU).",
+    )
     nprobe: int = Field(16, ge=1, description="IVF indexes: lists visited per query.")
     ef_search: int = Field(128, ge=1, description="HNSW indexes: search beam width.")
     rerank_candidates: int | None = Field(
