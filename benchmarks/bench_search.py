@@ -136,19 +136,52 @@ def bench_config(
     workdir: Path,
     n_queries: int,
     query_signal: float = 0.55,
+    torch_exact: bool = False,
 ) -> dict[str, Any]:
     """One synthetic store of N x d, Flat, and each (factory, n_train, settings) variant."""
     gen = Synthetic(n, d)
     t0 = time.perf_counter()
     store = gen.write_store(workdir / f"store_{n}x{d}.npy")
     gen_s = time.perf_counter() - t0
-    out = bench_store(store, gen.queries(n_queries, query_signal), variants)
+    out = bench_store(store, gen.queries(n_queries, query_signal), variants, torch_exact)
     (workdir / f"store_{n}x{d}.npy").unlink()
     return {**out, "generate_s": gen_s}
 
 
+def bench_torch_exact(
+    store: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, flat: dict[str, Any]
+) -> dict[str, Any]:
+    """Placement ``torch``: exact brute force with torch (float16 blocks over the GPUs, or
+    float32 on the CPU); memory is on those devices, not host RAM."""
+    from indexer.torch_search import TorchFlatSearch
+
+    t0 = time.perf_counter()
+    exact = TorchFlatSearch(store)
+    load_s = time.perf_counter() - t0
+    devices = sorted({str(d) for d in exact.devices})
+    on_gpu = all(d.type == "cuda" for d in exact.devices)
+    row: dict[str, Any] = {
+        "N": len(store), "d": store.shape[1], "factory": f"torch exact ({', '.join(devices)})",
+        "nprobe": None, "ef_search": None, "candidates": None,
+        "recall@10": recall_at(exact.search(queries, k)[1], truth),
+    }  # fmt: skip
+    for b in (1, 32):
+        lat = latency(lambda q: exact.search(q, k), queries, b, 50 if b == 1 else 4)
+        row.update({f"b{b}_p50_ms": lat["p50_ms"], f"b{b}_p99_ms": lat["p99_ms"], f"b{b}_qps": lat["qps"]})
+    row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
+    row["bytes_per_vector_ram"] = 0 if on_gpu else 4 * store.shape[1]
+    row["rerank_bytes_per_vector_disk"] = 2 * store.shape[1]
+    row["device_bytes_per_vector"] = (2 if on_gpu else 4) * store.shape[1]
+    row["build_s"] = load_s
+    log.info("%s", row)
+    return row
+
+
 def bench_store(
-    store: np.ndarray, queries: np.ndarray, variants: list[tuple[str, int, list[SearchParams]]]
+    store: np.ndarray,
+    queries: np.ndarray,
+    variants: list[tuple[str, int, list[SearchParams]]],
+    torch_exact: bool = False,
 ) -> dict[str, Any]:
     """Flat and each approximate variant over a float16 store [N, d] (memory-mapped)."""
     n, d = store.shape
@@ -193,6 +226,8 @@ def bench_store(
             rows.append(row)
             log.info("%s", row)
         del index  # noqa: F821
+    if torch_exact:
+        rows.append(bench_torch_exact(store, queries, truth, k, flat))
     return {"N": n, "d": d, "factories": [v[0] for v in variants], "generate_s": None, "flat": flat, "rows": rows}
 
 
@@ -249,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="';'-separated FAISS factories to run instead of the default ones, e.g. "
                         "'PQ512x4fs;PCA256,IVF1024,PQ64x4fs' (IVF: nprobe grid; HNSW: ef grid; "
                         "others, e.g. flat PQ codes: candidates grid)")
+    p.add_argument("--torch-exact", action="store_true",
+                   help="also placement torch: exact brute force with torch (float16 on the GPUs, else float32 on the CPU)")
     p.add_argument("--tag", default=None, help="result file suffix")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -292,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   ("HNSW32_SQ8", n_train, hnsw)] if args.hnsw else [])  # fmt: skip
         variants = chosen(n_train) or variants
         log.info("index %s: N=%d d=%d, %d queries", args.index, n, d, len(queries))
-        results.append(bench_store(store, queries, variants))
+        results.append(bench_store(store, queries, variants, args.torch_exact))
         args.sizes = []
     for n, d in args.sizes:
         _, _, factory, n_train = config_for(n, d)
@@ -302,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("HNSW32_SQ8", n_train, hnsw))
         variants = chosen(n_train) or variants
         log.info("config N=%d d=%d %s", n, d, [v[0] for v in variants])
-        results.append(bench_config(n, d, variants, args.workdir, args.queries, args.query_signal))
+        results.append(bench_config(n, d, variants, args.workdir, args.queries, args.query_signal, args.torch_exact))
     rows = [r for res in results for r in res["rows"]]
     flats = [{"N": r["N"], "d": r["d"], "measured_on": r["flat"]["measured_on"], "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
               "b1_p99_ms": r["flat"]["b1"]["p99_ms"], "b1_qps": r["flat"]["b1"]["qps"], "b32_p50_ms": r["flat"]["b32"]["p50_ms"],

@@ -25,6 +25,18 @@ def test_bench_search_quick_with_graphs(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_search_quick_flat_codes_and_torch_exact(tmp_path):
+    from benchmarks import bench_search
+
+    assert bench_search.main(["--quick", "--queries", "32", "--factories", "PQ64x4fs", "--torch-exact",
+                              "--workdir", str(tmp_path / "w"), "--out", str(tmp_path), "--tag", "t"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "bench_search_quick_t.json").read_text())["configs"][0]["rows"]
+    assert [r["candidates"] for r in rows if r["factory"] == "PQ64x4fs"] == [256, 512, 1024]
+    (exact,) = [r for r in rows if r["factory"].startswith("torch exact")]
+    assert exact["recall@10"] == 1.0 and exact["b1_p50_ms"] > 0
+
+
+@pytest.mark.slow
 def test_bench_encode_quick_speed_only(tmp_path):
     from benchmarks import bench_encode
 
