@@ -87,6 +87,8 @@ class InfluenceIndex:
         faiss_idx: Any,
         fingerprints: np.ndarray,
         store: MetadataStore,
+        search_params: faiss_index.SearchParams | None = None,
+        torch_search: TorchFlatSearch | None = None,
     ) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
@@ -98,10 +100,10 @@ class InfluenceIndex:
         self.version = mf.manifest_version(index_dir)
         self.exact = faiss_index.is_exact(manifest["faiss"]["factory"])
         self.max_tokens = model_max_tokens(encoder.model)
-        self.search_params = faiss_index.SearchParams()
-        self.torch_search: TorchFlatSearch | None = None
-        """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
+        self.search_params = search_params or faiss_index.SearchParams()
         """Query-time knobs; nprobe/efSearch are set on the FAISS index when opened."""
+        self.torch_search = torch_search
+        """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
         self.encode_lock = threading.Lock()
         """Held while the model runs (hooks are per-pass state): take it to run the model."""
 
@@ -178,11 +180,8 @@ class InfluenceIndex:
         faiss_index.set_search_params(idx, params)  # once, before any concurrent search
         log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
                  manifest["faiss"]["factory"], params)  # fmt: skip
-        opened = cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store)
-        opened.search_params = params
-        if placement == "torch":
-            opened.torch_search = TorchFlatSearch(fingerprints)
-        return opened
+        brute = TorchFlatSearch(fingerprints) if placement == "torch" else None
+        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store, params, brute)
 
     @property
     def size(self) -> int:

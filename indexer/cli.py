@@ -146,10 +146,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
     from indexer.faiss_index import SearchParams
 
-    for name in ("nprobe", "ef_search", "rerank_candidates"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "rerank_candidates" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'rerank_candidates' else 1}, got {value}")
+    for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
+                               ("--rerank-candidates", args.rerank_candidates, 0)):  # fmt: skip
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
     defaults = SearchParams()
     params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
                           candidates=args.rerank_candidates)  # fmt: skip

@@ -151,11 +151,7 @@ class MicroBatcher:
         assert self._queue is not None
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
+        self._take_queued(batch)
         arrived_while_running = sum(item.enqueued < self._last_done for item in batch)
         target = min(self.max_batch_size, self._previous + arrived_while_running)
         while len(batch) < target:
@@ -167,13 +163,18 @@ class MicroBatcher:
                     batch.append(await self._queue.get())
             except TimeoutError:
                 break
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            self._take_queued(batch)
         self._previous = len(batch)
         return [item for item in batch if not item.future.done()]
+
+    def _take_queued(self, batch: list[_Item]) -> None:
+        """Move already queued items into ``batch``, up to ``max_batch_size``."""
+        assert self._queue is not None
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
 
     def _compute(self, queries: list[Query]) -> list[Outcome]:
         with self.state.lease() as index:

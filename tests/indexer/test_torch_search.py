@@ -103,3 +103,23 @@ def test_index_opened_with_torch_placement_answers_like_flat(tiny_index):
         brute.close()
     with pytest.raises(ConfigError, match="placement"):
         InfluenceIndex.open(tiny_index, device="cpu", placement="moon")
+
+
+def test_placement_choices_agree_everywhere():
+    """The placements InfluenceIndex accepts are the ones the settings and both CLIs offer."""
+    import argparse
+    from typing import get_args
+
+    from indexer.artifacts import SEARCH_PLACEMENTS
+    from indexer.cli import register as register_indexer
+    from service.commands import register as register_service
+    from service.settings import Settings
+
+    assert get_args(Settings.model_fields["search_placement"].annotation) == SEARCH_PLACEMENTS
+    for register, argv in ((register_indexer, ["query", "--index", "x", "--prompt", "p", "--completion", "c"]),
+                           (register_service, ["serve"])):  # fmt: skip
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers())
+        action = next(a for a in parser._subparsers._group_actions[0].choices[argv[0]]._actions
+                      if a.dest == "search_placement")  # fmt: skip
+        assert tuple(action.choices) == SEARCH_PLACEMENTS
