@@ -238,6 +238,11 @@ class InfluenceIndex:
     def example(self, id: int) -> ExampleRecord:  # noqa: A002 - the contract's name
         return self.store.get_many([id])[0]
 
+    def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the contract's name
+        """The token ids sequence ``id`` was indexed with (None for an index built before
+        the metadata store kept them)."""
+        return self.store.token_ids(id)
+
     def close(self) -> None:
         self.torch_search = None  # frees its device memory
         self.store.close()

@@ -1,8 +1,12 @@
-"""The metadata store: SQLite mapping sequence id -> text, source, document, offsets.
+"""The metadata store: SQLite mapping sequence id -> text, source, document, offsets, and
+the token ids the sequence was indexed with.
 
 Ids are dense 0..N-1 in corpus order (the row id of the FAISS index and of the float16
 fingerprint matrix). Offsets locate the sequence in its document: tokens
-[token_start, token_end) and characters [char_start, char_end).
+[token_start, token_end) and characters [char_start, char_end). The ``tokens`` table holds
+each sequence's token ids (uint32 little-endian) so that anything that re-runs the model on
+an indexed sequence (the explain endpoint) uses exactly those ids instead of re-tokenizing
+its text; indexes built before it existed lack the table (``token_ids`` returns None).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from encoder.errors import ArtifactError, NotFoundError
 
@@ -27,6 +33,7 @@ CREATE TABLE IF NOT EXISTS examples (
 )
 """
 _COLUMNS = "id, text, source, document_id, token_start, token_end, char_start, char_end"
+_TOKENS_SCHEMA = "CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, ids BLOB NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -62,14 +69,24 @@ class MetadataWriter:
         self._conn.execute("PRAGMA journal_mode=OFF")
         self._conn.execute("PRAGMA synchronous=OFF")
         self._conn.execute(_SCHEMA)
+        self._conn.execute(_TOKENS_SCHEMA)
 
-    def add(self, records: Iterable[ExampleRecord]) -> None:
+    def add(self, records: Iterable[ExampleRecord], token_ids: Sequence[Sequence[int]] | None = None) -> None:
+        """Append records (and, in the same order, each one's token ids)."""
+        records = list(records)
         rows = [
             (r.id, r.text, r.source, r.document_id, r.token_start, r.token_end, r.char_start, r.char_end)
             for r in records
         ]
         with self._conn:
             self._conn.executemany(f"INSERT INTO examples ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+            if token_ids is not None:
+                if len(token_ids) != len(records):
+                    raise ValueError(f"{len(records)} records but {len(token_ids)} token id lists")
+                self._conn.executemany(
+                    "INSERT INTO tokens (id, ids) VALUES (?, ?)",
+                    [(r.id, np.asarray(ids, dtype="<u4").tobytes()) for r, ids in zip(records, token_ids, strict=True)],
+                )
 
     def close(self) -> None:
         self._conn.commit()
@@ -108,6 +125,22 @@ class MetadataStore:
         if missing:
             raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
         return [found[i] for i in wanted]
+
+    def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
+        """The token ids sequence ``id`` was indexed with; None when the store predates them.
+
+        Raises:
+            NotFoundError: the store has token ids but none for ``id`` (code ``unknown_id``).
+        """
+        has_table = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
+        ).fetchone()
+        if not has_table:
+            return None
+        row = self._conn.execute("SELECT ids FROM tokens WHERE id = ?", (int(id),)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
+        return np.frombuffer(row[0], dtype="<u4").astype(np.int64).tolist()
 
     def close(self) -> None:
         self._conn.close()

@@ -53,7 +53,7 @@ def tokenize_corpus(
     chunker = Chunker(tokenizer, chunk)
     writer = MetadataWriter(metadata_path)
     spans: list[tuple[int, int]] = []
-    offset, pending = 0, []
+    offset, pending, pending_ids = 0, [], []
     tokens_tmp = work.path("tokens.u32.tmp")
     with tokens_tmp.open("wb") as fh:
         for c in chunker.chunks(read_corpus(corpus)):
@@ -61,10 +61,11 @@ def tokenize_corpus(
             spans.append((offset, len(c.input_ids)))
             offset += len(c.input_ids)
             pending.append(c.record)
+            pending_ids.append(c.input_ids)
             if len(pending) >= METADATA_BATCH:
-                writer.add(pending)
-                pending = []
-    writer.add(pending)
+                writer.add(pending, pending_ids)
+                pending, pending_ids = [], []
+    writer.add(pending, pending_ids)
     writer.close()
     if not spans:
         raise InputError(

@@ -1,14 +1,14 @@
 """POST /v1/influence/explain: which tokens of a retrieved training example carry its score.
 
 The math is ``encoder.token_attribution`` (the score split over the example's target-token
-loss terms). This module rebuilds the example's token ids from its stored text, runs the
+loss terms). This module takes the example's token ids from the index, runs the
 attribution under the index's encode lock (the encoder's hooks live on the shared model, so
 two backward passes must not interleave), and formats tokens with character offsets.
 
-The metadata store keeps text, not token ids: the ids are re-tokenized from the text, plus
-the trailing EOS that the chunker appends to a document's last window (visible as a token
-count one above the text's). ``fingerprint_agreement`` compares the rebuilt fingerprint with
-the stored one, so a reconstruction that differs from the indexed sequence is visible.
+The example is run with the token ids it was indexed with (the metadata store's ``tokens``
+table); for an index built before that table existed they are re-tokenized from the text.
+``fingerprint_agreement`` compares the rebuilt fingerprint with the stored one, so any
+difference from the indexed sequence is visible.
 """
 
 from __future__ import annotations
@@ -50,14 +50,20 @@ class SequenceTokens:
     spans: list[tuple[int, int]]
 
 
-def sequence_tokens(tokenizer, record) -> SequenceTokens:
-    """Rebuild the token ids of an indexed training sequence from its metadata record.
+def sequence_tokens(tokenizer, record, indexed_ids: list[int] | None = None) -> SequenceTokens:
+    """The token ids of an indexed training sequence, with character spans in its text.
 
     Args:
         tokenizer: the index's tokenizer.
         record: an ``ExampleRecord`` (text, token_start, token_end).
+        indexed_ids: the ids the sequence was indexed with (the metadata store's ``tokens``
+            table); None for an index built before it: the ids are then re-tokenized from
+            the text, plus the EOS the chunker appends to a document's last window (a token
+            count one above the text's).
     Returns:
-        ids and [start, end) character spans; an appended EOS token spans (len, len).
+        ids and [start, end) character spans; an appended EOS token spans (len, len). When
+        the indexed ids differ from the text's tokenization (a window cut inside a word),
+        the ids are the indexed ones and the spans come from decoding growing prefixes.
     """
     text = record.text
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -68,6 +74,10 @@ def sequence_tokens(tokenizer, record) -> SequenceTokens:
     if eos is not None and n_indexed == len(ids) + 1:
         ids.append(int(eos))
         spans.append((len(text), len(text)))
+    if indexed_ids is not None and list(indexed_ids) != ids:
+        ids = [int(i) for i in indexed_ids]
+        ends = [min(len(text), len(tokenizer.decode(ids[: i + 1]))) for i in range(len(ids))]
+        spans = [(min(a, b), b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     if len(ids) < 2:
         raise InputError(f"example {record.id} has fewer than 2 tokens: nothing to attribute")
     return SequenceTokens(ids, spans)
@@ -90,7 +100,8 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     started = time.perf_counter()
     validate(index.tokenizer, Query(body.prompt, body.completion, 1), limits, getattr(index, "max_tokens", None))
     record = index.example(body.id)
-    seq = sequence_tokens(index.tokenizer, record)
+    token_ids = getattr(index, "token_ids", None)
+    seq = sequence_tokens(index.tokenizer, record, token_ids(body.id) if token_ids is not None else None)
     if len(seq.input_ids) > MAX_EXPLAIN_TOKENS:
         raise InputTooLongError(
             f"example {record.id} has {len(seq.input_ids)} tokens; per-token explanations are "

@@ -179,3 +179,68 @@ def test_explain_schemathesis(server):
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
+
+
+def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
+    """The tokens table holds the ids each sequence was indexed with: encoding them gives the
+    stored fingerprint back. A store without the table (built before it existed) says None."""
+    import shutil
+    import sqlite3
+
+    from encoder.errors import NotFoundError
+    from indexer import manifest as mf
+    from indexer.artifacts import InfluenceIndex
+    from indexer.metadata import MetadataStore
+
+    index = InfluenceIndex.open(tiny_index, device="cpu")
+    try:
+        ids = [index.token_ids(i) for i in range(index.size)]
+        assert all(len(x) >= 2 for x in ids)
+        rows = [index.example(i) for i in range(index.size)]
+        assert [len(x) for x in ids] == [r.token_end - r.token_start for r in rows]
+        pad = int(index.tokenizer.pad_token_id or 0)
+        rebuilt = torch.cat([index.encoder.encode(collate([sequence_example(x) for x in ids[s : s + 16]], pad))
+                             for s in range(0, len(ids), 16)]).double()  # fmt: skip
+        stored = torch.from_numpy(np.asarray(index.fingerprints, dtype=np.float64))
+        cos = (rebuilt * stored).sum(1) / (rebuilt.norm(dim=1) * stored.norm(dim=1))
+        assert cos.min().item() > 0.9999
+        with pytest.raises(NotFoundError):
+            index.token_ids(index.size)
+    finally:
+        index.close()
+
+    old = tmp_path / "metadata.sqlite"
+    shutil.copyfile(tiny_index / mf.METADATA, old)
+    with sqlite3.connect(old) as conn:
+        conn.execute("DROP TABLE tokens")
+    store = MetadataStore(old)
+    try:
+        assert store.token_ids(0) is None
+    finally:
+        store.close()
+
+
+def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_index):
+    """A window cut inside a word is indexed with ids its text alone would not produce: the
+    explanation runs on the indexed ids, with spans from decoding their prefixes."""
+    from dataclasses import replace
+
+    from indexer.artifacts import InfluenceIndex
+    from service.explain import sequence_tokens
+
+    index = InfluenceIndex.open(tiny_index, device="cpu")
+    try:
+        tok = index.tokenizer
+        record = index.example(0)
+        text_ids = tok(record.text, add_special_tokens=False)["input_ids"]
+        split = [i for i in text_ids[:1]] + tok(" ", add_special_tokens=False)["input_ids"] + list(text_ids[1:])
+        record = replace(record, token_start=0, token_end=len(split))
+        seq = sequence_tokens(tok, record, split)
+        assert seq.input_ids == split != list(text_ids)
+        ends = [e for _, e in seq.spans]
+        assert ends == sorted(ends) and ends[-1] <= len(record.text)
+        assert all(s <= e for s, e in seq.spans)
+        same = sequence_tokens(tok, replace(record, token_end=len(text_ids)), list(text_ids))
+        assert same == sequence_tokens(tok, replace(record, token_end=len(text_ids)))  # text spans kept
+    finally:
+        index.close()
