@@ -108,6 +108,15 @@ def latency(fn, queries: np.ndarray, batch: int, max_batches: int) -> dict[str, 
     return out
 
 
+def batch_latencies(fn, queries: np.ndarray) -> dict[str, float]:
+    """b1_/b32_ p50_ms, p99_ms and qps of fn at batch 1 (50 calls) and 32 (4 calls)."""
+    out = {}
+    for b in (1, 32):
+        lat = latency(fn, queries, b, 50 if b == 1 else 4)
+        out.update({f"b{b}_p50_ms": lat["p50_ms"], f"b{b}_p99_ms": lat["p99_ms"], f"b{b}_qps": lat["qps"]})
+    return out
+
+
 def bench_flat(store: np.ndarray, queries: np.ndarray, k: int) -> dict[str, Any]:
     n_sub = min(FLAT_SUBSET, len(store))
     flat = faiss.IndexFlatIP(store.shape[1])
@@ -165,9 +174,7 @@ def bench_torch_exact(
         "nprobe": None, "ef_search": None, "candidates": None,
         "recall@10": recall_at(exact.search(queries, k)[1], truth),
     }  # fmt: skip
-    for b in (1, 32):
-        lat = latency(lambda q: exact.search(q, k), queries, b, 50 if b == 1 else 4)
-        row.update({f"b{b}_p50_ms": lat["p50_ms"], f"b{b}_p99_ms": lat["p99_ms"], f"b{b}_qps": lat["qps"]})
+    row.update(batch_latencies(lambda q: exact.search(q, k), queries))
     row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
     row["bytes_per_vector_ram"] = 0 if on_gpu else 4 * store.shape[1]
     row["rerank_bytes_per_vector_disk"] = 2 * store.shape[1]
@@ -205,20 +212,8 @@ def bench_store(
                 "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
                 "candidates": p.candidates, "recall@10": recall_at(found, truth),
             }  # fmt: skip
-            for b in (1, 32):
-                lat = latency(
-                    lambda q, p=p, index=index: search(index, store, q, k, exact=False, params=p),
-                    queries,
-                    b,
-                    50 if b == 1 else 4,
-                )
-                row.update(
-                    {
-                        f"b{b}_p50_ms": lat["p50_ms"],
-                        f"b{b}_p99_ms": lat["p99_ms"],
-                        f"b{b}_qps": lat["qps"],
-                    }
-                )
+            row.update(batch_latencies(
+                lambda q, p=p, index=index: search(index, store, q, k, exact=False, params=p), queries))  # fmt: skip
             row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
             row["bytes_per_vector_ram"] = ram / n
             row["rerank_bytes_per_vector_disk"] = 2 * d

@@ -132,7 +132,7 @@ class InfluenceIndex:
                 ``gpu`` / ``shards``: the FAISS index on one GPU / split over all GPUs
                 (needs faiss-gpu); ``torch``: exact brute force over the stored
                 fingerprints with torch, split over all visible GPUs (else the CPU), which
-                needs no faiss-gpu and ignores the approximate index.
+                needs no faiss-gpu; the FAISS index is then not loaded (``faiss`` is None).
         Raises:
             ArtifactError: not an index, a failed checksum, or a model that is not the one
                 the index was built with (code ``model_mismatch``).
@@ -165,19 +165,24 @@ class InfluenceIndex:
         model = load_model(mdir, device=device)
         encoder = build_encoder(index_dir, manifest, model)
         fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
-        idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX,
-                                     use_gpu=placement == "auto" and encoder.device.type == "cuda")  # fmt: skip
-        if placement in ("gpu", "shards"):
-            idx = faiss_index.place(idx, placement)
+        # placement torch scores the fingerprints itself: the FAISS index (for Flat, another
+        # N x d x 4 bytes of RAM) is not loaded; its file was checksummed above all the same.
+        idx = None
+        if placement != "torch":
+            idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX,
+                                         use_gpu=placement == "auto" and encoder.device.type == "cuda")  # fmt: skip
+            if placement in ("gpu", "shards"):
+                idx = faiss_index.place(idx, placement)
         store = MetadataStore(index_dir / mf.METADATA)
         n = int(manifest["counts"]["sequences"])
-        if fingerprints.shape != (n, encoder.dim) or idx.ntotal != n:
+        if fingerprints.shape != (n, encoder.dim) or (idx is not None and idx.ntotal != n):
             raise ArtifactError(
                 f"index counts disagree: manifest {n}, fingerprints {list(fingerprints.shape)}, "
-                f"FAISS {idx.ntotal}, encoder dim {encoder.dim}"
+                f"FAISS {idx.ntotal if idx is not None else '-'}, encoder dim {encoder.dim}"
             )
         params = search_params or faiss_index.SearchParams()
-        faiss_index.set_search_params(idx, params)  # once, before any concurrent search
+        if idx is not None:
+            faiss_index.set_search_params(idx, params)  # once, before any concurrent search
         log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
                  manifest["faiss"]["factory"], params)  # fmt: skip
         brute = TorchFlatSearch(fingerprints) if placement == "torch" else None
@@ -185,7 +190,7 @@ class InfluenceIndex:
 
     @property
     def size(self) -> int:
-        return int(self.faiss.ntotal)
+        return int(self.manifest["counts"]["sequences"])  # checked against every artifact at open
 
     def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
         """Fingerprints of (prompt, completion) queries, completion tokens as targets.

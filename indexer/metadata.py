@@ -101,6 +101,9 @@ class MetadataStore:
             raise ArtifactError(f"metadata store {path} is missing")
         uri = f"file:{Path(path).resolve()}?mode=ro&immutable=1"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._has_tokens = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
+        ).fetchone() is not None
 
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
@@ -132,10 +135,7 @@ class MetadataStore:
         Raises:
             NotFoundError: the store has token ids but none for ``id`` (code ``unknown_id``).
         """
-        has_table = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
-        ).fetchone()
-        if not has_table:
+        if not self._has_tokens:
             return None
         row = self._conn.execute("SELECT ids FROM tokens WHERE id = ?", (int(id),)).fetchone()
         if row is None:

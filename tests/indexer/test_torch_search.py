@@ -92,7 +92,8 @@ def test_index_opened_with_torch_placement_answers_like_flat(tiny_index):
     flat = InfluenceIndex.open(tiny_index, device="cpu")
     brute = InfluenceIndex.open(tiny_index, device="cpu", placement="torch")
     try:
-        assert brute.torch_search is not None
+        assert brute.torch_search is not None and brute.faiss is None  # no second copy in RAM
+        assert brute.size == flat.size == flat.faiss.ntotal
         q = flat.encode_queries([(f"Query {i} about", f" thing {i}") for i in range(6)])
         want_s, want_i = flat.search(q, 10)
         got_s, got_i = brute.search(q, 10)
