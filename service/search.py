@@ -145,9 +145,19 @@ def _records(index, ids: list[int]) -> dict[int, Any]:
 
 def _hits(index, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
     """Hits for one row of search output (-1 padding dropped), best first."""
-    pairs = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if int(i) >= 0]
-    records = _records(index, [i for i, _ in pairs])
-    return [Hit(i, s, records[i]) for i, s in pairs]
+    return _hit_rows(index, scores[None, :], ids[None, :], [len(ids)])[0]
+
+
+def _hit_rows(index, scores: np.ndarray, ids: np.ndarray, ks: list[int]) -> list[list[Hit]]:
+    """Hits for each row r of search output, its first ``ks[r]`` columns (-1 padding
+    dropped), best first; one metadata lookup for all rows (a batch of 16 queries had
+    spent ~1.6 ms in 16 separate SQLite queries)."""
+    rows = [
+        [(int(i), float(s)) for i, s in zip(ids[r, :k], scores[r, :k], strict=True) if int(i) >= 0]
+        for r, k in enumerate(ks)
+    ]
+    records = _records(index, sorted({i for pairs in rows for i, _ in pairs}))
+    return [[Hit(i, s, records[i]) for i, s in pairs] for pairs in rows]
 
 
 def _filtered_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
@@ -218,9 +228,9 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     if plain:
         k_max = max(queries[valid[j]].k for j in plain)
         scores, ids = index.search(vectors[plain], k_max)  # [P, k_max]
-        for row, j in enumerate(plain):
-            query = queries[valid[j]]
-            outcomes[valid[j]].hits = _hits(index, scores[row, : query.k], ids[row, : query.k])
+        ks = [queries[valid[j]].k for j in plain]
+        for j, hits in zip(plain, _hit_rows(index, scores, ids, ks), strict=True):
+            outcomes[valid[j]].hits = hits
     for j, i in enumerate(valid):
         if queries[i].mode != "influence":
             outcomes[i].hits = _mode_search(index, vectors[j], queries[i])
