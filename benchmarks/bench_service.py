@@ -10,10 +10,13 @@ twice, one server at a time: batching on (the default settings) and batching off
   (``service.search.validate`` + ``encoder.batching.tokenize_query``, and pydantic's JSON
   serializer on the returned ``InfluenceResponse``); the rest of the client round trip is
   HTTP + framework.
-- closed-loop load with httpx (async): C workers each send the next query as soon as the
-  previous one returns, for a bounded duration, at C = 1, 4, 16: QPS, p50, p99, failures.
+- closed-loop load (a thread and a keep-alive ``http.client`` connection per client): C
+  clients each send the next query as soon as the previous one returns, for a bounded
+  duration, at C = 1, 4, 16: QPS, p50, p99, failures.
 
-Goals: p99 at concurrency 16 <= 3x single-query p50, QPS at 16 >= 3x QPS at 1.
+Goals: p99 at concurrency 16 <= 3x single-query p50, QPS at 16 >= 3x QPS at 1. The p99
+goal is also measured in ``--pairs`` paired windows (concurrency 1, then 16 right after),
+judged on their median: one 10 s level is at the mercy of this VM's minute-to-minute drift.
 Without ``--index`` a test-size index is built first (fact corpus "test", trained test
 model, ``influence index build``), which takes a few CPU minutes.
 
@@ -292,18 +295,44 @@ def bench_mode(
         loads = [
             {"mode": mode, **measured_load(server, queries, c, args.duration)} for c in CONCURRENCY
         ]
+        # The p99 goal again in paired windows: concurrency 1 then 16, back to back, so the
+        # two sides of each ratio see the same machine (this 2-core VM drifts by +-15% in
+        # QPS from minute to minute); the goal is judged on the median window.
+        pairs = [
+            paired_window(server.url, queries, i, args.pair_duration, mode)
+            for i in range(args.pairs)
+        ]
         # The HTTP + framework floor: the same client on a route that does no work.
         floor = {
             "mode": mode,
             **measured_load(server, queries, 16, min(args.duration, 3.0), "/healthz"),
         }
+    if int(env.get("INFLUENCE_WORKERS", "1")) > 1:
+        # /metrics answers from whichever worker takes the connection: its batch counters
+        # are that worker's alone, so a difference of two scrapes means nothing.
+        for row in [*loads, floor]:
+            row.pop("mean_batch", None)
     return {
         "mode": mode,
         "env": env,
         "single": {"mode": mode, **single},
         "load": loads,
+        "pairs": pairs,
         "healthz_floor": floor,
     }
+
+
+def paired_window(
+    url: str, queries: list[dict[str, str]], i: int, duration_s: float, mode: str
+) -> dict[str, Any]:
+    """p50 at concurrency 1, then p99 at 16 right after, and their ratio."""
+    one = _load(url, queries, 1, duration_s)
+    sixteen = _load(url, queries, 16, duration_s)
+    row = {"mode": mode, "window": i, "p50_ms_at_1": one["p50_ms"], "qps_at_1": one["qps"],
+           "p99_ms_at_16": sixteen["p99_ms"], "qps_at_16": sixteen["qps"],
+           "p99_16_over_p50_1": sixteen["p99_ms"] / one["p50_ms"]}  # fmt: skip
+    log.info("%s", row)
+    return row
 
 
 def measured_load(
@@ -336,10 +365,16 @@ def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
     by_c = {r["concurrency"]: r for r in res["load"]}
     p99_ratio = by_c[16]["p99_ms"] / res["single"]["client_p50_ms"]
     qps_ratio = by_c[16]["qps"] / by_c[1]["qps"]
-    return [
-        {"mode": res["mode"], "goal": "p99@16 / single-query p50 <= 3", "measured": p99_ratio, "met": p99_ratio <= GOAL_P99_RATIO},
+    rows = [
+        {"mode": res["mode"], "goal": "p99@16 / single-query p50 <= 3 (load levels above)", "measured": p99_ratio, "met": p99_ratio <= GOAL_P99_RATIO},
         {"mode": res["mode"], "goal": "QPS@16 / QPS@1 >= 3", "measured": qps_ratio, "met": qps_ratio >= GOAL_QPS_RATIO},
     ]  # fmt: skip
+    ratios = [w["p99_16_over_p50_1"] for w in res.get("pairs", [])]
+    if ratios:
+        median = float(np.median(ratios))
+        rows.insert(1, {"mode": res["mode"], "goal": f"p99@16 / p50@1 <= 3 (median of {len(ratios)} paired windows, "
+                        f"range {min(ratios):.2f}-{max(ratios):.2f})", "measured": median, "met": median <= GOAL_P99_RATIO})  # fmt: skip
+    return rows
 
 
 def cpu_bound(res: dict[str, Any], cores: int) -> dict[str, Any]:
@@ -382,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries"
     )
+    p.add_argument(
+        "--pairs", type=int, default=3,
+        help="paired windows (concurrency 1 then 16, back to back) for the p99 goal",
+    )  # fmt: skip
+    p.add_argument("--pair-duration", type=float, default=5.0, help="seconds per paired window")
     p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
     p.add_argument("--tag", default=None, help="result file suffix, e.g. workers2")
     p.add_argument(
@@ -391,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args.env = dict(item.split("=", 1) for item in args.env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
-        args.duration, args.single = 2.0, 10
+        args.duration, args.single, args.pairs, args.pair_duration = 2.0, 10, 1, 1.0
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_service_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -408,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [cpu_bound(res, len(os.sched_getaffinity(0))) for res in results]
     singles = [r["single"] for r in results]
     loads = [row for r in results for row in r["load"]] + [r["healthz_floor"] for r in results]
+    pairs = [row for r in results for row in r["pairs"]]
     index_info = {"dir": str(index_dir), "built_here_s": build_s, "size": manifest.get("counts"),
                   "fingerprint": manifest.get("fingerprint"), "faiss": manifest.get("faiss")}  # fmt: skip
     payload = {"benchmark": "service", "quick": args.quick, "machine": machine(), "index": index_info,
@@ -428,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n## Closed-loop load\n\n"
         + md_table(loads, ["mode", "path", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
                          "server_cpu_ms_per_req", "client_cpu_ms_per_req", "busy_cores"])
+        + (("\n## Paired windows (p99 goal; concurrency 1 then 16, back to back)\n\n"
+            + md_table(pairs, list(pairs[0]))) if pairs else "")
         + "\n## Goals\n\n" + md_table(goals, ["mode", "goal", "measured", "met"])
         + "\n## Bounds (closed loop, Little's law; CPU ceiling = cores / CPU per request)\n\n"
         + md_table(bounds, list(bounds[0]))

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         description="Approximate indexes: hits re-ranked exactly per query (default 10 x k; 0: no re-rank).",
     )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
-    max_wait_ms: float = Field(5.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
+    max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")
     max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call.")
     request_timeout_s: float = Field(60.0, gt=0, description="Queue + compute time per request.")

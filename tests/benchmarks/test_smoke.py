@@ -45,3 +45,25 @@ def test_bench_encode_quick_speed_only(tmp_path):
     row = data["speed"][0]
     assert row["plain_s"] > 0 and row["exact_s"] > 0 and row["factored_s"] > 0
     assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["exact", "factored"]
+
+
+@pytest.mark.slow
+def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
+    """Both modes served over loopback, every level answered, goals computed from the
+    measured rows (the paired windows included)."""
+    from benchmarks import bench_service
+
+    assert bench_service.main(["--quick", "--index", str(tiny_index), "--workdir", str(tmp_path / "w"),
+                               "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "bench_service_quick.json").read_text())
+    for mode in data["modes"]:
+        assert [r["concurrency"] for r in mode["load"]] == [1, 4, 16]
+        assert all(r["requests"] > 0 and r["failures"] == 0 for r in mode["load"])
+        (pair,) = mode["pairs"]
+        assert pair["p99_16_over_p50_1"] == pytest.approx(pair["p99_ms_at_16"] / pair["p50_ms_at_1"])
+    goals = {(g["mode"], g["goal"].split(" (")[0]): g for g in data["goals"]}
+    on = data["modes"][0]
+    assert on["mode"] == "batching_on"
+    assert goals[("batching_on", "p99@16 / p50@1 <= 3")]["measured"] == on["pairs"][0]["p99_16_over_p50_1"]
+    md = (tmp_path / "bench_service_quick.md").read_text()
+    assert "## Paired windows" in md and "## Goals" in md
