@@ -63,3 +63,22 @@ def test_ivf_search_reranked_is_exact_on_its_candidates():
     expected = np.einsum("qd,qkd->qk", queries, fingerprints[ids].astype(np.float32))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_dot_rows_blocks_equal_one_float32_product(monkeypatch, tmp_path):
+    """The blocked float16 -> float32 widening gives the products of widening everything
+    first, for blocks that split the candidates unevenly and for a memory-mapped store."""
+    rng = np.random.default_rng(4)
+    fingerprints = rng.standard_normal((500, 64)).astype(np.float16)
+    queries = rng.standard_normal((3, 64)).astype(np.float32)
+    ids = np.sort(rng.choice(500, 77, replace=False))
+    want = queries @ fingerprints[ids].astype(np.float32).T
+    monkeypatch.setattr(faiss_index, "RERANK_BLOCK_ROWS", 10)  # 8 blocks, the last of 7
+    got = faiss_index.dot_rows(queries, fingerprints, ids)
+    assert got.shape == (3, 77) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.save(tmp_path / "fp.npy", fingerprints)
+    mapped = np.load(tmp_path / "fp.npy", mmap_mode="r")
+    np.testing.assert_array_equal(faiss_index.dot_rows(queries, mapped, ids), got)
+    np.testing.assert_allclose(faiss_index.dot_rows(queries, fingerprints.astype(np.float32), ids), want, rtol=1e-5, atol=1e-6)
+    assert faiss_index.dot_rows(queries, fingerprints, ids[:0]).shape == (3, 0)
