@@ -19,6 +19,8 @@ def test_bench_search_quick_with_graphs(tmp_path):
     assert factories == {"PCA64,IVF512,PQ16x4fs", "PCA64,HNSW32", "HNSW32_SQ8"}
     for row in data["configs"][0]["rows"]:
         assert 0.0 <= row["recall@10"] <= 1.0 and row["b1_p50_ms"] > 0 and row["bytes_per_vector_ram"] > 0
+        # Codebooks and transforms are the fixed part; what remains per vector is smaller.
+        assert 0 < row["fixed_bytes_ram"] and 0 < row["bytes_per_vector_marginal"] < row["bytes_per_vector_ram"]
     # The most generous setting of every index finds most true neighbours of easy queries.
     assert max(r["recall@10"] for r in data["configs"][0]["rows"]) >= 0.9
     assert (tmp_path / "bench_search_quick.md").read_text().startswith("# Search benchmark")
@@ -31,7 +33,10 @@ def test_bench_search_quick_flat_codes_and_torch_exact(tmp_path):
     assert bench_search.main(["--quick", "--queries", "32", "--factories", "PQ64x4fs", "--torch-exact",
                               "--workdir", str(tmp_path / "w"), "--out", str(tmp_path), "--tag", "t"]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "bench_search_quick_t.json").read_text())["configs"][0]["rows"]
-    assert [r["candidates"] for r in rows if r["factory"] == "PQ64x4fs"] == [256, 512, 1024]
+    codes = [r for r in rows if r["factory"] == "PQ64x4fs"]
+    assert [r["candidates"] for r in codes] == [256, 512, 1024]
+    # 64 sub-quantizers x 4 bits = 32 B of codes per vector; the codebooks are the fixed part.
+    assert all(r["bytes_per_vector_marginal"] == pytest.approx(32.0, abs=0.01) for r in codes)
     (exact,) = [r for r in rows if r["factory"].startswith("torch exact")]
     assert exact["recall@10"] == 1.0 and exact["b1_p50_ms"] > 0
 
