@@ -19,8 +19,8 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "api" / "openapi.json"
 # How ``serve`` runs uvicorn, one process or several. httptools and uvloop are pinned
 # dependencies: with uvicorn's pure-Python h11 parser and the stock asyncio loop, HTTP work
 # held the GIL ~1.9 ms per request, time the encoder thread waited for (bench_service on
-# 2 cores: QPS@16 309 -> 395, p99@16 71 -> 54 ms with them). uvicorn's own access line is
-# off: the request-id middleware already logs one line per request, with its id.
+# 2 cores: QPS@16 309 -> 339-395, p99@16 71 -> 52-66 ms across runs). uvicorn's own access
+# line is off: the request-id middleware already logs one line per request, with its id.
 UVICORN_OPTIONS: dict[str, object] = {"http": "httptools", "loop": "uvloop", "access_log": False}
 
 
