@@ -7,9 +7,9 @@ examples end up in generated clients, so they are written for the people reading
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
@@ -17,6 +17,19 @@ MAX_K = 1000
 MAX_TEXT_FIELD_CHARS = 100_000
 """A character cap on prompt and completion, checked before tokenization; the token limits
 (413) are the real bound and are set by the server's settings."""
+
+
+
+def _integral_float(value: object) -> object:
+    # JSON Schema's "integer" includes 5.0 (a number with a zero fractional part); strict
+    # mode alone would refuse it, so every integer field accepts it the same way.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_integral_float)]
+"""An integer field: a JSON integer, or a number with no fractional part (``5.0`` is 5)."""
 
 EXAMPLE_QUERY: dict[str, JsonValue] = {
     "prompt": "The capital of Veloria is",
@@ -45,9 +58,9 @@ class InfluenceQuery(BaseModel):
         description="The model output to explain; only its tokens carry loss.",
         examples=[" Quenton."],
     )
-    k: int = Field(10, ge=1, le=MAX_K, description="Number of results to return.")
+    k: WholeNumber = Field(10, ge=1, le=MAX_K, description="Number of results to return (5.0 counts as 5).")
     return_text: bool = Field(True, description="Include each training example's text.")
-    max_text_chars: int | None = Field(
+    max_text_chars: WholeNumber | None = Field(
         None, ge=0, description="Truncate returned texts to this many characters."
     )
     min_score: float | None = Field(
@@ -63,14 +76,6 @@ class InfluenceQuery(BaseModel):
         "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
-
-    @field_validator("k", "max_text_chars", mode="before")
-    @classmethod
-    def _integral_float(cls, value: object) -> object:
-        # JSON Schema's "integer" includes 5.0; strict mode would refuse it.
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
 
 
 class InfluenceResult(BaseModel):
@@ -123,11 +128,11 @@ class ExplainRequest(BaseModel):
     completion: str = Field(
         min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
     )
-    id: int = Field(
+    id: WholeNumber = Field(
         ge=0,
         le=2**53 - 1,  # exact in JSON numbers (float64) and JavaScript; ids are dense row numbers
         strict=True,
-        description="The training example to explain (a result's id).",
+        description="The training example to explain (a result's id; 3.0 counts as 3).",
     )
 
 

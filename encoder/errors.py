@@ -72,3 +72,27 @@ class NotFoundError(InfluenceError):
 
     code = "not_found"
     http_status = 404
+
+
+def safe_text(value: object, limit: int = 200) -> str:
+    """``value`` as printable text for an error message or a log line.
+
+    Client text reaches messages and logs; escaped here it can neither forge a log line
+    (newlines, NUL, ANSI escapes), fail to encode (lone surrogates) nor flood (``limit``
+    characters, then a count of the rest).
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}...(+{len(text) - limit} chars)"
+    if text.isprintable() and text.isascii():
+        return text
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if ch.isprintable() and not 0xD800 <= cp <= 0xDFFF:
+            out.append(ch)
+        elif cp < 0x100:
+            out.append(f"\\x{cp:02x}")
+        else:
+            out.append(f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}")
+    return "".join(out)

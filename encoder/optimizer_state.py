@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from encoder.errors import OptimizerStateError
 from encoder.modules import TrackedModule
+from encoder.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SecondMoments:
         """Write (a subset of) v_hat as safetensors with eps in the metadata."""
         names = list(param_names) if param_names is not None else list(self.v_hat)
         tensors = {n: self.v_hat[n].float().contiguous() for n in names}
-        save_file(tensors, str(path), metadata={"eps": repr(self.eps), "source": self.source})
+        save_tensors(tensors, str(path), metadata={"eps": repr(self.eps), "source": self.source})
 
 
 def _trainer_param_order(model: nn.Module) -> list[str]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from encoder.errors import ArtifactError, ConfigError
+from encoder.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class RStatistics:
     def save(self, path: Path) -> None:
         meta = {"names": json.dumps(self.names), "block_dims": json.dumps(self.block_dims),
                 "count": str(self.count)}
-        save_file({f"sum.{i}": s for i, s in enumerate(self.sums)}, str(path), metadata=meta)
+        save_tensors({f"sum.{i}": s for i, s in enumerate(self.sums)}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> RStatistics:
@@ -179,7 +179,7 @@ class Whitener:
         return self._converted[key]
 
     def save(self, path: Path) -> None:
-        save_file(
+        save_tensors(
             {f"W.{i}": m.contiguous() for i, m in enumerate(self.matrices)},
             str(path),
             metadata={"names": json.dumps(self.names), "lambda": repr(self.lambda_)},

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-from safetensors.torch import save_file
 
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
+from encoder.tensor_files import save_tensors
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.bm25 import SUBDIR, BM25Index
@@ -95,7 +95,7 @@ def publish(
         tensors = {}
         for name, (a, b) in encoder.projections().items():
             tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
-        save_file(tensors, str(staging / mf.PROJECTIONS))
+        save_tensors(tensors, str(staging / mf.PROJECTIONS))
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if work.path(name).is_file():
             shutil.copyfile(work.path(name), staging / name)

@@ -13,7 +13,8 @@ import importlib
 import logging
 import sys
 
-from encoder.errors import InfluenceError
+from encoder.errors import InfluenceError, safe_text
+from service.logs import configure_logging
 
 log = logging.getLogger("influence")
 
@@ -47,19 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except InfluenceError as exc:
-        print(f"influence: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        print(f"influence: error [{exc.code}]: {safe_text(exc.message, 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("influence: interrupted", file=sys.stderr)

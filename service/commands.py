@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from encoder.errors import InfluenceError
+from service.logs import WORKER_FORMAT, configure_logging, uvicorn_log_config
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,12 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "api" / "openapi.json"
 # held the GIL ~1.9 ms per request, time the encoder thread waited for (bench_service on
 # 2 cores: QPS@16 309 -> 339-395, p99@16 71 -> 52-66 ms across runs). uvicorn's own access
 # line is off: the request-id middleware already logs one line per request, with its id.
-UVICORN_OPTIONS: dict[str, object] = {"http": "httptools", "loop": "uvloop", "access_log": False}
+UVICORN_OPTIONS: dict[str, object] = {
+    "http": "httptools",
+    "loop": "uvloop",
+    "access_log": False,
+    "log_config": uvicorn_log_config(),  # uvicorn's own lines through SafeFormatter too
+}
 
 
 def register(subparsers) -> None:
@@ -151,5 +157,5 @@ def worker_app():
     INFLUENCE_* environment that ``run_serve`` exported."""
     from service.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    configure_logging(fmt=WORKER_FORMAT)
     return create_app()

@@ -16,8 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.models import ErrorResponse
-from encoder.errors import InfluenceError
+from api.models import ErrorBody, ErrorResponse
+from encoder.errors import InfluenceError, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 """OpenAPI ``responses`` entries for the error statuses every v1 route can return."""
 
 
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> ErrorBody:
+    """The error body. Client text can reach ``message`` and ``details`` (a path, a field
+    name, an unknown key): it is escaped and truncated here, so no input fails to encode."""
+    safe = {k: safe_text(v) if isinstance(v, str) else v for k, v in jsonable(details or {}).items()}
+    return ErrorBody(code=code, message=safe_text(message, 1000), details=safe or None)
+
+
 def error_response(
     status: int,
     code: str,
@@ -52,9 +59,7 @@ def error_response(
     details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse.model_validate(
-        {"error": {"code": code, "message": message, "details": details or None}}
-    )
+    body = ErrorResponse(error=error_body(code, message, details))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
@@ -85,7 +90,7 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
                 "%s %s -> %d %s", request.method, request.url.path, exc.http_status, exc.code
             )
         return error_response(
-            exc.http_status, exc.code, exc.message, jsonable(exc.details), headers
+            exc.http_status, exc.code, exc.message, exc.details, headers
         )
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,7 +16,6 @@ from api.models import (
     BatchInfluenceRequest,
     BatchInfluenceResponse,
     BatchQueryError,
-    ErrorBody,
     ErrorResponse,
     Example,
     Health,
@@ -30,7 +29,7 @@ from api.models import (
 )
 from encoder.errors import InfluenceError, InputError
 from service.auth import require_admin, require_key
-from service.errors import ERROR_RESPONSES, jsonable
+from service.errors import ERROR_RESPONSES, error_body
 from service.search import Outcome, Query, model_name
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
@@ -125,8 +124,7 @@ async def query_influence_batch(
         exc = outcome.error
         responses.append(None)
         errors.append(BatchQueryError(query_index=i, status=exc.http_status,
-                                      error=ErrorBody(code=exc.code, message=exc.message,
-                                                      details=jsonable(exc.details) or None)))  # fmt: skip
+                                      error=error_body(exc.code, exc.message, exc.details)))
     return BatchInfluenceResponse(responses=responses, errors=errors)
 
 

@@ -12,6 +12,7 @@ from indexer.__main__ import main
 from indexer.artifacts import InfluenceIndex
 from indexer.faiss_index import SearchParams
 from tests.conftest import TINY_INDEX_CLI_OPTIONS
+from tests.tolerances import assert_within, dot_bound
 
 
 @pytest.mark.slow
@@ -41,7 +42,7 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
         scores, ids = approx.search(q, 10)
         assert (ids >= 0).all()
         exact = np.take_along_axis(q @ fps.T, ids, axis=1)
-        np.testing.assert_allclose(scores, exact, atol=1e-6)
+        assert_within(scores, exact, np.take_along_axis(dot_bound(q, fps), ids, axis=1), "re-ranked")
         assert (np.diff(scores, axis=1) <= 0).all()
         flat_scores, flat_ids = flat.search(q, 10)
         hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), flat_ids.tolist(), strict=True)])
@@ -65,7 +66,8 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
         scores, ids = wide.search(q, 10)
         flat_scores, flat_ids = flat.search(q, 10)
         np.testing.assert_array_equal(ids, flat_ids)
-        np.testing.assert_allclose(scores, flat_scores, atol=1e-6)
+        fps = np.asarray(flat.fingerprints, dtype=np.float32)
+        assert_within(scores, flat_scores, np.take_along_axis(dot_bound(q, fps), ids, axis=1), "vs Flat")
         np.testing.assert_array_equal(raw_only.search(q, 10)[1], raw_only.search(q, 10, rerank=False)[1])
     finally:
         for opened in (wide, raw_only, flat):

@@ -12,8 +12,7 @@ from encoder.errors import NotFoundError
 from indexer.__main__ import main
 from indexer.artifacts import InfluenceIndex
 from tests.indexer.helpers import rechunk
-
-F16_TOL = 2e-3  # fingerprints are stored as float16 (relative rounding 2^-11 per entry)
+from tests.tolerances import assert_within, dot_bound, gamma, rounding_bound, storage_bound
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +32,18 @@ def test_stored_fingerprints_are_the_encoders(opened, fact_corpus_files):
         for i in range(0, len(seqs), bs)
     ])
     stored = np.asarray(opened.fingerprints, dtype=np.float32)
-    np.testing.assert_allclose(np.linalg.norm(enc, axis=1), 1.0, atol=1e-5)
-    assert np.abs(stored - enc).max() < F16_TOL
+    # Unit norm up to the float32 sum of squares and the square root (d + 1 roundings).
+    assert_within(np.linalg.norm(enc, axis=1), 1.0, gamma(enc.shape[1] + 1), "norms")
+    assert_within(stored, enc, rounding_bound(enc), "float16 storage")
     # Flat search scores are the dot products of the query with the encoder's fingerprints.
     q = opened.encode_queries([("Drorex is headquartered in", " Dutrus"), ("Cara Nalkun works for", " Buneco")])
     scores, ids = opened.search(q, 10)
-    np.testing.assert_allclose(scores, np.take_along_axis(q @ enc.T, ids, axis=1), atol=F16_TOL)
-    np.testing.assert_allclose(scores, np.take_along_axis(q @ stored.T, ids, axis=1), atol=1e-5)
+    take = lambda m: np.take_along_axis(m, ids, axis=1)  # noqa: E731
+    exact_bound = take(dot_bound(q, stored))
+    assert_within(scores, take(q @ enc.T), exact_bound + take(storage_bound(q, enc)), "vs encoder")
+    assert_within(scores, take(q @ stored.T), exact_bound, "vs stored")
     brute = np.argsort(-(q @ stored.T), axis=1, kind="stable")[:, :10]
-    np.testing.assert_allclose(scores, np.take_along_axis(q @ stored.T, brute, axis=1), atol=1e-5)
+    assert_within(scores, np.take_along_axis(q @ stored.T, brute, axis=1), exact_bound, "vs brute force")
 
 
 def test_search_pads_and_examples(opened):
@@ -67,7 +69,8 @@ def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     order = np.argsort(-brute, kind="stable")[:7]
     assert [r["rank"] for r in rows] == list(range(1, 8))
     assert [r["id"] for r in rows] == order.tolist()
-    np.testing.assert_allclose([r["score"] for r in rows], brute[order], atol=1e-5)
+    stored = np.asarray(opened.fingerprints, dtype=np.float32)[order]
+    assert_within([r["score"] for r in rows], brute[order], dot_bound(q[None], stored)[0], "CLI scores")
     recs = opened.examples(order.tolist())
     assert [r["text"] for r in rows] == [x.text for x in recs]
     assert {"source", "document_id"} <= set(rows[0])

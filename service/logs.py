@@ -1,0 +1,49 @@
+"""Log configuration of every ``influence`` process: one format, client text escaped.
+
+Anything a client sends can end up in a log message (paths, ids, error text): the formatter
+escapes control characters and lone surrogates in the message, so a request cannot forge a
+log line or break the log's encoding. Tracebacks are appended unescaped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from encoder.errors import safe_text
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+MESSAGE_LIMIT = 4000
+
+
+class SafeFormatter(logging.Formatter):
+    """``logging.Formatter`` whose message part is passed through ``safe_text``."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = safe_text(record.message, MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
+    """Root handler on stderr with ``SafeFormatter``; replaces handlers set before."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter(fmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's ``log_config``: its loggers go through the root handler (``SafeFormatter``)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "loggers": {
+            name: {"handlers": [], "propagate": True, "level": "INFO"}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
