@@ -24,7 +24,7 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
 from encoder.whitening import Whitener
-from indexer import faiss_index
+from indexer import faiss_index, integrity
 from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, MetadataStore
 from indexer.torch_search import TorchFlatSearch
@@ -60,14 +60,19 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
     if config.correction:
         second_moments = load_second_moments(index_dir / mf.SECOND_MOMENTS, model)
     whitener = Whitener.load(index_dir / mf.WHITENER) if config.hessian != "none" else None
+    if whitener is not None and (whitener.lambda_ != fp.get("lambda") or (config.hessian == "train" and whitener.lambda_ != 0)):
+        raise ArtifactError(f"the whitener mixes R_eval with lambda {whitener.lambda_}, the manifest says hessian "
+                            f"{config.hessian!r}, lambda {fp.get('lambda')}", code="manifest_mismatch")  # fmt: skip
     encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener)
     if encoder.module_names != fp["modules"]:
-        raise ArtifactError("the model's tracked modules differ from those the index was built with")
+        raise ArtifactError("the model's tracked modules differ from those the index was built with",
+                            code="manifest_mismatch")
     if config.k > 0:
         saved = load_file(str(index_dir / mf.PROJECTIONS))
         for name, (a, b) in encoder.projections().items():
             if not (torch.equal(saved[f"{name}.A"], a) and torch.equal(saved[f"{name}.B"], b)):
-                raise ArtifactError(f"projection of {name} differs from the saved one (seed or torch RNG changed)")
+                raise ArtifactError(f"projection of {name} differs from the saved one (seed or torch RNG changed)",
+                                    code="manifest_mismatch")
     return encoder
 
 
@@ -144,6 +149,7 @@ class InfluenceIndex:
         manifest = mf.read_manifest(index_dir)
         mdir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
         if verify:
+            integrity.check_listing(manifest)
             mf.verify_checksums(index_dir, manifest)
             if not mdir.is_dir():
                 raise ArtifactError(
@@ -180,6 +186,11 @@ class InfluenceIndex:
                 f"index counts disagree: manifest {n}, fingerprints {list(fingerprints.shape)}, "
                 f"FAISS {idx.ntotal if idx is not None else '-'}, encoder dim {encoder.dim}"
             )
+        if verify:
+            integrity.check_fingerprints(fingerprints, manifest)
+            rows = integrity.reencode_rows(n)
+            integrity.check_reencoded(encoder, [store.token_ids(i) or [] for i in rows], fingerprints[rows],
+                                      int(tokenizer.pad_token_id or 0))  # fmt: skip
         params = search_params or faiss_index.SearchParams()
         if idx is not None:
             faiss_index.set_search_params(idx, params)  # once, before any concurrent search

@@ -73,9 +73,16 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+VOLATILE_KEYS = ("created_at", "build")
+"""Manifest entries that say when and how fast a build ran, not what it built."""
+
+
 def manifest_version(index_dir: Path) -> str:
-    """Content hash of the manifest (16 hex chars): the ``index_version`` the service reports."""
-    return sha256_file(Path(index_dir) / MANIFEST)[:16]
+    """Content hash of the manifest (16 hex chars) without its ``VOLATILE_KEYS``: the
+    ``index_version`` the service reports, equal for two builds of identical inputs."""
+    manifest = read_manifest(index_dir)
+    content = {k: v for k, v in manifest.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def verify_checksums(index_dir: Path, manifest: dict[str, Any]) -> None:

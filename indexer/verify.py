@@ -8,9 +8,13 @@ import faiss
 import numpy as np
 
 from encoder.errors import ArtifactError
-from encoder.model_loading import model_hash, tokenizer_hash
+from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
+from indexer import integrity
 from indexer import manifest as mf
+from indexer.artifacts import build_encoder
 from indexer.metadata import MetadataStore
+
+FINITE_CHUNK = 65_536
 
 
 def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
@@ -23,8 +27,9 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
     """
     lines = []
     m = mf.read_manifest(index_dir)
+    integrity.check_listing(m)
     mf.verify_checksums(index_dir, m)
-    lines.append(f"checksums: {len(m['files'])} files OK")
+    lines.append(f"checksums: {len(m['files'])} files OK, every file the config needs listed")
     n, d = m["counts"]["sequences"], m["counts"]["dim"]
     fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
@@ -46,4 +51,19 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
     if model_hash(mdir) != m["model"]["hash"] or tokenizer_hash(mdir) != m["model"]["tokenizer_hash"]:
         raise ArtifactError(f"the model in {mdir} is not the one the index was built with", code="model_mismatch")
     lines.append(f"model: {mdir} matches")
+    for start in range(0, n, FINITE_CHUNK):
+        if not np.isfinite(np.asarray(fps[start : start + FINITE_CHUNK], dtype=np.float32)).all():
+            raise ArtifactError(f"the index stores non-finite fingerprints (NaN or inf) from row {start}: rebuild it "
+                                "(check the optimizer state it was built with)", code="nonfinite_fingerprints")  # fmt: skip
+    integrity.check_fingerprints(fps, m)
+    model = load_model(mdir, device="cpu")
+    encoder = build_encoder(index_dir, m, model)
+    rows = integrity.reencode_rows(n)
+    store = MetadataStore(index_dir / mf.METADATA)
+    try:
+        token_ids = [store.token_ids(i) or [] for i in rows]
+    finally:
+        store.close()
+    integrity.check_reencoded(encoder, token_ids, fps[rows], int(load_tokenizer(mdir).pad_token_id or 0))
+    lines.append(f"fingerprints: all finite; config agrees with the artifacts ({len(rows)} sequences re-encoded)")
     return lines

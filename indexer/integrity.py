@@ -1,0 +1,139 @@
+"""Cross-checks of a published index: the manifest's config against its artifacts.
+
+The checksums prove the files are the ones the manifest lists; these checks prove the
+manifest describes them. The files a config needs follow from it (``required_files``) and
+must all be listed, no file the config excludes may be (a whitener iff a Hessian, second
+moments iff the optimizer correction, projections iff k > 0), and a sample of the stored
+fingerprints must be finite and, with ``unit_norm``, of norm 1. Finally a few indexed
+sequences are re-encoded with the encoder the manifest describes: their fingerprints must
+equal the stored ones, which catches any edit of the config that changes the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from encoder.batching import collate, sequence_example
+from encoder.config import FingerprintConfig
+from encoder.errors import ArtifactError
+from encoder.fingerprint import TrackStarEncoder
+from indexer import manifest as mf
+
+NORM_SAMPLE = 256
+"""Stored fingerprints whose norms are checked at open and by verify."""
+REENCODE_SAMPLE = 2
+"""Indexed sequences re-encoded and compared with their stored fingerprints."""
+REENCODE_MIN_COSINE = 0.999
+"""Agreement a re-encoded sequence must reach: float16 storage costs < 1e-6 in cosine and the
+build's batch shape < 1e-5; a changed hessian / correction / mode / k / seed costs far more."""
+
+
+def required_files(manifest: dict[str, Any]) -> set[str]:
+    """The files an index with this manifest's fingerprint config must hold."""
+    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    need = {mf.FAISS_INDEX, mf.FINGERPRINTS, mf.METADATA}
+    if cfg.k > 0:
+        need.add(mf.PROJECTIONS)
+    if cfg.correction:
+        need.add(mf.SECOND_MOMENTS)
+    if cfg.hessian != "none":
+        need |= {mf.WHITENER, mf.R_TRAIN}
+    return need
+
+
+def excluded_files(manifest: dict[str, Any]) -> set[str]:
+    """Files whose presence contradicts the config (they would mean another encoder)."""
+    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    out = set()
+    if cfg.k == 0:
+        out.add(mf.PROJECTIONS)
+    if not cfg.correction:
+        out.add(mf.SECOND_MOMENTS)
+    if cfg.hessian == "none":
+        out |= {mf.WHITENER, mf.R_TRAIN, mf.R_EVAL}
+    return out
+
+
+def check_listing(manifest: dict[str, Any]) -> None:
+    """Every file the config needs is listed (and so checksummed); none it excludes is.
+
+    Raises:
+        ArtifactError: code ``manifest_mismatch`` naming the files.
+    """
+    listed = set(manifest.get("files") or {})
+    missing = sorted(required_files(manifest) - listed)
+    if missing:
+        raise ArtifactError(
+            f"the manifest does not list {', '.join(missing)}, which its fingerprint config needs "
+            "(an edited manifest, or an incomplete index): rebuild the index",
+            code="manifest_mismatch",
+        )
+    extra = sorted(excluded_files(manifest) & listed)
+    if extra:
+        raise ArtifactError(
+            f"the index holds {', '.join(extra)}, which its fingerprint config does not use "
+            "(an edited manifest): rebuild the index",
+            code="manifest_mismatch",
+        )
+
+
+def check_fingerprints(fingerprints: np.ndarray, manifest: dict[str, Any]) -> None:
+    """A sample of stored fingerprints is finite and, with ``unit_norm``, of norm 1.
+
+    Raises:
+        ArtifactError: code ``nonfinite_fingerprints`` or ``manifest_mismatch``.
+    """
+    n = len(fingerprints)
+    if n == 0:
+        return
+    rows = np.unique(np.linspace(0, n - 1, min(n, NORM_SAMPLE)).astype(np.int64))
+    sample = np.asarray(fingerprints[rows], dtype=np.float32)
+    if not np.isfinite(sample).all():
+        raise ArtifactError("the index stores non-finite fingerprints (NaN or inf): rebuild it "
+                            "(check the optimizer state it was built with)", code="nonfinite_fingerprints")  # fmt: skip
+    d = sample.shape[1]
+    norms = np.linalg.norm(sample.astype(np.float64), axis=1)
+    # float16 rounding moves each entry by <= 2^-11 of itself: the norm by <= 2^-11 (+ d x
+    # half the subnormal spacing, for the tiny entries).
+    tol = 2.0**-11 + d * 2.0**-25
+    unit = np.abs(norms - 1.0) <= tol
+    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    if cfg.unit_norm and not unit.all():
+        raise ArtifactError(f"the config says unit_norm but {int((~unit).sum())} of {len(rows)} sampled "
+                            f"fingerprints are not of norm 1: the manifest does not describe this index",
+                            code="manifest_mismatch")  # fmt: skip
+    if not cfg.unit_norm and unit.all() and len(rows) > 1:
+        raise ArtifactError("the config says unit_norm false but every sampled fingerprint has norm 1: "
+                            "the manifest does not describe this index", code="manifest_mismatch")  # fmt: skip
+
+
+def check_reencoded(encoder: TrackStarEncoder, token_ids: list[list[int]], stored: np.ndarray, pad_id: int) -> None:
+    """Re-encode indexed sequences; each must match its stored fingerprint.
+
+    Args:
+        encoder: the encoder the manifest describes.
+        token_ids: the sequences' indexed token ids.
+        stored: [S, d] their stored fingerprints.
+        pad_id: the tokenizer's pad id.
+    Raises:
+        ArtifactError: code ``manifest_mismatch`` with the worst cosine.
+    """
+    if not token_ids:
+        return
+    e = encoder.encode(collate([sequence_example(ids) for ids in token_ids], pad_id)).float().cpu().numpy()
+    s = np.asarray(stored, dtype=np.float32)
+    cos = np.sum(e * s, axis=1) / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(s, axis=1), 1e-30)
+    if not (cos >= REENCODE_MIN_COSINE).all():
+        raise ArtifactError(
+            f"re-encoding indexed sequences with the manifest's fingerprint config does not give their "
+            f"stored fingerprints (cosine {float(cos.min()):.4f}): the config or the model differs from "
+            "the build's; rebuild the index",
+            code="manifest_mismatch",
+        )
+
+
+def reencode_rows(n: int) -> list[int]:
+    """The rows ``check_reencoded`` samples: the first and the last (deterministic)."""
+    return sorted({0, n - 1})[:REENCODE_SAMPLE] if n > 0 else []
