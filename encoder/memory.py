@@ -178,3 +178,16 @@ def auto_batch_size(
         batch, est.fixed / 2**20, est.per_example / 2**20, est.method, budget / 2**20,
     )  # fmt: skip
     return batch, est
+
+
+def hessian_bytes(block_dims: list[int], *, with_eval: bool) -> int:
+    """Host memory of the Hessian statistics and their whitening (DESIGN.md step 4).
+
+    Per block of d_W dims: the float64 sum of phi phi^T (one more for R_eval), and while a
+    block is whitened its eigendecomposition (eigenvectors plus the R^-1/2 result, float64):
+    ``sum_W 8 d_W^2 (1 + with_eval) + 3 * 8 max_W d_W^2``.
+    """
+    if not block_dims:
+        return 0
+    sums = sum(8 * d * d for d in block_dims) * (2 if with_eval else 1)
+    return sums + 3 * 8 * max(block_dims) ** 2

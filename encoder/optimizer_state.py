@@ -17,6 +17,7 @@ Without any of these the caller estimates v as the mean squared per-example grad
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,37 @@ def load_second_moments(path: str | Path, model: nn.Module) -> SecondMoments:
     Raises:
         OptimizerStateError: missing, unreadable, or not matching the model.
     """
-    path = Path(path)
+    return _validated(_load(Path(path), model), model)
+
+
+def _validated(sm: SecondMoments, model: nn.Module) -> SecondMoments:
+    """Second moments are the model's (names and shapes), finite and non-negative: a
+    negative entry would make sqrt(v) NaN and every fingerprint with it."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    unknown = sorted(set(sm.v_hat) - set(shapes))
+    if unknown:
+        raise OptimizerStateError(
+            f"{sm.source}: {len(unknown)} entries name no parameter of the model (e.g. {unknown[0]!r}): "
+            "not this model's optimizer state"
+        )
+    for name, v in sm.v_hat.items():
+        if tuple(v.shape) != shapes[name]:
+            raise OptimizerStateError(
+                f"{sm.source}: {name!r} has shape {tuple(v.shape)}, the model's parameter {shapes[name]}"
+            )
+        if not torch.isfinite(v).all():
+            raise OptimizerStateError(f"{sm.source}: the second moment of {name!r} holds NaN or inf")
+        if (v < 0).any():
+            raise OptimizerStateError(
+                f"{sm.source}: the second moment of {name!r} holds negative values, which a second moment "
+                "cannot: is this the model's weights rather than its optimizer state?"
+            )
+    if not (sm.eps >= 0 and math.isfinite(sm.eps)):
+        raise OptimizerStateError(f"{sm.source}: eps {sm.eps} is not a finite non-negative number")
+    return sm
+
+
+def _load(path: Path, model: nn.Module) -> SecondMoments:
     if path.is_dir():
         if not (path / "optimizer.pt").is_file():
             raise OptimizerStateError(f"{path} holds no optimizer.pt (not a Trainer checkpoint?)")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder.errors import InputError
+from encoder.errors import InputError, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,22 @@ def _decode(raw: bytes, where: str) -> str:
 def _doc(text: object, doc_id: object, source: object, where: str) -> Document:
     if not isinstance(text, str):
         raise InputError(f"{where}: the 'text' field is missing or not a string", code="invalid_corpus")
+    for field, value in (("text", text), ("id", str(doc_id)), ("source", source)):
+        if isinstance(value, str):
+            _check_encodable(value, where, field)
     return Document(str(doc_id), text, None if source is None else str(source))
+
+
+def _check_encodable(value: str, where: str, field: str) -> None:
+    """A lone surrogate (JSON's ``"\ud800"``) is no text a tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{where}: the {field!r} field holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character "
+            f"{exc.start}), which is not text; fix or drop that record",
+            code="invalid_encoding",
+        ) from exc
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
@@ -168,8 +183,9 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
     Yields:
         documents in corpus order.
     Raises:
-        InputError: missing path (``corpus_not_found``), non-UTF-8 bytes
-            (``invalid_encoding``), malformed records (``invalid_corpus``).
+        InputError: missing path (``corpus_not_found``), non-UTF-8 bytes or a lone
+            surrogate (``invalid_encoding``), malformed records (``invalid_corpus``), a
+            document id seen before (``duplicate_document_id``).
     """
     path = Path(path)
     readers = {
@@ -178,4 +194,14 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
         "hf_dataset": _read_hf_dataset,
         "text_dir": _read_text_files,
     }
-    yield from readers[corpus_format(path)](path)
+    seen: set[str] = set()
+    for n, doc in enumerate(readers[corpus_format(path)](path), start=1):
+        if doc.id in seen:
+            raise InputError(
+                f"{path}: document id {safe_text(doc.id)!r} appears twice (again in document {n}); "
+                "ids must be unique, so that every result names one document: fix the 'id' field "
+                "or drop it (then the line number is the id)",
+                code="duplicate_document_id",
+            )
+        seen.add(doc.id)
+        yield doc

@@ -75,6 +75,36 @@ def create_index(factory: str, dim: int) -> faiss.Index:
         ) from exc
 
 
+def check_trainable(factory: str, dim: int, n_train: int) -> None:
+    """Fail before any expensive pass when ``factory`` cannot be built over ``n_train``
+    training vectors of ``dim`` dims: an unparsable string, or more IVF lists / PQ
+    centroids than training vectors (FAISS would fail, or train empty clusters, at the end).
+
+    Raises:
+        ConfigError: code ``invalid_faiss_factory`` or ``faiss_needs_more_data``.
+    """
+    index = create_index(factory, dim)
+    if index.is_trained:
+        return
+    need = []
+    try:
+        need.append(("IVF lists", faiss.extract_index_ivf(index).nlist))
+    except RuntimeError:  # not an IVF index
+        pass
+    for name in ("pq", "fine_quantizer"):
+        pq = getattr(faiss.downcast_index(index), name, None)
+        if pq is not None and hasattr(pq, "ksub"):
+            need.append(("PQ centroids per sub-quantizer", int(pq.ksub)))
+    for what, count in need:
+        if n_train < count:
+            raise ConfigError(
+                f"FAISS factory {factory!r} needs at least {count} training vectors ({what}), "
+                f"the build has {n_train}: use fewer lists or bits, a larger --faiss-train-sample, "
+                "or Flat",
+                code="faiss_needs_more_data",
+            )
+
+
 def _n_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 

@@ -187,5 +187,13 @@ def encode_shard(
             out[row : row + len(e)] = e.astype(np.float16)
             row += len(e)
             progress("encode", len(e), total)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise InputError(
+            f"{int(bad.sum())} fingerprints of sequences {start}..{stop - 1} are not finite (first: sequence "
+            f"{start + int(np.argmax(bad))}): the optimizer state or the model yields NaN/inf gradients; "
+            "nothing was published",
+            code="nonfinite_fingerprints",
+        )
     save_npy_atomic(work.fp_path(shard), out)
     cached.unlink(missing_ok=True)

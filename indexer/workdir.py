@@ -18,14 +18,19 @@ SIGKILL a file either exists complete or not at all and a re-run redoes only mis
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from encoder.errors import ConfigError
 
 
 class WorkDir:
@@ -71,6 +76,35 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``<parent>/.<out name>.build.lock`` (flock) for the whole build: a second
+        build of the same ``--out`` is refused instead of racing this one's work directory.
+
+        Raises:
+            ConfigError: code ``build_locked``, naming the holder's pid and host.
+        """
+        path = self.out.parent / f".{self.out.name}.build.lock"
+        fh = path.open("a+")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise ConfigError(
+                    f"another build of {self.out} is running ({holder}); wait for it, or stop it "
+                    f"(a stopped build resumes where it left off)",
+                    code="build_locked",
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            fh.flush()
+            yield
+        finally:
+            fh.close()  # releases the lock
 
 
 def write_atomic(path: Path, writer: Callable[[Path], Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -33,13 +34,18 @@ def test_missing_corpus(trained_checkpoint, tmp_path, capsys):
     ("content", "code"),
     [(b"", "empty_corpus"), (b"\n\n", "empty_corpus"),
      (b'{"text": "fine"}\n{"text": "bad \xff\xfe bytes"}\n', "invalid_encoding"),
-     (b'{"id": 1}\n', "invalid_corpus")],
+     (b'{"id": 1}\n', "invalid_corpus"),
+     (b'{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n', "invalid_encoding"),
+     (b'{"id": "a", "text": "one"}\n{"id": "a", "text": "two"}\n', "duplicate_document_id")],
 )
 def test_bad_corpus(trained_checkpoint, tmp_path, capsys, content, code):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(content)
     rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "ix")
     assert rc == 2 and f"[{code}]" in err and "corpus.jsonl" in err
+    assert "Traceback" not in err and sum(line.startswith("influence: error") for line in err.splitlines()) == 1
+    if code == "invalid_encoding" and b"ud800" in content:
+        assert "line 2" in err and "surrogate" in err
     _nothing_left(tmp_path / "ix")
 
 
@@ -115,3 +121,65 @@ def test_batch_size_auto_is_resolved_once_and_recorded(trained_checkpoint, fact_
             _build(capsys, trained_checkpoint.checkpoint_dir, corpus, tmp_path / "bad", "--batch-size", bad)
         assert exit_.value.code == 2
         assert "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder(trained_checkpoint, fact_corpus_files, capsys):
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], "/proc/influence-nowhere/ix")
+    assert rc == 2 and "[output_not_writable]" in err and "Traceback" not in err
+
+
+def test_full_disk_mid_build_is_a_clear_error(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from indexer import passes
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))
+
+    monkeypatch.setattr(passes, "save_npy_atomic", full)
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix")
+    assert rc == 2 and "[output_not_writable]" in err and "No space left" in err
+    assert not (tmp_path / "ix").exists()  # nothing published
+
+
+def test_second_build_of_the_same_out_is_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    from indexer.workdir import WorkDir
+
+    out = tmp_path / "ix"
+    with WorkDir(out.resolve()).lock():
+        rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], out)
+    assert rc == 2 and "[build_locked]" in err and f"pid {os.getpid()}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["missing", "model_weights"])
+def test_bad_optimizer_state(trained_checkpoint, fact_corpus_files, tmp_path, capsys, which):
+    state = tmp_path / "nope.pt" if which == "missing" else trained_checkpoint.checkpoint_dir / "model.safetensors"
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix",
+                     "--optimizer-state", str(state))
+    assert rc == 2 and "[optimizer_state_mismatch]" in err and "Traceback" not in err
+    assert ("does not exist" if which == "missing" else "negative values") in err
+    assert not (tmp_path / "ix").exists()  # nothing published (the work dir may stay, to resume)
+
+
+@pytest.mark.parametrize(("factory", "code"), [("Flaat", "invalid_faiss_factory"), ("IVF1024,Flat", "faiss_needs_more_data")])
+def test_faiss_factory_is_checked_before_the_passes(trained_checkpoint, fact_corpus_files, tmp_path, capsys,
+                                                    monkeypatch, factory, code):
+    from indexer import passes
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an expensive pass ran before the factory was checked")
+
+    monkeypatch.setattr(passes, "statistics_shard", must_not_run)
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix", "--faiss", factory)
+    assert rc == 2 and f"[{code}]" in err and factory in err
+
+
+def test_hessian_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
+    from indexer import build
+
+    monkeypatch.setattr(build, "free_memory", lambda device: 64 << 20)  # 64 MiB free
+    rc = main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(fact_corpus_files[0]),
+               "--out", str(tmp_path / "ix"), "-k", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "[insufficient_memory]" in err and "GiB" in err and "--hessian none" in err
