@@ -70,10 +70,14 @@ class GradientCapture:
                 )
             self._seen.add(tracked.name)
             acts = inputs[0].detach()
-            if self._mask is not None:
-                acts = acts * self._mask.to(acts.dtype).unsqueeze(-1)
+            mask = self._mask
+            if mask is not None:
+                acts = as_tokens(acts, mask.shape, tracked.name)
+                acts = acts * mask.to(acts.dtype).unsqueeze(-1)
 
             def on_grad(grad: torch.Tensor) -> None:
+                if mask is not None:
+                    grad = as_tokens(grad, mask.shape, tracked.name)
                 if self.accum_dtype is None:
                     self.sink(tracked, acts, grad)
                 else:
@@ -83,6 +87,20 @@ class GradientCapture:
             return None
 
         return hook
+
+
+def as_tokens(x: torch.Tensor, batch_tokens: torch.Size, name: str) -> torch.Tensor:
+    """A linear map's input or output gradient on any leading shape as [B, T, features].
+
+    Most models call their linear maps on [B, T, in]; some flatten first (OPT's fc1/fc2 see
+    [B*T, in]). Both hold one row per token, in token order.
+    """
+    b, t = batch_tokens
+    if x.dim() == 3 and x.shape[0] == b and x.shape[1] == t:
+        return x
+    if x.shape[:-1].numel() != b * t:
+        raise RuntimeError(f"module {name} saw input {tuple(x.shape)}, not one row per token of a [{b}, {t}] batch")
+    return x.reshape(b, t, x.shape[-1])
 
 
 def make_inputs_differentiable(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
