@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
@@ -31,6 +31,20 @@ def _integral_float(value: object) -> object:
 WholeNumber = Annotated[int, BeforeValidator(_integral_float)]
 """An integer field: a JSON integer, or a number with no fractional part (``5.0`` is 5)."""
 
+
+def _unicode_text(value: str) -> str:
+    # JSON can spell a lone surrogate ("\ud800"), which is no Unicode text: no tokenizer,
+    # path or UTF-8 encoder takes it. Refused here, once, for every text field of a request.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start} is not text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+"""A request text field: any Unicode string (lone surrogates refused with 422)."""
+
 EXAMPLE_QUERY: dict[str, JsonValue] = {
     "prompt": "The capital of Veloria is",
     "completion": " Quenton.",
@@ -47,12 +61,12 @@ class InfluenceQuery(BaseModel):
         extra="forbid", strict=True, json_schema_extra={"examples": [EXAMPLE_QUERY]}
     )
 
-    prompt: str = Field(
+    prompt: Text = Field(
         max_length=MAX_TEXT_FIELD_CHARS,
         description="Context given to the model. Its tokens are not attributed.",
         examples=["The capital of Veloria is"],
     )
-    completion: str = Field(
+    completion: Text = Field(
         min_length=1,
         max_length=MAX_TEXT_FIELD_CHARS,
         description="The model output to explain; only its tokens carry loss.",
@@ -60,13 +74,13 @@ class InfluenceQuery(BaseModel):
     )
     k: WholeNumber = Field(10, ge=1, le=MAX_K, description="Number of results to return (5.0 counts as 5).")
     return_text: bool = Field(True, description="Include each training example's text.")
-    max_text_chars: WholeNumber | None = Field(
-        None, ge=0, description="Truncate returned texts to this many characters."
+    max_text_chars: Annotated[int, Field(ge=0), BeforeValidator(_integral_float)] | None = Field(
+        None, description="Truncate returned texts to this many characters."
     )
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, description="Drop results whose influence score is below this."
     )
-    source: str | None = Field(
+    source: Text | None = Field(
         None, max_length=1000, description="Only return training examples from this source."
     )
     mode: Literal["influence", "bm25", "hybrid"] = Field(
@@ -124,8 +138,8 @@ class ExplainRequest(BaseModel):
         },
     )
 
-    prompt: str = Field(max_length=MAX_TEXT_FIELD_CHARS, description="The query's prompt.")
-    completion: str = Field(
+    prompt: Text = Field(max_length=MAX_TEXT_FIELD_CHARS, description="The query's prompt.")
+    completion: Text = Field(
         min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
     )
     id: WholeNumber = Field(
@@ -229,7 +243,7 @@ class ReloadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    index_dir: str | None = Field(None, description="Index directory; default: the configured.")
+    index_dir: Text | None = Field(None, max_length=4096, description="Index directory; default: the configured.")
 
 
 class ReloadResponse(BaseModel):

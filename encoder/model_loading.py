@@ -24,6 +24,32 @@ _TOKENIZER_FILES = (
 )
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` exists and is a model directory, else a message that says what it is.
+
+    Raises:
+        ModelLoadError: code ``model_not_found`` (no such directory) or ``not_a_model_dir``
+            (listing the Trainer checkpoints inside, the latest suggested).
+    """
+    d = Path(model_dir)
+    if not d.exists():
+        raise ModelLoadError(f"model directory {d} does not exist", code="model_not_found")
+    if not d.is_dir():
+        raise ModelLoadError(f"{d} is a file, not a model directory", code="not_a_model_dir")
+    if (d / "config.json").is_file():
+        return d
+    checkpoints = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                         key=lambda p: int(p.name[11:]))  # fmt: skip
+    if checkpoints:
+        names = ", ".join(p.name for p in checkpoints[-5:])
+        raise ModelLoadError(
+            f"{d} is a training output directory, not a model: it holds the checkpoints {names}; "
+            f"pass one of them, e.g. the latest: {checkpoints[-1]}",
+            code="not_a_model_dir",
+        )
+    raise ModelLoadError(f"{d} is not a model directory (no config.json)", code="not_a_model_dir")
+
+
 def _sha256_files(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
@@ -36,7 +62,7 @@ def _sha256_files(files: list[Path]) -> str:
 
 def model_hash(model_dir: str | Path) -> str:
     """sha256 over the config and weight files of a model directory."""
-    d = Path(model_dir)
+    d = check_model_dir(model_dir)
     files = [d / "config.json"] if (d / "config.json").is_file() else []
     for pattern in _WEIGHT_PATTERNS:
         files += [p for p in d.glob(pattern) if p.is_file()]
@@ -73,9 +99,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    d = Path(model_dir)
-    if not d.is_dir() or not (d / "config.json").is_file():
-        raise ModelLoadError(f"{d} is not a model directory (no config.json)")
+    d = check_model_dir(model_dir)
     dev = torch.device(device) if device is not None else default_device()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or default_dtype(dev))
@@ -94,7 +118,7 @@ def load_tokenizer(model_dir: str | Path):
     """
     from transformers import AutoTokenizer
 
-    d = Path(model_dir)
+    d = check_model_dir(model_dir)
     tokenizer_hash(d)  # raises missing_tokenizer with a clear message
     try:
         tok = AutoTokenizer.from_pretrained(str(d))

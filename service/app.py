@@ -24,6 +24,7 @@ from encoder.errors import InfluenceError
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.explain import router as explain_router
+from service.guard import RequestGuardMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.routes import ops, v1
@@ -129,6 +130,7 @@ def create_app(
             {"name": "health", "description": "Liveness, readiness, metrics."},
         ],
     )
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.index_state = state
@@ -137,6 +139,7 @@ def create_app(
     app.include_router(v1)
     app.include_router(explain_router)
     app.include_router(ops)
+    app.add_middleware(RequestGuardMiddleware, settings=settings)  # inside CORS: preflights pass
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -149,6 +152,39 @@ def create_app(
     if STATIC_DIR.is_dir():
         _add_ui_routes(app, STATIC_DIR)
     return app
+
+
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`."},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`."},
+}
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document plus what generated clients and fuzzers need to know: the API-key
+    schemes (a v1 route takes either, or none while auth is off; admin always needs one)
+    and this server's token limits (a schema-valid query over them gets 413)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes, tags=app.openapi_tags)  # fmt: skip
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    keyed = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    for path, operations in schema["paths"].items():
+        if path.startswith("/v1/"):
+            for op in operations.values():
+                op["security"] = keyed if path.startswith("/v1/admin/") else [*keyed, {}]
+    limits = {"prompt": settings.max_prompt_tokens, "completion": settings.max_completion_tokens}
+    for name in ("InfluenceQuery", "ExplainRequest"):
+        props = schema["components"]["schemas"].get(name, {}).get("properties", {})
+        for field, limit in limits.items():
+            if field in props:
+                props[field]["description"] += f" At most {limit} tokens on this server (413 beyond)."
+                props[field]["x-max-tokens"] = limit
+    app.openapi_schema = schema
+    return schema
 
 
 def _add_ui_routes(app: FastAPI, static_dir: Path) -> None:

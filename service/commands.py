@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from encoder.errors import InfluenceError
+from encoder.errors import ConfigError, InfluenceError
 from service.logs import WORKER_FORMAT, configure_logging, uvicorn_log_config
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,14 @@ def _settings_from(args: argparse.Namespace):
         "workers": getattr(args, "workers", None),
         "torch_threads": getattr(args, "torch_threads", None),
     }
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise ConfigError(f"invalid setting {field}: {first.get('msg')}", code="invalid_settings") from exc
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -112,6 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not Path(settings.index_dir).is_dir():
         raise InfluenceError(f"{settings.index_dir} is not a directory", code="no_index")
+    check_servable(settings)
     if settings.workers == 1:
         app = create_app(settings, handle_sighup=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **UVICORN_OPTIONS)
@@ -133,6 +141,21 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def check_servable(settings) -> None:
+    """What would keep the service from ever becoming ready, refused before it starts
+    (``serve`` exits 2) instead of a server answering 503 forever."""
+    from encoder.model_loading import check_model_dir
+    from indexer import manifest as mf
+
+    manifest = mf.read_manifest(Path(settings.index_dir))
+    model_dir = settings.model_dir or Path(manifest["model"]["path"])
+    try:
+        check_model_dir(model_dir)
+    except InfluenceError as exc:
+        where = "--model-dir" if settings.model_dir else "the manifest's model path; pass --model-dir DIR (or INFLUENCE_MODEL_DIR)"
+        raise InfluenceError(f"{exc.message} ({where})", code=exc.code) from exc
 
 
 def bind_nodelay(config) -> socket.socket:

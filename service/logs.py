@@ -25,14 +25,11 @@ class SafeFormatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
-    """Root handler on stderr with ``SafeFormatter``; replaces handlers set before."""
+    """A root handler on stderr with ``SafeFormatter``, as ``logging.basicConfig`` does: a
+    no-op where the root logger has handlers already (an embedding application, pytest)."""
     handler = logging.StreamHandler()
     handler.setFormatter(SafeFormatter(fmt))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

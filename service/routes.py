@@ -106,7 +106,7 @@ async def query_influence_batch(
     status and error body the single endpoint would have returned); the others are
     answered. Only problems of the call itself (too many queries, auth, overload) fail it."""
     started = time.perf_counter()
-    limit = request.app.state.settings.max_batch_queries
+    limit = request.app.state.settings.batch_query_limit
     if len(body.queries) > limit:
         raise InputError(
             f"{len(body.queries)} queries in one call, the limit is {limit}",
@@ -201,6 +201,7 @@ async def get_index(request: Request) -> IndexSummary:
     summary="Hot-swap to a newly published index",
     response_model=ReloadResponse,
     dependencies=[Depends(require_admin)],
+    responses={404: {"model": ErrorResponse, "description": "No such index directory."}},
 )
 async def reload_index(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
     """Open the index directory (default: the configured one) and swap it in atomically.

@@ -49,10 +49,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")
-    max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call.")
+    max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call (at most max_queue).")
     request_timeout_s: float = Field(60.0, gt=0, description="Queue + compute time per request.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503.")
 
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024,
+        description="Largest request body accepted (413 request_too_large beyond); the gateway's default too.",
+    )  # fmt: skip
     max_prompt_tokens: int = Field(512, ge=1)
     max_completion_tokens: int = Field(256, ge=1)
 
@@ -67,6 +71,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def batch_query_limit(self) -> int:
+        """Queries one batch call may hold: ``max_batch_queries``, and never more than the
+        queue admits (a larger batch would get 503 forever, even on an idle server)."""
+        return min(self.max_batch_queries, self.max_queue)
 
     @property
     def auth_enabled(self) -> bool:

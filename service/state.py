@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from encoder.errors import ArtifactError, InfluenceError
+from encoder.errors import ArtifactError, InfluenceError, NotFoundError, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ class _Handle:
             self.index.close()
         except Exception:  # closing must never take the service down
             log.exception("closing index %s failed", getattr(self.index, "index_dir", "?"))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such directory
+        return False
 
 
 class IndexState:
@@ -150,6 +157,8 @@ class IndexState:
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             try:
+                if not _is_dir(target):
+                    raise NotFoundError(f"index directory {safe_text(target)} does not exist", code="index_not_found")
                 try:
                     index = await loop.run_in_executor(None, self._opener, target)
                 except InfluenceError:

@@ -183,3 +183,14 @@ def test_hessian_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus
                "--out", str(tmp_path / "ix"), "-k", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "[insufficient_memory]" in err and "GiB" in err and "--hessian none" in err
+
+
+def test_model_dir_messages(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    rc, err = _build(capsys, tmp_path / "no-such-model", fact_corpus_files[0], tmp_path / "ix")
+    assert rc == 2 and "[model_not_found]" in err and "does not exist" in err
+    run_dir = tmp_path / "run"
+    for step in (20, 100):
+        shutil.copytree(trained_checkpoint.checkpoint_dir, run_dir / f"checkpoint-{step}")
+    rc, err = _build(capsys, run_dir, fact_corpus_files[0], tmp_path / "ix")
+    assert rc == 2 and "[not_a_model_dir]" in err and "checkpoint-20, checkpoint-100" in err
+    assert f"the latest: {run_dir / 'checkpoint-100'}" in err

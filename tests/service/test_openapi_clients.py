@@ -66,6 +66,34 @@ def test_schemathesis_no_server_errors_no_schema_violations(server):
 
 
 @pytest.fixture(scope="module")
+def keyed_server(tiny_index):
+    app = create_app(Settings(index_dir=tiny_index, max_prompt_tokens=64, max_completion_tokens=32,
+                              api_keys=[SCHEMATHESIS_KEY]))  # fmt: skip
+    with live_server(app) as base:
+        yield base
+
+
+SCHEMATHESIS_KEY = "schemathesis-key"
+
+
+@pytest.mark.slow
+def test_schemathesis_with_api_keys(keyed_server):
+    """The same run with auth on and the key sent, reload included (fuzzed index
+    directories must be refused with a 4xx, never a 500; a reload of the configured index
+    swaps it for itself)."""
+    result = subprocess.run(
+        [str(VENV_BIN / "schemathesis"), "run", f"{keyed_server}/openapi.json", "--checks", "all",
+         "--max-examples", "8", "--generation-deterministic", "--workers", "1",
+         "--request-timeout", "60", "-H", f"Authorization: Bearer {SCHEMATHESIS_KEY}",
+         "--exclude-path", "/v1/influence/explain"],
+        capture_output=True, text=True, timeout=300,
+    )
+    failures = result.stdout[result.stdout.find("FAILURES"):result.stdout.find("SUMMARY")]
+    assert result.returncode == 0, failures[:6000] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
+
+
+@pytest.fixture(scope="module")
 def generated_client(tmp_path_factory):
     out = tmp_path_factory.mktemp("generated") / "influence_client"
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
