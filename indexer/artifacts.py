@@ -25,6 +25,8 @@ from encoder.model_loading import load_model, load_tokenizer, model_hash, tokeni
 from encoder.optimizer_state import load_second_moments
 from encoder.whitening import Whitener
 from indexer import faiss_index, integrity
+from indexer.bm25 import BM25Index
+from indexer.bm25 import open_for_index as open_bm25
 from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, MetadataStore
 from indexer.torch_search import TorchFlatSearch
@@ -94,6 +96,7 @@ class InfluenceIndex:
         store: MetadataStore,
         search_params: faiss_index.SearchParams | None = None,
         torch_search: TorchFlatSearch | None = None,
+        bm25: BM25Index | None = None,
     ) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
@@ -109,6 +112,8 @@ class InfluenceIndex:
         """Query-time knobs; nprobe/efSearch are set on the FAISS index when opened."""
         self.torch_search = torch_search
         """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
+        self.bm25 = bm25
+        """The lexical index (``mode: bm25`` / ``hybrid``), opened with the rest."""
         self.encode_lock = threading.Lock()
         """Held while the model runs (hooks are per-pass state): take it to run the model."""
 
@@ -197,7 +202,8 @@ class InfluenceIndex:
         log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
                  manifest["faiss"]["factory"], params)  # fmt: skip
         brute = TorchFlatSearch(fingerprints) if placement == "torch" else None
-        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store, params, brute)
+        lexical = open_bm25(index_dir, manifest, lambda: [r.text for r in store.get_many(list(range(n)))])
+        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store, params, brute, lexical)
 
     @property
     def size(self) -> int:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,30 +131,19 @@ class BM25Index:
         return out_scores, out_ids
 
 
-_FOR_INDEX: weakref.WeakKeyDictionary[Any, BM25Index] = weakref.WeakKeyDictionary()
-_FOR_INDEX_LOCK = threading.Lock()
+def open_for_index(index_dir: Path, manifest: dict, texts: Callable[[], list[str]]) -> BM25Index:
+    """The lexical index of a published index, opened with it: ``index_dir/bm25/`` when the
+    build wrote one (its files are listed, so checksummed, in the manifest), else built from
+    the sequence texts now (``--no-bm25`` builds) and held by the opened index.
 
-
-def bm25_for(index: Any) -> BM25Index:
-    """The BM25 index of a served ``InfluenceIndex``: ``index_dir/bm25/`` when the build
-    wrote one, else built once from the metadata store's texts and kept for the index's
-    lifetime (the published directory is immutable, so nothing is written there).
-
-    Args:
-        index: an ``indexer.artifacts.InfluenceIndex`` (``index_dir``, ``size``, ``examples``).
-    Returns:
-        Its BM25Index (ids = the index's sequence ids).
+    Raises:
+        ArtifactError: the bm25 folder is there but broken, or covers another row count.
     """
-    with _FOR_INDEX_LOCK:
-        cached = _FOR_INDEX.get(index)
-        if cached is not None:
-            return cached
-        if (Path(index.index_dir) / SUBDIR / IDS_FILE).is_file():
-            built = BM25Index.load(index.index_dir)
-        else:
-            ids = list(range(int(index.size)))
-            texts = [r.text for r in index.examples(ids)] if ids else []
-            log.info("no %s/ in %s: building BM25 over %d texts", SUBDIR, index.index_dir, len(ids))
-            built = BM25Index.build(texts, ids)
-        _FOR_INDEX[index] = built
-        return built
+    n = int(manifest["counts"]["sequences"])
+    if any(name.startswith(f"{SUBDIR}/") for name in manifest.get("files", {})):
+        bm25 = BM25Index.load(index_dir)
+        if bm25.size != n or not np.array_equal(bm25.ids, np.arange(n)):
+            raise ArtifactError(f"{index_dir}/{SUBDIR} covers {bm25.size} rows, the index {n}")
+        return bm25
+    log.info("no %s/ in %s: building BM25 over %d texts", SUBDIR, index_dir, n)
+    return BM25Index.build(texts() if n else [], np.arange(n, dtype=np.int64))

@@ -69,8 +69,7 @@ def mode_search(
     """Top-k for one query in a retrieval mode other than plain influence.
 
     Args:
-        index: an ``InfluenceIndex`` (its BM25 index is loaded or built on first use,
-            see ``indexer.bm25.bm25_for``).
+        index: an ``InfluenceIndex`` (its ``bm25`` was opened with it).
         vector: [d] the query's fingerprint (used by ``hybrid``).
         text: prompt + completion (the BM25 query).
         mode: ``bm25`` (scores are BM25 scores) or ``hybrid`` (scores are RRF scores of
@@ -79,9 +78,10 @@ def mode_search(
     Returns:
         (scores [k], ids [k]); ids -1 pad when the index has fewer than k sequences.
     """
-    from indexer.bm25 import bm25_for
-
-    bm25 = bm25_for(index)
+    bm25 = index.bm25
+    if bm25 is None:
+        raise InputError(f"mode {mode!r} needs a lexical index, which this index was opened without",
+                         code="mode_unavailable")  # fmt: skip
     if mode == "bm25":
         scores, ids = bm25.search([text], k)
         return scores[0], ids[0]

@@ -89,13 +89,15 @@ def test_build_writes_a_checksummed_bm25_index(opened, tiny_index, tmp_path, cap
     import shutil
 
     from indexer import manifest as mf
-    from indexer.bm25 import BM25Index, bm25_for
+    from indexer.bm25 import BM25Index
 
     listed = [name for name in mf.read_manifest(tiny_index)["files"] if name.startswith("bm25/")]
     assert "bm25/ids.npy" in listed and len(listed) >= 3
     with caplog.at_level(logging.INFO, logger="indexer.bm25"):
-        served = bm25_for(opened)
+        reopened = InfluenceIndex.open(tiny_index, device="cpu")
     assert "building BM25" not in caplog.text
+    served = reopened.bm25
+    reopened.close()
     texts = [r.text for r in opened.examples(list(range(opened.size)))]
     fresh = BM25Index.build(texts, np.arange(opened.size))
     queries = ["Drorex is headquartered in Dutrus", "Cara Nalkun works for Buneco"]

@@ -276,3 +276,28 @@ def test_serve_command_with_several_workers(server, tiny_index):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(server, tiny_index, tmp_path):
+    """BM25 is opened with the index, not read from its path on the first bm25 query: after
+    the directory behind the path is replaced, and after a refused reload, bm25 and hybrid
+    answer from the index being served (the module's server, on the same content, says what)."""
+    from indexer.bm25 import BM25Index
+
+    served = republish(tiny_index, tmp_path / "served", "bm25-held")
+    prompt, completion = PROMPTS[0]
+    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY]))) as base:
+        client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
+        shutil.move(served, tmp_path / "moved-away")
+        shutil.copytree(tiny_index, served)
+        shutil.rmtree(served / "bm25")  # the path now holds another lexical index
+        texts = [f"{prompt}{completion} other corpus {i}" for i in range(3)]
+        BM25Index.build(texts, [10**6 + i for i in range(3)]).save(served)
+        bad = republish(tiny_index, tmp_path / "bad", "bad")
+        (bad / "fingerprints.f16.npy").write_bytes(b"garbage")
+        assert client.post("/v1/admin/reload", json={"index_dir": str(bad)}).status_code == 422
+        for mode in ("bm25", "hybrid"):
+            got = influence(client, prompt, completion, k=5, mode=mode)
+            want = influence(server, prompt, completion, k=5, mode=mode)
+            assert_same_results(got["results"], want["results"])
+        client.close()
