@@ -67,6 +67,13 @@ class ArtifactError(InfluenceError):
     http_status = 422
 
 
+class IndexChangedError(InfluenceError):
+    """A served index's files were modified in place (published indexes are immutable)."""
+
+    code = "index_changed"
+    http_status = 503
+
+
 class NotFoundError(InfluenceError):
     """An id or resource does not exist."""
 

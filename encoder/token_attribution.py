@@ -25,6 +25,8 @@ fine for one example of a few hundred tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +57,11 @@ class TokenAttribution:
 
 
 def target_projections(
-    encoder: TrackStarEncoder, example: Example, *, chunk: int = DEFAULT_CHUNK
+    encoder: TrackStarEncoder,
+    example: Example,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    hold: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> tuple[list[int], torch.Tensor]:
     """phi^(t) for each target token t of an example (corrected, projected, not whitened).
 
@@ -63,6 +69,8 @@ def target_projections(
         encoder: the encoder that built the index.
         example: the example; its targets are decomposed one by one.
         chunk: copies per backward pass (bounds memory).
+        hold: entered around each backward pass (a server passes its model lock, so
+            other queries run between the passes of a long explanation).
     Returns:
         (positions, phi_parts): the target positions t (ascending) and phi_parts
         [n_targets, d] in the encoder's accumulation dtype, summing to ``encoder.project``
@@ -80,7 +88,8 @@ def target_projections(
             Example(example.input_ids, tuple(i == t for i in range(n)))
             for t in positions[s : s + chunk]
         ]
-        parts.append(encoder.project(collate(copies)))
+        with hold():
+            parts.append(encoder.project(collate(copies)))
     return positions, torch.cat(parts)
 
 
@@ -90,6 +99,7 @@ def attribute_tokens(
     query_fingerprint: torch.Tensor,
     *,
     chunk: int = DEFAULT_CHUNK,
+    hold: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> TokenAttribution:
     """Split the influence score e_q . e of an example into per-token contributions.
 
@@ -98,13 +108,14 @@ def attribute_tokens(
         example: the training example (usually ``sequence_example(ids)``).
         query_fingerprint: e_q [d] (or [1, d]), the query's finalized fingerprint.
         chunk: copies per backward pass.
+        hold: entered around each backward pass (see ``target_projections``).
     Returns:
         TokenAttribution with contributions [T] summing to the score.
     """
     e_q = query_fingerprint.reshape(-1)
     if e_q.numel() != encoder.dim:
         raise ConfigError(f"query fingerprint has {e_q.numel()} dims, expected {encoder.dim}")
-    positions, phi_parts = target_projections(encoder, example, chunk=chunk)
+    positions, phi_parts = target_projections(encoder, example, chunk=chunk, hold=hold)
     white_parts = phi_parts.double()
     if encoder.config.hessian != "none":
         if encoder.whitener is None:

@@ -9,6 +9,7 @@ evaluation and the ``influence query`` command all go through this class.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,15 @@ from safetensors.torch import load_file
 
 from encoder.batching import Example, collate, tokenize_query
 from encoder.config import FingerprintConfig
-from encoder.errors import ArtifactError, ConfigError
+from encoder.errors import ArtifactError, ConfigError, IndexChangedError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
 from encoder.whitening import Whitener
 from indexer import faiss_index, integrity
+from indexer import manifest as mf
 from indexer.bm25 import BM25Index
 from indexer.bm25 import open_for_index as open_bm25
-from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, MetadataStore
 from indexer.torch_search import TorchFlatSearch
 
@@ -78,6 +79,66 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
     return encoder
 
 
+class FairLock:
+    """A FIFO mutex: threads get it in the order they asked. ``threading.Lock`` lets the
+    releasing thread take it straight back, so a long explanation that releases the model
+    between its passes would still starve the queries waiting for it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+LIVE_FILES = (mf.FINGERPRINTS, mf.METADATA)
+"""The files read while serving (memory-mapped fingerprints, SQLite); the rest is in RAM."""
+
+
+class HeldFiles:
+    """Open descriptors of an index's live files and their size and mtime at open.
+
+    Holding them keeps the inodes a served index reads alive whatever happens to the path
+    (rename-based publishing is always safe); ``check`` notices an in-place modification
+    (which would otherwise surface as SIGBUS on a truncated memory map or garbage reads).
+    """
+
+    def __init__(self, index_dir: Path, names: tuple[str, ...]) -> None:
+        self.fds: dict[str, int] = {}
+        self.stats: dict[str, tuple[int, int]] = {}
+        for name in names:
+            fd = os.open(index_dir / name, os.O_RDONLY)
+            st = os.fstat(fd)
+            self.fds[name], self.stats[name] = fd, (st.st_size, st.st_mtime_ns)
+
+    def check(self) -> None:
+        for name, fd in self.fds.items():
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self.stats[name]:
+                raise IndexChangedError(
+                    f"index file {name} was modified in place while served (published indexes are "
+                    "immutable: publish a new directory and reload)",
+                    file=name,
+                )
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
 class InfluenceIndex:
     """A loaded, immutable index: encode queries, search, fetch examples.
 
@@ -114,8 +175,10 @@ class InfluenceIndex:
         """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
         self.bm25 = bm25
         """The lexical index (``mode: bm25`` / ``hybrid``), opened with the rest."""
-        self.encode_lock = threading.Lock()
-        """Held while the model runs (hooks are per-pass state): take it to run the model."""
+        self._held = HeldFiles(index_dir, LIVE_FILES)
+        self.encode_lock = FairLock()
+        """Held while the model runs (hooks are per-pass state): take it to run the model,
+        one pass at a time, so waiting queries get their turn in order."""
 
     @classmethod
     def open(
@@ -238,6 +301,11 @@ class InfluenceIndex:
                 out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()
         return out
 
+    def check_unchanged(self) -> None:
+        """Raise ``IndexChangedError`` (503) when a file read while serving was modified in
+        place since open; renaming a new index over the path is safe (the files are held)."""
+        self._held.check()
+
     def search(self, vectors: np.ndarray, k: int, *, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k training sequences by influence for query fingerprints.
 
@@ -248,6 +316,7 @@ class InfluenceIndex:
         Returns:
             scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad).
         """
+        self._held.check()
         if self.torch_search is not None:
             return self.torch_search.search(vectors, k)
         return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank,
@@ -255,10 +324,11 @@ class InfluenceIndex:
 
     def examples(self, ids: list[int]) -> list[ExampleRecord]:
         """Metadata records for ids, in order (``NotFoundError`` for an unknown id)."""
+        self._held.check()
         return self.store.get_many(ids)
 
     def example(self, id: int) -> ExampleRecord:  # noqa: A002 - the contract's name
-        return self.store.get_many([id])[0]
+        return self.examples([id])[0]
 
     def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the contract's name
         """The token ids sequence ``id`` was indexed with (None for an index built before
@@ -266,6 +336,7 @@ class InfluenceIndex:
         return self.store.token_ids(id)
 
     def close(self) -> None:
+        self._held.close()
         self.torch_search = None  # frees its device memory
         self.store.close()
         self.fingerprints = np.zeros((0, self.encoder.dim), dtype=np.float16)

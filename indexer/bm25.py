@@ -12,7 +12,6 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import bm25s
 import numpy as np

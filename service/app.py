@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from encoder.errors import InfluenceError
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
+from service.explain import Admission
 from service.explain import router as explain_router
 from service.guard import RequestGuardMiddleware
 from service.metrics import Metrics
@@ -135,6 +136,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.index_state = state
     app.state.batcher = batcher
+    app.state.explain_admission = Admission(settings.max_explains)
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.include_router(v1)
     app.include_router(explain_router)

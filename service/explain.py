@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from encoder.batching import collate, sequence_example, tokenize_query
 from encoder.errors import InputError, InputTooLongError
 from encoder.token_attribution import attribute_tokens
 from service.auth import require_key
+from service.batcher import OverloadedError
 from service.errors import ERROR_RESPONSES
 from service.search import Limits, Query, model_name, validate
 
@@ -37,6 +39,10 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=
 
 MAX_EXPLAIN_TOKENS = 512
 """Longest example explained: the cost is one backward pass per token (O(T^2) in all)."""
+
+EXPLAIN_CHUNK = 8
+"""Target tokens per backward pass of an explanation: each pass holds the model, so this
+bounds how long a concurrent query waits for it (a few ms on the demo model)."""
 
 AGREEMENT_WARN = 0.999
 """Below this cosine the rebuilt example is logged as differing from the indexed one."""
@@ -115,7 +121,9 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     lock = getattr(index, "encode_lock", None) or contextlib.nullcontext()
     with lock:
         e_q = encoder.encode(collate([query], int(index.tokenizer.pad_token_id or 0)))[0]
-        attribution = attribute_tokens(encoder, sequence_example(seq.input_ids), e_q)
+    # The model is taken per pass, not for the whole explanation: queries run in between.
+    attribution = attribute_tokens(encoder, sequence_example(seq.input_ids), e_q, chunk=EXPLAIN_CHUNK,
+                                   hold=lambda: lock)  # fmt: skip
     stored = torch.from_numpy(np.asarray(index.fingerprints[body.id], dtype=np.float64))
     rebuilt = attribution.fingerprint.double()
     agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
@@ -164,4 +172,29 @@ async def explain_influence(body: ExplainRequest, request: Request) -> ExplainRe
         with state.lease() as index:
             return explain(index, body, limits)
 
-    return await asyncio.get_running_loop().run_in_executor(None, run)
+    with request.app.state.explain_admission.slot():
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+
+class Admission:
+    """At most ``limit`` explanations in flight; the next is refused at once (503 +
+    Retry-After) rather than queued behind minutes of backward passes. Used from the
+    event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise OverloadedError(
+                f"{self.active} explanations are running (limit {self.limit}); retry later",
+                code="explain_overloaded",
+                limit=self.limit,
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1

@@ -237,8 +237,10 @@ async def healthz() -> Health:
     responses={503: ERROR_RESPONSES[503]},
 )
 async def readyz(request: Request) -> Health:
-    """Readiness: the model and the index are loaded (503 until then)."""
+    """Readiness: the model and the index are loaded (503 until then), and the index's
+    files are as they were opened (503 ``index_changed`` after an in-place edit)."""
     index = request.app.state.index_state.current
+    index.check_unchanged()
     return Health(status="ready", index_version=str(index.version))
 
 

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")
     max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call (at most max_queue).")
+    max_explains: int = Field(2, ge=1, description="Explanations running at once; beyond this, 503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Queue + compute time per request.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503.")
 

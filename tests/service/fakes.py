@@ -118,6 +118,9 @@ class FakeIndex:
             raise NotFoundError(f"no example with id {i}", id=int(i))
         return self._record(int(i))
 
+    def check_unchanged(self) -> None:
+        """A fake index has no files."""
+
     def close(self) -> None:
         self.closed = True
 

@@ -244,3 +244,83 @@ def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_in
         assert same == sequence_tokens(tok, replace(record, token_end=len(text_ids)))  # text spans kept
     finally:
         index.close()
+
+
+def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
+    """Explanations beyond ``max_explains`` are refused at once with 503 + Retry-After."""
+    import threading
+    import time as _time
+
+    import service.explain
+
+    real = service.explain.explain
+
+    def slow(*args, **kwargs):
+        _time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.explain, "explain", slow)
+    settings = Settings(index_dir=tiny_index, max_explains=1)
+    with live_server(create_app(settings)) as base:
+        statuses = []
+
+        def call():
+            r = httpx.post(f"{base}/v1/influence/explain", json={**query, "id": 0}, timeout=60)
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json().get("error", {}).get("code")))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(s for s, _, _ in statuses) == [200] + [503] * 5, statuses
+    assert all(ra is not None and code == "explain_overloaded" for s, ra, code in statuses if s == 503)
+
+
+def _p99(latencies):
+    return float(np.percentile(latencies, 99))
+
+
+def test_queries_stay_fast_while_an_explanation_runs(tiny_index, query):
+    """One explanation in flight at all times: /v1/influence p99 within 3x its p99 alone
+    (the explanation takes the model one pass at a time, in FIFO order with the queries)."""
+    import threading
+    import time as _time
+
+    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+        client = httpx.Client(base_url=base, timeout=60)
+        longest = max(range(20), key=lambda i: len(client.get(f"/v1/examples/{i}").json()["text"]))
+
+        def latencies(n):
+            out = []
+            for i in range(n):
+                t0 = _time.perf_counter()
+                r = client.post("/v1/influence", json={"prompt": f"{query['prompt']} {i}", "completion": query["completion"]})
+                out.append(_time.perf_counter() - t0)
+                assert r.status_code == 200
+            return out
+
+        latencies(10)  # warm-up
+        alone = _p99(latencies(100))
+        stop = threading.Event()
+        explained = []
+
+        def explain_forever():
+            with httpx.Client(base_url=base, timeout=120) as other:
+                while not stop.is_set():
+                    t0 = _time.perf_counter()
+                    r = other.post("/v1/influence/explain", json={**query, "id": longest})
+                    assert r.status_code == 200, r.text
+                    explained.append(_time.perf_counter() - t0)
+
+        thread = threading.Thread(target=explain_forever)
+        thread.start()
+        try:
+            _time.sleep(0.2)
+            busy = _p99(latencies(100))
+        finally:
+            stop.set()
+            thread.join()
+        client.close()
+    assert explained, "no explanation ran during the measurement"
+    assert busy <= 3 * alone, f"p99 {busy * 1e3:.1f} ms with an explanation in flight vs {alone * 1e3:.1f} ms alone"

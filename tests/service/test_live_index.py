@@ -301,3 +301,29 @@ def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(server,
             want = influence(server, prompt, completion, k=5, mode=mode)
             assert_same_results(got["results"], want["results"])
         client.close()
+
+
+@pytest.mark.parametrize("victim", ["fingerprints.f16.npy", "metadata.sqlite"])
+def test_in_place_edits_are_503_and_readyz_says_so(tiny_index, tmp_path, victim):
+    """Overwriting a served file in place is unsupported: it is noticed (503 index_changed,
+    /readyz 503) instead of a SIGBUS on the truncated memory map or 500s; a reload of a
+    published copy recovers."""
+    served = republish(tiny_index, tmp_path / "served", "in-place")
+    fresh = republish(tiny_index, tmp_path / "fresh", "fresh")
+    prompt, completion = PROMPTS[0]
+    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY]))) as base:
+        client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
+        influence(client, prompt, completion)
+        path = served / victim
+        size = path.stat().st_size
+        with path.open("r+b") as fh:  # same inode, half the bytes
+            fh.truncate(size // 2)
+        r = client.post("/v1/influence", json={"prompt": prompt, "completion": completion})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "index_changed", r.text
+        assert "Retry-After" in r.headers
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "index_changed"
+        assert client.post("/v1/admin/reload", json={"index_dir": str(fresh)}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+        influence(client, prompt, completion)
+        client.close()
