@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evaluation.corpus import QUERIES_SCHEMA
 from evaluation.methods import METHOD_NAMES
 from evaluation.run import EvalSettings
 
@@ -21,10 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fact-tracing evaluation: TrackStar, ablations, BM25, hybrid; MRR, recall@10, tail-patch",
         description="Rank every training sequence for every fact query with each method, "
         "then write eval.json, eval.md and eval.png into --out.",
+        epilog=f"--corpus: one JSON object per line, {{\"id\": ..., \"text\": str}}. --queries: {QUERIES_SCHEMA}.",
     )
     p.add_argument("--model", required=True, type=Path, help="Trainer checkpoint directory (with optimizer.pt)")
     p.add_argument("--corpus", required=True, type=Path, help="corpus.jsonl the model was trained on")
-    p.add_argument("--queries", required=True, type=Path, help="queries.jsonl with relevant_ids")
+    p.add_argument("--queries", required=True, type=Path,
+                   help="queries.jsonl: prompt, completion, relevant_ids (corpus ids), optional fact_id")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
     p.add_argument("--k", type=int, default=16, help="projection size per side (default 16)")

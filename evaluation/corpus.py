@@ -19,6 +19,8 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from encoder.errors import InputError
+
 FACT_SOURCE = "synthetic/facts"
 DISTRACTOR_SOURCE = "synthetic/distractor"
 
@@ -431,7 +433,50 @@ def generate_fact_corpus(
     return FactCorpus(passages=passages, queries=queries, seed=seed, facts=queried)
 
 
+QUERIES_SCHEMA = (
+    'one JSON object per line: {"prompt": str, "completion": str (non-empty), '
+    '"relevant_ids": [corpus ids of the passages that state the fact, at least one], '
+    '"fact_id": str (optional; default: the line number)}'
+)
+"""What ``influence eval --queries`` reads (also in its --help and the README)."""
+
+
 def load_queries(path: Path) -> list[FactQuery]:
-    """Read a queries.jsonl written by FactCorpus.write."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [FactQuery(**json.loads(line)) for line in f if line.strip()]
+    """Read a queries.jsonl (``QUERIES_SCHEMA``; FactCorpus.write writes one).
+
+    Raises:
+        InputError: code ``invalid_queries`` naming the file, line and field, and the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"queries file {path} does not exist", code="queries_not_found")
+    queries = []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                queries.append(_query_from(line, f"{path}, line {lineno}", lineno))
+    return queries
+
+
+def _query_from(line: str, where: str, lineno: int) -> FactQuery:
+    def bad(what: str) -> InputError:
+        return InputError(f"{where}: {what}; expected {QUERIES_SCHEMA}", code="invalid_queries")
+
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise bad("not a JSON object")
+    unknown = sorted(set(obj) - {"fact_id", "prompt", "completion", "relevant_ids"})
+    if unknown:
+        raise bad(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    for name in ("prompt", "completion"):
+        if not isinstance(obj.get(name), str):
+            raise bad(f"{name!r} is missing or not a string")
+    if not obj["completion"]:
+        raise bad("'completion' is empty")
+    relevant = obj.get("relevant_ids")
+    if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str | int) for r in relevant):
+        raise bad("'relevant_ids' is missing, empty, or not a list of ids")
+    return FactQuery(str(obj.get("fact_id", lineno - 1)), obj["prompt"], obj["completion"], [str(r) for r in relevant])

@@ -95,12 +95,20 @@ class EvalResult:
 def read_corpus(path: Path) -> tuple[list[str], list[str]]:
     """(passage ids, texts) of a corpus.jsonl ({"id", "text", ...} per line), in file order."""
     ids, texts = [], []
+    if not Path(path).is_file():
+        raise InputError(f"corpus {path} does not exist", code="corpus_not_found")
     with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                ids.append(str(record["id"]))
-                texts.append(record["text"])
+            except ValueError as exc:
+                raise InputError(f"{path}, line {lineno}: not valid JSON ({exc})", code="invalid_corpus") from None
+            if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("text"), str):
+                raise InputError(f'{path}, line {lineno}: expected {{"id": ..., "text": str}}', code="invalid_corpus")
+            ids.append(str(record["id"]))
+            texts.append(record["text"])
     if not ids:
         raise InputError(f"{path} holds no passages")
     return ids, texts
@@ -149,11 +157,7 @@ def run_evaluation(
     methods = [m for m in METHODS if m.name in settings.methods]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    device = torch.device("cpu")
-    model = load_model(model_dir, device=device, dtype=torch.float32)
-    tokenizer = load_tokenizer(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
+    # Inputs first: a malformed file is reported before the model is loaded.
     passage_ids, texts = read_corpus(corpus_path)
     queries = load_queries(queries_path)[: settings.max_queries]
     if not queries:
@@ -163,6 +167,10 @@ def run_evaluation(
     if missing:
         raise InputError(f"queries name {len(missing)} passages absent from the corpus, e.g. {sorted(missing)[:3]}")
     relevant = [{row_of[r] for r in q.relevant_ids} for q in queries]
+    device = torch.device("cpu")
+    model = load_model(model_dir, device=device, dtype=torch.float32)
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_len = int(getattr(model.config, "n_positions", 1024))
     sequences = training_sequences(tokenizer, texts, max_len)
     train_examples = [sequence_example(s) for s in sequences]

@@ -62,3 +62,29 @@ def test_eval_rejects_queries_that_name_unknown_passages(trained_checkpoint, tmp
     ])  # fmt: skip
     assert rc == 2
     assert "absent from the corpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "what"),
+    [('{"prompt": "a", "completion": " b", "relevant": ["p1"]}', "unknown field(s) 'relevant'"),
+     ('{"prompt": "a", "completion": " b"}', "'relevant_ids' is missing"),
+     ('{"prompt": "a", "completion": "", "relevant_ids": ["p1"]}', "'completion' is empty"),
+     ('not json', "not valid JSON")],
+)
+def test_eval_refuses_malformed_queries_before_loading_the_model(fact_corpus_files, tmp_path, capsys, line, what):
+    corpus, _ = fact_corpus_files
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(line + "\n")
+    rc = main(["eval", "--model", str(tmp_path / "no-model-needed"), "--corpus", str(corpus),
+               "--queries", str(queries), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "[invalid_queries]" in err and "line 1" in err and what in err, err
+    assert '"relevant_ids"' in err  # the schema is in the message
+    assert "Traceback" not in err
+
+
+def test_eval_help_documents_the_file_schemas(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "relevant_ids" in out and "fact_id" in out and '"text"' in out

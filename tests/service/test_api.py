@@ -13,6 +13,7 @@ from service.app import create_app
 from service.settings import Settings
 from tests.service.fakes import FakeIndex, FakeOpener
 from tests.service.live import assert_same_results, live_server
+from tests.tolerances import assert_within, dot_bound
 
 KEY = "s3cret-key"
 HTTP = httpx.Client(timeout=30)
@@ -59,7 +60,10 @@ def test_query_returns_exact_ranking(server, index_dir):
     body = r.json()
     ids, scores = expected_ranking(index_dir, "The capital of Veloria is", " Quenton.", 7)
     assert [x["id"] for x in body["results"]] == ids
-    assert [x["score"] for x in body["results"]] == pytest.approx(scores, abs=1e-6)
+    fake = FakeIndex(index_dir)
+    q = fake.encode_queries([("The capital of Veloria is", " Quenton.")])
+    bound = dot_bound(q, fake.vectors[ids])[0]  # the server's matrix product vs a matvec
+    assert_within([x["score"] for x in body["results"]], scores, bound, "scores")
     assert [x["rank"] for x in body["results"]] == list(range(1, 8))
     assert body["model"] == "fake-model" and body["index_version"] == "fake0000"
     first = body["results"][0]
