@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -122,14 +123,15 @@ def _out_state(out: Path, build_key: str) -> bool:
     return False
 
 
-def _check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int) -> None:
+def _check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Path) -> None:
     """Before the expensive passes: the FAISS factory can be built and trained on this data,
-    and the Hessian statistics fit in memory (refused with the estimate otherwise)."""
+    and the fingerprint store and the Hessian statistics fit (refused with the estimate)."""
     faiss_index.check_trainable(cfg.faiss, encoder.dim, min(n, cfg.faiss_train_sample))
+    free = free_memory(torch.device("cpu"))
+    _check_store(cfg, n, encoder.dim, out, free)
     if cfg.fingerprint.hessian == "none":
         return
     need = hessian_bytes(encoder.block_dims, with_eval=cfg.queries is not None)
-    free = free_memory(torch.device("cpu"))
     log.info("Hessian statistics: %d blocks, up to %d dims, ~%.2f GiB of host memory (%.1f GiB free)",
              len(encoder.block_dims), max(encoder.block_dims), need / 2**30, free / 2**30)  # fmt: skip
     if need > MEMORY_FRACTION * free:
@@ -141,6 +143,28 @@ def _check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int) -> Non
             needed_bytes=need,
             free_bytes=free,
         )
+
+
+def _check_store(cfg: BuildConfig, n: int, d: int, out: Path, free_ram: int) -> None:
+    """Disk for the work directory and the index (float32 phi cache with a Hessian, float16
+    fingerprints per shard and published, a Flat index's float32 vectors), and RAM for the
+    FAISS index being built (Flat: every vector as float32; else its training sample)."""
+    exact = faiss_index.is_exact(cfg.faiss)
+    row = 4 * d * (cfg.fingerprint.hessian != "none") + 2 * d * 2 + (4 * d if exact else 0)
+    disk = n * row
+    ram = 4 * d * (n if exact else min(n, cfg.faiss_train_sample))
+    free_disk = shutil.disk_usage(out.parent).free
+    log.info("fingerprint store: %d x %d dims, ~%.2f GiB of disk (%.1f GiB free), FAISS ~%.2f GiB of RAM",
+             n, d, disk / 2**30, free_disk / 2**30, ram / 2**30)  # fmt: skip
+    fix = "use a smaller projection (-k), fewer tracked modules (--include)"
+    if disk > free_disk:
+        raise ConfigError(f"the fingerprints need ~{disk / 2**30:.1f} GiB of disk next to {out}, "
+                          f"{free_disk / 2**30:.1f} GiB are free: {fix}, or another --out",
+                          code="insufficient_disk", needed_bytes=disk, free_bytes=free_disk)  # fmt: skip
+    if ram > MEMORY_FRACTION * free_ram:
+        raise ConfigError(f"the FAISS index ({cfg.faiss}) needs ~{ram / 2**30:.1f} GiB of memory, "
+                          f"{free_ram / 2**30:.1f} GiB are free: {fix}, or an approximate --faiss "
+                          "(e.g. IVF1024,PQ64)", code="insufficient_memory", needed_bytes=ram, free_bytes=free_ram)  # fmt: skip
 
 
 def _second_moment_source(cfg: BuildConfig) -> Path | None:
@@ -280,7 +304,7 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     shards = passes.shard_ranges(n, cfg.shard_size)
     mine = [s for s in range(len(shards)) if ctx.owns(s)]
     encoder = TrackStarEncoder(model, cfg.fingerprint)
-    _check_resources(cfg, encoder, n)
+    _check_resources(cfg, encoder, n, out)
 
     # -- batch size (auto: from free memory, once per build) -----------------------------
     if cfg.batch_size == 0:

@@ -90,3 +90,26 @@ def rounding_bound(x, stored_dtype=np.float16) -> np.ndarray:
     numbers, half the subnormal spacing below the smallest normal."""
     info = np.finfo(stored_dtype)
     return unit_roundoff(stored_dtype) * _abs64(x) + float(info.smallest_subnormal) / 2
+
+
+def recompute_bound(dtype=np.float32, stages: int = 256) -> float:
+    """|e . x - e' . x| for unit vectors x when the unit fingerprint e is recomputed as e' in
+    ``dtype`` through the model in another batch shape (or precision path): each chained
+    reduction of the forward and backward passes (2 blocks x (attention, MLP, norms) each
+    way on the test models, softmax and norms in float32 whatever the weights) moves e by
+    O(u) relatively; ``stages`` x u bounds the chain with margin, and |x| = 1 carries it to
+    the score (Cauchy-Schwarz)."""
+    return stages * unit_roundoff(dtype)
+
+
+FLOAT16_SCORE = UNIT_ROUNDOFF[np.dtype(np.float16)]
+"""|q . x - q . round16(x)| <= u16 sum_k |q_k x_k| <= u16 for unit q and x: a score against a
+float16-stored fingerprint."""
+
+
+def gamma_probabilistic(n: int, dtype=np.float32, lam: float = 1.0) -> float:
+    """lam sqrt(n) u: the bound that holds with probability >= 1 - 2 exp(-lam^2 / 2) (1 -
+    3e-4 at lam = 4) for an n-term sum with independent rounding errors (Higham and Mary,
+    "A new approach to probabilistic rounding error analysis", SISC 2019); gamma_n is the
+    worst case, far looser for long sums."""
+    return lam * np.sqrt(n) * unit_roundoff(dtype)

@@ -194,3 +194,15 @@ def test_model_dir_messages(trained_checkpoint, fact_corpus_files, tmp_path, cap
     rc, err = _build(capsys, run_dir, fact_corpus_files[0], tmp_path / "ix")
     assert rc == 2 and "[not_a_model_dir]" in err and "checkpoint-20, checkpoint-100" in err
     assert f"the latest: {run_dir / 'checkpoint-100'}" in err
+
+
+def test_fingerprint_store_is_estimated_and_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
+    import collections
+
+    from indexer import build
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix")
+    assert rc == 2 and "[insufficient_disk]" in err and "GiB of disk" in err
+    assert not (tmp_path / "ix").exists()

@@ -11,6 +11,7 @@ import httpx
 import uvicorn
 
 from service.commands import UVICORN_OPTIONS
+from tests.tolerances import recompute_bound
 
 
 @contextmanager
@@ -40,9 +41,10 @@ def live_server(app, *, ready_path: str = "/readyz", timeout_s: float = 120.0) -
         thread.join(timeout=30)
 
 
-def assert_same_results(got: list[dict], want: list[dict], *, atol: float = 1e-5) -> None:
+def assert_same_results(got: list[dict], want: list[dict], *, atol: float | None = None) -> None:
     """Same ranked examples; scores equal up to float32 batch-shape noise (BLAS kernels
-    differ with the number of rows)."""
+    differ with the number of rows: ``tests.tolerances.recompute_bound``)."""
+    atol = recompute_bound() if atol is None else atol
     assert [(r["rank"], r["id"], r["text"], r["source"]) for r in got] == [
         (r["rank"], r["id"], r["text"], r["source"]) for r in want
     ]

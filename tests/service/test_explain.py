@@ -27,6 +27,7 @@ from service.settings import Settings
 from tests.conftest import tiny_gpt2
 from tests.encoder import reference as ref
 from tests.service.live import live_server
+from tests.tolerances import FLOAT16_SCORE, assert_within, gamma, recompute_bound
 
 
 def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[list[int]]:
@@ -64,7 +65,7 @@ def test_contributions_sum_to_score(hessian, unit_norm, mode):
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)  # chunk < n_targets: several passes
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=1e-5)
+    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
     assert att.contributions[0] == 0.0
     assert torch.count_nonzero(att.contributions[1:]) == len(example.input_ids) - 1
 
@@ -76,7 +77,7 @@ def test_contributions_match_brute_force():
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 7, 7)[0])
     att = attribute_tokens(enc, example, e_q, chunk=4)
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=1e-5)
+    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
 
     sm = enc.second_moments
     n = len(example.input_ids)
@@ -89,23 +90,27 @@ def test_contributions_match_brute_force():
     parts = np.concatenate([parts[:, s : s + d] @ w.numpy() for s, d, w in
                             zip(starts, enc.block_dims, enc.whitener.matrices, strict=True)], axis=1)
     brute = parts @ e_q.numpy() / np.linalg.norm(parts.sum(0))
-    assert np.abs(att.contributions[1:].numpy() - brute).max() < 1e-5 * max(1.0, np.abs(brute).max())
-    assert att.contributions.sum() == pytest.approx(brute.sum(), abs=1e-5)
+    # float64 weights, softmax in float32 (transformers): the reference runs each target alone.
+    scale = np.abs(parts).sum(0) @ np.abs(e_q.numpy()) / np.linalg.norm(parts.sum(0))
+    assert np.abs(att.contributions[1:].numpy() - brute).max() <= recompute_bound(stages=64) * scale
+    assert att.contributions.sum() == pytest.approx(brute.sum(), abs=recompute_bound(stages=64) * scale)
 
 
 def test_float32_parts_sum_to_projection():
-    """In float32 (the service's dtype) the parts rebuild phi and the score within 1e-5."""
+    """In float32 (the service's dtype) the parts rebuild phi and the score (bounds from the arithmetic)."""
     model = tiny_gpt2(seed=4, n_embd=16)
     enc = _encoder(model, "train")
     example = sequence_example(_random_ids(9, 1, 20, 20)[0])
     positions, parts = target_projections(enc, example)
     assert positions == list(range(1, 20))
     phi = enc.project(collate([example]))[0]
-    assert torch.allclose(parts.sum(0), phi, atol=1e-5 * float(phi.abs().max()), rtol=0)
+    # 19 float32 parts summed (gamma_19 of their magnitudes), each from its own pass.
+    bound = gamma(len(parts)) * parts.abs().sum(0) + recompute_bound() * float(phi.abs().max())
+    assert_within(parts.sum(0), phi, bound, "parts")
     e_q = _query(enc, 12)
     att = attribute_tokens(enc, example, e_q)
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=1e-5)
-    assert torch.allclose(att.fingerprint.float(), enc.encode(collate([example]))[0], atol=1e-5)
+    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound())
+    assert_within(att.fingerprint.float(), enc.encode(collate([example]))[0], recompute_bound(), "fingerprint")
 
 
 # -- the endpoint, over real HTTP on the trained test index ----------------------------------
@@ -131,11 +136,11 @@ def test_explain_endpoint_splits_the_result_score(server, query):
         assert r.status_code == 200, r.text
         body = r.json()
         contributions = [t["contribution"] for t in body["tokens"]]
-        assert sum(contributions) == pytest.approx(body["score"], abs=1e-5)
+        assert sum(contributions) == pytest.approx(body["score"], abs=gamma(len(contributions), np.float64) * sum(map(abs, contributions)) + 1e-15)
         # The recomputed example is the indexed one: same fingerprint, same score.
         assert body["fingerprint_agreement"] > 0.9999
-        assert body["score"] == pytest.approx(hit["score"], abs=2e-3)  # float16 storage
-        assert body["index_score"] == pytest.approx(hit["score"], abs=1e-5)
+        assert body["score"] == pytest.approx(hit["score"], abs=FLOAT16_SCORE + recompute_bound())
+        assert body["index_score"] == pytest.approx(hit["score"], abs=recompute_bound())
         # Tokens tile the example's text in order.
         text = server.get(f"/v1/examples/{hit['id']}").json()["text"]
         spans = [t for t in body["tokens"] if t["end"] > t["start"]]
