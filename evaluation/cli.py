@@ -7,12 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from evaluation.corpus import QUERIES_SCHEMA
-from evaluation.methods import METHOD_NAMES
-from evaluation.run import EvalSettings
+from evaluation.settings import METHOD_NAMES, EvalSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,6 +53,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and write the report; returns the exit code."""
+    import torch
+    from tqdm import tqdm
+
     from evaluation.report import write_report
     from evaluation.run import run_evaluation
 
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
     )  # fmt: skip
 
-    def progress(desc: str, total: int) -> tqdm:
+    def progress(desc: str, total: int) -> tqdm:  # noqa: F821 (imported above)
         return tqdm(total=total, desc=desc, unit="seq", disable=args.no_progress, file=sys.stderr)
 
     previous = torch.get_num_threads()

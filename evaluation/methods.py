@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 from encoder.whitening import Whitener
+from evaluation.settings import Method
 from indexer.bm25 import BM25Index
 from indexer.fusion import reciprocal_rank_fusion
 
@@ -45,43 +46,6 @@ FUSION_DEPTH = 100
 N_FOLDS = 2
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of the comparison.
-
-    Attributes:
-        name: short id used in tables and JSON.
-        description: one line for the report.
-        kind: ``gradient``, ``bm25``, ``hybrid`` or ``random``.
-        correction, hessian, unit_norm: the fingerprint settings (gradient methods only).
-    """
-
-    name: str
-    description: str
-    kind: str
-    correction: bool = True
-    hessian: str = "mixed"
-    unit_norm: bool = True
-
-    def config(self, base: FingerprintConfig) -> FingerprintConfig:
-        return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm)  # type: ignore[arg-type]
-
-
-METHODS: tuple[Method, ...] = (
-    Method("trackstar", "TrackStar: correction, mixed R, unit norm", "gradient"),
-    Method("no_correction", "TrackStar without optimizer correction", "gradient", correction=False),
-    Method("r_train_only", "TrackStar with R = R_train (no task mixing)", "gradient", hessian="train"),
-    Method("no_hessian", "TrackStar without R (hessian none)", "gradient", hessian="none"),
-    Method("no_unit_norm", "TrackStar without unit normalization", "gradient", unit_norm=False),
-    Method("grad_dot", "gradient dot product (no correction, R, norm)", "gradient",
-           correction=False, hessian="none", unit_norm=False),
-    Method("grad_cosine", "gradient cosine (TRAK-like, no correction)", "gradient",
-           correction=False, hessian="none", unit_norm=True),
-    Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
-    Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
-    Method("random", "random training sequences (floor)", "random"),
-)  # fmt: skip
-METHOD_NAMES = tuple(m.name for m in METHODS)
 
 
 def project_all(

@@ -30,8 +30,6 @@ from encoder.optimizer_state import SecondMoments, load_second_moments
 from evaluation.corpus import load_queries
 from evaluation.methods import (
     FUSION_DEPTH,
-    METHOD_NAMES,
-    METHODS,
     GradientInputs,
     fold_of,
     project_all,
@@ -41,6 +39,7 @@ from evaluation.methods import (
     rank_random,
 )
 from evaluation.metrics import attribution_metrics
+from evaluation.settings import METHOD_NAMES, METHODS, EvalSettings
 from evaluation.tailpatch import TailPatcher, load_trainable_model, read_adam_hyper
 from indexer.bm25 import BM25Index
 
@@ -55,29 +54,6 @@ class Progress(Protocol):
 
 
 ProgressFactory = Callable[[str, int], Progress]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Knobs of one evaluation run (all recorded in the output JSON).
-
-    Attributes:
-        k: projection size per side of the fingerprints (d = |modules| k^2).
-        seed: projection seed, query folds and the random floor.
-        batch_size: sequences per backward pass when fingerprinting.
-        tailpatch_lr: step size of the tail-patch step.
-        tailpatch_optimizer: ``adam`` (checkpoint's second moments) or ``sgd``.
-        methods: names of the methods to compare (``evaluation.methods.METHOD_NAMES``).
-        max_queries: evaluate only the first n queries (None: all).
-    """
-
-    k: int = 16
-    seed: int = 0
-    batch_size: int = 16
-    tailpatch_lr: float = 1e-4
-    tailpatch_optimizer: str = "adam"
-    methods: tuple[str, ...] = METHOD_NAMES
-    max_queries: int | None = None
 
 
 @dataclass

@@ -332,7 +332,7 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
         else:
             ids = passes.evenly_spaced(n, cfg.v_sample)
             log.info("no optimizer state: estimating second moments over %d sequences", len(ids))
-            sm = encoder.estimate_second_moments(passes.batches(store, ids, cfg.batch_size, pad))
+            sm = encoder.estimate_second_moments(b for _, b in passes.batches(store, ids, cfg.batch_size, pad))
         tracked = [m.param_name for m in encoder.modules]
         write_atomic(sm_path, lambda p: SecondMoments(
             {k: sm.v_hat[k] for k in tracked}, sm.eps, sm.source).save(p, tracked))

@@ -98,10 +98,32 @@ def evenly_spaced(n: int, n_sample: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(n_sample, 1)).round().astype(np.int64))
 
 
-def batches(store: TokenStore, ids: np.ndarray, batch_size: int, pad_id: int) -> Iterator[TokenBatch]:
-    """Consecutive groups of ``batch_size`` sequences as padded batches."""
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Positions sorted by length, longest first, ties in id order (deterministic, so a
+    resumed shard batches exactly as before)."""
+    return np.lexsort((np.arange(len(lengths)), -np.asarray(lengths)))
+
+
+def batches(store: TokenStore, ids: np.ndarray, batch_size: int, pad_id: int) -> Iterator[tuple[np.ndarray, TokenBatch]]:
+    """Padded batches of ``batch_size`` sequences of similar length: ``ids`` sorted by
+    length, so a batch pads to its own longest member, not to the longest of a corpus-order
+    group (vectors do not depend on the batching; the caller puts each result back).
+
+    Yields:
+        (positions [b] into ``ids``, the padded batch of those sequences).
+    """
+    order = length_order(store.spans[ids, 1])
     for s in range(0, len(ids), batch_size):
-        yield collate([sequence_example(store.ids(int(i))) for i in ids[s : s + batch_size]], pad_id)
+        rows = order[s : s + batch_size]
+        yield rows, collate([sequence_example(store.ids(int(ids[r]))) for r in rows], pad_id)
+
+
+def padded_tokens(lengths: np.ndarray, batch_size: int, *, by_length: bool = True) -> int:
+    """Tokens (real + padding) the batches of ``batches`` hold for sequences of ``lengths``."""
+    lengths = np.asarray(lengths)
+    order = length_order(lengths) if by_length else np.arange(len(lengths))
+    groups = [lengths[order[s : s + batch_size]] for s in range(0, len(lengths), batch_size)]
+    return int(sum(len(g) * int(g.max()) for g in groups))
 
 
 def statistics_shard(
@@ -119,15 +141,15 @@ def statistics_shard(
     """Pass 1 for one shard: R_train sums over its sampled ``ids``; phi cached when the
     sample is the whole shard."""
     stats = encoder.new_statistics()
-    phis = []
-    for batch in batches(store, ids, batch_size, pad_id):
+    cache = np.empty((len(ids), encoder.dim), dtype=np.float32) if len(ids) == shard_len else None
+    for rows, batch in batches(store, ids, batch_size, pad_id):
         phi = encoder.project(batch)
         stats.update(phi)
-        if len(ids) == shard_len:
-            phis.append(phi.float().cpu().numpy())
-        progress("statistics", len(batch), total)
-    if len(ids) == shard_len and phis:
-        save_npy_atomic(work.phi_path(shard), np.concatenate(phis))
+        if cache is not None:
+            cache[rows] = phi.float().cpu().numpy()
+        progress("statistics", len(rows), total)
+    if cache is not None and len(ids):
+        save_npy_atomic(work.phi_path(shard), cache)
     write_atomic(work.stats_path(shard), stats.save)
 
 
@@ -181,12 +203,9 @@ def encode_shard(
             progress("encode", len(phi), total)
     else:
         ids = np.arange(start, stop, dtype=np.int64)
-        row = 0
-        for batch in batches(store, ids, batch_size, pad_id):
-            e = encoder.encode(batch).float().cpu().numpy()
-            out[row : row + len(e)] = e.astype(np.float16)
-            row += len(e)
-            progress("encode", len(e), total)
+        for rows, batch in batches(store, ids, batch_size, pad_id):
+            out[rows] = encoder.encode(batch).float().cpu().numpy().astype(np.float16)
+            progress("encode", len(rows), total)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         raise InputError(

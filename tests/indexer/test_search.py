@@ -11,8 +11,16 @@ from encoder.batching import collate, sequence_example
 from encoder.errors import NotFoundError
 from indexer.__main__ import main
 from indexer.artifacts import InfluenceIndex
+from indexer.passes import length_order, shard_ranges
 from tests.indexer.helpers import rechunk
-from tests.tolerances import assert_within, dot_bound, gamma, rounding_bound, storage_bound
+from tests.tolerances import (
+    assert_within,
+    dot_bound,
+    gamma,
+    recompute_bound,
+    rounding_bound,
+    storage_bound,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +34,13 @@ def test_stored_fingerprints_are_the_encoders(opened, fact_corpus_files):
     seqs = rechunk(opened.manifest, fact_corpus_files[0], opened.tokenizer)
     assert len(seqs) == opened.size == opened.manifest["counts"]["sequences"]
     pad = int(opened.tokenizer.pad_token_id)
-    bs = opened.manifest["build"]["batch_size"]
-    enc = np.concatenate([
-        opened.encoder.encode(collate([sequence_example(s) for s in seqs[i : i + bs]], pad)).numpy()
-        for i in range(0, len(seqs), bs)
-    ])
+    bs, shard_size = opened.manifest["build"]["batch_size"], opened.manifest["build"]["shard_size"]
+    enc = np.empty((len(seqs), opened.encoder.dim), dtype=np.float32)
+    for start, stop in shard_ranges(len(seqs), shard_size):  # the build's batches: by length per shard
+        order = start + length_order(np.array([len(s) for s in seqs[start:stop]]))
+        for i in range(0, len(order), bs):
+            rows = order[i : i + bs]
+            enc[rows] = opened.encoder.encode(collate([sequence_example(seqs[r]) for r in rows], pad)).numpy()
     stored = np.asarray(opened.fingerprints, dtype=np.float32)
     # Unit norm up to the float32 sum of squares and the square root (d + 1 roundings).
     assert_within(np.linalg.norm(enc, axis=1), 1.0, gamma(enc.shape[1] + 1), "norms")
@@ -109,3 +119,26 @@ def test_build_writes_a_checksummed_bm25_index(opened, tiny_index, tmp_path, cap
     victim = copy / listed[-1]
     victim.write_bytes(victim.read_bytes() + b" ")
     assert main(["verify", str(copy)]) == 2
+
+
+def test_vectors_do_not_depend_on_the_batching(opened, fact_corpus_files):
+    """Corpus-order batches of 3 and one sequence at a time give the stored (length-batched)
+    fingerprints up to float32 batch-shape noise and float16 storage."""
+    seqs = rechunk(opened.manifest, fact_corpus_files[0], opened.tokenizer)[:24]
+    pad = int(opened.tokenizer.pad_token_id)
+    stored = np.asarray(opened.fingerprints[: len(seqs)], dtype=np.float32)
+    for bs in (1, 3):
+        enc = np.concatenate([opened.encoder.encode(collate([sequence_example(s) for s in seqs[i : i + bs]], pad)).numpy()
+                              for i in range(0, len(seqs), bs)])  # fmt: skip
+        bound = rounding_bound(enc) + recompute_bound()  # |e| = 1 bounds each entry's share of the noise
+        assert_within(stored, enc, bound, f"batches of {bs}")
+
+
+def test_length_batching_removes_padding():
+    from indexer.passes import padded_tokens
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(8, 512, 300), np.full(100, 512)])  # mixed, like real corpora
+    real = int(lengths.sum())
+    assert padded_tokens(lengths, 8, by_length=False) / real > 1.3
+    assert padded_tokens(lengths, 8) / real <= 1.05

@@ -1,0 +1,70 @@
+"""What an evaluation compares and with which knobs: light (no torch), so that
+``influence eval --help`` and the CLI's option table load without the model stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from encoder.config import FingerprintConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison.
+
+    Attributes:
+        name: short id used in tables and JSON.
+        description: one line for the report.
+        kind: ``gradient``, ``bm25``, ``hybrid`` or ``random``.
+        correction, hessian, unit_norm: the fingerprint settings (gradient methods only).
+    """
+
+    name: str
+    description: str
+    kind: str
+    correction: bool = True
+    hessian: str = "mixed"
+    unit_norm: bool = True
+
+    def config(self, base: FingerprintConfig) -> FingerprintConfig:
+        return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm)  # type: ignore[arg-type]
+
+
+METHODS: tuple[Method, ...] = (
+    Method("trackstar", "TrackStar: correction, mixed R, unit norm", "gradient"),
+    Method("no_correction", "TrackStar without optimizer correction", "gradient", correction=False),
+    Method("r_train_only", "TrackStar with R = R_train (no task mixing)", "gradient", hessian="train"),
+    Method("no_hessian", "TrackStar without R (hessian none)", "gradient", hessian="none"),
+    Method("no_unit_norm", "TrackStar without unit normalization", "gradient", unit_norm=False),
+    Method("grad_dot", "gradient dot product (no correction, R, norm)", "gradient",
+           correction=False, hessian="none", unit_norm=False),
+    Method("grad_cosine", "gradient cosine (TRAK-like, no correction)", "gradient",
+           correction=False, hessian="none", unit_norm=True),
+    Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
+    Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
+    Method("random", "random training sequences (floor)", "random"),
+)  # fmt: skip
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Knobs of one evaluation run (all recorded in the output JSON).
+
+    Attributes:
+        k: projection size per side of the fingerprints (d = |modules| k^2).
+        seed: projection seed, query folds and the random floor.
+        batch_size: sequences per backward pass when fingerprinting.
+        tailpatch_lr: step size of the tail-patch step.
+        tailpatch_optimizer: ``adam`` (checkpoint's second moments) or ``sgd``.
+        methods: names of the methods to compare (``METHOD_NAMES``).
+        max_queries: evaluate only the first n queries (None: all).
+    """
+
+    k: int = 16
+    seed: int = 0
+    batch_size: int = 16
+    tailpatch_lr: float = 1e-4
+    tailpatch_optimizer: str = "adam"
+    methods: tuple[str, ...] = METHOD_NAMES
+    max_queries: int | None = None
