@@ -47,6 +47,12 @@ MODELS = {  # name: (n_layer, n_embd, n_head, vocab)
     "gpt2-2x128": (2, 128, 2, 4096),
     "tiny-2x64": (2, 64, 2, 1024),
 }
+NEOX_MODELS = {  # name: (n_layer, hidden, n_head, intermediate, vocab); shapes from the public configs
+    "pythia-1b": (16, 2048, 8, 8192, 50304),
+    "pythia-tiny": (2, 64, 2, 256, 1024),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+"""Dense bf16 peak of the GPUs the GPU check runs on (SXM, without sparsity)."""
 
 
 # -- fidelity ---------------------------------------------------------------------------
@@ -137,9 +143,17 @@ def demo_fidelity(size: str, checkpoint: Path | None, k: int) -> dict[str, Any]:
 
 
 # -- speed ------------------------------------------------------------------------------
-def build_model(name: str, n_positions: int) -> GPT2LMHeadModel:
-    n_layer, n_embd, n_head, vocab = MODELS[name]
+def build_model(name: str, n_positions: int) -> torch.nn.Module:
     torch.manual_seed(0)
+    if name in NEOX_MODELS:
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        n_layer, hidden, n_head, inter, vocab = NEOX_MODELS[name]
+        neox = GPTNeoXConfig(num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
+                             intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max(n_positions, 2048),
+                             rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+        return GPTNeoXForCausalLM(neox).eval()
+    n_layer, n_embd, n_head, vocab = MODELS[name]
     cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     return GPT2LMHeadModel(cfg).eval()
@@ -153,6 +167,15 @@ def random_second_moments(model) -> SecondMoments:
         for n, p in model.named_parameters()
     }
     return SecondMoments(v_hat=v, eps=1e-8, source="bench-random")
+
+
+def _mfu(flops_per_s: float, dev: torch.device) -> float | None:
+    """flops_per_s over the device's dense bf16 peak (None where the peak is not known)."""
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None if peak is None else flops_per_s / (peak * 1e12)
 
 
 def _train_step(model, batch: TokenBatch) -> None:
@@ -238,6 +261,8 @@ def speed(
         "tokens_per_s_exact": batch_size * seq_len / med["exact"],
         "tokens_per_s_factored": batch_size * seq_len / med["factored"],
         "plain_TFLOPs": tflops, "peak_GiB": peak, "auto_batch": auto,
+        # Model FLOPs utilization of the exact path: a plain step's 6 P flops per token.
+        "mfu_exact": _mfu(6 * n_params * batch_size * seq_len / med["exact"], dev),
     }  # fmt: skip
 
 
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fact corpus for the fidelity part (default: demo; test with --quick)",
     )
     p.add_argument(
-        "--models", default="gpt2-4x256,gpt2-6x384", help=f"comma-separated, of {sorted(MODELS)}"
+        "--models", default="gpt2-4x256,gpt2-6x384", help=f"comma-separated, of {sorted(MODELS | NEOX_MODELS)}"
     )
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--seq-lens", default="128,256", help="comma-separated sequence lengths")

@@ -72,3 +72,25 @@ def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
     assert goals[("batching_on", "p99@16 / p50@1 <= 3")]["measured"] == on["pairs"][0]["p99_16_over_p50_1"]
     md = (tmp_path / "bench_service_quick.md").read_text()
     assert "## Paired windows" in md and "## Goals" in md
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step of the GPU check at toy size on the CPU,
+    so the script is known to work before a GPU machine runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("env", "tests_gpu", "encode", "search", "serve"):
+        assert f"| {step} | 0 |" in summary, summary
+    encode = json.loads((tmp_path / "bench_encode_gpu_check.json").read_text())
+    assert {r["model"] for r in encode["speed"]} == {"pythia-tiny", "tiny-2x64"}
+    assert all(r["tokens_per_s_exact"] > 0 and "mfu_exact" in r for r in encode["speed"])
