@@ -209,6 +209,38 @@ class TrackStarEncoder:
             parts.append(g.flatten(1))
         return torch.cat(parts)
 
+    def weight_directions(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weight-space direction V of a fingerprint-space vector u [d]: for every
+        per-example gradient G, u . phi(G) = sum_W <V_W, G_W> (phi is linear in G).
+
+        phi_W = A (C o G) B^T gives V_W = C o (A^T U_W B), U_W the block of u as [k, k] (the
+        row-major vec of phi_W); without projection V_W = C o U_W; the factored path folds C
+        into A', B' (V_W = A'^T U_W B'). So the derivative of a loss along V is u . phi of
+        that loss's gradient: one forward-mode pass gives it for every token at once.
+
+        Returns:
+            parameter name -> V_W in the weight's stored orientation and dtype.
+        """
+        out = {}
+        for m in self.modules:
+            start, stop = self._spans[m.name]
+            block = u[start:stop].to(self.device, self.accum_dtype)
+            if self.config.correction and m.name in self._folded:
+                a_mat, b_mat = self._folded[m.name]
+                v = a_mat.T @ block.view(a_mat.shape[0], b_mat.shape[0]) @ b_mat
+            else:
+                proj = self._proj.get(m.name)
+                if proj is not None:
+                    v = proj[0].T @ block.view(proj[0].shape[0], proj[1].shape[0]) @ proj[1]
+                else:
+                    v = block.view(m.out_features, m.in_features)
+                inv = self._inv_scale.get(m.name) if self.config.correction else None
+                if inv is not None:
+                    v = v * inv
+            weight: torch.Tensor = m.module.weight  # type: ignore[assignment]
+            out[m.param_name] = (v.T if m.transposed else v).to(weight.dtype).contiguous()
+        return out
+
     def finalize(self, phi: torch.Tensor) -> torch.Tensor:
         """Whiten (unless hessian none) and unit-normalize (unless the ablation) phi [B, d].
 

@@ -17,23 +17,31 @@ tokens' contributions sum exactly (up to float rounding) to the score. Token 0 i
 target and gets 0. Without whitening (hessian none) R^-1/2 = I; without unit norm
 (ablation) the denominator is 1.
 
-phi^(t) is computed by the encoder itself: a batch of copies of the example, copy j with
-only target t_j in its mask, is projected in one backward pass per chunk (the encoder keeps
-examples of a batch separate). Cost: n_targets forward/backward passes of the example,
-fine for one example of a few hundred tokens.
+Since everything after the gradient is linear, c_t is a directional derivative:
+c_t = <V, dl_t/dW> / ||R^-1/2 phi|| with V the weight-space direction of R^-1/2 e_q
+(``TrackStarEncoder.weight_directions``). One forward-mode pass (``torch.func.jvp``) along V
+gives it for every target at once, so an explanation costs one encode pass plus one JVP.
+The reference (and the fallback where an op lacks forward-mode AD) computes each phi^(t)
+with the encoder itself: copies of the example, copy j with only target t_j in its mask,
+one backward pass per chunk of copies.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encoder.batching import Example, collate
 from encoder.errors import ConfigError, InputError
 from encoder.fingerprint import TrackStarEncoder
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 32
 """Copies of the example projected per backward pass."""
@@ -93,6 +101,32 @@ def target_projections(
     return positions, torch.cat(parts)
 
 
+def target_derivatives(model: torch.nn.Module, example: Example, directions: dict[str, torch.Tensor]) -> torch.Tensor:
+    """d NLL(x_t) / d eps along W + eps V for every position t, in one forward-mode pass.
+
+    Args:
+        model: the causal LM (its weights are not changed).
+        example: the sequence x_1..x_T.
+        directions: parameter name -> V (stored orientation).
+    Returns:
+        [T - 1] float64: entry t - 1 belongs to the target token at position t.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([example.input_ids], device=device)
+    params = dict(model.named_parameters())
+
+    def token_nll(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(model, tracked, args=(), kwargs={"input_ids": ids}, tie_weights=False, strict=False)
+        logits = logits.logits[0, :-1].float()
+        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+
+    primals = {n: params[n].detach() for n in directions}
+    # The fused SDPA kernels have no forward-mode derivative; the math kernel does.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tangent = jvp(token_nll, (primals,), (directions,))[1]
+    return tangent.double()
+
+
 def attribute_tokens(
     encoder: TrackStarEncoder,
     example: Example,
@@ -100,21 +134,33 @@ def attribute_tokens(
     *,
     chunk: int = DEFAULT_CHUNK,
     hold: Callable[[], AbstractContextManager[object]] = nullcontext,
+    method: str = "jvp",
 ) -> TokenAttribution:
     """Split the influence score e_q . e of an example into per-token contributions.
+
+    ``method="jvp"`` (default): c_t = d NLL(x_t) along the weight direction of R^-1/2 e_q
+    (``TrackStarEncoder.weight_directions``), all targets in one forward-mode pass, plus
+    one encode pass for the norm; ``"copies"``: phi of each target's loss from its own
+    backward pass (``target_projections``), the reference. Both give the same numbers.
 
     Args:
         encoder: the encoder that built the index (with its whitener, if any).
         example: the training example (usually ``sequence_example(ids)``).
         query_fingerprint: e_q [d] (or [1, d]), the query's finalized fingerprint.
         chunk: copies per backward pass.
-        hold: entered around each backward pass (see ``target_projections``).
+        hold: entered around each pass over the model (see ``target_projections``).
+        method: ``jvp`` or ``copies``.
     Returns:
         TokenAttribution with contributions [T] summing to the score.
     """
     e_q = query_fingerprint.reshape(-1)
     if e_q.numel() != encoder.dim:
         raise ConfigError(f"query fingerprint has {e_q.numel()} dims, expected {encoder.dim}")
+    if method == "jvp":
+        try:
+            return _attribute_by_jvp(encoder, example, e_q, hold)
+        except (NotImplementedError, RuntimeError) as exc:  # an op without forward-mode AD
+            log.info("forward-mode attribution unavailable (%s); one pass per target instead", exc)
     positions, phi_parts = target_projections(encoder, example, chunk=chunk, hold=hold)
     white_parts = phi_parts.double()
     if encoder.config.hessian != "none":
@@ -127,6 +173,40 @@ def attribute_tokens(
     per_target = (white_parts @ e_q.to(white_parts)) / norm  # [n_targets]
     contributions = torch.zeros(len(example.input_ids), dtype=torch.float64)
     contributions[torch.tensor(positions)] = per_target.cpu()
+    return TokenAttribution(
+        input_ids=tuple(example.input_ids),
+        contributions=contributions,
+        score=float(contributions.sum()),
+        fingerprint=(total / norm).cpu(),
+    )
+
+
+def _attribute_by_jvp(
+    encoder: TrackStarEncoder,
+    example: Example,
+    e_q: torch.Tensor,
+    hold: Callable[[], AbstractContextManager[object]],
+) -> TokenAttribution:
+    """``attribute_tokens`` with c_t from one forward-mode pass (see there)."""
+    mask = torch.tensor(example.target_mask[1:], dtype=torch.bool)
+    if not mask.any():
+        raise InputError("the example has no target tokens to attribute", code="no_targets")
+    whitener = encoder.whitener if encoder.config.hessian != "none" else None
+    if encoder.config.hessian != "none" and whitener is None:
+        raise ConfigError("hessian is on but the encoder has no whitener")
+    with hold():
+        phi = encoder.project(collate([example]))[0].double()
+    total = whitener.apply(phi[None])[0] if whitener is not None else phi
+    norm = total.norm() if encoder.config.unit_norm else torch.ones((), dtype=total.dtype)
+    norm = norm.clamp_min(torch.finfo(total.dtype).tiny)
+    # c_t = (R^-1/2 phi_t) . e_q / norm = phi_t . (R^-1/2 e_q) / norm: R^-1/2 is symmetric.
+    u = e_q.double().to(total.device)
+    if whitener is not None:
+        u = whitener.apply(u[None])[0]
+    with hold():
+        derivatives = target_derivatives(encoder.model, example, encoder.weight_directions(u))
+    contributions = torch.zeros(len(example.input_ids), dtype=torch.float64)
+    contributions[1:] = torch.where(mask, derivatives.cpu(), torch.zeros((), dtype=torch.float64)) / float(norm)
     return TokenAttribution(
         input_ids=tuple(example.input_ids),
         contributions=contributions,

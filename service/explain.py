@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 
 MAX_EXPLAIN_TOKENS = 512
-"""Longest example explained: the cost is one backward pass per token (O(T^2) in all)."""
+"""Longest example explained (one encode pass and one forward-mode pass over it)."""
 
 EXPLAIN_CHUNK = 8
-"""Target tokens per backward pass of an explanation: each pass holds the model, so this
-bounds how long a concurrent query waits for it (a few ms on the demo model)."""
+"""Target tokens per backward pass where forward-mode AD is unavailable (the fallback of
+``attribute_tokens``): each pass holds the model, which bounds a concurrent query's wait."""
 
 AGREEMENT_WARN = 0.999
 """Below this cosine the rebuilt example is logged as differing from the indexed one."""
@@ -111,7 +111,7 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     if len(seq.input_ids) > MAX_EXPLAIN_TOKENS:
         raise InputTooLongError(
             f"example {record.id} has {len(seq.input_ids)} tokens; per-token explanations are "
-            f"limited to {MAX_EXPLAIN_TOKENS} (one backward pass per token)",
+            f"limited to {MAX_EXPLAIN_TOKENS}",
             field="id",
             n_tokens=len(seq.input_ids),
             limit=MAX_EXPLAIN_TOKENS,
@@ -121,7 +121,8 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
     lock = getattr(index, "encode_lock", None) or contextlib.nullcontext()
     with lock:
         e_q = encoder.encode(collate([query], int(index.tokenizer.pad_token_id or 0)))[0]
-    # The model is taken per pass, not for the whole explanation: queries run in between.
+    # The model is taken per pass (encode, then the forward-mode pass), not for the whole
+    # explanation: queries run in between.
     attribution = attribute_tokens(encoder, sequence_example(seq.input_ids), e_q, chunk=EXPLAIN_CHUNK,
                                    hold=lambda: lock)  # fmt: skip
     stored = torch.from_numpy(np.asarray(index.fingerprints[body.id], dtype=np.float64))
@@ -163,7 +164,7 @@ async def explain_influence(body: ExplainRequest, request: Request) -> ExplainRe
     """For a query and one training example (a result's `id`), each example token's
     contribution to the influence score: that token's loss term, corrected, projected and
     whitened, dotted with the query fingerprint. The contributions sum to `score`.
-    Costs one backward pass per token of the example."""
+    Costs one encode pass and one forward-mode (JVP) pass over the example."""
     settings = request.app.state.settings
     limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens)
     state = request.app.state.index_state

@@ -329,3 +329,33 @@ def test_queries_stay_fast_while_an_explanation_runs(tiny_index, query):
         client.close()
     assert explained, "no explanation ran during the measurement"
     assert busy <= 3 * alone, f"p99 {busy * 1e3:.1f} ms with an explanation in flight vs {alone * 1e3:.1f} ms alone"
+
+
+@pytest.mark.parametrize(
+    "hessian,unit_norm,mode,correction",
+    [("none", True, "exact", True), ("train", True, "exact", True), ("train", False, "exact", False),
+     ("train", True, "factored", True), ("none", True, "exact", False)],
+)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm, mode, correction, attention,
+                                                             monkeypatch):
+    """c_t from one JVP along the weight direction of R^-1/2 e_q equals phi of each target's
+    own backward pass dotted with e_q (float64 weights; softmax in float32 on both sides)."""
+    from encoder import token_attribution
+
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    model.config._attn_implementation = attention
+    enc = _encoder(model, hessian, unit_norm, mode)
+    if not correction:
+        enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm,
+                                                        correction=False), whitener=enc.whitener)  # fmt: skip
+    e_q = _query(enc, 11)
+    example = sequence_example(_random_ids(5, 1, 12, 12)[0])
+    with monkeypatch.context() as m:  # the fast path must not fall back to the copies
+        m.setattr(token_attribution, "target_projections", lambda *a, **k: pytest.fail("fell back"))
+        fast = attribute_tokens(enc, example, e_q, method="jvp")
+    slow = attribute_tokens(enc, example, e_q, method="copies", chunk=4)
+    scale = float(slow.contributions.abs().sum())
+    assert_within(fast.contributions, slow.contributions, recompute_bound(stages=64) * scale, "contributions")
+    assert fast.score == pytest.approx(slow.score, abs=recompute_bound(stages=64) * scale)
+    assert_within(fast.fingerprint, slow.fingerprint, recompute_bound(stages=64), "fingerprint")
