@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "explain (copies)": lambda: attribute_tokens(enc, example, e_q, method="copies"),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for name, fn in runs.items():
+    for fn in runs.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in runs.items():
