@@ -27,11 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
     p.add_argument("--k", type=int, default=16, help="projection size per side (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tailpatch-lr", type=float, default=EvalSettings.tailpatch_lr)
-    p.add_argument("--tailpatch-optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    p.add_argument("--seed", type=int, default=0, help="projection seed, query folds, random floor (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per backward pass (default 16)")
+    p.add_argument("--tailpatch-lr", type=float, default=EvalSettings.tailpatch_lr,
+                   help=f"step size of the tail-patch step (default {EvalSettings.tailpatch_lr:g})")
+    p.add_argument("--tailpatch-optimizer", choices=("adam", "sgd"), default="adam",
+                   help="tail-patch step: adam (the checkpoint's second moments) or sgd")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES),
+                   help="methods to compare (default: all)")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first n queries")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: tiny matmuls, shared cores)")  # fmt: skip

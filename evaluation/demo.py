@@ -185,13 +185,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="generate a fact corpus, train a tiny GPT-2, index it, and serve it",
-        description=__doc__,
+        description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), used by tests")
     p.add_argument("--workdir", default=".demo", help="where the corpus, model and index go")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--seed", type=int, default=0, help="corpus, training and projection seed (default 0)")
     p.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
     p.set_defaults(func=run)

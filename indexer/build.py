@@ -331,7 +331,12 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
             sm = load_second_moments(source, model)
         else:
             ids = passes.evenly_spaced(n, cfg.v_sample)
-            log.info("no optimizer state: estimating second moments over %d sequences", len(ids))
+            if (Path(cfg.model) / "trainer_state.json").is_file():
+                log.warning("%s is a Trainer checkpoint without optimizer.pt: the optimizer correction uses "
+                            "second moments estimated over %d sequences instead of the optimizer's; pass "
+                            "--optimizer-state to use the real ones", cfg.model, len(ids))  # fmt: skip
+            else:
+                log.info("no optimizer state: estimating second moments over %d sequences", len(ids))
             sm = encoder.estimate_second_moments(b for _, b in passes.batches(store, ids, cfg.batch_size, pad))
         tracked = [m.param_name for m in encoder.modules]
         write_atomic(sm_path, lambda p: SecondMoments(

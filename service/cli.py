@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from encoder.errors import InfluenceError, safe_text
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="influence",
         description="TrackStar influence search: index a training corpus, query it, serve it.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_PROVIDERS:
         try:
@@ -42,13 +43,46 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+VERBOSE_HELP = "debug logging, and the third-party libraries' own logs and progress bars"
+OWN_LOGGERS = ("influence", "encoder", "indexer", "service", "evaluation", "api", "deploy", "benchmarks")
+"""Loggers at INFO by default; every other library's at WARNING unless -v."""
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after any subcommand too (``influence index build ... -v``); SUPPRESS keeps a
+    subcommand without it from resetting the top-level flag."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any("--verbose" in a.option_strings for a in child._actions):
+                    child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                       help=VERBOSE_HELP)  # fmt: skip
+                _verbose_everywhere(child)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Quiet by default: the project's INFO lines, other libraries' warnings only (FAISS's
+    loader, bm25s, transformers' weight-loading bar); everything under -v."""
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers loads
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    verbose = bool(getattr(args, "verbose", False))
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
+    _quiet_libraries(verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
