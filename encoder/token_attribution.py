@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, jvp
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encoder.batching import Example, collate
@@ -104,6 +104,9 @@ def target_projections(
 def target_derivatives(model: torch.nn.Module, example: Example, directions: dict[str, torch.Tensor]) -> torch.Tensor:
     """d NLL(x_t) / d eps along W + eps V for every position t, in one forward-mode pass.
 
+    The tracked weights are swapped for dual tensors (weight, V) for the pass and restored
+    after it: the caller holds the model, as for any pass.
+
     Args:
         model: the causal LM (its weights are not changed).
         example: the sequence x_1..x_T.
@@ -113,17 +116,27 @@ def target_derivatives(model: torch.nn.Module, example: Example, directions: dic
     """
     device = next(model.parameters()).device
     ids = torch.tensor([example.input_ids], device=device)
-    params = dict(model.named_parameters())
-
-    def token_nll(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(model, tracked, args=(), kwargs={"input_ids": ids}, tie_weights=False, strict=False)
-        logits = logits.logits[0, :-1].float()
-        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-
-    primals = {n: params[n].detach() for n in directions}
+    owners = {}
+    for name in directions:
+        path, _, attr = name.rpartition(".")
+        owners[name] = (model.get_submodule(path), attr)
+    saved = {name: getattr(mod, attr) for name, (mod, attr) in owners.items()}
     # The fused SDPA kernels have no forward-mode derivative; the math kernel does.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        tangent = jvp(token_nll, (primals,), (directions,))[1]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+        try:
+            for name, (mod, attr) in owners.items():
+                delattr(mod, attr)
+                setattr(mod, attr, forward_ad.make_dual(saved[name].detach(), directions[name]))
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            tangent = forward_ad.unpack_dual(nll).tangent
+        finally:
+            for name, (mod, attr) in owners.items():
+                if attr in mod.__dict__:
+                    delattr(mod, attr)
+                setattr(mod, attr, saved[name])
+    if tangent is None:  # no tracked weight reaches the loss
+        return torch.zeros(len(example.input_ids) - 1, dtype=torch.float64)
     return tangent.double()
 
 
@@ -203,8 +216,9 @@ def _attribute_by_jvp(
     u = e_q.double().to(total.device)
     if whitener is not None:
         u = whitener.apply(u[None])[0]
+    directions = encoder.weight_directions(u)
     with hold():
-        derivatives = target_derivatives(encoder.model, example, encoder.weight_directions(u))
+        derivatives = target_derivatives(encoder.model, example, directions)
     contributions = torch.zeros(len(example.input_ids), dtype=torch.float64)
     contributions[1:] = torch.where(mask, derivatives.cpu(), torch.zeros((), dtype=torch.float64)) / float(norm)
     return TokenAttribution(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,8 @@ class InfluenceIndex:
         self.bm25 = bm25
         """The lexical index (``mode: bm25`` / ``hybrid``), opened with the rest."""
         self._held = HeldFiles(index_dir, LIVE_FILES)
+        self.last_query_at = -float("inf")
+        """``time.monotonic()`` of the last ``encode_examples`` call (explain yields to queries)."""
         self.encode_lock = FairLock()
         """Held while the model runs (hooks are per-pass state): take it to run the model,
         one pass at a time, so waiting queries get their turn in order."""
@@ -293,6 +296,7 @@ class InfluenceIndex:
         Returns:
             [Q, d] float32 unit vectors.
         """
+        self.last_query_at = time.monotonic()
         out = np.zeros((len(examples), self.encoder.dim), dtype=np.float32)
         pad = int(self.tokenizer.pad_token_id or 0)
         with self.encode_lock:

@@ -288,7 +288,9 @@ def _p99(latencies):
 
 def test_queries_stay_fast_while_an_explanation_runs(tiny_index, query):
     """One explanation in flight at all times: /v1/influence p99 within 3x its p99 alone
-    (the explanation takes the model one pass at a time, in FIFO order with the queries)."""
+    (the explanation takes the model one pass at a time, in FIFO order with the queries).
+    Three paired windows, alone then busy, back to back; the median ratio is judged, so a
+    burst of noise on a shared machine does not decide it."""
     import threading
     import time as _time
 
@@ -296,39 +298,40 @@ def test_queries_stay_fast_while_an_explanation_runs(tiny_index, query):
         client = httpx.Client(base_url=base, timeout=60)
         longest = max(range(20), key=lambda i: len(client.get(f"/v1/examples/{i}").json()["text"]))
 
-        def latencies(n):
+        def p99(n):
             out = []
             for i in range(n):
                 t0 = _time.perf_counter()
                 r = client.post("/v1/influence", json={"prompt": f"{query['prompt']} {i}", "completion": query["completion"]})
                 out.append(_time.perf_counter() - t0)
                 assert r.status_code == 200
-            return out
+            return _p99(out)
 
-        latencies(10)  # warm-up
-        alone = _p99(latencies(100))
-        stop = threading.Event()
-        explained = []
-
-        def explain_forever():
+        def explain_forever(stop, explained):
             with httpx.Client(base_url=base, timeout=120) as other:
                 while not stop.is_set():
-                    t0 = _time.perf_counter()
                     r = other.post("/v1/influence/explain", json={**query, "id": longest})
                     assert r.status_code == 200, r.text
-                    explained.append(_time.perf_counter() - t0)
+                    explained.append(1)
 
-        thread = threading.Thread(target=explain_forever)
-        thread.start()
-        try:
-            _time.sleep(0.2)
-            busy = _p99(latencies(100))
-        finally:
-            stop.set()
-            thread.join()
+        p99(10)  # warm-up
+        pairs = []
+        for _ in range(3):
+            alone = p99(60)
+            stop, explained = threading.Event(), []
+            thread = threading.Thread(target=explain_forever, args=(stop, explained))
+            thread.start()
+            try:
+                _time.sleep(0.1)
+                busy = p99(60)
+            finally:
+                stop.set()
+                thread.join()
+            assert explained, "no explanation ran during the measurement"
+            pairs.append((busy / alone, busy, alone))
         client.close()
-    assert explained, "no explanation ran during the measurement"
-    assert busy <= 3 * alone, f"p99 {busy * 1e3:.1f} ms with an explanation in flight vs {alone * 1e3:.1f} ms alone"
+    ratio, busy, alone = sorted(pairs)[1]
+    assert ratio <= 3, f"median pair: p99 {busy * 1e3:.1f} ms with an explanation in flight vs {alone * 1e3:.1f} ms alone ({pairs})"
 
 
 @pytest.mark.parametrize(
