@@ -8,6 +8,7 @@ disabled (use SIGHUP).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request
 
@@ -30,12 +31,17 @@ class ForbiddenError(InfluenceError):
 
 def presented_key(request: Request) -> str | None:
     """The key the client sent, from ``Authorization: Bearer`` or ``X-API-Key``."""
-    header = request.headers.get("authorization")
+    return key_in(request.headers)
+
+
+def key_in(headers: Mapping[str, str]) -> str | None:
+    """``presented_key`` over any case-insensitive header mapping (an ASGI scope's too)."""
+    header = headers.get("authorization")
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    key = request.headers.get("x-api-key")
+    key = headers.get("x-api-key")
     return key.strip() if key and key.strip() else None
 
 
@@ -68,10 +74,14 @@ async def require_key(request: Request) -> None:
 
 async def require_admin(request: Request) -> None:
     """FastAPI dependency for admin endpoints: always a valid key (``async``: see require_key)."""
-    keys = request.app.state.settings.api_keys
+    check_admin(request.app.state.settings.api_keys, presented_key(request))
+
+
+def check_admin(keys: list[str], presented: str | None) -> None:
+    """Admin endpoints need a key even when queries are open; without keys they are off."""
     if not keys:
         raise ForbiddenError(
             "admin endpoints are disabled without API keys (set INFLUENCE_API_KEYS, or send SIGHUP)",
             code="admin_disabled",
         )
-    check_key(keys, presented_key(request))
+    check_key(keys, presented)

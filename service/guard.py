@@ -9,29 +9,16 @@ code) for a body over ``max_body_bytes``, declared or streamed, before the app s
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encoder.errors import InfluenceError
-from service.auth import ForbiddenError, check_key
+from service.auth import check_admin, check_key, key_in
 from service.errors import error_response
 from service.settings import Settings
 
 ADMIN_PREFIX = "/v1/admin/"
 KEYED_PREFIX = "/v1/"
-
-
-def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The API key from raw ASGI headers (``Authorization: Bearer`` or ``X-API-Key``)."""
-    bearer = x_api_key = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"authorization" and bearer is None:
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                bearer = token.strip()
-        elif lname == b"x-api-key" and x_api_key is None and value.strip():
-            x_api_key = value.decode("latin-1").strip()
-    return bearer or x_api_key
 
 
 class RequestGuardMiddleware:
@@ -49,12 +36,9 @@ class RequestGuardMiddleware:
         headers = scope.get("headers", [])
         try:
             if path.startswith(ADMIN_PREFIX):
-                if not self.settings.api_keys:
-                    raise ForbiddenError("admin endpoints are disabled without API keys (set INFLUENCE_API_KEYS, "
-                                         "or send SIGHUP)", code="admin_disabled")  # fmt: skip
-                check_key(self.settings.api_keys, _presented_key(headers))
+                check_admin(self.settings.api_keys, key_in(Headers(scope=scope)))
             elif path.startswith(KEYED_PREFIX) and self.settings.api_keys:
-                check_key(self.settings.api_keys, _presented_key(headers))
+                check_key(self.settings.api_keys, key_in(Headers(scope=scope)))
         except InfluenceError as exc:
             await error_response(exc.http_status, exc.code, exc.message)(scope, receive, send)
             return
