@@ -14,13 +14,10 @@ the same build resumes from it, a finished build is left alone.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,12 +28,12 @@ import torch
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError, InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
-from encoder.memory import auto_batch_size, free_memory, hessian_bytes
+from encoder.memory import auto_batch_size
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import SecondMoments, load_second_moments
 from encoder.whitening import RStatistics, Whitener
-from indexer import faiss_index, passes
 from indexer import manifest as mf
+from indexer import passes, preflight
 from indexer.artifacts import model_max_tokens
 from indexer.chunking import ChunkConfig
 from indexer.corpus import corpus_format, corpus_hash
@@ -123,60 +120,12 @@ def _out_state(out: Path, build_key: str) -> bool:
     return False
 
 
-def _check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Path) -> None:
-    """Before the expensive passes: the FAISS factory can be built and trained on this data,
-    and the fingerprint store and the Hessian statistics fit (refused with the estimate)."""
-    faiss_index.check_trainable(cfg.faiss, encoder.dim, min(n, cfg.faiss_train_sample))
-    free = free_memory(torch.device("cpu"))
-    _check_store(cfg, n, encoder.dim, out, free)
-    if cfg.fingerprint.hessian == "none":
-        return
-    need = hessian_bytes(encoder.block_dims, with_eval=cfg.queries is not None)
-    log.info("Hessian statistics: %d blocks, up to %d dims, ~%.2f GiB of host memory (%.1f GiB free)",
-             len(encoder.block_dims), max(encoder.block_dims), need / 2**30, free / 2**30)  # fmt: skip
-    if need > MEMORY_FRACTION * free:
-        raise ConfigError(
-            f"the Hessian statistics need ~{need / 2**30:.1f} GiB of memory ({len(encoder.block_dims)} blocks "
-            f"of up to {max(encoder.block_dims)} x {max(encoder.block_dims)} float64), {free / 2**30:.1f} GiB "
-            "are free: use a projection (-k 16, say), fewer tracked modules (--include), or --hessian none",
-            code="insufficient_memory",
-            needed_bytes=need,
-            free_bytes=free,
-        )
-
-
-def _check_store(cfg: BuildConfig, n: int, d: int, out: Path, free_ram: int) -> None:
-    """Disk for the work directory and the index (float32 phi cache with a Hessian, float16
-    fingerprints per shard and published, a Flat index's float32 vectors), and RAM for the
-    FAISS index being built (Flat: every vector as float32; else its training sample)."""
-    exact = faiss_index.is_exact(cfg.faiss)
-    row = 4 * d * (cfg.fingerprint.hessian != "none") + 2 * d * 2 + (4 * d if exact else 0)
-    disk = n * row
-    ram = 4 * d * (n if exact else min(n, cfg.faiss_train_sample))
-    free_disk = shutil.disk_usage(out.parent).free
-    log.info("fingerprint store: %d x %d dims, ~%.2f GiB of disk (%.1f GiB free), FAISS ~%.2f GiB of RAM",
-             n, d, disk / 2**30, free_disk / 2**30, ram / 2**30)  # fmt: skip
-    fix = "use a smaller projection (-k), fewer tracked modules (--include)"
-    if disk > free_disk:
-        raise ConfigError(f"the fingerprints need ~{disk / 2**30:.1f} GiB of disk next to {out}, "
-                          f"{free_disk / 2**30:.1f} GiB are free: {fix}, or another --out",
-                          code="insufficient_disk", needed_bytes=disk, free_bytes=free_disk)  # fmt: skip
-    if ram > MEMORY_FRACTION * free_ram:
-        raise ConfigError(f"the FAISS index ({cfg.faiss}) needs ~{ram / 2**30:.1f} GiB of memory, "
-                          f"{free_ram / 2**30:.1f} GiB are free: {fix}, or an approximate --faiss "
-                          "(e.g. IVF1024,PQ64)", code="insufficient_memory", needed_bytes=ram, free_bytes=free_ram)  # fmt: skip
-
-
 def _second_moment_source(cfg: BuildConfig) -> Path | None:
     if cfg.optimizer_state is not None:
         return Path(cfg.optimizer_state)
     if (Path(cfg.model) / "optimizer.pt").is_file():
         return Path(cfg.model)
     return None
-
-
-MEMORY_FRACTION = 0.8
-"""Share of the free host memory the Hessian statistics may take."""
 
 
 def build_key(cfg: BuildConfig, chunk: ChunkConfig) -> str:
@@ -221,7 +170,7 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")
     if cfg.optimizer_state is not None and not Path(cfg.optimizer_state).exists():
         raise OptimizerStateError(f"optimizer state {cfg.optimizer_state} does not exist (--optimizer-state)")
-    _check_writable(out.parent)
+    preflight.check_writable(out.parent)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=cfg.device)
     threads_before = torch.get_num_threads()
@@ -230,7 +179,7 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
         with WorkDir(out).lock() if ctx.is_main else contextlib.nullcontext():
             return _run(cfg, ctx, progress, out, tokenizer, model, t_start)
     except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
+        if exc.errno in preflight.DISK_ERRNOS:
             raise ConfigError(
                 f"cannot write the index next to {out}: {os.strerror(exc.errno or 0)} ({exc.filename or out}); "
                 "free space or choose another --out; nothing was published, and a rerun resumes",
@@ -239,22 +188,6 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
         raise
     finally:
         torch.set_num_threads(threads_before)
-
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _check_writable(parent: Path) -> None:
-    """The output's folder exists (or can be made) and takes files, before any work."""
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".influence-write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"the output folder {parent} is not writable: {exc.strerror or exc}; choose another --out",
-            code="output_not_writable",
-        ) from exc
 
 
 def _threads(cfg: BuildConfig, model: torch.nn.Module) -> int:
@@ -304,7 +237,7 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     shards = passes.shard_ranges(n, cfg.shard_size)
     mine = [s for s in range(len(shards)) if ctx.owns(s)]
     encoder = TrackStarEncoder(model, cfg.fingerprint)
-    _check_resources(cfg, encoder, n, out)
+    preflight.check_resources(cfg, encoder, n, out)
 
     # -- batch size (auto: from free memory, once per build) -----------------------------
     if cfg.batch_size == 0:

@@ -176,9 +176,9 @@ def test_faiss_factory_is_checked_before_the_passes(trained_checkpoint, fact_cor
 
 
 def test_hessian_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
-    from indexer import build
+    from indexer import preflight
 
-    monkeypatch.setattr(build, "free_memory", lambda device: 64 << 20)  # 64 MiB free
+    monkeypatch.setattr(preflight, "free_memory", lambda device: 64 << 20)  # 64 MiB free
     rc = main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(fact_corpus_files[0]),
                "--out", str(tmp_path / "ix"), "-k", "0", "--no-progress"])
     err = capsys.readouterr().err
@@ -199,10 +199,10 @@ def test_model_dir_messages(trained_checkpoint, fact_corpus_files, tmp_path, cap
 def test_fingerprint_store_is_estimated_and_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
     import collections
 
-    from indexer import build
+    from indexer import preflight
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
     rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix")
     assert rc == 2 and "[insufficient_disk]" in err and "GiB of disk" in err
     assert not (tmp_path / "ix").exists()
