@@ -23,6 +23,7 @@ from encoder.whitening import Whitener
 from tests.conftest import tiny_gpt2
 from tests.encoder import reference as ref
 from tests.encoder.test_exactness import TOL, _examples, _queries, _random_second_moments
+from tests.tolerances import abs_products, assert_within, dot_bound, recompute_bound, rounding_bound
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,7 +74,8 @@ def test_cuda_float32_matches_cpu(mode):
     gpu = _encode(TrackStarEncoder(gpu_model, cfg, second_moments=sm), examples)
     assert gpu.dtype == torch.float32 and gpu.device.type == "cuda"
     gpu = gpu.cpu().numpy()
-    assert np.abs(gpu - cpu).max() <= 1e-4 * np.abs(cpu).max()
+    # float32 on both, other kernels (cuBLAS, the fused correction): a longer rounding chain.
+    assert_within(gpu, cpu, recompute_bound(stages=2048) * np.abs(cpu).max(), "cuda vs cpu")
 
 
 def _fact_scores(checkpoint, corpus, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -235,5 +237,7 @@ def test_torch_exact_search_on_cuda_matches_faiss_flat():
     assert all(d.type == "cuda" for d in search.devices)
     assert all(block.dtype == torch.float16 for _, block in search.blocks)
     got_s, got_i = search.search(q, 50)
-    np.testing.assert_allclose(got_s, want_s, atol=1e-6)
+    # float32 sums in other orders, plus the float16 tail of the two-part query.
+    bound = dot_bound(q, fps.astype(np.float32)) + abs_products(rounding_bound(rounding_bound(q)), fps.astype(np.float32))
+    assert_within(got_s, want_s, np.take_along_axis(bound, want_i, axis=1), "scores")
     assert (got_i == want_i).mean() > 0.999  # a score tie at 1e-7 may swap a pair
