@@ -170,7 +170,8 @@ async def explain_influence(body: ExplainRequest, request: Request) -> ExplainRe
     """For a query and one training example (a result's `id`), each example token's
     contribution to the influence score: that token's loss term, corrected, projected and
     whitened, dotted with the query fingerprint. The contributions sum to `score`.
-    Costs one encode pass and one forward-mode (JVP) pass over the example."""
+    On an idle server one encode pass and one forward-mode pass over the example; while
+    queries are flowing, short backward passes that let them run in between."""
     settings = request.app.state.settings
     limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens)
     state = request.app.state.index_state
