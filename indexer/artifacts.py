@@ -258,10 +258,7 @@ class InfluenceIndex:
                 f"FAISS {idx.ntotal if idx is not None else '-'}, encoder dim {encoder.dim}"
             )
         if verify:
-            integrity.check_fingerprints(fingerprints, manifest)
-            rows = integrity.reencode_rows(n)
-            integrity.check_reencoded(encoder, [store.token_ids(i) or [] for i in rows], fingerprints[rows],
-                                      int(tokenizer.pad_token_id or 0))  # fmt: skip
+            integrity.check_against_encoder(encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0))
         params = search_params or faiss_index.SearchParams()
         if idx is not None:
             faiss_index.set_search_params(idx, params)  # once, before any concurrent search

@@ -20,6 +20,7 @@ from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
 from indexer import manifest as mf
+from indexer.metadata import MetadataStore
 
 NORM_SAMPLE = 256
 """Stored fingerprints whose norms are checked at open and by verify."""
@@ -137,3 +138,13 @@ def check_reencoded(encoder: TrackStarEncoder, token_ids: list[list[int]], store
 def reencode_rows(n: int) -> list[int]:
     """The rows ``check_reencoded`` samples: the first and the last (deterministic)."""
     return sorted({0, n - 1})[:REENCODE_SAMPLE] if n > 0 else []
+
+
+def check_against_encoder(
+    encoder: TrackStarEncoder, store: MetadataStore, fingerprints: np.ndarray, manifest: dict[str, Any], pad_id: int
+) -> None:
+    """``check_fingerprints`` on a sample, then ``check_reencoded`` on ``reencode_rows``: what
+    open and verify both check once the encoder the manifest describes is built."""
+    check_fingerprints(fingerprints, manifest)
+    rows = reencode_rows(len(fingerprints))
+    check_reencoded(encoder, [store.token_ids(i) or [] for i in rows], fingerprints[rows], pad_id)

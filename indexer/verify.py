@@ -30,14 +30,20 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
     integrity.check_listing(m)
     mf.verify_checksums(index_dir, m)
     lines.append(f"checksums: {len(m['files'])} files OK, every file the config needs listed")
-    n, d = m["counts"]["sequences"], m["counts"]["dim"]
     fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
     store = MetadataStore(index_dir / mf.METADATA)
     try:
-        n_meta = store.count()
+        return lines + _verify_contents(index_dir, model_dir, m, fps, index, store)
     finally:
         store.close()
+
+
+def _verify_contents(index_dir: Path, model_dir: Path | None, m: dict, fps: np.ndarray, index, store: MetadataStore) -> list[str]:
+    """Counts, the model, every fingerprint finite, and the config against the encoder."""
+    lines = []
+    n, d = m["counts"]["sequences"], m["counts"]["dim"]
+    n_meta = store.count()
     if fps.shape != (n, d) or index.ntotal != n or index.d != d or n_meta != n:
         raise ArtifactError(
             f"counts disagree: manifest {n}x{d}, fingerprints {list(fps.shape)}, "
@@ -55,15 +61,8 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
         if not np.isfinite(np.asarray(fps[start : start + FINITE_CHUNK], dtype=np.float32)).all():
             raise ArtifactError(f"the index stores non-finite fingerprints (NaN or inf) from row {start}: rebuild it "
                                 "(check the optimizer state it was built with)", code="nonfinite_fingerprints")  # fmt: skip
-    integrity.check_fingerprints(fps, m)
-    model = load_model(mdir, device="cpu")
-    encoder = build_encoder(index_dir, m, model)
-    rows = integrity.reencode_rows(n)
-    store = MetadataStore(index_dir / mf.METADATA)
-    try:
-        token_ids = [store.token_ids(i) or [] for i in rows]
-    finally:
-        store.close()
-    integrity.check_reencoded(encoder, token_ids, fps[rows], int(load_tokenizer(mdir).pad_token_id or 0))
-    lines.append(f"fingerprints: all finite; config agrees with the artifacts ({len(rows)} sequences re-encoded)")
+    encoder = build_encoder(index_dir, m, load_model(mdir, device="cpu"))
+    integrity.check_against_encoder(encoder, store, fps, m, int(load_tokenizer(mdir).pad_token_id or 0))
+    lines.append(f"fingerprints: all finite; config agrees with the artifacts "
+                 f"({len(integrity.reencode_rows(n))} sequences re-encoded)")  # fmt: skip
     return lines
