@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 MAX_K = 1000
+MAX_RESCORE = 1000
+"""The most candidates one query may re-score exactly (one backward pass each)."""
 """The largest ``k`` a query may ask for."""
 
 MAX_TEXT_FIELD_CHARS = 100_000
@@ -90,6 +92,22 @@ class InfluenceQuery(BaseModel):
         "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
+    rescore: WholeNumber = Field(
+        0,
+        ge=0,
+        le=MAX_RESCORE,
+        description="Exact second stage (mode `influence` only): re-score the first stage's "
+        "top max(rescore, k) candidates by their unprojected optimizer-corrected gradients "
+        "(no projection noise, no whitening) and return the best k of them; each candidate "
+        "costs one backward pass. 0 = off. The random projection decides much of a "
+        "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
+    )
+
+    @model_validator(mode="after")
+    def _rescore_needs_influence(self) -> InfluenceQuery:
+        if self.rescore and self.mode != "influence":
+            raise ValueError("rescore applies to mode 'influence' only")
+        return self
 
 
 class InfluenceResult(BaseModel):

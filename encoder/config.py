@@ -20,8 +20,15 @@ class FingerprintConfig:
             ``("*",)`` tracks every ``nn.Linear``/``Conv1D`` except the output embedding.
         exclude: glob patterns removed from the selection.
         track_lm_head: also track the output embedding (LM head) if it is a linear map.
-        k: projection size per side; each module contributes k*k dims. ``0`` = no projection
-            (phi_W = vec(G~_W), exact mode for tiny models and tests).
+        k: a fixed projection size per side: each module contributes k*k dims; ``0`` = no
+            projection (phi_W = vec(G~_W), exact mode for tiny models and tests). ``None``
+            (the default) sizes the projection from ``budget`` instead.
+        budget: total fingerprint dims when ``k`` is None, shared equally by the modules
+            (the paper's 2^16 in all); a module whose gradient fits its share is stored
+            exactly and leaves the rest to the others (``encoder.projection.plan_projection``).
+        max_block: the most dims one module's block may take under the budget rule (bounds
+            each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
+            ~0.3 s on one core; 4096 dims take ~16 s each).
         seed: seed of the projection matrices (generated from (seed, module name)).
         correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
             ``False`` is the ablation.
@@ -38,7 +45,9 @@ class FingerprintConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     track_lm_head: bool = False
-    k: int = 16
+    k: int | None = None
+    budget: int = 1 << 16
+    max_block: int = 1024
     seed: int = 0
     correction: bool = True
     hessian: HessianMode = "mixed"
@@ -49,13 +58,15 @@ class FingerprintConfig:
     mode: EncoderMode = "exact"
 
     def __post_init__(self) -> None:
-        if self.k < 0:
+        if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
+        if self.budget < 1 or self.max_block < 1:
+            raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
         if self.mode not in ("exact", "factored"):
             raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
-        if self.mode == "factored" and self.k == 0:
+        if self.mode == "factored" and not self.projected:
             raise ConfigError("the factored mode needs a projection (k > 0)")
         if self.lambda_ is not None and not 0.0 <= self.lambda_ <= 1.0:
             raise ConfigError(f"lambda must lie in [0, 1], got {self.lambda_}")
@@ -65,6 +76,11 @@ class FingerprintConfig:
             raise ConfigError(f"delta must be >= 0, got {self.delta}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def projected(self) -> bool:
+        """Whether any module may be projected (False only for k = 0)."""
+        return self.k != 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -79,6 +95,8 @@ class FingerprintConfig:
         if unknown:
             raise ConfigError(f"unknown fingerprint config keys: {sorted(unknown)}")
         d = dict(d)
+        if "budget" not in d:  # written before the budget rule: k was always fixed
+            d.setdefault("k", 16)
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = tuple(d[key])

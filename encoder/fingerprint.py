@@ -25,9 +25,9 @@ from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.factored import factored_phi, fold_projections, rank1_correction
 from encoder.hooks import GradientCapture, make_inputs_differentiable
-from encoder.modules import TrackedModule, block_dims, select_modules
+from encoder.modules import TrackedModule, select_modules
 from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
-from encoder.projection import make_projections
+from encoder.projection import make_projections, plan_dims, plan_projection
 from encoder.whitening import RStatistics, Whitener
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class TrackStarEncoder:
         self.model = model
         self.config = config
         self.modules: list[TrackedModule] = select_modules(model, config)
-        self.block_dims = block_dims(self.modules, config.k)
+        self.plan = plan_projection(self.modules, k=config.k, budget=config.budget, max_block=config.max_block)
+        self.block_dims = plan_dims(self.modules, self.plan)
         self.dim = sum(self.block_dims)
         starts = _cumsum(self.block_dims)
         self._spans = {
@@ -97,7 +98,7 @@ class TrackStarEncoder:
         self.fused_correction = True
         self._proj = {
             name: (a.to(self.device, self.accum_dtype), b.to(self.device, self.accum_dtype))
-            for name, (a, b) in make_projections(config.seed, self.modules, config.k).items()
+            for name, (a, b) in make_projections(config.seed, self.modules, self.plan).items()
         }
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
@@ -130,9 +131,10 @@ class TrackStarEncoder:
             # Rank-1 correction folded into A, B (encoder/factored.py); no [out, in] scale kept.
             self._folded = {
                 n: fold_projections(*self._proj[n], *rank1_correction(t.to(self.device), sm.eps))
-                for n, t in v.items()
+                for n, t in v.items() if n in self._proj
             }
-            self._inv_scale = {}
+            # Modules stored exactly keep the exact correction (nothing to fold into).
+            self._inv_scale = {n: s for n, s in self._inv_scale.items() if n not in self._proj}
         self.second_moments = sm
 
     def set_whitener(self, whitener: Whitener) -> None:

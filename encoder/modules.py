@@ -91,8 +91,3 @@ def select_modules(model: nn.Module, config: FingerprintConfig) -> list[TrackedM
     if not selected:
         raise ConfigError("the module globs select no linear map", code="unknown_module_glob")
     return selected
-
-
-def block_dims(modules: list[TrackedModule], k: int) -> list[int]:
-    """Fingerprint dims contributed by each module: k*k, or out*in without projection."""
-    return [k * k if k > 0 else m.out_features * m.in_features for m in modules]

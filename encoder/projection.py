@@ -1,17 +1,34 @@
-"""Kronecker random projections phi_W = A_W G~_W B_W^T (DESIGN.md step 3).
+"""Kronecker random projections phi_W = A_W G~_W B_W^T (DESIGN.md step 3), and their sizes.
 
-A_W (k x out) and B_W (k x in) have i.i.d. N(0, 1/k) entries, generated on the CPU from
-(seed, module name) so that the indexer and the service produce the same matrices on any
-device. They are also saved with the index (safetensors) and checked on load.
+A_W (k_out x out) and B_W (k_in x in) have i.i.d. N(0, 1/k_out) and N(0, 1/k_in) entries,
+so E ||A G B^T||^2 = ||G||^2. They are generated on the CPU from (seed, module name), so
+the indexer and the service produce the same matrices on any device, saved with the index
+(safetensors) and checked on load.
+
+Sizes come from one of two rules (``encoder.config.FingerprintConfig``):
+- a fixed ``k`` per side for every module (k*k dims each; k = 0: no projection at all);
+- a total ``budget`` of dims (the paper's 2^16 in all), shared equally by the modules and
+  water-filled: a module whose gradient (out*in) fits its share is stored exactly, and what
+  it leaves over goes to the others; no block exceeds ``max_block`` dims, which bounds
+  each d_W x d_W Hessian block (``encoder.whitening``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 from encoder.modules import TrackedModule
+
+Plan = dict[str, tuple[int, int] | None]
+"""Module name -> (k_out, k_in) of its projection, or None: stored exactly (out*in dims)."""
+
+MAX_BLOCK_DIMS = 1024
+"""Default cap of one module's block in the budget rule (``FingerprintConfig.max_block``):
+its float64 Hessian sums take 8 MiB (16 MiB with R_eval), its R^-1/2 as much again, and
+its eigendecomposition ~0.3 s on one core (4096 dims: ~16 s)."""
 
 
 def module_seed(seed: int, module_name: str) -> int:
@@ -21,24 +38,67 @@ def module_seed(seed: int, module_name: str) -> int:
 
 
 def projection_pair(
-    seed: int, module: TrackedModule, k: int
+    seed: int, module: TrackedModule, k: int, k_in: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The projection matrices of one module.
 
+    Args:
+        seed: the projection seed.
+        module: the tracked module.
+        k: rows of A (k_out); also rows of B unless ``k_in`` is given.
+        k_in: rows of B.
     Returns:
-        A: [k, out] float32, B: [k, in] float32, entries N(0, 1/k).
+        A: [k, out] float32 with N(0, 1/k) entries, B: [k_in, in] float32 with N(0, 1/k_in).
     """
+    k_in = k if k_in is None else k_in
     gen = torch.Generator(device="cpu").manual_seed(module_seed(seed, module.name))
-    scale = 1.0 / k**0.5
-    a = torch.randn(k, module.out_features, generator=gen, dtype=torch.float32) * scale
-    b = torch.randn(k, module.in_features, generator=gen, dtype=torch.float32) * scale
+    a = torch.randn(k, module.out_features, generator=gen, dtype=torch.float32) * (1.0 / k**0.5)
+    b = torch.randn(k_in, module.in_features, generator=gen, dtype=torch.float32) * (1.0 / k_in**0.5)
     return a, b
 
 
+def plan_projection(
+    modules: list[TrackedModule], *, k: int | None, budget: int, max_block: int = MAX_BLOCK_DIMS
+) -> Plan:
+    """Each module's projection size, by the fixed-k rule (``k`` given) or the budget rule.
+
+    Budget rule: modules in increasing size; each gets share = (budget left) / (modules
+    left), capped at ``max_block``. One whose out*in fits is stored exactly; otherwise
+    k_in = min(in, isqrt(share)) and k_out = min(out, share // k_in).
+    """
+    if k is not None:
+        return {m.name: ((k, k) if k > 0 else None) for m in modules}
+    plan: Plan = {}
+    left, todo = budget, sorted(modules, key=lambda m: (m.out_features * m.in_features, m.name))
+    for i, m in enumerate(todo):
+        share = min(max_block, left // (len(todo) - i))
+        if m.out_features * m.in_features <= share:
+            plan[m.name] = None
+            left -= m.out_features * m.in_features
+            continue
+        k_in = max(1, min(m.in_features, math.isqrt(max(share, 1))))
+        k_out = max(1, min(m.out_features, share // k_in))
+        plan[m.name] = (k_out, k_in)
+        left -= k_out * k_in
+    return {m.name: plan[m.name] for m in modules}
+
+
+def plan_dims(modules: list[TrackedModule], plan: Plan) -> list[int]:
+    """Fingerprint dims of each module under a plan, in module order."""
+    out = []
+    for m in modules:
+        sizes = plan[m.name]
+        out.append(m.out_features * m.in_features if sizes is None else sizes[0] * sizes[1])
+    return out
+
+
 def make_projections(
-    seed: int, modules: list[TrackedModule], k: int
+    seed: int, modules: list[TrackedModule], plan: Plan
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Projection pairs for all modules keyed by module name (empty when k == 0)."""
-    if k == 0:
-        return {}
-    return {m.name: projection_pair(seed, m, k) for m in modules}
+    """Projection pairs of the projected modules keyed by name (exact modules have none)."""
+    out = {}
+    for m in modules:
+        sizes = plan[m.name]
+        if sizes is not None:
+            out[m.name] = projection_pair(seed, m, sizes[0], sizes[1])
+    return out

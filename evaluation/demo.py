@@ -32,10 +32,10 @@ class DemoSize:
 
     corpus: str  # evaluation.corpus size
     model: str  # evaluation.train size
-    proj_dim: int  # k: each tracked module contributes k*k dims
+    projection: tuple[str, ...]  # build options sizing the projection (() = the defaults)
 
 
-SIZES = {"full": DemoSize("demo", "demo", 16), "quick": DemoSize("test", "test", 8)}
+SIZES = {"full": DemoSize("demo", "demo", ()), "quick": DemoSize("test", "test", ("-k", "8"))}
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -111,7 +111,7 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     # 3. index
     index_dir = workdir / "index"
     key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
-               _file_sha(corpus_file), _file_sha(queries_file), str(size.proj_dim))  # fmt: skip
+               _file_sha(corpus_file), _file_sha(queries_file), " ".join(size.projection))  # fmt: skip
     stamp_dir = workdir / "index-stamp"
     if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
         log.info("[3/3] building the TrackStar index")
@@ -119,7 +119,7 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
         rc = cli([
             "index", "build", "--model", str(checkpoint), "--corpus", str(corpus_file),
             "--out", str(index_dir), "--queries", str(queries_file),
-            "--proj-dim", str(size.proj_dim), "--hessian", "mixed",
+            *size.projection, "--hessian", "mixed",
         ])  # fmt: skip
         if rc != 0:
             raise SystemExit(rc)

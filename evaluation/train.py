@@ -68,6 +68,12 @@ SPECS: dict[str, TrainSpec] = {
         vocab_size=4096, n_layer=2, n_embd=128, n_head=4, n_positions=128,
         epochs=20, batch_size=16, learning_rate=3e-3,
     ),
+    # A deeper model for fidelity measurements (bench_fidelity): the projection's noise
+    # and the whitening's conditioning both change with depth and width.
+    "deep": TrainSpec(
+        vocab_size=4096, n_layer=6, n_embd=256, n_head=4, n_positions=128,
+        epochs=30, batch_size=16, learning_rate=1e-3,
+    ),
 }  # fmt: skip
 
 
@@ -191,7 +197,7 @@ def train_fact_model(
     Args:
         corpus: The passages to train on and the queries to score.
         out_dir: Trainer output directory; the checkpoint lands in out_dir/checkpoint-N.
-        size: "test" (seconds on CPU) or "demo" (minutes on CPU).
+        size: "test" (seconds on CPU), "demo" (minutes on CPU) or "deep" (6 x 256, minutes).
         seed: Seed of initialization and data order.
         epochs: Overrides the size's number of epochs.
         progress: Show the Trainer's tqdm progress bar.

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from encoder.batching import Example, collate, tokenize_query
+from encoder.batching import Example, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError, ConfigError, IndexChangedError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
+from encoder.rescoring import ExactRescorer
 from encoder.whitening import Whitener
 from indexer import faiss_index, integrity
 from indexer import manifest as mf
@@ -71,9 +72,16 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
     if encoder.module_names != fp["modules"]:
         raise ArtifactError("the model's tracked modules differ from those the index was built with",
                             code="manifest_mismatch")
-    if config.k > 0:
+    if encoder.block_dims != fp.get("block_dims", encoder.block_dims):
+        raise ArtifactError(f"the config sizes the fingerprint blocks as {encoder.block_dims}, the manifest "
+                            f"says {fp['block_dims']}", code="manifest_mismatch")  # fmt: skip
+    projections = encoder.projections()
+    if projections:
         saved = load_file(str(index_dir / mf.PROJECTIONS))
-        for name, (a, b) in encoder.projections().items():
+        if set(saved) != {f"{n}.{side}" for n in projections for side in "AB"}:
+            raise ArtifactError("the saved projections name other modules than the config projects",
+                                code="manifest_mismatch")
+        for name, (a, b) in projections.items():
             if not (torch.equal(saved[f"{name}.A"], a) and torch.equal(saved[f"{name}.B"], b)):
                 raise ArtifactError(f"projection of {name} differs from the saved one (seed or torch RNG changed)",
                                     code="manifest_mismatch")
@@ -179,6 +187,8 @@ class InfluenceIndex:
         self._held = HeldFiles(index_dir, LIVE_FILES)
         self.last_query_at = -float("inf")
         """``time.monotonic()`` of the last ``encode_examples`` call (explain yields to queries)."""
+        self._rescorer: ExactRescorer | None = None
+        """The exact second stage, built from the loaded model on first use (no file read)."""
         self.encode_lock = FairLock()
         """Held while the model runs (hooks are per-pass state): take it to run the model,
         one pass at a time, so waiting queries get their turn in order."""
@@ -301,6 +311,29 @@ class InfluenceIndex:
                 batch = collate(examples[s : s + QUERY_BATCH], pad)
                 out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()
         return out
+
+    def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
+        """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
+        one tokenized query by their unprojected corrected gradients.
+
+        Returns:
+            [len(ids)] float32 scores (cosines with unit norm).
+        Raises:
+            ArtifactError: code ``rescore_unavailable`` for an index whose metadata store
+                does not keep token ids (built before it did).
+        """
+        self._held.check()
+        tokens = [self.store.token_ids(i) for i in ids]
+        if any(t is None for t in tokens):
+            raise ArtifactError("this index does not store its sequences' token ids, which re-scoring "
+                                "needs: rebuild it", code="rescore_unavailable")  # fmt: skip
+        self.last_query_at = time.monotonic()
+        pad = int(self.tokenizer.pad_token_id or 0)
+        with self.encode_lock:
+            if self._rescorer is None:
+                self._rescorer = ExactRescorer(self.encoder.model, self.encoder.config, self.encoder.second_moments)
+            scores = self._rescorer.scores(example, [sequence_example(t) for t in tokens if t is not None], pad)
+        return scores.float().numpy()
 
     def check_unchanged(self) -> None:
         """Raise ``IndexChangedError`` (503) when a file read while serving was modified in

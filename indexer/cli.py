@@ -46,6 +46,8 @@ def fingerprint_config(args: argparse.Namespace) -> FingerprintConfig:
         exclude=tuple(args.exclude or ()),
         track_lm_head=args.track_lm_head,
         k=args.proj_dim,
+        budget=args.budget,
+        max_block=args.max_block,
         seed=args.seed,
         correction=not args.no_correction,
         hessian=args.hessian,
@@ -103,7 +105,8 @@ def _summary(index_dir: Path) -> dict:
         "index": str(index_dir), "version": mf.manifest_version(index_dir), "model": m["model"]["path"],
         "sequences": n, "documents": m["counts"]["documents"], "dim": m["counts"]["dim"],
         "faiss": m["faiss"]["factory"], "recall": m["faiss"].get("recall"),
-        "k": m["fingerprint"]["config"]["k"], "hessian": m["fingerprint"]["config"]["hessian"],
+        "k": m["fingerprint"]["config"]["k"], "budget": m["fingerprint"]["config"].get("budget"),
+        "hessian": m["fingerprint"]["config"]["hessian"],
         "lambda": m["fingerprint"]["lambda"], "second_moments": m["fingerprint"]["second_moments"],
         "seq_len": m["corpus"]["seq_len"], "stride": m["corpus"]["stride"], "packing": m["corpus"]["packing"],
         "bytes": size, "bytes_per_sequence": round(size / max(n, 1), 1),
@@ -147,7 +150,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     from indexer.faiss_index import SearchParams
 
     for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
-                               ("--rerank-candidates", args.rerank_candidates, 0)):  # fmt: skip
+                               ("--rerank-candidates", args.rerank_candidates, 0),
+                               ("--rescore", args.rescore, 0)):  # fmt: skip
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     defaults = SearchParams()
@@ -156,9 +160,16 @@ def cmd_query(args: argparse.Namespace) -> int:
     idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params,
                               placement=args.search_placement)  # fmt: skip
     try:
-        vec = idx.encode_queries([(args.prompt, args.completion)])
-        scores, ids = idx.search(vec, args.k, rerank=not args.no_rerank)
+        from encoder.batching import tokenize_query
+
+        example = tokenize_query(idx.tokenizer, args.prompt, args.completion, max_tokens=idx.max_tokens)
+        vec = idx.encode_examples([example])
+        scores, ids = idx.search(vec, max(args.k, args.rescore), rerank=not args.no_rerank)
         hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        if args.rescore:
+            exact = idx.rescore(example, [i for _, i in hits])
+            hits = sorted(((float(s), i) for s, (_, i) in zip(exact, hits, strict=True)), key=lambda h: -h[0])
+        hits = hits[: args.k]
         records = idx.examples([i for _, i in hits])
     finally:
         idx.close()
@@ -201,7 +212,15 @@ def _add_build(sub) -> None:
                    help="R: none (ablation), train (R_train), mixed (lambda R_eval + (1-lambda) R_train, with --queries)")
     p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="R_eval weight (default: App. A.1.3 rule)")
     p.add_argument("--delta", type=float, default=1e-3, help="whitening damping")
-    p.add_argument("-k", "--proj-dim", type=int, default=16, help="projection size per side (0 = none)")
+    p.add_argument("-k", "--proj-dim", type=int, default=None,
+                   help="a fixed projection size per side for every module (0 = no projection); "
+                        "default: sized from --budget")
+    p.add_argument("--budget", type=int, default=1 << 16,
+                   help="total fingerprint dims shared by the modules; a module whose gradient fits "
+                        "its share is stored exactly (default 65536, the paper's)")
+    p.add_argument("--max-block", type=int, default=1024,
+                   help="the most dims one module's block takes under --budget (its Hessian block is "
+                        "this squared; default 1024 = 8 MiB of float64)")
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     p.add_argument("--include", action="append", help="module name glob to track (repeatable)")
     p.add_argument("--exclude", action="append", help="module name glob to skip (repeatable)")
@@ -250,6 +269,9 @@ def register(subparsers) -> None:
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
+    q.add_argument("--rescore", type=int, default=0, metavar="C",
+                   help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
+                        "corrected gradients (one backward pass each; 0 = off)")
     q.add_argument("--no-rerank", action="store_true",
                    help="approximate indexes: the index's own scores, no exact re-rank")
     q.add_argument("--search-placement", default="auto", choices=("auto", "cpu", "gpu", "shards", "torch"),

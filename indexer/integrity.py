@@ -31,11 +31,19 @@ REENCODE_MIN_COSINE = 0.999
 build's batch shape < 1e-5; a changed hessian / correction / mode / k / seed costs far more."""
 
 
+def has_projections(manifest: dict[str, Any]) -> bool:
+    """Whether the index projects any module (its manifest's plan; older ones: k > 0)."""
+    fp = manifest["fingerprint"]
+    if "plan" in fp:
+        return any(sizes is not None for sizes in fp["plan"].values())
+    return bool(FingerprintConfig.from_dict(fp["config"]).k)
+
+
 def required_files(manifest: dict[str, Any]) -> set[str]:
     """The files an index with this manifest's fingerprint config must hold."""
     cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
     need = {mf.FAISS_INDEX, mf.FINGERPRINTS, mf.METADATA}
-    if cfg.k > 0:
+    if has_projections(manifest):
         need.add(mf.PROJECTIONS)
     if cfg.correction:
         need.add(mf.SECOND_MOMENTS)
@@ -48,7 +56,7 @@ def excluded_files(manifest: dict[str, Any]) -> set[str]:
     """Files whose presence contradicts the config (they would mean another encoder)."""
     cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
     out = set()
-    if cfg.k == 0:
+    if not has_projections(manifest):
         out.add(mf.PROJECTIONS)
     if not cfg.correction:
         out.add(mf.SECOND_MOMENTS)

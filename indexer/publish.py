@@ -91,7 +91,7 @@ def publish(
         log.info("recall@10 vs exact: %.3f (re-ranked %.3f)", recall["recall_at_k"], recall["recall_at_k_reranked"])
     faiss.write_index(index, str(staging / mf.FAISS_INDEX))
 
-    if cfg.fingerprint.k > 0:
+    if encoder.projections():
         tensors = {}
         for name, (a, b) in encoder.projections().items():
             tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
@@ -116,6 +116,7 @@ def publish(
             "second_moments": encoder.second_moments.source if encoder.second_moments else None,
             "modules": encoder.module_names,
             "block_dims": encoder.block_dims,
+            "plan": {name: list(sizes) if sizes is not None else None for name, sizes in encoder.plan.items()},
         },
         "counts": {"sequences": n, "documents": counts["documents"], "tokens": counts["tokens"],
                    "dropped": counts["dropped"], "dim": d},

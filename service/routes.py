@@ -39,7 +39,7 @@ INT64_MAX = 2**63 - 1
 
 
 def _query(q: InfluenceQuery) -> Query:
-    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode)
+    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=q.rescore)
 
 
 def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:

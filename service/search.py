@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class Query:
     source: str | None = None
     min_score: float | None = None
     mode: str = "influence"
+    rescore: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,22 @@ def _mode_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
     return hits[: query.k]
 
 
+def _rescored(index, example: Example, vector: np.ndarray, query: Query) -> list[Hit]:
+    """The exact second stage: the first stage's top max(rescore, k) candidates (from
+    ``query.source`` when set), re-scored by ``index.rescore``; the best k, best first."""
+    pool = max(query.rescore, query.k)
+    if query.source is not None:
+        candidates = _filtered_search(index, vector, replace(query, k=pool))
+    else:
+        scores, ids = index.search(vector[None, :], pool)
+        candidates = _hits(index, scores[0], ids[0])
+    if not candidates:
+        return []
+    exact = index.rescore(example, [h.id for h in candidates])
+    order = np.argsort(-exact, kind="stable")[: query.k]
+    return [Hit(candidates[i].id, float(exact[i]), candidates[i].record) for i in order]
+
+
 def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
@@ -220,11 +237,12 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
         if error is not None:
             outcomes[valid[j]].error = error
     keep = [j for j, error in enumerate(errors) if error is None]
-    vectors, valid = vectors[keep], [valid[j] for j in keep]
+    vectors, valid, examples = vectors[keep], [valid[j] for j in keep], [examples[j] for j in keep]
     if not valid:
         return outcomes
 
-    plain = [j for j, i in enumerate(valid) if queries[i].source is None and queries[i].mode == "influence"]
+    plain = [j for j, i in enumerate(valid)
+             if queries[i].source is None and queries[i].mode == "influence" and not queries[i].rescore]  # fmt: skip
     if plain:
         k_max = max(queries[valid[j]].k for j in plain)
         scores, ids = index.search(vectors[plain], k_max)  # [P, k_max]
@@ -232,7 +250,12 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
         for j, hits in zip(plain, _hit_rows(index, scores, ids, ks), strict=True):
             outcomes[valid[j]].hits = hits
     for j, i in enumerate(valid):
-        if queries[i].mode != "influence":
+        if queries[i].rescore:
+            try:
+                outcomes[i].hits = _rescored(index, examples[j], vectors[j], queries[i])
+            except InfluenceError as exc:
+                outcomes[i].error = exc
+        elif queries[i].mode != "influence":
             outcomes[i].hits = _mode_search(index, vectors[j], queries[i])
         elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])

@@ -31,8 +31,10 @@ def per_example_grads(model, param_names: list[str], example: Example) -> dict[s
     return grad(loss_fn)({n: params[n] for n in param_names})
 
 
-def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8) -> np.ndarray:
-    """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64."""
+def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, plan=None) -> np.ndarray:
+    """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64.
+
+    ``plan`` (module name -> (k_out, k_in) or None = exact) overrides k per module."""
     grads = per_example_grads(model, [m.param_name for m in modules], example)
     parts = []
     for m in modules:
@@ -41,10 +43,11 @@ def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8) -> 
             g = g / (v_hat[m.param_name].double().sqrt() + eps)
         if m.transposed:  # Conv1D stores [in, out]
             g = g.T
-        if k == 0:
+        sizes = (k, k) if plan is None else plan[m.name]
+        if sizes is None or sizes == (0, 0):
             parts.append(g.reshape(-1).numpy())
         else:
-            a, b = projection_pair(seed, m, k)
+            a, b = projection_pair(seed, m, *sizes)
             dense = torch.kron(a.double(), b.double())  # [k*k, out*in]
             parts.append((dense @ g.reshape(-1)).numpy())
     return np.concatenate(parts)

@@ -42,12 +42,18 @@ def _random_second_moments(model, seed: int) -> SecondMoments:
     return SecondMoments(v_hat=v, eps=1e-6, source="test")
 
 
-@pytest.mark.parametrize("k", [0, 3])
+# The budget rule on this model (n_embd 8): the two 8 x 8 attention projections fit their
+# share and are stored exactly, the others get rectangular projections (e.g. 22 x 8).
+BUDGET = {"k": None, "budget": 1200, "max_block": 200}
+
+
+@pytest.mark.parametrize("k", [0, 3, "budget"])
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
 def test_fingerprints_match_reference(k, correction, hessian):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    cfg = FingerprintConfig(k=k, seed=7, correction=correction, hessian=hessian)
+    sizing = BUDGET if k == "budget" else {"k": k}
+    cfg = FingerprintConfig(seed=7, correction=correction, hessian=hessian, **sizing)
     sm = _random_second_moments(model, seed=2) if correction else None
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
@@ -57,7 +63,10 @@ def test_fingerprints_match_reference(k, correction, hessian):
     phi_train = torch.cat([enc.project(collate(train[i : i + 4])) for i in range(0, len(train), 4)])
     phi_query = enc.project(collate(queries))
     # Reference: each example alone, torch.func, dense projection.
-    kw = dict(k=k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8)
+    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan)
+    if k == "budget":
+        sizes = list(enc.plan.values())
+        assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
     ref_train = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in train])
     ref_query = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in queries])
     scale = np.abs(ref_train).max()

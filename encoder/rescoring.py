@@ -1,0 +1,85 @@
+"""The exact second stage of a search: re-score a query's candidates without projection noise.
+
+The first stage ranks by e_q . e_t, whose random projection decides much of a small-d
+top-10 (``benchmarks/bench_fidelity.py``). The second stage recomputes the corrected
+gradients G~ = G / (sqrt(v_hat) + eps) of the query and of its top-C candidates and scores
+them with no projection at all:
+
+    s(q, t) = sum_W <G~_q,W, G~_t,W> / (||G~_q|| ||G~_t||)     (unit norm; the dot without)
+
+which is the score of the unprojected configuration (k = 0, hessian none): the re-ranked
+top-10 equals that configuration's top-10 whenever its members are among the C candidates.
+No whitening: R lives in the projected space, and an unprojected R (d_W x d_W per module)
+is what the projection exists to avoid. Per-module dot products are accumulated while the
+backward pass runs (``encoder.hooks.GradientCapture``), so no full-size gradient of a
+candidate is ever kept: memory is one full-size query gradient plus one module's batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from encoder.batching import Example, collate
+from encoder.config import FingerprintConfig
+from encoder.fingerprint import TrackStarEncoder
+from encoder.hooks import GradientCapture
+from encoder.modules import TrackedModule
+from encoder.optimizer_state import SecondMoments
+
+CANDIDATE_BATCH = 8
+"""Candidates per backward pass."""
+
+
+def exact_config(config: FingerprintConfig) -> FingerprintConfig:
+    """The unprojected, unwhitened configuration the second stage scores with."""
+    return replace(config, k=0, hessian="none", mode="exact")
+
+
+class ExactRescorer:
+    """Scores candidates against a query by their unprojected corrected gradients.
+
+    Args:
+        model: the frozen model of the index.
+        config: the index's fingerprint configuration (correction and unit norm apply).
+        second_moments: the index's second moments (when ``config.correction``).
+    """
+
+    def __init__(self, model: nn.Module, config: FingerprintConfig, second_moments: SecondMoments | None) -> None:
+        self.unit_norm = config.unit_norm
+        self.encoder = TrackStarEncoder(
+            model, exact_config(config), second_moments=second_moments if config.correction else None
+        )
+
+    def _blocks(self, examples: Sequence[Example], pad_id: int, sink_fn) -> None:
+        enc = self.encoder
+
+        def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            sink_fn(m.name, enc._phi_block(m, acts, grads))
+
+        accum = None if enc.low_precision_products else enc.accum_dtype
+        enc._backward(collate(list(examples), pad_id), GradientCapture(enc.modules, sink, accum))
+
+    def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
+        """s(query, candidate) for each candidate; [C] float64 on the CPU."""
+        q_blocks: dict[str, torch.Tensor] = {}
+        self._blocks([query], pad_id, lambda name, g: q_blocks.__setitem__(name, g[0].double()))
+        q_norm = torch.sqrt(sum(float(b.square().sum()) for b in q_blocks.values()) * torch.ones((), dtype=torch.float64))
+        dots = torch.zeros(len(candidates), dtype=torch.float64)
+        sq = torch.zeros(len(candidates), dtype=torch.float64)
+        for s in range(0, len(candidates), CANDIDATE_BATCH):
+            rows = slice(s, min(s + CANDIDATE_BATCH, len(candidates)))
+
+            def add(name: str, g: torch.Tensor, rows: slice = rows) -> None:
+                g = g.double()
+                dots[rows] += (g @ q_blocks[name].to(g.device)).cpu()
+                sq[rows] += g.square().sum(dim=1).cpu()
+
+            self._blocks(candidates[rows], pad_id, add)
+        if not self.unit_norm:
+            return dots
+        tiny = torch.finfo(torch.float64).tiny
+        return dots / (sq.sqrt() * q_norm).clamp_min(tiny)
