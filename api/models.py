@@ -92,20 +92,21 @@ class InfluenceQuery(BaseModel):
         "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
-    rescore: WholeNumber = Field(
-        0,
+    rescore: WholeNumber | None = Field(
+        None,
         ge=0,
         le=MAX_RESCORE,
         description="Exact second stage (mode `influence` only): re-score the first stage's "
         "top max(rescore, k) candidates by their unprojected optimizer-corrected gradients "
         "(no projection noise, no whitening) and return the best k of them; each candidate "
-        "costs one backward pass. 0 = off. The random projection decides much of a "
+        "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`, "
+        "0 unless set; modes other than `influence` ignore it). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
     )
 
     @model_validator(mode="after")
     def _rescore_needs_influence(self) -> InfluenceQuery:
-        if self.rescore and self.mode != "influence":
+        if self.rescore is not None and self.rescore > 0 and self.mode != "influence":
             raise ValueError("rescore applies to mode 'influence' only")
         return self
 

@@ -38,8 +38,9 @@ ops = APIRouter()
 INT64_MAX = 2**63 - 1
 
 
-def _query(q: InfluenceQuery) -> Query:
-    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=q.rescore)
+def _query(q: InfluenceQuery, default_rescore: int = 0) -> Query:
+    rescore = q.rescore if q.rescore is not None else (default_rescore if q.mode == "influence" else 0)
+    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=rescore)
 
 
 def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:
@@ -87,7 +88,7 @@ async def query_influence(body: InfluenceQuery, request: Request) -> InfluenceRe
     """Encode (prompt, completion) as a TrackStar fingerprint and return the `k` training
     examples with the highest influence score, best first."""
     started = time.perf_counter()
-    (outcome,) = await request.app.state.batcher.submit([_query(body)])
+    (outcome,) = await request.app.state.batcher.submit([_query(body, request.app.state.settings.rescore)])
     return _response(body, outcome, started)
 
 
@@ -114,7 +115,7 @@ async def query_influence_batch(
             field="queries",
             limit=limit,
         )
-    outcomes = await request.app.state.batcher.submit([_query(q) for q in body.queries])
+    outcomes = await request.app.state.batcher.submit([_query(q, request.app.state.settings.rescore) for q in body.queries])
     responses: list[InfluenceResponse | None] = []
     errors: list[BatchQueryError] = []
     for i, (q, outcome) in enumerate(zip(body.queries, outcomes, strict=True)):

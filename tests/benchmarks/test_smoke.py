@@ -94,3 +94,30 @@ def test_gpu_check_dry_run(tmp_path):
     encode = json.loads((tmp_path / "bench_encode_gpu_check.json").read_text())
     assert {r["model"] for r in encode["speed"]} == {"pythia-tiny", "tiny-2x64"}
     assert all(r["tokens_per_s_exact"] > 0 and "mfu_exact" in r for r in encode["speed"])
+
+
+@pytest.mark.slow
+def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corpus_files, tmp_path):
+    """The fidelity benchmark runs on the session's trained model: overlaps are fractions,
+    and the exact second stage can only gain with more candidates (the unprojected top-10
+    members among the candidates are always kept)."""
+    import shutil
+
+    from benchmarks import bench_fidelity
+
+    work = tmp_path / "w" / "quick"
+    (work / "corpus").mkdir(parents=True)
+    for path in fact_corpus_files:
+        shutil.copy(path, work / "corpus" / path.name)
+    (work / "stamp.json").write_text(json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)}))
+    assert bench_fidelity.main(["--quick", "--queries", "10", "--workdir", str(tmp_path / "w"),
+                                "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
+    rows = data["results"][0]["rows"]
+    assert [r["config"] for r in rows] == ["k=8", "default"]
+    assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == 8 * 1024  # 8 modules: k^2, the budget's 1024 cap
+    for r in rows:
+        gains = [r["rescore20"], r["rescore50"], r["rescore100"]]
+        assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["mixed_seed"]]) and gains == sorted(gains)
+        assert r["build_passes_s"] > 0 and r["bytes_per_vector"] == 2 * r["d"]
+    assert (tmp_path / "bench_fidelity_quick.png").stat().st_size > 0

@@ -1,0 +1,298 @@
+"""How much of a top-10 is decided by the random projection, per configuration (issue 15).
+
+For each model (trained here: the demo GPT-2, 2 x 128 on the demo fact corpus, and a deeper
+6 x 256 on a 120-fact corpus) and each candidate configuration, with projection seeds 0
+and 1, over the queries of the corpus:
+
+- ``none_vs_exact``: top-10 overlap of ``--hessian none`` with the unprojected ranking
+  (k = 0, hessian none: every gradient dim, no projection noise), mean over seeds;
+- ``none_seed`` / ``mixed_seed``: top-10 overlap between seeds 0 and 1, hessian none and
+  the full default (mixed R); Spearman of all scores likewise;
+- ``rescoreC``: the exact second stage (``encoder.rescoring``) on the hessian-none first
+  stage's top C: overlap of the re-ranked top-10 with the unprojected one;
+  ``mixed_rescoreC_seed``: seed-to-seed overlap of the re-ranked top-10 when the first
+  stage is the full default;
+- cost: seconds of the build's passes in-process (statistics pass + encode pass, each a
+  backward pass per sequence, plus R, lambda and R^-1/2), bytes per stored vector (float16),
+  memory of the R statistics (float64 sums of R_train and R_eval, and R^-1/2), and the
+  exact second stage's time per query for C = 100.
+
+The re-scored scores are the unprojected scores of the candidates (tested equal in
+tests/encoder/test_projection_plan.py and tests/service/test_rescore.py), so they are
+read from the reference matrix here. Results: benchmarks/results/bench_fidelity.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_common import RESULTS_DIR, machine, md_table, write_results  # noqa: E402
+
+RESCORE_C = (20, 50, 100)
+SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the benchmark trains (cached in the work directory)."""
+
+    name: str
+    corpus: str  # evaluation.corpus size
+    n_facts: int | None
+    size: str  # evaluation.train size
+
+
+MODELS = {
+    "demo": ModelSpec("demo", "demo", None, "demo"),
+    "deep": ModelSpec("deep", "demo", 120, "deep"),
+    "quick": ModelSpec("quick", "test", None, "test"),
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "k=16 (before)": {"k": 16},
+    "budget 2^16, block 1024 (default)": {},
+    "budget 2^16, block 2048": {"max_block": 2048},
+}
+QUICK_CONFIGS: dict[str, dict[str, Any]] = {"k=8": {"k": 8}, "default": {}}
+
+
+def prepare(spec: ModelSpec, workdir: Path) -> tuple[Path, Path]:
+    """(checkpoint, corpus dir): train once, reuse when the stamp is there."""
+    from evaluation.corpus import generate_fact_corpus
+    from evaluation.train import train_fact_model
+
+    root = workdir / spec.name
+    stamp = root / "stamp.json"
+    if stamp.is_file():
+        data = json.loads(stamp.read_text())
+        return Path(data["checkpoint"]), root / "corpus"
+    corpus = generate_fact_corpus(spec.corpus, seed=0, n_facts=spec.n_facts)
+    corpus.write(root / "corpus")
+    result = train_fact_model(corpus, root / "model", size=spec.size, seed=0, progress=True)
+    stamp.write_text(json.dumps({"checkpoint": str(result.checkpoint_dir), "fact_accuracy": result.fact_accuracy,
+                                 "train_seconds": result.train_seconds, "passages": len(corpus.passages)}))  # fmt: skip
+    return result.checkpoint_dir, root / "corpus"
+
+
+class Harness:
+    """A trained model, its training sequences and queries, and the scores of a config."""
+
+    def __init__(self, checkpoint: Path, corpus_dir: Path, n_queries: int) -> None:
+        from encoder.batching import sequence_example, tokenize_query
+        from encoder.model_loading import load_model, load_tokenizer
+        from encoder.optimizer_state import load_second_moments
+        from evaluation.corpus import load_queries
+        from evaluation.methods import fold_of
+        from evaluation.run import read_corpus, training_sequences
+
+        self.model = load_model(checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.pad = int(self.tokenizer.pad_token_id or 0)
+        _, texts = read_corpus(corpus_dir / "corpus.jsonl")
+        queries = load_queries(corpus_dir / "queries.jsonl")[:n_queries]
+        max_len = int(self.model.config.n_positions)
+        self.train = [sequence_example(s) for s in training_sequences(self.tokenizer, texts, max_len)]
+        self.queries = [tokenize_query(self.tokenizer, q.prompt, q.completion) for q in queries]
+        self.second_moments = load_second_moments(checkpoint, self.model)
+        self.folds = fold_of(len(self.queries), 0)
+
+    def phi(self, config) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
+        """(encoder, phi train, phi queries, seconds)."""
+        from encoder.fingerprint import TrackStarEncoder
+        from evaluation.methods import project_all
+
+        enc = TrackStarEncoder(self.model, config, second_moments=self.second_moments if config.correction else None)
+        t0 = time.perf_counter()
+        a = project_all(enc, self.train, pad_id=self.pad, batch_size=16)
+        b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
+        return enc, a, b, time.perf_counter() - t0
+
+    def scores(self, enc, train: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """[Q, N] scores; mixed R_eval from the other fold of the queries (evaluation.methods)."""
+        from encoder.whitening import Whitener
+        from evaluation.methods import N_FOLDS
+
+        cfg = enc.config
+        t0 = time.perf_counter()
+        if cfg.hessian == "none":
+            return (enc.finalize(queries) @ enc.finalize(train).T).float(), 0.0
+        stats = enc.new_statistics()
+        stats.update(train)
+        out = torch.zeros(queries.shape[0], train.shape[0])
+        for fold in range(N_FOLDS):
+            other = enc.new_statistics()
+            other.update(queries[torch.from_numpy(self.folds != fold)])
+            enc.set_whitener(Whitener.from_statistics(stats, other, lambda_=cfg.lambda_,
+                                                      lambda_component=cfg.lambda_component, delta=cfg.delta))  # fmt: skip
+            rows = torch.from_numpy(np.flatnonzero(self.folds == fold))
+            out[rows] = (enc.finalize(queries[rows]) @ enc.finalize(train).T).float()
+        # One fold's whitening is what a build does; the second is the evaluation's split.
+        return out, (time.perf_counter() - t0) / N_FOLDS
+
+    def rescore_ms(self, config, candidates: int) -> float:
+        """Milliseconds of the exact second stage for one query and ``candidates`` sequences."""
+        from encoder.rescoring import ExactRescorer
+
+        rescorer = ExactRescorer(self.model, config, self.second_moments)
+        cands = self.train[:candidates]
+        rescorer.scores(self.queries[0], cands[:2], self.pad)  # warm-up
+        t0 = time.perf_counter()
+        rescorer.scores(self.queries[0], cands, self.pad)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def top(scores: torch.Tensor, k: int) -> list[set[int]]:
+    return [set(row.tolist()) for row in torch.topk(scores, min(k, scores.shape[1]), dim=1).indices]
+
+
+def overlap(a: list[set[int]], b: list[set[int]], k: int = 10) -> float:
+    return float(np.mean([len(x & y) / k for x, y in zip(a, b, strict=True)]))
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(np.mean([spearmanr(a, b).statistic for a, b in zip(x.numpy(), y.numpy(), strict=True)]))
+
+
+def rescored(first: torch.Tensor, exact: torch.Tensor, c: int) -> list[set[int]]:
+    """Top-10 after re-scoring the first stage's top c by the exact scores."""
+    cand = torch.topk(first, min(c, first.shape[1]), dim=1).indices
+    return [set(row[torch.topk(exact[q, row], 10).indices].tolist()) for q, row in enumerate(cand)]
+
+
+def r_bytes(block_dims: list[int]) -> int:
+    """float64 sums of R_train and R_eval plus the float64 R^-1/2 blocks."""
+    return 3 * sum(8 * d * d for d in block_dims)
+
+
+def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: Path, n_queries: int) -> dict:
+    from encoder.config import FingerprintConfig
+    from encoder.fingerprint import TrackStarEncoder
+
+    checkpoint, corpus_dir = prepare(spec, workdir)
+    h = Harness(checkpoint, corpus_dir, n_queries)
+    enc, a, b, exact_s = h.phi(FingerprintConfig(k=0, hessian="none"))
+    exact, _ = h.scores(enc, a, b)
+    exact_top = top(exact, 10)
+    info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
+            "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
+            "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
+    del a, b
+    rows = []
+    for label, sizing in configs.items():
+        print(f"[{spec.name}] {label}", flush=True)
+        s_none, s_mixed, cost = {}, {}, []
+        for seed in SEEDS:
+            enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
+            s_none[seed], _ = h.scores(enc, a, b)
+            mixed = FingerprintConfig(seed=seed, hessian="mixed", **sizing)
+            enc_m = TrackStarEncoder(h.model, mixed, second_moments=h.second_moments)
+            s_mixed[seed], whiten_s = h.scores(enc_m, a, b)
+            cost.append(2 * phi_s + whiten_s)
+            del a, b
+        n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
+        m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
+        row: dict[str, Any] = {
+            "config": label, "d": enc.dim, "max_block_dims": max(enc.block_dims),
+            "exact_modules": sum(v is None for v in enc.plan.values()), "modules": len(enc.plan),
+            "none_vs_exact": (overlap(n0, exact_top) + overlap(n1, exact_top)) / 2,
+            "none_seed": overlap(n0, n1), "mixed_seed": overlap(m0, m1),
+            "spearman_none_vs_exact": spearman(s_none[0], exact), "spearman_mixed_seed": spearman(s_mixed[0], s_mixed[1]),
+            "mixed_vs_exact": overlap(m0, exact_top),
+            "build_passes_s": float(np.mean(cost)), "bytes_per_vector": 2 * enc.dim,
+            "r_memory_mib": r_bytes(enc.block_dims) / 2**20,
+            "projection_mib": sum(4 * (x.numel() + y.numel()) for x, y in enc.projections().values()) / 2**20,
+        }  # fmt: skip
+        for c in RESCORE_C:
+            row[f"rescore{c}"] = overlap(rescored(s_none[0], exact, c), exact_top)
+            r0, r1 = rescored(s_mixed[0], exact, c), rescored(s_mixed[1], exact, c)
+            row[f"mixed_rescore{c}_seed"] = overlap(r0, r1)
+            row[f"mixed_rescore{c}_vs_exact"] = overlap(r0, exact_top)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["build_passes_s"]
+    for row in rows:
+        row["build_vs_first"] = row["build_passes_s"] / base
+    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100)
+    t0 = time.perf_counter()
+    h.phi(FingerprintConfig(hessian="none"))  # timing of one first-stage encode per sequence
+    per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))
+    info["first_stage_encode_ms_per_query"] = per_seq * 1e3
+    return {"info": info, "rows": rows}
+
+
+COLUMNS = ["config", "d", "exact_modules", "none_vs_exact", "none_seed", "mixed_seed", "spearman_none_vs_exact",
+           "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "mixed_rescore100_seed",
+           "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first", "bytes_per_vector", "r_memory_mib"]  # fmt: skip
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        for row in res["rows"]:
+            xs = [10, *RESCORE_C]
+            ys = [row["none_vs_exact"], *(row[f"rescore{c}"] for c in RESCORE_C)]
+            ax.plot(xs, ys, marker="o", label=f"{row['config']} (d={row['d']})")
+        ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
+        info = res["info"]
+        ax.set(title=f"{info['model']}: {info['layers']} x {info['width']}, {info['sequences']} sequences",
+               xlabel="candidates re-scored exactly (10 = first stage only)",
+               ylabel="top-10 overlap with the unprojected ranking", ylim=(0, 1.02))  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--models", default="demo,deep", help="comma-separated: demo, deep (quick with --quick)")
+    p.add_argument("--queries", type=int, default=100, help="queries per model (default 100)")
+    p.add_argument("--workdir", type=Path, default=Path(".bench/fidelity"), help="trained models are cached here")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    p.add_argument("--quick", action="store_true", help="smoke size: the test model, k=8 vs the default")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    results = [measure_model(MODELS[n], configs, args.workdir, args.queries) for n in names]
+    name = "fidelity_quick" if args.quick else "fidelity"
+    md = ["# Fidelity benchmark: how much of the top-10 the projection decides\n",
+          "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
+          "(k = 0, hessian none); `rescoreC` = the exact second stage over the first stage's top C. "
+          f"Seeds {SEEDS[0]} and {SEEDS[1]}. `build_passes_s`: statistics + encode passes and whitening, "
+          "in-process, one thread.\n"]  # fmt: skip
+    for res in results:
+        i = res["info"]
+        md.append(f"\n## {i['model']}: GPT-2 {i['layers']} x {i['width']}, {i['sequences']} sequences, "
+                  f"{i['queries']} queries (unprojected d = {i['unprojected_dim']:,})\n")  # fmt: skip
+        md.append(md_table(res["rows"], COLUMNS))
+        md.append(f"\nExact second stage, C = 100: {i['rescore100_ms_per_query']:.0f} ms per query; "
+                  f"first-stage encode: {i['first_stage_encode_ms_per_query']:.1f} ms per query.\n")  # fmt: skip
+    payload = {"machine": machine(), "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
+               "models": {n: asdict(MODELS[n]) for n in names}, "results": results}  # fmt: skip
+    write_results(name, payload, "".join(md), args.out)
+    plot(results, args.out / f"bench_{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The exact second stage over HTTP on a real index: ``rescore`` re-ranks the first stage's
+candidates by their unprojected corrected gradients, so with every sequence as a candidate
+the answer is the unprojected, unwhitened index's answer (k = 0, hessian none)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from service.app import create_app
+from service.cli import main as influence_main
+from service.settings import Settings
+from tests.service.live import live_server
+from tests.tolerances import FLOAT16_SCORE, recompute_bound
+
+PROMPT, COMPLETION = "The capital of Veloria is", " Quenton."
+# The exact index stores float16 fingerprints (FLOAT16_SCORE); the re-scored and the indexed
+# gradients are computed in other batch shapes (recompute_bound, float32 model).
+SCORE_BOUND = FLOAT16_SCORE + 2 * recompute_bound(np.float32)
+
+
+@pytest.fixture(scope="module")
+def exact_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
+    from encoder.config import FingerprintConfig
+    from indexer.build import BuildConfig, run_build
+
+    corpus, _ = fact_corpus_files
+    return run_build(BuildConfig(
+        model=trained_checkpoint.checkpoint_dir, corpus=corpus,
+        out=tmp_path_factory.mktemp("exact_index") / "index",
+        fingerprint=FingerprintConfig(k=0, hessian="none"), shard_size=16, batch_size=8,
+    ))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(tiny_index):
+    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            yield c
+
+
+def _query(client, **extra):
+    r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def _exact_rows(exact_index, k, capsys):
+    rc = influence_main(["query", "--index", str(exact_index), "--prompt", PROMPT,
+                         "--completion", COMPLETION, "-k", str(k), "--json"])  # fmt: skip
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_rescoring_every_candidate_gives_the_unprojected_ranking(client, tiny_index, exact_index, capsys):
+    size = client.get("/v1/index").json()["size"]
+    got = _query(client, k=10, rescore=size)
+    want = _exact_rows(exact_index, 10, capsys)
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    gaps = np.abs(np.array([r["score"] for r in got]) - np.array([r["score"] for r in want]))
+    assert gaps.max() <= SCORE_BOUND, gaps
+    # The projected first stage alone ranks differently (else this test could not fail).
+    first = _query(client, k=10)
+    assert [r["id"] for r in first] != [r["id"] for r in want]
+    # influence query --rescore answers the same.
+    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", PROMPT, "--completion", COMPLETION,
+                         "-k", "10", "--rescore", str(size), "--json"])  # fmt: skip
+    assert rc == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in cli] == [r["id"] for r in got]
+    assert np.abs(np.array([r["score"] for r in cli]) - np.array([r["score"] for r in got])).max() <= 2 * recompute_bound(np.float32)
+
+
+def test_rescore_below_k_reorders_the_first_stage_top_k(client):
+    first = _query(client, k=8)
+    again = _query(client, k=8, rescore=3)  # pool = max(rescore, k) = 8
+    assert {r["id"] for r in again} == {r["id"] for r in first}
+    scores = [r["score"] for r in again]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_rescore_with_a_source_filter_keeps_the_filter(client):
+    source = _query(client, k=1)[0]["source"]
+    got = _query(client, k=5, rescore=20, source=source)
+    assert got and all(r["source"] == source for r in got)
+
+
+@pytest.mark.parametrize("extra", [{"rescore": 5, "mode": "bm25"}, {"rescore": -1}, {"rescore": 10**6}, {"rescore": "5"}])
+def test_bad_rescore_requests_are_422(client, extra):
+    r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, **extra})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "validation_error"
+
+
+def test_server_default_rescore_and_its_override(tiny_index, exact_index, capsys):
+    want = [r["id"] for r in _exact_rows(exact_index, 5, capsys)]
+    with live_server(create_app(Settings(index_dir=tiny_index, rescore=1000))) as base:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            assert [r["id"] for r in _query(c, k=5)] == want  # the server's default applies
+            off = _query(c, k=5, rescore=0)  # the request turns it off
+            hybrid = _query(c, k=5, mode="hybrid")  # other modes ignore the default
+    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            assert _query(c, k=5) == off
+            assert _query(c, k=5, mode="hybrid") == hybrid
