@@ -26,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="queries.jsonl: prompt, completion, relevant_ids (corpus ids), optional fact_id")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
-    p.add_argument("--k", type=int, default=16, help="projection size per side (default 16)")
+    p.add_argument("--k", type=int, default=None,
+                   help="a fixed projection size per side (default: the index default, a 2^16 budget)")
     p.add_argument("--seed", type=int, default=0, help="projection seed, query folds, random floor (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run once per projection seed and report mean and spread (overrides --seed)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per backward pass (default 16)")
     p.add_argument("--tailpatch-lr", type=float, default=EvalSettings.tailpatch_lr,
                    help=f"step size of the tail-patch step (default {EvalSettings.tailpatch_lr:g})")
@@ -46,7 +49,9 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every setting spelled out (for the report)."""
     parts = ["influence", "eval", "--model", str(args.model), "--corpus", str(args.corpus),
              "--queries", str(args.queries), "--out", str(args.out), "--stem", args.stem,
-             "--k", str(args.k), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+             *(["--k", str(args.k)] if args.k is not None else []),
+             *(["--seeds", *map(str, args.seeds)] if args.seeds else ["--seed", str(args.seed)]),
+             "--batch-size", str(args.batch_size),
              "--tailpatch-lr", f"{args.tailpatch_lr:g}", "--tailpatch-optimizer", args.tailpatch_optimizer,
              "--methods", *args.methods]  # fmt: skip
     if args.max_queries is not None:
@@ -60,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from evaluation.report import write_report
-    from evaluation.run import run_evaluation
+    from evaluation.run import combine_seeds, run_evaluation
 
+    seeds = args.seeds or [args.seed]
     settings = EvalSettings(
-        k=args.k, seed=args.seed, batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
+        k=args.k, seed=seeds[0], batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
         tailpatch_optimizer=args.tailpatch_optimizer, methods=tuple(args.methods),
         max_queries=args.max_queries,
     )  # fmt: skip
@@ -74,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:
-        result = run_evaluation(args.model, args.corpus, args.queries, settings, progress)
+        from dataclasses import replace
+
+        result = combine_seeds([run_evaluation(args.model, args.corpus, args.queries, replace(settings, seed=s), progress)
+                                for s in seeds])  # fmt: skip
     finally:
         torch.set_num_threads(previous)
     for path in write_report(result, args.out, stem=args.stem, command=command_line(args)):

@@ -11,20 +11,39 @@ log = logging.getLogger(__name__)
 
 
 def markdown_table(result: EvalResult) -> str:
-    """One row per method: MRR, recall@10, mean tail-patch of the top 1/3/10 (nats) ± its
-    standard error over queries."""
+    """One row per method: MRR@10, recall@10, mean tail-patch of the top 1/3/10 (nats) ± its
+    standard error over queries (over several seeds: ± the standard deviation across seeds),
+    and tail-patch top-10 without the saturated queries."""
     tp_cols = [f"tail-patch top-{c}" for c in TAILPATCH_CUTOFFS]
     lines = [
-        "| method | MRR | recall@10 | " + " | ".join(tp_cols) + " |",
-        "|---|---:|---:|" + "---:|" * len(tp_cols),
+        "| method | MRR@10 | recall@10 | " + " | ".join(tp_cols) + " | tail-patch top-10, unsaturated |",
+        "|---|---:|---:|" + "---:|" * len(tp_cols) + "---:|",
     ]
     for row in result.rows:
+        spread = "_sd" if "seeds" in row else "_se"
         tp = " | ".join(
-            f"{row[f'tailpatch_top{c}']:+.4f} ± {row.get(f'tailpatch_top{c}_se', 0.0):.4f}"
+            f"{row[f'tailpatch_top{c}']:+.4f} ± {row.get(f'tailpatch_top{c}{spread}', 0.0):.4f}"
             for c in TAILPATCH_CUTOFFS
         )
-        lines.append(f"| {row['method']} | {row['mrr']:.3f} | {row['recall_at_10']:.3f} | {tp} |")
+        unsat = row.get("tailpatch_top10_unsaturated", float("nan"))
+        mrr = f"{row['mrr']:.3f}" + (f" ± {row['mrr_sd']:.3f}" if "mrr_sd" in row else "")
+        lines.append(f"| {row['method']} | {mrr} | {row['recall_at_10']:.3f} | {tp} | {unsat:+.4f} |")
     return "\n".join(lines)
+
+
+def paired_markdown(result: EvalResult) -> str:
+    """TrackStar minus each method per metric: mean, paired SE, bootstrap 95% interval."""
+    parts = []
+    for subset, rows in result.paired.items():
+        if not rows:
+            continue
+        parts += [f"Paired differences, trackstar minus method ({subset} queries, n = {rows[0]['n']}); "
+                  "an interval that excludes 0 is a difference the queries support:", "",
+                  "| method | metric | mean | SE | 95% CI |", "|---|---|---:|---:|---|"]  # fmt: skip
+        parts += [f"| {r['method']} | {r['metric']} | {r['mean']:+.4f} | {r['se']:.4f} | "
+                  f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}] |" for r in rows]  # fmt: skip
+        parts.append("")
+    return "\n".join(parts)
 
 
 def markdown_report(result: EvalResult, command: str | None = None) -> str:
@@ -46,10 +65,14 @@ def markdown_report(result: EvalResult, command: str | None = None) -> str:
         f"{c.get('oracle_tailpatch_relevant', float('nan')):+.4f}",
         f"- mixed-R lambda per query fold (paper App. A.1.3 rule): "
         f"{c.get('lambdas_by_fold', {}).get('trackstar', [])}",
+        f"- saturated queries ({c.get('saturated_threshold', '')} before the step): "
+        f"{c.get('saturated_fraction', float('nan')):.2f}"
+        + (f"; projection seeds {c['seeds']}" if "seeds" in c else ""),
         f"- wall time {c.get('timings', {}).get('total_s', float('nan')):.0f} s",
         "",
         markdown_table(result),
         "",
+        paired_markdown(result),
         "Methods:",
         "",
     ]
@@ -65,7 +88,7 @@ def plot(result: EvalResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "mrr", "MRR"), (axes[1], "recall_at_10", "recall@10")):
+    for ax, key, label in ((axes[0], "mrr", "MRR@10"), (axes[1], "recall_at_10", "recall@10")):
         for row in result.rows:
             x, y = row["tailpatch_top10"], row[key]
             ax.scatter(x, y)

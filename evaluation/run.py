@@ -38,14 +38,23 @@ from evaluation.methods import (
     rank_hybrid,
     rank_random,
 )
-from evaluation.metrics import attribution_metrics
+from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
 from evaluation.settings import METHOD_NAMES, METHODS, EvalSettings
-from evaluation.tailpatch import TailPatcher, load_trainable_model, read_adam_hyper
+from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_table
+from evaluation.tailpatch import (
+    TailPatcher,
+    completion_logprobs,
+    load_trainable_model,
+    read_adam_hyper,
+)
 from indexer.bm25 import BM25Index
 
 log = logging.getLogger(__name__)
 
 TAILPATCH_CUTOFFS = (1, 3, 10)
+SATURATED_P = 0.99
+SATURATED_LOGP = float(np.log(SATURATED_P))
+"""A query whose completion has p >= 0.99 before the tail-patch step is saturated."""
 
 
 class Progress(Protocol):
@@ -63,9 +72,14 @@ class EvalResult:
     rows: list[dict[str, Any]]
     settings: dict[str, Any]
     context: dict[str, Any] = field(default_factory=dict)
+    per_query: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """method -> {top10, rr_at_10, hit_at_10, tailpatch_top1/3/10}: [Q] values, query order."""
+    paired: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """``all`` / ``unsaturated`` queries -> trackstar minus each method (``evaluation.stats``)."""
 
     def to_json(self) -> str:
-        return json.dumps({"rows": self.rows, "settings": self.settings, "context": self.context}, indent=2)
+        return json.dumps({"rows": self.rows, "settings": self.settings, "context": self.context,
+                           "paired": self.paired, "per_query": self.per_query}, indent=2)  # fmt: skip
 
 
 def read_corpus(path: Path) -> tuple[list[str], list[str]]:
@@ -230,16 +244,31 @@ def run_evaluation(
         pb.close()
     timings["tailpatch_s"] = time.perf_counter() - start
 
-    rows = []
+    # Saturation: a completion already certain before the step cannot gain log-probability.
+    base_logp = completion_logprobs(patcher.model, query_examples, pad_id)
+    unsaturated = np.flatnonzero(base_logp < SATURATED_LOGP)
+    rows, per_query = [], {}
     for m in methods:
         ranking = rankings[m.name]
         row: dict[str, Any] = {"method": m.name, "description": m.description}
         row.update(attribution_metrics(ranking, relevant))
+        values: dict[str, Any] = {
+            "top10": ranking[:, :10].tolist(),
+            "rr_at_10": [reciprocal_rank(r, rel, 10) for r, rel in zip(ranking, relevant, strict=True)],
+            "hit_at_10": [hit_at(r, rel, 10) for r, rel in zip(ranking, relevant, strict=True)],
+        }
         for c in TAILPATCH_CUTOFFS:
-            per_query = [np.mean([tp[(qi, int(s))] for s in r[:c]]) for qi, r in enumerate(ranking)]
-            row[f"tailpatch_top{c}"] = float(np.mean(per_query))
-            row[f"tailpatch_top{c}_se"] = _standard_error(per_query)
+            tps = [float(np.mean([tp[(qi, int(s))] for s in r[:c]])) for qi, r in enumerate(ranking)]
+            values[f"tailpatch_top{c}"] = tps
+            row[f"tailpatch_top{c}"] = float(np.mean(tps))
+            row[f"tailpatch_top{c}_se"] = _standard_error(tps)
+            row[f"tailpatch_top{c}_unsaturated"] = float(np.mean([tps[i] for i in unsaturated])) if unsaturated.size else float("nan")
+        per_query[m.name] = values
         rows.append(row)
+    paired = {
+        "all": paired_table(per_query, "trackstar", seed=settings.seed),
+        "unsaturated": paired_table(per_query, "trackstar", rows=unsaturated.tolist(), seed=settings.seed),
+    }
     oracle = float(np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(relevant)]))
     timings["total_s"] = time.perf_counter() - t0
 
@@ -254,9 +283,38 @@ def run_evaluation(
         "second_moments_source": second_moments.source,
         "fact_accuracy": fact_accuracy(model, tokenizer, queries),
         "oracle_tailpatch_relevant": oracle,
+        "saturated_fraction": float(1.0 - unsaturated.size / len(queries)),
+        "saturated_threshold": f"p(completion | prompt) >= {SATURATED_P}",
+        "base_logprob": base_logp.tolist(),
         "n_tailpatch_pairs": len(tp),
         "lambdas_by_fold": lambdas,
         "timings": timings,
     }
     log.info("evaluated %d methods on %d queries in %.1fs", len(methods), len(queries), timings["total_s"])
-    return EvalResult(rows=rows, settings=asdict(settings), context=context)
+    return EvalResult(rows=rows, settings=asdict(settings), context=context, per_query=per_query, paired=paired)
+
+
+def combine_seeds(results: list[EvalResult]) -> EvalResult:
+    """One result over several projection seeds: rows hold each value's mean and its
+    standard deviation over seeds (``_sd``); paired statistics use each query's value
+    averaged over seeds; ``context["by_seed"]`` keeps every seed's rows and lambdas."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    per_query: dict[str, dict[str, Any]] = {}
+    for method in first.per_query:
+        per_query[method] = {"top10_by_seed": [r.per_query[method]["top10"] for r in results]}
+        for metric in PER_QUERY_METRICS:
+            per_query[method][metric] = np.mean([r.per_query[method][metric] for r in results], axis=0).tolist()
+    base = np.mean([r.context["base_logprob"] for r in results], axis=0)
+    unsaturated = np.flatnonzero(base < SATURATED_LOGP).tolist()
+    seed = int(first.settings["seed"])
+    paired = {"all": paired_table(per_query, "trackstar", seed=seed),
+              "unsaturated": paired_table(per_query, "trackstar", rows=unsaturated, seed=seed)}  # fmt: skip
+    context = dict(first.context)
+    context["seeds"] = [r.settings["seed"] for r in results]
+    context["by_seed"] = [{"seed": r.settings["seed"], "rows": r.rows, "lambdas_by_fold": r.context["lambdas_by_fold"]}
+                          for r in results]  # fmt: skip
+    settings = dict(first.settings, seed=context["seeds"])
+    return EvalResult(rows=across_seeds([r.rows for r in results]), settings=settings, context=context,
+                      per_query=per_query, paired=paired)  # fmt: skip

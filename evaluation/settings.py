@@ -52,7 +52,8 @@ class EvalSettings:
     """Knobs of one evaluation run (all recorded in the output JSON).
 
     Attributes:
-        k: projection size per side of the fingerprints (d = |modules| k^2).
+        k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
+            default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.
@@ -61,7 +62,7 @@ class EvalSettings:
         max_queries: evaluate only the first n queries (None: all).
     """
 
-    k: int = 16
+    k: int | None = None
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4

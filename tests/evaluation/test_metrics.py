@@ -129,3 +129,21 @@ def test_service_modes_bm25_and_hybrid_over_http(mode_server, tiny_index, fact_c
     np.testing.assert_allclose([r["score"] for r in hybrid], fused_scores, rtol=1e-6)
     bad = mode_server.post("/v1/influence", json={"prompt": "a", "completion": " b", "mode": "lexical"})
     assert bad.status_code == 422
+
+
+def test_paired_difference_mean_se_and_bootstrap_interval():
+    from evaluation.stats import paired_difference
+
+    a = np.array([0.5, 1.0, 0.25, 1.0, 0.0, 0.5])
+    b = np.array([0.25, 1.0, 0.0, 0.5, 0.0, 0.5])
+    d = a - b
+    got = paired_difference(a, b, seed=3)
+    assert got["mean"] == pytest.approx(d.mean()) and got["n"] == 6
+    assert got["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(6))
+    # Bootstrap means lie within [min d, max d]; the interval holds the mean; seeded.
+    assert d.min() <= got["ci95_low"] <= got["mean"] <= got["ci95_high"] <= d.max()
+    assert paired_difference(a, b, seed=3) == got
+    # A constant difference has no spread at all.
+    same = paired_difference(a + 0.1, a)
+    assert same["se"] == pytest.approx(0.0, abs=1e-15)
+    assert same["ci95_low"] == pytest.approx(0.1) and same["ci95_high"] == pytest.approx(0.1)
