@@ -128,6 +128,15 @@ class InfluenceResult(BaseModel):
         description="Influence score: cosine of the unit-norm fingerprints, in [-1, 1].",
         examples=[0.83],
     )
+    score_sd: float | None = Field(
+        None,
+        description="How far the score could move under another random projection: its standard "
+        "deviation across projection draws (encoder/uncertainty.py; calibrated for indexes built "
+        "with hessian `none`). A 90% interval for another projection's score is score ± "
+        "1.645·√2·score_sd. 0 for results re-scored exactly (`rescore`); null where it is not "
+        "modelled: whitened indexes (hessian train/mixed), modes bm25/hybrid.",
+        examples=[0.004],
+    )
     text: str | None = Field(
         None, description="The training sequence's text (null when return_text is false)."
     )

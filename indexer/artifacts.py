@@ -26,6 +26,7 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
 from encoder.rescoring import ExactRescorer
+from encoder.uncertainty import score_sd
 from encoder.whitening import Whitener
 from indexer import faiss_index, integrity
 from indexer import manifest as mf
@@ -334,6 +335,16 @@ class InfluenceIndex:
                 self._rescorer = ExactRescorer(self.encoder.model, self.encoder.config, self.encoder.second_moments)
             scores = self._rescorer.scores(example, [sequence_example(t) for t in tokens if t is not None], pad)
         return scores.float().numpy()
+
+    def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
+        """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]
+        against sequences ``ids`` under another projection (``encoder.uncertainty``); None
+        for whitened indexes, where the model of it does not hold."""
+        if self.encoder.config.hessian != "none" or not ids:
+            return None
+        rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
+        sd = score_sd(torch.from_numpy(np.asarray(vector, dtype=np.float32)), rows, self.encoder.plan, self.encoder.block_dims)
+        return sd.float().numpy()
 
     def check_unchanged(self) -> None:
         """Raise ``IndexChangedError`` (503) when a file read while serving was modified in

@@ -56,6 +56,7 @@ def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceR
                 rank=rank,
                 id=hit.id,
                 score=hit.score,
+                score_sd=hit.score_sd,
                 text=text,
                 source=hit.record.source,
                 document_id=_str_or_none(hit.record.document_id),

@@ -50,6 +50,7 @@ class Hit:
     id: int
     score: float
     record: Any
+    score_sd: float | None = None
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _rescored(index, example: Example, vector: np.ndarray, query: Query) -> list
         return []
     exact = index.rescore(example, [h.id for h in candidates])
     order = np.argsort(-exact, kind="stable")[: query.k]
-    return [Hit(candidates[i].id, float(exact[i]), candidates[i].record) for i in order]
+    return [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
 
 
 def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
@@ -259,6 +260,12 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
             outcomes[i].hits = _mode_search(index, vectors[j], queries[i])
         elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
+    for j, i in enumerate(valid):
+        if queries[i].mode == "influence" and not queries[i].rescore and outcomes[i].hits:
+            sds = index.score_sd(vectors[j], [h.id for h in outcomes[i].hits])
+            if sds is not None:
+                for h, sd in zip(outcomes[i].hits, sds, strict=True):
+                    h.score_sd = float(sd)
     for i in valid:
         floor = queries[i].min_score
         if floor is not None:

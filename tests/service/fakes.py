@@ -95,6 +95,9 @@ class FakeIndex:
             out[i] = v / np.linalg.norm(v)
         return out
 
+    def score_sd(self, vector, ids):
+        return None  # like a whitened index: no projection-noise model
+
     def search(self, vectors, k, *, rerank=True):
         if self.closed:
             raise RuntimeError("search on a closed index")
