@@ -147,3 +147,28 @@ def test_paired_difference_mean_se_and_bootstrap_interval():
     same = paired_difference(a + 0.1, a)
     assert same["se"] == pytest.approx(0.0, abs=1e-15)
     assert same["ci95_low"] == pytest.approx(0.1) and same["ci95_high"] == pytest.approx(0.1)
+
+
+def test_combine_seeds_means_spreads_and_pairs_per_query():
+    from evaluation.run import EvalResult, combine_seeds
+
+    def result(seed, rr_ts, rr_bm):
+        rows = [{"method": "trackstar", "description": "t", "mrr": float(np.mean(rr_ts)), "tailpatch_top10_se": 0.1},
+                {"method": "bm25", "description": "b", "mrr": float(np.mean(rr_bm)), "tailpatch_top10_se": 0.1}]
+        pq = {m: {"top10": [[seed]] * 3, "rr_at_10": rr, "hit_at_10": [1.0] * 3, "tailpatch_top1": [0.0] * 3,
+                  "tailpatch_top3": [0.0] * 3, "tailpatch_top10": [0.0] * 3}
+              for m, rr in (("trackstar", rr_ts), ("bm25", rr_bm))}
+        ctx = {"base_logprob": [-1.0, 0.0, -2.0], "lambdas_by_fold": {"trackstar": [0.5, 0.5]}}
+        return EvalResult(rows=rows, settings={"seed": seed}, context=ctx, per_query=pq)
+
+    merged = combine_seeds([result(0, [1.0, 0.5, 0.0], [0.5, 0.5, 0.0]), result(1, [0.5, 0.5, 1.0], [0.5, 0.5, 0.0])])
+    ts, bm = merged.rows
+    assert ts["mrr"] == pytest.approx(0.5833333, rel=1e-6) and ts["mrr_sd"] == pytest.approx(np.std([0.5, 2 / 3], ddof=1))
+    assert bm["mrr_sd"] == 0.0 and ts["seeds"] == 2 and "tailpatch_top10_se" not in ts
+    assert merged.per_query["trackstar"]["rr_at_10"] == [0.75, 0.5, 0.5]
+    assert merged.per_query["trackstar"]["top10_by_seed"] == [[[0]] * 3, [[1]] * 3]
+    rr = next(r for r in merged.paired["all"] if r["metric"] == "rr_at_10")
+    assert rr["method"] == "bm25" and rr["mean"] == pytest.approx(np.mean([0.25, 0.0, 0.5]))
+    # Query 1 has log p = 0 (p = 1): saturated, left out of the unsaturated pairs.
+    assert {r["n"] for r in merged.paired["unsaturated"]} == {2}
+    assert merged.context["seeds"] == [0, 1] and len(merged.context["by_seed"]) == 2
