@@ -102,3 +102,28 @@ def test_untrained_model_is_at_chance(fact_corpus: FactCorpus, loaded) -> None: 
 def test_unknown_size_rejected(fact_corpus: FactCorpus, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size"):
         train_fact_model(fact_corpus, tmp_path, size="huge")
+
+
+def test_train_command_on_any_corpus_reports_fact_accuracy(fact_corpus_files, tmp_path, capsys):
+    import json
+
+    from evaluation.cli import TRAIN_SIZES
+    from evaluation.train import SPECS
+    from service.cli import main
+
+    assert set(TRAIN_SIZES) == set(SPECS)
+    corpus, queries = fact_corpus_files
+    out = tmp_path / "run"
+    # Two epochs learn little: the accuracy check fails with a one-line hint, exit 1.
+    rc = main(["train", "--corpus", str(corpus), "--queries", str(queries), "--out", str(out),
+               "--size", "test", "--epochs", "2", "--min-accuracy", "0.99", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1 and "below --min-accuracy 0.99" in captured.err
+    summary = json.loads((out / "train.json").read_text())
+    assert summary == json.loads(captured.out)
+    assert 0.0 <= summary["fact_accuracy"] < 0.99 and summary["queries"] > 0 and summary["sequences"] > 100
+    assert (Path(summary["checkpoint"]) / "optimizer.pt").is_file()  # ready for index build / eval
+    # Bad input: a one-line message, exit 2.
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
