@@ -13,7 +13,7 @@ a time inside the backward pass and drops it at once; the factored path never fo
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -167,17 +167,27 @@ class TrackStarEncoder:
         Returns:
             phi [B, d] in the accumulation dtype (float32; float64 for a float64 model).
         """
-        if self.config.correction and self.second_moments is None:
-            raise ConfigError("optimizer correction is on but no second moments were given")
         out = torch.zeros(len(batch), self.dim, dtype=self.accum_dtype, device=self.device)
 
+        def put(name: str, phi_w: torch.Tensor) -> None:
+            start, stop = self._spans[name]
+            out[:, start:stop] = phi_w
+
+        self.stream_blocks(batch, put)
+        return out
+
+    def stream_blocks(self, batch: TokenBatch, fn: Callable[[str, torch.Tensor], None]) -> None:
+        """One backward pass calling ``fn(module name, phi_W [B, d_W])`` as each module's
+        block is formed, so a caller can reduce blocks without keeping the full phi
+        (``encoder.rescoring`` with no projection: phi_W is the whole corrected gradient)."""
+        if self.config.correction and self.second_moments is None:
+            raise ConfigError("optimizer correction is on but no second moments were given")
+
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            start, stop = self._spans[m.name]
-            out[:, start:stop] = self._phi_block(m, acts, grads)
+            fn(m.name, self._phi_block(m, acts, grads))
 
         accum = None if self.low_precision_products else self.accum_dtype
         self._backward(batch, GradientCapture(self.modules, sink, accum))
-        return out
 
     def _phi_block(self, m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """phi_W [B, d_W] from acts [B, T, in] and grads [B, T, out] (accumulation dtype, or

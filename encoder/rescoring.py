@@ -17,7 +17,7 @@ candidate is ever kept: memory is one full-size query gradient plus one module's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -26,8 +26,6 @@ from torch import nn
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
-from encoder.hooks import GradientCapture
-from encoder.modules import TrackedModule
 from encoder.optimizer_state import SecondMoments
 
 CANDIDATE_BATCH = 8
@@ -54,20 +52,14 @@ class ExactRescorer:
             model, exact_config(config), second_moments=second_moments if config.correction else None
         )
 
-    def _blocks(self, examples: Sequence[Example], pad_id: int, sink_fn) -> None:
-        enc = self.encoder
-
-        def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            sink_fn(m.name, enc._phi_block(m, acts, grads))
-
-        accum = None if enc.low_precision_products else enc.accum_dtype
-        enc._backward(collate(list(examples), pad_id), GradientCapture(enc.modules, sink, accum))
+    def _blocks(self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]) -> None:
+        self.encoder.stream_blocks(collate(list(examples), pad_id), fn)
 
     def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
         """s(query, candidate) for each candidate; [C] float64 on the CPU."""
         q_blocks: dict[str, torch.Tensor] = {}
         self._blocks([query], pad_id, lambda name, g: q_blocks.__setitem__(name, g[0].double()))
-        q_norm = torch.sqrt(sum(float(b.square().sum()) for b in q_blocks.values()) * torch.ones((), dtype=torch.float64))
+        q_norm = sum(float(b.square().sum()) for b in q_blocks.values()) ** 0.5
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
         for s in range(0, len(candidates), CANDIDATE_BATCH):

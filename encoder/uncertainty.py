@@ -24,7 +24,7 @@ import torch
 from encoder.projection import Plan
 
 
-def _sq(m: torch.Tensor) -> torch.Tensor:
+def _sq(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """||m||_F^2 and tr(m^2) of a batch of square matrices [n, k, k]."""
     return m.square().sum(dim=(1, 2)), torch.einsum("nij,nji->n", m, m)
 
