@@ -106,7 +106,7 @@ def _summary(index_dir: Path) -> dict:
         "sequences": n, "documents": m["counts"]["documents"], "dim": m["counts"]["dim"],
         "faiss": m["faiss"]["factory"], "recall": m["faiss"].get("recall"),
         "k": m["fingerprint"]["config"]["k"], "budget": m["fingerprint"]["config"].get("budget"),
-        "hessian": m["fingerprint"]["config"]["hessian"],
+        "projection": _projection_text(m["fingerprint"]), "hessian": m["fingerprint"]["config"]["hessian"],
         "lambda": m["fingerprint"]["lambda"], "second_moments": m["fingerprint"]["second_moments"],
         "seq_len": m["corpus"]["seq_len"], "stride": m["corpus"]["stride"], "packing": m["corpus"]["packing"],
         "bytes": size, "bytes_per_sequence": round(size / max(n, 1), 1),
@@ -114,12 +114,24 @@ def _summary(index_dir: Path) -> dict:
     }
 
 
+def _projection_text(fp: dict) -> str:
+    """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
+    cfg = fp["config"]
+    k = cfg["k"] if "budget" in cfg else cfg.get("k", 16)
+    if k is not None:
+        return "none (exact)" if k == 0 else f"k = {k} per side, {k * k} dims per module"
+    plan = fp.get("plan") or {}
+    exact = sum(v is None for v in plan.values())
+    return (f"budget {cfg['budget']}, blocks <= {cfg['max_block']} dims: {len(plan) - exact} modules projected, "
+            f"{exact} stored exactly")  # fmt: skip
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     s = _summary(Path(args.index_dir))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    for key in ("index", "version", "model", "sequences", "documents", "dim", "faiss", "k", "hessian",
+    for key in ("index", "version", "model", "sequences", "documents", "dim", "faiss", "projection", "hessian",
                 "lambda", "second_moments", "seq_len", "stride", "packing", "bytes", "bytes_per_sequence",
                 "created_at"):
         print(f"{key:>20}: {s[key]}")
