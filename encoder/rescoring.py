@@ -58,17 +58,18 @@ class ExactRescorer:
     def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
         """s(query, candidate) for each candidate; [C] float64 on the CPU."""
         q_blocks: dict[str, torch.Tensor] = {}
-        self._blocks([query], pad_id, lambda name, g: q_blocks.__setitem__(name, g[0].double()))
-        q_norm = sum(float(b.square().sum()) for b in q_blocks.values()) ** 0.5
+        self._blocks([query], pad_id, lambda name, g: q_blocks.__setitem__(name, g[0]))
+        q_norm = sum(float(b.double().square().sum()) for b in q_blocks.values()) ** 0.5
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
         for s in range(0, len(candidates), CANDIDATE_BATCH):
             rows = slice(s, min(s + CANDIDATE_BATCH, len(candidates)))
 
             def add(name: str, g: torch.Tensor, rows: slice = rows) -> None:
-                g = g.double()
-                dots[rows] += (g @ q_blocks[name].to(g.device)).cpu()
-                sq[rows] += g.square().sum(dim=1).cpu()
+                # Per module in the gradient's own dtype (no float64 copy of a [B, out*in]
+                # block), summed over modules in float64.
+                dots[rows] += (g @ q_blocks[name]).double().cpu()
+                sq[rows] += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
 
             self._blocks(candidates[rows], pad_id, add)
         if not self.unit_norm:
