@@ -10,7 +10,6 @@ from pathlib import Path
 from evaluation.corpus import QUERIES_SCHEMA
 from evaluation.settings import METHOD_NAMES, EvalSettings
 
-
 TRAIN_SIZES = ("test", "demo", "deep")
 """``evaluation.train.SPECS`` (not imported here: ``--help`` stays light)."""
 
