@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
-    model_validator,
 )
 
 MAX_K = 1000
@@ -100,23 +99,15 @@ class InfluenceQuery(BaseModel):
         "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
-    rescore: WholeNumber | None = Field(
+    rescore: Annotated[int, Field(ge=0, le=MAX_RESCORE), BeforeValidator(_integral_float)] | None = Field(
         None,
-        ge=0,
-        le=MAX_RESCORE,
-        description="Exact second stage (mode `influence` only): re-score the first stage's "
+        description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first stage's "
         "top max(rescore, k) candidates by their unprojected optimizer-corrected gradients "
         "(no projection noise, no whitening) and return the best k of them; each candidate "
         "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`, "
-        "0 unless set; modes other than `influence` ignore it). The random projection decides much of a "
+        "0 unless set). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
     )
-
-    @model_validator(mode="after")
-    def _rescore_needs_influence(self) -> InfluenceQuery:
-        if self.rescore is not None and self.rescore > 0 and self.mode != "influence":
-            raise ValueError("rescore applies to mode 'influence' only")
-        return self
 
 
 class InfluenceResult(BaseModel):

@@ -237,6 +237,81 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     return {"info": info, "rows": rows}
 
 
+FAMILIES = ("gaussian kronecker", "rademacher kronecker", "dense gaussian")
+DENSE_MAX_FLOATS = 1 << 27
+"""A dense projection whose d_W x out*in matrix exceeds this (512 MiB) is not measured."""
+
+
+def _project_block(g: torch.Tensor, m, sizes: tuple[int, int], family: str, seed: int) -> torch.Tensor | None:
+    """One module's exact block g [N, out*in] projected to k1*k2 dims by a family."""
+    from encoder.projection import module_seed, projection_pair
+
+    k1, k2 = sizes
+    if family == "gaussian kronecker":  # the encoder's own matrices
+        a, b = projection_pair(seed, m, k1, k2)
+    elif family == "rademacher kronecker":
+        gen = torch.Generator().manual_seed(module_seed(seed, m.name))
+        a = (torch.randint(0, 2, (k1, m.out_features), generator=gen).float() * 2 - 1) / k1**0.5
+        b = (torch.randint(0, 2, (k2, m.in_features), generator=gen).float() * 2 - 1) / k2**0.5
+    else:
+        if k1 * k2 * g.shape[1] > DENSE_MAX_FLOATS:
+            return None
+        gen = torch.Generator().manual_seed(module_seed(seed, m.name))
+        dense = torch.randn(k1 * k2, g.shape[1], generator=gen) / (k1 * k2) ** 0.5
+        return g @ dense.T
+    return (a @ g.view(-1, m.out_features, m.in_features) @ b.T).flatten(1)
+
+
+def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
+    """Projection families at the default plan's block sizes (equal d), hessian none."""
+    from encoder.config import FingerprintConfig
+    from encoder.fingerprint import TrackStarEncoder
+
+    checkpoint, corpus_dir = prepare(spec, workdir)
+    h = Harness(checkpoint, corpus_dir, n_queries)
+    enc, a, b, _ = h.phi(FingerprintConfig(k=0, hessian="none"))
+    plan = TrackStarEncoder(h.model, FingerprintConfig(hessian="none"), second_moments=h.second_moments).plan
+    unit = [m / m.norm(dim=1, keepdim=True) for m in (a, b)]
+    exact = unit[1] @ unit[0].T
+    del unit
+    exact_top = top(exact, 10)
+    rows = []
+    for family in FAMILIES:
+        scores, skipped, t0, mem = {}, [], time.perf_counter(), 0
+        for seed in SEEDS:
+            parts_a, parts_b, start = [], [], 0
+            for m, dim in zip(enc.modules, enc.block_dims, strict=True):
+                sizes = plan[m.name]
+                sl = slice(start, start + dim)
+                start += dim
+                if sizes is None:
+                    parts_a.append(a[:, sl]), parts_b.append(b[:, sl])
+                    continue
+                pa = _project_block(a[:, sl], m, sizes, family, seed)
+                if pa is None:
+                    skipped.append(m.name)
+                    break
+                parts_a.append(pa), parts_b.append(_project_block(b[:, sl], m, sizes, family, seed))
+                if seed == SEEDS[0]:
+                    mem += 4 * (sizes[0] * sizes[1] * dim if family == "dense gaussian"
+                                else sizes[0] * m.out_features + sizes[1] * m.in_features)  # fmt: skip
+            if skipped:
+                break
+            ta, tb = torch.cat(parts_a, 1), torch.cat(parts_b, 1)
+            scores[seed] = (tb / tb.norm(dim=1, keepdim=True)) @ (ta / ta.norm(dim=1, keepdim=True)).T
+        if skipped:
+            rows.append({"family": family, "note": f"skipped: {skipped[0]}'s dense matrix exceeds "
+                                                   f"{DENSE_MAX_FLOATS * 4 >> 20} MiB"})  # fmt: skip
+            continue
+        s0, s1 = scores[SEEDS[0]], scores[SEEDS[1]]
+        rows.append({"family": family, "d": int(ta.shape[1]),
+                     "none_vs_exact": (overlap(top(s0, 10), exact_top) + overlap(top(s1, 10), exact_top)) / 2,
+                     "none_seed": overlap(top(s0, 10), top(s1, 10)), "spearman_none_vs_exact": spearman(s0, exact),
+                     "projection_mib": mem / 2**20, "seconds": time.perf_counter() - t0})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return {"model": spec.name, "rows": rows}
+
+
 COLUMNS = ["config", "d", "exact_modules", "none_vs_exact", "none_seed", "mixed_seed", "spearman_none_vs_exact",
            "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "mixed_rescore100_seed",
            "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first", "bytes_per_vector", "r_memory_mib"]  # fmt: skip
@@ -265,6 +340,23 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _families_main(args: argparse.Namespace) -> int:
+    names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
+    results = [measure_families(MODELS[n], args.workdir, args.queries) for n in names]
+    md = ["# Projection families at equal d (hessian none)\n",
+          "Each module's exact corrected gradient projected to the default plan's k1 x k2 dims by: the "
+          "encoder's Gaussian Kronecker pair, a Rademacher (+-1/sqrt(k)) Kronecker pair, or one dense "
+          f"Gaussian matrix (d_W x out*in). Top-10 overlaps as in bench_fidelity; seeds {SEEDS}.\n"]  # fmt: skip
+    for res in results:
+        md.append(f"\n## {res['model']}\n")
+        md.append(md_table(res["rows"], ["family", "d", "none_vs_exact", "none_seed", "spearman_none_vs_exact",
+                                         "projection_mib", "seconds", "note"]))  # fmt: skip
+    payload = {"machine": machine(), "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
+               "results": results}  # fmt: skip
+    write_results("fidelity_families_quick" if args.quick else "fidelity_families", payload, "".join(md), args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--models", default="demo,deep", help="comma-separated: demo, deep (quick with --quick)")
@@ -273,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--quick", action="store_true", help="smoke size: the test model, k=8 vs the default")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--families", action="store_true",
+                   help="compare projection families (Gaussian / Rademacher Kronecker, dense Gaussian) at "
+                        "the default's block sizes instead; writes bench_fidelity_families.*")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.families:
+        return _families_main(args)
     names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     results = [measure_model(MODELS[n], configs, args.workdir, args.queries) for n in names]

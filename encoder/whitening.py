@@ -105,8 +105,16 @@ def choose_lambda(
     lambda = s_train[c] / (s_eval[c] + s_train[c]) at c = component * d, which makes the
     two terms contribute equally at that component.
     """
-    s_train = torch.sort(torch.cat([torch.linalg.eigvalsh(b) for b in r_train]), descending=True)[0]
-    s_eval = torch.sort(torch.cat([torch.linalg.eigvalsh(b) for b in r_eval]), descending=True)[0]
+    return lambda_at(pooled_eigenvalues(r_train), pooled_eigenvalues(r_eval), component)
+
+
+def pooled_eigenvalues(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The eigenvalues of all blocks of a block-diagonal R, pooled and sorted descending."""
+    return torch.sort(torch.cat([torch.linalg.eigvalsh(b) for b in blocks]), descending=True)[0]
+
+
+def lambda_at(s_train: torch.Tensor, s_eval: torch.Tensor, component: float) -> float:
+    """lambda = s_train[c] / (s_eval[c] + s_train[c]) at c = component * d (pooled, sorted)."""
     c = min(max(int(component * s_train.numel()), 0), s_train.numel() - 1)
     t, e = float(s_train[c].clamp_min(0)), float(s_eval[c].clamp_min(0))
     if t + e <= 0:

@@ -145,6 +145,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from indexer.spectrum import plot, spectrum
+
+    data = spectrum(Path(args.index_dir))
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"{'lambda (built)':>20}: {data['lambda']:.6g} at c = {data['component']:g} * d, d = {data['d']}")
+        for name, lam in data["lambda_by_component"].items():
+            print(f"{'lambda at c = ' + name:>20}: {lam:.6g}")
+    if args.out:
+        plot(data, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from indexer.verify import verify_index
 
@@ -268,6 +284,11 @@ def register(subparsers) -> None:
     info.add_argument("index_dir", help="a published index directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_info)
+    spec = isub.add_parser("spectrum", help="R_train / R_eval eigenvalue curves and lambda per component choice")
+    spec.add_argument("index_dir", help="a published index built with hessian mixed and --queries")
+    spec.add_argument("--out", help="write the plot here (PNG)")
+    spec.add_argument("--json", action="store_true", help="print the curves and lambdas as JSON (one line)")
+    spec.set_defaults(func=cmd_spectrum)
     ver = isub.add_parser("verify", help="checksums, counts, model hash")
     ver.add_argument("index_dir", help="a published index directory")
     ver.add_argument("--model", default=None, help="model directory (default: the manifest's)")

@@ -39,7 +39,7 @@ INT64_MAX = 2**63 - 1
 
 
 def _query(q: InfluenceQuery, default_rescore: int = 0) -> Query:
-    rescore = q.rescore if q.rescore is not None else (default_rescore if q.mode == "influence" else 0)
+    rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
     return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=rescore)
 
 

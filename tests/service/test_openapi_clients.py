@@ -54,7 +54,7 @@ def test_schemathesis_no_server_errors_no_schema_violations(server):
     left out (it needs an API key; the reload tests cover it), and so is the UI's explain
     route (service/explain.py, tested in test_explain.py)."""
     result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "run", f"{server}/openapi.json", "--checks", "all",
+        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{server}/openapi.json", "--checks", "all",
          "--max-examples", "8", "--generation-deterministic", "--workers", "1",
          "--request-timeout", "60", "--exclude-path", "/v1/admin/reload",
          "--exclude-path", "/v1/influence/explain"],
@@ -74,6 +74,7 @@ def keyed_server(tiny_index):
 
 
 SCHEMATHESIS_KEY = "schemathesis-key"
+SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_schemathesis_with_api_keys(keyed_server):
     directories must be refused with a 4xx, never a 500; a reload of the configured index
     swaps it for itself)."""
     result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "run", f"{keyed_server}/openapi.json", "--checks", "all",
+        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{keyed_server}/openapi.json", "--checks", "all",
          "--max-examples", "8", "--generation-deterministic", "--workers", "1",
          "--request-timeout", "60", "-H", f"Authorization: Bearer {SCHEMATHESIS_KEY}",
          "--exclude-path", "/v1/influence/explain"],

@@ -88,7 +88,11 @@ def test_rescore_with_a_source_filter_keeps_the_filter(client):
     assert got and all(r["source"] == source for r in got)
 
 
-@pytest.mark.parametrize("extra", [{"rescore": 5, "mode": "bm25"}, {"rescore": -1}, {"rescore": 10**6}, {"rescore": "5"}])
+def test_other_modes_ignore_rescore(client):
+    assert _query(client, k=5, mode="bm25", rescore=50) == _query(client, k=5, mode="bm25")
+
+
+@pytest.mark.parametrize("extra", [{"rescore": -1}, {"rescore": 10**6}, {"rescore": "5"}, {"rescore": 2.5}])
 def test_bad_rescore_requests_are_422(client, extra):
     r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, **extra})
     assert r.status_code == 422, r.text
