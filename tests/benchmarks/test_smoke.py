@@ -110,7 +110,7 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
     for path in fact_corpus_files:
         shutil.copy(path, work / "corpus" / path.name)
     (work / "stamp.json").write_text(json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)}))
-    assert bench_fidelity.main(["--quick", "--queries", "10", "--workdir", str(tmp_path / "w"),
+    assert bench_fidelity.main(["--quick", "--queries", "6", "--workdir", str(tmp_path / "w"),
                                 "--out", str(tmp_path)]) == 0  # fmt: skip
     data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
     rows = data["results"][0]["rows"]

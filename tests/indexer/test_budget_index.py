@@ -42,6 +42,18 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
         assert (ids >= 0).all() and scores[0, 0] >= scores[0, -1]
     finally:
         idx.close()
+    # Served: every first-stage result of this projected, unwhitened index has its sd, small
+    # next to the unit-norm scale (exact modules add none).
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.service.live import live_server
+
+    with live_server(create_app(Settings(index_dir=budget_index))) as base:
+        rows = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Veloria is", "completion": " Quenton.",
+                                                        "k": 5}, timeout=60).json()["results"]  # fmt: skip
+    assert len(rows) == 5 and all(0 < r["score_sd"] < 1 for r in rows)
     assert main(["index", "info", str(budget_index)]) == 0
     assert "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 stored exactly" in capsys.readouterr().out
 
