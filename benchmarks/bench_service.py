@@ -57,7 +57,7 @@ MODES = {
 }
 
 
-def build_test_index(workdir: Path) -> Path:
+def build_test_index(workdir: Path, proj_dim: int | None = None) -> Path:
     """Corpus "test" -> trained test model -> published index; returns the index dir."""
     from evaluation.corpus import generate_fact_corpus
     from evaluation.train import train_fact_model
@@ -68,7 +68,8 @@ def build_test_index(workdir: Path) -> Path:
     trained = train_fact_model(corpus, workdir / "train", size="test", seed=0)
     out = workdir / "index"
     argv = ["index", "build", "--model", str(trained.checkpoint_dir), "--corpus", str(corpus_path),
-            "--queries", str(queries_path), "--out", str(out), "--no-progress"]  # fmt: skip
+            "--queries", str(queries_path), "--out", str(out), "--no-progress",
+            *(["-k", str(proj_dim)] if proj_dim is not None else [])]  # fmt: skip
     if influence(argv) != 0:
         raise RuntimeError(f"influence {' '.join(argv)} failed")
     return out
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--pair-duration", type=float, default=5.0, help="seconds per paired window")
     p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
+    p.add_argument("--proj-dim", type=int, default=None,
+                   help="the built test index's fixed k (default: the index default, a 2^16 budget)")
     p.add_argument("--tag", default=None, help="result file suffix, e.g. workers2")
     p.add_argument(
         "--out", type=Path, default=None, help="results dir (default benchmarks/results)"
@@ -435,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_service_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    index_dir = args.index or build_test_index(args.workdir)
+    index_dir = args.index or build_test_index(args.workdir, args.proj_dim)
     build_s = None if args.index else time.perf_counter() - t0
     queries = load_queries(index_dir, args.queries)
     manifest = json.loads((index_dir / "manifest.json").read_text())
