@@ -19,9 +19,9 @@ from pydantic import (
 )
 
 MAX_K = 1000
+"""The largest ``k`` a query may ask for."""
 MAX_RESCORE = 1000
 """The most candidates one query may re-score exactly (one backward pass each)."""
-"""The largest ``k`` a query may ask for."""
 
 MAX_TEXT_FIELD_CHARS = 100_000
 """A character cap on prompt and completion, checked before tokenization; the token limits

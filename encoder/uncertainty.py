@@ -13,8 +13,9 @@ The unprojected X, Y are not stored, so the projected blocks (k1 x k2) stand in 
 (a plug-in estimate), and the unit-norm fingerprints' blocks are used as they are. Modules
 stored exactly contribute nothing. The standard deviation of the difference between this
 projection's score and another's is sqrt(2) times this one. Whitening is not modelled (R
-changes with the projection too): the calibration test (tests/encoder/test_uncertainty.py)
-measures the stated against the observed coverage for hessian none and for mixed R.
+changes with the projection too), so only hessian-none indexes report it; the calibration
+test (tests/encoder/test_uncertainty.py) measures the stated against the observed coverage
+for hessian none.
 """
 
 from __future__ import annotations

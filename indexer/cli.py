@@ -116,13 +116,12 @@ def _summary(index_dir: Path) -> dict:
 
 def _projection_text(fp: dict) -> str:
     """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
-    cfg = fp["config"]
-    k = cfg["k"] if "budget" in cfg else cfg.get("k", 16)
-    if k is not None:
-        return "none (exact)" if k == 0 else f"k = {k} per side, {k * k} dims per module"
+    cfg = FingerprintConfig.from_dict(fp["config"])  # reads manifests from before the budget rule
+    if cfg.k is not None:
+        return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module"
     plan = fp.get("plan") or {}
     exact = sum(v is None for v in plan.values())
-    return (f"budget {cfg['budget']}, blocks <= {cfg['max_block']} dims: {len(plan) - exact} modules projected, "
+    return (f"budget {cfg.budget}, blocks <= {cfg.max_block} dims: {len(plan) - exact} modules projected, "
             f"{exact} stored exactly")  # fmt: skip
 
 
