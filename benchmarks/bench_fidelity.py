@@ -119,27 +119,16 @@ class Harness:
         b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
         return enc, a, b, time.perf_counter() - t0
 
-    def scores(self, enc, train: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """[Q, N] scores; mixed R_eval from the other fold of the queries (evaluation.methods)."""
-        from encoder.whitening import Whitener
-        from evaluation.methods import N_FOLDS
+    def scores(self, config, train: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """([Q, N] scores, seconds of one whitening), as the evaluation scores
+        (``evaluation.methods.gradient_scores``: mixed R_eval from the other fold)."""
+        from evaluation.methods import N_FOLDS, GradientInputs, gradient_scores
 
-        cfg = enc.config
         t0 = time.perf_counter()
-        if cfg.hessian == "none":
-            return (enc.finalize(queries) @ enc.finalize(train).T).float(), 0.0
-        stats = enc.new_statistics()
-        stats.update(train)
-        out = torch.zeros(queries.shape[0], train.shape[0])
-        for fold in range(N_FOLDS):
-            other = enc.new_statistics()
-            other.update(queries[torch.from_numpy(self.folds != fold)])
-            enc.set_whitener(Whitener.from_statistics(stats, other, lambda_=cfg.lambda_,
-                                                      lambda_component=cfg.lambda_component, delta=cfg.delta))  # fmt: skip
-            rows = torch.from_numpy(np.flatnonzero(self.folds == fold))
-            out[rows] = (enc.finalize(queries[rows]) @ enc.finalize(train).T).float()
+        scores, _ = gradient_scores(config, self.model, self.second_moments, GradientInputs(train, queries), self.folds)
         # One fold's whitening is what a build does; the second is the evaluation's split.
-        return out, (time.perf_counter() - t0) / N_FOLDS
+        seconds = (time.perf_counter() - t0) / N_FOLDS if config.hessian == "mixed" else 0.0
+        return scores.float(), seconds
 
     def rescore_ms(self, config, candidates: int) -> float:
         """Milliseconds of the exact second stage for one query and ``candidates`` sequences."""
@@ -180,7 +169,6 @@ def r_bytes(block_dims: list[int]) -> int:
 
 def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: Path, n_queries: int) -> dict:
     from encoder.config import FingerprintConfig
-    from encoder.fingerprint import TrackStarEncoder
 
     checkpoint, corpus_dir = prepare(spec, workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
@@ -200,10 +188,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         s_none, s_mixed, cost = {}, {}, []
         for seed in SEEDS:
             enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
-            s_none[seed], _ = h.scores(enc, a, b)
-            mixed = FingerprintConfig(seed=seed, hessian="mixed", **sizing)
-            enc_m = TrackStarEncoder(h.model, mixed, second_moments=h.second_moments)
-            s_mixed[seed], whiten_s = h.scores(enc_m, a, b)
+            s_none[seed], _ = h.scores(enc.config, a, b)
+            s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
             cost.append(2 * phi_s + whiten_s)
             del a, b
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)

@@ -121,12 +121,26 @@ def rank_gradient(
     Returns:
         (ids [Q, depth] int64, the lambda of each fold's whitener; [] without R).
     """
-    config = method.config(base)
+    scores, lambdas = gradient_scores(method.config(base), model, second_moments, phi, folds)
+    return _topk(scores, depth), lambdas
+
+
+def gradient_scores(
+    config: FingerprintConfig,
+    model: torch.nn.Module,
+    second_moments: SecondMoments | None,
+    phi: GradientInputs,
+    folds: np.ndarray,
+) -> tuple[torch.Tensor, list[float]]:
+    """Scores of every query against every training sequence under one fingerprint config.
+
+    Returns:
+        (scores [Q, N], the lambda of each fold's whitener; [] without R).
+    """
     encoder = TrackStarEncoder(model, config, second_moments=second_moments if config.correction else None)
-    ranking = np.zeros((phi.queries.shape[0], min(depth, phi.train.shape[0])), dtype=np.int64)
     if config.hessian == "none":
-        scores = encoder.finalize(phi.queries) @ encoder.finalize(phi.train).T
-        return _topk(scores, depth), []
+        return encoder.finalize(phi.queries) @ encoder.finalize(phi.train).T, []
+    scores = torch.zeros(phi.queries.shape[0], phi.train.shape[0], dtype=phi.train.dtype)
     train_stats = encoder.new_statistics()
     train_stats.update(phi.train)
     lambdas: list[float] = []
@@ -143,12 +157,11 @@ def rank_gradient(
             )
         )  # fmt: skip
         lambdas.append(encoder.whitener.lambda_)  # type: ignore[union-attr]
-        rows = np.arange(len(folds)) if fold is None else np.flatnonzero(folds == fold)
-        if rows.size == 0:
+        rows = torch.from_numpy(np.arange(len(folds)) if fold is None else np.flatnonzero(folds == fold))
+        if rows.numel() == 0:
             continue
-        scores = encoder.finalize(phi.queries[torch.from_numpy(rows)]) @ encoder.finalize(phi.train).T
-        ranking[rows] = _topk(scores, depth)
-    return ranking, lambdas
+        scores[rows] = (encoder.finalize(phi.queries[rows]) @ encoder.finalize(phi.train).T).to(scores.dtype)
+    return scores, lambdas
 
 
 def rank_bm25(index: BM25Index, query_texts: Sequence[str], depth: int) -> np.ndarray:
