@@ -16,12 +16,19 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    WithJsonSchema,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
 MAX_RESCORE = 1000
 """The most candidates one query may re-score exactly (one backward pass each)."""
+
+MAX_NEW_TOKENS = 1024
+"""The most tokens a ``generate`` query may ask for; the server's ``max_new_tokens``
+setting (413 beyond it) is the real bound."""
 
 MAX_TEXT_FIELD_CHARS = 100_000
 """A character cap on prompt and completion, checked before tokenization; the token limits
@@ -54,6 +61,10 @@ def _unicode_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode_text)]
 """A request text field: any Unicode string (lone surrogates refused with 422)."""
 
+COMPLETION_OR_GENERATE = "completion_or_generate"
+"""The error type of a query with both or neither of ``completion`` and ``generate``; its
+field is reported as ``completion``."""
+
 EXAMPLE_QUERY: dict[str, JsonValue] = {
     "prompt": "The capital of Veloria is",
     "completion": " Quenton.",
@@ -61,9 +72,46 @@ EXAMPLE_QUERY: dict[str, JsonValue] = {
 }
 
 
+class GenerateOptions(BaseModel):
+    """Let the model write the completion, then trace it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_new_tokens: WholeNumber = Field(
+        ge=1, le=MAX_NEW_TOKENS,
+        description="At most this many tokens; generation also stops at the end-of-sequence token "
+        "(which is not traced). Bounded by the server's `max_new_tokens` setting (413 beyond).",
+        examples=[16],
+    )  # fmt: skip
+    temperature: float = Field(
+        0.0, ge=0.0, le=10.0,
+        description="0 (the default) decodes greedily: the model's most likely continuation. "
+        "Above 0 samples at this temperature from the full distribution.",
+    )  # fmt: skip
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral_float)] | None = Field(
+        None, description="Seed of the sampling generator (temperature > 0); null = a fresh one, "
+        "reported in the response's `generation.seed`.",
+    )  # fmt: skip
+
+
+class Span(BaseModel):
+    """A character range [start, end) of the completion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    start: WholeNumber = Field(ge=0, le=MAX_TEXT_FIELD_CHARS, description="First character (0-based).")
+    end: WholeNumber = Field(ge=1, le=MAX_TEXT_FIELD_CHARS, description="End character (exclusive).")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> Span:
+        if self.end <= self.start:
+            raise ValueError(f"span end {self.end} must be greater than its start {self.start}")
+        return self
+
+
 class InfluenceQuery(BaseModel):
     """One influence query: which training examples made the model say ``completion``
-    after ``prompt``?"""
+    after ``prompt``? Give the completion, or ask the model to ``generate`` it."""
 
     # strict: `false` is not a score and `"5"` is not a k (no silent coercion).
     model_config = ConfigDict(
@@ -75,11 +123,23 @@ class InfluenceQuery(BaseModel):
         description="Context given to the model. Its tokens are not attributed.",
         examples=["The capital of Veloria is"],
     )
-    completion: Text = Field(
-        min_length=1,
-        max_length=MAX_TEXT_FIELD_CHARS,
-        description="The model output to explain; only its tokens carry loss.",
+    completion: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_FIELD_CHARS)] | None = Field(
+        None,
+        description="The model output to explain; only its tokens carry loss. Required unless "
+        "`generate` is given (then it must be absent).",
         examples=[" Quenton."],
+    )
+    generate: GenerateOptions | None = Field(
+        None,
+        description="Generate and trace: the model continues the prompt (greedy by default) and "
+        "its own tokens are traced; the response carries the generated `completion`.",
+    )
+    span: Span | None = Field(
+        None,
+        description="Trace only the completion tokens overlapping this character range of the "
+        "completion (given or generated), e.g. the one fact in a longer generation: earlier "
+        "completion tokens become context, later ones are dropped. An `end` past the completion's "
+        "end means to its end; 422 `invalid_span` when `start` is not within the completion.",
     )
     k: WholeNumber = Field(10, ge=1, le=MAX_K, description="Number of results to return (5.0 counts as 5).")
     return_text: bool = Field(True, description="Include each training example's text.")
@@ -108,6 +168,13 @@ class InfluenceQuery(BaseModel):
         "0 unless set). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
     )
+
+    @model_validator(mode="after")
+    def _one_completion(self) -> InfluenceQuery:
+        if (self.completion is None) == (self.generate is None):
+            raise PydanticCustomError(COMPLETION_OR_GENERATE, "give either `completion` (the output to explain) "
+                                      "or `generate` (let the model write it), not both or neither")  # fmt: skip
+        return self
 
 
 class InfluenceResult(BaseModel):
@@ -144,10 +211,30 @@ class Timings(BaseModel):
     total: float
 
 
+class GenerationInfo(BaseModel):
+    """How the traced completion was generated (queries with `generate`)."""
+
+    n_tokens: int = Field(description="Tokens generated (the end-of-sequence token not counted).")
+    finish_reason: Literal["eos", "length"] = Field(
+        description="`eos`: the model ended it; `length`: it reached `max_new_tokens` (or the "
+        "model's context)."
+    )
+    seed: int | None = Field(description="The sampling seed; null for greedy decoding.")
+
+
 class InfluenceResponse(BaseModel):
     """Ranked training examples for one query."""
 
     results: list[InfluenceResult]
+    completion: str | None = Field(
+        None, description="The completion that was traced: the model's own generation for a "
+        "query with `generate`, else the query's completion."
+    )  # fmt: skip
+    span: Span | None = Field(
+        None, description="The character range of `completion` whose tokens were traced: the "
+        "query's `span` widened to token boundaries, or the whole completion."
+    )  # fmt: skip
+    generation: GenerationInfo | None = Field(None, description="Set for queries with `generate`.")
     model: str = Field(description="The model the index was built on.")
     index_version: str = Field(description="Content hash of the index manifest that answered.")
     timings_ms: Timings
@@ -175,6 +262,9 @@ class ExplainRequest(BaseModel):
         strict=True,
         description="The training example to explain (a result's id; 3.0 counts as 3).",
     )
+    span: Span | None = Field(
+        None, description="The query's `span`, if it had one: explain the score of the same traced tokens."
+    )  # fmt: skip
 
 
 class TokenContribution(BaseModel):
@@ -208,6 +298,15 @@ class ExplainResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="Server-side time: `total`.")
 
 
+QueryItem = Annotated[
+    dict[str, JsonValue],
+    WithJsonSchema({"anyOf": [{"$ref": "#/components/schemas/InfluenceQuery"}, {"type": "object"}],
+                    "description": "An `InfluenceQuery`; any other object is answered with its "
+                    "validation error in `errors`."}),
+]  # fmt: skip
+"""One query of a batch call: validated by the route as an ``InfluenceQuery``, per query."""
+
+
 class BatchInfluenceRequest(BaseModel):
     """Many queries in one call; the server caps how many (`max_batch_queries`)."""
 
@@ -215,7 +314,11 @@ class BatchInfluenceRequest(BaseModel):
         extra="forbid", strict=True, json_schema_extra={"examples": [{"queries": [EXAMPLE_QUERY]}]}
     )
 
-    queries: list[InfluenceQuery] = Field(min_length=1, description="Queries, answered in order.")
+    queries: list[QueryItem] = Field(
+        min_length=1,
+        description="Queries, answered in order. Each is validated on its own: one that is not a "
+        "valid `InfluenceQuery` gets its 422 in `errors` and does not fail the call.",
+    )
 
 
 class BatchQueryError(BaseModel):

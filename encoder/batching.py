@@ -69,13 +69,31 @@ def sequence_example(input_ids: Sequence[int]) -> Example:
     return Example(ids, tuple(t > 0 for t in range(len(ids))))
 
 
+def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+    """A query's context tokens (no special tokens); an empty prompt is the tokenizer's
+    BOS token when it has one.
+
+    Raises:
+        InputError: code ``empty_prompt``: empty prompt and no BOS token.
+    """
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    if not prompt_ids:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise InputError(
+                "the prompt is empty and the tokenizer has no BOS token", code="empty_prompt"
+            )
+        prompt_ids = [int(bos)]
+    return prompt_ids
+
+
 def tokenize_query(
     tokenizer, prompt: str, completion: str, *, max_tokens: int | None = None
 ) -> Example:
     """A query: prompt tokens are context, completion tokens are targets.
 
-    Prompt and completion are tokenized separately (no special tokens) and concatenated.
-    An empty prompt is replaced by the tokenizer's BOS token when it has one.
+    Prompt and completion are tokenized separately (no special tokens) and concatenated
+    (``tokenize_prompt`` for the prompt).
 
     Raises:
         InputError: empty completion (code ``empty_completion``), or empty prompt without a
@@ -85,14 +103,7 @@ def tokenize_query(
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if not completion_ids:
         raise InputError("the completion is empty: nothing to attribute", code="empty_completion")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-    if not prompt_ids:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is None:
-            raise InputError(
-                "the prompt is empty and the tokenizer has no BOS token", code="empty_prompt"
-            )
-        prompt_ids = [int(bos)]
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
     n = len(prompt_ids) + len(completion_ids)
     if max_tokens is not None and n > max_tokens:
         raise InputTooLongError(

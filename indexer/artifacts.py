@@ -23,6 +23,7 @@ from encoder.batching import Example, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError, ConfigError, IndexChangedError
 from encoder.fingerprint import TrackStarEncoder
+from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from encoder.optimizer_state import load_second_moments
 from encoder.rescoring import ExactRescorer
@@ -312,6 +313,15 @@ class InfluenceIndex:
                 batch = collate(examples[s : s + QUERY_BATCH], pad)
                 out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()
         return out
+
+    def generate(self, prompt_ids: list[int], options: Generation) -> Generated:
+        """The model's continuation of ``prompt_ids`` (``encoder.generation``), run under
+        the model's lock like an encode pass."""
+        self.last_query_at = time.monotonic()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        with self.encode_lock:
+            return generate(self.encoder.model, prompt_ids, options, eos_token_id=eos,
+                            pad_token_id=int(self.tokenizer.pad_token_id or 0))  # fmt: skip
 
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for

@@ -178,23 +178,31 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
                                ("--rerank-candidates", args.rerank_candidates, 0),
-                               ("--rescore", args.rescore, 0)):  # fmt: skip
+                               ("--rescore", args.rescore, 0), ("--generate", args.generate, 1),
+                               ("--temperature", args.temperature, 0)):  # fmt: skip
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     defaults = SearchParams()
     params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
                           candidates=args.rerank_candidates)  # fmt: skip
+    if (args.completion is None) == (args.generate is None):
+        raise ConfigError("give --completion (the output to explain) or --generate N (let the model write it)")
+    from encoder.generation import Generation
+    from service.search import Limits, Query, generated_completion, validate
+
+    generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
+    query = Query(args.prompt, args.completion, args.k, generate=generate, span=args.span)
     idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params,
                               placement=args.search_placement)  # fmt: skip
     try:
-        from encoder.batching import tokenize_query
-
-        example = tokenize_query(idx.tokenizer, args.prompt, args.completion, max_tokens=idx.max_tokens)
-        vec = idx.encode_examples([example])
+        limits = Limits(idx.max_tokens or 1 << 30, idx.max_tokens or 1 << 30, args.generate or 1)
+        generated = generated_completion(idx, query, limits, idx.max_tokens) if generate is not None else None
+        traced = validate(idx.tokenizer, query, limits, idx.max_tokens, generated)
+        vec = idx.encode_examples([traced.example])
         scores, ids = idx.search(vec, max(args.k, args.rescore), rerank=not args.no_rerank)
         hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         if args.rescore:
-            exact = idx.rescore(example, [i for _, i in hits])
+            exact = idx.rescore(traced.example, [i for _, i in hits])
             hits = sorted(((float(s), i) for s, (_, i) in zip(exact, hits, strict=True)), key=lambda h: -h[0])
         hits = hits[: args.k]
         records = idx.examples([i for _, i in hits])
@@ -205,13 +213,33 @@ def cmd_query(args: argparse.Namespace) -> int:
          "document_id": rec.document_id}
         for r, ((s, _), rec) in enumerate(zip(hits, records, strict=True))
     ]
+    g = traced.generated
+    answer = {"completion": traced.completion, "span": {"start": traced.span[0], "end": traced.span[1]},
+              "generation": None if g is None else {"n_tokens": len(g.ids), "finish_reason": g.finish_reason,
+                                                    "seed": g.seed},
+              "results": rows}  # fmt: skip
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            text = row["text"].replace("\n", " ")
-            print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")
+        print(json.dumps(answer, indent=2))
+        return 0
+    if g is not None:
+        print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
+    if args.span is not None:
+        print(f"traced: {json.dumps(traced.completion[traced.span[0] : traced.span[1]])}")
+    for row in rows:
+        text = row["text"].replace("\n", " ")
+        print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")
     return 0
+
+
+def _span(text: str) -> tuple[int, int]:
+    """--span START:END, a non-empty character range of the completion."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (characters), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
 
 
 def _batch_size(text: str) -> int:
@@ -296,9 +324,19 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("query", help="query an index locally (no server)")
     q.add_argument("--index", required=True, help="a published index directory")
     q.add_argument("--prompt", required=True, help="context given to the model (its tokens are not attributed)")
-    q.add_argument("--completion", required=True, help="the model output to explain (its tokens carry the loss)")
+    q.add_argument("--completion", default=None,
+                   help="the model output to explain (its tokens carry the loss); or --generate")
+    q.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="generate and trace: the model continues the prompt (at most N tokens, greedy "
+                        "unless --temperature) and its own tokens are traced")
+    q.add_argument("--temperature", type=float, default=0.0,
+                   help="--generate: sample at this temperature (default 0: greedy)")
+    q.add_argument("--gen-seed", type=int, default=None, help="--generate: the sampling seed (default: fresh)")
+    q.add_argument("--span", type=_span, default=None, metavar="START:END",
+                   help="trace only the completion tokens overlapping these characters of the completion")
     q.add_argument("-k", type=int, default=10, help="results to show (default 10)")
-    q.add_argument("--json", action="store_true", help="print the results as JSON")
+    q.add_argument("--json", action="store_true",
+                   help="print {completion, span, generation, results} as JSON (the REST response's fields)")
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
     q.add_argument("--rescore", type=int, default=0, metavar="C",

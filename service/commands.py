@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     serve.add_argument("--rescore", type=int, metavar="C",
                        help="default exact second stage: re-score the top max(C, k) candidates per query "
                             "(one backward pass each; requests may override; default 0 = off)")
+    serve.add_argument("--max-new-tokens", type=int,
+                       help="the most tokens a generate-and-trace query may ask for (default 64)")
     serve.add_argument("--max-batch-size", type=int, help="queries per encode pass")
     serve.add_argument("--max-wait-ms", type=float, help="how long a query waits for batch mates")
     serve.add_argument("--max-queue", type=int, help="waiting queries before 503")
@@ -94,6 +96,7 @@ def _settings_from(args: argparse.Namespace):
         "ef_search": getattr(args, "ef_search", None),
         "rerank_candidates": getattr(args, "rerank_candidates", None),
         "rescore": args.rescore,
+        "max_new_tokens": getattr(args, "max_new_tokens", None),
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "max_queue": args.max_queue,

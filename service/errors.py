@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.models import ErrorBody, ErrorResponse
+from api.models import COMPLETION_OR_GENERATE, ErrorBody, ErrorResponse
 from encoder.errors import InfluenceError, safe_text
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,20 @@ def _field_name(loc: tuple | list) -> str:
     return ".".join(parts) or "body"
 
 
+def validation_error_body(errors: list[Any], prefix: tuple = ()) -> ErrorBody:
+    """The ``validation_error`` body for pydantic's ``errors()``: the first problem in the
+    message, every offending field in ``details`` (locations under ``prefix``)."""
+    def loc(e: Any) -> tuple:
+        where = (*prefix, *e.get("loc", ()))
+        return (*where, "completion") if e.get("type") == COMPLETION_OR_GENERATE else where
+
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _field_name(loc(first))
+    fields = sorted({_field_name(loc(e)) for e in errors})
+    return error_body("validation_error", f"{field}: {first.get('msg', 'invalid')}",
+                      {"field": field, "fields": ", ".join(fields)})  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     """Register the exception handlers on ``app``."""
 
@@ -94,16 +108,8 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
         )
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _field_name(first.get("loc", ()))
-        fields = sorted({_field_name(e.get("loc", ())) for e in errors})
-        return error_response(
-            422,
-            "validation_error",
-            f"{field}: {first.get('msg', 'invalid')}",
-            {"field": field, "fields": ", ".join(fields)},
-        )
+        body = ErrorResponse(error=validation_error_body(list(exc.errors())))
+        return JSONResponse(body.model_dump(mode="json"), status_code=422)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI: a body that is not decodable at all

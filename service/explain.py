@@ -25,7 +25,7 @@ import torch
 from fastapi import APIRouter, Depends, Request
 
 from api.models import ErrorResponse, ExplainRequest, ExplainResponse, TokenContribution
-from encoder.batching import collate, sequence_example, tokenize_query
+from encoder.batching import collate, sequence_example
 from encoder.errors import InputError, InputTooLongError
 from encoder.token_attribution import attribute_tokens
 from service.auth import require_key
@@ -109,7 +109,9 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
         InputError / InputTooLongError: a bad query. NotFoundError: unknown id.
     """
     started = time.perf_counter()
-    validate(index.tokenizer, Query(body.prompt, body.completion, 1), limits, getattr(index, "max_tokens", None))
+    span = None if body.span is None else (body.span.start, body.span.end)
+    query = validate(index.tokenizer, Query(body.prompt, body.completion, 1, span=span), limits,
+                     getattr(index, "max_tokens", None)).example  # fmt: skip
     record = index.example(body.id)
     token_ids = getattr(index, "token_ids", None)
     seq = sequence_tokens(index.tokenizer, record, token_ids(body.id) if token_ids is not None else None)
@@ -121,7 +123,6 @@ def explain(index, body: ExplainRequest, limits: Limits) -> ExplainResponse:
             n_tokens=len(seq.input_ids),
             limit=MAX_EXPLAIN_TOKENS,
         )
-    query = tokenize_query(index.tokenizer, body.prompt, body.completion)
     encoder = index.encoder
     lock = getattr(index, "encode_lock", None) or contextlib.nullcontext()
     with lock:
@@ -173,7 +174,7 @@ async def explain_influence(body: ExplainRequest, request: Request) -> ExplainRe
     On an idle server one encode pass and one forward-mode pass over the example; while
     queries are flowing, short backward passes that let them run in between."""
     settings = request.app.state.settings
-    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens)
+    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
     state = request.app.state.index_state
 
     def run() -> ExplainResponse:

@@ -11,6 +11,7 @@ import time
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from api.models import (
     BatchInfluenceRequest,
@@ -18,6 +19,7 @@ from api.models import (
     BatchQueryError,
     ErrorResponse,
     Example,
+    GenerationInfo,
     Health,
     IndexSummary,
     InfluenceQuery,
@@ -25,11 +27,13 @@ from api.models import (
     InfluenceResult,
     ReloadRequest,
     ReloadResponse,
+    Span,
     Timings,
 )
 from encoder.errors import InfluenceError, InputError
+from encoder.generation import Generation
 from service.auth import require_admin, require_key
-from service.errors import ERROR_RESPONSES, error_body
+from service.errors import ERROR_RESPONSES, error_body, validation_error_body
 from service.search import Outcome, Query, model_name
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
@@ -40,7 +44,10 @@ INT64_MAX = 2**63 - 1
 
 def _query(q: InfluenceQuery, default_rescore: int = 0) -> Query:
     rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
-    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=rescore)
+    generate = None if q.generate is None else Generation(q.generate.max_new_tokens, q.generate.temperature, q.generate.seed)
+    span = None if q.span is None else (q.span.start, q.span.end)
+    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=rescore,
+                 generate=generate, span=span)  # fmt: skip
 
 
 def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:
@@ -62,8 +69,14 @@ def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceR
                 document_id=_str_or_none(hit.record.document_id),
             )
         )
+    traced = outcome.traced
+    generated = traced.generated if traced is not None else None
     return InfluenceResponse(
         results=results,
+        completion=traced.completion if traced is not None else None,
+        span=Span(start=traced.span[0], end=traced.span[1]) if traced is not None and traced.span[1] > traced.span[0] else None,
+        generation=None if generated is None else GenerationInfo(
+            n_tokens=len(generated.ids), finish_reason=generated.finish_reason, seed=generated.seed),  # fmt: skip
         model=outcome.model,
         index_version=outcome.index_version,
         timings_ms=Timings(
@@ -116,18 +129,25 @@ async def query_influence_batch(
             field="queries",
             limit=limit,
         )
-    outcomes = await request.app.state.batcher.submit([_query(q, request.app.state.settings.rescore) for q in body.queries])
-    responses: list[InfluenceResponse | None] = []
-    errors: list[BatchQueryError] = []
-    for i, (q, outcome) in enumerate(zip(body.queries, outcomes, strict=True)):
+    parsed: dict[int, InfluenceQuery] = {}
+    errors: dict[int, BatchQueryError] = {}
+    for i, item in enumerate(body.queries):
+        try:
+            parsed[i] = InfluenceQuery.model_validate(item)
+        except ValidationError as exc:
+            errors[i] = BatchQueryError(query_index=i, status=422, error=validation_error_body(exc.errors()))
+    default_rescore = request.app.state.settings.rescore
+    outcomes = await request.app.state.batcher.submit([_query(q, default_rescore) for q in parsed.values()]) if parsed else []
+    responses: dict[int, InfluenceResponse] = {}
+    for (i, q), outcome in zip(parsed.items(), outcomes, strict=True):
         if outcome.error is None:
-            responses.append(_response(q, outcome, started))
-            continue
-        exc = outcome.error
-        responses.append(None)
-        errors.append(BatchQueryError(query_index=i, status=exc.http_status,
-                                      error=error_body(exc.code, exc.message, exc.details)))
-    return BatchInfluenceResponse(responses=responses, errors=errors)
+            responses[i] = _response(q, outcome, started)
+        else:
+            exc = outcome.error
+            errors[i] = BatchQueryError(query_index=i, status=exc.http_status,
+                                        error=error_body(exc.code, exc.message, exc.details))  # fmt: skip
+    return BatchInfluenceResponse(responses=[responses.get(i) for i in range(len(body.queries))],
+                                  errors=[errors[i] for i in sorted(errors)])  # fmt: skip
 
 
 @v1.get(

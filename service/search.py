@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from encoder.batching import Example, tokenize_query
-from encoder.errors import InfluenceError, InputTooLongError
+from encoder.batching import Example, tokenize_prompt
+from encoder.errors import InfluenceError, InputError, InputTooLongError
+from encoder.generation import Generated, Generation, token_spans, traced_example
 from indexer.fusion import mode_search
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,16 @@ class Query:
     """What the search needs from a request (text formatting happens in the route)."""
 
     prompt: str
-    completion: str
+    completion: str | None
     k: int
     source: str | None = None
     min_score: float | None = None
     mode: str = "influence"
     rescore: int = 0
+    generate: Generation | None = None
+    """Generate and trace: the model writes the completion (``completion`` is None)."""
+    span: tuple[int, int] | None = None
+    """Trace only the completion tokens overlapping this character range."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Limits:
 
     max_prompt_tokens: int
     max_completion_tokens: int
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -64,6 +70,18 @@ class Outcome:
     encode_ms: float = 0.0
     search_ms: float = 0.0
     batch_size: int = 0
+    traced: Traced | None = None
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What a query traces: the tokenized query, the completion's text (generated or
+    given), the character range of it whose tokens are targets, and how it was generated."""
+
+    example: Example
+    completion: str
+    span: tuple[int, int]
+    generated: Generated | None = None
 
 
 def model_name(manifest: dict) -> str:
@@ -79,40 +97,66 @@ def model_name(manifest: dict) -> str:
     return str(manifest.get("model_id") or "unknown")
 
 
-def validate(tokenizer, query: Query, limits: Limits, context: int | None = None) -> Example:
+def _check_length(part: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise InputTooLongError(f"the {part} is {n} tokens, the limit is {limit}", field=part, n_tokens=n, limit=limit)
+
+
+def validate(tokenizer, query: Query, limits: Limits, context: int | None = None,
+             generated: Generated | None = None) -> Traced:  # fmt: skip
     """Tokenize as the encoder will and enforce the per-part token limits and the model's
-    context length ``context`` (total tokens).
+    context length ``context`` (total tokens). ``generated``: the completion's tokens as
+    the model generated them (a ``generate`` query), traced as they are.
 
     Returns:
-        the tokenized query, ready for ``encode_examples``.
+        the traced query, its example ready for ``encode_examples``.
 
     Raises:
-        InputError: empty completion / empty prompt without BOS (422).
+        InputError: empty completion / empty prompt without BOS / a span outside the
+            completion (422).
         InputTooLongError: prompt or completion over its limit (413).
     """
-    example = tokenize_query(tokenizer, query.prompt, query.completion)
-    n_completion = example.n_targets
-    n_prompt = len(example.input_ids) - n_completion
-    for part, n, limit in (
-        ("prompt", n_prompt, limits.max_prompt_tokens),
-        ("completion", n_completion, limits.max_completion_tokens),
-    ):
-        if n > limit:
-            raise InputTooLongError(
-                f"the {part} is {n} tokens, the limit is {limit}",
-                field=part,
-                n_tokens=n,
-                limit=limit,
-            )
-    if context is not None and len(example.input_ids) > context:
-        raise InputTooLongError(
-            f"prompt + completion is {len(example.input_ids)} tokens, "
-            f"the model's context is {context}",
-            field="completion",
-            n_tokens=len(example.input_ids),
-            limit=context,
-        )
-    return example
+    prompt_ids = tokenize_prompt(tokenizer, query.prompt)
+    _check_length("prompt", len(prompt_ids), limits.max_prompt_tokens)
+    if generated is not None:
+        completion_ids = list(generated.ids)
+        completion = tokenizer.decode(completion_ids, clean_up_tokenization_spaces=False)
+    else:
+        completion = query.completion or ""
+        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if not completion_ids:
+            raise InputError("the completion is empty: nothing to attribute", code="empty_completion")
+    _check_length("completion", len(completion_ids), limits.max_completion_tokens)
+    n = len(prompt_ids) + len(completion_ids)
+    if context is not None and n > context:
+        raise InputTooLongError(f"prompt + completion is {n} tokens, the model's context is {context}",
+                                field="completion", n_tokens=n, limit=context)  # fmt: skip
+    spans = token_spans(tokenizer, completion, completion_ids) if query.span is not None else []
+    example, snapped = traced_example(prompt_ids, completion_ids, spans, query.span)
+    return Traced(example, completion, snapped if query.span is not None else (0, len(completion)), generated)
+
+
+def generated_completion(index, query: Query, limits: Limits, context: int | None) -> Generated:
+    """The model's continuation for a ``generate`` query, within the token limits: at most
+    ``max_new_tokens`` (413 beyond the server's bound), the completion limit and the room
+    the prompt leaves in the model's context."""
+    assert query.generate is not None
+    asked = query.generate.max_new_tokens
+    if asked > limits.max_new_tokens:
+        raise InputTooLongError(f"generate.max_new_tokens is {asked}, the limit is {limits.max_new_tokens}",
+                                field="generate.max_new_tokens", n_tokens=asked, limit=limits.max_new_tokens)  # fmt: skip
+    prompt_ids = tokenize_prompt(index.tokenizer, query.prompt)
+    _check_length("prompt", len(prompt_ids), limits.max_prompt_tokens)
+    room = min(asked, limits.max_completion_tokens, (context or asked + len(prompt_ids)) - len(prompt_ids))
+    if room < 1:
+        raise InputTooLongError(f"the prompt is {len(prompt_ids)} tokens and fills the model's context "
+                                f"({context}): no room to generate", field="prompt",
+                                n_tokens=len(prompt_ids), limit=context)  # fmt: skip
+    generated = index.generate(prompt_ids, replace(query.generate, max_new_tokens=room))
+    if not generated.ids:
+        raise InputError("the model ended its generation at once (end-of-sequence token): nothing to trace",
+                         code="empty_generation", field="generate")  # fmt: skip
+    return generated
 
 
 def _encode(index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
@@ -175,10 +219,10 @@ def _filtered_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
         pool = min(size, pool * 4)
 
 
-def _mode_search(index, vector: np.ndarray, query: Query) -> list[Hit]:
+def _mode_search(index, vector: np.ndarray, query: Query, text: str) -> list[Hit]:
     """``bm25`` / ``hybrid`` hits (indexer.fusion); a source filter ranks the whole index."""
     k = int(index.size) if query.source is not None else query.k
-    scores, ids = mode_search(index, vector, query.prompt + query.completion, query.mode, k)
+    scores, ids = mode_search(index, vector, query.prompt + text, query.mode, k)
     hits = _hits(index, scores, ids)
     if query.source is not None:
         hits = [h for h in hits if h.record.source == query.source]
@@ -201,6 +245,13 @@ def _rescored(index, example: Example, vector: np.ndarray, query: Query) -> list
     return [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
 
 
+def _traced_text(outcome: Outcome) -> str:
+    """The traced part of the completion (the lexical query text of bm25 / hybrid)."""
+    assert outcome.traced is not None
+    start, end = outcome.traced.span
+    return outcome.traced.completion[start:end]
+
+
 def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
@@ -220,7 +271,9 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     examples: list[Example] = []
     for i, query in enumerate(queries):
         try:
-            examples.append(validate(index.tokenizer, query, limits, context))
+            generated = generated_completion(index, query, limits, context) if query.generate is not None else None
+            outcomes[i].traced = validate(index.tokenizer, query, limits, context, generated)
+            examples.append(outcomes[i].traced.example)
             valid.append(i)
         except InfluenceError as exc:
             outcomes[i].error = exc
@@ -257,7 +310,7 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
             except InfluenceError as exc:
                 outcomes[i].error = exc
         elif queries[i].mode != "influence":
-            outcomes[i].hits = _mode_search(index, vectors[j], queries[i])
+            outcomes[i].hits = _mode_search(index, vectors[j], queries[i], _traced_text(outcomes[i]))
         elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
     for j, i in enumerate(valid):

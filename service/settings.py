@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api.models import MAX_RESCORE
+from api.models import MAX_NEW_TOKENS, MAX_RESCORE
 
 
 class Settings(BaseSettings):
@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     )  # fmt: skip
     max_prompt_tokens: int = Field(512, ge=1)
     max_completion_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(
+        64, ge=1, le=MAX_NEW_TOKENS,
+        description="The most tokens a generate-and-trace query may ask the model for (413 beyond).",
+    )  # fmt: skip
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="Accepted API keys; empty: auth off."

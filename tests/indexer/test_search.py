@@ -73,7 +73,7 @@ def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
                "-k", "7", "--json", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    rows = json.loads(out.out)
+    rows = json.loads(out.out)["results"]
     q = opened.encode_queries([(prompt, completion)])[0]
     brute = np.asarray(opened.fingerprints, dtype=np.float32) @ q
     order = np.argsort(-brute, kind="stable")[:7]

@@ -8,6 +8,7 @@ contributions must sum to the score e_q . e of the encoder's own fingerprints.
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from service.settings import Settings
 from tests.conftest import tiny_gpt2
 from tests.encoder import reference as ref
 from tests.service.live import live_server
+from tests.service.test_openapi_clients import SCHEMATHESIS_CONFIG
 from tests.tolerances import FLOAT16_SCORE, assert_within, gamma, recompute_bound
 
 
@@ -176,7 +178,8 @@ def test_explain_schemathesis(server):
     responses match the documented schema, invalid input refused; bounded examples."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
     result = subprocess.run(
-        [str(schemathesis), "run", f"{server.base_url}/openapi.json", "--checks", "all",
+        [str(schemathesis), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{server.base_url}/openapi.json",
+         "--checks", "all",
          "--max-examples", "5", "--phases", "examples,coverage", "--generation-deterministic",
          "--workers", "1",
          "--request-timeout", "60", "--include-path", "/v1/influence/explain"],
@@ -282,56 +285,72 @@ def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
     assert all(ra is not None and code == "explain_overloaded" for s, ra, code in statuses if s == 503)
 
 
-def _p99(latencies):
-    return float(np.percentile(latencies, 99))
+class RecordingLock:
+    """The index's model lock, recording who asked for it and who got it, in order."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.events, self._guard = inner, [], threading.Lock()
+
+    def _log(self, what: str) -> None:
+        with self._guard:
+            self.events.append((what, threading.current_thread().name))
+
+    def __enter__(self):
+        self._log("ask")
+        self.inner.__enter__()
+        self._log("got")
+        return self
+
+    def __exit__(self, *exc):
+        self._log("release")
+        return self.inner.__exit__(*exc)
 
 
-def test_queries_stay_fast_while_an_explanation_runs(tiny_index, query):
-    """One explanation in flight at all times: /v1/influence p99 within 3x its p99 alone
-    (the explanation takes the model one pass at a time, in FIFO order with the queries).
-    Three paired windows, alone then busy, back to back; the median ratio is judged, so a
-    burst of noise on a shared machine does not decide it."""
-    import threading
-    import time as _time
-
-    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
-        client = httpx.Client(base_url=base, timeout=60)
+def test_queries_interleave_with_an_explanation(tiny_index, query):
+    """While queries flow, an explanation takes the model one short pass at a time, in FIFO
+    order with the queries: no query ever waits behind more than one explanation pass, and
+    queries run between the explanation's passes. Judged from the lock's own record of who
+    asked and who got it (no timing: the latency this buys is in bench_explain)."""
+    app = create_app(Settings(index_dir=tiny_index))
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=120) as client:
         longest = max(range(20), key=lambda i: len(client.get(f"/v1/examples/{i}").json()["text"]))
+        index = app.state.index_state.current
+        lock = index.encode_lock = RecordingLock(index.encode_lock)
+        assert client.post("/v1/influence", json=query).status_code == 200  # queries are flowing
+        done = threading.Event()
 
-        def p99(n):
-            out = []
-            for i in range(n):
-                t0 = _time.perf_counter()
-                r = client.post("/v1/influence", json={"prompt": f"{query['prompt']} {i}", "completion": query["completion"]})
-                out.append(_time.perf_counter() - t0)
-                assert r.status_code == 200
-            return _p99(out)
-
-        def explain_forever(stop, explained):
+        def explain_once(out):
             with httpx.Client(base_url=base, timeout=120) as other:
-                while not stop.is_set():
-                    r = other.post("/v1/influence/explain", json={**query, "id": longest})
-                    assert r.status_code == 200, r.text
-                    explained.append(1)
+                out.append(other.post("/v1/influence/explain", json={**query, "id": longest}))
+            done.set()
 
-        p99(10)  # warm-up
-        pairs = []
-        for _ in range(3):
-            alone = p99(60)
-            stop, explained = threading.Event(), []
-            thread = threading.Thread(target=explain_forever, args=(stop, explained))
-            thread.start()
-            try:
-                _time.sleep(0.1)
-                busy = p99(60)
-            finally:
-                stop.set()
-                thread.join()
-            assert explained, "no explanation ran during the measurement"
-            pairs.append((busy / alone, busy, alone))
-        client.close()
-    ratio, busy, alone = sorted(pairs)[1]
-    assert ratio <= 3, f"median pair: p99 {busy * 1e3:.1f} ms with an explanation in flight vs {alone * 1e3:.1f} ms alone ({pairs})"
+        result: list = []
+        thread = threading.Thread(target=explain_once, args=(result,))
+        thread.start()
+        n = 0
+        while not done.is_set():
+            r = client.post("/v1/influence", json={**query, "prompt": f"{query['prompt']} {n}"})
+            assert r.status_code == 200
+            n += 1
+        thread.join()
+    assert result and result[0].status_code == 200, result
+    events = list(lock.events)
+    explainer = {name for what, name in events if what == "got" and not name.startswith("influence-batch")}
+    passes = [i for i, (what, name) in enumerate(events) if what == "got" and name in explainer]
+    queries = [i for i, (what, name) in enumerate(events) if what == "got" and name.startswith("influence-batch")]
+    assert len(passes) > 2, "the explanation held the model in one piece"
+    between = [i for i in queries if passes[0] < i < passes[-1]]
+    assert between, f"no query ran during the explanation's {len(passes)} passes ({n} queries sent)"
+    for name in {name for what, name in events if name.startswith("influence-batch")}:
+        asked = None
+        for i, (what, who) in enumerate(events):
+            if who != name:
+                continue
+            if what == "ask":
+                asked = i
+            elif what == "got":
+                waited = sum(1 for j in passes if asked < j < i)
+                assert waited <= 1, f"a query waited behind {waited} explanation passes"
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_results_equal_influence_query(server, tiny_index, capsys):
     rc = influence_main(["query", "--index", str(tiny_index), "--prompt", prompt,
                          "--completion", completion, "-k", "10", "--json"])
     assert rc == 0
-    cli_rows = json.loads(capsys.readouterr().out)
+    cli_rows = json.loads(capsys.readouterr().out)["results"]
     body = influence(server, prompt, completion, k=10)
     assert len(cli_rows) == 10
     assert_same_results(body["results"], cli_rows)

@@ -52,7 +52,7 @@ def _exact_rows(exact_index, k, capsys):
     rc = influence_main(["query", "--index", str(exact_index), "--prompt", PROMPT,
                          "--completion", COMPLETION, "-k", str(k), "--json"])  # fmt: skip
     assert rc == 0
-    return json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out)["results"]
 
 
 def test_rescoring_every_candidate_gives_the_unprojected_ranking(client, tiny_index, exact_index, capsys):
@@ -69,7 +69,7 @@ def test_rescoring_every_candidate_gives_the_unprojected_ranking(client, tiny_in
     rc = influence_main(["query", "--index", str(tiny_index), "--prompt", PROMPT, "--completion", COMPLETION,
                          "-k", "10", "--rescore", str(size), "--json"])  # fmt: skip
     assert rc == 0
-    cli = json.loads(capsys.readouterr().out)
+    cli = json.loads(capsys.readouterr().out)["results"]
     assert [r["id"] for r in cli] == [r["id"] for r in got]
     assert np.abs(np.array([r["score"] for r in cli]) - np.array([r["score"] for r in got])).max() <= 2 * recompute_bound(np.float32)
 
