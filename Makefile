@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test test-fast lint openapi bench load clean
+.PHONY: install system-deps demo test test-fast lint openapi client bench load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ lint: $(STAMP)
 
 openapi: $(STAMP)
 	$(BIN)/influence openapi --out api/openapi.json
+
+# A typed Python client from api/openapi.json (openapi-python-client), into CLIENT_OUT. The
+# venv's bin goes first on PATH: the generator formats its output with the venv's ruff.
+CLIENT_OUT ?= influence_client
+client: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/openapi-python-client generate --path api/openapi.json \
+	  --output-path $(CLIENT_OUT) --meta none --overwrite
 
 # Locust through the nginx gateway to 2 local replicas of the demo index (built and cached
 # in .demo like `make demo`), at 1/8/32 users plus a failover run; writes

@@ -77,6 +77,7 @@ class BuildConfig:
         shard_size: sequences per shard (resume and scale-out unit).
         device: torch device; None = CUDA if present.
         threads: torch intra-op threads; None = 1 for a small model on the CPU, else torch's default.
+        name: the model's display name (UI, API ``model``); None = ``display_name(model)``.
     """
 
     model: Path
@@ -98,6 +99,7 @@ class BuildConfig:
     shard_size: int = 256
     device: str | None = None
     threads: int | None = None
+    name: str | None = None
 
 
 def _out_state(out: Path, build_key: str) -> bool:
@@ -147,6 +149,8 @@ def build_key(cfg: BuildConfig, chunk: ChunkConfig) -> str:
         "batch_size": cfg.batch_size,
         "shard_size": cfg.shard_size,
     }
+    if cfg.name is not None:  # a published index records its name: another name is another index
+        ident["name"] = cfg.name
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -69,7 +69,7 @@ def build_config(args: argparse.Namespace):
         optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
         v_sample=args.v_sample, hessian_sample=args.hessian_sample, faiss=args.faiss,
         faiss_train_sample=args.faiss_train_sample, bm25=not args.no_bm25, batch_size=args.batch_size,
-        shard_size=args.shard_size, device=args.device, threads=args.threads,
+        shard_size=args.shard_size, device=args.device, threads=args.threads, name=args.name,
     )
 
 
@@ -89,6 +89,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     close()
     if ctx.is_main:
         print(f"index published: {out}")
+        print_summary(_summary(out))
     if ctx.world_size > 1:
         exit_after_success(0)
     shutdown()
@@ -96,22 +97,65 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _summary(index_dir: Path) -> dict:
+    from encoder.model_loading import display_name
     from indexer import manifest as mf
 
     m = mf.read_manifest(index_dir)
-    size = sum(p.stat().st_size for p in index_dir.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
     n = m["counts"]["sequences"]
+    b = m["build"]
+    seconds = (b.get("statistics_seconds") or 0) + (b.get("encode_seconds") or 0)
     return {
-        "index": str(index_dir), "version": mf.manifest_version(index_dir), "model": m["model"]["path"],
-        "sequences": n, "documents": m["counts"]["documents"], "dim": m["counts"]["dim"],
+        "index": str(index_dir), "version": mf.manifest_version(index_dir),
+        "name": m["model"].get("name") or display_name(Path(m["model"]["path"])), "model": m["model"]["path"],
+        "sequences": n, "documents": m["counts"]["documents"], "tokens": m["counts"].get("tokens"),
+        "tokens_per_s": round(m["counts"]["tokens"] / seconds, 1) if seconds and m["counts"].get("tokens") else None,
+        "modules": m["fingerprint"]["modules"], "dim": m["counts"]["dim"],
         "faiss": m["faiss"]["factory"], "recall": m["faiss"].get("recall"),
         "k": m["fingerprint"]["config"]["k"], "budget": m["fingerprint"]["config"].get("budget"),
         "projection": _projection_text(m["fingerprint"]), "hessian": m["fingerprint"]["config"]["hessian"],
         "lambda": m["fingerprint"]["lambda"], "second_moments": m["fingerprint"]["second_moments"],
         "seq_len": m["corpus"]["seq_len"], "stride": m["corpus"]["stride"], "packing": m["corpus"]["packing"],
         "bytes": size, "bytes_per_sequence": round(size / max(n, 1), 1),
-        "build": m["build"], "created_at": m["created_at"],
+        "build": b, "created_at": m["created_at"],
     }
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The summary a build ends with and ``index info`` prints: what was indexed, how
+    fast, with what fingerprint, and how large the index is."""
+    b = s["build"]
+    modules = s["modules"]
+    shown = ", ".join(modules[:6]) + (f", ... ({len(modules) - 6} more)" if len(modules) > 6 else "")
+    rows = [("index", s["index"]), ("version", s["version"]), ("name", s["name"]), ("model", s["model"]),
+            ("sequences", s["sequences"]), ("documents", s["documents"]), ("tokens", s["tokens"]),
+            ("tokens/s", f"{s['tokens_per_s']} (both passes)" if s["tokens_per_s"] else None),
+            ("modules", f"{len(modules)}: {shown}"), ("dim", s["dim"]), ("faiss", s["faiss"]),
+            ("projection", s["projection"]), ("hessian", s["hessian"]), ("lambda", s["lambda"]),
+            ("second_moments", s["second_moments"]), ("seq_len", s["seq_len"]), ("stride", s["stride"]),
+            ("packing", s["packing"]),
+            ("pass 1 (statistics)", f"{b.get('statistics_seconds')} s, {b.get('statistics_seq_per_s')} seq/s"),
+            ("pass 2 (encode)", f"{b.get('encode_seconds')} s, {b.get('encode_seq_per_s')} seq/s"),
+            ("size", f"{_size_text(s['bytes'])} ({s['bytes']} bytes, {s['bytes_per_sequence']} per sequence)"),
+            ("created_at", s["created_at"])]  # fmt: skip
+    lines = [f"{key:>20}: {value}" for key, value in rows]
+    if s["recall"]:
+        r = s["recall"]
+        lines.append(f"{'recall@10':>20}: {r['recall_at_k']:.4f} (re-ranked {r['recall_at_k_reranked']:.4f}, "
+                     f"{int(r['n_queries'])} probes)")  # fmt: skip
+    return lines
+
+
+def print_summary(s: dict) -> None:
+    print("\n".join(summary_lines(s)))
 
 
 def _projection_text(fp: dict) -> str:
@@ -130,17 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    for key in ("index", "version", "model", "sequences", "documents", "dim", "faiss", "projection", "hessian",
-                "lambda", "second_moments", "seq_len", "stride", "packing", "bytes", "bytes_per_sequence",
-                "created_at"):
-        print(f"{key:>20}: {s[key]}")
-    if s["recall"]:
-        r = s["recall"]
-        print(f"{'recall@10':>20}: {r['recall_at_k']:.4f} (re-ranked {r['recall_at_k_reranked']:.4f}, "
-              f"{int(r['n_queries'])} probes)")
-    b = s["build"]
-    print(f"{'pass 1 seq/s':>20}: {b.get('statistics_seq_per_s')}")
-    print(f"{'pass 2 seq/s':>20}: {b.get('encode_seq_per_s')}")
+    print_summary(s)
     return 0
 
 
@@ -299,6 +333,9 @@ def _add_build(sub) -> None:
     p.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for models < 50M params on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--name", default=None,
+                   help="the model's display name in the UI and API (default: run/checkpoint-N for a "
+                        "Trainer checkpoint, else the model directory's name)")
     p.set_defaults(func=cmd_build)
 
 

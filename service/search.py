@@ -18,6 +18,7 @@ import numpy as np
 from encoder.batching import Example, tokenize_prompt
 from encoder.errors import InfluenceError, InputError, InputTooLongError
 from encoder.generation import Generated, Generation, token_spans, traced_example
+from encoder.model_loading import display_name
 from indexer.fusion import mode_search
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ def model_name(manifest: dict) -> str:
     if isinstance(model, dict):
         if model.get("id") or model.get("name"):
             return str(model.get("id") or model.get("name"))
-        # The build records the model directory; its name, not the server's full path.
-        return Path(str(model.get("path") or "unknown")).name
+        # An index built before names were recorded: a name from its model directory,
+        # never the server's full path.
+        return display_name(Path(str(model.get("path") or "unknown")))
     if model:
         return str(model)
     return str(manifest.get("model_id") or "unknown")

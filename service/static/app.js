@@ -58,6 +58,8 @@ function plainError(status, body) {
         return `${d.field} too long: ${d.n_tokens} tokens, limit ${d.limit}`;
       return err.message;
     case "empty_completion": return "The completion is empty: type the output to explain.";
+    case "empty_generation": return "The model ended its generation at once: nothing to trace. Try another prompt.";
+    case "invalid_span": return err.message;
     case "unauthorized": return "This service needs an API key: enter it above.";
     case "forbidden": return "The API key was not accepted.";
     case "not_found": return err.message || "Not found.";
@@ -96,17 +98,24 @@ async function loadModes() {
     if (found && found.length) modes = found;
   } catch (err) { /* keep the default */ }
   const select = $("mode");
-  select.replaceChildren(...modes.map((m) => new Option(m, m)));
+  const options = modes.map((m) => new Option(m, m));
+  // Influence beside attribution: both rankings side by side (a UI view over two queries).
+  if (modes.includes("influence") && modes.includes("bm25"))
+    options.push(new Option("compare (influence vs BM25)", "compare"));
+  select.replaceChildren(...options);
 }
 
 // ---- results ---------------------------------------------------------------------------
+// A word: letters and digits, joined across inner punctuation ("2.0", "don't", "e-mail");
+// everything between words is kept as it is.
+const WORD = /[\p{L}\p{N}]+(?:[.,'\u2019\-][\p{L}\p{N}]+)*/u;
 function words(text) {
-  return text.match(/[\p{L}\p{N}]+|[^\p{L}\p{N}]+/gu) || [];
+  return text.match(/[\p{L}\p{N}]+(?:[.,'\u2019\-][\p{L}\p{N}]+)*|[^\p{L}\p{N}]+/gu) || [];
 }
-const isWord = (w) => /[\p{L}\p{N}]/u.test(w);
+const isWord = (w) => WORD.test(w) && w.match(WORD)[0] === w;
 
-// Words to highlight: every non-stopword of the completion, and the capitalized words
-// (entities) of the prompt.
+// Words to highlight: the completion's whole words that are no stop words, and the
+// capitalized words (entities) of the prompt. Punctuation is never highlighted.
 function highlightTerms(prompt, completion) {
   const completionTerms = new Set();
   for (const w of words(completion)) {
@@ -146,30 +155,36 @@ function el(tag, cls, text) {
   return node;
 }
 
-function renderResults(data, terms) {
-  const list = $("results");
+// Bars are relative to the best result on screen (realistic influence cosines are a few
+// hundredths: an absolute 0-1 bar would look empty); the raw score and the rank are shown.
+function renderResults(data, terms, list = $("results"), shared = null) {
   list.replaceChildren();
-  // Influence scores are cosines in [-1, 1]: bars show them as they are. Other modes
-  // (BM25, fused ranks) have unbounded scores: bars are relative to the best result.
   const top = Math.max(...data.results.map((r) => Math.abs(r.score)), 0);
-  const scale = top > 1 ? top : 1;
   for (const r of data.results) {
     const li = el("li", "card");
     li.dataset.id = String(r.id);
     const open = el("button", "card-open");
     open.type = "button";
-    open.setAttribute("aria-label", `Rank ${r.rank}: example ${r.id}, score ${r.score.toFixed(3)}. Open details`);
+    const both = shared !== null && shared.has(r.id);
+    open.setAttribute("aria-label", `Rank ${r.rank}: example ${r.id}, score ${r.score.toFixed(3)}` +
+                      `${both ? ", in both rankings" : ""}. Open details`);
     const head = el("div", "card-head");
     head.append(el("span", "rank", `#${r.rank}`));
     const bar = el("span", "bar");
     const fill = el("span", r.score >= 0 ? "fill" : "fill negative");
-    fill.style.width = `${Math.min(100, (Math.abs(r.score) / scale) * 100).toFixed(1)}%`;
+    const share = top > 0 ? Math.abs(r.score) / top : 0;
+    fill.style.width = `${(share * 100).toFixed(1)}%`;
+    bar.title = `${(share * 100).toFixed(0)}% of the top score`;
     bar.append(fill);
     head.append(bar, el("span", "score", r.score.toFixed(3)));
     const meta = el("div", "card-meta");
     meta.append(el("span", "source", r.source || "unknown source"),
                 el("span", "id", `id ${r.id}`));
     if (r.document_id) meta.append(el("span", "doc", `doc ${r.document_id}`));
+    if (both) {
+      li.classList.add("shared");
+      meta.append(el("span", "shared-badge", "in both"));
+    }
     const text = el("p", "card-text");
     text.append(highlighted(r.text || "", terms));
     open.append(head, meta, text);
@@ -185,38 +200,80 @@ function showError(box, message) {
   box.hidden = !message;
 }
 
-async function runQuery(event) {
-  event.preventDefault();
+function timing(data, roundTrip) {
+  const t = data.timings_ms;
+  return `in ${roundTrip.toFixed(0)} ms (server ${t.total.toFixed(0)} ms: encode ${t.encode.toFixed(0)} ms, ` +
+         `search ${t.search.toFixed(0)} ms) from index ${data.index_version.slice(0, 12)}`;
+}
+
+function showGenerated(data) {
+  const box = $("generated");
+  if (!data || !data.generation) { box.hidden = true; return; }
+  $("generated-text").textContent = data.completion;
+  const g = data.generation;
+  $("generated-info").textContent =
+    `(${g.n_tokens} tokens, ${g.finish_reason === "eos" ? "the model ended it" : "stopped at the token limit"})`;
+  box.hidden = false;
+}
+
+// One query, or (mode "compare") the same query by influence and by BM25 side by side. With
+// `generate`, the model writes the completion first; compare's BM25 side then searches the
+// generated text.
+async function search(generate) {
   const prompt = $("prompt").value;
-  const completion = $("completion").value;
   const k = Number.parseInt($("k").value, 10) || 10;
-  const body = { prompt, completion, k };
   const mode = $("mode").value;
-  if (mode && mode !== "influence") body.mode = mode;
+  const body = { prompt, k };
+  if (generate) body.generate = { max_new_tokens: Number.parseInt($("max-new").value, 10) || 16 };
+  else body.completion = $("completion").value;
+  if (mode && mode !== "influence" && mode !== "compare") body.mode = mode;
   showError($("error"), "");
-  $("status").textContent = "Searching…";
-  $("submit").disabled = true;
+  $("status").textContent = generate ? "Generating and tracing…" : "Searching…";
+  for (const b of [$("submit"), $("generate")]) b.disabled = true;
   $("results").setAttribute("aria-busy", "true");
   const started = performance.now();
   try {
     const data = await api("POST", "/v1/influence", body);
-    const roundTrip = performance.now() - started;
+    const completion = data.completion !== null && data.completion !== undefined ? data.completion : body.completion;
+    if (generate) $("completion").value = completion;
     lastQuery = { prompt, completion };
-    renderResults(data, highlightTerms(prompt, completion));
-    const t = data.timings_ms;
-    $("status").textContent =
-      `${data.results.length} results in ${roundTrip.toFixed(0)} ms ` +
-      `(server ${t.total.toFixed(0)} ms: encode ${t.encode.toFixed(0)} ms, ` +
-      `search ${t.search.toFixed(0)} ms) from index ${data.index_version.slice(0, 12)}`;
+    showGenerated(data);
+    const terms = highlightTerms(prompt, completion);
+    if (mode === "compare") {
+      const lexical = await api("POST", "/v1/influence", { prompt, completion, k, mode: "bm25" });
+      const roundTrip = performance.now() - started;
+      const ids = new Set(data.results.map((r) => r.id));
+      const shared = new Set(lexical.results.filter((r) => ids.has(r.id)).map((r) => r.id));
+      $("results").replaceChildren();
+      renderResults(data, terms, $("compare-influence"), shared);
+      renderResults(lexical, terms, $("compare-bm25"), shared);
+      $("compare-summary").textContent =
+        `The two rankings share ${shared.size} of their top ${k} passages (marked "in both").`;
+      $("compare").hidden = false;
+      $("status").textContent = `${data.results.length} + ${lexical.results.length} results ` +
+                                `in ${roundTrip.toFixed(0)} ms from index ${data.index_version.slice(0, 12)}`;
+    } else {
+      const roundTrip = performance.now() - started;
+      $("compare").hidden = true;
+      renderResults(data, terms);
+      $("status").textContent = `${data.results.length} results ${timing(data, roundTrip)}`;
+    }
   } catch (err) {
     $("results").replaceChildren();
+    $("compare").hidden = true;
     $("legend").hidden = true;
     $("status").textContent = "";
+    showGenerated(null);
     showError($("error"), err.message);
   } finally {
-    $("submit").disabled = false;
+    for (const b of [$("submit"), $("generate")]) b.disabled = false;
     $("results").removeAttribute("aria-busy");
   }
+}
+
+async function runQuery(event) {
+  event.preventDefault();
+  await search(false);
 }
 
 // ---- detail and per-token view ---------------------------------------------------------
@@ -267,16 +324,22 @@ async function explain() {
     const scale = Math.max(...data.tokens.map((t) => Math.abs(t.contribution)), 0);
     const map = $("heatmap");
     map.replaceChildren();
-    for (const t of data.tokens) {
-      const span = el("span", "tok", t.text);
+    // A token with no characters in the example's text (an end-of-sequence token added when
+    // it was indexed) is a marker, not its literal spelling.
+    const special = (t) => t.end <= t.start;
+    const label = (t) => (special(t) ? "end of sequence" : JSON.stringify(t.text));
+    data.tokens.forEach((t, i) => {
+      const span = el("span", special(t) ? "tok special" : "tok", special(t) ? "\u2403" : t.text);
       span.dataset.contribution = String(t.contribution);
+      span.dataset.position = String(i);
       span.style.backgroundColor = heatColor(t.contribution, scale);
-      span.title = `${JSON.stringify(t.text)}: ${t.contribution >= 0 ? "+" : ""}${t.contribution.toExponential(2)}`;
+      span.title = `token ${i}, ${label(t)}: ${t.contribution >= 0 ? "+" : ""}${t.contribution.toExponential(2)}`;
       map.append(span);
-    }
-    const top = [...data.tokens].sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution)).slice(0, 8);
+    });
+    const top = data.tokens.map((t, i) => ({ ...t, position: i }))
+      .sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution)).slice(0, 8);
     $("top-tokens").replaceChildren(...top.map((t) =>
-      el("li", null, `${JSON.stringify(t.text)} ${t.contribution >= 0 ? "+" : ""}${t.contribution.toFixed(4)}`)));
+      el("li", null, `token ${t.position} ${label(t)} ${t.contribution >= 0 ? "+" : ""}${t.contribution.toFixed(4)}`)));
     $("heatmap-figure").hidden = false;
     $("explain-status").textContent =
       `Influence score ${data.score.toFixed(4)} split over ${data.tokens.length} tokens ` +
@@ -298,6 +361,7 @@ document.addEventListener("DOMContentLoaded", () => {
     loadServing();
   });
   $("query-form").addEventListener("submit", runQuery);
+  $("generate").addEventListener("click", () => search(true));
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("explain").addEventListener("click", explain);
   $("detail").addEventListener("close", () => {

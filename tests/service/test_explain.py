@@ -8,8 +8,8 @@ contributions must sum to the score e_q . e of the encoder's own fingerprints.
 from __future__ import annotations
 
 import subprocess
-import threading
 import sys
+import threading
 from pathlib import Path
 
 import httpx

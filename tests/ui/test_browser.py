@@ -62,8 +62,12 @@ def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     assert ids == expected["ids"]
     shown = [float(s) for s in page.locator("#results .score").all_inner_texts()]
     assert np.allclose(shown, expected["scores"], rtol=0, atol=5e-4 + 1e-12)  # toFixed(3) rounds by <= 5e-4
+    # Bars are relative to the best result: the top one is full, the others its share.
     widths = page.eval_on_selector_all("#results .fill", "els => els.map(e => parseFloat(e.style.width))")
-    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+    top = max(abs(x) for x in expected["scores"])
+    assert widths[0] == 100.0
+    assert np.allclose(widths, [abs(x) / top * 100 for x in expected["scores"]], rtol=0, atol=0.05 + 0.1)  # toFixed(1), float16
+    assert [r.strip() for r in page.locator("#results .rank").all_inner_texts()] == [f"#{i}" for i in range(1, 6)]
     # The serving panel shows /v1/index; the status line the query's timing.
     info = httpx.get(ui_server + "/v1/index").json()
     assert page.locator("#serving-model").inner_text() == info["model"]
@@ -72,7 +76,7 @@ def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     # The mode menu offers exactly the modes the server's schema accepts.
     mode = httpx.get(ui_server + "/openapi.json").json()["components"]["schemas"]["InfluenceQuery"]["properties"]["mode"]
     options = page.eval_on_selector_all("#mode option", "els => els.map(e => e.value)")
-    assert options == (mode.get("enum") or [mode["const"]])
+    assert options == [*(mode.get("enum") or [mode["const"]]), "compare"]
     status = page.locator("#status").inner_text()
     assert status.startswith("5 results in ") and "encode" in status and "search" in status
     # The answer word is highlighted in the top card when the card contains it.
@@ -105,7 +109,17 @@ def test_detail_and_token_heatmap_by_keyboard(page, ui_server, fact_query, expec
     # The recomputed score vs the float16-stored one the search ranked by.
     assert sum(contributions) == pytest.approx(expected["scores"][0], abs=FLOAT16_SCORE + recompute_bound())
     assert contributions[0] == 0.0 and any(c != 0.0 for c in contributions)
-    assert len(page.locator("#top-tokens li").all()) == min(8, len(contributions))
+    tops = page.locator("#top-tokens li").all_inner_texts()
+    assert len(tops) == min(8, len(contributions))
+    # Each top token names its position; the largest |contribution| is listed first.
+    positions = [int(t.split()[1]) for t in tops]
+    assert len(set(positions)) == len(positions)
+    assert positions[0] == int(np.argmax(np.abs(contributions)))
+    # The example ends with the end-of-sequence token it was indexed with: a marker, not "</s>".
+    heat = page.locator("#heatmap").inner_text()
+    assert "</s>" not in heat and "<|endoftext|>" not in heat
+    special = page.eval_on_selector_all("#heatmap .tok.special", "els => els.map(e => e.dataset.position)")
+    assert special == [str(len(contributions) - 1)], special
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
     assert page.evaluate("document.activeElement.closest('.card').dataset.id") == str(top_id)
@@ -126,13 +140,17 @@ def test_api_errors_in_plain_words(page, ui_server, expected):
 
 
 def test_phone_width_and_screenshot(browser, ui_server, fact_query):
-    """No horizontal scrolling at 390 px. ``UI_SCREENSHOT=docs/ui.png`` saves the result
-    page there, and the per-token view as ``docs/ui_tokens.png``."""
+    """No horizontal scrolling at 390 px, in the result and the compare view.
+    ``UI_SCREENSHOT=docs/ui.png`` saves the result page there, the per-token view as
+    ``docs/ui_tokens.png``, the compare view as ``docs/ui_compare.png`` and a generated
+    trace as ``docs/ui_generate.png``."""
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     try:
         _search(page, ui_server, fact_query.prompt, fact_query.completion)
         page.wait_for_selector("#results .card")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        _compare(page, ui_server, fact_query.prompt, fact_query.completion, 5)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         labels = page.eval_on_selector_all(
             "input, textarea, select", "els => els.map(e => e.labels.length)")
@@ -150,6 +168,15 @@ def test_phone_width_and_screenshot(browser, ui_server, fact_query):
         page.get_by_role("button", name="Explain tokens").click()
         page.wait_for_selector("#heatmap .tok")
         page.screenshot(path=target.replace(".png", "_tokens.png"), full_page=False)
+        page.keyboard.press("Escape")
+        _compare(page, ui_server, fact_query.prompt, fact_query.completion, 5)
+        page.screenshot(path=target.replace(".png", "_compare.png"), full_page=False)
+        page.get_by_label("Mode", exact=True).select_option("influence")
+        page.get_by_label("Completion").fill("")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_selector("#generated:not([hidden])")
+        page.wait_for_selector("#results .card")
+        page.screenshot(path=target.replace(".png", "_generate.png"), full_page=False)
         context.close()
 
 
@@ -174,3 +201,86 @@ def test_api_key_prompt_and_use(browser, ui_index_dir, fact_query):
             assert error.is_hidden() and page.locator("#results .card").count() == 2
         finally:
             context.close()
+
+
+def test_highlighting_marks_whole_words_only(page, ui_server):
+    """A completion " Version 2.0" marks "Version" and "2.0" as whole words; never a bare
+    "2", "0" or ".0", punctuation or a stop word."""
+    page.goto(ui_server + "/")
+    page.wait_for_function("() => typeof highlighted === 'function'")
+    marks = page.evaluate("""() => {
+        const p = document.createElement('p');
+        p.append(highlighted('Version 2.0 ships. Then 2 or 0 or 0.5 and version 2.0, the end.',
+                             highlightTerms('', ' Version 2.0 of the')));
+        return [...p.querySelectorAll('mark')].map(m => m.textContent);
+    }""")
+    assert marks == ["Version", "2.0", "version", "2.0"]
+
+
+def test_no_failed_requests_and_a_favicon(page, ui_server, fact_query):
+    failed = []
+    page.on("response", lambda r: failed.append((r.status, r.url)) if r.status >= 400 else None)
+    _search(page, ui_server, fact_query.prompt, fact_query.completion)
+    page.wait_for_selector("#results .card")
+    assert failed == []
+    icon = page.eval_on_selector("link[rel=icon]", "e => e.href")
+    r = httpx.get(icon)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+
+
+def _api(base, **body):
+    r = httpx.post(base + "/v1/influence", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _compare(page, base, prompt, completion, k):
+    page.goto(base + "/")
+    page.get_by_label("Prompt").fill(prompt)
+    page.get_by_label("Completion").fill(completion)
+    page.get_by_label("Number of results").fill(str(k))
+    page.wait_for_selector("#mode option[value=compare]", state="attached")
+    page.get_by_label("Mode", exact=True).select_option("compare")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_selector("#compare-bm25 .card")
+
+
+def test_compare_view_marks_the_passages_both_rankings_share(page, ui_server, fact_query):
+    k = 10
+    _compare(page, ui_server, fact_query.prompt, fact_query.completion, k)
+    influence = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k)
+    lexical = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k, mode="bm25")
+    ids = lambda sel: [int(x) for x in page.eval_on_selector_all(sel, "els => els.map(e => e.dataset.id)")]  # noqa: E731
+    assert ids("#compare-influence .card") == [r["id"] for r in influence["results"]]
+    assert ids("#compare-bm25 .card") == [r["id"] for r in lexical["results"]]
+    shared = {r["id"] for r in influence["results"]} & {r["id"] for r in lexical["results"]}
+    assert shared, "the fact query's own passage should rank in both top-10s"
+    assert set(ids("#compare-influence .card.shared")) == shared == set(ids("#compare-bm25 .card.shared"))
+    assert f"share {len(shared)} of their top {k}" in page.locator("#compare-summary").inner_text()
+    assert page.locator("#results .card").count() == 0
+    # Back to one ranking: the compare view goes away.
+    page.get_by_label("Mode", exact=True).select_option("influence")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_selector("#results .card")
+    assert page.locator("#compare").is_hidden()
+
+
+def test_generate_button_traces_the_models_completion(page, ui_server, fact_query):
+    page.goto(ui_server + "/")
+    page.get_by_label("Prompt").fill(fact_query.prompt)
+    page.get_by_label("Completion").fill("")
+    page.get_by_label("Number of results").fill("5")
+    page.get_by_label("Tokens to generate").fill("8")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#results .card")
+    want = _api(ui_server, prompt=fact_query.prompt, generate={"max_new_tokens": 8}, k=5)
+    assert page.locator("#generated").is_visible()
+    assert page.eval_on_selector("#generated-text", "e => e.textContent") == want["completion"]
+    assert page.get_by_label("Completion").input_value() == want["completion"]
+    ids = [int(x) for x in page.eval_on_selector_all("#results .card", "els => els.map(e => e.dataset.id)")]
+    assert ids == [r["id"] for r in want["results"]]
+    n = want["generation"]["n_tokens"]
+    assert f"({n} tokens" in page.locator("#generated-info").inner_text()
+    # A plain search afterwards hides the generated line.
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_function("() => document.getElementById('generated').hidden")

@@ -1,0 +1,49 @@
+"""A build ends with the summary `index info` prints (sequences, tokens, tokens/s, tracked
+modules, d, time per pass, size); the model's display name is recorded in the manifest
+(`--name`, else run/checkpoint-N) and is what the API reports as `model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from encoder.model_loading import display_name
+from indexer import manifest as mf
+from indexer.__main__ import main
+from service.search import model_name
+from tests.conftest import TINY_INDEX_CLI_OPTIONS
+
+
+def test_build_ends_with_the_index_info_summary(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    corpus, queries = fact_corpus_files
+    out = tmp_path / "named"
+    capsys.readouterr()
+    assert main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus),
+                 "--queries", str(queries), "--out", str(out), "--no-progress", "--name", "facts-gpt2 v1",
+                 *TINY_INDEX_CLI_OPTIONS]) == 0  # fmt: skip
+    built = capsys.readouterr().out.splitlines()
+    assert built[0] == f"index published: {out}"
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out.splitlines()
+    assert built[1:] == info
+    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in info}
+    m = mf.read_manifest(out)
+    assert fields["name"] == "facts-gpt2 v1" == model_name(m)
+    assert int(fields["sequences"]) == m["counts"]["sequences"] and int(fields["tokens"]) == m["counts"]["tokens"]
+    assert float(fields["tokens/s"].split()[0]) > 0
+    modules = m["fingerprint"]["modules"]
+    assert fields["modules"].startswith(f"{len(modules)}: {modules[0]}")
+    assert int(fields["dim"]) == m["counts"]["dim"]
+    assert fields["pass 1 (statistics)"].endswith("seq/s") and fields["pass 2 (encode)"].endswith("seq/s")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert f"({size} bytes" in fields["size"]
+
+
+def test_default_name_is_run_and_checkpoint(tiny_index, trained_checkpoint):
+    ckpt = Path(trained_checkpoint.checkpoint_dir).resolve()
+    assert ckpt.name.startswith("checkpoint-")
+    m = mf.read_manifest(tiny_index)
+    assert m["model"]["name"] == f"{ckpt.parent.name}/{ckpt.name}" == model_name(m)
+    assert display_name(Path("/models/gpt2-small")) == "gpt2-small"
+    # An index without a recorded name (built before names were) gets the same default.
+    legacy = {**m, "model": {k: v for k, v in m["model"].items() if k != "name"}}
+    assert model_name(legacy) == m["model"]["name"]
