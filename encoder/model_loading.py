@@ -89,14 +89,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def display_name(model_dir: Path) -> str:
-    """A model's name for people: ``run/checkpoint-N`` for a Trainer checkpoint (the
-    checkpoint's base name alone says nothing), else the directory's name."""
-    if model_dir.name.startswith("checkpoint-") and model_dir.parent.name:
-        return f"{model_dir.parent.name}/{model_dir.name}"
-    return model_dir.name
-
-
 def load_model(
     model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:

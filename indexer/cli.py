@@ -97,8 +97,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _summary(index_dir: Path) -> dict:
-    from encoder.model_loading import display_name
     from indexer import manifest as mf
+    from indexer.manifest import display_name
 
     m = mf.read_manifest(index_dir)
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())

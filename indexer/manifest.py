@@ -100,3 +100,11 @@ def verify_checksums(index_dir: Path, manifest: dict[str, Any]) -> None:
                 f"index file {name} in {index_dir} fails its checksum (corrupt or modified)",
                 code="checksum_mismatch",
             )
+
+
+def display_name(model_dir: Path) -> str:
+    """A model's name for people: ``run/checkpoint-N`` for a Trainer checkpoint (the
+    checkpoint's base name alone says nothing), else the directory's name."""
+    if model_dir.name.startswith("checkpoint-") and model_dir.parent.name:
+        return f"{model_dir.parent.name}/{model_dir.name}"
+    return model_dir.name

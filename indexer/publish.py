@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from encoder.fingerprint import TrackStarEncoder
-from encoder.model_loading import display_name, model_hash, tokenizer_hash
+from encoder.model_loading import model_hash, tokenizer_hash
 from encoder.tensor_files import save_tensors
 from indexer import faiss_index
 from indexer import manifest as mf
@@ -109,7 +109,7 @@ def publish(
     model_dir = Path(cfg.model).resolve()
     manifest = {
         "format_version": mf.FORMAT_VERSION,
-        "model": {"path": str(model_dir), "name": cfg.name or display_name(model_dir), "hash": model_hash(model_dir),
+        "model": {"path": str(model_dir), "name": cfg.name or mf.display_name(model_dir), "hash": model_hash(model_dir),
                   "tokenizer_hash": tokenizer_hash(model_dir)},
         "fingerprint": {
             "config": fp_cfg.to_dict(),

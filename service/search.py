@@ -18,8 +18,8 @@ import numpy as np
 from encoder.batching import Example, tokenize_prompt
 from encoder.errors import InfluenceError, InputError, InputTooLongError
 from encoder.generation import Generated, Generation, token_spans, traced_example
-from encoder.model_loading import display_name
 from indexer.fusion import mode_search
+from indexer.manifest import display_name
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from encoder.model_loading import display_name
 from indexer import manifest as mf
 from indexer.__main__ import main
 from service.search import model_name
@@ -43,7 +42,7 @@ def test_default_name_is_run_and_checkpoint(tiny_index, trained_checkpoint):
     assert ckpt.name.startswith("checkpoint-")
     m = mf.read_manifest(tiny_index)
     assert m["model"]["name"] == f"{ckpt.parent.name}/{ckpt.name}" == model_name(m)
-    assert display_name(Path("/models/gpt2-small")) == "gpt2-small"
+    assert mf.display_name(Path("/models/gpt2-small")) == "gpt2-small"
     # An index without a recorded name (built before names were) gets the same default.
     legacy = {**m, "model": {k: v for k, v in m["model"].items() if k != "name"}}
     assert model_name(legacy) == m["model"]["name"]

@@ -219,3 +219,17 @@ def test_traced_example_marks_the_span():
     assert example.input_ids == (7, 1) and example.target_mask == (False, True) and snapped == (0, 3)
     example, snapped = traced_example([7], [1, 2, 3], spans, None)
     assert example.target_mask == (False, True, True, True)
+
+
+def test_explain_with_the_querys_span_splits_the_spans_score(server):
+    completion = " Quenton. It is old"
+    span = {"start": 0, "end": 8}
+    body = ask(server, completion=completion, span=span).json()
+    top = body["results"][0]
+    r = server.post("/v1/influence/explain", json={"prompt": PROMPT, "completion": completion, "id": top["id"],
+                                                   "span": span})  # fmt: skip
+    assert r.status_code == 200, r.text
+    explained = r.json()
+    assert abs(explained["index_score"] - top["score"]) <= FLOAT16_SCORE + recompute_bound()
+    whole = server.post("/v1/influence/explain", json={"prompt": PROMPT, "completion": completion, "id": top["id"]}).json()
+    assert abs(whole["index_score"] - explained["index_score"]) > FLOAT16_SCORE + recompute_bound()
