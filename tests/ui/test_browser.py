@@ -4,6 +4,7 @@ cards, detail, per-token heat map, API errors in plain words, phone width, keybo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -71,6 +72,9 @@ def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     # The serving panel shows /v1/index; the status line the query's timing.
     info = httpx.get(ui_server + "/v1/index").json()
     assert page.locator("#serving-model").inner_text() == info["model"]
+    # A display name (run/checkpoint-N), not the checkpoint folder's bare base name.
+    ckpt = Path(expected["model"]["path"])
+    assert info["model"] == expected["model"]["name"] == f"{ckpt.parent.name}/{ckpt.name}"
     assert info["index_version"].startswith(page.locator("#serving-index").inner_text()[:12])
     assert page.locator("#serving-size").inner_text() == str(info["size"])
     # The mode menu offers exactly the modes the server's schema accepts.
