@@ -34,6 +34,7 @@ from indexer import manifest as mf
 from indexer.bm25 import BM25Index
 from indexer.bm25 import open_for_index as open_bm25
 from indexer.metadata import ExampleRecord, MetadataStore
+from indexer.milvus import MilvusSearch, MilvusTarget
 from indexer.torch_search import TorchFlatSearch
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class InfluenceIndex:
         fingerprints: np.ndarray,
         store: MetadataStore,
         search_params: faiss_index.SearchParams | None = None,
-        torch_search: TorchFlatSearch | None = None,
+        torch_search: TorchFlatSearch | MilvusSearch | None = None,
         bm25: BM25Index | None = None,
     ) -> None:
         self.index_dir = index_dir
@@ -183,7 +184,8 @@ class InfluenceIndex:
         self.search_params = search_params or faiss_index.SearchParams()
         """Query-time knobs; nprobe/efSearch are set on the FAISS index when opened."""
         self.torch_search = torch_search
-        """Set by ``placement="torch"``: exact search with torch instead of FAISS."""
+        """Set by ``placement="torch"`` (exact search with torch) or by ``milvus`` (search
+        through a Milvus collection): the vector search used instead of FAISS."""
         self.bm25 = bm25
         """The lexical index (``mode: bm25`` / ``hybrid``), opened with the rest."""
         self._held = HeldFiles(index_dir, LIVE_FILES)
@@ -205,6 +207,7 @@ class InfluenceIndex:
         verify: bool = True,
         search_params: faiss_index.SearchParams | None = None,
         placement: str = "auto",
+        milvus: MilvusTarget | None = None,
     ) -> InfluenceIndex:
         """Open a published index directory.
 
@@ -221,6 +224,8 @@ class InfluenceIndex:
                 (needs faiss-gpu); ``torch``: exact brute force over the stored
                 fingerprints with torch, split over all visible GPUs (else the CPU), which
                 needs no faiss-gpu; the FAISS index is then not loaded (``faiss`` is None).
+            milvus: search through this Milvus collection (``indexer.milvus``, pushed with
+                ``influence index push``) instead; the FAISS index is not loaded.
         Raises:
             ArtifactError: not an index, a failed checksum, or a model that is not the one
                 the index was built with (code ``model_mismatch``).
@@ -257,7 +262,7 @@ class InfluenceIndex:
         # placement torch scores the fingerprints itself: the FAISS index (for Flat, another
         # N x d x 4 bytes of RAM) is not loaded; its file was checksummed above all the same.
         idx = None
-        if placement != "torch":
+        if placement != "torch" and milvus is None:
             idx = faiss_index.read_index(index_dir / mf.FAISS_INDEX,
                                          use_gpu=placement == "auto" and encoder.device.type == "cuda")  # fmt: skip
             if placement in ("gpu", "shards"):
@@ -276,7 +281,9 @@ class InfluenceIndex:
             faiss_index.set_search_params(idx, params)  # once, before any concurrent search
         log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
                  manifest["faiss"]["factory"], params)  # fmt: skip
-        brute = TorchFlatSearch(fingerprints) if placement == "torch" else None
+        brute: TorchFlatSearch | MilvusSearch | None = TorchFlatSearch(fingerprints) if placement == "torch" else None
+        if milvus is not None:
+            brute = MilvusSearch(milvus, mf.manifest_version(index_dir), manifest)
         lexical = open_bm25(index_dir, manifest, lambda: [r.text for r in store.get_many(list(range(n)))])
         return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store, params, brute, lexical)
 
@@ -358,8 +365,11 @@ class InfluenceIndex:
 
     def check_unchanged(self) -> None:
         """Raise ``IndexChangedError`` (503) when a file read while serving was modified in
-        place since open; renaming a new index over the path is safe (the files are held)."""
+        place since open; renaming a new index over the path is safe (the files are held).
+        Raise ``SearchBackendUnavailable`` (503) when the Milvus collection does not answer."""
         self._held.check()
+        if isinstance(self.torch_search, MilvusSearch):
+            self.torch_search.check_ready()
 
     def search(self, vectors: np.ndarray, k: int, *, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k training sequences by influence for query fingerprints.
@@ -373,7 +383,7 @@ class InfluenceIndex:
         """
         self._held.check()
         if self.torch_search is not None:
-            return self.torch_search.search(vectors, k)
+            return self.torch_search.search(vectors, k)  # exact: no re-rank to do
         return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank,
                                   candidates=self.search_params.candidates)  # fmt: skip
 
@@ -392,6 +402,8 @@ class InfluenceIndex:
 
     def close(self) -> None:
         self._held.close()
+        if isinstance(self.torch_search, MilvusSearch):
+            self.torch_search.close()
         self.torch_search = None  # frees its device memory
         self.store.close()
         self.fingerprints = np.zeros((0, self.encoder.dim), dtype=np.float16)

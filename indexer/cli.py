@@ -194,6 +194,27 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from indexer.milvus import MilvusTarget, push
+
+    try:
+        params = json.loads(args.index_params)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--index-params is not JSON: {exc}") from None
+    if not isinstance(params, dict) or args.batch_size < 1:
+        raise ConfigError("--index-params must be a JSON object and --batch-size >= 1")
+    progress, close = _tqdm_progress(not args.no_progress)
+    try:
+        report = push(Path(args.index_dir), MilvusTarget(args.milvus, args.collection), index_type=args.index_type,
+                      index_params=params, batch_size=args.batch_size,
+                      progress=lambda n, total: progress("push", n, total))  # fmt: skip
+    finally:
+        close()
+    print(f"pushed to {args.milvus} collection {report['collection']}: {report['inserted']} inserted, "
+          f"{report['present']} already there ({report['vector_type']})")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from indexer.verify import verify_index
 
@@ -353,6 +374,17 @@ def register(subparsers) -> None:
     spec.add_argument("--out", help="write the plot here (PNG)")
     spec.add_argument("--json", action="store_true", help="print the curves and lambdas as JSON (one line)")
     spec.set_defaults(func=cmd_spectrum)
+    push = isub.add_parser("push", help="upload a published index into a Milvus collection (resumable)")
+    push.add_argument("index_dir", help="a published index directory")
+    push.add_argument("--milvus", required=True, metavar="URI",
+                      help="pymilvus URI: http://host:19530 for a server")
+    push.add_argument("--collection", default=None, help="collection name (default influence_<index version>)")
+    push.add_argument("--index-type", default="FLAT",
+                      help="Milvus vector index: FLAT (exact, default), IVF_FLAT, IVF_PQ, HNSW, GPU_CAGRA, GPU_IVF_PQ")
+    push.add_argument("--index-params", default="{}", help="the vector index's parameters as JSON, e.g. '{\"nlist\": 1024}'")
+    push.add_argument("--batch-size", type=int, default=1024, help="rows per insert (default 1024)")
+    push.add_argument("--no-progress", action="store_true", help="no progress bar")
+    push.set_defaults(func=cmd_push)
     ver = isub.add_parser("verify", help="checksums, counts, model hash")
     ver.add_argument("index_dir", help="a published index directory")
     ver.add_argument("--model", default=None, help="model directory (default: the manifest's)")

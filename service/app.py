@@ -52,7 +52,10 @@ def default_opener(settings: Settings) -> IndexOpener:
     def open_index(index_dir: Path):
         from indexer.artifacts import InfluenceIndex  # heavy: torch, faiss, the model
         from indexer.faiss_index import SearchParams
+        from indexer.milvus import MilvusTarget
 
+        milvus = None if settings.milvus_uri is None else \
+            MilvusTarget(settings.milvus_uri, settings.milvus_collection, settings.milvus_timeout_s)  # fmt: skip
         return InfluenceIndex.open(
             index_dir,
             device=settings.device,
@@ -61,6 +64,7 @@ def default_opener(settings: Settings) -> IndexOpener:
             search_params=SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search,
                                        candidates=settings.rerank_candidates),  # fmt: skip
             placement=settings.search_placement,
+            milvus=milvus,
         )
 
     return open_index

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
     serve.add_argument("--search-placement", choices=("auto", "cpu", "gpu", "shards", "torch"),
                        help="where search runs (default auto; torch: exact brute force on the GPUs)")
+    serve.add_argument("--milvus", metavar="URI",
+                       help="search through a Milvus collection pushed with `influence index push` (a pymilvus URI)")
+    serve.add_argument("--collection", help="--milvus: the collection (default influence_<index version>)")
     serve.add_argument("--nprobe", type=int, help="IVF indexes: lists visited per query (default 16)")
     serve.add_argument("--ef-search", type=int, help="HNSW indexes: search beam width (default 128)")
     serve.add_argument("--rerank-candidates", type=int,
@@ -97,6 +100,8 @@ def _settings_from(args: argparse.Namespace):
         "rerank_candidates": getattr(args, "rerank_candidates", None),
         "rescore": args.rescore,
         "max_new_tokens": getattr(args, "max_new_tokens", None),
+        "milvus_uri": getattr(args, "milvus", None),
+        "milvus_collection": getattr(args, "collection", None),
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "max_queue": args.max_queue,

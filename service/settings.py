@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         "is present), cpu, gpu / shards (FAISS on one GPU / over all GPUs, needs faiss-gpu), torch "
         "(exact brute force with torch over all GPUs, else the CPU).",
     )
+    milvus_uri: str | None = Field(
+        None, description="Search through a Milvus collection (`influence index push`) at this pymilvus URI "
+        "(`http://host:19530`) instead of the local FAISS index; model, encoder, metadata stay local.",
+    )  # fmt: skip
+    milvus_collection: str | None = Field(None, description="The Milvus collection; default `influence_<index version>`.")
+    milvus_timeout_s: float = Field(10.0, gt=0, description="Per-call Milvus timeout; beyond it, 503.")
     nprobe: int = Field(16, ge=1, description="IVF indexes: lists visited per query.")
     ef_search: int = Field(128, ge=1, description="HNSW indexes: search beam width.")
     rerank_candidates: int | None = Field(

@@ -1,0 +1,240 @@
+"""A published index on Milvus, for corpora that outgrow one machine: push its
+fingerprints, ids, texts, sources and document ids into a collection, and search it.
+
+The collection records the index version and the fingerprint config (collection
+properties); a server refuses a collection that does not match its manifest. Pushing is
+resumable and idempotent: each batch of ids is checked against the collection before it
+is inserted, so a rerun after a kill inserts the rest and never an id twice.
+
+Vectors are float16 where the server takes ``FLOAT16_VECTOR`` (Milvus); Milvus Lite does
+not, and gets the same float16 values widened to float32 (``FLOAT_VECTOR``): the inner
+products are then exactly those FAISS ``Flat`` computes over the stored fingerprints.
+Milvus caps dense vectors at 32,768 dims; larger fingerprints are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoder.errors import ArtifactError, ConfigError, InfluenceError
+from indexer import manifest as mf
+from indexer.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+MAX_DIM = 32768
+"""Milvus's largest dense vector."""
+TEXT_CHARS = 65535
+"""Milvus's largest VARCHAR; longer texts are cut in the collection (the local metadata
+store keeps them whole)."""
+VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = "influence.index_version", "influence.fingerprint", "influence.complete"
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_PQ", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
+
+
+class SearchBackendUnavailable(InfluenceError):
+    """The vector search backend (Milvus) is down or too slow: retry later (503)."""
+
+    code = "search_backend_unavailable"
+    http_status = 503
+
+
+@dataclass(frozen=True)
+class MilvusTarget:
+    """Where an index lives on Milvus: a pymilvus URI (``http://host:19530``) and a
+    collection (default ``influence_<index version>``)."""
+
+    uri: str
+    collection: str | None = None
+    timeout_s: float = 10.0
+
+    def name_for(self, version: str) -> str:
+        return self.collection or f"influence_{version}"
+
+
+def _client(target: MilvusTarget):
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise ConfigError("Milvus needs pymilvus: pip install 'influence-search[milvus]'") from None
+
+    try:
+        return MilvusClient(uri=target.uri, timeout=target.timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any connection failure is "unavailable"
+        raise SearchBackendUnavailable(f"cannot reach Milvus at {target.uri}: {exc}") from exc
+
+
+def _fingerprint_identity(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest["fingerprint"]["config"], sort_keys=True)
+
+
+def _create(client, name: str, dim: int, index_type: str, index_params: dict[str, Any], properties: dict[str, str]) -> str:
+    """Create the collection; float16 vectors where the server takes them. Returns the
+    vector type used."""
+    from pymilvus import DataType, MilvusException
+
+    for vector_type in (DataType.FLOAT16_VECTOR, DataType.FLOAT_VECTOR):
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("fingerprint", vector_type, dim=dim)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_CHARS)
+        schema.add_field("source", DataType.VARCHAR, max_length=4096, nullable=True)
+        schema.add_field("document_id", DataType.VARCHAR, max_length=4096, nullable=True)
+        index = client.prepare_index_params()
+        index.add_index("fingerprint", index_type=index_type, metric_type="IP", params=index_params)
+        rpc_log = logging.getLogger("pymilvus.decorators")  # logs the refusal we handle as an ERROR
+        level = rpc_log.level
+        if vector_type == DataType.FLOAT16_VECTOR:
+            rpc_log.setLevel(logging.CRITICAL)
+        try:
+            client.create_collection(name, schema=schema, index_params=index,
+                                     properties={**properties, "influence.vector_type": vector_type.name})  # fmt: skip
+            return vector_type.name
+        except MilvusException as exc:
+            if vector_type == DataType.FLOAT16_VECTOR and "not support" in str(exc):
+                log.info("this server has no float16 vectors (%s): pushing float32", exc)
+                continue
+            raise
+        finally:
+            rpc_log.setLevel(level)
+    raise AssertionError("unreachable")
+
+
+def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", index_params: dict[str, Any] | None = None,
+         batch_size: int = 1024, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Upload a published index into a Milvus collection (resumable, idempotent).
+
+    Returns:
+        ``{"collection", "inserted", "present", "vector_type"}``.
+    Raises:
+        ArtifactError: ``milvus_dim_too_large``; ``milvus_mismatch`` when the collection
+            holds another index. SearchBackendUnavailable: Milvus is unreachable.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"--index-type must be one of {INDEX_TYPES}, got {index_type!r}")
+    index_dir = Path(index_dir).resolve()
+    manifest = mf.read_manifest(index_dir)
+    mf.verify_checksums(index_dir, manifest)
+    version, n, dim = mf.manifest_version(index_dir), int(manifest["counts"]["sequences"]), int(manifest["counts"]["dim"])
+    if dim > MAX_DIM:
+        raise ArtifactError(f"the fingerprints have {dim} dims; Milvus takes at most {MAX_DIM}: rebuild with "
+                            f"--budget {MAX_DIM} or less", code="milvus_dim_too_large")  # fmt: skip
+    client = _client(target)
+    name = target.name_for(version)
+    try:
+        if client.has_collection(name):
+            props = client.describe_collection(name).get("properties", {})
+            _check_identity(props, version, manifest, name)
+            vector_type = props.get("influence.vector_type", "FLOAT_VECTOR")
+        else:
+            vector_type = _create(client, name, dim, index_type, index_params or {},
+                                  {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)})  # fmt: skip
+        fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
+        store = MetadataStore(index_dir / mf.METADATA)
+        inserted = 0
+        try:
+            for lo in range(0, n, batch_size):
+                hi = min(n, lo + batch_size)
+                present = {int(r["id"]) for r in client.query(name, filter=f"id >= {lo} and id < {hi}",
+                                                              output_fields=["id"], limit=hi - lo)}  # fmt: skip
+                missing = [i for i in range(lo, hi) if i not in present]
+                if missing:
+                    client.insert(name, _rows(fingerprints, store, missing, vector_type))
+                    inserted += len(missing)
+                if progress is not None:
+                    progress(hi - lo, n)
+        finally:
+            store.close()
+        client.flush(name)
+        client.alter_collection_properties(name, properties={COMPLETE_KEY: "true"})
+    except InfluenceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pymilvus / gRPC failures
+        raise SearchBackendUnavailable(f"Milvus at {target.uri} failed during the push: {exc}") from exc
+    finally:
+        client.close()
+    log.info("pushed %s to %s/%s: %d inserted, %d already there", index_dir, target.uri, name, inserted, n - inserted)
+    return {"collection": name, "inserted": inserted, "present": n - inserted, "vector_type": vector_type}
+
+
+def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector_type: str) -> list[dict[str, Any]]:
+    vectors = np.asarray(fingerprints[np.asarray(ids)], dtype=np.float16)
+    if vector_type != "FLOAT16_VECTOR":
+        vectors = vectors.astype(np.float32)
+    return [
+        {"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
+         "text": r.text[:TEXT_CHARS], "source": r.source,
+         "document_id": None if r.document_id is None else str(r.document_id)}
+        for j, r in enumerate(store.get_many(ids))
+    ]  # fmt: skip
+
+
+def _check_identity(props: dict[str, Any], version: str, manifest: dict[str, Any], name: str) -> None:
+    if props.get(VERSION_KEY) != version or props.get(CONFIG_KEY) != _fingerprint_identity(manifest):
+        raise ArtifactError(f"Milvus collection {name} holds index {props.get(VERSION_KEY)!r}, not this index "
+                            f"({version}) with its fingerprint config", code="milvus_mismatch")  # fmt: skip
+
+
+class MilvusSearch:
+    """Inner-product top-k through a Milvus collection pushed from the served index: the
+    vector-search interface of ``TorchFlatSearch`` (``search(vectors, k)``).
+
+    Opening checks that the collection records this index's version and fingerprint
+    config, holds all ``n`` vectors and was pushed to the end, then loads it.
+    """
+
+    def __init__(self, target: MilvusTarget, version: str, manifest: dict[str, Any]) -> None:
+        self.target = target
+        self.name = target.name_for(version)
+        self.n = int(manifest["counts"]["sequences"])
+        self._client = _client(target)
+        try:
+            if not self._client.has_collection(self.name):
+                raise ArtifactError(f"Milvus at {target.uri} has no collection {self.name}: run "
+                                    f"`influence index push` first", code="milvus_mismatch")  # fmt: skip
+            props = self._client.describe_collection(self.name).get("properties", {})
+            _check_identity(props, version, manifest, self.name)
+            if props.get(COMPLETE_KEY) != "true":
+                raise ArtifactError(f"the push to Milvus collection {self.name} did not finish: rerun "
+                                    f"`influence index push`", code="milvus_mismatch")  # fmt: skip
+            self.vector_type = props.get("influence.vector_type", "FLOAT_VECTOR")
+            self._client.load_collection(self.name)
+        except InfluenceError:
+            self._client.close()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._client.close()
+            raise SearchBackendUnavailable(f"Milvus at {target.uri}: {exc}") from exc
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad)."""
+        q = np.asarray(vectors, dtype=np.float32)
+        data = [row.astype(np.float16) for row in q] if self.vector_type == "FLOAT16_VECTOR" else q.tolist()
+        limit = min(k, self.n)
+        try:
+            hits = self._client.search(self.name, data=data, anns_field="fingerprint", limit=limit, output_fields=["id"],
+                                       search_params={"metric_type": "IP"}, timeout=self.target.timeout_s)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - down, slow, or refusing: retry later
+            raise SearchBackendUnavailable(f"Milvus search failed: {exc}") from exc
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        for r, row in enumerate(hits):
+            for c, hit in enumerate(row[:k]):
+                scores[r, c], ids[r, c] = float(hit["distance"]), int(hit["id"])
+        return scores, ids
+
+    def check_ready(self) -> None:
+        """Raise ``SearchBackendUnavailable`` when the collection cannot be searched now."""
+        try:
+            self._client.get_load_state(self.name, timeout=min(2.0, self.target.timeout_s))
+        except Exception as exc:  # noqa: BLE001
+            raise SearchBackendUnavailable(f"Milvus at {self.target.uri} is not answering: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,195 @@
+"""An index on Milvus, against a real Milvus Lite gRPC server started here (no mocks):
+push, resume after a crash mid-push without duplicates, search equal to local FAISS Flat
+(in process and over HTTP), a mismatched collection refused, backend down -> 503."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from encoder.errors import ArtifactError
+from indexer import milvus as mv
+from indexer.__main__ import main
+from indexer.artifacts import InfluenceIndex
+from service.app import create_app
+from service.settings import Settings
+from tests.service.live import assert_same_results, live_server
+from tests.tolerances import recompute_bound
+
+pytest.importorskip("pymilvus")
+QUERIES = [("The capital of Veloria is", " Quenton."), ("Cara Nalkun works for", " Buneco"),
+           ("Drorex is headquartered in", " Dutrus")]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiteServer:
+    """``milvus-lite server`` on 127.0.0.1 in its own process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir, self.port = data_dir, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = Path(sys.executable).with_name("milvus-lite")
+        self.proc = subprocess.Popen([str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("milvus-lite server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    server = LiteServer(tmp_path_factory.mktemp("milvus") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pushed(lite, tiny_index):
+    report = mv.push(tiny_index, mv.MilvusTarget(lite.uri), batch_size=32)
+    return report
+
+
+def _count(uri: str, name: str) -> tuple[int, int]:
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        rows = client.query(name, filter="id >= 0", output_fields=["id"], limit=16384)
+        ids = [int(r["id"]) for r in rows]
+        return len(ids), len(set(ids))
+    finally:
+        client.close()
+
+
+def test_push_uploads_every_row_once_and_a_rerun_adds_nothing(pushed, lite, tiny_index, capsys):
+    n = json.loads((tiny_index / "manifest.json").read_text())["counts"]["sequences"]
+    assert pushed["inserted"] == n and pushed["present"] == 0
+    assert pushed["vector_type"] == "FLOAT_VECTOR"  # Milvus Lite has no float16 vectors
+    assert _count(lite.uri, pushed["collection"]) == (n, n)
+    assert main(["index", "push", str(tiny_index), "--milvus", lite.uri, "--no-progress"]) == 0
+    assert f"0 inserted, {n} already there" in capsys.readouterr().out
+    assert _count(lite.uri, pushed["collection"]) == (n, n)
+
+
+def test_push_resumes_after_a_crash_without_duplicates(lite, tiny_index, monkeypatch):
+    from pymilvus import MilvusClient
+
+    target = mv.MilvusTarget(lite.uri, "resume_test")
+    real_insert, calls = MilvusClient.insert, []
+
+    def crash_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies here: two batches are in
+        return real_insert(self, *args, **kwargs)
+
+    monkeypatch.setattr(MilvusClient, "insert", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        mv.push(tiny_index, target, batch_size=16)
+    monkeypatch.setattr(MilvusClient, "insert", real_insert)
+    assert _count(lite.uri, "resume_test") == (32, 32)
+    with pytest.raises(ArtifactError, match="did not finish"):  # an unfinished push is never served
+        InfluenceIndex.open(tiny_index, milvus=target)
+    report = mv.push(tiny_index, target, batch_size=16)
+    n = report["inserted"] + report["present"]
+    assert report["present"] == 32 and _count(lite.uri, "resume_test") == (n, n)
+
+
+def test_search_through_milvus_equals_local_flat(pushed, lite, tiny_index):
+    local = InfluenceIndex.open(tiny_index, device="cpu")
+    remote = InfluenceIndex.open(tiny_index, device="cpu", milvus=mv.MilvusTarget(lite.uri))
+    try:
+        assert remote.faiss is None
+        q = local.encode_queries(QUERIES)
+        want_scores, want_ids = local.search(q, 10)
+        got_scores, got_ids = remote.search(q, 10)
+        assert np.array_equal(got_ids, want_ids)
+        # Both score the same float16 values widened to float32, summed in another order.
+        assert np.abs(got_scores - want_scores).max() <= recompute_bound(np.float32)
+        over, over_ids = remote.search(q[:1], local.size + 3)
+        assert (over_ids[0, -3:] == -1).all() and np.isneginf(over[0, -3:]).all()
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_serving_through_milvus_answers_what_local_serving_answers(pushed, lite, tiny_index):
+    body = {"prompt": QUERIES[0][0], "completion": QUERIES[0][1], "k": 8}
+    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+        want = httpx.post(base + "/v1/influence", json=body, timeout=60).json()
+    with live_server(create_app(Settings(index_dir=tiny_index, milvus_uri=lite.uri))) as base:
+        got = httpx.post(base + "/v1/influence", json=body, timeout=60).json()
+    assert_same_results(got["results"], want["results"])
+
+
+def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_index, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["republished"] = "another version"
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    target = mv.MilvusTarget(lite.uri, pushed["collection"])
+    with pytest.raises(ArtifactError) as info:
+        InfluenceIndex.open(other, milvus=target)
+    assert info.value.code == "milvus_mismatch"
+    with pytest.raises(ArtifactError) as info:
+        mv.push(other, target)
+    assert info.value.code == "milvus_mismatch"
+    assert main(["index", "push", str(other), "--milvus", lite.uri, "--collection", pushed["collection"]]) == 2
+
+
+def test_fingerprints_over_milvus_dims_are_refused(tiny_index, tmp_path, monkeypatch):
+    monkeypatch.setattr(mv, "MAX_DIM", 8)
+    with pytest.raises(ArtifactError) as info:
+        mv.push(tiny_index, mv.MilvusTarget("http://127.0.0.1:9"))
+    assert info.value.code == "milvus_dim_too_large" and "at most 8" in info.value.message
+
+
+def test_backend_down_is_503_with_retry_after(tiny_index, tmp_path):
+    server = LiteServer(tmp_path / "data")
+    server.start()
+    try:
+        mv.push(tiny_index, mv.MilvusTarget(server.uri), batch_size=64)
+        settings = Settings(index_dir=tiny_index, milvus_uri=server.uri, milvus_timeout_s=2.0)
+        with live_server(create_app(settings)) as base:
+            body = {"prompt": QUERIES[0][0], "completion": QUERIES[0][1], "k": 3}
+            assert httpx.post(base + "/v1/influence", json=body, timeout=60).status_code == 200
+            server.stop()
+            started = time.monotonic()
+            r = httpx.post(base + "/v1/influence", json=body, timeout=60)
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            assert r.json()["error"]["code"] == "search_backend_unavailable"
+            assert time.monotonic() - started < 30  # bounded by the timeout, never a hang
+            ready = httpx.get(base + "/readyz", timeout=30)
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "search_backend_unavailable"
+    finally:
+        server.stop()
