@@ -42,11 +42,11 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # base dependency) and faiss-gpu ship the same `faiss` module, so the GPU variant swaps them.
 # CPU: torch from PyTorch's CPU wheel index, without the CUDA libraries.
 RUN if [ "${VARIANT}" = "gpu" ]; then \
-        /opt/venv/bin/pip install ".[gpu]" \
+        /opt/venv/bin/pip install ".[gpu,milvus]" \
         && /opt/venv/bin/pip uninstall -y faiss-cpu \
         && /opt/venv/bin/pip install --force-reinstall --no-deps "faiss-gpu-cu12==1.14.1.post1"; \
     else \
-        /opt/venv/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu .; \
+        /opt/venv/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[milvus]"; \
     fi \
     && /opt/venv/bin/python -c "import faiss, torch, service, indexer, encoder"
 

@@ -144,9 +144,29 @@ def test_compose_services_and_wiring(compose):
     assert all(p.startswith("127.0.0.1:") for p in services["prometheus"]["ports"])
 
     for name, spec in services.items():
-        if name != "indexer":
+        if spec.get("restart") != "no":  # servers, not the one-shot jobs
             assert "healthcheck" in spec and "test" in spec["healthcheck"], name
     assert set(compose["volumes"]) >= {"index", "prometheus"}
+
+
+def test_compose_milvus_profile(compose):
+    """``--profile milvus``: Milvus standalone with its etcd and object store, a resumable
+    push job after the build, and a service searching the pushed collection."""
+    services = compose["services"]
+    profile = {name for name, spec in services.items() if "milvus" in spec.get("profiles", [])}
+    assert profile == {"etcd", "minio", "milvus", "milvus-push", "service-milvus"}
+    assert all(not spec.get("profiles") for name, spec in services.items() if name not in profile)
+    milvus, push, svc = services["milvus"], services["milvus-push"], services["service-milvus"]
+    assert {"etcd", "minio"} <= set(milvus["depends_on"]) and "ETCD_ENDPOINTS" in milvus["environment"]
+    assert push["command"][:3] == ["index", "push", "/index/current"] and "--milvus" in push["command"]
+    assert push["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert push["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+    assert "index:/index:ro" in push["volumes"] and push["restart"] == "no"
+    uri = push["command"][push["command"].index("--milvus") + 1]
+    assert svc["command"][svc["command"].index("--milvus") + 1] == uri
+    assert svc["depends_on"]["milvus-push"]["condition"] == "service_completed_successfully"
+    assert "/readyz" in " ".join(svc["healthcheck"]["test"]) and "ports" not in svc
+    assert {"etcd", "minio", "milvus"} <= set(compose["volumes"])
 
 
 def test_compose_bind_mounts_exist(compose):
@@ -244,14 +264,18 @@ def test_cpu_override_drops_gpu_reservations(compose):
     for name, spec in override["services"].items():
         assert name in compose["services"]
         assert spec["build"]["args"]["VARIANT"] == "cpu"
-        assert spec["deploy"]["resources"]["reservations"] == ("RESET", {})
+        if "deploy" in compose["services"][name]:
+            assert spec["deploy"]["resources"]["reservations"] == ("RESET", {})
     # Every service that reserves a GPU in the base file is reset by the override.
     gpu = {
         n
         for n, s in compose["services"].items()
         if "reservations" in s.get("deploy", {}).get("resources", {})
     }
-    assert gpu == set(override["services"])
+    assert gpu == {n for n, s in override["services"].items() if "deploy" in s}
+    # and every service built from the project's image gets the CPU image.
+    ours = {n for n, s in compose["services"].items() if str(s.get("image", "")).startswith("influence-search:")}
+    assert ours == set(override["services"])
 
 
 def test_render_refuses_missing_values_and_no_upstreams():
