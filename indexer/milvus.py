@@ -212,6 +212,15 @@ class MilvusSearch:
             self._client.close()
             raise SearchBackendUnavailable(f"Milvus at {target.uri}: {exc}") from exc
 
+    @classmethod
+    def attach(cls, target: MilvusTarget, name: str, n: int, vector_type: str = "FLOAT_VECTOR") -> MilvusSearch:
+        """The search of a loaded collection not pushed from an index (no identity to
+        check): benchmarks on synthetic vectors."""
+        self = cls.__new__(cls)
+        self.target, self.name, self.n, self.vector_type = target, name, n, vector_type
+        self._client = _client(target)
+        return self
+
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad)."""
         q = np.asarray(vectors, dtype=np.float32)

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from benchmarks.bench_milvus import LiteServer
 from encoder.errors import ArtifactError
 from indexer import milvus as mv
 from indexer.__main__ import main
@@ -28,40 +25,6 @@ from tests.tolerances import recompute_bound
 pytest.importorskip("pymilvus")
 QUERIES = [("The capital of Veloria is", " Quenton."), ("Cara Nalkun works for", " Buneco"),
            ("Drorex is headquartered in", " Dutrus")]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LiteServer:
-    """``milvus-lite server`` on 127.0.0.1 in its own process."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        exe = Path(sys.executable).with_name("milvus-lite")
-        self.proc = subprocess.Popen([str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("milvus-lite server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +156,12 @@ def test_backend_down_is_503_with_retry_after(tiny_index, tmp_path):
             assert ready.status_code == 503 and ready.json()["error"]["code"] == "search_backend_unavailable"
     finally:
         server.stop()
+
+
+def test_serve_flags_reach_the_settings():
+    from service.cli import build_parser
+    from service.commands import _settings_from
+
+    args = build_parser().parse_args(["serve", "--index", "x", "--milvus", "http://db:19530", "--collection", "c1"])
+    settings = _settings_from(args)
+    assert (settings.milvus_uri, settings.milvus_collection) == ("http://db:19530", "c1")
