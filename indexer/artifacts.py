@@ -34,7 +34,7 @@ from indexer import manifest as mf
 from indexer.bm25 import BM25Index
 from indexer.bm25 import open_for_index as open_bm25
 from indexer.metadata import ExampleRecord, MetadataStore
-from indexer.milvus import MilvusSearch, MilvusTarget
+from indexer.milvus import MilvusMetadata, MilvusSearch, MilvusTarget
 from indexer.torch_search import TorchFlatSearch
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class InfluenceIndex:
         tokenizer: Any,
         faiss_idx: Any,
         fingerprints: np.ndarray,
-        store: MetadataStore,
+        store: MetadataStore | MilvusMetadata,
         search_params: faiss_index.SearchParams | None = None,
         torch_search: TorchFlatSearch | MilvusSearch | None = None,
         bm25: BM25Index | None = None,
@@ -282,10 +282,13 @@ class InfluenceIndex:
         log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, n, encoder.dim,
                  manifest["faiss"]["factory"], params)  # fmt: skip
         brute: TorchFlatSearch | MilvusSearch | None = TorchFlatSearch(fingerprints) if placement == "torch" else None
-        if milvus is not None:
-            brute = MilvusSearch(milvus, mf.manifest_version(index_dir), manifest)
         lexical = open_bm25(index_dir, manifest, lambda: [r.text for r in store.get_many(list(range(n)))])
-        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, store, params, brute, lexical)
+        served_store: MetadataStore | MilvusMetadata = store
+        if milvus is not None:  # vectors and metadata from Milvus; the local store was for the checks
+            brute = MilvusSearch(milvus, mf.manifest_version(index_dir), manifest, fingerprints, params.candidates)
+            served_store = brute.metadata()
+            store.close()
+        return cls(index_dir, manifest, encoder, tokenizer, idx, fingerprints, served_store, params, brute, lexical)
 
     @property
     def size(self) -> int:

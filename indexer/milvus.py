@@ -14,6 +14,7 @@ Milvus caps dense vectors at 32,768 dims; larger fingerprints are refused with t
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable
@@ -23,18 +24,22 @@ from typing import Any
 
 import numpy as np
 
-from encoder.errors import ArtifactError, ConfigError, InfluenceError
+from encoder.errors import ArtifactError, ConfigError, InfluenceError, NotFoundError
 from indexer import manifest as mf
-from indexer.metadata import MetadataStore
+from indexer.metadata import ExampleRecord, MetadataStore
 
 log = logging.getLogger(__name__)
 
 MAX_DIM = 32768
 """Milvus's largest dense vector."""
+MAX_TOP_K = 16384
+"""Milvus's largest search limit."""
 TEXT_CHARS = 65535
 """Milvus's largest VARCHAR; longer texts are cut in the collection (the local metadata
 store keeps them whole)."""
 VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = "influence.index_version", "influence.fingerprint", "influence.complete"
+OFFSET_FIELDS = ("token_start", "token_end", "char_start", "char_end")
+RECORD_FIELDS = ("id", "text", "source", "document_id", *OFFSET_FIELDS)
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_PQ", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
 
 
@@ -86,6 +91,9 @@ def _create(client, name: str, dim: int, index_type: str, index_params: dict[str
         schema.add_field("text", DataType.VARCHAR, max_length=TEXT_CHARS)
         schema.add_field("source", DataType.VARCHAR, max_length=4096, nullable=True)
         schema.add_field("document_id", DataType.VARCHAR, max_length=4096, nullable=True)
+        for offset in OFFSET_FIELDS:
+            schema.add_field(offset, DataType.INT64)
+        schema.add_field("token_ids", DataType.VARCHAR, max_length=TEXT_CHARS, nullable=True)
         index = client.prepare_index_params()
         index.add_index("fingerprint", index_type=index_type, metric_type="IP", params=index_params)
         rpc_log = logging.getLogger("pymilvus.decorators")  # logs the refusal we handle as an ERROR
@@ -94,7 +102,8 @@ def _create(client, name: str, dim: int, index_type: str, index_params: dict[str
             rpc_log.setLevel(logging.CRITICAL)
         try:
             client.create_collection(name, schema=schema, index_params=index,
-                                     properties={**properties, "influence.vector_type": vector_type.name})  # fmt: skip
+                                     properties={**properties, "influence.vector_type": vector_type.name,
+                                                 "influence.index_type": index_type})  # fmt: skip
             return vector_type.name
         except MilvusException as exc:
             if vector_type == DataType.FLOAT16_VECTOR and "not support" in str(exc):
@@ -167,12 +176,24 @@ def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector
     vectors = np.asarray(fingerprints[np.asarray(ids)], dtype=np.float16)
     if vector_type != "FLOAT16_VECTOR":
         vectors = vectors.astype(np.float32)
-    return [
-        {"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
-         "text": r.text[:TEXT_CHARS], "source": r.source,
-         "document_id": None if r.document_id is None else str(r.document_id)}
-        for j, r in enumerate(store.get_many(ids))
-    ]  # fmt: skip
+    rows = []
+    for j, r in enumerate(store.get_many(ids)):
+        tokens = store.token_ids(r.id)
+        rows.append({"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
+                     "text": r.text[:TEXT_CHARS], "source": r.source,
+                     "document_id": None if r.document_id is None else str(r.document_id),
+                     **{f: int(getattr(r, f)) for f in OFFSET_FIELDS},
+                     "token_ids": None if tokens is None else _pack(tokens)})  # fmt: skip
+    return rows
+
+
+def _pack(tokens: list[int]) -> str:
+    """Token ids as base64 of little-endian uint32 (any sequence length fits a VARCHAR)."""
+    return base64.b64encode(np.asarray(tokens, dtype="<u4").tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> list[int]:
+    return np.frombuffer(base64.b64decode(text), dtype="<u4").astype(np.int64).tolist()
 
 
 def _check_identity(props: dict[str, Any], version: str, manifest: dict[str, Any], name: str) -> None:
@@ -189,10 +210,17 @@ class MilvusSearch:
     config, holds all ``n`` vectors and was pushed to the end, then loads it.
     """
 
-    def __init__(self, target: MilvusTarget, version: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, target: MilvusTarget, version: str, manifest: dict[str, Any], fingerprints: np.ndarray | None = None,
+                 candidates: int | None = None) -> None:  # fmt: skip
         self.target = target
         self.name = target.name_for(version)
         self.n = int(manifest["counts"]["sequences"])
+        self.fingerprints = fingerprints
+        """The stored fingerprints: an approximate collection's candidates are re-ranked
+        exactly against them (``faiss_index.rerank_exact``), as a local approximate index's are."""
+        self.candidates = candidates
+        """Candidates re-ranked per query for an approximate collection (default 10 x k)."""
+        self.index_type = "FLAT"
         self._client = _client(target)
         try:
             if not self._client.has_collection(self.name):
@@ -204,6 +232,7 @@ class MilvusSearch:
                 raise ArtifactError(f"the push to Milvus collection {self.name} did not finish: rerun "
                                     f"`influence index push`", code="milvus_mismatch")  # fmt: skip
             self.vector_type = props.get("influence.vector_type", "FLOAT_VECTOR")
+            self.index_type = props.get("influence.index_type", "FLAT")
             self._client.load_collection(self.name)
         except InfluenceError:
             self._client.close()
@@ -218,25 +247,45 @@ class MilvusSearch:
         check): benchmarks on synthetic vectors."""
         self = cls.__new__(cls)
         self.target, self.name, self.n, self.vector_type = target, name, n, vector_type
+        self.fingerprints, self.candidates, self.index_type = None, None, "FLAT"
         self._client = _client(target)
         return self
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad)."""
+        """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad). An
+        approximate collection's top ``candidates`` are re-ranked exactly."""
+        from indexer.faiss_index import rerank_exact
+
         q = np.asarray(vectors, dtype=np.float32)
+        approximate = self.index_type != "FLAT" and self.fingerprints is not None
+        wanted = max(k, self.candidates if self.candidates is not None else 10 * k) if approximate else k
+        scores, ids = self._top(q, min(wanted, self.n, MAX_TOP_K))
+        if approximate and (self.candidates is None or self.candidates > 0):
+            return rerank_exact(q, ids, self.fingerprints, k)
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        width = min(k, scores.shape[1])
+        out_s[:, :width], out_i[:, :width] = scores[:, :width], ids[:, :width]
+        return out_s, out_i
+
+    def _top(self, q: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         data = [row.astype(np.float16) for row in q] if self.vector_type == "FLOAT16_VECTOR" else q.tolist()
-        limit = min(k, self.n)
+        params = {"metric_type": "IP", "params": {"nprobe": 16, "ef": max(128, limit)}}
         try:
             hits = self._client.search(self.name, data=data, anns_field="fingerprint", limit=limit, output_fields=["id"],
-                                       search_params={"metric_type": "IP"}, timeout=self.target.timeout_s)  # fmt: skip
+                                       search_params=params, timeout=self.target.timeout_s)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - down, slow, or refusing: retry later
             raise SearchBackendUnavailable(f"Milvus search failed: {exc}") from exc
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
+        scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), limit), -1, dtype=np.int64)
         for r, row in enumerate(hits):
-            for c, hit in enumerate(row[:k]):
+            for c, hit in enumerate(row[:limit]):
                 scores[r, c], ids[r, c] = float(hit["distance"]), int(hit["id"])
         return scores, ids
+
+    def metadata(self) -> MilvusMetadata:
+        """The collection's metadata reads, on this search's client."""
+        return MilvusMetadata(self)
 
     def check_ready(self) -> None:
         """Raise ``SearchBackendUnavailable`` when the collection cannot be searched now."""
@@ -247,3 +296,45 @@ class MilvusSearch:
 
     def close(self) -> None:
         self._client.close()
+
+
+class MilvusMetadata:
+    """The metadata store's reads (``get_many``, ``token_ids``) from the collection: what a
+    served result shows comes from Milvus with its vector."""
+
+    def __init__(self, search: MilvusSearch) -> None:
+        self._search = search
+
+    def _query(self, ids: list[int], fields: list[str]) -> list[dict[str, Any]]:
+        s = self._search
+        try:
+            return list(s._client.query(s.name, ids=ids, output_fields=fields, timeout=s.target.timeout_s))
+        except Exception as exc:  # noqa: BLE001
+            raise SearchBackendUnavailable(f"Milvus query failed: {exc}") from exc
+
+    def get_many(self, ids: list[int]) -> list[ExampleRecord]:
+        """Records for ``ids`` in the given order (``NotFoundError`` for an unknown id)."""
+        wanted = [int(i) for i in ids]
+        unique = sorted(set(wanted))
+        found: dict[int, ExampleRecord] = {}
+        for start in range(0, len(unique), 1000):
+            for row in self._query(unique[start : start + 1000], list(RECORD_FIELDS)):
+                found[int(row["id"])] = ExampleRecord(*(row[f] for f in RECORD_FIELDS))
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
+        return [found[i] for i in wanted]
+
+    def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
+        rows = self._query([int(id)], ["token_ids"])
+        if not rows:
+            raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
+        packed = rows[0].get("token_ids")
+        return None if packed is None else _unpack(packed)
+
+    def count(self) -> int:
+        return self._search.n
+
+    def close(self) -> None:
+        """Nothing of its own to close: the search's client is closed with the search."""
+
