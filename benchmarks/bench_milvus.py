@@ -105,7 +105,9 @@ def bench_index(index_dir: Path, server: LiteServer, calls: int) -> list[dict[st
         records = idx.examples(rng.choice(idx.size, size=min(64, idx.size), replace=False).tolist())
         pairs = [(r.text[: len(r.text) // 2], r.text[len(r.text) // 2 :]) for r in records if len(r.text) > 8]
         queries = idx.encode_queries(pairs)
-        return _compare(f"index {index_dir.name} ({idx.size} x {store.shape[1]})", store, queries,
+        from service.search import model_name
+
+        return _compare(f"index of {model_name(idx.manifest)} ({idx.size} x {store.shape[1]})", store, queries,
                         lambda q: idx.search(q, 10), 10, calls)  # fmt: skip
     finally:
         idx.close()

@@ -121,3 +121,14 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
         assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["mixed_seed"]]) and gains == sorted(gains)
         assert r["build_passes_s"] > 0 and r["bytes_per_vector"] == 2 * r["d"]
     assert (tmp_path / "bench_fidelity_quick.png").stat().st_size > 0
+
+
+def test_bench_milvus_quick_on_the_tiny_index(tiny_index, tmp_path):
+    """Local FAISS and Milvus Lite rows for the index and the synthetic store; Milvus's
+    FLAT answers have full recall (it scores the same float16 values)."""
+    from benchmarks import bench_milvus
+
+    assert bench_milvus.main(["--quick", "--index", str(tiny_index), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_milvus.json").read_text())["rows"]
+    assert [r["backend"].split(" ")[0] for r in rows] == ["FAISS", "Milvus", "FAISS", "Milvus"]
+    assert all(r["recall@10"] == 1.0 and r["b1 p99 ms"] >= r["b1 p50 ms"] > 0 for r in rows)
