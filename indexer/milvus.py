@@ -144,6 +144,7 @@ def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", ind
         else:
             vector_type = _create(client, name, dim, index_type, index_params or {},
                                   {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)})  # fmt: skip
+        client.load_collection(name)  # queries need it; a collection may be released after a restart
         fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
         store = MetadataStore(index_dir / mf.METADATA)
         inserted = 0
@@ -151,10 +152,11 @@ def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", ind
             for lo in range(0, n, batch_size):
                 hi = min(n, lo + batch_size)
                 present = {int(r["id"]) for r in client.query(name, filter=f"id >= {lo} and id < {hi}",
-                                                              output_fields=["id"], limit=hi - lo)}  # fmt: skip
+                                                              output_fields=["id"], limit=hi - lo,
+                                                              consistency_level="Strong")}  # fmt: skip
                 missing = [i for i in range(lo, hi) if i not in present]
-                if missing:
-                    client.insert(name, _rows(fingerprints, store, missing, vector_type))
+                if missing:  # upsert: keyed by id, so even a row the check missed is not doubled
+                    client.upsert(name, _rows(fingerprints, store, missing, vector_type))
                     inserted += len(missing)
                 if progress is not None:
                     progress(hi - lo, n)

@@ -70,18 +70,18 @@ def test_push_resumes_after_a_crash_without_duplicates(lite, tiny_index, monkeyp
     from pymilvus import MilvusClient
 
     target = mv.MilvusTarget(lite.uri, "resume_test")
-    real_insert, calls = MilvusClient.insert, []
+    real_upsert, calls = MilvusClient.upsert, []
 
     def crash_on_third(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the process dies here: two batches are in
-        return real_insert(self, *args, **kwargs)
+        return real_upsert(self, *args, **kwargs)
 
-    monkeypatch.setattr(MilvusClient, "insert", crash_on_third)
+    monkeypatch.setattr(MilvusClient, "upsert", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         mv.push(tiny_index, target, batch_size=16)
-    monkeypatch.setattr(MilvusClient, "insert", real_insert)
+    monkeypatch.setattr(MilvusClient, "upsert", real_upsert)
     assert _count(lite.uri, "resume_test") == (32, 32)
     with pytest.raises(ArtifactError, match="did not finish"):  # an unfinished push is never served
         InfluenceIndex.open(tiny_index, milvus=target)
@@ -223,3 +223,16 @@ def test_push_killed_mid_way_resumes_without_duplicates(lite, tiny_index):
     assert 0 < partial[0] < n and partial[0] == partial[1], f"kill landed at {partial} of {n} rows"
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     assert _count(lite.uri, "killed") == (n, n)
+
+
+def test_a_stale_presence_check_still_writes_no_duplicates(pushed, lite, tiny_index, monkeypatch):
+    """Should the check not see rows already written (a lagging replica), upsert by id
+    still leaves every id once."""
+    from pymilvus import MilvusClient
+
+    real_query = MilvusClient.query
+    monkeypatch.setattr(MilvusClient, "query", lambda self, name, **kw: [] if "filter" in kw else real_query(self, name, **kw))
+    report = mv.push(tiny_index, mv.MilvusTarget(lite.uri), batch_size=64)
+    monkeypatch.setattr(MilvusClient, "query", real_query)
+    n = report["inserted"]
+    assert report["present"] == 0 and _count(lite.uri, pushed["collection"]) == (n, n)
