@@ -386,7 +386,7 @@ class InfluenceIndex:
         """
         self._held.check()
         if self.torch_search is not None:
-            return self.torch_search.search(vectors, k)  # exact: no re-rank to do
+            return self.torch_search.search(vectors, k)  # exact, or re-ranked by the searcher (Milvus)
         return faiss_index.search(self.faiss, self.fingerprints, vectors, k, exact=self.exact, rerank=rerank,
                                   candidates=self.search_params.candidates)  # fmt: skip
 
