@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes",
         type=_sizes,
-        default=_sizes("100000x4096,100000x16384"),
+        default=None,
         help="comma-separated NxD, e.g. 100000x4096,1000000x4096",
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="result file suffix")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes = [(20_000, 512)]
+    if args.sizes is None:  # --quick: a CI smoke size, unless sizes are given
+        args.sizes = [(20_000, 512)] if args.quick else _sizes("100000x4096,100000x16384")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     faiss.omp_set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
