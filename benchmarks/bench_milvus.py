@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
 from benchmarks.bench_search import Synthetic, recall_at
+from deploy.harness import free_port
 
 log = logging.getLogger("bench_milvus")
 
@@ -35,9 +36,7 @@ class LiteServer:
     """``milvus-lite server`` on 127.0.0.1 in its own process (tests and this benchmark)."""
 
     def __init__(self, data_dir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.data_dir = data_dir
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

@@ -33,11 +33,13 @@ class Generation:
 @dataclass(frozen=True)
 class Generated:
     """A continuation: its token ids (the end-of-sequence token excluded), why it stopped
-    (``eos`` or ``length``) and the seed it was sampled with (None for greedy)."""
+    (``eos`` or ``length``), the seed it was sampled with (None for greedy) and the prompt
+    it continued."""
 
     ids: tuple[int, ...]
     finish_reason: str
     seed: int | None
+    prompt_ids: tuple[int, ...]
 
 
 def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *,
@@ -65,8 +67,8 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *
         )
     new = [int(t) for t in out[0, ids.shape[1] :].tolist()]
     if eos_token_id is not None and eos_token_id in new:
-        return Generated(tuple(new[: new.index(eos_token_id)]), "eos", seed)
-    return Generated(tuple(new), "length", seed)
+        return Generated(tuple(new[: new.index(eos_token_id)]), "eos", seed, tuple(prompt_ids))
+    return Generated(tuple(new), "length", seed, tuple(prompt_ids))
 
 
 def token_spans(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:

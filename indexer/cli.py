@@ -243,7 +243,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if (args.completion is None) == (args.generate is None):
         raise ConfigError("give --completion (the output to explain) or --generate N (let the model write it)")
     from encoder.generation import Generation
-    from service.search import Limits, Query, generated_completion, validate
+    from service.search import Limits, Query, generated_completion, traced_fields, validate
 
     generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
     query = Query(args.prompt, args.completion, args.k, generate=generate, span=args.span)
@@ -269,17 +269,13 @@ def cmd_query(args: argparse.Namespace) -> int:
         for r, ((s, _), rec) in enumerate(zip(hits, records, strict=True))
     ]
     g = traced.generated
-    answer = {"completion": traced.completion, "span": {"start": traced.span[0], "end": traced.span[1]},
-              "generation": None if g is None else {"n_tokens": len(g.ids), "finish_reason": g.finish_reason,
-                                                    "seed": g.seed},
-              "results": rows}  # fmt: skip
     if args.json:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps({**traced_fields(traced), "results": rows}, indent=2))
         return 0
     if g is not None:
         print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
     if args.span is not None:
-        print(f"traced: {json.dumps(traced.completion[traced.span[0] : traced.span[1]])}")
+        print(f"traced: {json.dumps(traced.text)}")
     for row in rows:
         text = row["text"].replace("\n", " ")
         print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")

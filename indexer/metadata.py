@@ -12,7 +12,7 @@ its text; indexes built before it existed lack the table (``token_ids`` returns 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,34 @@ class ExampleRecord:
     char_end: int
 
 
+def pack_token_ids(ids: Sequence[int]) -> bytes:
+    """A sequence's token ids as stored: little-endian uint32."""
+    return np.asarray(ids, dtype="<u4").tobytes()
+
+
+def unpack_token_ids(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<u4").astype(np.int64).tolist()
+
+
+def records_in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[ExampleRecord]],
+                     chunk: int) -> list[ExampleRecord]:  # fmt: skip
+    """Records for ``ids`` in the given order, each distinct id fetched once, ``chunk`` ids
+    per ``fetch`` call (a store's lookup).
+
+    Raises:
+        NotFoundError: an id is not in the store (code ``unknown_id``).
+    """
+    wanted = [int(i) for i in ids]
+    unique = sorted(set(wanted))
+    found: dict[int, ExampleRecord] = {}
+    for start in range(0, len(unique), chunk):
+        found.update((int(r.id), r) for r in fetch(unique[start : start + chunk]))
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
+    return [found[i] for i in wanted]
+
+
 class MetadataWriter:
     """Appends records to a new SQLite file in one transaction per ``add`` call."""
 
@@ -85,7 +113,7 @@ class MetadataWriter:
                     raise ValueError(f"{len(records)} records but {len(token_ids)} token id lists")
                 self._conn.executemany(
                     "INSERT INTO tokens (id, ids) VALUES (?, ?)",
-                    [(r.id, np.asarray(ids, dtype="<u4").tobytes()) for r, ids in zip(records, token_ids, strict=True)],
+                    [(r.id, pack_token_ids(ids)) for r, ids in zip(records, token_ids, strict=True)],
                 )
 
     def close(self) -> None:
@@ -114,20 +142,12 @@ class MetadataStore:
         Raises:
             NotFoundError: an id is not in the store (code ``unknown_id``).
         """
-        wanted = [int(i) for i in ids]
-        if not wanted:
-            return []
-        found: dict[int, ExampleRecord] = {}
-        unique = sorted(set(wanted))
-        for s in range(0, len(unique), 500):
-            chunk = unique[s : s + 500]
+        def fetch(chunk: list[int]) -> Iterable[ExampleRecord]:
             marks = ",".join("?" * len(chunk))
-            for row in self._conn.execute(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk):
-                found[int(row[0])] = ExampleRecord(*row)
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
-        return [found[i] for i in wanted]
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk)
+            return (ExampleRecord(*row) for row in rows)
+
+        return records_in_order(ids, fetch, chunk=500)
 
     def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
         """The token ids sequence ``id`` was indexed with; None when the store predates them.
@@ -140,7 +160,7 @@ class MetadataStore:
         row = self._conn.execute("SELECT ids FROM tokens WHERE id = ?", (int(id),)).fetchone()
         if row is None:
             raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
-        return np.frombuffer(row[0], dtype="<u4").astype(np.int64).tolist()
+        return unpack_token_ids(row[0])
 
     def close(self) -> None:
         self._conn.close()

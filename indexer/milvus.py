@@ -26,7 +26,13 @@ import numpy as np
 
 from encoder.errors import ArtifactError, ConfigError, InfluenceError, NotFoundError
 from indexer import manifest as mf
-from indexer.metadata import ExampleRecord, MetadataStore
+from indexer.metadata import (
+    ExampleRecord,
+    MetadataStore,
+    pack_token_ids,
+    records_in_order,
+    unpack_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ TEXT_CHARS = 65535
 """Milvus's largest VARCHAR; longer texts are cut in the collection (the local metadata
 store keeps them whole)."""
 VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = "influence.index_version", "influence.fingerprint", "influence.complete"
+VECTOR_TYPE_KEY, INDEX_TYPE_KEY = "influence.vector_type", "influence.index_type"
 OFFSET_FIELDS = ("token_start", "token_end", "char_start", "char_end")
 RECORD_FIELDS = ("id", "text", "source", "document_id", *OFFSET_FIELDS)
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_PQ", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
@@ -102,8 +109,8 @@ def _create(client, name: str, dim: int, index_type: str, index_params: dict[str
             rpc_log.setLevel(logging.CRITICAL)
         try:
             client.create_collection(name, schema=schema, index_params=index,
-                                     properties={**properties, "influence.vector_type": vector_type.name,
-                                                 "influence.index_type": index_type})  # fmt: skip
+                                     properties={**properties, VECTOR_TYPE_KEY: vector_type.name,
+                                                 INDEX_TYPE_KEY: index_type})  # fmt: skip
             return vector_type.name
         except MilvusException as exc:
             if vector_type == DataType.FLOAT16_VECTOR and "not support" in str(exc):
@@ -140,7 +147,7 @@ def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", ind
         if client.has_collection(name):
             props = client.describe_collection(name).get("properties", {})
             _check_identity(props, version, manifest, name)
-            vector_type = props.get("influence.vector_type", "FLOAT_VECTOR")
+            vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
         else:
             vector_type = _create(client, name, dim, index_type, index_params or {},
                                   {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)})  # fmt: skip
@@ -190,12 +197,8 @@ def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector
 
 
 def _pack(tokens: list[int]) -> str:
-    """Token ids as base64 of little-endian uint32 (any sequence length fits a VARCHAR)."""
-    return base64.b64encode(np.asarray(tokens, dtype="<u4").tobytes()).decode("ascii")
-
-
-def _unpack(text: str) -> list[int]:
-    return np.frombuffer(base64.b64decode(text), dtype="<u4").astype(np.int64).tolist()
+    """Token ids as the metadata store keeps them, base64 (any sequence length fits a VARCHAR)."""
+    return base64.b64encode(pack_token_ids(tokens)).decode("ascii")
 
 
 def _check_identity(props: dict[str, Any], version: str, manifest: dict[str, Any], name: str) -> None:
@@ -233,8 +236,8 @@ class MilvusSearch:
             if props.get(COMPLETE_KEY) != "true":
                 raise ArtifactError(f"the push to Milvus collection {self.name} did not finish: rerun "
                                     f"`influence index push`", code="milvus_mismatch")  # fmt: skip
-            self.vector_type = props.get("influence.vector_type", "FLOAT_VECTOR")
-            self.index_type = props.get("influence.index_type", "FLAT")
+            self.vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
+            self.index_type = props.get(INDEX_TYPE_KEY, "FLAT")
             self._client.load_collection(self.name)
         except InfluenceError:
             self._client.close()
@@ -261,16 +264,13 @@ class MilvusSearch:
         q = np.asarray(vectors, dtype=np.float32)
         approximate = self.index_type != "FLAT" and self.fingerprints is not None
         wanted = max(k, self.candidates if self.candidates is not None else 10 * k) if approximate else k
-        scores, ids = self._top(q, min(wanted, self.n, MAX_TOP_K))
+        limit = min(wanted, self.n, MAX_TOP_K)
         if approximate and (self.candidates is None or self.candidates > 0):
-            return rerank_exact(q, ids, self.fingerprints, k)
-        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out_i = np.full((len(q), k), -1, dtype=np.int64)
-        width = min(k, scores.shape[1])
-        out_s[:, :width], out_i[:, :width] = scores[:, :width], ids[:, :width]
-        return out_s, out_i
+            return rerank_exact(q, self._top(q, limit, limit)[1], self.fingerprints, k)
+        return self._top(q, min(limit, k), k)
 
-    def _top(self, q: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def _top(self, q: np.ndarray, limit: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Milvus's top ``limit`` per query, in arrays ``width`` wide (-1 / -inf padded)."""
         data = [row.astype(np.float16) for row in q] if self.vector_type == "FLOAT16_VECTOR" else q.tolist()
         params = {"metric_type": "IP", "params": {"nprobe": 16, "ef": max(128, limit)}}
         try:
@@ -278,8 +278,8 @@ class MilvusSearch:
                                        search_params=params, timeout=self.target.timeout_s)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - down, slow, or refusing: retry later
             raise SearchBackendUnavailable(f"Milvus search failed: {exc}") from exc
-        scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), limit), -1, dtype=np.int64)
+        scores = np.full((len(q), width), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), width), -1, dtype=np.int64)
         for r, row in enumerate(hits):
             for c, hit in enumerate(row[:limit]):
                 scores[r, c], ids[r, c] = float(hit["distance"]), int(hit["id"])
@@ -316,23 +316,17 @@ class MilvusMetadata:
 
     def get_many(self, ids: list[int]) -> list[ExampleRecord]:
         """Records for ``ids`` in the given order (``NotFoundError`` for an unknown id)."""
-        wanted = [int(i) for i in ids]
-        unique = sorted(set(wanted))
-        found: dict[int, ExampleRecord] = {}
-        for start in range(0, len(unique), 1000):
-            for row in self._query(unique[start : start + 1000], list(RECORD_FIELDS)):
-                found[int(row["id"])] = ExampleRecord(*(row[f] for f in RECORD_FIELDS))
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
-        return [found[i] for i in wanted]
+        def fetch(chunk: list[int]) -> list[ExampleRecord]:
+            return [ExampleRecord(*(row[f] for f in RECORD_FIELDS)) for row in self._query(chunk, list(RECORD_FIELDS))]
+
+        return records_in_order(ids, fetch, chunk=1000)
 
     def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
         rows = self._query([int(id)], ["token_ids"])
         if not rows:
             raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
         packed = rows[0].get("token_ids")
-        return None if packed is None else _unpack(packed)
+        return None if packed is None else unpack_token_ids(base64.b64decode(packed))
 
     def count(self) -> int:
         return self._search.n

@@ -93,7 +93,7 @@ def create_app(
     state = IndexState(opener or default_opener(settings), settings.index_dir, freeze_heap=True)
     batcher = MicroBatcher(
         state,
-        Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens),
+        Limits.of(settings),
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,

@@ -174,7 +174,7 @@ async def explain_influence(body: ExplainRequest, request: Request) -> ExplainRe
     On an idle server one encode pass and one forward-mode pass over the example; while
     queries are flowing, short backward passes that let them run in between."""
     settings = request.app.state.settings
-    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
+    limits = Limits.of(settings)
     state = request.app.state.index_state
 
     def run() -> ExplainResponse:

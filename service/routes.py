@@ -19,7 +19,6 @@ from api.models import (
     BatchQueryError,
     ErrorResponse,
     Example,
-    GenerationInfo,
     Health,
     IndexSummary,
     InfluenceQuery,
@@ -27,14 +26,13 @@ from api.models import (
     InfluenceResult,
     ReloadRequest,
     ReloadResponse,
-    Span,
     Timings,
 )
 from encoder.errors import InfluenceError, InputError
 from encoder.generation import Generation
 from service.auth import require_admin, require_key
 from service.errors import ERROR_RESPONSES, error_body, validation_error_body
-from service.search import Outcome, Query, model_name
+from service.search import Outcome, Query, model_name, traced_fields
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 ops = APIRouter()
@@ -69,14 +67,9 @@ def _response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceR
                 document_id=_str_or_none(hit.record.document_id),
             )
         )
-    traced = outcome.traced
-    generated = traced.generated if traced is not None else None
     return InfluenceResponse(
         results=results,
-        completion=traced.completion if traced is not None else None,
-        span=Span(start=traced.span[0], end=traced.span[1]) if traced is not None and traced.span[1] > traced.span[0] else None,
-        generation=None if generated is None else GenerationInfo(
-            n_tokens=len(generated.ids), finish_reason=generated.finish_reason, seed=generated.seed),  # fmt: skip
+        **traced_fields(outcome.traced),
         model=outcome.model,
         index_version=outcome.index_version,
         timings_ms=Timings(

@@ -49,6 +49,11 @@ class Limits:
     max_completion_tokens: int
     max_new_tokens: int = 64
 
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        """The limits a ``service.settings.Settings`` sets."""
+        return cls(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
+
 
 @dataclass
 class Hit:
@@ -84,6 +89,24 @@ class Traced:
     span: tuple[int, int]
     generated: Generated | None = None
 
+    @property
+    def text(self) -> str:
+        """The traced characters of the completion."""
+        return self.completion[self.span[0] : self.span[1]]
+
+
+def traced_fields(traced: Traced | None) -> dict[str, Any]:
+    """What a query traced, as the response fields ``completion``, ``span`` and
+    ``generation`` (the REST response's and ``influence query --json``'s)."""
+    if traced is None:
+        return {"completion": None, "span": None, "generation": None}
+    g, (start, end) = traced.generated, traced.span
+    return {
+        "completion": traced.completion,
+        "span": {"start": start, "end": end} if end > start else None,
+        "generation": None if g is None else {"n_tokens": len(g.ids), "finish_reason": g.finish_reason, "seed": g.seed},
+    }
+
 
 def model_name(manifest: dict) -> str:
     """The model id recorded in an index manifest."""
@@ -118,12 +141,13 @@ def validate(tokenizer, query: Query, limits: Limits, context: int | None = None
             completion (422).
         InputTooLongError: prompt or completion over its limit (413).
     """
-    prompt_ids = tokenize_prompt(tokenizer, query.prompt)
-    _check_length("prompt", len(prompt_ids), limits.max_prompt_tokens)
-    if generated is not None:
+    if generated is not None:  # its prompt was tokenized and checked before generating
+        prompt_ids = list(generated.prompt_ids)
         completion_ids = list(generated.ids)
         completion = tokenizer.decode(completion_ids, clean_up_tokenization_spaces=False)
     else:
+        prompt_ids = tokenize_prompt(tokenizer, query.prompt)
+        _check_length("prompt", len(prompt_ids), limits.max_prompt_tokens)
         completion = query.completion or ""
         completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
         if not completion_ids:
@@ -247,13 +271,6 @@ def _rescored(index, example: Example, vector: np.ndarray, query: Query) -> list
     return [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
 
 
-def _traced_text(outcome: Outcome) -> str:
-    """The traced part of the completion (the lexical query text of bm25 / hybrid)."""
-    assert outcome.traced is not None
-    start, end = outcome.traced.span
-    return outcome.traced.completion[start:end]
-
-
 def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
@@ -312,7 +329,9 @@ def run_batch(index, queries: list[Query], limits: Limits) -> list[Outcome]:
             except InfluenceError as exc:
                 outcomes[i].error = exc
         elif queries[i].mode != "influence":
-            outcomes[i].hits = _mode_search(index, vectors[j], queries[i], _traced_text(outcomes[i]))
+            traced = outcomes[i].traced
+            assert traced is not None  # every valid query was traced
+            outcomes[i].hits = _mode_search(index, vectors[j], queries[i], traced.text)
         elif queries[i].source is not None:
             outcomes[i].hits = _filtered_search(index, vectors[j], queries[i])
     for j, i in enumerate(valid):
