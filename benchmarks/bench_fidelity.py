@@ -7,7 +7,9 @@ and 1, over the queries of the corpus:
 - ``none_vs_exact``: top-10 overlap of ``--hessian none`` with the unprojected ranking
   (k = 0, hessian none: every gradient dim, no projection noise), mean over seeds;
 - ``none_seed`` / ``mixed_seed``: top-10 overlap between seeds 0 and 1, hessian none and
-  the full default (mixed R); Spearman of all scores likewise;
+  the full default (mixed R); Spearman of all scores likewise. A pca basis has no seed: its
+  two runs fit the basis on disjoint halves of the corpus (even / odd sequences), the
+  variation a different sample of the same corpus would cause;
 - ``rescoreC``: the exact second stage (``encoder.rescoring``) on the hessian-none first
   stage's top C: overlap of the re-ranked top-10 with the unprojected one;
   ``mixed_rescoreC_seed``: seed-to-seed overlap of the re-ranked top-10 when the first
@@ -60,11 +62,27 @@ MODELS = {
     "quick": ModelSpec("quick", "test", None, "test"),
 }
 CONFIGS: dict[str, dict[str, Any]] = {
-    "k=16 (before)": {"k": 16},
-    "budget 2^16, block 1024 (default)": {},
-    "budget 2^16, block 2048": {"max_block": 2048},
+    "k=16 gaussian (first)": {"k": 16, "projection": "gaussian"},
+    "budget 2^16, block 1024, gaussian (before)": {"projection": "gaussian"},
+    "budget 2^16, block 2048, gaussian": {"max_block": 2048, "projection": "gaussian"},
+    "budget 2^16, block 1024, pca (default)": {},
 }
-QUICK_CONFIGS: dict[str, dict[str, Any]] = {"k=8": {"k": 8}, "budget 2^16, block 256": {"max_block": 256}}
+QUICK_CONFIGS: dict[str, dict[str, Any]] = {
+    "k=8 gaussian": {"k": 8, "projection": "gaussian"},
+    "budget 2^16, block 256, pca": {"max_block": 256},
+}
+BASIS_SAMPLE = 1024
+"""Sequences a pca basis is fitted on (the build's default ``basis_sample``)."""
+
+
+def basis_ids(n: int, basis: str) -> list[int]:
+    """Training positions a pca basis is fitted on: ``sample`` (evenly spaced, as the build
+    does), ``even`` / ``odd`` (disjoint halves: the pca counterpart of two seeds)."""
+    if basis == "even":
+        return list(range(0, n, 2))
+    if basis == "odd":
+        return list(range(1, n, 2))
+    return np.unique(np.linspace(0, n - 1, min(n, BASIS_SAMPLE)).round().astype(int)).tolist()
 """Smoke size: a small block keeps the whitening's eigendecompositions cheap."""
 
 
@@ -107,13 +125,18 @@ class Harness:
         self.queries = [tokenize_query(self.tokenizer, q.prompt, q.completion) for q in queries]
         self.second_moments = load_second_moments(checkpoint, self.model)
         self.folds = fold_of(len(self.queries), 0)
+        self.basis_s = 0.0  # seconds of the last phi's basis fit
 
-    def phi(self, config) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
-        """(encoder, phi train, phi queries, seconds)."""
+    def phi(self, config, basis: str = "sample") -> tuple[Any, torch.Tensor, torch.Tensor, float]:
+        """(encoder, phi train, phi queries, seconds); ``basis`` (projection pca): the
+        sequences it is fitted on (``basis_ids``)."""
         from encoder.fingerprint import TrackStarEncoder
-        from evaluation.methods import project_all
+        from evaluation.methods import fit_basis, project_all
 
         enc = TrackStarEncoder(self.model, config, second_moments=self.second_moments if config.correction else None)
+        t0 = time.perf_counter()
+        fit_basis(enc, [self.train[i] for i in basis_ids(len(self.train), basis)], pad_id=self.pad, batch_size=16)
+        self.basis_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         a = project_all(enc, self.train, pad_id=self.pad, batch_size=16)
         b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
@@ -186,16 +209,18 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     for label, sizing in configs.items():
         print(f"[{spec.name}] {label}", flush=True)
         s_none, s_mixed, cost = {}, {}, []
-        for seed in SEEDS:
-            enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
+        for run, seed in enumerate(SEEDS):
+            # pca has no seed: its two runs fit the basis on disjoint halves of the corpus.
+            basis = ("even", "odd")[run] if sizing.get("projection", "pca") == "pca" else "sample"
+            enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing), basis)
             s_none[seed], _ = h.scores(enc.config, a, b)
             s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
-            cost.append(2 * phi_s + whiten_s)
+            cost.append(h.basis_s + 2 * phi_s + whiten_s)
             del a, b
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
         row: dict[str, Any] = {
-            "config": label, "d": enc.dim, "max_block_dims": max(enc.block_dims),
+            "config": label, "projection": enc.config.projection, "d": enc.dim, "max_block_dims": max(enc.block_dims),
             "exact_modules": sum(v is None for v in enc.plan.values()), "modules": len(enc.plan),
             "none_vs_exact": (overlap(n0, exact_top) + overlap(n1, exact_top)) / 2,
             "none_seed": overlap(n0, n1), "mixed_seed": overlap(m0, m1),
@@ -217,7 +242,7 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         row["build_vs_first"] = row["build_passes_s"] / base
     info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100)
     t0 = time.perf_counter()
-    h.phi(FingerprintConfig(hessian="none"))  # timing of one first-stage encode per sequence
+    h.phi(FingerprintConfig(hessian="none", projection="gaussian"))  # one first-stage encode per sequence
     per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))
     info["first_stage_encode_ms_per_query"] = per_seq * 1e3
     return {"info": info, "rows": rows}
@@ -298,7 +323,7 @@ def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
     return {"model": spec.name, "rows": rows}
 
 
-COLUMNS = ["config", "d", "exact_modules", "none_vs_exact", "none_seed", "mixed_seed", "spearman_none_vs_exact",
+COLUMNS = ["config", "projection", "d", "exact_modules", "none_vs_exact", "none_seed", "mixed_seed", "spearman_none_vs_exact",
            "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "mixed_rescore100_seed",
            "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first", "bytes_per_vector", "r_memory_mib"]  # fmt: skip
 
@@ -365,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# Fidelity benchmark: how much of the top-10 the projection decides\n",
           "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
           "(k = 0, hessian none); `rescoreC` = the exact second stage over the first stage's top C. "
-          f"Seeds {SEEDS[0]} and {SEEDS[1]}. `build_passes_s`: statistics + encode passes and whitening, "
-          "in-process, one thread.\n"]  # fmt: skip
+          f"Seeds {SEEDS[0]} and {SEEDS[1]}; a pca basis has no seed, so its two runs fit the basis on disjoint "
+          "halves of the corpus (even / odd sequences) and `*_seed` is the overlap between those. "
+          "`build_passes_s`: basis (pca) + statistics + encode passes and whitening, in-process, one thread.\n"]  # fmt: skip
     for res in results:
         i = res["info"]
         md.append(f"\n## {i['model']}: GPT-2 {i['layers']} x {i['width']}, {i['sequences']} sequences, "

@@ -9,6 +9,7 @@ from encoder.errors import ConfigError
 
 HessianMode = Literal["none", "train", "mixed"]
 EncoderMode = Literal["exact", "factored"]
+ProjectionFamily = Literal["gaussian", "pca"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,12 @@ class FingerprintConfig:
         max_block: the most dims one module's block may take under the budget rule (bounds
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
             ~0.3 s on one core; 4096 dims take ~16 s each).
-        seed: seed of the projection matrices (generated from (seed, module name)).
+        projection: ``pca`` (default): each module's A_W, B_W are the top eigenvectors of its
+            corrected gradients' output- and input-side covariances over a sample of the
+            corpus (``encoder.basis``), fitted once by the build and saved with the index;
+            ``gaussian``: i.i.d. Gaussian matrices from ``seed`` (the paper's projection).
+        seed: seed of the Gaussian projection matrices (generated from (seed, module name));
+            with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
         correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
             ``False`` is the ablation.
         hessian: ``none`` (ablation), ``train`` (R = R_train) or ``mixed``
@@ -48,6 +54,7 @@ class FingerprintConfig:
     k: int | None = None
     budget: int = 1 << 16
     max_block: int = 1024
+    projection: ProjectionFamily = "pca"
     seed: int = 0
     correction: bool = True
     hessian: HessianMode = "mixed"
@@ -64,6 +71,8 @@ class FingerprintConfig:
             raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
+        if self.projection not in ("gaussian", "pca"):
+            raise ConfigError(f"projection must be gaussian|pca, got {self.projection!r}")
         if self.mode not in ("exact", "factored"):
             raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
         if self.mode == "factored" and not self.projected:
@@ -97,6 +106,7 @@ class FingerprintConfig:
         d = dict(d)
         if "budget" not in d:  # written before the budget rule: k was always fixed
             d.setdefault("k", 16)
+        d.setdefault("projection", "gaussian")  # written before the fitted basis
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = tuple(d[key])

@@ -5,6 +5,8 @@
     phi_W = A_W G~_W B_W^T, phi = concat_W vec(phi_W)    (projection.py)
     e     = R^-1/2 phi / ||R^-1/2 phi||                  (whitening.py)
 
+A_W, B_W are a fitted Kronecker eigenbasis (basis.py, the default) or seeded Gaussians.
+
 ``project`` returns phi (the statistics pass accumulates R from it); ``finalize`` whitens
 and normalizes; ``encode`` does both. The exact path forms each example's G_W one module at
 a time inside the backward pass and drops it at once; the factored path never forms it.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from encoder import fused
+from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
@@ -62,6 +65,8 @@ class TrackStarEncoder:
         config: the fingerprint configuration.
         second_moments: Adam second moments; required when ``config.correction``.
         whitener: R^-1/2 blocks; required by ``finalize`` unless ``config.hessian == "none"``.
+        projections: a fitted basis (``config.projection == "pca"``, saved with the index);
+            else ``fit_basis`` or ``set_projections`` before encoding.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class TrackStarEncoder:
         *,
         second_moments: SecondMoments | None = None,
         whitener: Whitener | None = None,
+        projections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -96,13 +102,14 @@ class TrackStarEncoder:
         self.low_precision_products = self._tf32_products and _out_dtype_products(self.device)
         # Exact path on CUDA: correction fused into the left projection (encoder/fused.py).
         self.fused_correction = True
-        self._proj = {
-            name: (a.to(self.device, self.accum_dtype), b.to(self.device, self.accum_dtype))
-            for name, (a, b) in make_projections(config.seed, self.modules, self.plan).items()
-        }
+        self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
         self._folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if config.projection == "gaussian":
+            self.set_projections(make_projections(config.seed, self.modules, self.plan))
+        elif projections is not None:
+            self.set_projections(projections)
         if second_moments is not None:
             self.set_second_moments(second_moments)
         elif config.correction:
@@ -119,6 +126,55 @@ class TrackStarEncoder:
     def projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The projection matrices (float32, CPU) by module name, for saving."""
         return {n: (a.float().cpu(), b.float().cpu()) for n, (a, b) in self._proj.items()}
+
+    @property
+    def needs_basis(self) -> bool:
+        """Whether modules are projected by a fitted basis that is not set yet."""
+        return not self._proj and any(sizes is not None for sizes in self.plan.values())
+
+    def set_projections(self, projections: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Install the (A, B) pair of every projected module (checked against the plan)."""
+        want = {m.name: m for m in self.modules if self.plan[m.name] is not None}
+        if set(projections) != set(want):
+            raise ConfigError("the projections name other modules than the plan projects")
+        for name, m in want.items():
+            k_out, k_in = self.plan[name] or (0, 0)
+            a, b = projections[name]
+            if tuple(a.shape) != (k_out, m.out_features) or tuple(b.shape) != (k_in, m.in_features):
+                raise ConfigError(f"the projection of {name} is {tuple(a.shape)} x {tuple(b.shape)}, the plan "
+                                  f"needs {(k_out, m.out_features)} x {(k_in, m.in_features)}")  # fmt: skip
+        self._proj = {n: (a.to(self.device, self.accum_dtype), b.to(self.device, self.accum_dtype))
+                      for n, (a, b) in projections.items()}  # fmt: skip
+        if self.second_moments is not None:
+            self.set_second_moments(self.second_moments)  # the factored path folds into A, B
+
+    def basis_statistics(self, batches: Iterable[TokenBatch]) -> BasisStatistics:
+        """C_out / C_in sums of the corrected per-example gradients over ``batches``, for
+        the fitted basis (``encoder.basis``); one backward pass per batch."""
+        if self.config.correction and self.second_moments is None:
+            raise ConfigError("optimizer correction is on but no second moments were given")
+        stats = BasisStatistics.empty(self.modules, self.plan)
+        v = self.second_moments.for_modules(self.modules) if self.config.correction and self.second_moments else {}
+        eps = self.second_moments.eps if self.second_moments is not None else 0.0
+
+        def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            if m.name not in stats.sums:
+                return
+            inv = (v[m.name].to(acts.device, acts.dtype).sqrt() + eps).reciprocal() if m.name in v else None
+            chunk = _gradient_chunk(m, acts)
+            for s in range(0, acts.shape[0], chunk):
+                g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
+                stats.add(m.name, g if inv is None else g.mul_(inv))
+
+        for batch in batches:
+            self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
+            stats.count += len(batch)
+        return stats
+
+    def fit_basis(self, batches: Iterable[TokenBatch]) -> None:
+        """Fit and install the basis from ``batches`` (``basis_statistics``)."""
+        stats = self.basis_statistics(batches)
+        self.set_projections(stats.projections(self.modules, self.plan, self.config.seed))
 
     def set_second_moments(self, sm: SecondMoments) -> None:
         """Install second moments; precomputes 1 / (sqrt(v_hat) + eps) per module [out, in]."""
@@ -182,6 +238,8 @@ class TrackStarEncoder:
         (``encoder.rescoring`` with no projection: phi_W is the whole corrected gradient)."""
         if self.config.correction and self.second_moments is None:
             raise ConfigError("optimizer correction is on but no second moments were given")
+        if self.needs_basis:
+            raise ConfigError("the projection basis is not fitted yet (fit_basis, or the index's projections)")
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
             fn(m.name, self._phi_block(m, acts, grads))

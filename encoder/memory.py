@@ -94,16 +94,24 @@ def _saved_bytes(encoder, batch: TokenBatch) -> int:
 
 
 def _ready(encoder):
-    """The encoder, or (correction on, no second moments yet) a twin with uniform second
-    moments: the same modules, projections and code path, hence the same memory."""
-    if not encoder.config.correction or encoder.second_moments is not None:
+    """The encoder, or a twin on the same modules, shapes and code path (hence the same
+    memory) when it cannot encode yet: uniform second moments for a correction without them,
+    seeded Gaussian matrices for a basis not fitted yet."""
+    needs_moments = encoder.config.correction and encoder.second_moments is None
+    if not needs_moments and not encoder.needs_basis:
         return encoder
     from encoder.fingerprint import TrackStarEncoder
     from encoder.optimizer_state import SecondMoments
+    from encoder.projection import make_projections
 
-    params = dict(encoder.model.named_parameters())
-    v = {m.param_name: torch.ones(params[m.param_name].shape) for m in encoder.modules}
-    return TrackStarEncoder(encoder.model, encoder.config, second_moments=SecondMoments(v, 1e-8, "probe"))
+    sm = encoder.second_moments
+    if needs_moments:
+        params = dict(encoder.model.named_parameters())
+        v = {m.param_name: torch.ones(params[m.param_name].shape) for m in encoder.modules}
+        sm = SecondMoments(v, 1e-8, "probe")
+    proj = make_projections(encoder.config.seed, encoder.modules, encoder.plan) if encoder.needs_basis else None
+    return TrackStarEncoder(encoder.model, encoder.config, second_moments=sm,
+                            projections=proj or encoder.projections())  # fmt: skip
 
 
 def estimate_memory(encoder, seq_len: int) -> MemoryEstimate:

@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
     p.add_argument("--k", type=int, default=None,
                    help="a fixed projection size per side (default: the index default, a 2^16 budget)")
+    p.add_argument("--projection", choices=("pca", "gaussian"), default=EvalSettings.projection,
+                   help="projection family: pca (a basis fitted on the corpus) or gaussian (seeded; the paper's) "
+                        f"(default {EvalSettings.projection})")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="projection seed, query folds, random floor (default 0)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run once per projection seed and report mean and spread (overrides --seed)")
@@ -53,7 +56,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every setting spelled out (for the report)."""
     parts = ["influence", "eval", "--model", str(args.model), "--corpus", str(args.corpus),
              "--queries", str(args.queries), "--out", str(args.out), "--stem", args.stem,
-             *(["--k", str(args.k)] if args.k is not None else []),
+             *(["--k", str(args.k)] if args.k is not None else []), "--projection", args.projection,
              *(["--seeds", *map(str, args.seeds)] if args.seeds else ["--seed", str(args.seed)]),
              "--batch-size", str(args.batch_size),
              "--tailpatch-lr", f"{args.tailpatch_lr:g}", "--tailpatch-optimizer", args.tailpatch_optimizer,
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     seeds = args.seeds or [args.seed]
     settings = EvalSettings(
-        k=args.k, seed=seeds[0], batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
+        k=args.k, projection=args.projection, seed=seeds[0], batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
         tailpatch_optimizer=args.tailpatch_optimizer, methods=tuple(args.methods),
         max_queries=args.max_queries,
     )  # fmt: skip

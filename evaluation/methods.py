@@ -48,6 +48,17 @@ N_FOLDS = 2
 
 
 
+def _by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def fit_basis(encoder: TrackStarEncoder, examples: Sequence[Example], *, pad_id: int, batch_size: int) -> None:
+    """Fit the encoder's projection basis on ``examples`` if it needs one (``projection: pca``)."""
+    if encoder.needs_basis:
+        encoder.fit_basis(collate([examples[i] for i in idx], pad_id) for idx in _by_length(examples, batch_size))
+
+
 def project_all(
     encoder: TrackStarEncoder,
     examples: Sequence[Example],
@@ -67,10 +78,8 @@ def project_all(
     Returns:
         phi [N, d] float32 on the CPU, in the order of ``examples``.
     """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out = torch.zeros(len(examples), encoder.dim, dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in _by_length(examples, batch_size):
         phi = encoder.project(collate([examples[i] for i in idx], pad_id))
         out[idx] = phi.float().cpu()
         if on_batch is not None:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from evaluation.corpus import load_queries
 from evaluation.methods import (
     FUSION_DEPTH,
     GradientInputs,
+    fit_basis,
     fold_of,
     project_all,
     rank_bm25,
@@ -165,7 +166,7 @@ def run_evaluation(
     sequences = training_sequences(tokenizer, texts, max_len)
     train_examples = [sequence_example(s) for s in sequences]
     query_examples: list[Example] = [tokenize_query(tokenizer, q.prompt, q.completion) for q in queries]
-    base = FingerprintConfig(k=settings.k, seed=settings.seed)
+    base = FingerprintConfig(k=settings.k, seed=settings.seed, projection=settings.projection)  # type: ignore[arg-type]
 
     def bar(desc: str, total: int) -> Progress | None:
         return progress(desc, total) if progress is not None else None
@@ -182,12 +183,13 @@ def run_evaluation(
     phis: dict[bool, GradientInputs] = {}
     for correction in sorted({m.correction for m in methods if m.kind == "gradient"} |
                              ({True} if any(m.kind == "hybrid" for m in methods) else set()), reverse=True):
-        enc = TrackStarEncoder(model, FingerprintConfig(k=settings.k, seed=settings.seed, correction=correction),
+        enc = TrackStarEncoder(model, replace(base, correction=correction),
                                second_moments=second_moments if correction else None)  # fmt: skip
         label = "corrected" if correction else "uncorrected"
         pb = bar(f"gradients ({label})", len(train_examples) + len(query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()
+        fit_basis(enc, train_examples, pad_id=pad_id, batch_size=settings.batch_size)  # a pass more (pca)
         train_phi = project_all(enc, train_examples, pad_id=pad_id, batch_size=settings.batch_size, on_batch=tick)
         query_phi = project_all(enc, query_examples, pad_id=pad_id, batch_size=settings.batch_size, on_batch=tick)
         if pb is not None:

@@ -54,6 +54,8 @@ class EvalSettings:
     Attributes:
         k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
             default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
+        projection: the projection family (``FingerprintConfig.projection``): ``pca`` fits
+            the basis on the training sequences, ``gaussian`` draws it from ``seed``.
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.
@@ -63,6 +65,7 @@ class EvalSettings:
     """
 
     k: int | None = None
+    projection: str = FingerprintConfig.projection
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4

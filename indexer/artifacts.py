@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from encoder.basis import load_projections
 from encoder.batching import Example, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError, ConfigError, IndexChangedError
@@ -60,7 +61,8 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
     """The encoder an index was built with, from its saved artifacts.
 
     Raises:
-        ArtifactError: the saved projections differ from those the config generates.
+        ArtifactError: the saved projections do not fit the plan, or (gaussian) differ from
+            those the config generates.
     """
     fp = manifest["fingerprint"]
     config = FingerprintConfig.from_dict(fp["config"])
@@ -72,6 +74,12 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
         raise ArtifactError(f"the whitener mixes R_eval with lambda {whitener.lambda_}, the manifest says hessian "
                             f"{config.hessian!r}, lambda {fp.get('lambda')}", code="manifest_mismatch")  # fmt: skip
     encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener)
+    if encoder.needs_basis:
+        try:
+            encoder.set_projections(load_projections(index_dir / mf.PROJECTIONS))
+        except ConfigError as exc:
+            raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
+                                code="manifest_mismatch") from exc  # fmt: skip
     if encoder.module_names != fp["modules"]:
         raise ArtifactError("the model's tracked modules differ from those the index was built with",
                             code="manifest_mismatch")
@@ -79,7 +87,7 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
         raise ArtifactError(f"the config sizes the fingerprint blocks as {encoder.block_dims}, the manifest "
                             f"says {fp['block_dims']}", code="manifest_mismatch")  # fmt: skip
     projections = encoder.projections()
-    if projections:
+    if projections and config.projection == "gaussian":
         saved = load_file(str(index_dir / mf.PROJECTIONS))
         if set(saved) != {f"{n}.{side}" for n in projections for side in "AB"}:
             raise ArtifactError("the saved projections name other modules than the config projects",
@@ -359,8 +367,9 @@ class InfluenceIndex:
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]
         against sequences ``ids`` under another projection (``encoder.uncertainty``); None
-        for whitened indexes, where the model of it does not hold."""
-        if self.encoder.config.hessian != "none" or not ids:
+        for whitened indexes, where the model of it does not hold, and for a fitted (pca)
+        basis, which has no random projection to vary."""
+        if self.encoder.config.hessian != "none" or self.encoder.config.projection != "gaussian" or not ids:
             return None
         rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
         sd = score_sd(torch.from_numpy(np.asarray(vector, dtype=np.float32)), rows, self.encoder.plan, self.encoder.block_dims)

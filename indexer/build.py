@@ -2,6 +2,7 @@
 
     pass 0  tokenize + chunk (rank 0)            -> token store, metadata.sqlite
             second moments: optimizer state, or estimated over a sample (rank 0)
+    basis   the projection's eigenbasis from a sample (rank 0; projection pca)
     pass 1  R_train per shard (all ranks), R_eval from --queries (rank 0)
             merge in shard order, lambda, R^-1/2 (rank 0)
     pass 2  fingerprints per shard (all ranks)
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from encoder.basis import load_projections, save_projections
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError, InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
@@ -66,6 +68,8 @@ class BuildConfig:
             else estimated over ``v_sample`` sequences.
         v_sample: sequences for the second-moment estimate.
         hessian_sample: sequences for R_train; None = all.
+        basis_sample: sequences the projection basis is fitted on (``projection: pca``;
+            evenly spaced over the corpus; None = all).
         faiss: FAISS factory string.
         faiss_train_sample: vectors to train an approximate index on.
         bm25: also write the BM25 index of the sequence texts (``bm25/``, for the
@@ -92,6 +96,7 @@ class BuildConfig:
     optimizer_state: Path | None = None
     v_sample: int = 256
     hessian_sample: int | None = None
+    basis_sample: int | None = 1024
     faiss: str = "Flat"
     faiss_train_sample: int = 65536
     bm25: bool = True
@@ -144,6 +149,7 @@ def build_key(cfg: BuildConfig, chunk: ChunkConfig) -> str:
         "chunk": asdict(chunk),
         "v_sample": cfg.v_sample,
         "hessian_sample": cfg.hessian_sample,
+        "basis_sample": cfg.basis_sample,
         "faiss": cfg.faiss,
         "faiss_train_sample": cfg.faiss_train_sample,
         "batch_size": cfg.batch_size,
@@ -169,6 +175,8 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     out = Path(cfg.out).resolve()
     if cfg.batch_size < 0 or cfg.shard_size < 1:
         raise ConfigError("batch size must be >= 1 (or 0: auto) and shard size >= 1")
+    if cfg.basis_sample is not None and cfg.basis_sample < 1:
+        raise ConfigError(f"basis sample must be >= 1 sequences (or all), got {cfg.basis_sample}")
     corpus_format(Path(cfg.corpus))  # missing corpus: fail before loading the model
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")
@@ -282,6 +290,21 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     if cfg.fingerprint.correction:
         ctx.run(second_moments, only_main=True)
         encoder.set_second_moments(load_second_moments(sm_path, model))
+
+    # -- basis (projection: pca) ----------------------------------------------------------
+    basis_path = work.path(mf.PROJECTIONS)
+
+    def fit_basis() -> None:
+        if basis_path.is_file():
+            return
+        ids = passes.evenly_spaced(n, cfg.basis_sample)
+        stats = passes.basis_statistics(encoder, store, ids, cfg.batch_size, pad, progress)
+        save_projections(stats.projections(encoder.modules, encoder.plan, cfg.fingerprint.seed), basis_path)
+        log.info("projection basis fitted on %d sequences", stats.count)
+
+    if encoder.needs_basis:
+        ctx.run(fit_basis, only_main=True)
+        encoder.set_projections(load_projections(basis_path))
 
     # -- pass 1: statistics --------------------------------------------------------------
     fp = cfg.fingerprint

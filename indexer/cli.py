@@ -19,7 +19,7 @@ def _tqdm_progress(enabled: bool):
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
-    labels = {"statistics": "pass 1 (statistics)", "encode": "pass 2 (encode)"}
+    labels = {"basis": "basis (projection)", "statistics": "pass 1 (statistics)", "encode": "pass 2 (encode)"}
 
     def progress(stage: str, n: int, total: int) -> None:
         if not enabled:
@@ -48,6 +48,7 @@ def fingerprint_config(args: argparse.Namespace) -> FingerprintConfig:
         k=args.proj_dim,
         budget=args.budget,
         max_block=args.max_block,
+        projection=args.projection,
         seed=args.seed,
         correction=not args.no_correction,
         hessian=args.hessian,
@@ -67,7 +68,8 @@ def build_config(args: argparse.Namespace):
         pack=args.pack, append_eos=not args.no_eos,
         queries=Path(args.queries) if args.queries else None,
         optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
-        v_sample=args.v_sample, hessian_sample=args.hessian_sample, faiss=args.faiss,
+        v_sample=args.v_sample, hessian_sample=args.hessian_sample, basis_sample=args.basis_sample or None,
+        faiss=args.faiss,
         faiss_train_sample=args.faiss_train_sample, bm25=not args.no_bm25, batch_size=args.batch_size,
         shard_size=args.shard_size, device=args.device, threads=args.threads, name=args.name,
     )
@@ -327,7 +329,11 @@ def _add_build(sub) -> None:
     p.add_argument("--max-block", type=int, default=1024,
                    help="the most dims one module's block takes under --budget (its Hessian block is "
                         "this squared; default 1024 = 8 MiB of float64)")
-    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--projection", choices=("pca", "gaussian"), default="pca",
+                   help="pca: each module's top corrected-gradient eigenvectors, fitted on --basis-sample "
+                        "sequences (seed-free, closer to the unprojected ranking); gaussian: seeded random "
+                        "matrices (the paper's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the gaussian projection")
     p.add_argument("--include", action="append", help="module name glob to track (repeatable)")
     p.add_argument("--exclude", action="append", help="module name glob to skip (repeatable)")
     p.add_argument("--track-lm-head", action="store_true", help="also track the output embedding (LM head)")
@@ -339,6 +345,8 @@ def _add_build(sub) -> None:
     p.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
     p.add_argument("--v-sample", type=int, default=256, help="sequences for the second-moment estimate")
     p.add_argument("--hessian-sample", type=int, default=None, help="sequences for R_train (default: all)")
+    p.add_argument("--basis-sample", type=int, default=1024,
+                   help="sequences the pca basis is fitted on, evenly spaced (default 1024; 0 = all)")
     p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
     p.add_argument("--faiss-train-sample", type=int, default=65536,
                    help="vectors an approximate FAISS index is trained on (default 65536)")

@@ -1,6 +1,8 @@
 """The build's passes over the sequences, one shard at a time.
 
 Pass 0 (rank 0): tokenize and chunk the corpus into the token store and the metadata store.
+Basis (rank 0, ``projection: pca``): corrected-gradient covariances of a sample, whose top
+    eigenvectors become the projection (``encoder.basis``).
 Pass 1 (statistics): projected gradients phi of the Hessian sample, summed per shard into
     R_train statistics (float64); phi of fully sampled shards is cached for pass 2.
 Pass 2 (encode): e = R^-1/2 phi / ||.|| per shard, stored as float16.
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch, collate, sequence_example, tokenize_query
 from encoder.errors import InputError
 from encoder.fingerprint import TrackStarEncoder
@@ -124,6 +127,24 @@ def padded_tokens(lengths: np.ndarray, batch_size: int, *, by_length: bool = Tru
     order = length_order(lengths) if by_length else np.arange(len(lengths))
     groups = [lengths[order[s : s + batch_size]] for s in range(0, len(lengths), batch_size)]
     return int(sum(len(g) * int(g.max()) for g in groups))
+
+
+def basis_statistics(
+    encoder: TrackStarEncoder,
+    store: TokenStore,
+    ids: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    progress: Progress = _no_progress,
+) -> BasisStatistics:
+    """The basis pass (``projection: pca``): C_out / C_in sums over the sampled ``ids``."""
+
+    def feed() -> Iterator[TokenBatch]:
+        for rows, batch in batches(store, ids, batch_size, pad_id):
+            yield batch
+            progress("basis", len(rows), len(ids))
+
+    return encoder.basis_statistics(feed())
 
 
 def statistics_shard(

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from encoder.basis import save_projections
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
-from encoder.tensor_files import save_tensors
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.bm25 import SUBDIR, BM25Index
@@ -92,10 +92,7 @@ def publish(
     faiss.write_index(index, str(staging / mf.FAISS_INDEX))
 
     if encoder.projections():
-        tensors = {}
-        for name, (a, b) in encoder.projections().items():
-            tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
-        save_tensors(tensors, str(staging / mf.PROJECTIONS))
+        save_projections(encoder.projections(), staging / mf.PROJECTIONS)
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if work.path(name).is_file():
             shutil.copyfile(work.path(name), staging / name)

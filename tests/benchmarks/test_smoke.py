@@ -114,7 +114,7 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
                                 "--out", str(tmp_path)]) == 0  # fmt: skip
     data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
     rows = data["results"][0]["rows"]
-    assert [r["config"] for r in rows] == ["k=8", "budget 2^16, block 256"]
+    assert [(r["config"], r["projection"]) for r in rows] == [("k=8 gaussian", "gaussian"), ("budget 2^16, block 256, pca", "pca")]
     assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == 8 * 256  # 8 modules: k^2, the block cap
     for r in rows:
         gains = [r["rescore20"], r["rescore50"], r["rescore100"]]

@@ -2,7 +2,8 @@
 
 Independent of the encoder's fast path: per-example gradients by ``torch.func.grad`` over
 ``functional_call`` on each example alone (no padding, no hooks), the optimizer correction
-on the stored parameter, dense Kronecker projection matrices ``kron(A, B)``, and whitening
+on the stored parameter, dense Kronecker projection matrices ``kron(A, B)``, the fitted
+basis by numpy's eigh of the summed gradient covariances, and whitening
 by scipy's fractional matrix power.
 """
 
@@ -31,23 +32,54 @@ def per_example_grads(model, param_names: list[str], example: Example) -> dict[s
     return grad(loss_fn)({n: params[n] for n in param_names})
 
 
-def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, plan=None) -> np.ndarray:
-    """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64.
-
-    ``plan`` (module name -> (k_out, k_in) or None = exact) overrides k per module."""
+def corrected_grads(model, modules, example, v_hat=None, eps=1e-8) -> dict[str, torch.Tensor]:
+    """G~_W [out, in] float64 per module name, for one example on its own."""
     grads = per_example_grads(model, [m.param_name for m in modules], example)
-    parts = []
+    out = {}
     for m in modules:
         g = grads[m.param_name].double()
         if v_hat is not None:
             g = g / (v_hat[m.param_name].double().sqrt() + eps)
-        if m.transposed:  # Conv1D stores [in, out]
-            g = g.T
+        out[m.name] = g.T if m.transposed else g  # Conv1D stores [in, out]
+    return out
+
+
+def reference_basis(model, modules, examples, plan, v_hat=None, eps=1e-8) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per projected module (A, B, eigenvalues of C_out, eigenvalues of C_in): A / B the top
+    k_out / k_in eigenvectors (rows, largest first, largest entry positive) of
+    C_out = sum_n G~_n G~_n^T and C_in = sum_n G~_n^T G~_n, by numpy in float64."""
+    grads = [corrected_grads(model, modules, e, v_hat, eps) for e in examples]
+    out = {}
+    for m in modules:
+        sizes = plan[m.name]
+        if sizes is None:
+            continue
+        gs = [g[m.name].numpy() for g in grads]
+        pair = []
+        for c, k in ((sum(g @ g.T for g in gs), sizes[0]), (sum(g.T @ g for g in gs), sizes[1])):
+            vals, vecs = np.linalg.eigh(c)
+            top = vecs[:, ::-1][:, :k].T
+            top = top * np.sign(top[np.arange(k), np.abs(top).argmax(axis=1)])[:, None]
+            pair.append((top, vals[::-1]))
+        out[m.name] = (pair[0][0], pair[1][0], pair[0][1], pair[1][1])
+    return out
+
+
+def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, plan=None, pairs=None) -> np.ndarray:
+    """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64.
+
+    ``plan`` (module name -> (k_out, k_in) or None = exact) overrides k per module; ``pairs``
+    (module name -> (A, B)) gives the projection matrices instead of the seeded Gaussians."""
+    grads = corrected_grads(model, modules, example, v_hat, eps)
+    parts = []
+    for m in modules:
+        g = grads[m.name]
         sizes = (k, k) if plan is None else plan[m.name]
         if sizes is None or sizes == (0, 0):
             parts.append(g.reshape(-1).numpy())
         else:
-            a, b = projection_pair(seed, m, *sizes)
+            a, b = projection_pair(seed, m, *sizes) if pairs is None else pairs[m.name]
+            a, b = torch.as_tensor(a), torch.as_tensor(b)
             dense = torch.kron(a.double(), b.double())  # [k*k, out*in]
             parts.append((dense @ g.reshape(-1)).numpy())
     return np.concatenate(parts)

@@ -8,6 +8,7 @@ import torch
 
 from encoder.batching import Example, collate, sequence_example
 from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 from encoder.whitening import Whitener
@@ -47,23 +48,27 @@ def _random_second_moments(model, seed: int) -> SecondMoments:
 BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 
 
-@pytest.mark.parametrize("k", [0, 3, "budget"])
+@pytest.mark.parametrize(("k", "projection"), [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"),
+                                               (3, "pca"), ("budget", "pca")])  # fmt: skip
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
-def test_fingerprints_match_reference(k, correction, hessian):
+def test_fingerprints_match_reference(k, projection, correction, hessian):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sizing = BUDGET if k == "budget" else {"k": k}
-    cfg = FingerprintConfig(seed=7, correction=correction, hessian=hessian, **sizing)
+    cfg = FingerprintConfig(seed=7, correction=correction, hessian=hessian, projection=projection, **sizing)
     sm = _random_second_moments(model, seed=2) if correction else None
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
     queries = _queries(4, 5, 40)
+    if projection == "pca":  # the basis from the training examples, as a build fits it
+        enc.fit_basis(collate(train[i : i + 4]) for i in range(0, len(train), 4))
 
     # Encoder: padded batches, hooks.
     phi_train = torch.cat([enc.project(collate(train[i : i + 4])) for i in range(0, len(train), 4)])
     phi_query = enc.project(collate(queries))
     # Reference: each example alone, torch.func, dense projection.
-    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan)
+    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan,
+              pairs=enc.projections() if projection == "pca" else None)  # the basis itself: test_fitted_basis*
     if k == "budget":
         sizes = list(enc.plan.values())
         assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
@@ -103,6 +108,7 @@ def test_batch_invariance_float32():
     enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none"), second_moments=_random_second_moments(model, 6))
     short = sequence_example([3, 9, 4, 7])
     others = _examples(8, 5, 10, 20, 40)
+    enc.fit_basis([collate(others)])  # the default fitted basis
     alone = enc.encode(collate([short]))[0]
     inside = enc.encode(collate([others[0], short, *others[1:]]))[1]
     assert torch.abs(alone - inside).max() < TOL
@@ -114,7 +120,7 @@ def test_batch_invariance_float32():
 def test_query_loss_only_on_completion():
     """Changing a prompt token's target status changes the fingerprint; padding does not."""
     model = tiny_gpt2(seed=9, dtype=torch.float64)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, hessian="none", correction=False))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, hessian="none", correction=False, projection="gaussian"))
     ids = (5, 6, 7, 8, 9)
     q = Example(ids, (False, False, False, True, True))
     full = sequence_example(ids)
@@ -138,3 +144,48 @@ def test_projection_matrices_are_deterministic_and_scaled():
     assert a1.shape == (64, m.out_features) and b1.shape == (64, m.in_features)
     # Entries N(0, 1/k): the variance estimate over 64*out entries is close to 1/64.
     assert float(a1.var()) == pytest.approx(1 / 64, rel=0.15)
+
+
+def test_fitted_basis_matches_reference():
+    """The pca basis equals numpy's top eigenvectors of the summed corrected-gradient
+    covariances (reference: torch.func gradients of each example alone)."""
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    sm = _random_second_moments(model, seed=2)
+    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none"), second_moments=sm)
+    train = _examples(3, 10, 3, 12, 40)
+    enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
+    want = ref.reference_basis(model, enc.modules, train, enc.plan, sm.v_hat, sm.eps)
+    got = enc.projections()
+    assert set(got) == set(want) and want
+    for name, (a_ref, b_ref, vals_out, vals_in) in want.items():
+        for mat, mat_ref, vals in ((got[name][0], a_ref, vals_out), (got[name][1], b_ref, vals_in)):
+            k = mat_ref.shape[0]
+            # Davis-Kahan: an eigenvector moves by at most ||dC|| / gap. dC: the two gradient
+            # paths and the sums agree to a relative 1e-9 of C (float64 arithmetic: ~1e-14);
+            # the float32 storage of the basis adds 2^-24 per entry.
+            gaps = -np.diff(vals[: k + 1])  # k may be the whole side
+            assert gaps.min() > 0, "distinct eigenvalues: the eigenvectors are defined"
+            tol = 1e-9 * vals[0] / gaps.min() + 2.0**-23
+            assert np.abs(mat.double().numpy() - mat_ref).max() <= tol, name
+            assert (
+                np.abs(mat.double() @ mat.double().T - torch.eye(k, dtype=torch.float64)).max()
+                <= 4 * 2.0**-23
+            )
+
+
+def test_fitted_basis_keeps_a_long_side_gaussian(monkeypatch):
+    """A side longer than MAX_SIDE keeps the seeded Gaussian matrix (its covariance is not summed)."""
+    from encoder import basis
+    from encoder.projection import projection_pair
+
+    monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
+    model = tiny_gpt2(seed=1)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False))
+    with pytest.raises(ConfigError, match="basis is not fitted"):
+        enc.project(collate(_examples(3, 2, 3, 12, 40)))
+    enc.fit_basis([collate(_examples(3, 6, 3, 12, 40))])
+    for m in enc.modules:
+        a, b = enc.projections()[m.name]
+        gauss_a, gauss_b = projection_pair(5, m, 3, 3)
+        assert torch.equal(a, gauss_a) == (m.out_features > 16)
+        assert torch.equal(b, gauss_b) == (m.in_features > 16)

@@ -4,6 +4,7 @@ its fidelity against the exact path on the trained test model is measured."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,27 +67,29 @@ def test_rank1_correction_recovers_a_rank1_correction():
 
 
 @pytest.mark.parametrize("k", [3])
-def test_factored_equals_reference_for_rank1_correction(k):
+@pytest.mark.parametrize("projection", ["gaussian", "pca"])
+def test_factored_equals_reference_for_rank1_correction(k, projection):
     model = tiny_gpt2(seed=11, dtype=torch.float64)
     sm = _rank1_second_moments(model, seed=12, eps=1e-6)
-    enc = TrackStarEncoder(
-        model, FingerprintConfig(k=k, seed=5, hessian="none", mode="factored"), second_moments=sm
-    )
+    cfg = FingerprintConfig(k=k, seed=5, hessian="none", mode="factored", projection=projection)
+    enc = TrackStarEncoder(model, cfg, second_moments=sm)
     examples = _examples(13, 6, 3, 12, 40) + _queries(14, 3, 40)
+    pairs = None
+    if projection == "pca":  # the rank-1 correction folds into the fitted basis
+        enc.fit_basis([collate(examples[:6])])
+        pairs = enc.projections()
     phi = torch.cat(
         [enc.project(collate(examples[i : i + 4])) for i in range(0, len(examples), 4)]
     ).numpy()
     expected = np.stack(
         [
-            ref.reference_phi(model, enc.modules, e, k=k, seed=5, v_hat=sm.v_hat, eps=sm.eps)
+            ref.reference_phi(model, enc.modules, e, k=k, seed=5, v_hat=sm.v_hat, eps=sm.eps, pairs=pairs)
             for e in examples
         ]
     )
     assert np.abs(phi - expected).max() <= TOL * max(np.abs(expected).max(), 1.0)
     # The exact path agrees too (same math, different route).
-    exact = TrackStarEncoder(
-        model, FingerprintConfig(k=k, seed=5, hessian="none"), second_moments=sm
-    )
+    exact = TrackStarEncoder(model, replace(cfg, mode="exact"), second_moments=sm, projections=pairs)
     assert np.abs(exact.project(collate(examples[:4])).numpy() - expected[:4]).max() <= TOL * max(
         np.abs(expected).max(), 1.0
     )
@@ -129,7 +132,7 @@ def test_factored_never_materializes_per_example_gradients(mode):
         {n: torch.rand(p.shape, generator=g) + 1e-3 for n, p in model.named_parameters()}, 1e-8, "t"
     )
     enc = TrackStarEncoder(
-        model, FingerprintConfig(k=4, hessian="none", mode=mode), second_moments=sm
+        model, FingerprintConfig(k=4, hessian="none", mode=mode, projection="gaussian"), second_moments=sm
     )
     batch = collate(_examples(1, 5, 7, 9, 40))
     rec = _ShapeRecorder()

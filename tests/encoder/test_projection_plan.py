@@ -9,6 +9,7 @@ import torch
 
 from encoder.batching import Example, sequence_example
 from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.modules import select_modules
 from encoder.optimizer_state import SecondMoments
@@ -62,6 +63,13 @@ def test_fixed_k_plan_and_old_manifests():
     legacy.pop("budget"), legacy.pop("max_block"), legacy.pop("k")
     assert FingerprintConfig.from_dict(legacy).k == 16
     assert FingerprintConfig.from_dict(FingerprintConfig().to_dict()) == FingerprintConfig()
+    # One written before the fitted basis has no "projection": its matrices were Gaussian.
+    before_basis = FingerprintConfig().to_dict()
+    before_basis.pop("projection")
+    assert FingerprintConfig.from_dict(before_basis).projection == "gaussian"
+    assert FingerprintConfig().projection == "pca"
+    with pytest.raises(ConfigError, match="projection must be"):
+        FingerprintConfig(projection="dense")  # type: ignore[arg-type]
 
 
 def test_rectangular_projection_is_scaled_per_side():

@@ -46,7 +46,7 @@ def projected(trained_checkpoint, fact_corpus):
     def fingerprints(**sizing):
         out = []
         for seed in (0, 1):
-            enc = TrackStarEncoder(model, FingerprintConfig(seed=seed, hessian="none", **sizing), second_moments=sm)
+            enc = TrackStarEncoder(model, FingerprintConfig(seed=seed, hessian="none", projection="gaussian", **sizing), second_moments=sm)
             t = enc.finalize(project_all(enc, train, pad_id=pad, batch_size=16))
             q = enc.finalize(project_all(enc, queries, pad_id=pad, batch_size=16))
             out.append((enc, q, t))

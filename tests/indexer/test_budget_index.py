@@ -26,7 +26,8 @@ def budget_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     corpus, _ = fact_corpus_files
     return run_build(BuildConfig(
         model=trained_checkpoint.checkpoint_dir, corpus=corpus, out=tmp_path_factory.mktemp("budget") / "index",
-        fingerprint=FingerprintConfig(hessian="none", **SIZING), shard_size=64, batch_size=8,
+        # gaussian: score_sd models a random projection (a fitted basis has none to vary)
+        fingerprint=FingerprintConfig(hessian="none", projection="gaussian", **SIZING), shard_size=64, batch_size=8,
     ))  # fmt: skip
 
 

@@ -206,3 +206,10 @@ def test_fingerprint_store_is_estimated_and_refused(trained_checkpoint, fact_cor
     rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix")
     assert rc == 2 and "[insufficient_disk]" in err and "GiB of disk" in err
     assert not (tmp_path / "ix").exists()
+
+
+def test_negative_basis_sample_is_a_clear_error(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
+    rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix",
+                     "--basis-sample", "-2")  # fmt: skip
+    assert rc == 2 and "basis sample must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "ix").exists()

@@ -45,6 +45,7 @@ def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact") -
     v = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
     cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode)
     enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
+    enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])  # the default pca basis
     if hessian != "none":
         stats = enc.new_statistics()
         stats.update(enc.project(collate([sequence_example(x) for x in _random_ids(3, 12, 4, 12)])))
@@ -85,7 +86,7 @@ def test_contributions_match_brute_force():
     n = len(example.input_ids)
     parts = np.stack([
         ref.reference_phi(model, enc.modules, Example(example.input_ids, tuple(i == t for i in range(n))),
-                          k=3, seed=7, v_hat=sm.v_hat, eps=sm.eps)
+                          k=3, seed=7, v_hat=sm.v_hat, eps=sm.eps, pairs=enc.projections())
         for t in range(1, n)
     ])
     starts = np.cumsum([0, *enc.block_dims[:-1]])
@@ -370,7 +371,8 @@ def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm,
     enc = _encoder(model, hessian, unit_norm, mode)
     if not correction:
         enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm,
-                                                        correction=False), whitener=enc.whitener)  # fmt: skip
+                                                        correction=False), whitener=enc.whitener,
+                                projections=enc.projections())  # fmt: skip
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 12, 12)[0])
     with monkeypatch.context() as m:  # the fast path must not fall back to the copies
