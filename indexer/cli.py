@@ -163,12 +163,13 @@ def print_summary(s: dict) -> None:
 def _projection_text(fp: dict) -> str:
     """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
     cfg = FingerprintConfig.from_dict(fp["config"])  # reads manifests from before the budget rule
+    family = "fitted basis (pca)" if cfg.projection == "pca" else f"gaussian, seed {cfg.seed}"
     if cfg.k is not None:
-        return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module"
+        return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
     plan = fp.get("plan") or {}
     exact = sum(v is None for v in plan.values())
     return (f"budget {cfg.budget}, blocks <= {cfg.max_block} dims: {len(plan) - exact} modules projected, "
-            f"{exact} stored exactly")  # fmt: skip
+            f"{exact} stored exactly; {family}")  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
