@@ -63,13 +63,13 @@ MODELS = {
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "k=16 gaussian (first)": {"k": 16, "projection": "gaussian"},
-    "budget 2^16, block 1024, gaussian (before)": {"projection": "gaussian"},
+    "budget 2^16, block 1024, gaussian (default)": {"projection": "gaussian"},
     "budget 2^16, block 2048, gaussian": {"max_block": 2048, "projection": "gaussian"},
-    "budget 2^16, block 1024, pca (default)": {},
+    "budget 2^16, block 1024, pca": {"projection": "pca"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
     "k=8 gaussian": {"k": 8, "projection": "gaussian"},
-    "budget 2^16, block 256, pca": {"max_block": 256},
+    "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca"},
 }
 BASIS_SAMPLE = 1024
 """Sequences a pca basis is fitted on (the build's default ``basis_sample``)."""
@@ -211,7 +211,7 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         s_none, s_mixed, cost = {}, {}, []
         for run, seed in enumerate(SEEDS):
             # pca has no seed: its two runs fit the basis on disjoint halves of the corpus.
-            basis = ("even", "odd")[run] if sizing.get("projection", "pca") == "pca" else "sample"
+            basis = ("even", "odd")[run] if sizing.get("projection") == "pca" else "sample"
             enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing), basis)
             s_none[seed], _ = h.scores(enc.config, a, b)
             s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)

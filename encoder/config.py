@@ -30,10 +30,12 @@ class FingerprintConfig:
         max_block: the most dims one module's block may take under the budget rule (bounds
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
             ~0.3 s on one core; 4096 dims take ~16 s each).
-        projection: ``pca`` (default): each module's A_W, B_W are the top eigenvectors of its
-            corrected gradients' output- and input-side covariances over a sample of the
-            corpus (``encoder.basis``), fitted once by the build and saved with the index;
-            ``gaussian``: i.i.d. Gaussian matrices from ``seed`` (the paper's projection).
+        projection: ``gaussian`` (default): i.i.d. Gaussian matrices from ``seed`` (the
+            paper's projection); ``pca``: each module's A_W, B_W are the top eigenvectors of
+            its corrected gradients' output- and input-side covariances over a sample of the
+            corpus (``encoder.basis``), fitted once by the build and saved with the index:
+            closer to the unprojected ranking and seed-free, but it drops the low-variance
+            directions R^-1/2 up-weights (worse attribution with R, eval_freedict_pca.md).
         seed: seed of the Gaussian projection matrices (generated from (seed, module name));
             with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
         correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
@@ -54,7 +56,7 @@ class FingerprintConfig:
     k: int | None = None
     budget: int = 1 << 16
     max_block: int = 1024
-    projection: ProjectionFamily = "pca"
+    projection: ProjectionFamily = "gaussian"
     seed: int = 0
     correction: bool = True
     hessian: HessianMode = "mixed"

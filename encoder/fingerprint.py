@@ -5,7 +5,7 @@
     phi_W = A_W G~_W B_W^T, phi = concat_W vec(phi_W)    (projection.py)
     e     = R^-1/2 phi / ||R^-1/2 phi||                  (whitening.py)
 
-A_W, B_W are a fitted Kronecker eigenbasis (basis.py, the default) or seeded Gaussians.
+A_W, B_W are seeded Gaussians (projection.py, the default) or a fitted Kronecker eigenbasis (basis.py).
 
 ``project`` returns phi (the statistics pass accumulates R from it); ``finalize`` whitens
 and normalizes; ``encode`` does both. The exact path forms each example's G_W one module at
@@ -172,7 +172,9 @@ class TrackStarEncoder:
         return stats
 
     def fit_basis(self, batches: Iterable[TokenBatch]) -> None:
-        """Fit and install the basis from ``batches`` (``basis_statistics``)."""
+        """Fit and install the basis from ``batches`` (``basis_statistics``; projection pca)."""
+        if self.config.projection != "pca":
+            raise ConfigError(f"the {self.config.projection} projection has no basis to fit")
         stats = self.basis_statistics(batches)
         self.set_projections(stats.projections(self.modules, self.plan, self.config.seed))
 

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
     p.add_argument("--k", type=int, default=None,
                    help="a fixed projection size per side (default: the index default, a 2^16 budget)")
-    p.add_argument("--projection", choices=("pca", "gaussian"), default=EvalSettings.projection,
-                   help="projection family: pca (a basis fitted on the corpus) or gaussian (seeded; the paper's) "
+    p.add_argument("--projection", choices=("gaussian", "pca"), default=EvalSettings.projection,
+                   help="projection family: gaussian (seeded; the paper's) or pca (a basis fitted on the corpus) "
                         f"(default {EvalSettings.projection})")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="projection seed, query folds, random floor (default 0)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,

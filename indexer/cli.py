@@ -330,10 +330,10 @@ def _add_build(sub) -> None:
     p.add_argument("--max-block", type=int, default=1024,
                    help="the most dims one module's block takes under --budget (its Hessian block is "
                         "this squared; default 1024 = 8 MiB of float64)")
-    p.add_argument("--projection", choices=("pca", "gaussian"), default="pca",
-                   help="pca: each module's top corrected-gradient eigenvectors, fitted on --basis-sample "
-                        "sequences (seed-free, closer to the unprojected ranking); gaussian: seeded random "
-                        "matrices (the paper's)")  # fmt: skip
+    p.add_argument("--projection", choices=("gaussian", "pca"), default="gaussian",
+                   help="gaussian: seeded random matrices (the paper's); pca: each module's top corrected-gradient "
+                        "eigenvectors, fitted on --basis-sample sequences (seed-free and closer to the unprojected "
+                        "ranking, but worse attribution with a Hessian: see the README)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the gaussian projection")
     p.add_argument("--include", action="append", help="module name glob to track (repeatable)")
     p.add_argument("--exclude", action="append", help="module name glob to skip (repeatable)")

@@ -105,10 +105,11 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
 def test_batch_invariance_float32():
     """An example's fingerprint alone equals its fingerprint inside a padded batch."""
     model = tiny_gpt2(seed=5, n_embd=16)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none"), second_moments=_random_second_moments(model, 6))
+    cfg = FingerprintConfig(k=4, hessian="none", projection="pca")
+    enc = TrackStarEncoder(model, cfg, second_moments=_random_second_moments(model, 6))
     short = sequence_example([3, 9, 4, 7])
     others = _examples(8, 5, 10, 20, 40)
-    enc.fit_basis([collate(others)])  # the default fitted basis
+    enc.fit_basis([collate(others)])
     alone = enc.encode(collate([short]))[0]
     inside = enc.encode(collate([others[0], short, *others[1:]]))[1]
     assert torch.abs(alone - inside).max() < TOL
@@ -151,7 +152,7 @@ def test_fitted_basis_matches_reference():
     covariances (reference: torch.func gradients of each example alone)."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none"), second_moments=sm)
+    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none", projection="pca"), second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
     want = ref.reference_basis(model, enc.modules, train, enc.plan, sm.v_hat, sm.eps)
@@ -180,7 +181,7 @@ def test_fitted_basis_keeps_a_long_side_gaussian(monkeypatch):
 
     monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
     model = tiny_gpt2(seed=1)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False, projection="pca"))
     with pytest.raises(ConfigError, match="basis is not fitted"):
         enc.project(collate(_examples(3, 2, 3, 12, 40)))
     enc.fit_basis([collate(_examples(3, 6, 3, 12, 40))])

@@ -67,7 +67,9 @@ def test_fixed_k_plan_and_old_manifests():
     before_basis = FingerprintConfig().to_dict()
     before_basis.pop("projection")
     assert FingerprintConfig.from_dict(before_basis).projection == "gaussian"
-    assert FingerprintConfig().projection == "pca"
+    assert FingerprintConfig().projection == "gaussian"
+    with pytest.raises(ConfigError, match="no basis to fit"):
+        TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2)).fit_basis([])
     with pytest.raises(ConfigError, match="projection must be"):
         FingerprintConfig(projection="dense")  # type: ignore[arg-type]
 

@@ -50,7 +50,6 @@ def test_trainer_checkpoint_round_trip(trained_checkpoint):
     enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none"), second_moments=sm)
     tok = load_tokenizer(ckpt)
     q = tokenize_query(tok, "The capital of", " Nowhere")
-    enc.fit_basis([collate([q], pad_id=tok.pad_token_id)])
     e = enc.encode(collate([q], pad_id=tok.pad_token_id))
     assert torch.isfinite(e).all() and torch.allclose(e.norm(dim=-1), torch.ones(1))
 

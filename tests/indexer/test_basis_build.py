@@ -1,4 +1,4 @@
-"""The fitted projection basis (projection pca, the default) in the build: fitted once over
+"""The fitted projection basis (projection pca) in the build: fitted once over
 ``basis_sample`` sequences, resumed, part of the build's identity, closer to the
 unprojected ranking than a Gaussian projection of the same size."""
 
@@ -17,7 +17,7 @@ def _build(ckpt, corpus, out, **kw):
     from indexer.build import BuildConfig, run_build
 
     return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=64, batch_size=8,
-                                 fingerprint=FingerprintConfig(k=4, hessian="none"), **kw))  # fmt: skip
+                                 fingerprint=FingerprintConfig(k=4, hessian="none", projection="pca"), **kw))  # fmt: skip
 
 
 def test_basis_is_fitted_once_and_a_resumed_build_reuses_it(trained_checkpoint, fact_corpus_files, tmp_path,
@@ -80,6 +80,6 @@ def test_pca_is_closer_to_the_unprojected_ranking_than_gaussian(trained_checkpoi
     def overlap(got: list[set[int]]) -> float:
         return sum(len(x & y) for x, y in zip(got, exact, strict=True)) / (10 * len(exact))
 
-    pca = overlap(top10(FingerprintConfig(k=4, hessian="none")))
+    pca = overlap(top10(FingerprintConfig(k=4, hessian="none", projection="pca")))
     gaussian = [overlap(top10(FingerprintConfig(k=4, hessian="none", projection="gaussian", seed=s))) for s in range(3)]
     assert pca > max(gaussian), (pca, gaussian)

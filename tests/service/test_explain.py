@@ -40,12 +40,14 @@ def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[li
     ]
 
 
-def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact") -> TrackStarEncoder:
+def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact", projection: str = "gaussian") -> TrackStarEncoder:
     g = torch.Generator().manual_seed(2)
     v = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
-    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode)
+    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode,
+                            projection=projection)  # fmt: skip
     enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
-    enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])  # the default pca basis
+    if projection == "pca":
+        enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])
     if hessian != "none":
         stats = enc.new_statistics()
         stats.update(enc.project(collate([sequence_example(x) for x in _random_ids(3, 12, 4, 12)])))
@@ -73,10 +75,11 @@ def test_contributions_sum_to_score(hessian, unit_norm, mode):
     assert torch.count_nonzero(att.contributions[1:]) == len(example.input_ids) - 1
 
 
-def test_contributions_match_brute_force():
+@pytest.mark.parametrize("projection", ["gaussian", "pca"])
+def test_contributions_match_brute_force(projection):
     """Whitened, unit norm: each target's NLL alone through the independent reference."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    enc = _encoder(model, "train")
+    enc = _encoder(model, "train", projection=projection)
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 7, 7)[0])
     att = attribute_tokens(enc, example, e_q, chunk=4)
