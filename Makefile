@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test test-fast lint openapi client bench load clean
+.PHONY: install system-deps demo test test-fast lint openapi client bench peer-venv bench-peer load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,6 +67,20 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_encode $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_search $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_service $(BENCH_ARGS)
+
+# The peer (bergson 2.5.1) for benchmarks/bench_peer.py only, in its own venv: the pinned CPU
+# torch first, its other dependencies, then bergson without the ones it does not use here
+# (torchvision, torchaudio, bitsandbytes). Never a test or runtime dependency.
+PEER_VENV := .bench/bergson-venv
+peer-venv:
+	test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q "torch==2.13.0"
+	$(PEER_VENV)/bin/pip install -q accelerate datasets jinja2 "jaxtyping>=0.3.3" ml_dtypes natsort numpy scipy \
+		"peft>=0.17.0" petname pyarrow pyyaml simple-parsing torchopt "transformers>=5.0" "huggingface-hub>=1.13.0" safetensors
+	$(PEER_VENV)/bin/pip install -q --no-deps "bergson==2.5.1"
+
+bench-peer: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_peer $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -132,3 +132,53 @@ def test_bench_milvus_quick_on_the_tiny_index(tiny_index, tmp_path):
     rows = json.loads((tmp_path / "bench_milvus.json").read_text())["rows"]
     assert [r["backend"].split(" ")[0] for r in rows] == ["FAISS", "Milvus", "FAISS", "Milvus"]
     assert all(r["recall@10"] == 1.0 and r["b1 p99 ms"] >= r["b1 p50 ms"] > 0 for r in rows)
+
+
+def test_bench_peer_skips_cleanly_without_bergson(tmp_path, capsys):
+    from benchmarks import bench_peer
+
+    assert bench_peer.main(["--peer-python", str(tmp_path / "no-venv" / "python"), "--out", str(tmp_path)]) == 0
+    assert "skipped: no bergson" in capsys.readouterr().out
+    assert not list(tmp_path.glob("bench_peer*"))
+
+
+def test_bench_peer_feeds_the_peer_our_ids_targets_and_second_moments(tmp_path):
+    """What bergson is given and how its output is read, without bergson: labels are -100 off
+    the targets, the optimizer state names every parameter once with our v_hat, and its
+    gradients.bin columns are re-ordered into our module order."""
+    import numpy as np
+    import torch
+    from datasets import load_from_disk
+
+    from benchmarks import bench_peer
+    from encoder.batching import Example
+    from encoder.config import FingerprintConfig
+    from encoder.modules import select_modules
+    from encoder.optimizer_state import SecondMoments
+    from tests.conftest import tiny_gpt2
+
+    examples = [Example((5, 6, 7), (False, True, True)), Example((1, 2), (False, False))]
+    assert bench_peer.write_dataset(examples, tmp_path / "ds") == 5
+    ds = load_from_disk(str(tmp_path / "ds"))
+    assert ds["input_ids"][:] == [[5, 6, 7], [1, 2]] and ds["labels"][:] == [[-100, 6, 7], [-100, -100]]
+
+    model = tiny_gpt2()
+    v = {n: torch.rand(p.shape) for n, p in model.named_parameters()}
+    bench_peer.write_optimizer_state(SecondMoments(v, 1e-7, "t"), model, tmp_path / "opt.pt")
+    opt = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert [s["param_name"] for s in opt["state"].values()] == [n for n, _ in model.named_parameters()]
+    assert all(torch.equal(s["exp_avg_sq"], v[s["param_name"]]) for s in opt["state"].values())
+    assert opt["param_groups"][0]["eps"] == 1e-7
+
+    modules = select_modules(model, FingerprintConfig())
+    sizes = {m.name.removeprefix("transformer."): m.out_features * m.in_features for m in reversed(modules)}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "info.json").write_text(json.dumps({"num_grads": 2, "grad_sizes": sizes, "base_dtype": "float32"}))
+    flat = np.arange(2 * sum(sizes.values()), dtype=np.float32).reshape(2, -1)
+    flat.tofile(run / "gradients.bin")
+    got = bench_peer.peer_gradients(run, modules)
+    starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1], strict=True))
+    first = modules[0].name.removeprefix("transformer.")
+    np.testing.assert_array_equal(got[:, : sizes[first]], flat[:, starts[first] : starts[first] + sizes[first]])
+    assert got.shape == (2, sum(sizes.values()))
