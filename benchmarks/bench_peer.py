@@ -131,6 +131,83 @@ def fidelity(ours_q, ours_t, peer_q, peer_t) -> dict[str, float]:
             "identical_top10": float(np.mean(same)), "max_abs_score_diff": float(np.abs(s_ours - s_peer).max())}  # fmt: skip
 
 
+def run_peer_trackstar(python: Path, model: Path, work: Path, token_batch: int, unit_norm: bool,
+                       threads: int) -> tuple[np.ndarray, float]:  # fmt: skip
+    """bergson's whole TrackStar pipeline: (scores [Q, N], its pipeline seconds)."""
+    out = work / f"trackstar_unit{int(unit_norm)}"
+    cmd = [str(python), str(DRIVER), "--model", str(model), "--dataset", str(work / "train.ds"),
+           "--optimizer-state", str(work / "optimizer.pt"), "--out", str(out), "--token-batch-size",
+           str(token_batch), "--lift-context-limit", "--threads", str(threads),
+           "--trackstar-queries", str(work / "queries.ds"), *(["--unit-normalize"] if unit_norm else [])]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bergson trackstar failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    return np.load(out / "scores.npy").T, float(json.loads(line)["pipeline_seconds"])
+
+
+def ours_trackstar(h, config, batch_size: int) -> tuple[np.ndarray, float]:
+    """Our TrackStar as a build computes it (R_train over every sequence, R_eval over every
+    query, lambda by the paper's rule, unit norm): (scores [Q, N], seconds)."""
+    from encoder.fingerprint import TrackStarEncoder
+    from encoder.whitening import Whitener
+    from evaluation.methods import project_all
+
+    t0 = time.perf_counter()
+    enc = TrackStarEncoder(h.model, config, second_moments=h.second_moments)
+    phi_t = project_all(enc, h.train, pad_id=h.pad, batch_size=batch_size)
+    phi_q = project_all(enc, h.queries, pad_id=h.pad, batch_size=batch_size)
+    train, evals = enc.new_statistics(), enc.new_statistics()
+    train.update(phi_t)
+    evals.update(phi_q)
+    enc.set_whitener(Whitener.from_statistics(train, evals, lambda_=config.lambda_,
+                                              lambda_component=config.lambda_component, delta=config.delta))  # fmt: skip
+    scores = (enc.finalize(phi_q) @ enc.finalize(phi_t).T).double().numpy()
+    return scores, time.perf_counter() - t0
+
+
+def attribution(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
+    """MRR@10 and recall@10 of the passages that state each query's fact."""
+    top = np.argsort(-scores, axis=1)[:, :10]
+    rr = [next((1.0 / (r + 1) for r, i in enumerate(row) if i in rel), 0.0) for row, rel in zip(top, relevant, strict=True)]
+    hit = [float(any(i in rel for i in row)) for row, rel in zip(top, relevant, strict=True)]
+    return {"mrr_at_10": float(np.mean(rr)), "recall_at_10": float(np.mean(hit))}
+
+
+def top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    ta, tb = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb, strict=True)]))
+
+
+def full_trackstar(args: argparse.Namespace, python: Path, h, checkpoint: Path, corpus_dir: Path,
+                   work: Path) -> dict[str, Any]:  # fmt: skip
+    """Each tool's whole TrackStar, with its defaults and with aligned settings (16 x 16 per
+    module, unit norm, mixed R), scored against the passages that state each fact."""
+    from encoder.config import FingerprintConfig
+    from evaluation.corpus import load_queries
+    from evaluation.run import read_corpus
+
+    ids, _ = read_corpus(corpus_dir / "corpus.jsonl")
+    pos = {pid: i for i, pid in enumerate(ids)}
+    relevant = [{pos[r] for r in q.relevant_ids} for q in load_queries(corpus_dir / "queries.jsonl")[: len(h.queries)]]
+    batch = int(h.model.config.n_positions) * args.batch_size
+    runs = {
+        "ours, defaults (2^16 budget, block 1024, mixed R, unit norm)": ours_trackstar(h, FingerprintConfig(), args.batch_size),
+        "ours, aligned (k = 16, mixed R, unit norm)": ours_trackstar(h, FingerprintConfig(k=16), args.batch_size),
+        "ours, aligned, seed 1": ours_trackstar(h, FingerprintConfig(k=16, seed=1), args.batch_size),
+        "bergson, defaults (projection_dim 16, mixed, no unit norm)": run_peer_trackstar(python, checkpoint, work, batch, False, args.threads),
+        "bergson, aligned (projection_dim 16, mixed, unit norm)": run_peer_trackstar(python, checkpoint, work, batch, True, args.threads),
+    }  # fmt: skip
+    rows = [{"pipeline": k, "seconds": round(sec, 2), **attribution(s, relevant)} for k, (s, sec) in runs.items()]
+    keys = list(runs)
+    overlaps = {
+        "ours aligned vs bergson aligned": top10_overlap(runs[keys[1]][0], runs[keys[4]][0]),
+        "ours aligned, seed 0 vs seed 1": top10_overlap(runs[keys[1]][0], runs[keys[2]][0]),
+        "ours defaults vs bergson defaults": top10_overlap(runs[keys[0]][0], runs[keys[3]][0]),
+    }
+    return {"rows": rows, "top10_overlap": overlaps}
+
+
 def measure(args: argparse.Namespace, python: Path, version: str) -> dict[str, Any]:
     from benchmarks.bench_fidelity import MODELS, Harness, prepare
     from encoder.config import FingerprintConfig
@@ -180,6 +257,8 @@ def measure(args: argparse.Namespace, python: Path, version: str) -> dict[str, A
     ours_q = project_all(enc, h.queries, pad_id=h.pad, batch_size=args.batch_size).double().numpy()
     assert ours_t is not None
     fid = fidelity(ours_q, ours_t, peer_q, peer_t)
+    del ours_t, ours_q, peer_t, peer_q
+    full = full_trackstar(args, python, h, Path(checkpoint), Path(corpus_dir), work)
     med = {k: statistics.median(v) for k, v in runs.items()}
     rows = [{"tool": k, "collection_s_median": med[k], "tokens_per_s": tokens / med[k],
              "runs_s": [round(x, 2) for x in v],
@@ -196,7 +275,7 @@ def measure(args: argparse.Namespace, python: Path, version: str) -> dict[str, A
         "speed": rows, "speedup_vs_faster_bergson": ratio,
         "speed_goal": {"goal": f">= {SPEED_GOAL}x the faster bergson variant", "measured": round(ratio, 3),
                        "met": ratio >= SPEED_GOAL},
-        "fidelity": fid,
+        "fidelity": fid, "full_trackstar": full,
         "fidelity_goal": {"goal": "Spearman >= 0.9999 and identical top-10", "met": fid["spearman_mean"] >= 0.9999
                           and fid["identical_top10"] == 1.0},
     }  # fmt: skip
@@ -213,6 +292,13 @@ def markdown(res: dict[str, Any]) -> str:
         "## Fidelity (no projection, no Hessian, unit norm applied alike)\n\n",
         md_table([fid], list(fid)),
         f"\nGoal: {fg['goal']}: **{'met' if fg['met'] else 'not met'}**.\n\n",
+        "## Whole TrackStar, each tool's pipeline\n\n",
+        "MRR@10 / recall@10 of the passages that state each query's fact; seconds of each pipeline in-process "
+        "(bergson: its `trackstar` from the gradient passes to the scores, model loads included; ours: the "
+        "passes, R, lambda and R^-1/2 with the model loaded).\n\n",
+        md_table(res["full_trackstar"]["rows"], ["pipeline", "mrr_at_10", "recall_at_10", "seconds"]),
+        "\nTop-10 overlap: " + ", ".join(f"{k} {v:.3f}" for k, v in res["full_trackstar"]["top10_overlap"].items())
+        + ".\n\n",
         "## Gradient collection speed\n\n",
         md_table(res["speed"], ["tool", "collection_s_median", "tokens_per_s", "runs_s", "build_s_median",
                                 "process_wall_s_median"]),  # fmt: skip
