@@ -6,10 +6,13 @@ summed over a sample of training sequences' corrected gradients (the Kronecker e
 of EK-FAC, George et al. 2018; LoGra initializes its projection by PCA likewise, Choe et al.
 2024).
 Most of the gradient's energy lies in few directions, so keeping them approximates the
-unprojected inner product better than a random projection of the same size, and the basis
-does not depend on a seed (benchmarks/results/bench_fidelity.md).
+unprojected inner product better than a random projection of the same size, and no seed
+enters (benchmarks/results/bench_fidelity.md). It drops the low-variance directions that
+tell passages apart, though, and attributes worse (eval_freedict_pca.md), so it is an
+option, not the default.
 
-A side longer than ``MAX_SIDE`` keeps its Gaussian matrix (its C would not fit in memory).
+A side longer than ``MAX_SIDE`` keeps its Gaussian matrix (its C would not fit in memory);
+the sums take sum(side^2) x 8 bytes (GPT-2 small: 2.6 GB).
 """
 
 from __future__ import annotations
@@ -81,31 +84,6 @@ class BasisStatistics:
             b = gauss_b if c_in is None else top_eigenvectors(c_in, sizes[1])
             out[m.name] = (a, b)
         return out
-
-    def save(self, path: str | Path) -> None:
-        tensors = {f"{n}.{side}": t for n, pair in self.sums.items() for side, t in zip("oi", pair, strict=True)
-                   if t is not None}  # fmt: skip
-        tensors["count"] = torch.tensor([self.count], dtype=torch.int64)
-        save_tensors(tensors, path)
-
-    def merge(self, other: BasisStatistics) -> None:
-        for name, (c_out, c_in) in other.sums.items():
-            mine = self.sums[name]
-            for acc, add in zip(mine, (c_out, c_in), strict=True):
-                if acc is not None and add is not None:
-                    acc += add
-        self.count += other.count
-
-    @classmethod
-    def load(cls, path: str | Path, modules: list[TrackedModule], plan: Plan) -> BasisStatistics:
-        saved = load_file(str(path))
-        stats = cls.empty(modules, plan)
-        for name, pair in stats.sums.items():
-            for side, acc in zip("oi", pair, strict=True):
-                if acc is not None:
-                    acc += saved[f"{name}.{side}"]
-        stats.count = int(saved["count"][0])
-        return stats
 
 
 def save_projections(projections: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
