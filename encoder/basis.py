@@ -86,6 +86,13 @@ class BasisStatistics:
         return out
 
 
+def basis_bytes(modules: list[TrackedModule], plan: Plan) -> int:
+    """Host memory of ``BasisStatistics.empty(modules, plan)``: float64 C_out and C_in of
+    every projected module's sides up to ``MAX_SIDE``."""
+    sides = [n for m in modules if plan[m.name] is not None for n in (m.out_features, m.in_features)]
+    return sum(8 * n * n for n in sides if n <= MAX_SIDE)
+
+
 def save_projections(projections: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     """(A, B) per module as ``{name}.A`` / ``{name}.B`` float32 tensors (safetensors)."""
     tensors = {}

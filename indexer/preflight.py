@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from encoder.basis import basis_bytes
 from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import free_memory, hessian_bytes
@@ -49,16 +50,34 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
     faiss_index.check_trainable(cfg.faiss, encoder.dim, min(n, cfg.faiss_train_sample))
     free = free_memory(torch.device("cpu"))
     _check_store(cfg, n, encoder.dim, out, free)
+    if encoder.needs_basis:
+        _check_basis(encoder, free)
     if cfg.fingerprint.hessian == "none":
         return
     need = hessian_bytes(encoder.block_dims, with_eval=cfg.queries is not None)
     log.info("Hessian statistics: %d blocks, up to %d dims, ~%.2f GiB of host memory (%.1f GiB free)",
              len(encoder.block_dims), max(encoder.block_dims), need / 2**30, free / 2**30)  # fmt: skip
     if need > MEMORY_FRACTION * free:
+        smaller = (f"smaller blocks (--max-block {max(1, max(encoder.block_dims) // 2)})" if cfg.fingerprint.k is None
+                   else "a smaller projection (-k 16 gives 256-dim blocks)")  # fmt: skip
         raise ConfigError(
             f"the Hessian statistics need ~{need / 2**30:.1f} GiB of memory ({len(encoder.block_dims)} blocks "
             f"of up to {max(encoder.block_dims)} x {max(encoder.block_dims)} float64), {free / 2**30:.1f} GiB "
-            "are free: use a projection (-k 16, say), fewer tracked modules (--include), or --hessian none",
+            f"are free: use {smaller}, fewer tracked modules (--include), or --hessian none",
+            code="insufficient_memory",
+            needed_bytes=need,
+            free_bytes=free,
+        )
+
+
+def _check_basis(encoder: TrackStarEncoder, free: int) -> None:
+    """The fitted basis's covariance sums (projection pca) fit in host memory."""
+    need = basis_bytes(encoder.modules, encoder.plan)
+    log.info("projection basis statistics: ~%.2f GiB of host memory (%.1f GiB free)", need / 2**30, free / 2**30)
+    if need > MEMORY_FRACTION * free:
+        raise ConfigError(
+            f"the projection basis needs ~{need / 2**30:.1f} GiB of memory for its covariance sums, "
+            f"{free / 2**30:.1f} GiB are free: use --projection gaussian, or fewer tracked modules (--include)",
             code="insufficient_memory",
             needed_bytes=need,
             free_bytes=free,

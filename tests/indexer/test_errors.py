@@ -213,3 +213,23 @@ def test_negative_basis_sample_is_a_clear_error(trained_checkpoint, fact_corpus_
                      "--basis-sample", "-2")  # fmt: skip
     assert rc == 2 and "basis sample must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "ix").exists()
+
+
+def test_basis_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus_files, tmp_path, capsys, monkeypatch):
+    from encoder.basis import BasisStatistics, basis_bytes
+    from encoder.config import FingerprintConfig
+    from encoder.modules import select_modules
+    from encoder.projection import plan_projection
+    from indexer import preflight
+    from tests.conftest import tiny_gpt2
+
+    # The estimate is the statistics' own size.
+    modules = select_modules(tiny_gpt2(), FingerprintConfig())
+    plan = plan_projection(modules, k=3, budget=1)
+    stats = BasisStatistics.empty(modules, plan)
+    assert basis_bytes(modules, plan) == sum(t.numel() * 8 for pair in stats.sums.values() for t in pair if t is not None)
+    monkeypatch.setattr(preflight, "free_memory", lambda device: 256 << 10)  # 256 KiB free
+    rc = main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(fact_corpus_files[0]),
+               "--out", str(tmp_path / "ix"), "-k", "4", "--projection", "pca", "--hessian", "none", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "[insufficient_memory]" in err and "--projection gaussian" in err
