@@ -6,7 +6,6 @@ not match the index it serves.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from encoder.errors import ModelLoadError
+from encoder.hashing import sha256_named_files
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 
 def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_named_files((f.name, f) for f in sorted(files))
 
 
 def model_hash(model_dir: str | Path) -> str:

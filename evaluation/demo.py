@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder.hashing import sha256_file
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -44,10 +46,6 @@ def _sha(*parts: bytes | str) -> str:
         h.update(p.encode() if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _cached(step_dir: Path, key: str) -> dict | None:
@@ -91,7 +89,7 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
 
     # 2. model
     model_dir = workdir / "model"
-    key = _sha("model", size.model, str(seed), _file_sha(corpus_file), (HERE / "train.py").read_bytes())
+    key = _sha("model", size.model, str(seed), sha256_file(corpus_file), (HERE / "train.py").read_bytes())
     trained = _cached(model_dir, key)
     if not trained:
         from evaluation.train import train_fact_model
@@ -111,7 +109,7 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     # 3. index
     index_dir = workdir / "index"
     key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
-               _file_sha(corpus_file), _file_sha(queries_file), " ".join(size.projection))  # fmt: skip
+               sha256_file(corpus_file), sha256_file(queries_file), " ".join(size.projection))  # fmt: skip
     stamp_dir = workdir / "index-stamp"
     if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
         log.info("[3/3] building the TrackStar index")

@@ -6,7 +6,6 @@ is part of the index's identity). Readers stream: no corpus is held in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encoder.errors import InputError, safe_text
+from encoder.hashing import sha256_named_files
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,8 @@ def corpus_files(path: Path) -> list[Path]:
 
 def corpus_hash(path: Path) -> str:
     """sha256 over the corpus files' relative names and bytes (the corpus identity)."""
-    h = hashlib.sha256()
     root = path if path.is_dir() else path.parent
-    for f in corpus_files(path):
-        h.update(str(f.relative_to(root)).encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_named_files((str(f.relative_to(root)), f) for f in corpus_files(path))
 
 
 def _decode(raw: bytes, where: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.errors import ArtifactError
+from encoder.hashing import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -25,15 +26,6 @@ SECOND_MOMENTS = "second_moments.safetensors"
 FAISS_INDEX = "index.faiss"
 FINGERPRINTS = "fingerprints.f16.npy"
 METADATA = "metadata.sqlite"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checksums(directory: Path, names: list[str]) -> dict[str, str]:
