@@ -82,8 +82,6 @@ def influence_scores(
     """Influence scores [Q, N] of every query on every training sequence for one mode."""
     cfg = FingerprintConfig(k=k, hessian=hessian, mode=mode)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
-    if enc.needs_basis:  # both modes fit the same basis (from the exact corrected gradients)
-        enc.fit_basis(collate(train[i : i + 32]) for i in range(0, len(train), 32))
     phi_train, phi_query = _encode_all(enc, train), _encode_all(enc, queries)
     if hessian != "none":
         st = enc.new_statistics()

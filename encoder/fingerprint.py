@@ -154,17 +154,18 @@ class TrackStarEncoder:
         if self.config.correction and self.second_moments is None:
             raise ConfigError("optimizer correction is on but no second moments were given")
         stats = BasisStatistics.empty(self.modules, self.plan)
-        v = self.second_moments.for_modules(self.modules) if self.config.correction and self.second_moments else {}
-        eps = self.second_moments.eps if self.second_moments is not None else 0.0
+        inv: dict[str, torch.Tensor] = {}  # 1 / (sqrt(v_hat) + eps), once per module
+        if self.config.correction and self.second_moments is not None:
+            sm = self.second_moments
+            v = sm.for_modules([m for m in self.modules if m.name in stats.sums])
+            inv = {n: (t.to(self.device, self.accum_dtype).sqrt() + sm.eps).reciprocal() for n, t in v.items()}
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
             if m.name not in stats.sums:
                 return
-            inv = (v[m.name].to(acts.device, acts.dtype).sqrt() + eps).reciprocal() if m.name in v else None
-            chunk = _gradient_chunk(m, acts)
-            for s in range(0, acts.shape[0], chunk):
-                g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
-                stats.add(m.name, g if inv is None else g.mul_(inv))
+            scale = inv.get(m.name)
+            for g in _example_gradients(m, acts, grads):
+                stats.add(m.name, g if scale is None else g.mul_(scale))
 
         for batch in batches:
             self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
@@ -337,10 +338,8 @@ class TrackStarEncoder:
         count = 0
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            chunk = _gradient_chunk(m, acts)
             total = torch.zeros(m.out_features, m.in_features, dtype=torch.float64, device=acts.device)
-            for s in range(0, acts.shape[0], chunk):
-                g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
+            for g in _example_gradients(m, acts, grads):
                 total += (g * g).sum(0).double()
             sums[m.name] += total.cpu()
 
@@ -383,6 +382,14 @@ def _gradient_chunk(m: TrackedModule, acts: torch.Tensor, element_size: int | No
     size = element_size or acts.element_size()
     budget = CUDA_GRADIENT_BUDGET_BYTES if acts.device.type == "cuda" else GRADIENT_BUDGET_BYTES
     return max(1, budget // (m.out_features * m.in_features * size))
+
+
+def _example_gradients(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per-example gradients [b, out, in] of acts [B, T, in] and grads [B, T, out], in
+    chunks that fit ``_gradient_chunk``."""
+    chunk = _gradient_chunk(m, acts)
+    for s in range(0, acts.shape[0], chunk):
+        yield torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
 
 
 def _factored(

@@ -166,7 +166,7 @@ def run_evaluation(
     sequences = training_sequences(tokenizer, texts, max_len)
     train_examples = [sequence_example(s) for s in sequences]
     query_examples: list[Example] = [tokenize_query(tokenizer, q.prompt, q.completion) for q in queries]
-    base = FingerprintConfig(k=settings.k, seed=settings.seed, projection=settings.projection)  # type: ignore[arg-type]
+    base = FingerprintConfig(k=settings.k, seed=settings.seed, projection=settings.projection)
 
     def bar(desc: str, total: int) -> Progress | None:
         return progress(desc, total) if progress is not None else None

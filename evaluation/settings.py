@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from encoder.config import FingerprintConfig
+from encoder.config import FingerprintConfig, ProjectionFamily
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class EvalSettings:
     """
 
     k: int | None = None
-    projection: str = FingerprintConfig.projection
+    projection: ProjectionFamily = FingerprintConfig.projection
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from encoder.basis import load_projections
 from encoder.batching import Example, collate, sequence_example, tokenize_query
@@ -73,13 +72,13 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
     if whitener is not None and (whitener.lambda_ != fp.get("lambda") or (config.hessian == "train" and whitener.lambda_ != 0)):
         raise ArtifactError(f"the whitener mixes R_eval with lambda {whitener.lambda_}, the manifest says hessian "
                             f"{config.hessian!r}, lambda {fp.get('lambda')}", code="manifest_mismatch")  # fmt: skip
-    encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener)
-    if encoder.needs_basis:
-        try:
-            encoder.set_projections(load_projections(index_dir / mf.PROJECTIONS))
-        except ConfigError as exc:
-            raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
-                                code="manifest_mismatch") from exc  # fmt: skip
+    saved = load_projections(index_dir / mf.PROJECTIONS) if integrity.has_projections(manifest) else None
+    try:  # a fitted basis is installed before the second moments: one correction set-up
+        encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener,
+                                   projections=saved if config.projection == "pca" else None)  # fmt: skip
+    except ConfigError as exc:
+        raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
+                            code="manifest_mismatch") from exc  # fmt: skip
     if encoder.module_names != fp["modules"]:
         raise ArtifactError("the model's tracked modules differ from those the index was built with",
                             code="manifest_mismatch")
@@ -88,12 +87,11 @@ def build_encoder(index_dir: Path, manifest: dict[str, Any], model: torch.nn.Mod
                             f"says {fp['block_dims']}", code="manifest_mismatch")  # fmt: skip
     projections = encoder.projections()
     if projections and config.projection == "gaussian":
-        saved = load_file(str(index_dir / mf.PROJECTIONS))
-        if set(saved) != {f"{n}.{side}" for n in projections for side in "AB"}:
+        if saved is None or set(saved) != set(projections):
             raise ArtifactError("the saved projections name other modules than the config projects",
                                 code="manifest_mismatch")
         for name, (a, b) in projections.items():
-            if not (torch.equal(saved[f"{name}.A"], a) and torch.equal(saved[f"{name}.B"], b)):
+            if not (torch.equal(saved[name][0], a) and torch.equal(saved[name][1], b)):
                 raise ArtifactError(f"projection of {name} differs from the saved one (seed or torch RNG changed)",
                                     code="manifest_mismatch")
     return encoder
