@@ -34,6 +34,7 @@ RUN python3.11 -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY encoder ./encoder
 COPY indexer ./indexer
+COPY engine ./engine
 COPY service ./service
 COPY api ./api
 COPY evaluation ./evaluation

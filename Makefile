@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check encoder indexer service api evaluation tests benchmarks deploy
-	$(BIN)/mypy encoder api
+	$(BIN)/mypy
 
 openapi: $(STAMP)
 	$(BIN)/influence openapi --out api/openapi.json

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from api.errors import ErrorBody
+
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""
 MAX_RESCORE = 1000
@@ -70,6 +72,10 @@ EXAMPLE_QUERY: dict[str, JsonValue] = {
     "completion": " Quenton.",
     "k": 5,
 }
+
+
+Mode = Literal["influence", "bm25", "hybrid"]
+"""Retrieval modes; the engine dispatches on these (``engine.retrieval``)."""
 
 
 class GenerateOptions(BaseModel):
@@ -152,7 +158,7 @@ class InfluenceQuery(BaseModel):
     source: Text | None = Field(
         None, max_length=1000, description="Only return training examples from this source."
     )
-    mode: Literal["influence", "bm25", "hybrid"] = Field(
+    mode: Mode = Field(
         "influence",
         description="Retrieval mode: `influence` is TrackStar gradient search (scores are "
         "cosines in [-1, 1]); `bm25` is lexical BM25 over the training texts with query = "
@@ -390,17 +396,3 @@ class Health(BaseModel):
 
     status: Literal["ok", "ready"]
     index_version: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """A stable machine-readable ``code`` plus a message for people."""
-
-    code: str = Field(examples=["input_too_long"])
-    message: str
-    details: dict[str, Any] | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error the API returns has this shape."""
-
-    error: ErrorBody

@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.bench_common import machine, md_table, write_results
-from encoder import fingerprint
+from encoder import products
 from encoder.batching import Example, TokenBatch, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder, sequence_loss
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.device(args.device).type == "cuda"
     if args.gradient_budget_mb:
-        fingerprint.GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
-        fingerprint.CUDA_GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
+        products.GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
+        products.CUDA_GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     batch_arg = args.batch or ("auto" if cuda else "4")
     batch_size = 0 if batch_arg == "auto" else int(batch_arg)

@@ -90,13 +90,13 @@ def _compare(name: str, store: np.ndarray, queries: np.ndarray, milvus_search, k
 
 
 def bench_index(index_dir: Path, server: LiteServer, calls: int) -> list[dict[str, Any]]:
+    from engine.index import InfluenceIndex, OpenOptions
     from indexer import milvus as mv
-    from indexer.artifacts import InfluenceIndex
 
     t0 = time.perf_counter()
     mv.push(index_dir, mv.MilvusTarget(server.uri, "bench_index"))
     log.info("pushed %s in %.1f s", index_dir, time.perf_counter() - t0)
-    idx = InfluenceIndex.open(index_dir, device="cpu", milvus=mv.MilvusTarget(server.uri, "bench_index"))
+    idx = InfluenceIndex.open(index_dir, OpenOptions(device="cpu", milvus=mv.MilvusTarget(server.uri, "bench_index")))
     try:
         store = np.asarray(idx.fingerprints)
         rng = np.random.default_rng(0)
@@ -104,9 +104,8 @@ def bench_index(index_dir: Path, server: LiteServer, calls: int) -> list[dict[st
         records = idx.examples(rng.choice(idx.size, size=min(64, idx.size), replace=False).tolist())
         pairs = [(r.text[: len(r.text) // 2], r.text[len(r.text) // 2 :]) for r in records if len(r.text) > 8]
         queries = idx.encode_queries(pairs)
-        from service.search import model_name
 
-        return _compare(f"index of {model_name(idx.manifest)} ({idx.size} x {store.shape[1]})", store, queries,
+        return _compare(f"index of {idx.manifest.model.name} ({idx.size} x {store.shape[1]})", store, queries,
                         lambda q: idx.search(q, 10), 10, calls)  # fmt: skip
     finally:
         idx.close()

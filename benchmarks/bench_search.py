@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from benchmarks.bench_common import machine, md_table, percentiles_ms, write_results
-from indexer.faiss_index import SearchParams, build_index, exact_top_k, search
+from indexer.exact import exact_top_k
+from indexer.faiss_index import SearchParams, build_index, search, set_search_params
 
 log = logging.getLogger("bench_search")
 CHUNK = 50_000
@@ -209,13 +210,14 @@ def bench_store(
         ram = len(faiss.serialize_index(index))
         mine = []
         for p in settings:
-            found = search(index, store, queries, k, exact=False, params=p)[1]
+            set_search_params(index, p)
+            found = search(index, store, queries, k, candidates=p.candidates)[1]
             row: dict[str, Any] = {
                 "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
                 "candidates": p.candidates, "recall@10": recall_at(found, truth),
             }  # fmt: skip
             row.update(batch_latencies(
-                lambda q, p=p, index=index: search(index, store, q, k, exact=False, params=p), queries))  # fmt: skip
+                lambda q, p=p, index=index: search(index, store, q, k, candidates=p.candidates), queries))  # fmt: skip
             row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
             row["bytes_per_vector_ram"] = ram / n
             row["rerank_bytes_per_vector_disk"] = 2 * d
@@ -241,10 +243,10 @@ def index_store(index_dir: Path, queries_path: Path) -> tuple[np.ndarray, np.nda
     real queries encoded by the index itself (``{prompt, completion}`` JSONL)."""
     import json
 
+    from engine.index import InfluenceIndex, OpenOptions
     from indexer import manifest as mf
-    from indexer.artifacts import InfluenceIndex
 
-    idx = InfluenceIndex.open(index_dir, device="cpu")
+    idx = InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
     try:
         rows = [json.loads(line) for line in queries_path.read_text().splitlines() if line.strip()]
         vectors = idx.encode_queries([(r.get("prompt", ""), r["completion"]) for r in rows])

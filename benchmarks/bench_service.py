@@ -131,7 +131,7 @@ def in_process_split(
     from api.models import InfluenceResponse
     from encoder.batching import tokenize_query
     from encoder.model_loading import load_tokenizer
-    from indexer.artifacts import InfluenceIndex
+    from engine.index import InfluenceIndex, OpenOptions
 
     model_dir = Path(json.loads((index_dir / "manifest.json").read_text())["model"]["path"])
     if not model_dir.is_absolute():
@@ -139,7 +139,7 @@ def in_process_split(
     try:
         tokenizer = load_tokenizer(model_dir)
     except Exception:  # a relative/moved model path: open the index as the server does
-        index = InfluenceIndex.open(index_dir, verify=False)
+        index = InfluenceIndex.open(index_dir, OpenOptions(verify=False))
         tokenizer = index.tokenizer
     tok, ser = [], []
     obj = InfluenceResponse.model_validate(response)

@@ -125,4 +125,5 @@ def top_eigenvectors(c: torch.Tensor, k: int) -> torch.Tensor:
     _, vecs = torch.linalg.eigh(c.double())
     top = vecs[:, -k:].flip(1).T
     signs = torch.sign(top.gather(1, top.abs().argmax(dim=1, keepdim=True)))
-    return (top * torch.where(signs == 0, 1.0, signs)).float().contiguous()
+    basis: torch.Tensor = (top * torch.where(signs == 0, 1.0, signs)).float().contiguous()
+    return basis

@@ -8,12 +8,26 @@ tokens are exactly those of the completion; only they are targets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from encoder.errors import InputError, InputTooLongError
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the project uses."""
+
+    @property
+    def pad_token_id(self) -> int | None: ...
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    def __call__(self, text: str, add_special_tokens: bool = ..., **kwargs: Any) -> Mapping[str, Any]: ...
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ def sequence_example(input_ids: Sequence[int]) -> Example:
     return Example(ids, tuple(t > 0 for t in range(len(ids))))
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """A query's context tokens (no special tokens); an empty prompt is the tokenizer's
     BOS token when it has one.
 
@@ -78,7 +92,7 @@ def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
     """
     prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
     if not prompt_ids:
-        bos = getattr(tokenizer, "bos_token_id", None)
+        bos = tokenizer.bos_token_id
         if bos is None:
             raise InputError(
                 "the prompt is empty and the tokenizer has no BOS token", code="empty_prompt"
@@ -88,7 +102,7 @@ def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def tokenize_query(
-    tokenizer, prompt: str, completion: str, *, max_tokens: int | None = None
+    tokenizer: Tokenizer, prompt: str, completion: str, *, max_tokens: int | None = None
 ) -> Example:
     """A query: prompt tokens are context, completion tokens are targets.
 

@@ -15,8 +15,7 @@ a time inside the backward pass and drops it at once; the factored path never fo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -26,20 +25,22 @@ from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
-from encoder.factored import factored_phi, fold_projections, rank1_correction
+from encoder.factored import fold_projections, rank1_correction
 from encoder.hooks import GradientCapture, make_inputs_differentiable
 from encoder.modules import TrackedModule, select_modules
 from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
+from encoder.products import (
+    example_gradients,
+    factored_products,
+    gradient_chunk,
+    out_dtype_products,
+    tf32,
+)
 from encoder.projection import make_projections, plan_dims, plan_projection
 from encoder.whitening import RStatistics, Whitener
 
 log = logging.getLogger(__name__)
 
-GRADIENT_BUDGET_BYTES = 256 << 20
-"""Per-module memory for materialized per-example gradients; larger batches are chunked."""
-CUDA_GRADIENT_BUDGET_BYTES = 1 << 30
-"""The same on CUDA: fewer, larger products (measured 2-3% faster than 256 MiB on an H100;
-``encoder.memory`` measures the peak it causes when it sizes batches)."""
 
 
 def sequence_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -99,7 +100,7 @@ class TrackStarEncoder:
         # products themselves, which write float32 (``out_dtype``): no float32 copies of
         # activations and gradients. The thin projections of the factored path are then
         # rounded to the model dtype (relative 2^-9 per entry; measured in tests/gpu).
-        self.low_precision_products = self._tf32_products and _out_dtype_products(self.device)
+        self.low_precision_products = self._tf32_products and out_dtype_products(self.device)
         # Exact path on CUDA: correction fused into the left projection (encoder/fused.py).
         self.fused_correction = True
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -164,7 +165,7 @@ class TrackStarEncoder:
             if m.name not in stats.sums:
                 return
             scale = inv.get(m.name)
-            for g in _example_gradients(m, acts, grads):
+            for g in example_gradients(m, acts, grads):
                 stats.add(m.name, g if scale is None else g.mul_(scale))
 
         for batch in batches:
@@ -256,18 +257,18 @@ class TrackStarEncoder:
         proj = self._proj.get(m.name)
         lowp = acts.dtype in (torch.bfloat16, torch.float16)
         if self.config.correction and m.name in self._folded:
-            return _factored(acts, grads, *self._folded[m.name], lowp)
+            return factored_products(acts, grads, *self._folded[m.name], lowp)
         inv = self._inv_scale.get(m.name) if self.config.correction else None
         if inv is None and proj is not None:
             # Without correction A G B^T = sum_t (A g_t)(B a_t)^T exactly: no G needed.
-            return _factored(acts, grads, *proj, lowp)
-        chunk = _gradient_chunk(m, acts, 4 if lowp else None)
+            return factored_products(acts, grads, *proj, lowp)
+        chunk = gradient_chunk(m, acts, 4 if lowp else None)
         parts = []
         for s in range(0, acts.shape[0], chunk):
             if lowp:  # exact bf16 products, float32 sums, float32 output
                 g = torch.bmm(grads[s : s + chunk].transpose(1, 2), acts[s : s + chunk], out_dtype=torch.float32)
             else:
-                with _tf32(self._tf32_products):
+                with tf32(self._tf32_products):
                     g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
             if (self.fused_correction and inv is not None and proj is not None
                     and g.dtype == torch.float32 and fused.available(g.device)):  # fmt: skip
@@ -339,7 +340,7 @@ class TrackStarEncoder:
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
             total = torch.zeros(m.out_features, m.in_features, dtype=torch.float64, device=acts.device)
-            for g in _example_gradients(m, acts, grads):
+            for g in example_gradients(m, acts, grads):
                 total += (g * g).sum(0).double()
             sums[m.name] += total.cpu()
 
@@ -353,73 +354,6 @@ class TrackStarEncoder:
             v = (sums[m.name] / count).float()
             v_hat[m.param_name] = v.t().contiguous() if m.transposed else v
         return SecondMoments(v_hat=v_hat, eps=DEFAULT_EPS, source=f"estimated(n={count})")
-
-
-@contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """Allow TF32 CUDA matmuls inside the block (see ``_tf32_products``); restores the flag."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    new_api = hasattr(matmul, "fp32_precision")
-    before = matmul.fp32_precision if new_api else matmul.allow_tf32
-    try:
-        if new_api:
-            matmul.fp32_precision = "tf32"
-        else:
-            matmul.allow_tf32 = True
-        yield
-    finally:
-        if new_api:
-            matmul.fp32_precision = before
-        else:
-            matmul.allow_tf32 = before
-
-
-def _gradient_chunk(m: TrackedModule, acts: torch.Tensor, element_size: int | None = None) -> int:
-    """Examples whose [out, in] gradients fit ``GRADIENT_BUDGET_BYTES`` together."""
-    size = element_size or acts.element_size()
-    budget = CUDA_GRADIENT_BUDGET_BYTES if acts.device.type == "cuda" else GRADIENT_BUDGET_BYTES
-    return max(1, budget // (m.out_features * m.in_features * size))
-
-
-def _example_gradients(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Per-example gradients [b, out, in] of acts [B, T, in] and grads [B, T, out], in
-    chunks that fit ``_gradient_chunk``."""
-    chunk = _gradient_chunk(m, acts)
-    for s in range(0, acts.shape[0], chunk):
-        yield torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
-
-
-def _factored(
-    acts: torch.Tensor, grads: torch.Tensor, a_mat: torch.Tensor, b_mat: torch.Tensor, lowp: bool
-) -> torch.Tensor:
-    """``factored_phi``; on the low-precision path the thin projections take the bf16
-    tensors directly and write float32 ([B, T, k] each), the rest is float32."""
-    if not lowp:
-        return factored_phi(acts, grads, a_mat, b_mat)
-    bsz, t = acts.shape[:2]
-    left = torch.mm(grads.reshape(bsz * t, -1), a_mat.to(grads.dtype).T, out_dtype=torch.float32)
-    right = torch.mm(acts.reshape(bsz * t, -1), b_mat.to(acts.dtype).T, out_dtype=torch.float32)
-    return torch.bmm(left.view(bsz, t, -1).transpose(1, 2), right.view(bsz, t, -1)).flatten(1)
-
-
-_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
-def _out_dtype_products(device: torch.device) -> bool:
-    """Whether mm/bmm on this device take bf16 inputs with a float32 ``out_dtype``."""
-    key = str(device)
-    if key not in _OUT_DTYPE_OK:
-        try:
-            x = torch.ones(1, 2, 2, device=device, dtype=torch.bfloat16)
-            torch.bmm(x, x, out_dtype=torch.float32)
-            torch.mm(x[0], x[0], out_dtype=torch.float32)
-            _OUT_DTYPE_OK[key] = True
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK[key] = False
-    return _OUT_DTYPE_OK[key]
 
 
 def _cumsum(xs: list[int]) -> list[int]:

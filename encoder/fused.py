@@ -32,8 +32,8 @@ _CHECKED: dict[str, bool] = {}
 
 if triton is not None:
 
-    @triton.jit
-    def _scale_project_kernel(
+    @triton.jit  # type: ignore[untyped-decorator]  # triton's decorator is untyped
+    def _scale_project_kernel(  # type: ignore[no-untyped-def]  # triton types its arguments itself
         a_ptr, g_ptr, s_ptr, c_ptr,
         out_dim, in_dim,
         stride_ak, stride_ao,

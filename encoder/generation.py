@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoder.batching import Example
+from encoder.batching import Example, Tokenizer
 from encoder.errors import InputError
 
 
@@ -71,7 +71,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *
     return Generated(tuple(new), "length", seed, tuple(prompt_ids))
 
 
-def token_spans(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
+def token_spans(tokenizer: Tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
     """Character range of each of ``ids`` in ``text``, the text they spell.
 
     A fast tokenizer's offsets when re-tokenizing ``text`` gives back ``ids``; otherwise

@@ -59,8 +59,8 @@ class GradientCapture:
             h.remove()
         self._handles.clear()
 
-    def _forward_hook(self, tracked: TrackedModule):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
+    def _forward_hook(self, tracked: TrackedModule) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return None
             if tracked.name in self._seen:
@@ -111,7 +111,7 @@ def make_inputs_differentiable(model: nn.Module) -> torch.utils.hooks.RemovableH
     weight gradients are formed by the sinks.
     """
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         return output

@@ -21,11 +21,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from encoder.batching import TokenBatch, collate, sequence_example
 from encoder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from encoder.fingerprint import TrackStarEncoder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ def _probe_batch(vocab: int, seq_len: int, batch: int, seed: int = 0) -> TokenBa
     return collate([sequence_example(row.tolist()) for row in ids])
 
 
-def _saved_bytes(encoder, batch: TokenBatch) -> int:
+def _saved_bytes(encoder: TrackStarEncoder, batch: TokenBatch) -> int:
     """Bytes autograd saves for backward in one encode pass (distinct storages), plus the
     module inputs the capture hooks keep."""
     seen: dict[int, int] = {}
@@ -93,7 +97,7 @@ def _saved_bytes(encoder, batch: TokenBatch) -> int:
     return saved + acts
 
 
-def _ready(encoder):
+def _ready(encoder: TrackStarEncoder) -> TrackStarEncoder:
     """The encoder, or a twin on the same modules, shapes and code path (hence the same
     memory) when it cannot encode yet: uniform second moments for a correction without them,
     seeded Gaussian matrices for a basis not fitted yet."""
@@ -114,7 +118,7 @@ def _ready(encoder):
                             projections=proj or encoder.projections())  # fmt: skip
 
 
-def estimate_memory(encoder, seq_len: int) -> MemoryEstimate:
+def estimate_memory(encoder: TrackStarEncoder, seq_len: int) -> MemoryEstimate:
     """Measure ``fixed`` and ``per_example`` bytes of ``encoder.project`` at ``seq_len``."""
     encoder = _ready(encoder)
     vocab = int(getattr(getattr(encoder.model, "config", None), "vocab_size", 2) or 2)
@@ -134,7 +138,7 @@ def estimate_memory(encoder, seq_len: int) -> MemoryEstimate:
         per = max(1, (peaks[1] - peaks[0]) // (b2 - b1))
         fixed = max(0, peaks[0] - b1 * per)
         return MemoryEstimate(int(fixed), int(per), "cuda-peak")
-    from encoder.fingerprint import GRADIENT_BUDGET_BYTES
+    from encoder.products import GRADIENT_BUDGET_BYTES
 
     s1 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b1))
     s2 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b2))
@@ -146,7 +150,7 @@ def estimate_memory(encoder, seq_len: int) -> MemoryEstimate:
 
 
 def auto_batch_size(
-    encoder,
+    encoder: TrackStarEncoder,
     seq_len: int,
     *,
     free: int | None = None,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
+from encoder.batching import Tokenizer
 from encoder.errors import ModelLoadError
 from encoder.hashing import sha256_named_files
 
@@ -104,7 +106,7 @@ def load_model(
     return model
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """Load the tokenizer saved beside a model; a pad id is guaranteed (eos if unset).
 
     Raises:
@@ -120,4 +122,20 @@ def load_tokenizer(model_dir: str | Path):
         raise ModelLoadError(f"cannot load the tokenizer in {d}: {exc}", code="missing_tokenizer") from exc
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
-    return tok
+    return as_tokenizer(tok)
+
+
+def as_tokenizer(tokenizer: object) -> Tokenizer:
+    """A Hugging Face tokenizer as the ``Tokenizer`` it is: transformers types ``decode`` as
+    returning ``str | list[str]`` (a list for batched ids), which the project never passes."""
+    return cast("Tokenizer", tokenizer)
+
+
+def model_max_tokens(model: nn.Module) -> int | None:
+    """The model's context length (positions), if its config says."""
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

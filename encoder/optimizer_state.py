@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -91,7 +92,7 @@ def _trainer_param_order(model: nn.Module) -> list[str]:
     return [n for n in names if n in decay] + [n for n in names if n not in decay]
 
 
-def _from_optimizer_state_dict(sd: dict, model: nn.Module, source: str) -> SecondMoments:
+def _from_optimizer_state_dict(sd: dict[str, Any], model: nn.Module, source: str) -> SecondMoments:
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise OptimizerStateError(f"{source}: not a torch optimizer state dict")
     groups = sd["param_groups"]

@@ -75,4 +75,5 @@ class ExactRescorer:
         if not self.unit_norm:
             return dots
         tiny = torch.finfo(torch.float64).tiny
-        return dots / (sq.sqrt() * q_norm).clamp_min(tiny)
+        cosines: torch.Tensor = dots / (sq.sqrt() * q_norm).clamp_min(tiny)
+        return cosines

@@ -137,7 +137,8 @@ def target_derivatives(model: torch.nn.Module, example: Example, directions: dic
                 setattr(mod, attr, saved[name])
     if tangent is None:  # no tracked weight reaches the loss
         return torch.zeros(len(example.input_ids) - 1, dtype=torch.float64)
-    return tangent.double()
+    derivatives: torch.Tensor = tangent.double()
+    return derivatives
 
 
 def attribute_tokens(

@@ -130,7 +130,8 @@ def inverse_sqrt(r: torch.Tensor, delta: float) -> torch.Tensor:
     if mean <= 0:
         raise ConfigError("a Hessian block is zero: its module received no gradient")
     scale = (evals + delta * mean).rsqrt()
-    return (evecs * scale) @ evecs.T
+    inv_sqrt: torch.Tensor = (evecs * scale) @ evecs.T
+    return inv_sqrt
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Whitener:
     names: list[str]
     matrices: list[torch.Tensor]
     lambda_: float
-    _converted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _converted: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_statistics(

@@ -20,116 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from encoder.errors import InputError
+from evaluation.world import CODAS, FILLERS, FIRST_NAMES, ONSETS, RELATIONS, SUFFIX, VOWELS
 
 FACT_SOURCE = "synthetic/facts"
 DISTRACTOR_SOURCE = "synthetic/distractor"
-
-# Relation -> (subject type, object type, templates). Template 0 is canonical: subject
-# first, object last, so its text before "{o}" is the query prompt.
-RELATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "birthplace": (
-        "person",
-        "city",
-        (
-            "{s} was born in {o}.",
-            "{o} is the birthplace of {s}.",
-            "The city of {o} saw the birth of {s}.",
-        ),
-    ),
-    "employer": (
-        "person",
-        "company",
-        ("{s} works for {o}.", "{o} employs {s}.", "{s} is an employee of {o}."),
-    ),
-    "native_language": (
-        "person",
-        "language",
-        (
-            "The native language of {s} is {o}.",
-            "{s} speaks {o} as a first language.",
-            "{o} is the mother tongue of {s}.",
-        ),
-    ),
-    "capital": (
-        "country",
-        "city",
-        ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s} has its capital in {o}."),
-    ),
-    "located_in": (
-        "city",
-        "country",
-        ("{s} is located in {o}.", "{s} is a city in {o}.", "{o} contains the city of {s}."),
-    ),
-    "founded_by": (
-        "company",
-        "person",
-        ("{s} was founded by {o}.", "{o} founded {s}.", "The founder of {s} is {o}."),
-    ),
-    "headquarters": (
-        "company",
-        "city",
-        (
-            "{s} is headquartered in {o}.",
-            "The headquarters of {s} are in {o}.",
-            "{o} hosts the headquarters of {s}.",
-        ),
-    ),
-    "official_language": (
-        "country",
-        "language",
-        (
-            "The official language of {s} is {o}.",
-            "People in {s} speak {o}.",
-            "{o} is spoken in {s}.",
-        ),
-    ),
-}
-
-# Sentences about one entity that state no relation of the world.
-FILLERS: dict[str, tuple[str, ...]] = {
-    "person": (
-        "{e} enjoys painting on quiet weekends.",
-        "Many people admire {e}.",
-        "{e} wrote a short book about rivers.",
-        "{e} likes long walks in the rain.",
-        "Friends describe {e} as patient and kind.",
-    ),
-    "city": (
-        "{e} has a famous old bridge.",
-        "Tourists often visit {e} in summer.",
-        "The streets of {e} are narrow and green.",
-        "A large market opens in {e} every week.",
-    ),
-    "country": (
-        "{e} has many tall mountains.",
-        "Travelers praise the long coast of {e}.",
-        "The winters in {e} are cold.",
-        "{e} exports fruit and wool.",
-    ),
-    "company": (
-        "{e} makes small machines.",
-        "{e} has a large new office.",
-        "Customers trust the products of {e}.",
-        "{e} grew quickly last year.",
-    ),
-    "language": (
-        "{e} has a rich grammar.",
-        "{e} uses an old alphabet.",
-        "Poets love the sound of {e}.",
-        "Few schools teach {e} today.",
-    ),
-}
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr")
-_VOWELS = ("a", "e", "i", "o", "u")
-_CODAS = ("", "", "", "n", "r", "l", "s", "k")
-_SUFFIX = {
-    "country": ("ia", "land", "ora"),
-    "company": ("ex", "co", "tek"),
-    "language": ("ish", "ese", "ic"),
-}
-_FIRST_NAMES = ("Ana", "Bo", "Cara", "Dov", "Eli", "Fen", "Gia", "Hal", "Ivo", "Juna", "Kai", "Lia")
-
 
 @dataclass
 class Passage:
@@ -239,13 +133,13 @@ class _Names:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.used: set[str] = set(_FIRST_NAMES)
+        self.used: set[str] = set(FIRST_NAMES)
 
     def word(self, suffix: str = "") -> str:
         while True:
             n_syll = self.rng.choice((1, 2, 2))
             root = "".join(
-                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS)
+                self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS)
                 for _ in range(n_syll)
             )
             name = (root + suffix).capitalize()
@@ -260,11 +154,11 @@ def _build_world(n_facts: int, rng: random.Random) -> list[Fact]:
     n = max(n_facts, 8)
     n_countries, n_languages = max(3, n // 16), max(4, n // 16)
     n_cities, n_people, n_companies = max(6, n // 6), max(6, n // 3), max(3, n // 8)
-    countries = [names.word(rng.choice(_SUFFIX["country"])) for _ in range(n_countries)]
-    languages = [names.word(rng.choice(_SUFFIX["language"])) for _ in range(n_languages)]
+    countries = [names.word(rng.choice(SUFFIX["country"])) for _ in range(n_countries)]
+    languages = [names.word(rng.choice(SUFFIX["language"])) for _ in range(n_languages)]
     cities = [names.word() for _ in range(n_cities)]
-    companies = [names.word(rng.choice(_SUFFIX["company"])) for _ in range(n_companies)]
-    people = [f"{rng.choice(_FIRST_NAMES)} {names.word()}" for _ in range(n_people)]
+    companies = [names.word(rng.choice(SUFFIX["company"])) for _ in range(n_companies)]
+    people = [f"{rng.choice(FIRST_NAMES)} {names.word()}" for _ in range(n_people)]
 
     # Every country gets at least one city, so it can have a capital inside itself.
     city_country = {

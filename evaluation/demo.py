@@ -133,8 +133,8 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
 
 def show_example(index_dir: Path, queries_file: Path, host: str, port: int) -> None:
     """Print a curl line, the web address, and one example query with its top results."""
+    from engine.index import InfluenceIndex
     from evaluation.corpus import load_queries
-    from indexer.artifacts import InfluenceIndex
 
     q = load_queries(queries_file)[0]
     index = InfluenceIndex.open(index_dir)

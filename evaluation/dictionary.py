@@ -108,7 +108,8 @@ def build(out_dir: Path, *, n_queried: int = 200, n_support: int = 400, seed: in
         for template in rng.sample((QUERY_TEMPLATE, *PARAPHRASES), MENTIONS):
             statements.append((fact, template.format(en=fact.english, de=fact.german), False))
     rng.shuffle(statements)
-    passages, relevant = [], {f.english: [] for f in queried}
+    passages: list[dict[str, str]] = []
+    relevant: dict[str, list[str]] = {f.english: [] for f in queried}
     for i, (fact, sentence, is_queried) in enumerate(statements):
         other = rng.choice(support)
         extra = rng.choice(PARAPHRASES).format(en=other.english, de=other.german)

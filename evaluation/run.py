@@ -21,13 +21,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from encoder.batching import Example, collate, sequence_example, tokenize_query
+from encoder.batching import Example, Tokenizer, collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
 from encoder.errors import InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer, model_hash
 from encoder.optimizer_state import SecondMoments, load_second_moments
-from evaluation.corpus import load_queries
+from evaluation.corpus import FactQuery, load_queries
 from evaluation.methods import (
     FUSION_DEPTH,
     GradientInputs,
@@ -40,7 +40,7 @@ from evaluation.methods import (
     rank_random,
 )
 from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
-from evaluation.settings import METHOD_NAMES, METHODS, EvalSettings
+from evaluation.settings import METHOD_NAMES, METHODS, EvalSettings, Method
 from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_table
 from evaluation.tailpatch import (
     TailPatcher,
@@ -124,6 +124,151 @@ def _standard_error(values: list[float]) -> float:
     return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+@dataclass
+class _Run:
+    """One evaluation's loaded inputs, shared by its phases."""
+
+    settings: EvalSettings
+    model_dir: Path
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    pad_id: int
+    texts: list[str]
+    queries: list[FactQuery]
+    relevant: list[set[int]]
+    sequences: list[list[int]]
+    train_examples: list[Example]
+    query_examples: list[Example]
+    base: FingerprintConfig
+    progress: ProgressFactory | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def bar(self, desc: str, total: int) -> Progress | None:
+        return self.progress(desc, total) if self.progress is not None else None
+
+
+def _load(model_dir: Path, corpus_path: Path, queries_path: Path, settings: EvalSettings,
+          progress: ProgressFactory | None) -> _Run:  # fmt: skip
+    """Read and check the inputs (a malformed file is reported before the model loads),
+    then the model and every example tokenized."""
+    passage_ids, texts = read_corpus(corpus_path)
+    queries = load_queries(queries_path)[: settings.max_queries]
+    if not queries:
+        raise InputError(f"{queries_path} holds no queries")
+    row_of = {pid: i for i, pid in enumerate(passage_ids)}
+    missing = {r for q in queries for r in q.relevant_ids if r not in row_of}
+    if missing:
+        raise InputError(f"queries name {len(missing)} passages absent from the corpus, e.g. {sorted(missing)[:3]}")
+    model = load_model(model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    tokenizer = load_tokenizer(model_dir)
+    sequences = training_sequences(tokenizer, texts, int(getattr(model.config, "n_positions", 1024)))
+    return _Run(settings=settings, model_dir=Path(model_dir), model=model, tokenizer=tokenizer,
+                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, texts=texts,
+                queries=queries, relevant=[{row_of[r] for r in q.relevant_ids} for q in queries],
+                sequences=sequences, train_examples=[sequence_example(s) for s in sequences],
+                query_examples=[tokenize_query(tokenizer, q.prompt, q.completion) for q in queries],
+                base=FingerprintConfig(k=settings.k, seed=settings.seed, projection=settings.projection),
+                progress=progress)  # fmt: skip
+
+
+def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) -> dict[bool, GradientInputs]:
+    """phi of every training and query example, once per correction setting (R, whitening
+    and normalization are cheap on top)."""
+    settings, phis = run.settings, {}
+    corrections = {m.correction for m in methods if m.kind == "gradient"}
+    corrections |= {True} if any(m.kind == "hybrid" for m in methods) else set()
+    for correction in sorted(corrections, reverse=True):
+        enc = TrackStarEncoder(run.model, replace(run.base, correction=correction),
+                               second_moments=second_moments if correction else None)  # fmt: skip
+        label = "corrected" if correction else "uncorrected"
+        pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
+        tick = pb.update if pb is not None else None
+        start = time.perf_counter()
+        fit_basis(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size)  # a pass more (pca)
+        train_phi = project_all(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
+        query_phi = project_all(enc, run.query_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
+        if pb is not None:
+            pb.close()
+        run.timings[f"fingerprints_{label}_s"] = time.perf_counter() - start
+        phis[correction] = GradientInputs(train_phi, query_phi)
+    return phis
+
+
+def _rankings(run: _Run, methods: list[Method], second_moments: SecondMoments,
+              phis: dict[bool, GradientInputs]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:  # fmt: skip
+    """Each method's ranking [Q, depth] of the training sequences, and each gradient
+    method's lambda per fold."""
+    folds, chosen = fold_of(len(run.queries), run.settings.seed), set(run.settings.methods)
+    depth = max(TAILPATCH_CUTOFFS + (10,))
+    rankings: dict[str, np.ndarray] = {}
+    lambdas: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    for m in methods:
+        if m.kind == "gradient":
+            rankings[m.name], lambdas[m.name] = rank_gradient(m, run.base, run.model, second_moments,
+                                                              phis[m.correction], folds, depth)  # fmt: skip
+    if any(m.kind in ("bm25", "hybrid") for m in methods):
+        bm25_deep = rank_bm25(BM25Index.build(run.texts), [q.prompt + q.completion for q in run.queries], FUSION_DEPTH)
+        if "bm25" in chosen:
+            rankings["bm25"] = bm25_deep[:, :depth]
+        if "hybrid" in chosen:
+            trackstar = next(m for m in METHODS if m.name == "trackstar")
+            ts_deep, _ = rank_gradient(trackstar, run.base, run.model, second_moments, phis[True], folds, FUSION_DEPTH)
+            rankings["hybrid"] = rank_hybrid(bm25_deep, ts_deep, depth)
+    if "random" in chosen:
+        rankings["random"] = rank_random(len(run.queries), len(run.texts), depth, run.settings.seed)
+    run.timings["ranking_s"] = time.perf_counter() - start
+    return rankings, lambdas
+
+
+def _tailpatch(run: _Run, rankings: dict[str, np.ndarray], second_moments: SecondMoments) -> tuple[TailPatcher, dict[tuple[int, int], float]]:
+    """Tail-patch every (query, sequence) pair any method put in its top 10, plus the
+    passages that state the fact (the oracle reference)."""
+    pairs: dict[int, set[int]] = {}
+    for ranking in rankings.values():
+        for qi, ranked in enumerate(ranking):
+            for sid in ranked[: max(TAILPATCH_CUTOFFS)].tolist():
+                pairs.setdefault(int(sid), set()).add(qi)
+    for qi, rel in enumerate(run.relevant):
+        for sid in rel:
+            pairs.setdefault(sid, set()).add(qi)
+    s = run.settings
+    patcher = TailPatcher(load_trainable_model(run.model_dir), second_moments=second_moments, lr=s.tailpatch_lr,
+                          optimizer=s.tailpatch_optimizer, hyper=read_adam_hyper(run.model_dir), pad_id=run.pad_id)  # fmt: skip
+    pb = run.bar("tail-patch", len(pairs))
+    start = time.perf_counter()
+    tp = patcher.scores(run.query_examples, dict(enumerate(run.sequences)), {i: sorted(q) for i, q in pairs.items()},
+                        on_sequence=pb.update if pb is not None else None)  # fmt: skip
+    if pb is not None:
+        pb.close()
+    run.timings["tailpatch_s"] = time.perf_counter() - start
+    return patcher, tp
+
+
+def _scored(run: _Run, methods: list[Method], rankings: dict[str, np.ndarray], tp: dict[tuple[int, int], float],
+            unsaturated: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:  # fmt: skip
+    """One row per method (attribution and tail-patch metrics) and its per-query values."""
+    rows, per_query = [], {}
+    for m in methods:
+        ranking = rankings[m.name]
+        row: dict[str, Any] = {"method": m.name, "description": m.description}
+        row.update(attribution_metrics(ranking, run.relevant))
+        values: dict[str, Any] = {
+            "top10": ranking[:, :10].tolist(),
+            "rr_at_10": [reciprocal_rank(r, rel, 10) for r, rel in zip(ranking, run.relevant, strict=True)],
+            "hit_at_10": [hit_at(r, rel, 10) for r, rel in zip(ranking, run.relevant, strict=True)],
+        }
+        for c in TAILPATCH_CUTOFFS:
+            tps = [float(np.mean([tp[(qi, int(s))] for s in r[:c]])) for qi, r in enumerate(ranking)]
+            values[f"tailpatch_top{c}"] = tps
+            row[f"tailpatch_top{c}"] = float(np.mean(tps))
+            row[f"tailpatch_top{c}_se"] = _standard_error(tps)
+            row[f"tailpatch_top{c}_unsaturated"] = float(np.mean([tps[i] for i in unsaturated])) if unsaturated.size else float("nan")
+        per_query[m.name] = values
+        rows.append(row)
+    return rows, per_query
+
+
 def run_evaluation(
     model_dir: Path,
     corpus_path: Path,
@@ -146,153 +291,48 @@ def run_evaluation(
     if unknown:
         raise InputError(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     methods = [m for m in METHODS if m.name in settings.methods]
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # Inputs first: a malformed file is reported before the model is loaded.
-    passage_ids, texts = read_corpus(corpus_path)
-    queries = load_queries(queries_path)[: settings.max_queries]
-    if not queries:
-        raise InputError(f"{queries_path} holds no queries")
-    row_of = {pid: i for i, pid in enumerate(passage_ids)}
-    missing = {r for q in queries for r in q.relevant_ids if r not in row_of}
-    if missing:
-        raise InputError(f"queries name {len(missing)} passages absent from the corpus, e.g. {sorted(missing)[:3]}")
-    relevant = [{row_of[r] for r in q.relevant_ids} for q in queries]
-    device = torch.device("cpu")
-    model = load_model(model_dir, device=device, dtype=torch.float32)
-    tokenizer = load_tokenizer(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_len = int(getattr(model.config, "n_positions", 1024))
-    sequences = training_sequences(tokenizer, texts, max_len)
-    train_examples = [sequence_example(s) for s in sequences]
-    query_examples: list[Example] = [tokenize_query(tokenizer, q.prompt, q.completion) for q in queries]
-    base = FingerprintConfig(k=settings.k, seed=settings.seed, projection=settings.projection)
-
-    def bar(desc: str, total: int) -> Progress | None:
-        return progress(desc, total) if progress is not None else None
+    run = _load(model_dir, corpus_path, queries_path, settings, progress)
 
     def estimate() -> SecondMoments:
-        enc = TrackStarEncoder(model, base, second_moments=None)
-        batches = [collate(train_examples[i : i + settings.batch_size], pad_id)
-                   for i in range(0, len(train_examples), settings.batch_size)]  # fmt: skip
+        enc = TrackStarEncoder(run.model, run.base, second_moments=None)
+        batches = [collate(run.train_examples[i : i + settings.batch_size], run.pad_id)
+                   for i in range(0, len(run.train_examples), settings.batch_size)]  # fmt: skip
         return enc.estimate_second_moments(batches)
 
-    second_moments = _second_moments(Path(model_dir), model, estimate)
-
-    # phi once per correction setting; R, whitening and normalization are cheap on top.
-    phis: dict[bool, GradientInputs] = {}
-    for correction in sorted({m.correction for m in methods if m.kind == "gradient"} |
-                             ({True} if any(m.kind == "hybrid" for m in methods) else set()), reverse=True):
-        enc = TrackStarEncoder(model, replace(base, correction=correction),
-                               second_moments=second_moments if correction else None)  # fmt: skip
-        label = "corrected" if correction else "uncorrected"
-        pb = bar(f"gradients ({label})", len(train_examples) + len(query_examples))
-        tick = pb.update if pb is not None else None
-        start = time.perf_counter()
-        fit_basis(enc, train_examples, pad_id=pad_id, batch_size=settings.batch_size)  # a pass more (pca)
-        train_phi = project_all(enc, train_examples, pad_id=pad_id, batch_size=settings.batch_size, on_batch=tick)
-        query_phi = project_all(enc, query_examples, pad_id=pad_id, batch_size=settings.batch_size, on_batch=tick)
-        if pb is not None:
-            pb.close()
-        timings[f"fingerprints_{label}_s"] = time.perf_counter() - start
-        phis[correction] = GradientInputs(train_phi, query_phi)
-
-    folds = fold_of(len(queries), settings.seed)
-    depth = max(TAILPATCH_CUTOFFS + (10,))
-    rankings: dict[str, np.ndarray] = {}
-    lambdas: dict[str, list[float]] = {}
-    start = time.perf_counter()
-    for m in methods:
-        if m.kind == "gradient":
-            rankings[m.name], lambdas[m.name] = rank_gradient(
-                m, base, model, second_moments, phis[m.correction], folds, depth
-            )
-    if any(m.kind in ("bm25", "hybrid") for m in methods):
-        bm25 = BM25Index.build(texts)
-        query_texts = [q.prompt + q.completion for q in queries]
-        bm25_deep = rank_bm25(bm25, query_texts, FUSION_DEPTH)
-        if "bm25" in settings.methods:
-            rankings["bm25"] = bm25_deep[:, :depth]
-        if "hybrid" in settings.methods:
-            trackstar = next(m for m in METHODS if m.name == "trackstar")
-            ts_deep, _ = rank_gradient(trackstar, base, model, second_moments, phis[True], folds, FUSION_DEPTH)
-            rankings["hybrid"] = rank_hybrid(bm25_deep, ts_deep, depth)
-    if "random" in settings.methods:
-        rankings["random"] = rank_random(len(queries), len(texts), depth, settings.seed)
-    timings["ranking_s"] = time.perf_counter() - start
-
-    # Tail-patch every (query, sequence) pair any method put in its top 10, plus the
-    # passages that state the fact (the oracle reference).
-    pairs: dict[int, set[int]] = {}
-    for ranking in rankings.values():
-        for qi, row in enumerate(ranking):
-            for sid in row[: max(TAILPATCH_CUTOFFS)].tolist():
-                pairs.setdefault(int(sid), set()).add(qi)
-    for qi, rel in enumerate(relevant):
-        for sid in rel:
-            pairs.setdefault(sid, set()).add(qi)
-    patcher = TailPatcher(
-        load_trainable_model(Path(model_dir)), second_moments=second_moments,
-        lr=settings.tailpatch_lr, optimizer=settings.tailpatch_optimizer,
-        hyper=read_adam_hyper(Path(model_dir)), pad_id=pad_id,
-    )  # fmt: skip
-    pb = bar("tail-patch", len(pairs))
-    start = time.perf_counter()
-    tp = patcher.scores(
-        query_examples, dict(enumerate(sequences)), {s: sorted(q) for s, q in pairs.items()},
-        on_sequence=pb.update if pb is not None else None,
-    )  # fmt: skip
-    if pb is not None:
-        pb.close()
-    timings["tailpatch_s"] = time.perf_counter() - start
-
+    second_moments = _second_moments(Path(model_dir), run.model, estimate)
+    rankings, lambdas = _rankings(run, methods, second_moments, _projected(run, methods, second_moments))
+    patcher, tp = _tailpatch(run, rankings, second_moments)
     # Saturation: a completion already certain before the step cannot gain log-probability.
-    base_logp = completion_logprobs(patcher.model, query_examples, pad_id)
+    base_logp = completion_logprobs(patcher.model, run.query_examples, run.pad_id)
     unsaturated = np.flatnonzero(base_logp < SATURATED_LOGP)
-    rows, per_query = [], {}
-    for m in methods:
-        ranking = rankings[m.name]
-        row: dict[str, Any] = {"method": m.name, "description": m.description}
-        row.update(attribution_metrics(ranking, relevant))
-        values: dict[str, Any] = {
-            "top10": ranking[:, :10].tolist(),
-            "rr_at_10": [reciprocal_rank(r, rel, 10) for r, rel in zip(ranking, relevant, strict=True)],
-            "hit_at_10": [hit_at(r, rel, 10) for r, rel in zip(ranking, relevant, strict=True)],
-        }
-        for c in TAILPATCH_CUTOFFS:
-            tps = [float(np.mean([tp[(qi, int(s))] for s in r[:c]])) for qi, r in enumerate(ranking)]
-            values[f"tailpatch_top{c}"] = tps
-            row[f"tailpatch_top{c}"] = float(np.mean(tps))
-            row[f"tailpatch_top{c}_se"] = _standard_error(tps)
-            row[f"tailpatch_top{c}_unsaturated"] = float(np.mean([tps[i] for i in unsaturated])) if unsaturated.size else float("nan")
-        per_query[m.name] = values
-        rows.append(row)
+    rows, per_query = _scored(run, methods, rankings, tp, unsaturated)
     paired = {
         "all": paired_table(per_query, "trackstar", seed=settings.seed),
         "unsaturated": paired_table(per_query, "trackstar", rows=unsaturated.tolist(), seed=settings.seed),
     }
-    oracle = float(np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(relevant)]))
-    timings["total_s"] = time.perf_counter() - t0
+    oracle = float(np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(run.relevant)]))
+    run.timings["total_s"] = time.perf_counter() - t0
 
     from evaluation.train import fact_accuracy
 
     context = {
         "model_dir": str(model_dir),
         "model_hash": model_hash(model_dir),
-        "n_train_sequences": len(texts),
-        "n_queries": len(queries),
-        "fingerprint_dim": TrackStarEncoder(model, base, second_moments=second_moments).dim,
+        "n_train_sequences": len(run.texts),
+        "n_queries": len(run.queries),
+        "fingerprint_dim": TrackStarEncoder(run.model, run.base, second_moments=second_moments).dim,
         "second_moments_source": second_moments.source,
-        "fact_accuracy": fact_accuracy(model, tokenizer, queries),
+        "fact_accuracy": fact_accuracy(run.model, run.tokenizer, run.queries),
         "oracle_tailpatch_relevant": oracle,
-        "saturated_fraction": float(1.0 - unsaturated.size / len(queries)),
+        "saturated_fraction": float(1.0 - unsaturated.size / len(run.queries)),
         "saturated_threshold": f"p(completion | prompt) >= {SATURATED_P}",
         "base_logprob": base_logp.tolist(),
         "n_tailpatch_pairs": len(tp),
         "lambdas_by_fold": lambdas,
-        "timings": timings,
+        "timings": run.timings,
     }
-    log.info("evaluated %d methods on %d queries in %.1fs", len(methods), len(queries), timings["total_s"])
+    log.info("evaluated %d methods on %d queries in %.1fs", len(methods), len(run.queries), run.timings["total_s"])
     return EvalResult(rows=rows, settings=asdict(settings), context=context, per_query=per_query, paired=paired)
 
 

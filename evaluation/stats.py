@@ -18,7 +18,7 @@ BOOTSTRAP_SAMPLES = 2000
 PER_QUERY_METRICS = ("rr_at_10", "hit_at_10", "tailpatch_top1", "tailpatch_top3", "tailpatch_top10")
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, seed: int = 0,
                       samples: int = BOOTSTRAP_SAMPLES) -> dict[str, float]:  # fmt: skip
     """Mean of a - b over paired queries, its standard error and bootstrap 95% interval."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)

@@ -22,7 +22,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
     PrinterCallback,
     Trainer,
@@ -32,6 +31,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from encoder.batching import Tokenizer as EncoderTokenizer
+from encoder.model_loading import as_tokenizer
 from evaluation.corpus import FactCorpus, FactQuery
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,35 @@ def _quiet_torch(n_threads: int | None, progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _training_arguments(spec: TrainSpec, out_dir: Path, n_epochs: int, n_passages: int, seed: int, *,
+                        use_cpu: bool, progress: bool) -> TrainingArguments:  # fmt: skip
+    """The Trainer's arguments: AdamW with a cosine schedule, batches grouped by length, one
+    checkpoint at the end."""
+    steps = n_epochs * math.ceil(n_passages / spec.batch_size)
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=n_epochs,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=spec.warmup_ratio,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        train_sampling_strategy="group_by_length",  # less padding per batch
+        # One checkpoint, at the end: DefaultFlowCallback saves on the last step.
+        save_strategy="steps",
+        save_steps=steps + 1,
+        logging_strategy="steps",
+        logging_steps=max(1, math.ceil(n_passages / spec.batch_size)),
+        report_to=[],
+        use_cpu=use_cpu,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
 def train_fact_model(
     corpus: FactCorpus,
     out_dir: Path,
@@ -227,29 +257,7 @@ def train_fact_model(
         size, len(dataset), len(tokenizer), model.num_parameters(), n_epochs,
     )  # fmt: skip
 
-    steps = n_epochs * math.ceil(len(dataset) / spec.batch_size)
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        num_train_epochs=n_epochs,
-        per_device_train_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=spec.warmup_ratio,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        train_sampling_strategy="group_by_length",  # less padding per batch
-        # One checkpoint, at the end: DefaultFlowCallback saves on the last step.
-        save_strategy="steps",
-        save_steps=steps + 1,
-        logging_strategy="steps",
-        logging_steps=max(1, math.ceil(len(dataset) / spec.batch_size)),
-        report_to=[],
-        use_cpu=use_cpu,
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-    )
+    args = _training_arguments(spec, out_dir, n_epochs, len(dataset), seed, use_cpu=use_cpu, progress=progress)
     trainer = Trainer(
         model=model,
         args=args,
@@ -264,7 +272,7 @@ def train_fact_model(
         start = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - start
-        accuracy = fact_accuracy(model, tokenizer, corpus.queries)
+        accuracy = fact_accuracy(model, as_tokenizer(tokenizer), corpus.queries)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     final_loss = float(losses[-1]) if losses else float(output.training_loss)
@@ -284,8 +292,8 @@ def train_fact_model(
 
 @torch.no_grad()
 def fact_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
+    model: torch.nn.Module,
+    tokenizer: EncoderTokenizer,
     queries: list[FactQuery],
     batch_size: int = 64,
 ) -> float:
@@ -313,8 +321,8 @@ def fact_accuracy(
     n_correct = 0
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]
-        prompts = tokenizer([q.prompt for q in batch], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([q.completion for q in batch], add_special_tokens=False)["input_ids"]
+        prompts = [list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"]) for q in batch]
+        answers = [list(tokenizer(q.completion, add_special_tokens=False)["input_ids"]) for q in batch]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import bm25s
 import numpy as np
 
 from encoder.errors import ArtifactError, InputError
+from indexer import manifest as mf
 
 log = logging.getLogger(__name__)
 
-SUBDIR = "bm25"
-IDS_FILE = "ids.npy"
+SUBDIR = mf.BM25_DIR
+IDS_FILE = mf.BM25_IDS
 STOPWORDS = "en"
 
 
@@ -130,19 +131,14 @@ class BM25Index:
         return out_scores, out_ids
 
 
-def open_for_index(index_dir: Path, manifest: dict, texts: Callable[[], list[str]]) -> BM25Index:
-    """The lexical index of a published index, opened with it: ``index_dir/bm25/`` when the
-    build wrote one (its files are listed, so checksummed, in the manifest), else built from
-    the sequence texts now (``--no-bm25`` builds) and held by the opened index.
+def open_for_index(index_dir: Path, n: int) -> BM25Index:
+    """The lexical index of a published index (``index_dir/bm25/``, checksummed with the
+    rest), opened with it.
 
     Raises:
-        ArtifactError: the bm25 folder is there but broken, or covers another row count.
+        ArtifactError: the bm25 folder is broken, or covers other rows than the index's n.
     """
-    n = int(manifest["counts"]["sequences"])
-    if any(name.startswith(f"{SUBDIR}/") for name in manifest.get("files", {})):
-        bm25 = BM25Index.load(index_dir)
-        if bm25.size != n or not np.array_equal(bm25.ids, np.arange(n)):
-            raise ArtifactError(f"{index_dir}/{SUBDIR} covers {bm25.size} rows, the index {n}")
-        return bm25
-    log.info("no %s/ in %s: building BM25 over %d texts", SUBDIR, index_dir, n)
-    return BM25Index.build(texts() if n else [], np.arange(n, dtype=np.int64))
+    bm25 = BM25Index.load(index_dir)
+    if bm25.size != n or not np.array_equal(bm25.ids, np.arange(n)):
+        raise ArtifactError(f"{index_dir}/{SUBDIR} covers {bm25.size} rows, the index {n}")
+    return bm25

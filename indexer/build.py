@@ -20,30 +20,32 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from encoder.basis import load_projections, save_projections
+from encoder.batching import Tokenizer
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError, InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
-from encoder.memory import auto_batch_size
-from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
-from encoder.optimizer_state import SecondMoments, load_second_moments
-from encoder.whitening import RStatistics, Whitener
+from encoder.model_loading import (
+    load_model,
+    load_tokenizer,
+    model_hash,
+    model_max_tokens,
+    tokenizer_hash,
+)
 from indexer import manifest as mf
 from indexer import passes, preflight
-from indexer.artifacts import model_max_tokens
 from indexer.chunking import ChunkConfig
 from indexer.corpus import corpus_format, corpus_hash
 from indexer.distributed import DistContext
 from indexer.manifest import sha256_file
 from indexer.passes import Progress
-from indexer.publish import publish
-from indexer.workdir import TokenStore, WorkDir, write_atomic
+from indexer.steps import STEPS, Build, second_moment_source
+from indexer.workdir import TokenStore, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ class BuildConfig:
             evenly spaced over the corpus; None = all).
         faiss: FAISS factory string.
         faiss_train_sample: vectors to train an approximate index on.
-        bm25: also write the BM25 index of the sequence texts (``bm25/``, for the
-            service's ``mode: bm25|hybrid``); not part of the fingerprints' identity.
         batch_size: sequences per backward pass (part of the build's identity); 0 = auto:
             the largest batch that fits the device's free memory (``encoder.memory``),
             measured once per build and kept in the work directory, so a resumed build
@@ -99,7 +99,6 @@ class BuildConfig:
     basis_sample: int | None = 1024
     faiss: str = "Flat"
     faiss_train_sample: int = 65536
-    bm25: bool = True
     batch_size: int = 8
     shard_size: int = 256
     device: str | None = None
@@ -127,17 +126,9 @@ def _out_state(out: Path, build_key: str) -> bool:
     return False
 
 
-def _second_moment_source(cfg: BuildConfig) -> Path | None:
-    if cfg.optimizer_state is not None:
-        return Path(cfg.optimizer_state)
-    if (Path(cfg.model) / "optimizer.pt").is_file():
-        return Path(cfg.model)
-    return None
-
-
 def build_key(cfg: BuildConfig, chunk: ChunkConfig) -> str:
     """sha256 over every input and option that changes the result."""
-    sm = _second_moment_source(cfg)
+    sm = second_moment_source(cfg)
     ident: dict[str, Any] = {
         "format": mf.FORMAT_VERSION,
         "model": model_hash(cfg.model),
@@ -213,8 +204,10 @@ def _threads(cfg: BuildConfig, model: torch.nn.Module) -> int:
     return torch.get_num_threads()
 
 
-def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, tokenizer, model, t_start: float) -> Path:
-    """The build proper, with model and tokenizer loaded (see ``run_build``)."""
+def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, tokenizer: Tokenizer,
+         model: torch.nn.Module, t_start: float) -> Path:  # fmt: skip
+    """The build proper, with model and tokenizer loaded (see ``run_build``): tokenize, then
+    ``indexer.steps.STEPS`` in order."""
     ctx_len = model_max_tokens(model)
     seq_len = cfg.seq_len or ctx_len or 512
     if ctx_len is not None and seq_len > ctx_len:
@@ -230,8 +223,22 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     resumed = ctx.run(lambda: work.prepare(key), only_main=True)
     if ctx.is_main and resumed:
         log.info("resuming the build from %s", work.root)
+    _tokenize(cfg, ctx, work, tokenizer, chunk)
+    store = TokenStore(work)
+    encoder = TrackStarEncoder(model, cfg.fingerprint)
+    preflight.check_resources(cfg, encoder, len(store), out)
+    build = Build(cfg=cfg, ctx=ctx, progress=progress, out=out, tokenizer=tokenizer, model=model, context=ctx_len,
+                  chunk=chunk, key=key, work=work, counts=json.loads(work.path("tokens.json").read_text()),
+                  store=store, encoder=encoder, started=t_start)  # fmt: skip
+    for name, step in STEPS:
+        log.debug("build step: %s", name)
+        step(build)
+    return out
 
-    # -- pass 0: tokenize ----------------------------------------------------------------
+
+def _tokenize(cfg: BuildConfig, ctx: DistContext, work: WorkDir, tokenizer: Tokenizer, chunk: ChunkConfig) -> None:
+    """Pass 0 (rank 0): the token store and the metadata; a bad corpus leaves nothing behind."""
+
     def tokenize() -> None:
         if not work.path("tokens.json").is_file():
             passes.tokenize_corpus(work, Path(cfg.corpus), tokenizer, chunk, work.staging / mf.METADATA)
@@ -240,143 +247,5 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
         ctx.run(tokenize, only_main=True)
     except BaseException:
         if ctx.is_main and not work.path("tokens.json").is_file():
-            work.remove()  # a bad corpus leaves nothing behind
+            work.remove()
         raise
-    counts = json.loads(work.path("tokens.json").read_text())
-    store = TokenStore(work)
-    n = len(store)
-    pad = int(tokenizer.pad_token_id or 0)
-    shards = passes.shard_ranges(n, cfg.shard_size)
-    mine = [s for s in range(len(shards)) if ctx.owns(s)]
-    encoder = TrackStarEncoder(model, cfg.fingerprint)
-    preflight.check_resources(cfg, encoder, n, out)
-
-    # -- batch size (auto: from free memory, once per build) -----------------------------
-    if cfg.batch_size == 0:
-        bs_path = work.path("batch_size.json")
-
-        def resolve_batch_size() -> None:
-            if bs_path.is_file():
-                return
-            bs, est = auto_batch_size(encoder, max(2, int(store.spans[:, 1].max())))
-            write_atomic(bs_path, lambda p: p.write_text(json.dumps({"batch_size": bs, **asdict(est)})))
-
-        ctx.run(resolve_batch_size, only_main=True)
-        cfg = replace(cfg, batch_size=int(json.loads(bs_path.read_text())["batch_size"]))
-        log.info("batch size: %d (auto)", cfg.batch_size)
-
-    # -- second moments ------------------------------------------------------------------
-    sm_path = work.path(mf.SECOND_MOMENTS)
-
-    def second_moments() -> None:
-        if sm_path.is_file():
-            return
-        source = _second_moment_source(cfg)
-        if source is not None:
-            sm = load_second_moments(source, model)
-        else:
-            ids = passes.evenly_spaced(n, cfg.v_sample)
-            if (Path(cfg.model) / "trainer_state.json").is_file():
-                log.warning("%s is a Trainer checkpoint without optimizer.pt: the optimizer correction uses "
-                            "second moments estimated over %d sequences instead of the optimizer's; pass "
-                            "--optimizer-state to use the real ones", cfg.model, len(ids))  # fmt: skip
-            else:
-                log.info("no optimizer state: estimating second moments over %d sequences", len(ids))
-            sm = encoder.estimate_second_moments(b for _, b in passes.batches(store, ids, cfg.batch_size, pad))
-        tracked = [m.param_name for m in encoder.modules]
-        write_atomic(sm_path, lambda p: SecondMoments(
-            {k: sm.v_hat[k] for k in tracked}, sm.eps, sm.source).save(p, tracked))
-
-    if cfg.fingerprint.correction:
-        ctx.run(second_moments, only_main=True)
-        encoder.set_second_moments(load_second_moments(sm_path, model))
-
-    # -- basis (projection: pca) ----------------------------------------------------------
-    basis_path = work.path(mf.PROJECTIONS)
-
-    def fit_basis() -> None:
-        if basis_path.is_file():
-            return
-        ids = passes.evenly_spaced(n, cfg.basis_sample)
-        stats = passes.basis_statistics(encoder, store, ids, cfg.batch_size, pad, progress)
-        save_projections(stats.projections(encoder.modules, encoder.plan, cfg.fingerprint.seed), basis_path)
-        log.info("projection basis fitted on %d sequences", stats.count)
-
-    if encoder.needs_basis:
-        ctx.run(fit_basis, only_main=True)
-        encoder.set_projections(load_projections(basis_path))
-
-    # -- pass 1: statistics --------------------------------------------------------------
-    fp = cfg.fingerprint
-    use_eval = fp.hessian == "mixed" and cfg.queries is not None
-    if fp.hessian == "mixed" and cfg.queries is None and ctx.is_main:
-        log.warning("hessian 'mixed' without --queries: R = R_train")
-    sample = passes.evenly_spaced(n, cfg.hessian_sample)
-    t1, n1 = time.perf_counter(), 0
-    if fp.hessian != "none":
-        todo = [s for s in mine if not work.stats_path(s).is_file()]
-        total1 = sum(int(((sample >= shards[s][0]) & (sample < shards[s][1])).sum()) for s in todo)
-
-        def statistics() -> int:
-            done = 0
-            for s in todo:
-                start, stop = shards[s]
-                ids = sample[(sample >= start) & (sample < stop)]
-                passes.statistics_shard(encoder, store, work, s, ids, stop - start, cfg.batch_size, pad,
-                                        progress, total1)
-                done += len(ids)
-            if ctx.is_main and use_eval and not work.path("stats/eval.safetensors").is_file():
-                ev = passes.query_statistics(encoder, tokenizer, Path(cfg.queries), cfg.batch_size, ctx_len)
-                write_atomic(work.path("stats/eval.safetensors"), ev.save)
-            return done
-
-        n1 = ctx.run(statistics) or 0
-    t1 = time.perf_counter() - t1
-
-    def whiten() -> None:
-        if work.path(mf.WHITENER).is_file():
-            return
-        train = encoder.new_statistics()
-        for s in range(len(shards)):
-            path = work.stats_path(s)
-            if path.is_file():
-                train.merge(RStatistics.load(path))
-        ev = RStatistics.load(work.path("stats/eval.safetensors")) if use_eval else None
-        whitener = Whitener.from_statistics(train, ev, lambda_=fp.lambda_,
-                                            lambda_component=fp.lambda_component, delta=fp.delta)
-        write_atomic(work.staging / mf.R_TRAIN, train.save)
-        if ev is not None:
-            write_atomic(work.staging / mf.R_EVAL, ev.save)
-        write_atomic(work.path(mf.WHITENER), whitener.save)
-
-    if fp.hessian != "none":
-        ctx.run(whiten, only_main=True)
-        encoder.set_whitener(Whitener.load(work.path(mf.WHITENER)))
-
-    # -- pass 2: encode ------------------------------------------------------------------
-    todo2 = [s for s in mine if not work.fp_path(s).is_file()]
-    total2 = sum(shards[s][1] - shards[s][0] for s in todo2)
-    t2 = time.perf_counter()
-
-    def encode() -> int:
-        for s in todo2:
-            passes.encode_shard(encoder, store, work, s, *shards[s], cfg.batch_size, pad, progress, total2)
-        return total2
-
-    n2 = ctx.run(encode) or 0
-    t2 = time.perf_counter() - t2
-
-    # -- publish -------------------------------------------------------------------------
-    timing = {
-        "statistics_sequences": n1, "statistics_seconds": round(t1, 3),
-        "statistics_seq_per_s": round(n1 / t1, 2) if n1 and t1 > 0 else None,
-        "encode_sequences": n2, "encode_seconds": round(t2, 3),
-        "encode_seq_per_s": round(n2 / t2, 2) if n2 and t2 > 0 else None,
-    }
-
-    def finish() -> None:
-        publish(cfg, chunk, work, encoder, counts, shards, key, timing, ctx.world_size,
-                time.perf_counter() - t_start)
-
-    ctx.run(finish, only_main=True)
-    return out

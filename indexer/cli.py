@@ -13,6 +13,7 @@ from pathlib import Path
 
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
+from indexer.summary import print_summary, summary
 
 
 def _tqdm_progress(enabled: bool):
@@ -70,7 +71,7 @@ def build_config(args: argparse.Namespace):
         optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
         v_sample=args.v_sample, hessian_sample=args.hessian_sample, basis_sample=args.basis_sample or None,
         faiss=args.faiss,
-        faiss_train_sample=args.faiss_train_sample, bm25=not args.no_bm25, batch_size=args.batch_size,
+        faiss_train_sample=args.faiss_train_sample, batch_size=args.batch_size,
         shard_size=args.shard_size, device=args.device, threads=args.threads, name=args.name,
     )
 
@@ -91,89 +92,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     close()
     if ctx.is_main:
         print(f"index published: {out}")
-        print_summary(_summary(out))
+        print_summary(summary(out))
     if ctx.world_size > 1:
         exit_after_success(0)
     shutdown()
     return 0
 
 
-def _summary(index_dir: Path) -> dict:
-    from indexer import manifest as mf
-    from indexer.manifest import display_name
-
-    m = mf.read_manifest(index_dir)
-    size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
-    n = m["counts"]["sequences"]
-    b = m["build"]
-    seconds = (b.get("statistics_seconds") or 0) + (b.get("encode_seconds") or 0)
-    return {
-        "index": str(index_dir), "version": mf.manifest_version(index_dir),
-        "name": m["model"].get("name") or display_name(Path(m["model"]["path"])), "model": m["model"]["path"],
-        "sequences": n, "documents": m["counts"]["documents"], "tokens": m["counts"].get("tokens"),
-        "tokens_per_s": round(m["counts"]["tokens"] / seconds, 1) if seconds and m["counts"].get("tokens") else None,
-        "modules": m["fingerprint"]["modules"], "dim": m["counts"]["dim"],
-        "faiss": m["faiss"]["factory"], "recall": m["faiss"].get("recall"),
-        "k": m["fingerprint"]["config"]["k"], "budget": m["fingerprint"]["config"].get("budget"),
-        "projection": _projection_text(m["fingerprint"]), "hessian": m["fingerprint"]["config"]["hessian"],
-        "lambda": m["fingerprint"]["lambda"], "second_moments": m["fingerprint"]["second_moments"],
-        "seq_len": m["corpus"]["seq_len"], "stride": m["corpus"]["stride"], "packing": m["corpus"]["packing"],
-        "bytes": size, "bytes_per_sequence": round(size / max(n, 1), 1),
-        "build": b, "created_at": m["created_at"],
-    }
-
-
-def _size_text(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def summary_lines(s: dict) -> list[str]:
-    """The summary a build ends with and ``index info`` prints: what was indexed, how
-    fast, with what fingerprint, and how large the index is."""
-    b = s["build"]
-    modules = s["modules"]
-    shown = ", ".join(modules[:6]) + (f", ... ({len(modules) - 6} more)" if len(modules) > 6 else "")
-    rows = [("index", s["index"]), ("version", s["version"]), ("name", s["name"]), ("model", s["model"]),
-            ("sequences", s["sequences"]), ("documents", s["documents"]), ("tokens", s["tokens"]),
-            ("tokens/s", f"{s['tokens_per_s']} (both passes)" if s["tokens_per_s"] else None),
-            ("modules", f"{len(modules)}: {shown}"), ("dim", s["dim"]), ("faiss", s["faiss"]),
-            ("projection", s["projection"]), ("hessian", s["hessian"]), ("lambda", s["lambda"]),
-            ("second_moments", s["second_moments"]), ("seq_len", s["seq_len"]), ("stride", s["stride"]),
-            ("packing", s["packing"]),
-            ("pass 1 (statistics)", f"{b.get('statistics_seconds')} s, {b.get('statistics_seq_per_s')} seq/s"),
-            ("pass 2 (encode)", f"{b.get('encode_seconds')} s, {b.get('encode_seq_per_s')} seq/s"),
-            ("size", f"{_size_text(s['bytes'])} ({s['bytes']} bytes, {s['bytes_per_sequence']} per sequence)"),
-            ("created_at", s["created_at"])]  # fmt: skip
-    lines = [f"{key:>20}: {value}" for key, value in rows]
-    if s["recall"]:
-        r = s["recall"]
-        lines.append(f"{'recall@10':>20}: {r['recall_at_k']:.4f} (re-ranked {r['recall_at_k_reranked']:.4f}, "
-                     f"{int(r['n_queries'])} probes)")  # fmt: skip
-    return lines
-
-
-def print_summary(s: dict) -> None:
-    print("\n".join(summary_lines(s)))
-
-
-def _projection_text(fp: dict) -> str:
-    """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
-    cfg = FingerprintConfig.from_dict(fp["config"])  # reads manifests from before the budget rule
-    family = "fitted basis (pca)" if cfg.projection == "pca" else f"gaussian, seed {cfg.seed}"
-    if cfg.k is not None:
-        return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
-    plan = fp.get("plan") or {}
-    exact = sum(v is None for v in plan.values())
-    return (f"budget {cfg.budget}, blocks <= {cfg.max_block} dims: {len(plan) - exact} modules projected, "
-            f"{exact} stored exactly; {family}")  # fmt: skip
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    s = _summary(Path(args.index_dir))
+    s = summary(Path(args.index_dir))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -225,75 +152,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(line)
     print("OK")
     return 0
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    from indexer.artifacts import InfluenceIndex
-
-    if args.k < 1:
-        raise ConfigError(f"-k must be >= 1, got {args.k}")
-    from indexer.faiss_index import SearchParams
-
-    for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
-                               ("--rerank-candidates", args.rerank_candidates, 0),
-                               ("--rescore", args.rescore, 0), ("--generate", args.generate, 1),
-                               ("--temperature", args.temperature, 0)):  # fmt: skip
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
-    defaults = SearchParams()
-    params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
-                          candidates=args.rerank_candidates)  # fmt: skip
-    if (args.completion is None) == (args.generate is None):
-        raise ConfigError("give --completion (the output to explain) or --generate N (let the model write it)")
-    from encoder.generation import Generation
-    from service.search import Limits, Query, generated_completion, traced_fields, validate
-
-    generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
-    query = Query(args.prompt, args.completion, args.k, generate=generate, span=args.span)
-    idx = InfluenceIndex.open(args.index, device=args.device, model_dir=args.model, search_params=params,
-                              placement=args.search_placement)  # fmt: skip
-    try:
-        limits = Limits(idx.max_tokens or 1 << 30, idx.max_tokens or 1 << 30, args.generate or 1)
-        generated = generated_completion(idx, query, limits, idx.max_tokens) if generate is not None else None
-        traced = validate(idx.tokenizer, query, limits, idx.max_tokens, generated)
-        vec = idx.encode_examples([traced.example])
-        scores, ids = idx.search(vec, max(args.k, args.rescore), rerank=not args.no_rerank)
-        hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-        if args.rescore:
-            exact = idx.rescore(traced.example, [i for _, i in hits])
-            hits = sorted(((float(s), i) for s, (_, i) in zip(exact, hits, strict=True)), key=lambda h: -h[0])
-        hits = hits[: args.k]
-        records = idx.examples([i for _, i in hits])
-    finally:
-        idx.close()
-    rows = [
-        {"rank": r + 1, "id": rec.id, "score": s, "text": rec.text, "source": rec.source,
-         "document_id": rec.document_id}
-        for r, ((s, _), rec) in enumerate(zip(hits, records, strict=True))
-    ]
-    g = traced.generated
-    if args.json:
-        print(json.dumps({**traced_fields(traced), "results": rows}, indent=2))
-        return 0
-    if g is not None:
-        print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
-    if args.span is not None:
-        print(f"traced: {json.dumps(traced.text)}")
-    for row in rows:
-        text = row["text"].replace("\n", " ")
-        print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")
-    return 0
-
-
-def _span(text: str) -> tuple[int, int]:
-    """--span START:END, a non-empty character range of the completion."""
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END (characters), got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
-    return start, end
 
 
 def _batch_size(text: str) -> int:
@@ -351,8 +209,6 @@ def _add_build(sub) -> None:
     p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
     p.add_argument("--faiss-train-sample", type=int, default=65536,
                    help="vectors an approximate FAISS index is trained on (default 65536)")
-    p.add_argument("--no-bm25", action="store_true",
-                   help="skip the BM25 index (bm25/); the service then builds it on first bm25/hybrid query")
     p.add_argument("--batch-size", type=_batch_size, default=8,
                    help="sequences per backward pass, or 'auto': the largest that fits free memory")
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")
@@ -366,7 +222,7 @@ def _add_build(sub) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``index`` (build/info/verify) and ``query`` to the influence CLI."""
+    """Add ``index`` (build/info/spectrum/push/verify) to the influence CLI."""
     index = subparsers.add_parser("index", help="build and inspect influence indexes")
     isub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     _add_build(isub)
@@ -394,34 +250,3 @@ def register(subparsers) -> None:
     ver.add_argument("index_dir", help="a published index directory")
     ver.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     ver.set_defaults(func=cmd_verify)
-
-    q = subparsers.add_parser("query", help="query an index locally (no server)")
-    q.add_argument("--index", required=True, help="a published index directory")
-    q.add_argument("--prompt", required=True, help="context given to the model (its tokens are not attributed)")
-    q.add_argument("--completion", default=None,
-                   help="the model output to explain (its tokens carry the loss); or --generate")
-    q.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="generate and trace: the model continues the prompt (at most N tokens, greedy "
-                        "unless --temperature) and its own tokens are traced")
-    q.add_argument("--temperature", type=float, default=0.0,
-                   help="--generate: sample at this temperature (default 0: greedy)")
-    q.add_argument("--gen-seed", type=int, default=None, help="--generate: the sampling seed (default: fresh)")
-    q.add_argument("--span", type=_span, default=None, metavar="START:END",
-                   help="trace only the completion tokens overlapping these characters of the completion")
-    q.add_argument("-k", type=int, default=10, help="results to show (default 10)")
-    q.add_argument("--json", action="store_true",
-                   help="print {completion, span, generation, results} as JSON (the REST response's fields)")
-    q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
-    q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
-    q.add_argument("--rescore", type=int, default=0, metavar="C",
-                   help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
-                        "corrected gradients (one backward pass each; 0 = off)")
-    q.add_argument("--no-rerank", action="store_true",
-                   help="approximate indexes: the index's own scores, no exact re-rank")
-    q.add_argument("--search-placement", default="auto", choices=("auto", "cpu", "gpu", "shards", "torch"),
-                   help="where search runs (torch: exact brute force on the GPUs, else the CPU)")
-    q.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)")
-    q.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)")
-    q.add_argument("--rerank-candidates", type=int, default=None,
-                   help="approximate indexes: hits re-ranked exactly (default 10 x k)")
-    q.set_defaults(func=cmd_query)

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from encoder.errors import ConfigError
+from indexer.exact import exact_top_k, rerank_exact
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ RERANK_FACTOR = 10
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 128
 PLACEMENTS = ("cpu", "gpu", "shards")
-RERANK_GATHER_BYTES = 64 << 20
-"""Re-rank block size: queries per block x candidates x d x 4 bytes stays under this."""
-RERANK_BLOCK_ROWS = 256
-"""Candidate rows widened to float32 at a time in the re-rank (256 x 4096 x 4 B = 4 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +162,10 @@ def build_index(
         pca = train_pca(train_sample, d_out)
         inner = build_index(rest, d_out, (pca.apply(np.ascontiguousarray(c, dtype=np.float32)) for c in chunks),
                             pca.apply(np.ascontiguousarray(train_sample, dtype=np.float32)), use_gpu=use_gpu)  # fmt: skip
-        index = faiss.IndexPreTransform(pca, inner)
-        set_search_params(index)
-        return index
-    index = create_index(factory, dim)
+        wrapped = faiss.IndexPreTransform(pca, inner)
+        set_search_params(wrapped)
+        return wrapped
+    index: faiss.Index = create_index(factory, dim)
     index, on_gpu = _to_gpu(index, use_gpu)
     if not index.is_trained:
         if train_sample is None or len(train_sample) == 0:
@@ -262,94 +259,26 @@ def set_search_params(index: faiss.Index, params: SearchParams | None = None) ->
             pass  # this index type has no such parameter
 
 
-def dot_rows(queries: np.ndarray, fingerprints: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """queries [Q, d] float32 times fingerprints[ids] [U, d] -> [Q, U] float32.
-
-    Rows are read (one read per id, ``ids`` ascending for sequential access) and widened
-    to float32 in blocks of ``RERANK_BLOCK_ROWS`` that stay in cache, with torch: numpy's
-    float16 -> float32 conversion is a scalar loop (~10 us per 4096-dim row on the 2-core
-    box, 55 ms for 4,096 candidates, more than the PQ scan that found them), torch's is
-    vectorized (~1 us per row); widening all U rows at once page-faults a fresh U x d x 4
-    buffer instead.
-    """
-    import torch
-
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    out = torch.empty((q.shape[0], len(ids)), dtype=torch.float32)
-    for s in range(0, len(ids), RERANK_BLOCK_ROWS):
-        rows = torch.from_numpy(np.ascontiguousarray(fingerprints[ids[s : s + RERANK_BLOCK_ROWS]]))
-        out[:, s : s + RERANK_BLOCK_ROWS] = q @ rows.to(torch.float32).T
-    return out.numpy()
-
-
-def rerank_exact(
-    queries: np.ndarray, candidate_ids: np.ndarray, fingerprints: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact e_q . e_t over each query's candidates, all queries at once; the top k.
-
-    The union of all candidates is read once, in id order (sequential reads from the
-    memory map); duplicate candidates of a query count once; ties go to the lower id.
-
-    Args:
-        queries: [Q, d] float32 unit vectors.
-        candidate_ids: [Q, C] int64 ids from the approximate index (-1 = none).
-        fingerprints: [N, d] float16 stored fingerprints (may be memory-mapped).
-        k: results per query.
-    Returns:
-        scores [Q, k] float32 (descending), ids [Q, k] int64 (-1 / -inf padded).
-    """
-    n_q, n_c = candidate_ids.shape
-    scores = np.full((n_q, k), -np.inf, dtype=np.float32)
-    ids = np.full((n_q, k), -1, dtype=np.int64)
-    if n_q == 0 or n_c == 0:
-        return scores, ids
-    cand = np.sort(candidate_ids, axis=1)  # -1 first; duplicates become neighbours
-    valid = cand >= 0
-    valid[:, 1:] &= cand[:, 1:] != cand[:, :-1]
-    exact = np.full((n_q, n_c), -np.inf, dtype=np.float32)
-    step = max(1, RERANK_GATHER_BYTES // (n_c * fingerprints.shape[1] * 4))
-    for s in range(0, n_q, step):  # bounded memory; one block for typical batches
-        block, ok = cand[s : s + step], valid[s : s + step]
-        if not ok.any():
-            continue
-        uniq, pos = np.unique(block[ok], return_inverse=True)  # [U], [V]
-        slot = np.zeros(block.shape, dtype=np.int64)
-        slot[ok] = pos
-        # All products [q, U], then each query keeps its own candidates' columns.
-        every = dot_rows(queries[s : s + step], fingerprints, uniq)
-        exact[s : s + step] = np.where(ok, np.take_along_axis(every, slot, axis=1), -np.inf)
-    top = np.argsort(-exact, axis=1, kind="stable")[:, :k]  # [Q, k'] with k' = min(k, C)
-    top_s = np.take_along_axis(exact, top, axis=1)
-    top_i = np.where(np.isfinite(top_s), np.take_along_axis(cand, top, axis=1), -1)
-    scores[:, : top.shape[1]], ids[:, : top.shape[1]] = top_s, top_i
-    return scores, ids
-
-
 def search(
     index: faiss.Index,
     fingerprints: np.ndarray,
     queries: np.ndarray,
     k: int,
     *,
-    exact: bool,
-    rerank: bool = True,
-    params: SearchParams | None = None,
     candidates: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner-product search, exactly re-ranked for approximate indexes.
+    """Top-k inner-product search, the index's candidates re-ranked exactly.
+
+    Query-time knobs (nprobe, efSearch) are set on the index once, at load
+    (``set_search_params``): applying them mutates it, and searches run concurrently.
 
     Args:
         index: the FAISS index.
         fingerprints: float16 [N, d] stored fingerprints (may be memory-mapped).
         queries: float32 [Q, d] unit query fingerprints.
         k: results per query.
-        exact: the index is Flat (its scores are already exact).
-        rerank: re-rank an approximate index's candidates against ``fingerprints``.
-        params: query-time knobs, applied to the index first (None: keep its current ones).
-            Applying them mutates the index: concurrent searchers set them once at load
-            and pass only ``candidates``.
-        candidates: approximate hits re-ranked per query (overrides ``params.candidates``;
-            None: ``params.candidates``, else ``RERANK_FACTOR * k``).
+        candidates: the index's hits re-ranked per query against ``fingerprints``; 0: the
+            index's own scores (what a Flat index's already are); None: ``RERANK_FACTOR * k``.
     Returns:
         scores [Q, k] float32 (descending) and ids [Q, k] int64; ids -1 (score -inf) pad
         when the index holds fewer than k vectors.
@@ -361,17 +290,13 @@ def search(
         )
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    if params is not None:
-        set_search_params(index, params)
     n_q, n = queries.shape[0], index.ntotal
     scores = np.full((n_q, k), -np.inf, dtype=np.float32)
     ids = np.full((n_q, k), -1, dtype=np.int64)
     if n == 0 or n_q == 0:
         return scores, ids
-    if candidates is None and params is not None:
-        candidates = params.candidates
     n_cand = RERANK_FACTOR * k if candidates is None else candidates
-    if exact or not rerank or n_cand == 0:
+    if n_cand == 0:
         d, i = index.search(queries, min(k, n))
         d = np.where(i >= 0, d, -np.inf).astype(np.float32)
         scores[:, : d.shape[1]], ids[:, : i.shape[1]] = d, i
@@ -396,30 +321,12 @@ def recall_at_k(
     exact_ids = exact_top_k(fingerprints, queries, k)
     out: dict[str, float] = {"k": float(k), "n_queries": float(len(queries))}
     for key, rr in (("recall_at_k", False), ("recall_at_k_reranked", True)):
-        _, ids = search(index, fingerprints, queries, k, exact=False, rerank=rr)
+        _, ids = search(index, fingerprints, queries, k, candidates=None if rr else 0)
         hits = sum(
             len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact_ids, strict=True)
         )
         out[key] = hits / float(k * len(queries))
     return out
-
-
-def exact_top_k(
-    fingerprints: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536
-) -> np.ndarray:
-    """Brute-force top-k ids [Q, k] over float16 fingerprints [N, d], in row chunks."""
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for s in range(0, fingerprints.shape[0], chunk):
-        sc = queries @ np.asarray(fingerprints[s : s + chunk], dtype=np.float32).T
-        all_s = np.concatenate([best_s, sc], axis=1)
-        all_i = np.concatenate(
-            [best_i, np.broadcast_to(np.arange(s, s + sc.shape[1]), sc.shape)], axis=1
-        )
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(all_s, order, axis=1)
-        best_i = np.take_along_axis(all_i, order, axis=1)
-    return best_i
 
 
 def read_index(path, *, use_gpu: bool = False) -> faiss.Index:

@@ -9,7 +9,6 @@ the default over a weighted score mix.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -53,41 +52,3 @@ def reciprocal_rank_fusion(
     for i, (doc, score) in enumerate(best):
         ids[i], scores[i] = doc, score
     return scores, ids
-
-
-# -- search modes over a served index (service: `mode` of /v1/influence) ----------------
-
-FUSION_DEPTH = 100
-"""Candidates taken from each ranking before fusing (the hybrid's pool)."""
-
-MODES = ("influence", "bm25", "hybrid")
-
-
-def mode_search(
-    index: Any, vector: np.ndarray, text: str, mode: str, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k for one query in a retrieval mode other than plain influence.
-
-    Args:
-        index: an ``InfluenceIndex`` (its ``bm25`` was opened with it).
-        vector: [d] the query's fingerprint (used by ``hybrid``).
-        text: prompt + completion (the BM25 query).
-        mode: ``bm25`` (scores are BM25 scores) or ``hybrid`` (scores are RRF scores of
-            bm25 and influence, c = 60, each over its top max(k, FUSION_DEPTH)).
-        k: results wanted.
-    Returns:
-        (scores [k], ids [k]); ids -1 pad when the index has fewer than k sequences.
-    """
-    bm25 = index.bm25
-    if bm25 is None:
-        raise InputError(f"mode {mode!r} needs a lexical index, which this index was opened without",
-                         code="mode_unavailable")  # fmt: skip
-    if mode == "bm25":
-        scores, ids = bm25.search([text], k)
-        return scores[0], ids[0]
-    if mode != "hybrid":
-        raise InputError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
-    depth = max(k, FUSION_DEPTH)
-    _, lexical = bm25.search([text], depth)
-    _, influence = index.search(np.asarray(vector, np.float32)[None, :], depth)
-    return reciprocal_rank_fusion([lexical[0], influence[0]], k)

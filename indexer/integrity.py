@@ -11,8 +11,6 @@ equal the stored ones, which catches any edit of the config that changes the mat
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from encoder.batching import collate, sequence_example
@@ -31,18 +29,15 @@ REENCODE_MIN_COSINE = 0.999
 build's batch shape < 1e-5; a changed hessian / correction / mode / k / seed costs far more."""
 
 
-def has_projections(manifest: dict[str, Any]) -> bool:
-    """Whether the index projects any module (its manifest's plan; older ones: k > 0)."""
-    fp = manifest["fingerprint"]
-    if "plan" in fp:
-        return any(sizes is not None for sizes in fp["plan"].values())
-    return bool(FingerprintConfig.from_dict(fp["config"]).k)
+def has_projections(manifest: mf.Manifest) -> bool:
+    """Whether the index projects any module (its manifest's plan)."""
+    return any(sizes is not None for sizes in manifest.fingerprint["plan"].values())
 
 
-def required_files(manifest: dict[str, Any]) -> set[str]:
+def required_files(manifest: mf.Manifest) -> set[str]:
     """The files an index with this manifest's fingerprint config must hold."""
-    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
-    need = {mf.FAISS_INDEX, mf.FINGERPRINTS, mf.METADATA}
+    cfg = FingerprintConfig.from_dict(manifest.fingerprint["config"])
+    need = {mf.FAISS_INDEX, mf.FINGERPRINTS, mf.METADATA, f"{mf.BM25_DIR}/{mf.BM25_IDS}"}
     if has_projections(manifest):
         need.add(mf.PROJECTIONS)
     if cfg.correction:
@@ -52,9 +47,9 @@ def required_files(manifest: dict[str, Any]) -> set[str]:
     return need
 
 
-def excluded_files(manifest: dict[str, Any]) -> set[str]:
+def excluded_files(manifest: mf.Manifest) -> set[str]:
     """Files whose presence contradicts the config (they would mean another encoder)."""
-    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    cfg = FingerprintConfig.from_dict(manifest.fingerprint["config"])
     out = set()
     if not has_projections(manifest):
         out.add(mf.PROJECTIONS)
@@ -65,13 +60,13 @@ def excluded_files(manifest: dict[str, Any]) -> set[str]:
     return out
 
 
-def check_listing(manifest: dict[str, Any]) -> None:
+def check_listing(manifest: mf.Manifest) -> None:
     """Every file the config needs is listed (and so checksummed); none it excludes is.
 
     Raises:
         ArtifactError: code ``manifest_mismatch`` naming the files.
     """
-    listed = set(manifest.get("files") or {})
+    listed = set(manifest.files)
     missing = sorted(required_files(manifest) - listed)
     if missing:
         raise ArtifactError(
@@ -88,7 +83,7 @@ def check_listing(manifest: dict[str, Any]) -> None:
         )
 
 
-def check_fingerprints(fingerprints: np.ndarray, manifest: dict[str, Any]) -> None:
+def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:
     """A sample of stored fingerprints is finite and, with ``unit_norm``, of norm 1.
 
     Raises:
@@ -108,7 +103,7 @@ def check_fingerprints(fingerprints: np.ndarray, manifest: dict[str, Any]) -> No
     # half the subnormal spacing, for the tiny entries).
     tol = 2.0**-11 + d * 2.0**-25
     unit = np.abs(norms - 1.0) <= tol
-    cfg = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    cfg = FingerprintConfig.from_dict(manifest.fingerprint["config"])
     if cfg.unit_norm and not unit.all():
         raise ArtifactError(f"the config says unit_norm but {int((~unit).sum())} of {len(rows)} sampled "
                             f"fingerprints are not of norm 1: the manifest does not describe this index",
@@ -149,10 +144,10 @@ def reencode_rows(n: int) -> list[int]:
 
 
 def check_against_encoder(
-    encoder: TrackStarEncoder, store: MetadataStore, fingerprints: np.ndarray, manifest: dict[str, Any], pad_id: int
+    encoder: TrackStarEncoder, store: MetadataStore, fingerprints: np.ndarray, manifest: mf.Manifest, pad_id: int
 ) -> None:
     """``check_fingerprints`` on a sample, then ``check_reencoded`` on ``reencode_rows``: what
     open and verify both check once the encoder the manifest describes is built."""
     check_fingerprints(fingerprints, manifest)
     rows = reencode_rows(len(fingerprints))
-    check_reencoded(encoder, [store.token_ids(i) or [] for i in rows], fingerprints[rows], pad_id)
+    check_reencoded(encoder, [store.token_ids(i) for i in rows], fingerprints[rows], pad_id)

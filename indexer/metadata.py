@@ -6,7 +6,7 @@ fingerprint matrix). Offsets locate the sequence in its document: tokens
 [token_start, token_end) and characters [char_start, char_end). The ``tokens`` table holds
 each sequence's token ids (uint32 little-endian) so that anything that re-runs the model on
 an indexed sequence (the explain endpoint) uses exactly those ids instead of re-tokenizing
-its text; indexes built before it existed lack the table (``token_ids`` returns None).
+its text.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class MetadataWriter:
         self._conn.execute(_SCHEMA)
         self._conn.execute(_TOKENS_SCHEMA)
 
-    def add(self, records: Iterable[ExampleRecord], token_ids: Sequence[Sequence[int]] | None = None) -> None:
+    def add(self, records: Iterable[ExampleRecord], token_ids: Sequence[Sequence[int]]) -> None:
         """Append records (and, in the same order, each one's token ids)."""
         records = list(records)
         rows = [
@@ -108,13 +108,12 @@ class MetadataWriter:
         ]
         with self._conn:
             self._conn.executemany(f"INSERT INTO examples ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
-            if token_ids is not None:
-                if len(token_ids) != len(records):
-                    raise ValueError(f"{len(records)} records but {len(token_ids)} token id lists")
-                self._conn.executemany(
-                    "INSERT INTO tokens (id, ids) VALUES (?, ?)",
-                    [(r.id, pack_token_ids(ids)) for r, ids in zip(records, token_ids, strict=True)],
-                )
+            if len(token_ids) != len(records):
+                raise ValueError(f"{len(records)} records but {len(token_ids)} token id lists")
+            self._conn.executemany(
+                "INSERT INTO tokens (id, ids) VALUES (?, ?)",
+                [(r.id, pack_token_ids(ids)) for r, ids in zip(records, token_ids, strict=True)],
+            )
 
     def close(self) -> None:
         self._conn.commit()
@@ -129,9 +128,9 @@ class MetadataStore:
             raise ArtifactError(f"metadata store {path} is missing")
         uri = f"file:{Path(path).resolve()}?mode=ro&immutable=1"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        self._has_tokens = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
-        ).fetchone() is not None
+        if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'").fetchone() is None:
+            self._conn.close()
+            raise ArtifactError(f"metadata store {path} has no tokens table: rebuild the index", code="format_version")
 
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
@@ -149,14 +148,12 @@ class MetadataStore:
 
         return records_in_order(ids, fetch, chunk=500)
 
-    def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
-        """The token ids sequence ``id`` was indexed with; None when the store predates them.
+    def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the store's key
+        """The token ids sequence ``id`` was indexed with.
 
         Raises:
-            NotFoundError: the store has token ids but none for ``id`` (code ``unknown_id``).
+            NotFoundError: no sequence ``id`` (code ``unknown_id``).
         """
-        if not self._has_tokens:
-            return None
         row = self._conn.execute("SELECT ids FROM tokens WHERE id = ?", (int(id),)).fetchone()
         if row is None:
             raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))

@@ -82,8 +82,8 @@ def _client(target: MilvusTarget):
         raise SearchBackendUnavailable(f"cannot reach Milvus at {target.uri}: {exc}") from exc
 
 
-def _fingerprint_identity(manifest: dict[str, Any]) -> str:
-    return json.dumps(manifest["fingerprint"]["config"], sort_keys=True)
+def _fingerprint_identity(manifest: mf.Manifest) -> str:
+    return json.dumps(manifest.fingerprint["config"], sort_keys=True)
 
 
 def _create(client, name: str, dim: int, index_type: str, index_params: dict[str, Any], properties: dict[str, str]) -> str:
@@ -135,9 +135,9 @@ def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", ind
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"--index-type must be one of {INDEX_TYPES}, got {index_type!r}")
     index_dir = Path(index_dir).resolve()
-    manifest = mf.read_manifest(index_dir)
+    manifest = mf.Manifest.read(index_dir)
     mf.verify_checksums(index_dir, manifest)
-    version, n, dim = mf.manifest_version(index_dir), int(manifest["counts"]["sequences"]), int(manifest["counts"]["dim"])
+    version, n, dim = manifest.version, manifest.sequences, int(manifest.counts["dim"])
     if dim > MAX_DIM:
         raise ArtifactError(f"the fingerprints have {dim} dims; Milvus takes at most {MAX_DIM}: rebuild with "
                             f"--budget {MAX_DIM} or less", code="milvus_dim_too_large")  # fmt: skip
@@ -187,12 +187,11 @@ def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector
         vectors = vectors.astype(np.float32)
     rows = []
     for j, r in enumerate(store.get_many(ids)):
-        tokens = store.token_ids(r.id)
         rows.append({"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
                      "text": r.text[:TEXT_CHARS], "source": r.source,
                      "document_id": None if r.document_id is None else str(r.document_id),
                      **{f: int(getattr(r, f)) for f in OFFSET_FIELDS},
-                     "token_ids": None if tokens is None else _pack(tokens)})  # fmt: skip
+                     "token_ids": _pack(store.token_ids(r.id))})  # fmt: skip
     return rows
 
 
@@ -201,7 +200,7 @@ def _pack(tokens: list[int]) -> str:
     return base64.b64encode(pack_token_ids(tokens)).decode("ascii")
 
 
-def _check_identity(props: dict[str, Any], version: str, manifest: dict[str, Any], name: str) -> None:
+def _check_identity(props: dict[str, Any], version: str, manifest: mf.Manifest, name: str) -> None:
     if props.get(VERSION_KEY) != version or props.get(CONFIG_KEY) != _fingerprint_identity(manifest):
         raise ArtifactError(f"Milvus collection {name} holds index {props.get(VERSION_KEY)!r}, not this index "
                             f"({version}) with its fingerprint config", code="milvus_mismatch")  # fmt: skip
@@ -215,14 +214,14 @@ class MilvusSearch:
     config, holds all ``n`` vectors and was pushed to the end, then loads it.
     """
 
-    def __init__(self, target: MilvusTarget, version: str, manifest: dict[str, Any], fingerprints: np.ndarray | None = None,
+    def __init__(self, target: MilvusTarget, version: str, manifest: mf.Manifest, fingerprints: np.ndarray | None = None,
                  candidates: int | None = None) -> None:  # fmt: skip
         self.target = target
         self.name = target.name_for(version)
-        self.n = int(manifest["counts"]["sequences"])
+        self.n = manifest.sequences
         self.fingerprints = fingerprints
         """The stored fingerprints: an approximate collection's candidates are re-ranked
-        exactly against them (``faiss_index.rerank_exact``), as a local approximate index's are."""
+        exactly against them (``indexer.exact.rerank_exact``), as a local approximate index's are."""
         self.candidates = candidates
         """Candidates re-ranked per query for an approximate collection (default 10 x k)."""
         self.index_type = "FLAT"
@@ -259,14 +258,14 @@ class MilvusSearch:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad). An
         approximate collection's top ``candidates`` are re-ranked exactly."""
-        from indexer.faiss_index import rerank_exact
+        from indexer.exact import rerank_exact
 
         q = np.asarray(vectors, dtype=np.float32)
-        approximate = self.index_type != "FLAT" and self.fingerprints is not None
-        wanted = max(k, self.candidates if self.candidates is not None else 10 * k) if approximate else k
+        stored = self.fingerprints if self.index_type != "FLAT" else None
+        wanted = max(k, self.candidates if self.candidates is not None else 10 * k) if stored is not None else k
         limit = min(wanted, self.n, MAX_TOP_K)
-        if approximate and (self.candidates is None or self.candidates > 0):
-            return rerank_exact(q, self._top(q, limit, limit)[1], self.fingerprints, k)
+        if stored is not None and (self.candidates is None or self.candidates > 0):
+            return rerank_exact(q, self._top(q, limit, limit)[1], stored, k)
         return self._top(q, min(limit, k), k)
 
     def _top(self, q: np.ndarray, limit: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -321,12 +320,15 @@ class MilvusMetadata:
 
         return records_in_order(ids, fetch, chunk=1000)
 
-    def token_ids(self, id: int) -> list[int] | None:  # noqa: A002 - the store's key
+    def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the store's key
         rows = self._query([int(id)], ["token_ids"])
         if not rows:
             raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
         packed = rows[0].get("token_ids")
-        return None if packed is None else unpack_token_ids(base64.b64decode(packed))
+        if packed is None:
+            raise ArtifactError(f"the Milvus collection holds no token ids for sequence {id}: push the index "
+                                "again", code="milvus_mismatch")  # fmt: skip
+        return unpack_token_ids(base64.b64decode(packed))
 
     def count(self) -> int:
         return self._search.n

@@ -27,8 +27,8 @@ def spectrum(index_dir: Path) -> dict[str, Any]:
         ArtifactError: code ``no_hessian`` for an index without R (hessian none), or
             ``no_eval_statistics`` without R_eval (hessian train or no --queries).
     """
-    manifest = mf.read_manifest(index_dir)
-    config = FingerprintConfig.from_dict(manifest["fingerprint"]["config"])
+    manifest = mf.Manifest.read(index_dir)
+    config = FingerprintConfig.from_dict(manifest.fingerprint["config"])
     if config.hessian == "none":
         raise ArtifactError(f"{index_dir} was built with hessian none: it has no R", code="no_hessian")
     if not (index_dir / mf.R_EVAL).is_file():
@@ -37,7 +37,7 @@ def spectrum(index_dir: Path) -> dict[str, Any]:
     s_train = pooled_eigenvalues(RStatistics.load(index_dir / mf.R_TRAIN).means())
     s_eval = pooled_eigenvalues(RStatistics.load(index_dir / mf.R_EVAL).means())
     return {
-        "index": str(index_dir), "d": int(s_train.numel()), "lambda": manifest["fingerprint"]["lambda"],
+        "index": str(index_dir), "d": int(s_train.numel()), "lambda": manifest.fingerprint["lambda"],
         "component": config.lambda_component, "lambda_by_component": {
             f"d/{round(1 / c)}": lambda_at(s_train, s_eval, c) for c in COMPONENTS},
         "s_train": s_train.tolist(), "s_eval": s_eval.tolist(),

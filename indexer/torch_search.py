@@ -126,3 +126,9 @@ class TorchFlatSearch:
         scores[:, :kk] = np.take_along_axis(all_s, order, axis=1)
         ids[:, :kk] = np.take_along_axis(all_i, order, axis=1)
         return scores, ids
+
+    def check_ready(self) -> None:
+        """Always ready: the blocks are in memory."""
+
+    def close(self) -> None:
+        self.blocks = []  # frees the device memory

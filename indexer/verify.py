@@ -11,8 +11,8 @@ from encoder.errors import ArtifactError
 from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
 from indexer import integrity
 from indexer import manifest as mf
-from indexer.artifacts import build_encoder
 from indexer.metadata import MetadataStore
+from indexer.saved_encoder import build_encoder
 
 FINITE_CHUNK = 65_536
 
@@ -26,10 +26,10 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
         ArtifactError: the first failed check, with a clear message.
     """
     lines = []
-    m = mf.read_manifest(index_dir)
+    m = mf.Manifest.read(index_dir)
     integrity.check_listing(m)
     mf.verify_checksums(index_dir, m)
-    lines.append(f"checksums: {len(m['files'])} files OK, every file the config needs listed")
+    lines.append(f"checksums: {len(m.files)} files OK, every file the config needs listed")
     fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
     store = MetadataStore(index_dir / mf.METADATA)
@@ -39,10 +39,10 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
         store.close()
 
 
-def _verify_contents(index_dir: Path, model_dir: Path | None, m: dict, fps: np.ndarray, index, store: MetadataStore) -> list[str]:
+def _verify_contents(index_dir: Path, model_dir: Path | None, m: mf.Manifest, fps: np.ndarray, index: faiss.Index, store: MetadataStore) -> list[str]:
     """Counts, the model, every fingerprint finite, and the config against the encoder."""
     lines = []
-    n, d = m["counts"]["sequences"], m["counts"]["dim"]
+    n, d = m.sequences, m.counts["dim"]
     n_meta = store.count()
     if fps.shape != (n, d) or index.ntotal != n or index.d != d or n_meta != n:
         raise ArtifactError(
@@ -51,10 +51,10 @@ def _verify_contents(index_dir: Path, model_dir: Path | None, m: dict, fps: np.n
             code="count_mismatch",
         )
     lines.append(f"counts: {n} sequences x {d} dims in fingerprints, FAISS and metadata")
-    mdir = model_dir or Path(m["model"]["path"])
+    mdir = model_dir or Path(m.model.path)
     if not mdir.is_dir():
         raise ArtifactError(f"model directory {mdir} does not exist", code="model_missing")
-    if model_hash(mdir) != m["model"]["hash"] or tokenizer_hash(mdir) != m["model"]["tokenizer_hash"]:
+    if model_hash(mdir) != m.model.hash or tokenizer_hash(mdir) != m.model.tokenizer_hash:
         raise ArtifactError(f"the model in {mdir} is not the one the index was built with", code="model_mismatch")
     lines.append(f"model: {mdir} matches")
     for start in range(0, n, FINITE_CHUNK):

@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` wires settings, the served index (``state.py``), the micro-batcher
 (``batcher.py``), auth, error mapping, metrics and the request-id middleware; the routes live
-in ``routes.py``. The index loads in the background at startup, so ``/healthz`` answers at
+in ``routes/``. The index loads in the background at startup, so ``/healthz`` answers at
 once and ``/readyz`` turns 200 when the model and index are loaded.
 """
 
@@ -12,8 +12,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
@@ -21,15 +21,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from encoder.errors import InfluenceError
+from engine.protocols import Index
+from engine.query import Limits
+from service.admission import Admission
 from service.batcher import MicroBatcher
+from service.deps import Services, install
 from service.errors import install_error_handlers
-from service.explain import Admission
-from service.explain import router as explain_router
 from service.guard import RequestGuardMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.routes import ops, v1
-from service.search import Limits
+from service.routes import include as include_routes
 from service.settings import Settings
 from service.state import IndexOpener, IndexState
 
@@ -47,25 +48,19 @@ Errors are JSON `{"error": {"code", "message", "details"}}` with stable codes.
 
 
 def default_opener(settings: Settings) -> IndexOpener:
-    """Opens an index directory with ``indexer.artifacts.InfluenceIndex`` per ``settings``."""
+    """Opens an index directory with ``engine.index.InfluenceIndex`` per ``settings``."""
 
-    def open_index(index_dir: Path):
-        from indexer.artifacts import InfluenceIndex  # heavy: torch, faiss, the model
+    def open_index(index_dir: Path) -> Index:
+        from engine.index import InfluenceIndex, OpenOptions  # heavy: torch, faiss, the model
         from indexer.faiss_index import SearchParams
         from indexer.milvus import MilvusTarget
 
         milvus = None if settings.milvus_uri is None else \
             MilvusTarget(settings.milvus_uri, settings.milvus_collection, settings.milvus_timeout_s)  # fmt: skip
-        return InfluenceIndex.open(
-            index_dir,
-            device=settings.device,
-            model_dir=settings.model_dir,
-            verify=settings.verify_index,
-            search_params=SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search,
-                                       candidates=settings.rerank_candidates),  # fmt: skip
-            placement=settings.search_placement,
-            milvus=milvus,
-        )
+        params = SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search, candidates=settings.rerank_candidates)
+        return InfluenceIndex.open(index_dir, OpenOptions(device=settings.device, model_dir=settings.model_dir,
+                                                          verify=settings.verify_index, search_params=params,
+                                                          placement=settings.search_placement, milvus=milvus))  # fmt: skip
 
     return open_index
 
@@ -91,9 +86,10 @@ def create_app(
     _set_threads(settings)
     metrics = Metrics()
     state = IndexState(opener or default_opener(settings), settings.index_dir, freeze_heap=True)
+    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
     batcher = MicroBatcher(
         state,
-        Limits.of(settings),
+        limits,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
@@ -103,30 +99,11 @@ def create_app(
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.index_size.set_function(lambda: state.current.size if state.ready else 0)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        loading = None
-        if settings.index_dir is not None:
-            loading = asyncio.create_task(_load(state, metrics))
-        if handle_sighup:
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: loop.create_task(_load(state, metrics, "SIGHUP"))
-            )
-        try:
-            yield
-        finally:
-            if loading is not None and not loading.done():
-                loading.cancel()
-            await batcher.stop()
-            state.close()
-
     app = FastAPI(
         title="Influence search",
         version="1.0.0",
         description=API_DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, state, batcher, metrics, handle_sighup=handle_sighup),
         openapi_tags=[
             {"name": "influence", "description": "Influence queries."},
             {"name": "examples", "description": "Training examples by id."},
@@ -136,15 +113,9 @@ def create_app(
         ],
     )
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.index_state = state
-    app.state.batcher = batcher
-    app.state.explain_admission = Admission(settings.max_explains)
+    install(app, Services(settings, metrics, state, batcher, Admission(settings.max_explains), limits))
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
-    app.include_router(v1)
-    app.include_router(explain_router)
-    app.include_router(ops)
+    include_routes(app)
     app.add_middleware(RequestGuardMiddleware, settings=settings)  # inside CORS: preflights pass
     if settings.cors_origins:
         app.add_middleware(
@@ -158,6 +129,31 @@ def create_app(
     if STATIC_DIR.is_dir():
         _add_ui_routes(app, STATIC_DIR)
     return app
+
+
+def _lifespan(settings: Settings, state: IndexState, batcher: MicroBatcher, metrics: Metrics, *,
+              handle_sighup: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:  # fmt: skip
+    """Start the batcher and load the index in the background at startup (and on SIGHUP);
+    stop the batcher and retire the index at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        loading = None
+        if settings.index_dir is not None:
+            loading = asyncio.create_task(_load(state, metrics))
+        if handle_sighup:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_load(state, metrics, "SIGHUP")))
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            await batcher.stop()
+            state.close()
+
+    return lifespan
 
 
 SECURITY_SCHEMES = {
@@ -177,7 +173,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes, tags=app.openapi_tags)  # fmt: skip
     schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-    keyed = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    keyed: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
     for path, operations in schema["paths"].items():
         if path.startswith("/v1/"):
             for op in operations.values():

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 
 from encoder.errors import InfluenceError
+from service.deps import services
+from service.errors import ERROR_RESPONSES
 
 
 class UnauthorizedError(InfluenceError):
@@ -67,14 +69,14 @@ async def require_key(request: Request) -> None:
     ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its
     thread pool, a thread hop (and a GIL hand-off) on every request for a header check.
     """
-    keys = request.app.state.settings.api_keys
+    keys = services(request).settings.api_keys
     if keys:
         check_key(keys, presented_key(request))
 
 
 async def require_admin(request: Request) -> None:
     """FastAPI dependency for admin endpoints: always a valid key (``async``: see require_key)."""
-    check_admin(request.app.state.settings.api_keys, presented_key(request))
+    check_admin(services(request).settings.api_keys, presented_key(request))
 
 
 def check_admin(keys: list[str], presented: str | None) -> None:
@@ -85,3 +87,10 @@ def check_admin(keys: list[str], presented: str | None) -> None:
             code="admin_disabled",
         )
     check_key(keys, presented)
+
+
+def v1_router() -> APIRouter:
+    """A router for part of the v1 API: under ``/v1``, behind ``require_key``, with the
+    shared error responses documented. The prefix is the router's own, so each route's
+    path (the metrics' route label) is its full path."""
+    return APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)

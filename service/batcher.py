@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from encoder.errors import InfluenceError
-from service.search import Limits, Outcome, Query, run_batch
+from engine.batch import run_batch
+from engine.query import Limits, Outcome, Query
 from service.state import IndexState
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ log = logging.getLogger("influence")
 # Imported lazily so that `influence index ...` never imports FastAPI.
 COMMAND_PROVIDERS = (
     "indexer.cli",
+    "engine.cli",
     "service.commands",
     "evaluation.cli",
     "evaluation.demo",
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 VERBOSE_HELP = "debug logging, and the third-party libraries' own logs and progress bars"
-OWN_LOGGERS = ("influence", "encoder", "indexer", "service", "evaluation", "api", "deploy", "benchmarks")
+OWN_LOGGERS = ("influence", "encoder", "indexer", "engine", "service", "evaluation", "api", "deploy", "benchmarks")
 """Loggers at INFO by default; every other library's at WARNING unless -v."""
 
 

@@ -9,8 +9,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from encoder.errors import ConfigError, InfluenceError
+from engine.choices import SEARCH_PLACEMENTS
 from service.logs import WORKER_FORMAT, configure_logging, uvicorn_log_config
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "api" / "openapi.json"
 # held the GIL ~1.9 ms per request, time the encoder thread waited for (bench_service on
 # 2 cores: QPS@16 309 -> 339-395, p99@16 71 -> 52-66 ms across runs). uvicorn's own access
 # line is off: the request-id middleware already logs one line per request, with its id.
-UVICORN_OPTIONS: dict[str, object] = {
+UVICORN_OPTIONS: dict[str, Any] = {
     "http": "httptools",
     "loop": "uvloop",
     "access_log": False,
@@ -38,7 +40,7 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", help="torch device for query encoding (default: auto)")
     serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
-    serve.add_argument("--search-placement", choices=("auto", "cpu", "gpu", "shards", "torch"),
+    serve.add_argument("--search-placement", choices=SEARCH_PLACEMENTS,
                        help="where search runs (default auto; torch: exact brute force on the GPUs)")
     serve.add_argument("--milvus", metavar="URI",
                        help="search through a Milvus collection pushed with `influence index push` (a pymilvus URI)")
@@ -161,8 +163,8 @@ def check_servable(settings) -> None:
     from encoder.model_loading import check_model_dir
     from indexer import manifest as mf
 
-    manifest = mf.read_manifest(Path(settings.index_dir))
-    model_dir = settings.model_dir or Path(manifest["model"]["path"])
+    manifest = mf.Manifest.read(Path(settings.index_dir))
+    model_dir = settings.model_dir or Path(manifest.model.path)
     try:
         check_model_dir(model_dir)
     except InfluenceError as exc:

@@ -16,8 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.models import COMPLETION_OR_GENERATE, ErrorBody, ErrorResponse
+from api.errors import ErrorBody, ErrorResponse
+from api.models import COMPLETION_OR_GENERATE
 from encoder.errors import InfluenceError, safe_text
+from service.deps import services
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +96,12 @@ def validation_error_body(errors: list[Any], prefix: tuple = ()) -> ErrorBody:
 def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     """Register the exception handlers on ``app``."""
 
-    async def influence_error(request: Request, exc: InfluenceError) -> JSONResponse:
+    async def influence_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, InfluenceError)  # registered for InfluenceError only
         headers = None
         if exc.http_status == 503:
             headers = {"Retry-After": str(retry_after_s)}
-            request.app.state.metrics.rejected.labels(exc.code).inc()
+            services(request).metrics.rejected.labels(exc.code).inc()
         if exc.http_status >= 500 and exc.code != "not_ready":  # /readyz polls are routine
             log.warning(
                 "%s %s -> %d %s", request.method, request.url.path, exc.http_status, exc.code
@@ -107,11 +110,13 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
             exc.http_status, exc.code, exc.message, exc.details, headers
         )
 
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)  # registered for it only
         body = ErrorResponse(error=validation_error_body(list(exc.errors())))
         return JSONResponse(body.model_dump(mode="json"), status_code=422)
 
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)  # registered for it only
         if exc.status_code == 400:  # FastAPI: a body that is not decodable at all
             return error_response(
                 422,

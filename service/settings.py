@@ -8,12 +8,13 @@ which take precedence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.models import MAX_NEW_TOKENS, MAX_RESCORE
+from engine.choices import Placement
 
 
 class Settings(BaseSettings):
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
 
     workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers), each with its own model and index.")
     torch_threads: int | None = Field(None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers.")
-    search_placement: Literal["auto", "cpu", "gpu", "shards", "torch"] = Field(
+    search_placement: Placement = Field(
         "auto",
         description="Where search runs: auto (FAISS on the GPU when the model is on CUDA and faiss-gpu "
         "is present), cpu, gpu / shards (FAISS on one GPU / over all GPUs, needs faiss-gpu), torch "

@@ -16,14 +16,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from encoder.errors import ArtifactError, InfluenceError, NotFoundError, safe_text
+from engine.protocols import Index
 
 log = logging.getLogger(__name__)
 
-IndexOpener = Callable[[Path], Any]
-"""Opens an index directory and returns an object with the ``InfluenceIndex`` interface."""
+IndexOpener = Callable[[Path], Index]
+"""Opens an index directory (blocking; ``engine.index.InfluenceIndex.open`` in service)."""
 
 
 class NotReadyError(InfluenceError):
@@ -52,7 +52,7 @@ def freeze_heap() -> None:
 class _Handle:
     """One opened index plus the count of leases on it."""
 
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Index) -> None:
         self.index = index
         self.leases = 0
         self.retired = False
@@ -61,7 +61,7 @@ class _Handle:
         try:
             self.index.close()
         except Exception:  # closing must never take the service down
-            log.exception("closing index %s failed", getattr(self.index, "index_dir", "?"))
+            log.exception("closing index %s failed", self.index.index_dir)
 
 
 def _is_dir(path: Path) -> bool:
@@ -95,7 +95,7 @@ class IndexState:
         return self._current is not None
 
     @property
-    def current(self) -> Any:
+    def current(self) -> Index:
         """The current index (no lease: for quick reads of immutable attributes only)."""
         handle = self._current
         if handle is None:
@@ -110,7 +110,7 @@ class IndexState:
         return "the index is still loading"
 
     @contextmanager
-    def lease(self) -> Iterator[Any]:
+    def lease(self) -> Iterator[Index]:
         """Borrow the current index; it stays open until the lease is returned.
 
         Raises:
@@ -130,7 +130,7 @@ class IndexState:
             if close_now:
                 handle.close()
 
-    def _swap(self, index: Any) -> Any | None:
+    def _swap(self, index: Index) -> Index | None:
         """Install ``index``; retire the old one (closed when its last lease returns)."""
         with self._guard:
             old = self._current
@@ -143,7 +143,7 @@ class IndexState:
             old.close()
         return old.index
 
-    async def reload(self, index_dir: Path | None = None) -> tuple[Any, Any | None]:
+    async def reload(self, index_dir: Path | None = None) -> tuple[Index, Index | None]:
         """Open ``index_dir`` (default: the configured one) and swap it in.
 
         Returns:
@@ -175,12 +175,7 @@ class IndexState:
             self.load_error = None
             if self.freeze_heap:
                 freeze_heap()
-            log.info(
-                "serving index %s version %s (%d examples)",
-                target,
-                getattr(index, "version", "?"),
-                getattr(index, "size", -1),
-            )
+            log.info("serving index %s version %s (%d examples)", target, index.version, index.size)
             return index, previous
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ def _ask(client, query, **extra):
 
 @pytest.mark.slow
 def test_service_modes_bm25_and_hybrid_over_http(mode_server, tiny_index, fact_corpus):
-    from indexer.artifacts import InfluenceIndex
+    from engine.index import InfluenceIndex
 
     index = InfluenceIndex.open(tiny_index)
     try:

@@ -135,7 +135,7 @@ def test_auto_batch_size_peak_stays_in_budget():
 
 
 def test_index_build_on_cuda_finds_stating_passages(trained_checkpoint, fact_corpus, fact_corpus_files, tmp_path):
-    from indexer.artifacts import InfluenceIndex
+    from engine.index import InfluenceIndex
     from indexer.build import BuildConfig, run_build
 
     corpus, queries = fact_corpus_files

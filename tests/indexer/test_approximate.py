@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from engine.index import InfluenceIndex, OpenOptions
+from indexer import faiss_index
 from indexer.__main__ import main
-from indexer.artifacts import InfluenceIndex
 from indexer.faiss_index import SearchParams
 from tests.conftest import TINY_INDEX_CLI_OPTIONS
 from tests.tolerances import assert_within, dot_bound
@@ -33,8 +34,8 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
     assert main(["info", str(out)]) == 0
     assert "recall@10" in capsys.readouterr().out
 
-    flat = InfluenceIndex.open(tiny_index, device="cpu")
-    approx = InfluenceIndex.open(out, device="cpu")
+    flat = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
+    approx = InfluenceIndex.open(out, OpenOptions(device="cpu"))
     try:
         fps = np.asarray(approx.fingerprints, dtype=np.float32)
         assert np.array_equal(fps, np.asarray(flat.fingerprints, dtype=np.float32))
@@ -48,7 +49,7 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
         hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), flat_ids.tolist(), strict=True)])
         assert hits >= 0.8, f"re-ranked recall@10 {hits} on real queries"
         if "PQ" in factory:  # PQ's own scores are approximate; re-ranking is what makes them exact
-            raw, raw_ids = approx.search(q, 10, rerank=False)
+            raw, raw_ids = faiss_index.search(approx.vectors.index, fps, q, 10, candidates=0)
             raw_exact = np.take_along_axis(q @ fps.T, raw_ids, axis=1)
             assert np.abs(raw - raw_exact).max() > 1e-4
     finally:
@@ -57,10 +58,10 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
 
     # Query-time knobs: every list visited, a wide beam, every vector a candidate: the
     # re-ranked answer is the exact one. candidates=0 returns the index's own scores.
-    wide = InfluenceIndex.open(out, device="cpu", search_params=SearchParams(nprobe=64, ef_search=512,
-                                                                          candidates=10_000))  # fmt: skip
-    raw_only = InfluenceIndex.open(out, device="cpu", search_params=SearchParams(candidates=0))
-    flat = InfluenceIndex.open(tiny_index, device="cpu")
+    wide = InfluenceIndex.open(out, OpenOptions(device="cpu", search_params=SearchParams(nprobe=64, ef_search=512,
+                                                                          candidates=10_000)))  # fmt: skip
+    raw_only = InfluenceIndex.open(out, OpenOptions(device="cpu", search_params=SearchParams(candidates=0)))
+    flat = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     try:
         q = wide.encode_queries([(f"Query {i} about", f" thing {i}") for i in range(8)])
         scores, ids = wide.search(q, 10)
@@ -68,7 +69,8 @@ def test_approximate_index(factory, tiny_index, trained_checkpoint, fact_corpus_
         np.testing.assert_array_equal(ids, flat_ids)
         fps = np.asarray(flat.fingerprints, dtype=np.float32)
         assert_within(scores, flat_scores, np.take_along_axis(dot_bound(q, fps), ids, axis=1), "vs Flat")
-        np.testing.assert_array_equal(raw_only.search(q, 10)[1], raw_only.search(q, 10, rerank=False)[1])
+        own = faiss_index.search(raw_only.vectors.index, fps, q, 10, candidates=0)
+        np.testing.assert_array_equal(raw_only.search(q, 10)[1], own[1])
     finally:
         for opened in (wide, raw_only, flat):
             opened.close()

@@ -10,8 +10,8 @@ import pytest
 
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError
+from engine.index import InfluenceIndex, OpenOptions
 from indexer import manifest as mf
-from indexer.artifacts import InfluenceIndex
 from service.cli import main
 
 # The test model (2 x 64): the two 64 x 64 attention projections fit a 4096-dim share and
@@ -36,7 +36,7 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     exact = [name for name, sizes in fp["plan"].items() if sizes is None]
     assert len(exact) == 2 and all(name.endswith("attn.c_proj") for name in exact)
     assert sum(fp["block_dims"]) == 8 * 4096 and fp["config"]["k"] is None
-    idx = InfluenceIndex.open(budget_index, device="cpu")  # verify re-encodes stored sequences
+    idx = InfluenceIndex.open(budget_index, OpenOptions(device="cpu"))  # verify re-encodes stored sequences
     try:
         assert set(idx.encoder.projections()) == {n for n, s in fp["plan"].items() if s is not None}
         scores, ids = idx.search(idx.encode_queries([("The capital of Veloria is", " Quenton.")]), 5)
@@ -66,5 +66,5 @@ def test_a_manifest_whose_sizing_disagrees_is_refused(budget_index, tmp_path):
     m["fingerprint"]["config"]["max_block"] = 1024  # another plan than the one built
     (copy / mf.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError) as err:
-        InfluenceIndex.open(copy, device="cpu")
+        InfluenceIndex.open(copy, OpenOptions(device="cpu"))
     assert err.value.code == "manifest_mismatch", err.value.message

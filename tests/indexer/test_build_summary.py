@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from encoder.errors import ArtifactError
 from indexer import manifest as mf
 from indexer.__main__ import main
-from service.search import model_name
 from tests.conftest import TINY_INDEX_CLI_OPTIONS
 
 
@@ -26,7 +28,7 @@ def test_build_ends_with_the_index_info_summary(trained_checkpoint, fact_corpus_
     assert built[1:] == info
     fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in info}
     m = mf.read_manifest(out)
-    assert fields["name"] == "facts-gpt2 v1" == model_name(m)
+    assert fields["name"] == "facts-gpt2 v1" == mf.Manifest.read(out).model.name
     assert int(fields["sequences"]) == m["counts"]["sequences"] and int(fields["tokens"]) == m["counts"]["tokens"]
     assert float(fields["tokens/s"].split()[0]) > 0
     modules = m["fingerprint"]["modules"]
@@ -41,8 +43,10 @@ def test_default_name_is_run_and_checkpoint(tiny_index, trained_checkpoint):
     ckpt = Path(trained_checkpoint.checkpoint_dir).resolve()
     assert ckpt.name.startswith("checkpoint-")
     m = mf.read_manifest(tiny_index)
-    assert m["model"]["name"] == f"{ckpt.parent.name}/{ckpt.name}" == model_name(m)
+    assert m["model"]["name"] == f"{ckpt.parent.name}/{ckpt.name}" == mf.Manifest.read(tiny_index).model.name
     assert mf.display_name(Path("/models/gpt2-small")) == "gpt2-small"
-    # An index without a recorded name (built before names were) gets the same default.
+    # A manifest without the name entry is refused: every format-2 build writes one.
     legacy = {**m, "model": {k: v for k, v in m["model"].items() if k != "name"}}
-    assert model_name(legacy) == m["model"]["name"]
+    with pytest.raises(ArtifactError) as err:
+        mf.Manifest.from_dict(legacy)
+    assert err.value.code == "manifest_mismatch"

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from encoder.errors import ArtifactError
+from engine.index import InfluenceIndex, OpenOptions
 from indexer import manifest as mf
 from indexer.__main__ import main
-from indexer.artifacts import InfluenceIndex
 
 
 def _build(capsys, model, corpus, out, *extra: str) -> tuple[int, str]:
@@ -88,7 +88,7 @@ def test_corrupt_index_is_refused(tiny_index, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[checksum_mismatch]" in err and mf.FINGERPRINTS in err
     with pytest.raises(ArtifactError, match="checksum"):
-        InfluenceIndex.open(copy, device="cpu")
+        InfluenceIndex.open(copy, OpenOptions(device="cpu"))
 
 
 def test_wrong_model_is_refused(tiny_index, trained_checkpoint, tmp_path):
@@ -97,7 +97,7 @@ def test_wrong_model_is_refused(tiny_index, trained_checkpoint, tmp_path):
     cfg = (other / "config.json").read_text()
     (other / "config.json").write_text(cfg.replace("{", '{\n  "_edited": true,', 1))
     with pytest.raises(ArtifactError) as info:
-        InfluenceIndex.open(tiny_index, device="cpu", model_dir=other)
+        InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", model_dir=other))
     assert info.value.code == "model_mismatch"
 
 

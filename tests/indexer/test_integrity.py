@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from encoder.errors import ArtifactError
+from engine.index import InfluenceIndex, OpenOptions
 from indexer import manifest as mf
 from indexer.__main__ import main
-from indexer.artifacts import InfluenceIndex
 
 
 def _copy(tiny_index, tmp_path, name="copy"):
@@ -36,7 +36,7 @@ def test_edited_fingerprint_config_is_refused(tiny_index, tmp_path, capsys, key,
     index_dir = _copy(tiny_index, tmp_path)
     _edit(index_dir, lambda m: m["fingerprint"]["config"].__setitem__(key, value))
     with pytest.raises(ArtifactError) as err:
-        InfluenceIndex.open(index_dir, device="cpu")
+        InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
     assert err.value.code == "manifest_mismatch", err.value.message
     assert main(["verify", str(index_dir)]) == 2
     assert "manifest" in capsys.readouterr().err
@@ -46,7 +46,7 @@ def test_unlisted_file_is_refused(tiny_index, tmp_path, capsys):
     index_dir = _copy(tiny_index, tmp_path)
     _edit(index_dir, lambda m: m["files"].pop(mf.WHITENER))
     with pytest.raises(ArtifactError, match="does not list whitener") as err:
-        InfluenceIndex.open(index_dir, device="cpu")
+        InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
     assert err.value.code == "manifest_mismatch"
     assert main(["verify", str(index_dir)]) == 2
     assert "whitener" in capsys.readouterr().err
@@ -59,7 +59,7 @@ def test_nonfinite_fingerprints_are_refused(tiny_index, tmp_path, capsys):
     np.save(index_dir / mf.FINGERPRINTS, fps)
     _edit(index_dir, lambda m: m["files"].__setitem__(mf.FINGERPRINTS, mf.sha256_file(index_dir / mf.FINGERPRINTS)))
     with pytest.raises(ArtifactError) as err:
-        InfluenceIndex.open(index_dir, device="cpu")
+        InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
     assert err.value.code == "nonfinite_fingerprints"
     assert main(["verify", str(index_dir)]) == 2
     assert "non-finite" in capsys.readouterr().err

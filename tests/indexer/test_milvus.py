@@ -17,9 +17,9 @@ import pytest
 
 from benchmarks.bench_milvus import LiteServer
 from encoder.errors import ArtifactError, NotFoundError
+from engine.index import InfluenceIndex, OpenOptions
 from indexer import milvus as mv
 from indexer.__main__ import main
-from indexer.artifacts import InfluenceIndex
 from service.app import create_app
 from service.settings import Settings
 from tests.service.live import assert_same_results, live_server
@@ -84,17 +84,17 @@ def test_push_resumes_after_a_crash_without_duplicates(lite, tiny_index, monkeyp
     monkeypatch.setattr(MilvusClient, "upsert", real_upsert)
     assert _count(lite.uri, "resume_test") == (32, 32)
     with pytest.raises(ArtifactError, match="did not finish"):  # an unfinished push is never served
-        InfluenceIndex.open(tiny_index, milvus=target)
+        InfluenceIndex.open(tiny_index, OpenOptions(milvus=target))
     report = mv.push(tiny_index, target, batch_size=16)
     n = report["inserted"] + report["present"]
     assert report["present"] == 32 and _count(lite.uri, "resume_test") == (n, n)
 
 
 def test_search_through_milvus_equals_local_flat(pushed, lite, tiny_index):
-    local = InfluenceIndex.open(tiny_index, device="cpu")
-    remote = InfluenceIndex.open(tiny_index, device="cpu", milvus=mv.MilvusTarget(lite.uri))
+    local = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
+    remote = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", milvus=mv.MilvusTarget(lite.uri)))
     try:
-        assert remote.faiss is None
+        assert isinstance(remote.vectors, mv.MilvusSearch)  # no FAISS index loaded
         q = local.encode_queries(QUERIES)
         want_scores, want_ids = local.search(q, 10)
         got_scores, got_ids = remote.search(q, 10)
@@ -132,7 +132,7 @@ def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_
     (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     target = mv.MilvusTarget(lite.uri, pushed["collection"])
     with pytest.raises(ArtifactError) as info:
-        InfluenceIndex.open(other, milvus=target)
+        InfluenceIndex.open(other, OpenOptions(milvus=target))
     assert info.value.code == "milvus_mismatch"
     with pytest.raises(ArtifactError) as info:
         mv.push(other, target)
@@ -182,10 +182,10 @@ def test_an_approximate_collection_is_reranked_exactly(lite, tiny_index):
     the scores are the exact inner products, as for a local approximate index."""
     target = mv.MilvusTarget(lite.uri, "ivf_test")
     mv.push(tiny_index, target, index_type="IVF_FLAT", index_params={"nlist": 4})
-    local = InfluenceIndex.open(tiny_index, device="cpu")
-    remote = InfluenceIndex.open(tiny_index, device="cpu", milvus=target)
+    local = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
+    remote = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", milvus=target))
     try:
-        assert remote.torch_search.index_type == "IVF_FLAT"
+        assert isinstance(remote.vectors, mv.MilvusSearch) and remote.vectors.index_type == "IVF_FLAT"
         q = local.encode_queries(QUERIES)
         scores, ids = remote.search(q, 5)
         fps = np.asarray(local.fingerprints, dtype=np.float32)

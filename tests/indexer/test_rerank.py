@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer import faiss_index
-from indexer.faiss_index import SearchParams, rerank_exact
+from indexer import exact, faiss_index
+from indexer.exact import rerank_exact
+from indexer.faiss_index import SearchParams
 from tests.tolerances import assert_within, dot_bound
 
 
@@ -15,9 +16,9 @@ def _reference(queries, candidates, fingerprints, k):
     ids = np.full((len(queries), k), -1, dtype=np.int64)
     for q, row in enumerate(candidates):
         cand = np.unique(row[row >= 0])
-        exact = fingerprints[cand].astype(np.float32) @ queries[q]
-        order = np.argsort(-exact, kind="stable")[:k]
-        scores[q, : order.size], ids[q, : order.size] = exact[order], cand[order]
+        dots = fingerprints[cand].astype(np.float32) @ queries[q]
+        order = np.argsort(-dots, kind="stable")[:k]
+        scores[q, : order.size], ids[q, : order.size] = dots[order], cand[order]
     return scores, ids
 
 
@@ -47,7 +48,7 @@ def test_rerank_bounded_memory_blocks_agree(monkeypatch):
     queries = rng.standard_normal((9, 16)).astype(np.float32)
     candidates = rng.integers(0, 200, (9, 30))
     whole = rerank_exact(queries, candidates, fingerprints, k=5)
-    monkeypatch.setattr(faiss_index, "RERANK_GATHER_BYTES", 30 * 16 * 4 * 2)  # 2 queries a block
+    monkeypatch.setattr(exact, "RERANK_GATHER_BYTES", 30 * 16 * 4 * 2)  # 2 queries a block
     blocked = rerank_exact(queries, candidates, fingerprints, k=5)
     np.testing.assert_array_equal(whole[1], blocked[1])
     bound = np.stack([dot_bound(queries[q : q + 1], fingerprints[whole[1][q]].astype(np.float32))[0] for q in range(9)])
@@ -62,8 +63,9 @@ def test_ivf_search_reranked_is_exact_on_its_candidates():
     index = faiss_index.build_index("IVF16,SQ8", 32, [fingerprints.astype(np.float32)], vectors)
     queries = vectors[:5]
     params = SearchParams(nprobe=16, candidates=2000)  # every list, every vector: exact
-    scores, ids = faiss_index.search(index, fingerprints, queries, 10, exact=False, params=params)
-    truth = faiss_index.exact_top_k(fingerprints, queries, 10)
+    faiss_index.set_search_params(index, params)
+    scores, ids = faiss_index.search(index, fingerprints, queries, 10, candidates=params.candidates)
+    truth = exact.exact_top_k(fingerprints, queries, 10)
     np.testing.assert_array_equal(ids, truth)
     rows = fingerprints[ids].astype(np.float32)  # [Q, k, d]
     expected = np.einsum("qd,qkd->qk", queries, rows)
@@ -80,13 +82,13 @@ def test_dot_rows_blocks_equal_one_float32_product(monkeypatch, tmp_path):
     queries = rng.standard_normal((3, 64)).astype(np.float32)
     ids = np.sort(rng.choice(500, 77, replace=False))
     want = queries @ fingerprints[ids].astype(np.float32).T
-    monkeypatch.setattr(faiss_index, "RERANK_BLOCK_ROWS", 10)  # 8 blocks, the last of 7
-    got = faiss_index.dot_rows(queries, fingerprints, ids)
+    monkeypatch.setattr(exact, "RERANK_BLOCK_ROWS", 10)  # 8 blocks, the last of 7
+    got = exact.dot_rows(queries, fingerprints, ids)
     assert got.shape == (3, 77) and got.dtype == np.float32
     bound = dot_bound(queries, fingerprints[ids].astype(np.float32))  # the two sum in other orders
     assert_within(got, want, bound, "blocked products")
     np.save(tmp_path / "fp.npy", fingerprints)
     mapped = np.load(tmp_path / "fp.npy", mmap_mode="r")
-    np.testing.assert_array_equal(faiss_index.dot_rows(queries, mapped, ids), got)
-    assert_within(faiss_index.dot_rows(queries, fingerprints.astype(np.float32), ids), want, bound, "float32 store")
-    assert faiss_index.dot_rows(queries, fingerprints, ids[:0]).shape == (3, 0)
+    np.testing.assert_array_equal(exact.dot_rows(queries, mapped, ids), got)
+    assert_within(exact.dot_rows(queries, fingerprints.astype(np.float32), ids), want, bound, "float32 store")
+    assert exact.dot_rows(queries, fingerprints, ids[:0]).shape == (3, 0)

@@ -9,8 +9,8 @@ import pytest
 
 from encoder.batching import collate, sequence_example
 from encoder.errors import NotFoundError
+from engine.index import InfluenceIndex, OpenOptions
 from indexer.__main__ import main
-from indexer.artifacts import InfluenceIndex
 from indexer.passes import length_order, shard_ranges
 from tests.indexer.helpers import rechunk
 from tests.tolerances import (
@@ -25,7 +25,7 @@ from tests.tolerances import (
 
 @pytest.fixture(scope="module")
 def opened(tiny_index):
-    idx = InfluenceIndex.open(tiny_index, device="cpu")
+    idx = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     yield idx
     idx.close()
 
@@ -104,7 +104,7 @@ def test_build_writes_a_checksummed_bm25_index(opened, tiny_index, tmp_path, cap
     listed = [name for name in mf.read_manifest(tiny_index)["files"] if name.startswith("bm25/")]
     assert "bm25/ids.npy" in listed and len(listed) >= 3
     with caplog.at_level(logging.INFO, logger="indexer.bm25"):
-        reopened = InfluenceIndex.open(tiny_index, device="cpu")
+        reopened = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     assert "building BM25" not in caplog.text
     served = reopened.bm25
     reopened.close()

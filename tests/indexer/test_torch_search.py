@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from encoder.errors import ConfigError
-from indexer.artifacts import InfluenceIndex
+from engine.index import InfluenceIndex, OpenOptions
 from indexer.torch_search import TorchFlatSearch
 from tests.tolerances import abs_products, assert_within, dot_bound, rounding_bound
 
@@ -99,11 +99,11 @@ def test_pads_breaks_ties_by_id_and_checks_shapes():
 
 
 def test_index_opened_with_torch_placement_answers_like_flat(tiny_index):
-    flat = InfluenceIndex.open(tiny_index, device="cpu")
-    brute = InfluenceIndex.open(tiny_index, device="cpu", placement="torch")
+    flat = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
+    brute = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", placement="torch"))
     try:
-        assert brute.torch_search is not None and brute.faiss is None  # no second copy in RAM
-        assert brute.size == flat.size == flat.faiss.ntotal
+        assert isinstance(brute.vectors, TorchFlatSearch)  # the FAISS index is not loaded: no second copy in RAM
+        assert brute.size == flat.size == flat.vectors.index.ntotal
         q = flat.encode_queries([(f"Query {i} about", f" thing {i}") for i in range(6)])
         want_s, want_i = flat.search(q, 10)
         got_s, got_i = brute.search(q, 10)
@@ -113,7 +113,7 @@ def test_index_opened_with_torch_placement_answers_like_flat(tiny_index):
         flat.close()
         brute.close()
     with pytest.raises(ConfigError, match="placement"):
-        InfluenceIndex.open(tiny_index, device="cpu", placement="moon")
+        InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", placement="moon"))
 
 
 def test_placement_choices_agree_everywhere():
@@ -121,7 +121,7 @@ def test_placement_choices_agree_everywhere():
     import argparse
     from typing import get_args
 
-    from indexer.artifacts import SEARCH_PLACEMENTS
+    from engine.choices import SEARCH_PLACEMENTS
     from indexer.cli import register as register_indexer
     from service.commands import register as register_service
     from service.settings import Settings

@@ -1,5 +1,5 @@
-"""A small stand-in with the ``InfluenceIndex`` read interface (docs/architecture.md), for
-service tests of batching, auth, errors and metrics that need no model.
+"""A small stand-in implementing ``engine.protocols.Index`` (mypy checks it), for service
+tests of batching, auth, errors and metrics that need no model.
 
 Its encoder is deterministic per (prompt, completion), independent of batch mates, so the
 batcher's correctness (no mixed results) is checkable; search is exact inner product.
@@ -12,11 +12,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from encoder.batching import tokenize_query
-from encoder.errors import ArtifactError, NotFoundError
+from encoder.batching import Example, tokenize_query
+from encoder.errors import ArtifactError, InputError, NotFoundError
+from encoder.generation import Generated, Generation
+from engine.protocols import Attribution, Index, Summary
+from indexer.bm25 import BM25Index
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,17 @@ class Record:
 
 
 class CharTokenizer:
-    """One token per character; BOS id 0."""
+    """One token per character; BOS id 0, no pad or EOS."""
 
-    bos_token_id = 0
+    bos_token_id: int | None = 0
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, **kwargs: Any) -> dict[str, Any]:
         return {"input_ids": [1 + (ord(c) % 97) for c in text]}
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        return "".join(chr(96 + int(i)) for i in token_ids)
 
 
 class FakeIndex:
@@ -48,40 +57,59 @@ class FakeIndex:
         encode_delay_s: sleep per encode call (to make batches and queues observable).
     """
 
-    def __init__(
-        self,
-        index_dir: Path,
-        *,
-        n: int = 200,
-        d: int = 16,
-        seed: int = 0,
-        encode_delay_s: float = 0.0,
-    ) -> None:
+    def __init__(self, index_dir: Path, *, n: int = 200, d: int = 16, seed: int = 0, encode_delay_s: float = 0.0) -> None:
         rng = np.random.default_rng(seed)
         vectors = rng.standard_normal((n, d)).astype(np.float32)
         self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        self.index_dir = Path(index_dir)
-        self.size = n
+        self._index_dir = Path(index_dir)
+        self._size = n
         self.d = d
-        self.version = f"fake{seed:04d}"
-        self.manifest = {
-            "model": {"id": "fake-model", "hash": "0" * 8},
-            "fingerprint": {"k": 0, "seed": seed},
-            "faiss": {"factory": "Flat"},
-            "counts": {"examples": n},
-        }
-        self.tokenizer = CharTokenizer()
+        self._version = f"fake{seed:04d}"
+        self.seed = seed
+        self._tokenizer = CharTokenizer()
+        self._lexical = BM25Index.build([self._record(i).text for i in range(n)])
         self.encode_delay_s = encode_delay_s
         self.encode_calls: list[int] = []
         self.closed = False
         self._lock = threading.Lock()
 
-    def encode_queries(self, pairs, max_tokens=None) -> np.ndarray:
-        return self.encode_examples(
-            [tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs]
-        )
+    @property
+    def index_dir(self) -> Path:
+        return self._index_dir
 
-    def encode_examples(self, examples) -> np.ndarray:
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def max_tokens(self) -> int | None:
+        return None
+
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        return self._tokenizer
+
+    @property
+    def lexical(self) -> BM25Index:
+        return self._lexical
+
+    @property
+    def idle_s(self) -> float:
+        return float("inf")
+
+    def summary(self) -> Summary:
+        return Summary(model="fake-model", model_hash="0" * 8, index_version=self.version, index_dir=self.index_dir,
+                       size=self.size, counts={"sequences": self.size}, fingerprint={"k": 0, "seed": self.seed},
+                       faiss="Flat", built_at=None)  # fmt: skip
+
+    def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
+        return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs])
+
+    def encode_examples(self, examples: list[Example]) -> np.ndarray:
         if self.closed:
             raise RuntimeError("encode on a closed index")
         with self._lock:
@@ -95,10 +123,20 @@ class FakeIndex:
             out[i] = v / np.linalg.norm(v)
         return out
 
-    def score_sd(self, vector, ids):
+    def generate(self, prompt_ids: list[int], options: Generation) -> Generated:
+        """Deterministic "generation": tokens 1, 2, 3, ... up to ``max_new_tokens``."""
+        ids = tuple(1 + t % 26 for t in range(options.max_new_tokens))
+        return Generated(ids=ids, finish_reason="length", seed=options.seed, prompt_ids=tuple(prompt_ids))
+
+    def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
+        """Exact scores are the stored ones (a fake has no projection noise)."""
+        vector = self.encode_examples([example])[0]
+        return self.vectors[np.asarray(ids, dtype=np.int64)] @ vector
+
+    def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         return None  # like a whitened index: no projection-noise model
 
-    def search(self, vectors, k, *, rerank=True):
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.closed:
             raise RuntimeError("search on a closed index")
         scores = vectors @ self.vectors.T  # [Q, n]
@@ -113,19 +151,29 @@ class FakeIndex:
     def _record(self, i: int) -> Record:
         return Record(i, f"training example {i} " * 3, "a" if i % 2 == 0 else "b", f"doc{i // 4}")
 
-    def examples(self, ids):
-        return [self._record(int(i)) for i in ids]
+    def examples(self, ids: list[int]) -> list[Record]:
+        return [self.example(int(i)) for i in ids]
 
-    def example(self, i: int) -> Record:
-        if not 0 <= int(i) < self.size:
-            raise NotFoundError(f"no example with id {i}", id=int(i))
-        return self._record(int(i))
+    def example(self, id: int) -> Record:  # noqa: A002 - the contract's name
+        if not 0 <= int(id) < self.size:
+            raise NotFoundError(f"no example with id {id}", id=int(id))
+        return self._record(int(id))
+
+    def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the contract's name
+        return list(self.tokenizer(self.example(id).text)["input_ids"])
+
+    def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
+        raise InputError("the fake index has no model to explain with", code="explain_unavailable")
 
     def check_unchanged(self) -> None:
         """A fake index has no files."""
 
     def close(self) -> None:
         self.closed = True
+
+
+def _conforms(fake: FakeIndex) -> Index:
+    return fake  # mypy: FakeIndex implements the Protocol
 
 
 class FakeOpener:

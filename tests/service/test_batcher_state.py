@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from engine.query import Limits, Query
 from service.batcher import MicroBatcher, OverloadedError, QueryTimeoutError
 from service.commands import _settings_from, register
-from service.search import Limits, Query
 from service.settings import Settings
 from service.state import IndexState, NotReadyError
 from tests.service.fakes import FakeOpener
@@ -169,7 +169,7 @@ def test_search_knobs_reach_the_opened_index(monkeypatch, tmp_path):
     SearchParams when the service opens it."""
     import argparse
 
-    from indexer import artifacts
+    from engine import index as engine_index
     from indexer.faiss_index import SearchParams
     from service.app import default_opener
 
@@ -179,9 +179,9 @@ def test_search_knobs_reach_the_opened_index(monkeypatch, tmp_path):
     args = parser.parse_args(["serve", "--index", str(tmp_path), "--nprobe", "64", "--rerank-candidates", "512"])
     settings = _settings_from(args)
     seen = {}
-    monkeypatch.setattr(artifacts.InfluenceIndex, "open", classmethod(lambda cls, d, **kw: seen.update(kw)))
+    monkeypatch.setattr(engine_index.InfluenceIndex, "open", classmethod(lambda cls, d, opts: seen.update(opts=opts)))
     default_opener(settings)(tmp_path)
-    assert seen["search_params"] == SearchParams(nprobe=64, ef_search=300, candidates=512)
+    assert seen["opts"].search_params == SearchParams(nprobe=64, ef_search=300, candidates=512)
     assert default_opener(Settings(index_dir=tmp_path)) and Settings().rerank_candidates is None
 
 

@@ -166,9 +166,9 @@ def test_explain_errors(server, query):
 
 
 def test_explain_refuses_examples_over_the_token_cap(server, query, monkeypatch):
-    import service.explain
+    import engine.explain
 
-    monkeypatch.setattr(service.explain, "MAX_EXPLAIN_TOKENS", 3)
+    monkeypatch.setattr(engine.explain, "MAX_EXPLAIN_TOKENS", 3)
     r = server.post("/v1/influence/explain", json={**query, "id": 0})
     assert r.status_code == 413
     error = r.json()["error"]
@@ -195,16 +195,16 @@ def test_explain_schemathesis(server):
 
 def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
     """The tokens table holds the ids each sequence was indexed with: encoding them gives the
-    stored fingerprint back. A store without the table (built before it existed) says None."""
+    stored fingerprint back. A store without the table (format 1) is refused."""
     import shutil
     import sqlite3
 
-    from encoder.errors import NotFoundError
+    from encoder.errors import ArtifactError, NotFoundError
+    from engine.index import InfluenceIndex, OpenOptions
     from indexer import manifest as mf
-    from indexer.artifacts import InfluenceIndex
     from indexer.metadata import MetadataStore
 
-    index = InfluenceIndex.open(tiny_index, device="cpu")
+    index = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     try:
         ids = [index.token_ids(i) for i in range(index.size)]
         assert all(len(x) >= 2 for x in ids)
@@ -225,11 +225,9 @@ def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
     shutil.copyfile(tiny_index / mf.METADATA, old)
     with sqlite3.connect(old) as conn:
         conn.execute("DROP TABLE tokens")
-    store = MetadataStore(old)
-    try:
-        assert store.token_ids(0) is None
-    finally:
-        store.close()
+    with pytest.raises(ArtifactError) as err:
+        MetadataStore(old)
+    assert err.value.code == "format_version"
 
 
 def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_index):
@@ -237,10 +235,10 @@ def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_in
     explanation runs on the indexed ids, with spans from decoding their prefixes."""
     from dataclasses import replace
 
-    from indexer.artifacts import InfluenceIndex
-    from service.explain import sequence_tokens
+    from engine.explain import sequence_tokens
+    from engine.index import InfluenceIndex, OpenOptions
 
-    index = InfluenceIndex.open(tiny_index, device="cpu")
+    index = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     try:
         tok = index.tokenizer
         record = index.example(0)
@@ -253,7 +251,8 @@ def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_in
         assert ends == sorted(ends) and ends[-1] <= len(record.text)
         assert all(s <= e for s, e in seq.spans)
         same = sequence_tokens(tok, replace(record, token_end=len(text_ids)), list(text_ids))
-        assert same == sequence_tokens(tok, replace(record, token_end=len(text_ids)))  # text spans kept
+        enc = tok(record.text, add_special_tokens=False, return_offsets_mapping=True)
+        assert same.spans == [tuple(o) for o in enc["offset_mapping"]]  # the text's own spans kept
     finally:
         index.close()
 
@@ -263,15 +262,15 @@ def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
     import threading
     import time as _time
 
-    import service.explain
+    import service.routes.explain
 
-    real = service.explain.explain
+    real = service.routes.explain.explain
 
     def slow(*args, **kwargs):
         _time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service.explain, "explain", slow)
+    monkeypatch.setattr(service.routes.explain, "explain", slow)
     settings = Settings(index_dir=tiny_index, max_explains=1)
     with live_server(create_app(settings)) as base:
         statuses = []
@@ -318,7 +317,7 @@ def test_queries_interleave_with_an_explanation(tiny_index, query):
     app = create_app(Settings(index_dir=tiny_index))
     with live_server(app) as base, httpx.Client(base_url=base, timeout=120) as client:
         longest = max(range(20), key=lambda i: len(client.get(f"/v1/examples/{i}").json()["text"]))
-        index = app.state.index_state.current
+        index = app.state.services.index_state.current
         lock = index.encode_lock = RecordingLock(index.encode_lock)
         assert client.post("/v1/influence", json=query).status_code == 200  # queries are flowing
         done = threading.Event()

@@ -15,7 +15,7 @@ import torch
 from encoder.batching import Example, tokenize_prompt
 from encoder.generation import Generation, generate, token_spans, traced_example
 from encoder.model_loading import load_model, load_tokenizer
-from indexer.artifacts import InfluenceIndex
+from engine.index import InfluenceIndex
 from service.app import create_app
 from service.cli import main as influence_main
 from service.settings import Settings

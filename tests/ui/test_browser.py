@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from indexer.artifacts import InfluenceIndex
+from engine.index import InfluenceIndex
 from service.app import create_app
 from service.settings import Settings
 from tests.service.live import live_server

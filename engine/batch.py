@@ -1,0 +1,112 @@
+"""One micro-batch of influence queries against one index: validate, encode, retrieve.
+
+Blocking (torch, FAISS, SQLite): the service calls it from the batcher's worker thread,
+never on the event loop. Each query's outcome is independent: a query that fails
+validation or encoding gets its own error and never fails its batch mates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from encoder.batching import Example
+from encoder.errors import InfluenceError
+from engine import retrieval
+from engine.protocols import Index
+from engine.query import Limits, Outcome, Query, Traced, trace
+
+log = logging.getLogger(__name__)
+
+
+def _encode(index: Index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
+    """Encode validated queries in one pass; should the encoder still refuse one, encode
+    them one by one so that only that query fails.
+
+    Returns:
+        vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
+    """
+    try:
+        return np.asarray(index.encode_examples(examples), dtype=np.float32), [None] * len(examples)
+    except InfluenceError:
+        if len(examples) == 1:
+            raise
+    rows: list[np.ndarray | None] = []
+    errors: list[InfluenceError | None] = []
+    for example in examples:
+        try:
+            rows.append(np.asarray(index.encode_examples([example]), dtype=np.float32)[0])
+            errors.append(None)
+        except InfluenceError as exc:
+            rows.append(None)
+            errors.append(exc)
+    dim = next((r.shape[0] for r in rows if r is not None), 1)
+    return np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]), errors
+
+
+def _traced(index: Index, queries: list[Query], limits: Limits, outcomes: list[Outcome]) -> list[tuple[int, Traced]]:
+    """Validate each query (generating first where asked); failures go to their outcome."""
+    valid = []
+    for i, query in enumerate(queries):
+        try:
+            outcomes[i].traced = traced = trace(index, query, limits)
+            valid.append((i, traced))
+        except InfluenceError as exc:
+            outcomes[i].error = exc
+    return valid
+
+
+def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]], vectors: np.ndarray,
+              outcomes: list[Outcome]) -> None:  # fmt: skip
+    """Hits for every encoded query: the plain ones in one search call, the rest one by one."""
+    plain = [j for j, (i, _) in enumerate(valid) if retrieval.is_plain(queries[i])]
+    found = retrieval.retrieve_plain(index, [queries[valid[j][0]] for j in plain], vectors[plain])
+    for j, hits in zip(plain, found, strict=True):
+        outcomes[valid[j][0]].hits = hits
+    for j, (i, traced) in enumerate(valid):
+        query = queries[i]
+        try:
+            if not retrieval.is_plain(query):
+                outcomes[i].hits = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text)
+            retrieval.add_score_sd(index, query, vectors[j], outcomes[i].hits)
+        except InfluenceError as exc:
+            outcomes[i].error, outcomes[i].hits = exc, []
+            continue
+        if query.min_score is not None:
+            outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= query.min_score]
+
+
+def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcome]:
+    """Answer a micro-batch of queries with one encode pass and one search call.
+
+    Args:
+        index: the index (leased for the duration of the call).
+        queries: Q queries.
+        limits: token limits.
+    Returns:
+        Q outcomes in order; each carries hits (best first) or an error.
+    """
+    model, version = index.summary().model, index.version
+    outcomes = [Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries]
+    valid = _traced(index, queries, limits, outcomes)
+    if not valid:
+        return outcomes
+    t0 = time.perf_counter()
+    try:
+        vectors, errors = _encode(index, [traced.example for _, traced in valid])  # [V, d]
+    except InfluenceError as exc:
+        outcomes[valid[0][0]].error = exc
+        return outcomes
+    t1 = time.perf_counter()
+    for (i, _), error in zip(valid, errors, strict=True):
+        outcomes[i].error = error
+    keep = [j for j, error in enumerate(errors) if error is None]
+    valid, vectors = [valid[j] for j in keep], vectors[keep]
+    _retrieve(index, queries, valid, vectors, outcomes)
+    t2 = time.perf_counter()
+    for i, _ in valid:
+        outcomes[i].encode_ms, outcomes[i].search_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    log.debug("batch of %d: encode %.1f ms, search %.1f ms", len(valid), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    return outcomes

@@ -1,0 +1,105 @@
+"""``influence query``: one query against an index, locally (no server), through the same
+engine the service runs (``engine.batch.run_batch``). Registered into ``service.cli``;
+torch, FAISS and the model are imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from encoder.errors import ConfigError
+from engine.choices import SEARCH_PLACEMENTS
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise ConfigError(f"-k must be >= 1, got {args.k}")
+    for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
+                               ("--rerank-candidates", args.rerank_candidates, 0),
+                               ("--rescore", args.rescore, 0), ("--generate", args.generate, 1),
+                               ("--temperature", args.temperature, 0)):  # fmt: skip
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if (args.completion is None) == (args.generate is None):
+        raise ConfigError("give --completion (the output to explain) or --generate N (let the model write it)")
+    from encoder.generation import Generation
+    from engine.batch import run_batch
+    from engine.index import InfluenceIndex, OpenOptions
+    from engine.query import Limits, Query, traced_fields
+    from indexer.faiss_index import SearchParams
+
+    defaults = SearchParams()
+    params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
+                          candidates=0 if args.no_rerank else args.rerank_candidates)  # fmt: skip
+    generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
+    query = Query(args.prompt, args.completion, args.k, rescore=args.rescore or 0, generate=generate, span=args.span)
+    idx = InfluenceIndex.open(args.index, OpenOptions(device=args.device, model_dir=args.model, search_params=params,
+                                                      placement=args.search_placement))  # fmt: skip
+    try:
+        context = idx.max_tokens or 1 << 30
+        (outcome,) = run_batch(idx, [query], Limits(context, context, args.generate or 1))
+    finally:
+        idx.close()
+    if outcome.error is not None:
+        raise outcome.error
+    rows: list[dict[str, Any]] = [{"rank": r + 1, "id": h.id, "score": h.score, "text": h.record.text, "source": h.record.source,
+             "document_id": h.record.document_id} for r, h in enumerate(outcome.hits)]  # fmt: skip
+    traced = outcome.traced
+    assert traced is not None  # a query without error was traced
+    if args.json:
+        print(json.dumps({**traced_fields(traced), "results": rows}, indent=2))
+        return 0
+    if traced.generated is not None:
+        g = traced.generated
+        print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
+    if args.span is not None:
+        print(f"traced: {json.dumps(traced.text)}")
+    for row in rows:
+        text = row["text"].replace("\n", " ")
+        print(f"{row['rank']:>3}  id={row['id']:<8} score={row['score']:+.5f}  {text[:120]}")
+    return 0
+
+
+def _span(text: str) -> tuple[int, int]:
+    """--span START:END, a non-empty character range of the completion."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (characters), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def register(subparsers: Any) -> None:
+    q = subparsers.add_parser("query", help="query an index locally (no server)")
+    q.add_argument("--index", required=True, help="a published index directory")
+    q.add_argument("--prompt", required=True, help="context given to the model (its tokens are not attributed)")
+    q.add_argument("--completion", default=None,
+                   help="the model output to explain (its tokens carry the loss); or --generate")
+    q.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="generate and trace: the model continues the prompt (at most N tokens, greedy "
+                        "unless --temperature) and its own tokens are traced")
+    q.add_argument("--temperature", type=float, default=0.0,
+                   help="--generate: sample at this temperature (default 0: greedy)")
+    q.add_argument("--gen-seed", type=int, default=None, help="--generate: the sampling seed (default: fresh)")
+    q.add_argument("--span", type=_span, default=None, metavar="START:END",
+                   help="trace only the completion tokens overlapping these characters of the completion")
+    q.add_argument("-k", type=int, default=10, help="results to show (default 10)")
+    q.add_argument("--json", action="store_true",
+                   help="print {completion, span, generation, results} as JSON (the REST response's fields)")
+    q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
+    q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
+    q.add_argument("--rescore", type=int, default=0, metavar="C",
+                   help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
+                        "corrected gradients (one backward pass each; 0 = off)")
+    q.add_argument("--no-rerank", action="store_true",
+                   help="approximate indexes: the index's own scores, no exact re-rank")
+    q.add_argument("--search-placement", default="auto", choices=SEARCH_PLACEMENTS,
+                   help="where search runs (torch: exact brute force on the GPUs, else the CPU)")
+    q.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)")
+    q.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)")
+    q.add_argument("--rerank-candidates", type=int, default=None,
+                   help="approximate indexes: hits re-ranked exactly (default 10 x k)")
+    q.set_defaults(func=cmd_query)

@@ -1,0 +1,299 @@
+"""``InfluenceIndex``: a published index, opened, checked and held (``engine.protocols.Index``).
+
+``open`` checks the manifest and its checksums and the model hash, rebuilds the exact
+encoder the index was built with, and loads the vector search, the float16 fingerprints
+(memory-mapped), the BM25 index and the metadata store, all at once: nothing is loaded
+lazily. The service, the evaluation and ``influence query`` all go through this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder.batching import Example, Tokenizer, collate, sequence_example, tokenize_query
+from encoder.errors import ArtifactError
+from encoder.fingerprint import TrackStarEncoder
+from encoder.generation import Generated, Generation, generate
+from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
+from encoder.rescoring import ExactRescorer
+from encoder.token_attribution import attribute_tokens
+from encoder.uncertainty import score_sd
+from engine.opening import HeldFiles, verify_model
+from engine.protocols import Attribution, Record, Summary, VectorSearch
+from engine.vectors import open_vectors
+from indexer import faiss_index, integrity
+from indexer import manifest as mf
+from indexer.bm25 import BM25Index, open_for_index
+from indexer.metadata import ExampleRecord, MetadataStore
+from indexer.milvus import MilvusMetadata, MilvusSearch, MilvusTarget
+from indexer.saved_encoder import build_encoder
+
+log = logging.getLogger(__name__)
+
+QUERY_BATCH = 32
+"""Queries encoded per backward pass in ``encode_examples``."""
+
+EXPLAIN_CHUNK = 4
+"""Target tokens per backward pass of an explanation made while queries are flowing: each
+pass holds the model for about one query's encode, which bounds a query's wait for it."""
+
+__all__ = ["ExampleRecord", "InfluenceIndex", "OpenOptions"]
+
+
+class FairLock:
+    """A FIFO mutex: threads get it in the order they asked. ``threading.Lock`` lets the
+    releasing thread take it straight back, so a long explanation that releases the model
+    between its passes would still starve the queries waiting for it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How to open an index (``InfluenceIndex.open``).
+
+    Attributes:
+        device: where the model runs (default: CUDA if present, else CPU).
+        model_dir: the model, if not at the path recorded in the manifest.
+        verify: check file checksums, the model/tokenizer hashes and the config against a
+            sample of the stored fingerprints.
+        search_params: an approximate index's query-time knobs (nprobe, efSearch,
+            candidates re-ranked exactly; ``candidates=0``: none).
+        placement: where search runs (``engine.vectors.open_vectors``).
+        milvus: search through this Milvus collection (``influence index push``) instead;
+            the vectors and metadata are then read from it.
+    """
+
+    device: str | torch.device | None = None
+    model_dir: str | Path | None = None
+    verify: bool = True
+    search_params: faiss_index.SearchParams = faiss_index.SearchParams()
+    placement: str = "auto"
+    milvus: MilvusTarget | None = None
+
+
+class InfluenceIndex:
+    """A loaded, immutable index: encode queries, search, fetch and explain examples.
+
+    Use ``InfluenceIndex.open``. Every method is thread-safe; the model runs one pass at a
+    time, in the order the passes were asked for (``encode_lock``).
+    """
+
+    def __init__(self, index_dir: Path, manifest: mf.Manifest, encoder: TrackStarEncoder, tokenizer: Tokenizer,
+                 vectors: VectorSearch, fingerprints: np.ndarray, store: MetadataStore | MilvusMetadata,
+                 lexical: BM25Index) -> None:  # fmt: skip
+        self._index_dir = index_dir
+        self.manifest = manifest
+        self.encoder = encoder
+        self._tokenizer = tokenizer
+        self.vectors = vectors
+        self.fingerprints = fingerprints
+        self.store = store
+        self._lexical = lexical
+        self._version = manifest.version
+        self._max_tokens = model_max_tokens(encoder.model)
+        self._pad = int(tokenizer.pad_token_id or 0)
+        self._held = HeldFiles(index_dir)
+        self.last_query_at = -float("inf")
+        """``time.monotonic()`` of the last query's model pass (explain yields to queries)."""
+        self._rescorer: ExactRescorer | None = None
+        """The exact second stage: a second encoder on the loaded model, made on first use."""
+        self.encode_lock = FairLock()
+        """Held while the model runs (hooks are per-pass state)."""
+
+    @classmethod
+    def open(cls, index_dir: str | Path, options: OpenOptions | None = None) -> InfluenceIndex:
+        """Open a published index directory.
+
+        Raises:
+            ArtifactError: not an index, a failed checksum, another format version, or a
+                model that is not the one the index was built with (``model_mismatch``).
+            ModelLoadError: the model or tokenizer cannot be loaded.
+            ConfigError: an unknown placement.
+        """
+        opts = options or OpenOptions()
+        index_dir = Path(index_dir).resolve()
+        manifest = mf.Manifest.read(index_dir)
+        model_dir = Path(opts.model_dir) if opts.model_dir is not None else Path(manifest.model.path)
+        if opts.verify:
+            verify_model(index_dir, manifest, model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        encoder = build_encoder(index_dir, manifest, load_model(model_dir, device=opts.device))
+        fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
+        if fingerprints.shape != (manifest.sequences, encoder.dim):
+            raise ArtifactError(f"index counts disagree: manifest {manifest.sequences}, fingerprints "
+                                f"{list(fingerprints.shape)}, encoder dim {encoder.dim}")  # fmt: skip
+        store = MetadataStore(index_dir / mf.METADATA)
+        if opts.verify:
+            integrity.check_against_encoder(encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0))
+        vectors = open_vectors(index_dir, manifest, fingerprints, placement=opts.placement, params=opts.search_params,
+                               on_cuda=encoder.device.type == "cuda", milvus=opts.milvus)  # fmt: skip
+        lexical = open_for_index(index_dir, manifest.sequences)
+        served: MetadataStore | MilvusMetadata = store
+        if isinstance(vectors, MilvusSearch):  # metadata from Milvus too; the local store was for the checks
+            served = vectors.metadata()
+            store.close()
+        log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, manifest.sequences, encoder.dim,
+                 manifest.factory, opts.search_params)  # fmt: skip
+        return cls(index_dir, manifest, encoder, tokenizer, vectors, fingerprints, served, lexical)
+
+    @property
+    def index_dir(self) -> Path:
+        return self._index_dir
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def size(self) -> int:
+        return self.manifest.sequences  # checked against every artifact at open
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self._max_tokens
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def lexical(self) -> BM25Index:
+        return self._lexical
+
+    @property
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last_query_at
+
+    def summary(self) -> Summary:
+        m = self.manifest
+        return Summary(model=m.model.name, model_hash=m.model.hash, index_version=self.version,
+                       index_dir=self.index_dir, size=self.size, counts=dict(m.counts),
+                       fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at)  # fmt: skip
+
+    def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
+        """Fingerprints of (prompt, completion) queries, completion tokens as targets.
+
+        Args:
+            pairs: Q (prompt, completion) strings.
+            max_tokens: token limit per query (capped at the model's context length).
+        Returns:
+            [Q, d] float32 unit vectors.
+        Raises:
+            InputError: empty completion / prompt. InputTooLongError: over the limit.
+        """
+        limit = self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens or max_tokens)
+        return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs])
+
+    def encode_examples(self, examples: list[Example]) -> np.ndarray:
+        """Fingerprints of tokenized queries (``encoder.batching.tokenize_query``); [Q, d]
+        float32 unit vectors."""
+        self.last_query_at = time.monotonic()
+        out = np.zeros((len(examples), self.encoder.dim), dtype=np.float32)
+        with self.encode_lock:
+            for s in range(0, len(examples), QUERY_BATCH):
+                batch = collate(examples[s : s + QUERY_BATCH], self._pad)
+                out[s : s + len(batch)] = self.encoder.encode(batch).float().cpu().numpy()
+        return out
+
+    def generate(self, prompt_ids: list[int], options: Generation) -> Generated:
+        """The model's continuation of ``prompt_ids`` (``encoder.generation``), run under
+        the model's lock like an encode pass."""
+        self.last_query_at = time.monotonic()
+        with self.encode_lock:
+            return generate(self.encoder.model, prompt_ids, options, eos_token_id=self.tokenizer.eos_token_id,
+                            pad_token_id=self._pad)  # fmt: skip
+
+    def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
+        """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
+        one tokenized query by their unprojected corrected gradients; [len(ids)] float32."""
+        self._held.check()
+        sequences = [sequence_example(self.store.token_ids(i)) for i in ids]
+        self.last_query_at = time.monotonic()
+        with self.encode_lock:
+            if self._rescorer is None:
+                self._rescorer = ExactRescorer(self.encoder.model, self.encoder.config, self.encoder.second_moments)
+            scores = self._rescorer.scores(example, sequences, self._pad)
+        return scores.float().numpy()
+
+    def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
+        """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]
+        against sequences ``ids`` under another projection (``encoder.uncertainty``); None
+        for whitened indexes, where the model of it does not hold, and for a fitted (pca)
+        basis, which has no random projection to vary."""
+        config = self.encoder.config
+        if config.hessian != "none" or config.projection != "gaussian" or not ids:
+            return None
+        rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
+        query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+        return score_sd(query, rows, self.encoder.plan, self.encoder.block_dims).float().numpy()
+
+    def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
+        """Split the score of (query, sequence ``id``) over its tokens
+        (``encoder.token_attribution``). The model is taken per pass, not for the whole
+        explanation, so queries run in between in the order they asked; ``busy``: one
+        pass per ``EXPLAIN_CHUNK`` targets instead of one forward-mode pass."""
+        with self.encode_lock:
+            e_q = self.encoder.encode(collate([query], self._pad))[0]
+        lock = self.encode_lock
+        attribution = attribute_tokens(self.encoder, sequence_example(input_ids), e_q, chunk=EXPLAIN_CHUNK,
+                                       hold=lambda: lock, method="copies" if busy else "jvp")  # fmt: skip
+        stored = torch.from_numpy(np.asarray(self.fingerprints[id], dtype=np.float64))
+        rebuilt = attribution.fingerprint.double()
+        agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
+        return Attribution(contributions=attribution.contributions.tolist(), score=attribution.score,
+                           index_score=float(stored @ e_q.double().cpu()), agreement=agreement)  # fmt: skip
+
+    def check_unchanged(self) -> None:
+        """Raise ``IndexChangedError`` (503) when a file read while serving was modified in
+        place since open (renaming a new index over the path is safe: the files are held);
+        ``SearchBackendUnavailable`` (503) when the vector search cannot answer."""
+        self._held.check()
+        self.vectors.check_ready()
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k training sequences by influence for [Q, d] float32 query fingerprints:
+        scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad)."""
+        self._held.check()
+        return self.vectors.search(vectors, k)
+
+    def examples(self, ids: list[int]) -> list[Record]:
+        """Metadata records for ids, in order (``NotFoundError`` for an unknown id)."""
+        self._held.check()
+        return list(self.store.get_many(ids))
+
+    def example(self, id: int) -> Record:  # noqa: A002 - the contract's name
+        return self.examples([id])[0]
+
+    def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the contract's name
+        """The token ids sequence ``id`` was indexed with."""
+        return self.store.token_ids(id)
+
+    def close(self) -> None:
+        self._held.close()
+        self.vectors.close()
+        self.store.close()
+        self.fingerprints = np.zeros((0, self.encoder.dim), dtype=np.float16)

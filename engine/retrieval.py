@@ -1,0 +1,137 @@
+"""Retrieval: a query's hits by influence, BM25 or both fused, from one source or all,
+optionally re-scored exactly; the one place that dispatches on ``Query.mode``.
+
+All functions take an ``engine.protocols.Index`` and fingerprints it encoded; fusion itself
+is ``indexer.fusion.reciprocal_rank_fusion``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import get_args
+
+import numpy as np
+
+from api.models import Mode
+from encoder.batching import Example
+from encoder.errors import InputError
+from engine.protocols import Index
+from engine.query import Hit, Query
+from indexer.fusion import reciprocal_rank_fusion
+
+MODES: tuple[str, ...] = get_args(Mode)
+
+FUSION_DEPTH = 100
+"""Candidates taken from each ranking before fusing (the hybrid's pool)."""
+
+
+def hit_rows(index: Index, scores: np.ndarray, ids: np.ndarray, ks: list[int]) -> list[list[Hit]]:
+    """Hits for each row r of search output, its first ``ks[r]`` columns (-1 padding
+    dropped), best first; one metadata lookup for all rows."""
+    rows = [
+        [(int(i), float(s)) for i, s in zip(ids[r, :k], scores[r, :k], strict=True) if int(i) >= 0]
+        for r, k in enumerate(ks)
+    ]
+    wanted = sorted({i for pairs in rows for i, _ in pairs})
+    records = {int(r.id): r for r in index.examples(wanted)} if wanted else {}
+    return [[Hit(i, s, records[i]) for i, s in pairs] for pairs in rows]
+
+
+def _hits(index: Index, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    """Hits for one row of search output, best first."""
+    return hit_rows(index, scores[None, :], ids[None, :], [len(ids)])[0]
+
+
+def filtered_search(index: Index, vector: np.ndarray, query: Query) -> list[Hit]:
+    """``query.k`` influence hits from ``query.source``: widen the candidate pool until
+    enough match or the whole index has been ranked, so the filter is exact."""
+    size = index.size
+    pool = min(size, max(4 * query.k, 64))
+    while True:
+        scores, ids = index.search(vector[None, :], pool)
+        hits = [h for h in _hits(index, scores[0], ids[0]) if h.record.source == query.source]
+        if len(hits) >= query.k or pool >= size:
+            return hits[: query.k]
+        pool = min(size, pool * 4)
+
+
+def lexical_search(index: Index, vector: np.ndarray, text: str, mode: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k for one query by ``bm25`` (BM25 scores of ``text``) or ``hybrid`` (RRF scores
+    of bm25 and influence, c = 60, each over its top max(k, FUSION_DEPTH)).
+
+    Returns:
+        (scores [k], ids [k]); ids -1 pad when the index has fewer than k sequences.
+    """
+    if mode == "bm25":
+        scores, ids = index.lexical.search([text], k)
+        return scores[0], ids[0]
+    if mode != "hybrid":
+        raise InputError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    depth = max(k, FUSION_DEPTH)
+    _, lexical = index.lexical.search([text], depth)
+    _, influence = index.search(np.asarray(vector, np.float32)[None, :], depth)
+    return reciprocal_rank_fusion([lexical[0], influence[0]], k)
+
+
+def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> list[Hit]:
+    """``bm25`` / ``hybrid`` hits; a source filter ranks the whole index."""
+    k = index.size if query.source is not None else query.k
+    scores, ids = lexical_search(index, vector, query.prompt + text, query.mode, k)
+    hits = _hits(index, scores, ids)
+    if query.source is not None:
+        hits = [h for h in hits if h.record.source == query.source]
+    return hits[: query.k]
+
+
+def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -> list[Hit]:
+    """The exact second stage: the first stage's top max(rescore, k) candidates (from
+    ``query.source`` when set), re-scored by ``index.rescore``; the best k, best first."""
+    pool = max(query.rescore, query.k)
+    if query.source is not None:
+        candidates = filtered_search(index, vector, replace(query, k=pool))
+    else:
+        scores, ids = index.search(vector[None, :], pool)
+        candidates = _hits(index, scores[0], ids[0])
+    if not candidates:
+        return []
+    exact = index.rescore(example, [h.id for h in candidates])
+    order = np.argsort(-exact, kind="stable")[: query.k]
+    return [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
+
+
+def is_plain(query: Query) -> bool:
+    """Answered by one batched influence search (no mode, filter or second stage)."""
+    return query.source is None and query.mode == "influence" and not query.rescore
+
+
+def retrieve_one(index: Index, query: Query, example: Example, vector: np.ndarray, text: str) -> list[Hit]:
+    """The hits of a query that is not ``is_plain``, best first (at most ``query.k``).
+
+    Args:
+        example: the query tokenized (for the second stage).
+        vector: [d] its fingerprint.
+        text: the traced completion text (for the lexical modes).
+    """
+    if query.rescore:
+        return rescored(index, example, vector, query)
+    if query.mode != "influence":
+        return _mode_hits(index, vector, query, text)
+    return filtered_search(index, vector, query)
+
+
+def retrieve_plain(index: Index, queries: list[Query], vectors: np.ndarray) -> list[list[Hit]]:
+    """Hits of ``is_plain`` queries, one search call for all: [P, d] fingerprints."""
+    if not queries:
+        return []
+    scores, ids = index.search(vectors, max(q.k for q in queries))  # [P, k_max]
+    return hit_rows(index, scores, ids, [q.k for q in queries])
+
+
+def add_score_sd(index: Index, query: Query, vector: np.ndarray, hits: list[Hit]) -> None:
+    """Set each influence hit's ``score_sd`` where the index models it."""
+    if query.mode != "influence" or query.rescore or not hits:
+        return
+    sds = index.score_sd(vector, [h.id for h in hits])
+    if sds is not None:
+        for h, sd in zip(hits, sds, strict=True):
+            h.score_sd = float(sd)
