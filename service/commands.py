@@ -32,33 +32,44 @@ UVICORN_OPTIONS: dict[str, Any] = {
 }
 
 
+SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--index", "index_dir", {"type": Path, "help": "published index directory (INFLUENCE_INDEX_DIR)"}),
+    ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
+    ("--port", "port", {"type": int, "help": "port (default 8000)"}),
+    ("--device", "device", {"help": "torch device for query encoding (default: auto)"}),
+    ("--model-dir", "model_dir", {"type": Path, "help": "override the manifest's model directory"}),
+    ("--search-placement", "search_placement", {"choices": SEARCH_PLACEMENTS,
+     "help": "where search runs (default auto; torch: exact brute force on the GPUs)"}),
+    ("--milvus", "milvus_uri", {"metavar": "URI",
+     "help": "search through a Milvus collection pushed with `influence index push` (a pymilvus URI)"}),
+    ("--collection", "milvus_collection", {"help": "--milvus: the collection (default influence_<index version>)"}),
+    ("--nprobe", "nprobe", {"type": int, "help": "IVF indexes: lists visited per query (default 16)"}),
+    ("--ef-search", "ef_search", {"type": int, "help": "HNSW indexes: search beam width (default 128)"}),
+    ("--rerank-candidates", "rerank_candidates", {"type": int,
+     "help": "approximate indexes: hits re-ranked exactly per query (default 10 x k)"}),
+    ("--rescore", "rescore", {"type": int, "metavar": "C",
+     "help": "default exact second stage: re-score the top max(C, k) candidates per query (one backward pass "
+             "each; requests may override; default 0 = off)"}),
+    ("--max-new-tokens", "max_new_tokens", {"type": int,
+     "help": "the most tokens a generate-and-trace query may ask for (default 64)"}),
+    ("--max-batch-size", "max_batch_size", {"type": int, "help": "queries per encode pass"}),
+    ("--max-wait-ms", "max_wait_ms", {"type": float, "help": "how long a query waits for batch mates"}),
+    ("--max-queue", "max_queue", {"type": int, "help": "waiting queries before 503"}),
+    ("--workers", "workers", {"type": int, "help": "server processes, each with its own model and index (default 1)"}),
+    ("--torch-threads", "torch_threads", {"type": int, "help": "CPU threads per process (default: cores / workers)"}),
+)  # fmt: skip
+"""``influence serve``'s flags: (flag, the ``service.settings.Settings`` field it sets,
+argparse options). One table for the parser and for ``_settings_from``; a flag left out
+keeps the field's ``INFLUENCE_*`` value or default. (Flags are not generated from the
+fields themselves: that would import pydantic-settings to print ``--help``, 0.3 s.)"""
+
+
 def register(subparsers) -> None:
     """Add ``serve`` and ``openapi`` to the ``influence`` dispatcher."""
     serve = subparsers.add_parser("serve", help="serve an index over HTTP (FastAPI + uvicorn)")
-    serve.add_argument("--index", type=Path, help="published index directory (INFLUENCE_INDEX_DIR)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--device", help="torch device for query encoding (default: auto)")
-    serve.add_argument("--model-dir", type=Path, help="override the manifest's model directory")
-    serve.add_argument("--search-placement", choices=SEARCH_PLACEMENTS,
-                       help="where search runs (default auto; torch: exact brute force on the GPUs)")
-    serve.add_argument("--milvus", metavar="URI",
-                       help="search through a Milvus collection pushed with `influence index push` (a pymilvus URI)")
-    serve.add_argument("--collection", help="--milvus: the collection (default influence_<index version>)")
-    serve.add_argument("--nprobe", type=int, help="IVF indexes: lists visited per query (default 16)")
-    serve.add_argument("--ef-search", type=int, help="HNSW indexes: search beam width (default 128)")
-    serve.add_argument("--rerank-candidates", type=int,
-                       help="approximate indexes: hits re-ranked exactly per query (default 10 x k)")
-    serve.add_argument("--rescore", type=int, metavar="C",
-                       help="default exact second stage: re-score the top max(C, k) candidates per query "
-                            "(one backward pass each; requests may override; default 0 = off)")
-    serve.add_argument("--max-new-tokens", type=int,
-                       help="the most tokens a generate-and-trace query may ask for (default 64)")
-    serve.add_argument("--max-batch-size", type=int, help="queries per encode pass")
-    serve.add_argument("--max-wait-ms", type=float, help="how long a query waits for batch mates")
-    serve.add_argument("--max-queue", type=int, help="waiting queries before 503")
-    serve.add_argument("--workers", type=int, help="server processes, each with its own model and index (default 1)")
-    serve.add_argument("--torch-threads", type=int, help="CPU threads per process (default: cores / workers)")
+    for flag, field, options in SERVE_FLAGS:
+        metavar = None if "choices" in options else flag.lstrip("-").upper().replace("-", "_")
+        serve.add_argument(flag, dest=field, **{"metavar": metavar, **options})
     serve.set_defaults(func=run_serve)
 
     openapi = subparsers.add_parser("openapi", help="export the API's OpenAPI schema")
@@ -90,26 +101,7 @@ def run_openapi(args: argparse.Namespace) -> int:
 def _settings_from(args: argparse.Namespace):
     from service.settings import Settings
 
-    overrides = {
-        "index_dir": args.index,
-        "host": args.host,
-        "port": args.port,
-        "device": args.device,
-        "model_dir": args.model_dir,
-        "search_placement": getattr(args, "search_placement", None),
-        "nprobe": getattr(args, "nprobe", None),
-        "ef_search": getattr(args, "ef_search", None),
-        "rerank_candidates": getattr(args, "rerank_candidates", None),
-        "rescore": args.rescore,
-        "max_new_tokens": getattr(args, "max_new_tokens", None),
-        "milvus_uri": getattr(args, "milvus", None),
-        "milvus_collection": getattr(args, "collection", None),
-        "max_batch_size": args.max_batch_size,
-        "max_wait_ms": args.max_wait_ms,
-        "max_queue": args.max_queue,
-        "workers": getattr(args, "workers", None),
-        "torch_threads": getattr(args, "torch_threads", None),
-    }
+    overrides = {field: getattr(args, field, None) for _, field, _ in SERVE_FLAGS}
     from pydantic import ValidationError
 
     try:

@@ -147,7 +147,7 @@ def test_index_build_on_cuda_finds_stating_passages(trained_checkpoint, fact_cor
     try:
         assert idx.encoder.device.type == "cuda"
         assert next(idx.encoder.model.parameters()).dtype == torch.bfloat16
-        assert idx.manifest["build"]["batch_size"] >= 8
+        assert idx.manifest.build["batch_size"] >= 8
         qs = fact_corpus.queries
         _, ids = idx.search(idx.encode_queries([(q.prompt, q.completion) for q in qs]), 10)
         hits = []
@@ -155,7 +155,7 @@ def test_index_build_on_cuda_finds_stating_passages(trained_checkpoint, fact_cor
             docs = [r.document_id for r in idx.examples([int(i) for i in row if i >= 0])]
             hits.append(any(d in q.relevant_ids for d in docs))
         recall = float(np.mean(hits))
-        print(f"CUDA bf16 index: batch {idx.manifest['build']['batch_size']}, recall@10 {recall:.3f}")
+        print(f"CUDA bf16 index: batch {idx.manifest.build['batch_size']}, recall@10 {recall:.3f}")
         assert recall >= 0.7
     finally:
         idx.close()

@@ -128,7 +128,7 @@ def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_
     other = tmp_path / "other"
     shutil.copytree(tiny_index, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["republished"] = "another version"
+    manifest["corpus"]["republished"] = "another version"  # another index version, same config
     (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     target = mv.MilvusTarget(lite.uri, pushed["collection"])
     with pytest.raises(ArtifactError) as info:

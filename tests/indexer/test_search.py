@@ -12,6 +12,7 @@ from encoder.errors import NotFoundError
 from engine.index import InfluenceIndex, OpenOptions
 from indexer.__main__ import main
 from indexer.passes import length_order, shard_ranges
+from service.cli import main as influence_main
 from tests.indexer.helpers import rechunk
 from tests.tolerances import (
     assert_within,
@@ -32,9 +33,9 @@ def opened(tiny_index):
 
 def test_stored_fingerprints_are_the_encoders(opened, fact_corpus_files):
     seqs = rechunk(opened.manifest, fact_corpus_files[0], opened.tokenizer)
-    assert len(seqs) == opened.size == opened.manifest["counts"]["sequences"]
+    assert len(seqs) == opened.size == opened.manifest.sequences
     pad = int(opened.tokenizer.pad_token_id)
-    bs, shard_size = opened.manifest["build"]["batch_size"], opened.manifest["build"]["shard_size"]
+    bs, shard_size = opened.manifest.build["batch_size"], opened.manifest.build["shard_size"]
     enc = np.empty((len(seqs), opened.encoder.dim), dtype=np.float32)
     for start, stop in shard_ranges(len(seqs), shard_size):  # the build's batches: by length per shard
         order = start + length_order(np.array([len(s) for s in seqs[start:stop]]))
@@ -69,7 +70,7 @@ def test_search_pads_and_examples(opened):
 
 def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     prompt, completion = "Cara Nalkun works for", " Buneco"
-    rc = main(["query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
+    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
                "-k", "7", "--json", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -106,7 +107,7 @@ def test_build_writes_a_checksummed_bm25_index(opened, tiny_index, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="indexer.bm25"):
         reopened = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     assert "building BM25" not in caplog.text
-    served = reopened.bm25
+    served = reopened.lexical
     reopened.close()
     texts = [r.text for r in opened.examples(list(range(opened.size)))]
     fresh = BM25Index.build(texts, np.arange(opened.size))

@@ -44,7 +44,7 @@ def opened(tiny_index):
 @pytest.fixture(scope="module")
 def reference(tiny_index, opened):
     """Greedy decoding by transformers itself, on a fresh copy of the model."""
-    model_dir = opened.manifest["model"]["path"]
+    model_dir = opened.manifest.model.path
     model, tokenizer = load_model(model_dir, device="cpu"), load_tokenizer(model_dir)
     ids = torch.tensor([tokenize_prompt(tokenizer, PROMPT)])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,

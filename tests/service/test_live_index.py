@@ -33,7 +33,7 @@ def republish(src, dst, note: str):
     """A copy of a published index whose manifest differs (so its version differs)."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["republished"] = note
+    manifest["corpus"]["republished"] = note
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return dst
 

@@ -34,7 +34,7 @@ def expected(ui_index_dir, fact_query):
         order = np.argsort(-scores, kind="stable")[:5]
         n_long = len(index.tokenizer(" x" * 40, add_special_tokens=False)["input_ids"])
         return {"ids": [int(i) for i in order], "scores": scores[order].tolist(), "n_long": n_long,
-                "model": index.manifest["model"]}
+                "model": index.manifest.to_dict()["model"]}
     finally:
         index.close()
 
