@@ -102,13 +102,10 @@ class FingerprintConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FingerprintConfig:
         known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown fingerprint config keys: {sorted(unknown)}")
+        if set(d) != known:
+            raise ConfigError(f"a fingerprint config has every key of to_dict(): missing {sorted(known - set(d))}, "
+                              f"unknown {sorted(set(d) - known)}")  # fmt: skip
         d = dict(d)
-        if "budget" not in d:  # written before the budget rule: k was always fixed
-            d.setdefault("k", 16)
-        d.setdefault("projection", "gaussian")  # written before the fitted basis
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = tuple(d[key])

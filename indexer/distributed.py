@@ -85,14 +85,9 @@ def shutdown() -> None:
 def exit_after_success(code: int = 0) -> None:
     """End a rank of a finished multi-process build: all ranks meet, then the process exits.
 
-    A two-rank build on CI once published its index and then died in rank 0 with
-    ``terminate called without an active exception`` (SIGABRT, torch 2.13, gloo): the C++
-    teardown of the process group (its worker threads, at ``destroy_process_group`` or at
-    interpreter exit) aborted, and torchrun reported a failed build for a complete index.
-    Once every rank has passed the final barrier nothing is in flight: the index is published
-    (atomically, before the barrier), the work directory is gone, and the sockets are closed by
-    the kernel. So each rank flushes its streams and leaves with ``os._exit`` instead of running
-    that teardown. Single-process builds (world size 1) never get here.
+    After the final barrier nothing is in flight (the index is published), so each rank
+    flushes its streams and leaves with ``os._exit``: gloo's C++ process-group teardown can
+    abort (SIGABRT) and make torchrun report a complete build as failed.
     """
     if dist.is_initialized():
         dist.barrier()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from encoder.errors import ArtifactError
 from encoder.hashing import sha256_file
+from indexer.workdir import write_atomic
 
 FORMAT_VERSION = 2
 """2: the token table and ``bm25/`` are always written; 1 is refused (rebuild)."""
@@ -40,14 +40,9 @@ def checksums(directory: Path, names: list[str]) -> dict[str, str]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON to ``path`` all or nothing (``indexer.workdir.write_atomic``)."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @dataclass(frozen=True)

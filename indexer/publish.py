@@ -30,7 +30,7 @@ from indexer.bm25 import SUBDIR, BM25Index
 from indexer.chunking import ChunkConfig
 from indexer.metadata import MetadataStore
 from indexer.passes import evenly_spaced
-from indexer.workdir import WorkDir
+from indexer.workdir import WorkDir, is_temporary
 
 if TYPE_CHECKING:
     from indexer.build import BuildConfig
@@ -142,7 +142,7 @@ def publish(b: BuildOutputs) -> None:
         if b.work.path(name).is_file():
             shutil.copyfile(b.work.path(name), staging / name)
     _write_bm25(staging, n)
-    files = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    files = sorted(p.name for p in staging.iterdir() if p.is_file() and not is_temporary(p))
     files += sorted(str(p.relative_to(staging)) for p in (staging / SUBDIR).rglob("*") if p.is_file())
     _manifest(b, faiss_entry, files, b.elapsed + time.perf_counter() - t0).write(staging)
     # An index is read-only data, served by other users (e.g. a non-root container); some

@@ -141,19 +141,10 @@ class MicroBatcher:
         most ``max_wait_ms``) later arrivals until the batch holds as many queries as there
         are clients likely to be active.
 
-        That estimate is the previous batch's size (its clients got their answers together
-        and come back together) plus the queries that arrived while it ran (other clients).
-        A lone client (previous batch of 1, nothing else queued) never waits; C closed-loop
-        clients are gathered into one pass once all C are back, and two groups that fell
-        out of step (one queued while the other ran) are merged again. A fixed wait charged
-        every query ``max_wait_ms`` at low load; waiting only for the previous batch's size
-        left such groups alternating in half-size passes.
-
-        ``max_wait_ms`` must cover the time the event loop needs to answer the returning
-        clients and parse their next requests (~1 ms each on 2 cores, on the same thread
-        as this wait): the service's 15 ms default merged 16 clients in every run, where
-        5 ms left them in alternating half-size passes in 1 run of 5 (bench_service).
-        Open-loop traffic pays for it: a batch short of its estimate waits the full time.
+        That estimate is the previous batch's size (its clients come back together) plus
+        the queries that arrived while it ran, so a lone client never waits and groups that
+        fell out of step merge again. ``max_wait_ms`` must cover parsing the returning
+        clients' requests (benchmarks/results/bench_service.md).
         """
         assert self._queue is not None
         batch = [await self._queue.get()]

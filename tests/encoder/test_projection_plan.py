@@ -58,15 +58,13 @@ def test_fixed_k_plan_and_old_manifests():
     modules = _modules()
     assert set(plan_projection(modules, k=3, budget=1).values()) == {(3, 3)}
     assert set(plan_projection(modules, k=0, budget=1).values()) == {None}
-    # A manifest written before the budget rule has no "budget" key: it meant k = 16.
-    legacy = FingerprintConfig().to_dict()
-    legacy.pop("budget"), legacy.pop("max_block"), legacy.pop("k")
-    assert FingerprintConfig.from_dict(legacy).k == 16
     assert FingerprintConfig.from_dict(FingerprintConfig().to_dict()) == FingerprintConfig()
-    # One written before the fitted basis has no "projection": its matrices were Gaussian.
-    before_basis = FingerprintConfig().to_dict()
-    before_basis.pop("projection")
-    assert FingerprintConfig.from_dict(before_basis).projection == "gaussian"
+    # Format 2 writes every key: a dict without one (a format-1 manifest's) is refused.
+    for key in ("budget", "projection"):
+        partial = FingerprintConfig().to_dict()
+        partial.pop(key)
+        with pytest.raises(ConfigError, match=f"missing \\['{key}'\\]"):
+            FingerprintConfig.from_dict(partial)
     assert FingerprintConfig().projection == "gaussian"
     with pytest.raises(ConfigError, match="no basis to fit"):
         TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2)).fit_basis([])

@@ -122,12 +122,12 @@ def test_placement_choices_agree_everywhere():
     from typing import get_args
 
     from engine.choices import SEARCH_PLACEMENTS
-    from indexer.cli import register as register_indexer
+    from engine.cli import register as register_query
     from service.commands import register as register_service
     from service.settings import Settings
 
     assert get_args(Settings.model_fields["search_placement"].annotation) == SEARCH_PLACEMENTS
-    for register, argv in ((register_indexer, ["query", "--index", "x", "--prompt", "p", "--completion", "c"]),
+    for register, argv in ((register_query, ["query", "--index", "x", "--prompt", "p", "--completion", "c"]),
                            (register_service, ["serve"])):  # fmt: skip
         parser = argparse.ArgumentParser()
         register(parser.add_subparsers())
