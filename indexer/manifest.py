@@ -16,7 +16,7 @@ from typing import Any
 
 from encoder.errors import ArtifactError
 from encoder.hashing import sha256_file
-from indexer.workdir import write_atomic
+from indexer.files import write_atomic
 
 FORMAT_VERSION = 2
 """2: the token table and ``bm25/`` are always written; 1 is refused (rebuild)."""

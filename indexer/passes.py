@@ -28,8 +28,9 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.whitening import RStatistics
 from indexer.chunking import ChunkConfig, Chunker
 from indexer.corpus import read_corpus
+from indexer.files import write_atomic
 from indexer.metadata import MetadataWriter
-from indexer.workdir import TokenStore, WorkDir, save_npy_atomic, write_atomic
+from indexer.workdir import TokenStore, WorkDir, save_npy_atomic
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.bm25 import SUBDIR, BM25Index
 from indexer.chunking import ChunkConfig
+from indexer.files import is_temporary
 from indexer.metadata import MetadataStore
 from indexer.passes import evenly_spaced
-from indexer.workdir import WorkDir, is_temporary
+from indexer.workdir import WorkDir
 
 if TYPE_CHECKING:
     from indexer.build import BuildConfig

@@ -27,9 +27,10 @@ from indexer import manifest as mf
 from indexer import passes
 from indexer.chunking import ChunkConfig
 from indexer.distributed import DistContext
+from indexer.files import write_atomic
 from indexer.passes import Progress
 from indexer.publish import BuildOutputs, publish
-from indexer.workdir import TokenStore, WorkDir, write_atomic
+from indexer.workdir import TokenStore, WorkDir
 
 if TYPE_CHECKING:
     from indexer.build import BuildConfig

@@ -23,14 +23,14 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from encoder.errors import ConfigError
+from indexer.files import write_atomic
 
 
 class WorkDir:
@@ -105,23 +105,6 @@ class WorkDir:
             yield
         finally:
             fh.close()  # releases the lock
-
-
-TMP_MARK = ".tmp"
-
-
-def is_temporary(path: Path) -> bool:
-    """A ``write_atomic`` file left by a crash (``name.tmp.suffix``): never an artifact."""
-    return path.name.endswith(TMP_MARK) or f"{TMP_MARK}." in path.name
-
-
-def write_atomic(path: Path, writer: Callable[[Path], Any]) -> None:
-    """Call ``writer(tmp_path)`` then move the result to ``path`` (all or nothing)."""
-    tmp = path.with_name(path.name + TMP_MARK + path.suffix)
-    writer(tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
