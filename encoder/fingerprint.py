@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from encoder import fused
 from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch
+from encoder.blocks import Block, Exact, Factored, Precision
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.factored import fold_projections, rank1_correction
@@ -31,10 +31,6 @@ from encoder.modules import TrackedModule, select_modules
 from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
 from encoder.products import (
     example_gradients,
-    factored_products,
-    gradient_chunk,
-    out_dtype_products,
-    tf32,
 )
 from encoder.projection import make_projections, plan_dims, plan_projection
 from encoder.whitening import RStatistics, Whitener
@@ -68,6 +64,7 @@ class TrackStarEncoder:
         whitener: R^-1/2 blocks; required by ``finalize`` unless ``config.hessian == "none"``.
         projections: a fitted basis (``config.projection == "pca"``, saved with the index);
             else ``fit_basis`` or ``set_projections`` before encoding.
+        precision: how the products run (default ``Precision.default_for`` the model).
     """
 
     def __init__(
@@ -78,6 +75,7 @@ class TrackStarEncoder:
         second_moments: SecondMoments | None = None,
         whitener: Whitener | None = None,
         projections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        precision: Precision | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -92,17 +90,8 @@ class TrackStarEncoder:
         first = next(model.parameters())
         self.device = first.device
         self.accum_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        # bf16/fp16 activations and output gradients are exact in TF32 (<= 10-bit mantissa)
-        # and their products exact in float32, so the per-example gradient product may use
-        # the tensor cores' TF32 mode without changing its inputs (accumulation stays fp32).
-        self._tf32_products = self.device.type == "cuda" and first.dtype in (torch.bfloat16, torch.float16)
-        # Faster still (the accelerator fast path): hand the bf16 tensors to the matrix
-        # products themselves, which write float32 (``out_dtype``): no float32 copies of
-        # activations and gradients. The thin projections of the factored path are then
-        # rounded to the model dtype (relative 2^-9 per entry; measured in tests/gpu).
-        self.low_precision_products = self._tf32_products and out_dtype_products(self.device)
-        # Exact path on CUDA: correction fused into the left projection (encoder/fused.py).
-        self.fused_correction = True
+        self.precision = precision or Precision.default_for(self.device, first.dtype)
+        self._blocks: dict[str, Block] = {}
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
@@ -118,6 +107,7 @@ class TrackStarEncoder:
         self.whitener: Whitener | None = None
         if whitener is not None:
             self.set_whitener(whitener)
+        self._choose_blocks()
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -148,6 +138,7 @@ class TrackStarEncoder:
                       for n, (a, b) in projections.items()}  # fmt: skip
         if self.second_moments is not None:
             self.set_second_moments(self.second_moments)  # the factored path folds into A, B
+        self._choose_blocks()
 
     def basis_statistics(self, batches: Iterable[TokenBatch]) -> BasisStatistics:
         """C_out / C_in sums of the corrected per-example gradients over ``batches``, for
@@ -196,6 +187,27 @@ class TrackStarEncoder:
             # Modules stored exactly keep the exact correction (nothing to fold into).
             self._inv_scale = {n: s for n, s in self._inv_scale.items() if n not in self._proj}
         self.second_moments = sm
+        self._choose_blocks()
+
+    def _choose_blocks(self) -> None:
+        """Each module's block (``encoder.blocks``), from its projection and correction."""
+        lowp = self.precision.low_precision_products
+        blocks: dict[str, Block] = {}
+        for m in self.modules:
+            proj = self._proj.get(m.name)
+            inv = self._inv_scale.get(m.name) if self.config.correction else None
+            if self.config.correction and m.name in self._folded:
+                blocks[m.name] = Factored(*self._folded[m.name], lowp)
+            elif inv is None and proj is not None:  # A G B^T = sum_t (A g_t)(B a_t)^T: no G needed
+                blocks[m.name] = Factored(*proj, lowp)
+            else:
+                blocks[m.name] = Exact(m, inv, proj, self.precision)
+        self._blocks = blocks
+
+    @property
+    def low_precision_products(self) -> bool:
+        """The hooks hand the model-dtype tensors to the blocks (``Precision``)."""
+        return self.precision.low_precision_products
 
     def set_whitener(self, whitener: Whitener) -> None:
         if whitener.names != self.module_names or [m.shape[0] for m in whitener.matrices] != self.block_dims:
@@ -254,34 +266,7 @@ class TrackStarEncoder:
     def _phi_block(self, m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """phi_W [B, d_W] from acts [B, T, in] and grads [B, T, out] (accumulation dtype, or
         the model's bf16/fp16 on the low-precision fast path)."""
-        proj = self._proj.get(m.name)
-        lowp = acts.dtype in (torch.bfloat16, torch.float16)
-        if self.config.correction and m.name in self._folded:
-            return factored_products(acts, grads, *self._folded[m.name], lowp)
-        inv = self._inv_scale.get(m.name) if self.config.correction else None
-        if inv is None and proj is not None:
-            # Without correction A G B^T = sum_t (A g_t)(B a_t)^T exactly: no G needed.
-            return factored_products(acts, grads, *proj, lowp)
-        chunk = gradient_chunk(m, acts, 4 if lowp else None)
-        parts = []
-        for s in range(0, acts.shape[0], chunk):
-            if lowp:  # exact bf16 products, float32 sums, float32 output
-                g = torch.bmm(grads[s : s + chunk].transpose(1, 2), acts[s : s + chunk], out_dtype=torch.float32)
-            else:
-                with tf32(self._tf32_products):
-                    g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
-            if (self.fused_correction and inv is not None and proj is not None
-                    and g.dtype == torch.float32 and fused.available(g.device)):  # fmt: skip
-                # Correction applied while A reads G (encoder/fused.py): one pass over G.
-                parts.append((fused.scale_project(proj[0], g, inv) @ proj[1].T).flatten(1))
-                continue
-            if inv is not None:
-                g.mul_(inv)
-            if proj is not None:
-                a_mat, b_mat = proj
-                g = a_mat @ g @ b_mat.T
-            parts.append(g.flatten(1))
-        return torch.cat(parts)
+        return self._blocks[m.name](acts, grads)
 
     def weight_directions(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weight-space direction V of a fingerprint-space vector u [d]: for every
@@ -298,19 +283,7 @@ class TrackStarEncoder:
         out = {}
         for m in self.modules:
             start, stop = self._spans[m.name]
-            block = u[start:stop].to(self.device, self.accum_dtype)
-            if self.config.correction and m.name in self._folded:
-                a_mat, b_mat = self._folded[m.name]
-                v = a_mat.T @ block.view(a_mat.shape[0], b_mat.shape[0]) @ b_mat
-            else:
-                proj = self._proj.get(m.name)
-                if proj is not None:
-                    v = proj[0].T @ block.view(proj[0].shape[0], proj[1].shape[0]) @ proj[1]
-                else:
-                    v = block.view(m.out_features, m.in_features)
-                inv = self._inv_scale.get(m.name) if self.config.correction else None
-                if inv is not None:
-                    v = v * inv
+            v = self._blocks[m.name].direction(u[start:stop].to(self.device, self.accum_dtype))
             weight: torch.Tensor = m.module.weight  # type: ignore[assignment]
             out[m.param_name] = (v.T if m.transposed else v).to(weight.dtype).contiguous()
         return out

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -175,8 +177,8 @@ def test_low_precision_products_match_float32_copies(mode):
     assert enc.low_precision_products
     batch = collate(_examples(11, 6, 20, 64, model.config.vocab_size))
     fast = enc.project(batch)
-    enc.low_precision_products = False
-    slow = enc.project(batch)
+    copies = replace(enc.precision, low_precision_products=False)
+    slow = TrackStarEncoder(model, enc.config, second_moments=sm, precision=copies).project(batch)
     assert fast.dtype == slow.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(fast, slow, dim=1)
     rel = ((fast - slow).abs().max() / slow.abs().max()).item()
@@ -210,9 +212,10 @@ def test_fused_correction_equals_unfused_exact_path():
     model = model.to(CUDA, torch.bfloat16)
     enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none"), second_moments=sm)
     batch = collate(_examples(12, 5, 10, 64, model.config.vocab_size))
+    assert enc.precision.fused_correction
     fused_phi = enc.project(batch)
-    enc.fused_correction = False
-    plain_phi = enc.project(batch)
+    unfused = replace(enc.precision, fused_correction=False)
+    plain_phi = TrackStarEncoder(model, enc.config, second_moments=sm, precision=unfused).project(batch)
     rel = ((fused_phi - plain_phi).abs().max() / plain_phi.abs().max()).item()
     print(f"fused vs unfused correction: max rel diff {rel:.2e}")
     assert rel < 1e-5
