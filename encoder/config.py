@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from encoder.errors import ConfigError
@@ -53,7 +53,7 @@ class FingerprintConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     track_lm_head: bool = False
-    k: int | None = None
+    k: int | None = field(default=None, metadata={"cli": ("-k", "--proj-dim")})
     budget: int = 1 << 16
     max_block: int = 1024
     projection: ProjectionFamily = "gaussian"
@@ -61,10 +61,10 @@ class FingerprintConfig:
     correction: bool = True
     hessian: HessianMode = "mixed"
     lambda_: float | None = None
-    lambda_component: float = 1.0 / 64.0
+    lambda_component: float = field(default=1.0 / 64.0, metadata={"cli": None})
     delta: float = 1e-3
-    unit_norm: bool = True
-    mode: EncoderMode = "exact"
+    unit_norm: bool = field(default=True, metadata={"cli": None})
+    mode: EncoderMode = field(default="exact", metadata={"cli": "--encoder"})
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 0:

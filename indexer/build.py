@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from encoder.batching import Tokenizer
-from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError, InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import (
@@ -39,6 +38,7 @@ from encoder.model_loading import (
 )
 from indexer import manifest as mf
 from indexer import passes, preflight
+from indexer.build_config import BuildConfig
 from indexer.chunking import ChunkConfig
 from indexer.corpus import corpus_format, corpus_hash
 from indexer.distributed import DistContext
@@ -50,60 +50,6 @@ from indexer.workdir import TokenStore, WorkDir
 log = logging.getLogger(__name__)
 
 SMALL_MODEL_PARAMS = 50_000_000
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything a build needs (the ``influence index build`` options).
-
-    Args:
-        model: model directory or HF Trainer checkpoint directory.
-        corpus: corpus path (see ``indexer.corpus.read_corpus``).
-        out: the index directory to publish.
-        fingerprint: the fingerprint configuration.
-        seq_len: tokens per sequence; None = the model's context length.
-        stride: window step; None = seq_len (no overlap).
-        pack: pack documents into sequences.
-        append_eos: end documents with EOS (as the trainer did).
-        queries: JSONL of {prompt, completion} for R_eval (hessian ``mixed``).
-        optimizer_state: second-moment source; None = the model dir's optimizer.pt if any,
-            else estimated over ``v_sample`` sequences.
-        v_sample: sequences for the second-moment estimate.
-        hessian_sample: sequences for R_train; None = all.
-        basis_sample: sequences the projection basis is fitted on (``projection: pca``;
-            evenly spaced over the corpus; None = all).
-        faiss: FAISS factory string.
-        faiss_train_sample: vectors to train an approximate index on.
-        batch_size: sequences per backward pass (part of the build's identity); 0 = auto:
-            the largest batch that fits the device's free memory (``encoder.memory``),
-            measured once per build and kept in the work directory, so a resumed build
-            uses the same batches.
-        shard_size: sequences per shard (resume and scale-out unit).
-        device: torch device; None = CUDA if present.
-        threads: torch intra-op threads; None = 1 for a small model on the CPU, else torch's default.
-        name: the model's display name (UI, API ``model``); None = ``display_name(model)``.
-    """
-
-    model: Path
-    corpus: Path
-    out: Path
-    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
-    seq_len: int | None = None
-    stride: int | None = None
-    pack: bool = False
-    append_eos: bool = True
-    queries: Path | None = None
-    optimizer_state: Path | None = None
-    v_sample: int = 256
-    hessian_sample: int | None = None
-    basis_sample: int | None = 1024
-    faiss: str = "Flat"
-    faiss_train_sample: int = 65536
-    batch_size: int = 8
-    shard_size: int = 256
-    device: str | None = None
-    threads: int | None = None
-    name: str | None = None
 
 
 def _out_state(out: Path, build_key: str) -> bool:
@@ -166,8 +112,8 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     out = Path(cfg.out).resolve()
     if cfg.batch_size < 0 or cfg.shard_size < 1:
         raise ConfigError("batch size must be >= 1 (or 0: auto) and shard size >= 1")
-    if cfg.basis_sample is not None and cfg.basis_sample < 1:
-        raise ConfigError(f"basis sample must be >= 1 sequences (or all), got {cfg.basis_sample}")
+    if cfg.basis_sample < 0:
+        raise ConfigError(f"basis sample must be >= 1 sequences (or 0: all), got {cfg.basis_sample}")
     corpus_format(Path(cfg.corpus))  # missing corpus: fail before loading the model
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")

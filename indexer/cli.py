@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
+from indexer.build_config import BuildConfig
+from indexer.options import add_flags, from_flags
 from indexer.summary import print_summary, summary
 
 
@@ -40,47 +41,11 @@ def _tqdm_progress(enabled: bool):
     return progress, close
 
 
-def fingerprint_config(args: argparse.Namespace) -> FingerprintConfig:
-    """The FingerprintConfig of the build options."""
-    return FingerprintConfig(
-        include=tuple(args.include or ("*",)),
-        exclude=tuple(args.exclude or ()),
-        track_lm_head=args.track_lm_head,
-        k=args.proj_dim,
-        budget=args.budget,
-        max_block=args.max_block,
-        projection=args.projection,
-        seed=args.seed,
-        correction=not args.no_correction,
-        hessian=args.hessian,
-        lambda_=args.lambda_,
-        delta=args.delta,
-        mode=args.encoder,
-    )
-
-
-def build_config(args: argparse.Namespace):
-    """The BuildConfig of ``influence index build`` options."""
-    from indexer.build import BuildConfig
-
-    return BuildConfig(
-        model=Path(args.model), corpus=Path(args.corpus), out=Path(args.out),
-        fingerprint=fingerprint_config(args), seq_len=args.seq_len, stride=args.stride,
-        pack=args.pack, append_eos=not args.no_eos,
-        queries=Path(args.queries) if args.queries else None,
-        optimizer_state=Path(args.optimizer_state) if args.optimizer_state else None,
-        v_sample=args.v_sample, hessian_sample=args.hessian_sample, basis_sample=args.basis_sample or None,
-        faiss=args.faiss,
-        faiss_train_sample=args.faiss_train_sample, batch_size=args.batch_size,
-        shard_size=args.shard_size, device=args.device, threads=args.threads, name=args.name,
-    )
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import run_build
     from indexer.distributed import exit_after_success, init_distributed, shutdown
 
-    cfg = build_config(args)
+    cfg = from_flags(BuildConfig, args)
     ctx = init_distributed()
     progress, close = _tqdm_progress(ctx.is_main and not args.no_progress)
     try:
@@ -154,70 +119,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_size(text: str) -> int:
-    """--batch-size: a positive integer, or ``auto`` (0 in BuildConfig)."""
-    if text.strip().lower() == "auto":
-        return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return value
-
-
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="build an index from a corpus")
-    p.add_argument("--model", required=True, help="model or HF Trainer checkpoint directory")
-    p.add_argument("--corpus", required=True, help=".jsonl, .parquet, datasets dir, or folder of .txt")
-    p.add_argument("--out", required=True, help="index directory to publish")
-    p.add_argument("--queries", help="JSONL of {prompt, completion} for R_eval")
-    p.add_argument("--optimizer-state", help="optimizer.pt / checkpoint dir / second-moment safetensors")
-    p.add_argument("--no-correction", action="store_true", help="ablation: no optimizer correction")
-    p.add_argument("--hessian", choices=("none", "train", "mixed"), default="mixed",
-                   help="R: none (ablation), train (R_train), mixed (lambda R_eval + (1-lambda) R_train, with --queries)")
-    p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="R_eval weight (default: App. A.1.3 rule)")
-    p.add_argument("--delta", type=float, default=1e-3, help="whitening damping")
-    p.add_argument("-k", "--proj-dim", type=int, default=None,
-                   help="a fixed projection size per side for every module (0 = no projection); "
-                        "default: sized from --budget")
-    p.add_argument("--budget", type=int, default=1 << 16,
-                   help="total fingerprint dims shared by the modules; a module whose gradient fits "
-                        "its share is stored exactly (default 65536, the paper's)")
-    p.add_argument("--max-block", type=int, default=1024,
-                   help="the most dims one module's block takes under --budget (its Hessian block is "
-                        "this squared; default 1024 = 8 MiB of float64)")
-    p.add_argument("--projection", choices=("gaussian", "pca"), default="gaussian",
-                   help="gaussian: seeded random matrices (the paper's); pca: each module's top corrected-gradient "
-                        "eigenvectors, fitted on --basis-sample sequences (seed-free and closer to the unprojected "
-                        "ranking, but worse attribution with a Hessian: see the README)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the gaussian projection")
-    p.add_argument("--include", action="append", help="module name glob to track (repeatable)")
-    p.add_argument("--exclude", action="append", help="module name glob to skip (repeatable)")
-    p.add_argument("--track-lm-head", action="store_true", help="also track the output embedding (LM head)")
-    p.add_argument("--encoder", choices=("exact", "factored"), default="exact",
-                   help="exact per-example gradients, or factored (rank-1 second moments folded into the projections)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model context)")
-    p.add_argument("--stride", type=int, default=None, help="window step (default: seq-len)")
-    p.add_argument("--pack", action="store_true", help="pack documents into sequences")
-    p.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
-    p.add_argument("--v-sample", type=int, default=256, help="sequences for the second-moment estimate")
-    p.add_argument("--hessian-sample", type=int, default=None, help="sequences for R_train (default: all)")
-    p.add_argument("--basis-sample", type=int, default=1024,
-                   help="sequences the pca basis is fitted on, evenly spaced (default 1024; 0 = all)")
-    p.add_argument("--faiss", default="Flat", help="FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32)")
-    p.add_argument("--faiss-train-sample", type=int, default=65536,
-                   help="vectors an approximate FAISS index is trained on (default 65536)")
-    p.add_argument("--batch-size", type=_batch_size, default=8,
-                   help="sequences per backward pass, or 'auto': the largest that fits free memory")
-    p.add_argument("--shard-size", type=int, default=256, help="sequences per shard (resume unit)")
-    p.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for models < 50M params on CPU)")
+    add_flags(p, BuildConfig)  # every BuildConfig / FingerprintConfig field, from its docstring
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--name", default=None,
-                   help="the model's display name in the UI and API (default: run/checkpoint-N for a "
-                        "Trainer checkpoint, else the model directory's name)")
     p.set_defaults(func=cmd_build)
 
 

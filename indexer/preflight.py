@@ -20,7 +20,7 @@ from encoder.memory import free_memory, hessian_bytes
 from indexer import faiss_index
 
 if TYPE_CHECKING:
-    from indexer.build import BuildConfig
+    from indexer.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from indexer.passes import evenly_spaced
 from indexer.workdir import WorkDir
 
 if TYPE_CHECKING:
-    from indexer.build import BuildConfig
+    from indexer.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
 

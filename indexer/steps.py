@@ -33,7 +33,7 @@ from indexer.publish import BuildOutputs, publish
 from indexer.workdir import TokenStore, WorkDir
 
 if TYPE_CHECKING:
-    from indexer.build import BuildConfig
+    from indexer.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def basis(b: Build) -> None:
     def fit() -> None:
         if path.is_file():
             return
-        ids = passes.evenly_spaced(b.n, b.cfg.basis_sample)
+        ids = passes.evenly_spaced(b.n, b.cfg.basis_sample or None)
         stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
         save_projections(stats.projections(b.encoder.modules, b.encoder.plan, b.cfg.fingerprint.seed), path)
         log.info("projection basis fitted on %d sequences", stats.count)

@@ -1,0 +1,78 @@
+"""``BuildConfig``: everything a build needs, and the source of ``influence index build``'s
+flags (``indexer.options``). Light on purpose: the CLI imports it to print ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from encoder.config import FingerprintConfig
+
+
+def batch_size_flag(text: str) -> int:
+    """``--batch-size``: a positive integer, or ``auto`` (0)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build needs (the ``influence index build`` options).
+
+    Args:
+        model: model or HF Trainer checkpoint directory.
+        corpus: .jsonl, .parquet, datasets dir, or folder of .txt (``indexer.corpus``).
+        out: index directory to publish.
+        fingerprint: the fingerprint configuration.
+        seq_len: tokens per sequence; None = the model's context length.
+        stride: window step; None = seq_len (no overlap).
+        pack: pack documents into sequences.
+        append_eos: end documents with EOS (as the trainer did).
+        queries: JSONL of {prompt, completion} whose gradients make R_eval (hessian ``mixed``).
+        optimizer_state: optimizer.pt, checkpoint dir or second-moment safetensors; None =
+            the model dir's optimizer.pt if any, else estimated over ``v_sample`` sequences.
+        v_sample: sequences for the second-moment estimate.
+        hessian_sample: sequences for R_train; None = all.
+        basis_sample: sequences the pca basis is fitted on, evenly spaced; 0 = all.
+        faiss: FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32).
+        faiss_train_sample: vectors an approximate FAISS index is trained on.
+        batch_size: sequences per backward pass, or ``auto`` (0): the largest batch that
+            fits the device's free memory (``encoder.memory``), measured once per build and
+            kept in the work directory, so a resumed build uses the same batches. Part of
+            the build's identity.
+        shard_size: sequences per shard (resume and scale-out unit).
+        device: torch device; None = CUDA if present, else the CPU.
+        threads: torch intra-op threads; None = 1 for a model under 50M parameters on the
+            CPU, else torch's default.
+        name: the model's display name in the UI and API; None = run/checkpoint-N for a
+            Trainer checkpoint, else the model directory's name.
+    """
+
+    model: Path
+    corpus: Path
+    out: Path
+    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    seq_len: int | None = None
+    stride: int | None = None
+    pack: bool = False
+    append_eos: bool = field(default=True, metadata={"cli": "--no-eos"})
+    queries: Path | None = None
+    optimizer_state: Path | None = None
+    v_sample: int = 256
+    hessian_sample: int | None = None
+    basis_sample: int = 1024
+    faiss: str = "Flat"
+    faiss_train_sample: int = 65536
+    batch_size: int = field(default=8, metadata={"parse": batch_size_flag})
+    shard_size: int = 256
+    device: str | None = None
+    threads: int | None = None
+    name: str | None = None
