@@ -7,7 +7,7 @@ twice, one server at a time: batching on (the default settings) and batching off
 - single-query latency split: sequential ``POST /v1/influence`` calls; ``timings_ms`` gives
   the server's encode (tokenize + gradient fingerprint), search (FAISS + SQLite) and total;
   tokenize and serialize are timed in-process with the code the service runs
-  (``service.search.validate`` + ``encoder.batching.tokenize_query``, and pydantic's JSON
+  (``engine.query.validate`` + ``encoder.batching.tokenize_query``, and pydantic's JSON
   serializer on the returned ``InfluenceResponse``); the rest of the client round trip is
   HTTP + framework.
 - closed-loop load (a thread and a keep-alive ``http.client`` connection per client): C
