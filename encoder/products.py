@@ -4,6 +4,7 @@ outputs of bf16 products)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,18 +70,18 @@ def factored_products(
     return torch.bmm(left.view(bsz, t, -1).transpose(1, 2), right.view(bsz, t, -1)).flatten(1)
 
 
-_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
 def out_dtype_products(device: torch.device) -> bool:
-    """Whether mm/bmm on this device take bf16 inputs with a float32 ``out_dtype``."""
-    key = str(device)
-    if key not in _OUT_DTYPE_OK:
-        try:
-            x = torch.ones(1, 2, 2, device=device, dtype=torch.bfloat16)
-            torch.bmm(x, x, out_dtype=torch.float32)
-            torch.mm(x[0], x[0], out_dtype=torch.float32)
-            _OUT_DTYPE_OK[key] = True
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK[key] = False
-    return _OUT_DTYPE_OK[key]
+    """Whether mm/bmm on this device take bf16 inputs with a float32 ``out_dtype``
+    (probed once per device)."""
+    return _probe_out_dtype(str(device))
+
+
+@functools.cache
+def _probe_out_dtype(device: str) -> bool:
+    try:
+        x = torch.ones(1, 2, 2, device=device, dtype=torch.bfloat16)
+        torch.bmm(x, x, out_dtype=torch.float32)
+        torch.mm(x[0], x[0], out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
