@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check encoder indexer service api evaluation tests benchmarks deploy
+	$(BIN)/ruff check encoder indexer engine service api evaluation tests benchmarks deploy
 	$(BIN)/mypy
 
 openapi: $(STAMP)
