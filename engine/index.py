@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from encoder.batching import Example, Tokenizer, collate, sequence_example, tokenize_query
-from encoder.errors import ArtifactError
+from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer
 from encoder.token_attribution import attribute_tokens
 from encoder.uncertainty import score_sd
+from engine.choices import SEARCH_PLACEMENTS
 from engine.opening import HeldFiles, verify_model
 from engine.protocols import Attribution, Record, Summary, VectorSearch
 from engine.vectors import open_vectors
@@ -94,6 +95,10 @@ class OpenOptions:
     placement: str = "auto"
     milvus: MilvusTarget | None = None
 
+    def __post_init__(self) -> None:
+        if self.placement not in SEARCH_PLACEMENTS:  # refused before the model loads
+            raise ConfigError(f"search placement must be one of {SEARCH_PLACEMENTS}, got {self.placement!r}")
+
 
 class InfluenceIndex:
     """A loaded, immutable index: encode queries, search, fetch and explain examples.
@@ -147,11 +152,16 @@ class InfluenceIndex:
             raise ArtifactError(f"index counts disagree: manifest {manifest.sequences}, fingerprints "
                                 f"{list(fingerprints.shape)}, encoder dim {encoder.dim}")  # fmt: skip
         store = MetadataStore(index_dir / mf.METADATA)
-        if opts.verify:
-            integrity.check_against_encoder(encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0))
-        vectors = open_vectors(index_dir, manifest, fingerprints, placement=opts.placement, params=opts.search_params,
-                               on_cuda=encoder.device.type == "cuda", milvus=opts.milvus)  # fmt: skip
-        lexical = open_for_index(index_dir, manifest.sequences)
+        try:
+            if opts.verify:
+                integrity.check_against_encoder(encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0))
+            lexical = open_for_index(index_dir, manifest.sequences)
+            vectors = open_vectors(index_dir, manifest, fingerprints, placement=opts.placement,
+                                   params=opts.search_params, on_cuda=encoder.device.type == "cuda",
+                                   milvus=opts.milvus)  # fmt: skip
+        except BaseException:
+            store.close()
+            raise
         served: MetadataStore | MilvusMetadata = store
         if isinstance(vectors, MilvusSearch):  # metadata from Milvus too; the local store was for the checks
             served = vectors.metadata()

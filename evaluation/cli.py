@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from evaluation.corpus import QUERIES_SCHEMA
-from evaluation.settings import METHOD_NAMES, EvalSettings
+from evaluation.settings import EvalSettings
+from indexer.options import add_flags, from_flags
 
 TRAIN_SIZES = ("test", "demo", "deep")
 """``evaluation.train.SPECS`` (not imported here: ``--help`` stays light)."""
@@ -30,39 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="queries.jsonl: prompt, completion, relevant_ids (corpus ids), optional fact_id")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--stem", default="eval", help="output file stem (default: eval)")
-    p.add_argument("--k", type=int, default=None,
-                   help="a fixed projection size per side (default: the index default, a 2^16 budget)")
-    p.add_argument("--projection", choices=("gaussian", "pca"), default=EvalSettings.projection,
-                   help="projection family: gaussian (seeded; the paper's) or pca (a basis fitted on the corpus) "
-                        f"(default {EvalSettings.projection})")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="projection seed, query folds, random floor (default 0)")
+    add_flags(p, EvalSettings)  # every EvalSettings field, from its docstring
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run once per projection seed and report mean and spread (overrides --seed)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per backward pass (default 16)")
-    p.add_argument("--tailpatch-lr", type=float, default=EvalSettings.tailpatch_lr,
-                   help=f"step size of the tail-patch step (default {EvalSettings.tailpatch_lr:g})")
-    p.add_argument("--tailpatch-optimizer", choices=("adam", "sgd"), default="adam",
-                   help="tail-patch step: adam (the checkpoint's second moments) or sgd")
-    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES),
-                   help="methods to compare (default: all)")
-    p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first n queries")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: tiny matmuls, shared cores)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def command_line(args: argparse.Namespace) -> str:
+def command_line(args: argparse.Namespace, settings: EvalSettings) -> str:
     """The command that reproduces this run, every setting spelled out (for the report)."""
+    s = settings
     parts = ["influence", "eval", "--model", str(args.model), "--corpus", str(args.corpus),
              "--queries", str(args.queries), "--out", str(args.out), "--stem", args.stem,
-             *(["--k", str(args.k)] if args.k is not None else []), "--projection", args.projection,
-             *(["--seeds", *map(str, args.seeds)] if args.seeds else ["--seed", str(args.seed)]),
-             "--batch-size", str(args.batch_size),
-             "--tailpatch-lr", f"{args.tailpatch_lr:g}", "--tailpatch-optimizer", args.tailpatch_optimizer,
-             "--methods", *args.methods]  # fmt: skip
-    if args.max_queries is not None:
-        parts += ["--max-queries", str(args.max_queries)]
+             *(["--k", str(s.k)] if s.k is not None else []), "--projection", s.projection,
+             *(["--seeds", *map(str, args.seeds)] if args.seeds else ["--seed", str(s.seed)]),
+             "--batch-size", str(s.batch_size),
+             "--tailpatch-lr", f"{s.tailpatch_lr:g}", "--tailpatch-optimizer", s.tailpatch_optimizer,
+             "--methods", *s.methods]  # fmt: skip
+    if s.max_queries is not None:
+        parts += ["--max-queries", str(s.max_queries)]
     return shlex.join(parts)
 
 
@@ -74,12 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.report import write_report
     from evaluation.run import combine_seeds, run_evaluation
 
-    seeds = args.seeds or [args.seed]
-    settings = EvalSettings(
-        k=args.k, projection=args.projection, seed=seeds[0], batch_size=args.batch_size, tailpatch_lr=args.tailpatch_lr,
-        tailpatch_optimizer=args.tailpatch_optimizer, methods=tuple(args.methods),
-        max_queries=args.max_queries,
-    )  # fmt: skip
+    settings: EvalSettings = from_flags(EvalSettings, args)
+    seeds = args.seeds or [settings.seed]
+    settings = replace(settings, seed=seeds[0])
 
     def progress(desc: str, total: int) -> tqdm:  # noqa: F821 (imported above)
         return tqdm(total=total, desc=desc, unit="seq", disable=args.no_progress, file=sys.stderr)
@@ -87,13 +74,11 @@ def run(args: argparse.Namespace) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:
-        from dataclasses import replace
-
         result = combine_seeds([run_evaluation(args.model, args.corpus, args.queries, replace(settings, seed=s), progress)
                                 for s in seeds])  # fmt: skip
     finally:
         torch.set_num_threads(previous)
-    for path in write_report(result, args.out, stem=args.stem, command=command_line(args)):
+    for path in write_report(result, args.out, stem=args.stem, command=command_line(args, settings)):
         print(path)
     return 0
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from encoder.config import FingerprintConfig, ProjectionFamily
 
@@ -69,6 +70,6 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4
-    tailpatch_optimizer: str = "adam"
-    methods: tuple[str, ...] = METHOD_NAMES
+    tailpatch_optimizer: Literal["adam", "sgd"] = "adam"
+    methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"argparse": {"nargs": "+", "choices": METHOD_NAMES}})
     max_queries: int | None = None

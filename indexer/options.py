@@ -2,11 +2,13 @@
 type, default and help.
 
 A field's flag is ``--field-name`` (a trailing ``_`` dropped), its type and default the
-field's, its help the field's entry in the class docstring's ``Args:`` section. A boolean
+field's, its help the field's entry in the class docstring's ``Args:`` (or
+``Attributes:``) section. A boolean
 that defaults to True gets ``--no-field-name``; a ``tuple[str, ...]`` is a repeatable flag;
 a ``Literal`` offers its choices; a nested config dataclass adds its own fields. A field's
 ``metadata`` may rename the flag (``{"cli": ("-k", "--proj-dim")}``), hide it (``{"cli":
-None}``) or parse its text (``{"parse": function}``). Only light modules may define such a
+None}``), parse its text (``{"parse": function}``) or add argparse options
+(``{"argparse": {"nargs": "+"}}``). Only light modules may define such a
 class: the CLI imports it to print ``--help``.
 """
 
@@ -25,7 +27,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 def field_docs(cls: type) -> dict[str, str]:
     """{field: its ``Args:`` entry of the class docstring, on one line, without markup}."""
     doc = inspect.getdoc(cls) or ""
-    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    heading = next((h for h in ("Args:", "Attributes:") if h in doc), None)
+    section = doc.split(heading, 1)[1] if heading else ""
     out: dict[str, list[str]] = {}
     current: list[str] = []
     for line in section.splitlines():
@@ -94,7 +97,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             options["required"] = True
         elif hint is not bool and default is not None:
             text += f" (default {_default_text(default)})"
-        parser.add_argument(*names, help=text.replace("%", "%%"), **options)
+        extra = dict(f.metadata.get("argparse", {}))
+        if "nargs" in extra:
+            options.pop("action", None)
+        parser.add_argument(*names, help=text.replace("%", "%%"), **{**options, **extra})
 
 
 def from_flags(cls: type, args: argparse.Namespace) -> Any:
