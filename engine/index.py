@@ -241,7 +241,7 @@ class InfluenceIndex:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
         one tokenized query by their unprojected corrected gradients; [len(ids)] float32."""
         self._held.check()
-        sequences = [sequence_example(self.store.token_ids(i)) for i in ids]
+        sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
         self.last_query_at = time.monotonic()
         with self.encode_lock:
             if self._rescorer is None:

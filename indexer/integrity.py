@@ -150,4 +150,4 @@ def check_against_encoder(
     open and verify both check once the encoder the manifest describes is built."""
     check_fingerprints(fingerprints, manifest)
     rows = reencode_rows(len(fingerprints))
-    check_reencoded(encoder, [store.token_ids(i) for i in rows], fingerprints[rows], pad_id)
+    check_reencoded(encoder, store.token_ids_many(rows), fingerprints[rows], pad_id)

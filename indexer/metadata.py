@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -59,6 +60,9 @@ class ExampleRecord:
     char_end: int
 
 
+T = TypeVar("T")
+
+
 def pack_token_ids(ids: Sequence[int]) -> bytes:
     """A sequence's token ids as stored: little-endian uint32."""
     return np.asarray(ids, dtype="<u4").tobytes()
@@ -68,23 +72,28 @@ def unpack_token_ids(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<u4").astype(np.int64).tolist()
 
 
-def records_in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[ExampleRecord]],
-                     chunk: int) -> list[ExampleRecord]:  # fmt: skip
-    """Records for ``ids`` in the given order, each distinct id fetched once, ``chunk`` ids
-    per ``fetch`` call (a store's lookup).
+def in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[tuple[int, T]]], chunk: int) -> list[T]:
+    """Values for ``ids`` in the given order, each distinct id fetched once, ``chunk`` ids
+    per ``fetch`` call (a store's lookup, yielding (id, value)).
 
     Raises:
         NotFoundError: an id is not in the store (code ``unknown_id``).
     """
     wanted = [int(i) for i in ids]
     unique = sorted(set(wanted))
-    found: dict[int, ExampleRecord] = {}
+    found: dict[int, T] = {}
     for start in range(0, len(unique), chunk):
-        found.update((int(r.id), r) for r in fetch(unique[start : start + chunk]))
+        found.update(fetch(unique[start : start + chunk]))
     missing = [i for i in wanted if i not in found]
     if missing:
         raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
     return [found[i] for i in wanted]
+
+
+def records_in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[ExampleRecord]],
+                     chunk: int) -> list[ExampleRecord]:  # fmt: skip
+    """``in_order`` for a lookup that yields records."""
+    return in_order(ids, lambda part: ((int(r.id), r) for r in fetch(part)), chunk)
 
 
 class MetadataWriter:
@@ -149,15 +158,21 @@ class MetadataStore:
         return records_in_order(ids, fetch, chunk=500)
 
     def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the store's key
-        """The token ids sequence ``id`` was indexed with.
+        """The token ids sequence ``id`` was indexed with (``NotFoundError`` for an unknown id)."""
+        return self.token_ids_many([id])[0]
+
+    def token_ids_many(self, ids: Sequence[int]) -> list[list[int]]:
+        """The token ids of sequences ``ids``, in order, one query per 500 ids.
 
         Raises:
-            NotFoundError: no sequence ``id`` (code ``unknown_id``).
+            NotFoundError: an id is not in the store (code ``unknown_id``).
         """
-        row = self._conn.execute("SELECT ids FROM tokens WHERE id = ?", (int(id),)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
-        return unpack_token_ids(row[0])
+        def fetch(chunk: list[int]) -> Iterable[tuple[int, list[int]]]:
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(f"SELECT id, ids FROM tokens WHERE id IN ({marks})", chunk)
+            return ((int(i), unpack_token_ids(data)) for i, data in rows)
+
+        return in_order(ids, fetch, chunk=500)
 
     def close(self) -> None:
         self._conn.close()

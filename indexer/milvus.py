@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from encoder.errors import ArtifactError, ConfigError, InfluenceError, NotFoundError
+from encoder.errors import ArtifactError, ConfigError, InfluenceError
 from indexer import manifest as mf
 from indexer.metadata import (
     ExampleRecord,
     MetadataStore,
+    in_order,
     pack_token_ids,
     records_in_order,
     unpack_token_ids,
@@ -185,13 +186,13 @@ def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector
     vectors = np.asarray(fingerprints[np.asarray(ids)], dtype=np.float16)
     if vector_type != "FLOAT16_VECTOR":
         vectors = vectors.astype(np.float32)
-    rows = []
+    rows, tokens = [], store.token_ids_many(ids)
     for j, r in enumerate(store.get_many(ids)):
         rows.append({"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
                      "text": r.text[:TEXT_CHARS], "source": r.source,
                      "document_id": None if r.document_id is None else str(r.document_id),
                      **{f: int(getattr(r, f)) for f in OFFSET_FIELDS},
-                     "token_ids": _pack(store.token_ids(r.id))})  # fmt: skip
+                     "token_ids": _pack(tokens[j])})  # fmt: skip
     return rows
 
 
@@ -321,14 +322,20 @@ class MilvusMetadata:
         return records_in_order(ids, fetch, chunk=1000)
 
     def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the store's key
-        rows = self._query([int(id)], ["token_ids"])
-        if not rows:
-            raise NotFoundError(f"no training example with id {id}", code="unknown_id", id=int(id))
-        packed = rows[0].get("token_ids")
-        if packed is None:
-            raise ArtifactError(f"the Milvus collection holds no token ids for sequence {id}: push the index "
-                                "again", code="milvus_mismatch")  # fmt: skip
-        return unpack_token_ids(base64.b64decode(packed))
+        return self.token_ids_many([id])[0]
+
+    def token_ids_many(self, ids: list[int]) -> list[list[int]]:
+        """Token ids of sequences ``ids``, in order, one query per 1000 ids."""
+        def fetch(chunk: list[int]) -> list[tuple[int, list[int]]]:
+            out = []
+            for row in self._query(chunk, ["id", "token_ids"]):
+                if row.get("token_ids") is None:
+                    raise ArtifactError(f"the Milvus collection holds no token ids for sequence {row['id']}: push "
+                                        "the index again", code="milvus_mismatch")  # fmt: skip
+                out.append((int(row["id"]), unpack_token_ids(base64.b64decode(row["token_ids"]))))
+            return out
+
+        return in_order(ids, fetch, chunk=1000)
 
     def count(self) -> int:
         return self._search.n
