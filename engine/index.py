@@ -25,7 +25,7 @@ from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer
 from encoder.token_attribution import attribute_tokens
 from encoder.uncertainty import score_sd
-from engine.choices import SEARCH_PLACEMENTS
+from engine.choices import SEARCH_PLACEMENTS, Placement
 from engine.opening import HeldFiles, verify_model
 from engine.protocols import Attribution, Record, Summary, VectorSearch
 from engine.vectors import open_vectors
@@ -92,7 +92,7 @@ class OpenOptions:
     model_dir: str | Path | None = None
     verify: bool = True
     search_params: faiss_index.SearchParams = faiss_index.SearchParams()
-    placement: str = "auto"
+    placement: Placement = "auto"
     milvus: MilvusTarget | None = None
 
     def __post_init__(self) -> None:
@@ -119,6 +119,11 @@ class InfluenceIndex:
         self.store = store
         self._lexical = lexical
         self._version = manifest.version
+        m = manifest
+        self._summary = Summary(model=m.model.name, model_hash=m.model.hash, index_version=self._version,
+                                index_dir=index_dir, size=m.sequences, counts=dict(m.counts),
+                                fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at)  # fmt: skip
+        """Immutable like the index: made once (every batch reports its model name)."""
         self._max_tokens = model_max_tokens(encoder.model)
         self._pad = int(tokenizer.pad_token_id or 0)
         self._held = HeldFiles(index_dir)
@@ -199,10 +204,7 @@ class InfluenceIndex:
         return time.monotonic() - self.last_query_at
 
     def summary(self) -> Summary:
-        m = self.manifest
-        return Summary(model=m.model.name, model_hash=m.model.hash, index_version=self.version,
-                       index_dir=self.index_dir, size=self.size, counts=dict(m.counts),
-                       fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at)  # fmt: skip
+        return self._summary
 
     def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
         """Fingerprints of (prompt, completion) queries, completion tokens as targets.

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from encoder.errors import ArtifactError, IndexChangedError
-from encoder.model_loading import model_hash, tokenizer_hash
+from encoder.errors import IndexChangedError
 from indexer import integrity
 from indexer import manifest as mf
 
@@ -29,15 +28,7 @@ def verify_model(index_dir: Path, manifest: mf.Manifest, model_dir: Path) -> Non
     """
     integrity.check_listing(manifest)
     mf.verify_checksums(index_dir, manifest)
-    if not model_dir.is_dir():
-        raise ArtifactError(f"the index's model directory {model_dir} does not exist; pass the model directory",
-                            code="model_missing")  # fmt: skip
-    if model_hash(model_dir) != manifest.model.hash:
-        raise ArtifactError(f"the model in {model_dir} is not the model this index was built with (hash "
-                            "mismatch); rebuild the index or pass the right model", code="model_mismatch")  # fmt: skip
-    if tokenizer_hash(model_dir) != manifest.model.tokenizer_hash:
-        raise ArtifactError(f"the tokenizer in {model_dir} differs from the one this index was built with",
-                            code="model_mismatch")  # fmt: skip
+    integrity.check_model(manifest, model_dir)
 
 
 class HeldFiles:

@@ -13,8 +13,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from encoder.errors import ArtifactError, ConfigError
-from engine.choices import SEARCH_PLACEMENTS
+from encoder.errors import ArtifactError
+from engine.choices import Placement
 from engine.protocols import VectorSearch
 from indexer import faiss_index
 from indexer import manifest as mf
@@ -48,7 +48,7 @@ class FaissSearch:
         """Nothing to release beyond the references the index drops."""
 
 
-def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarray, *, placement: str,
+def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarray, *, placement: Placement,
                  params: faiss_index.SearchParams, on_cuda: bool, milvus: MilvusTarget | None) -> VectorSearch:  # fmt: skip
     """The vector search an index is served from.
 
@@ -61,11 +61,9 @@ def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarra
         on_cuda: the model runs on CUDA (``auto``).
         milvus: search this Milvus collection instead (the FAISS file is not loaded).
     Raises:
-        ConfigError: an unknown placement, or a GPU placement without faiss-gpu.
+        ConfigError: a GPU placement without faiss-gpu (``OpenOptions`` refuses an unknown one).
         ArtifactError: the FAISS index's count is not the manifest's.
     """
-    if placement not in SEARCH_PLACEMENTS:
-        raise ConfigError(f"search placement must be one of {SEARCH_PLACEMENTS}, got {placement!r}")
     if milvus is not None:
         return MilvusSearch(milvus, manifest.version, manifest, fingerprints, params.candidates)
     if placement == "torch":

@@ -173,7 +173,7 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     store = TokenStore(work)
     encoder = TrackStarEncoder(model, cfg.fingerprint)
     preflight.check_resources(cfg, encoder, len(store), out)
-    build = Build(cfg=cfg, ctx=ctx, progress=progress, out=out, tokenizer=tokenizer, model=model, context=ctx_len,
+    build = Build(cfg=cfg, ctx=ctx, progress=progress, tokenizer=tokenizer, model=model, context=ctx_len,
                   chunk=chunk, key=key, work=work, counts=json.loads(work.path("tokens.json").read_text()),
                   store=store, encoder=encoder, started=t_start)  # fmt: skip
     for name, step in STEPS:

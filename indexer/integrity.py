@@ -11,12 +11,15 @@ equal the stored ones, which catches any edit of the config that changes the mat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from encoder.batching import collate, sequence_example
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
+from encoder.model_loading import model_hash, tokenizer_hash
 from indexer import manifest as mf
 from indexer.metadata import MetadataStore
 
@@ -81,6 +84,23 @@ def check_listing(manifest: mf.Manifest) -> None:
             "(an edited manifest): rebuild the index",
             code="manifest_mismatch",
         )
+
+
+def check_model(manifest: mf.Manifest, model_dir: Path) -> None:
+    """The model and tokenizer in ``model_dir`` are the ones the index was built with.
+
+    Raises:
+        ArtifactError: code ``model_missing`` (no such directory) or ``model_mismatch``.
+    """
+    if not model_dir.is_dir():
+        raise ArtifactError(f"the index's model directory {model_dir} does not exist; pass the model directory",
+                            code="model_missing")  # fmt: skip
+    if model_hash(model_dir) != manifest.model.hash:
+        raise ArtifactError(f"the model in {model_dir} is not the model this index was built with (hash "
+                            "mismatch); rebuild the index or pass the right model", code="model_mismatch")  # fmt: skip
+    if tokenizer_hash(model_dir) != manifest.model.tokenizer_hash:
+        raise ArtifactError(f"the tokenizer in {model_dir} differs from the one this index was built with",
+                            code="model_mismatch")  # fmt: skip
 
 
 def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:

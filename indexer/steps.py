@@ -47,7 +47,6 @@ class Build:
     cfg: BuildConfig
     ctx: DistContext
     progress: Progress
-    out: Path
     tokenizer: Tokenizer
     model: torch.nn.Module
     context: int | None

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from encoder.errors import ArtifactError
-from encoder.model_loading import load_model, load_tokenizer, model_hash, tokenizer_hash
+from encoder.model_loading import load_model, load_tokenizer
 from indexer import integrity
 from indexer import manifest as mf
 from indexer.metadata import MetadataStore
@@ -52,10 +52,7 @@ def _verify_contents(index_dir: Path, model_dir: Path | None, m: mf.Manifest, fp
         )
     lines.append(f"counts: {n} sequences x {d} dims in fingerprints, FAISS and metadata")
     mdir = model_dir or Path(m.model.path)
-    if not mdir.is_dir():
-        raise ArtifactError(f"model directory {mdir} does not exist", code="model_missing")
-    if model_hash(mdir) != m.model.hash or tokenizer_hash(mdir) != m.model.tokenizer_hash:
-        raise ArtifactError(f"the model in {mdir} is not the one the index was built with", code="model_mismatch")
+    integrity.check_model(m, mdir)
     lines.append(f"model: {mdir} matches")
     for start in range(0, n, FINITE_CHUNK):
         if not np.isfinite(np.asarray(fps[start : start + FINITE_CHUNK], dtype=np.float32)).all():
