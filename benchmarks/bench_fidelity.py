@@ -10,10 +10,13 @@ and 1, over the queries of the corpus:
   the full default (mixed R); Spearman of all scores likewise. A pca basis has no seed: its
   two runs fit the basis on disjoint halves of the corpus (even / odd sequences), the
   variation a different sample of the same corpus would cause;
-- ``rescoreC``: the exact second stage (``encoder.rescoring``) on the hessian-none first
-  stage's top C: overlap of the re-ranked top-10 with the unprojected one;
-  ``mixed_rescoreC_seed``: seed-to-seed overlap of the re-ranked top-10 when the first
-  stage is the full default;
+- ``none_vs_own``: the same against the config's own unprojected ranking, which for
+  ``kfac`` is the K-FAC-whitened one (k = 0, projection kfac; for the others it is
+  ``exact``);
+- ``rescoreC``: the exact second stage (``encoder.rescoring``, by the own unprojected
+  scores) on the hessian-none first stage's top C: overlap of the re-ranked top-10 with the
+  own unprojected one; ``rescoreC_seed`` between seeds; ``mixed_rescoreC_seed``: seed-to-seed
+  overlap of the re-ranked top-10 when the first stage whitens with the projected mixed R;
 - cost: seconds of the build's passes in-process (statistics pass + encode pass, each a
   backward pass per sequence, plus R, lambda and R^-1/2), bytes per stored vector (float16),
   memory of the R statistics (float64 sums of R_train and R_eval, and R^-1/2), and the
@@ -66,10 +69,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "budget 2^16, block 1024, gaussian (default)": {"projection": "gaussian"},
     "budget 2^16, block 2048, gaussian": {"max_block": 2048, "projection": "gaussian"},
     "budget 2^16, block 1024, pca": {"projection": "pca"},
+    "budget 2^16, block 1024, kfac": {"projection": "kfac"},
+    "budget 2^16, block 2048, kfac": {"max_block": 2048, "projection": "kfac"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
     "k=8 gaussian": {"k": 8, "projection": "gaussian"},
     "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca"},
+    "budget 2^16, block 256, kfac": {"max_block": 256, "projection": "kfac"},
 }
 BASIS_SAMPLE = 1024
 """Sequences a pca basis is fitted on (the build's default ``basis_sample``)."""
@@ -165,6 +171,18 @@ class Harness:
         return (time.perf_counter() - t0) * 1e3
 
 
+def unprojected(h: Harness, projection: str) -> tuple[torch.Tensor, Any, float]:
+    """([Q, N] unit-norm scores, encoder, seconds) of the unprojected configuration
+    (k = 0, hessian none): the plain corrected gradients, or kfac's whitened ones."""
+    from encoder.config import FingerprintConfig
+
+    enc, a, b, seconds = h.phi(FingerprintConfig(k=0, hessian="none", projection=projection))
+    # Unit-normalize in place: the unprojected phi of the deep model is ~10 GB already.
+    for m in (a, b):
+        m.div_(m.norm(dim=1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny))
+    return b @ a.T, enc, seconds
+
+
 def top(scores: torch.Tensor, k: int) -> list[set[int]]:
     return [set(row.tolist()) for row in torch.topk(scores, min(k, scores.shape[1]), dim=1).indices]
 
@@ -195,16 +213,12 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
 
     checkpoint, corpus_dir = prepare(spec, workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
-    enc, a, b, exact_s = h.phi(FingerprintConfig(k=0, hessian="none"))
-    # Unit-normalize in place: the unprojected phi of the deep model is ~10 GB already.
-    for m in (a, b):
-        m.div_(m.norm(dim=1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny))
-    exact = b @ a.T
+    exact, enc, exact_s = unprojected(h, "gaussian")
     exact_top = top(exact, 10)
+    kfac_exact = unprojected(h, "kfac")[0] if any(c.get("projection") == "kfac" for c in configs.values()) else None
     info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
             "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
             "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
-    del a, b
     rows = []
     for label, sizing in configs.items():
         print(f"[{spec.name}] {label}", flush=True)
@@ -217,24 +231,31 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
             s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
             cost.append(h.basis_s + 2 * phi_s + whiten_s)
             del a, b
+        # A config's own unprojected ranking: kfac's is the K-FAC-whitened one (k = 0), and
+        # its exact second stage re-scores by it (encoder.rescoring).
+        own = kfac_exact if enc.config.projection == "kfac" else exact
+        own_top = top(own, 10)
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
         row: dict[str, Any] = {
             "config": label, "projection": enc.config.projection, "d": enc.dim, "max_block_dims": max(enc.block_dims),
-            "exact_modules": sum(v is None for v in enc.plan.values()), "modules": len(enc.plan),
+            "exact_modules": sum(d == m.out_features * m.in_features for m, d in zip(enc.modules, enc.block_dims, strict=True)), "modules": len(enc.plan),
             "none_vs_exact": (overlap(n0, exact_top) + overlap(n1, exact_top)) / 2,
             "none_seed": overlap(n0, n1), "mixed_seed": overlap(m0, m1),
             "spearman_none_vs_exact": spearman(s_none[0], exact), "spearman_mixed_seed": spearman(s_mixed[0], s_mixed[1]),
             "mixed_vs_exact": overlap(m0, exact_top),
+            "none_vs_own": (overlap(n0, own_top) + overlap(n1, own_top)) / 2,
+            "mixed_vs_own": (overlap(m0, own_top) + overlap(m1, own_top)) / 2,
             "build_passes_s": float(np.mean(cost)), "bytes_per_vector": 2 * enc.dim,
             "r_memory_mib": r_bytes(enc.block_dims) / 2**20,
             "projection_mib": sum(4 * (x.numel() + y.numel()) for x, y in enc.projections().values()) / 2**20,
         }  # fmt: skip
         for c in RESCORE_C:
-            row[f"rescore{c}"] = overlap(rescored(s_none[0], exact, c), exact_top)
-            r0, r1 = rescored(s_mixed[0], exact, c), rescored(s_mixed[1], exact, c)
+            row[f"rescore{c}"] = overlap(rescored(s_none[0], own, c), own_top)
+            row[f"rescore{c}_seed"] = overlap(rescored(s_none[0], own, c), rescored(s_none[1], own, c))
+            r0, r1 = rescored(s_mixed[0], own, c), rescored(s_mixed[1], own, c)
             row[f"mixed_rescore{c}_seed"] = overlap(r0, r1)
-            row[f"mixed_rescore{c}_vs_exact"] = overlap(r0, exact_top)
+            row[f"mixed_rescore{c}_vs_exact"] = overlap(r0, own_top)
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]["build_passes_s"]
@@ -323,9 +344,10 @@ def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
     return {"model": spec.name, "rows": rows}
 
 
-COLUMNS = ["config", "projection", "d", "exact_modules", "none_vs_exact", "none_seed", "mixed_seed", "spearman_none_vs_exact",
-           "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "mixed_rescore100_seed",
-           "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first", "bytes_per_vector", "r_memory_mib"]  # fmt: skip
+COLUMNS = ["config", "projection", "d", "exact_modules", "none_vs_exact", "none_vs_own", "none_seed", "mixed_seed",
+           "spearman_none_vs_exact", "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "rescore100_seed",
+           "mixed_rescore100_seed", "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first",
+           "bytes_per_vector", "r_memory_mib"]  # fmt: skip
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -9,7 +9,7 @@ from encoder.errors import ConfigError
 
 HessianMode = Literal["none", "train", "mixed"]
 EncoderMode = Literal["exact", "factored"]
-ProjectionFamily = Literal["gaussian", "pca"]
+ProjectionFamily = Literal["gaussian", "pca", "kfac"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,12 @@ class FingerprintConfig:
             its corrected gradients' output- and input-side covariances over a sample of the
             corpus (``encoder.basis``), fitted once by the build and saved with the index:
             closer to the unprojected ranking and seed-free, but it drops the low-variance
-            directions R^-1/2 up-weights (worse attribution with R, eval_freedict_pca.md).
+            directions R^-1/2 up-weights (worse attribution with R, eval_freedict_pca.md);
+            ``kfac``: the seeded Gaussian matrices times the Kronecker-factored whitening of
+            the corrected gradients, A_W = G_A C_out^-1/2, B_W = G_B C_in^-1/2 (same sample and
+            sums as pca, fitted by the build and saved): phi estimates the K-FAC-whitened
+            gradient, so a Hessian over all of out*in dims costs no more to encode than
+            gaussian; ``hessian`` may still add the projected R on top.
         seed: seed of the Gaussian projection matrices (generated from (seed, module name));
             with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
         correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
@@ -73,8 +78,8 @@ class FingerprintConfig:
             raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
-        if self.projection not in ("gaussian", "pca"):
-            raise ConfigError(f"projection must be gaussian|pca, got {self.projection!r}")
+        if self.projection not in ("gaussian", "pca", "kfac"):
+            raise ConfigError(f"projection must be gaussian|pca|kfac, got {self.projection!r}")
         if self.mode not in ("exact", "factored"):
             raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
         if self.mode == "factored" and not self.projected:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from encoder.basis import BasisStatistics
+from encoder.basis import BasisStatistics, Pairs, kfac_pairs
 from encoder.batching import TokenBatch
 from encoder.blocks import Block, Exact, Factored, Precision
 from encoder.config import FingerprintConfig
@@ -62,7 +62,7 @@ class TrackStarEncoder:
         config: the fingerprint configuration.
         second_moments: Adam second moments; required when ``config.correction``.
         whitener: R^-1/2 blocks; required by ``finalize`` unless ``config.hessian == "none"``.
-        projections: a fitted basis (``config.projection == "pca"``, saved with the index);
+        projections: fitted pairs (``config.projection`` pca or kfac, saved with the index);
             else ``fit_basis`` or ``set_projections`` before encoding.
         precision: how the products run (default ``Precision.default_for`` the model).
     """
@@ -81,6 +81,8 @@ class TrackStarEncoder:
         self.config = config
         self.modules: list[TrackedModule] = select_modules(model, config)
         self.plan = plan_projection(self.modules, k=config.k, budget=config.budget, max_block=config.max_block)
+        if config.projection == "kfac":  # a module stored exactly is still whitened: a square pair
+            self.plan = {m.name: self.plan[m.name] or (m.out_features, m.in_features) for m in self.modules}
         self.block_dims = plan_dims(self.modules, self.plan)
         self.dim = sum(self.block_dims)
         starts = _cumsum(self.block_dims)
@@ -96,6 +98,7 @@ class TrackStarEncoder:
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
         self._folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kfac_roots: Pairs | None = None  # projection kfac: the whitening the pairs fold in
         if config.projection == "gaussian":
             self.set_projections(make_projections(config.seed, self.modules, self.plan))
         elif projections is not None:
@@ -165,11 +168,20 @@ class TrackStarEncoder:
         return stats
 
     def fit_basis(self, batches: Iterable[TokenBatch]) -> None:
-        """Fit and install the basis from ``batches`` (``basis_statistics``; projection pca)."""
-        if self.config.projection != "pca":
-            raise ConfigError(f"the {self.config.projection} projection has no basis to fit")
-        stats = self.basis_statistics(batches)
-        self.set_projections(stats.projections(self.modules, self.plan, self.config.seed))
+        """Fit and install the basis from ``batches`` (``basis_statistics``; pca or kfac)."""
+        if self.config.projection == "gaussian":
+            raise ConfigError("the gaussian projection has no basis to fit")
+        self.set_projections(self.fitted_projections(self.basis_statistics(batches)))
+
+    def fitted_projections(self, stats: BasisStatistics) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The (A, B) pairs ``stats`` give this config: a pca basis or the kfac whitening."""
+        cfg = self.config
+        if cfg.projection == "pca":
+            return stats.projections(self.modules, self.plan, cfg.seed)
+        if cfg.projection == "kfac":
+            self.kfac_roots = stats.kfac_roots(self.modules, cfg.delta)
+            return kfac_pairs(self.kfac_roots, self.modules, self.plan, cfg.seed)
+        raise ConfigError(f"the {cfg.projection} projection has no basis to fit")
 
     def set_second_moments(self, sm: SecondMoments) -> None:
         """Install second moments; precomputes 1 / (sqrt(v_hat) + eps) per module [out, in]."""

@@ -9,8 +9,10 @@ them with no projection at all:
 
 which is the score of the unprojected configuration (k = 0, hessian none): the re-ranked
 top-10 equals that configuration's top-10 whenever its members are among the C candidates.
-No whitening: R lives in the projected space, and an unprojected R (d_W x d_W per module)
-is what the projection exists to avoid. Per-module dot products are accumulated while the
+No projected R: it lives in the projected space, and an unprojected R (d_W x d_W per
+module) is what the projection exists to avoid. A ``kfac`` index whitens before projecting,
+so its second stage scores the whitened gradients W_out G~ W_in^T of every module
+(``encoder.basis.kfac_roots``, saved with the index): the score its projection estimates. Per-module dot products are accumulated while the
 backward pass runs (``encoder.hooks.GradientCapture``), so no full-size gradient of a
 candidate is ever kept: memory is one full-size query gradient plus one module's batch.
 """
@@ -23,9 +25,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from encoder.basis import Pairs, whole_side
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
+from encoder.modules import select_modules
 from encoder.optimizer_state import SecondMoments
 
 CANDIDATE_BATCH = 8
@@ -44,12 +49,25 @@ class ExactRescorer:
         model: the frozen model of the index.
         config: the index's fingerprint configuration (correction and unit norm apply).
         second_moments: the index's second moments (when ``config.correction``).
+        roots: a kfac index's whitening (``TrackStarEncoder.kfac_roots``); required by kfac.
     """
 
-    def __init__(self, model: nn.Module, config: FingerprintConfig, second_moments: SecondMoments | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: FingerprintConfig,
+        second_moments: SecondMoments | None,
+        roots: Pairs | None = None,
+    ) -> None:
         self.unit_norm = config.unit_norm
+        pairs = None
+        if config.projection == "kfac":
+            if roots is None:
+                raise ConfigError("the exact stage of a kfac index needs its whitening (kfac_roots)")
+            sides = {m.name: (m.out_features, m.in_features) for m in select_modules(model, config)}
+            pairs = {n: (whole_side(w_out, sides[n][0]), whole_side(w_in, sides[n][1])) for n, (w_out, w_in) in roots.items()}
         self.encoder = TrackStarEncoder(
-            model, exact_config(config), second_moments=second_moments if config.correction else None
+            model, exact_config(config), second_moments=second_moments if config.correction else None, projections=pairs
         )
 
     def _blocks(self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]) -> None:

@@ -13,7 +13,8 @@ The unprojected X, Y are not stored, so the projected blocks (k1 x k2) stand in 
 (a plug-in estimate), and the unit-norm fingerprints' blocks are used as they are. Modules
 stored exactly contribute nothing. The standard deviation of the difference between this
 projection's score and another's is sqrt(2) times this one. Whitening is not modelled (R
-changes with the projection too), so only hessian-none indexes report it; the calibration
+changes with the projection too), so only hessian-none indexes report it (kfac's whitening is
+fixed before the projection: ``kfac_random_plan``); the calibration
 test (tests/encoder/test_uncertainty.py) measures the stated against the observed coverage
 for hessian none.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from encoder.modules import TrackedModule
 from encoder.projection import Plan
 
 
@@ -65,6 +67,24 @@ def score_variance(query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_di
             # ||X||^2 ||Y||^2 / k2 and / k1 in expectation (same Wishart moments): removed.
             out += (kronecker_variance(x, y, k1, k2) - 2 * norms / (k1 * k2)).clamp_min(0)
         start = stop
+    return out
+
+
+def kfac_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan | None:
+    """The random part of a kfac plan: phi_W = G_A (W_out X W_in^T) G_B^T is a Gaussian
+    Kronecker projection of the fixed whitened gradient, so the variance above holds with
+    the whitened X; a module kept whole on both sides (no Gaussian) is exact (None). None
+    when some module is kept whole on one side only, which the variance does not model."""
+    out: Plan = {}
+    for m in modules:
+        sizes = plan[m.name]
+        whole = sizes is None or (sizes[0] == m.out_features, sizes[1] == m.in_features)
+        if whole is True or whole == (True, True):
+            out[m.name] = None
+        elif whole == (False, False):
+            out[m.name] = sizes
+        else:
+            return None
     return out
 
 

@@ -24,7 +24,7 @@ from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer
 from encoder.token_attribution import attribute_tokens
-from encoder.uncertainty import score_sd
+from encoder.uncertainty import kfac_random_plan, score_sd
 from engine.choices import SEARCH_PLACEMENTS, Placement
 from engine.opening import HeldFiles, verify_model
 from engine.protocols import Attribution, Record, Summary, VectorSearch
@@ -241,13 +241,15 @@ class InfluenceIndex:
 
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
-        one tokenized query by their unprojected corrected gradients; [len(ids)] float32."""
+        one tokenized query by their unprojected corrected (kfac: and whitened) gradients;
+        [len(ids)] float32."""
         self._held.check()
         sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
         self.last_query_at = time.monotonic()
         with self.encode_lock:
             if self._rescorer is None:
-                self._rescorer = ExactRescorer(self.encoder.model, self.encoder.config, self.encoder.second_moments)
+                enc = self.encoder
+                self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, roots=enc.kfac_roots)
             scores = self._rescorer.scores(example, sequences, self._pad)
         return scores.float().numpy()
 
@@ -257,11 +259,12 @@ class InfluenceIndex:
         for whitened indexes, where the model of it does not hold, and for a fitted (pca)
         basis, which has no random projection to vary."""
         config = self.encoder.config
-        if config.hessian != "none" or config.projection != "gaussian" or not ids:
+        plan = kfac_random_plan(self.encoder.modules, self.encoder.plan) if config.projection == "kfac" else self.encoder.plan
+        if config.hessian != "none" or config.projection == "pca" or plan is None or not ids:
             return None
         rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
         query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
-        return score_sd(query, rows, self.encoder.plan, self.encoder.block_dims).float().numpy()
+        return score_sd(query, rows, plan, self.encoder.block_dims).float().numpy()
 
     def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
         """Split the score of (query, sequence ``id``) over its tokens

@@ -171,31 +171,35 @@ def _load(model_dir: Path, corpus_path: Path, queries_path: Path, settings: Eval
                 progress=progress)  # fmt: skip
 
 
-def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) -> dict[bool, GradientInputs]:
-    """phi of every training and query example, once per correction setting (R, whitening
-    and normalization are cheap on top)."""
+PhiKey = tuple[bool, str]
+"""(correction, projection family): what a method's phi depends on (``Method.phi_key``)."""
+
+
+def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) -> dict[PhiKey, GradientInputs]:
+    """phi of every training and query example, once per (correction, projection) setting
+    (R, whitening and normalization are cheap on top)."""
     settings, phis = run.settings, {}
-    corrections = {m.correction for m in methods if m.kind == "gradient"}
-    corrections |= {True} if any(m.kind == "hybrid" for m in methods) else set()
-    for correction in sorted(corrections, reverse=True):
-        enc = TrackStarEncoder(run.model, replace(run.base, correction=correction),
+    keys = {m.phi_key(run.base) for m in methods if m.kind == "gradient"}
+    keys |= {(True, run.base.projection)} if any(m.kind == "hybrid" for m in methods) else set()
+    for correction, projection in sorted(keys, reverse=True):
+        enc = TrackStarEncoder(run.model, replace(run.base, correction=correction, projection=projection),  # type: ignore[arg-type]
                                second_moments=second_moments if correction else None)  # fmt: skip
-        label = "corrected" if correction else "uncorrected"
+        label = ("corrected" if correction else "uncorrected") + ("" if projection == run.base.projection else f", {projection}")
         pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()
-        fit_basis(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size)  # a pass more (pca)
+        fit_basis(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size)  # a pass more (pca, kfac)
         train_phi = project_all(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
         query_phi = project_all(enc, run.query_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
         if pb is not None:
             pb.close()
-        run.timings[f"fingerprints_{label}_s"] = time.perf_counter() - start
-        phis[correction] = GradientInputs(train_phi, query_phi)
+        run.timings[f"fingerprints_{label.replace(', ', '_')}_s"] = time.perf_counter() - start
+        phis[(correction, projection)] = GradientInputs(train_phi, query_phi)
     return phis
 
 
 def _rankings(run: _Run, methods: list[Method], second_moments: SecondMoments,
-              phis: dict[bool, GradientInputs]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:  # fmt: skip
+              phis: dict[PhiKey, GradientInputs]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:  # fmt: skip
     """Each method's ranking [Q, depth] of the training sequences, and each gradient
     method's lambda per fold."""
     folds, chosen = fold_of(len(run.queries), run.settings.seed), set(run.settings.methods)
@@ -206,14 +210,15 @@ def _rankings(run: _Run, methods: list[Method], second_moments: SecondMoments,
     for m in methods:
         if m.kind == "gradient":
             rankings[m.name], lambdas[m.name] = rank_gradient(m, run.base, run.model, second_moments,
-                                                              phis[m.correction], folds, depth)  # fmt: skip
+                                                              phis[m.phi_key(run.base)], folds, depth)  # fmt: skip
     if any(m.kind in ("bm25", "hybrid") for m in methods):
         bm25_deep = rank_bm25(BM25Index.build(run.texts), [q.prompt + q.completion for q in run.queries], FUSION_DEPTH)
         if "bm25" in chosen:
             rankings["bm25"] = bm25_deep[:, :depth]
         if "hybrid" in chosen:
             trackstar = next(m for m in METHODS if m.name == "trackstar")
-            ts_deep, _ = rank_gradient(trackstar, run.base, run.model, second_moments, phis[True], folds, FUSION_DEPTH)
+            ts_deep, _ = rank_gradient(trackstar, run.base, run.model, second_moments, phis[trackstar.phi_key(run.base)],
+                                       folds, FUSION_DEPTH)  # fmt: skip
             rankings["hybrid"] = rank_hybrid(bm25_deep, ts_deep, depth)
     if "random" in chosen:
         rankings["random"] = rank_random(len(run.queries), len(run.texts), depth, run.settings.seed)

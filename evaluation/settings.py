@@ -18,6 +18,7 @@ class Method:
         description: one line for the report.
         kind: ``gradient``, ``bm25``, ``hybrid`` or ``random``.
         correction, hessian, unit_norm: the fingerprint settings (gradient methods only).
+        projection: the projection family; None: the run's (``EvalSettings.projection``).
     """
 
     name: str
@@ -26,9 +27,15 @@ class Method:
     correction: bool = True
     hessian: str = "mixed"
     unit_norm: bool = True
+    projection: ProjectionFamily | None = None
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
-        return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm)  # type: ignore[arg-type]
+        return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm,  # type: ignore[arg-type]
+                       projection=self.projection or base.projection)  # fmt: skip
+
+    def phi_key(self, base: FingerprintConfig) -> tuple[bool, str]:
+        """What this method's phi depends on: (correction, projection family)."""
+        return self.correction, self.projection or base.projection
 
 
 METHODS: tuple[Method, ...] = (
@@ -41,6 +48,11 @@ METHODS: tuple[Method, ...] = (
            correction=False, hessian="none", unit_norm=False),
     Method("grad_cosine", "gradient cosine (TRAK-like, no correction)", "gradient",
            correction=False, hessian="none", unit_norm=True),
+    Method("kfac", "K-FAC-whitened gradient cosine (projection kfac, no correction, no projected R)", "gradient",
+           correction=False, hessian="none", projection="kfac"),
+    Method("kfac_corrected", "kfac with the optimizer correction", "gradient", hessian="none", projection="kfac"),
+    Method("kfac_mixed", "kfac with the projected mixed R on top (no correction)", "gradient",
+           correction=False, projection="kfac"),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
     Method("random", "random training sequences (floor)", "random"),
@@ -56,7 +68,8 @@ class EvalSettings:
         k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
             default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
         projection: the projection family (``FingerprintConfig.projection``): ``pca`` fits
-            the basis on the training sequences, ``gaussian`` draws it from ``seed``.
+            the basis and ``kfac`` the whitening on the training sequences, ``gaussian``
+            draws the matrices from ``seed`` (kfac too, before whitening them).
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from encoder.basis import load_projections
+from encoder.basis import load_projections, load_roots
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
@@ -49,7 +49,7 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
     saved = load_projections(index_dir / mf.PROJECTIONS) if integrity.has_projections(manifest) else None
     try:  # a fitted basis is installed before the second moments: one correction set-up
         encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener,
-                                   projections=saved if config.projection == "pca" else None)  # fmt: skip
+                                   projections=saved if config.projection != "gaussian" else None)  # fmt: skip
     except ConfigError as exc:
         raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
                             code="manifest_mismatch") from exc  # fmt: skip
@@ -61,4 +61,9 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
                             f"says {fp['block_dims']}", code="manifest_mismatch")  # fmt: skip
     if config.projection == "gaussian":
         _check_saved_gaussian(encoder, saved)
+    if config.projection == "kfac":
+        encoder.kfac_roots = load_roots(index_dir / mf.PROJECTIONS)
+        if encoder.kfac_roots is None or set(encoder.kfac_roots) != set(encoder.module_names):
+            raise ArtifactError("a kfac index's projections file lacks the whitening of some module",
+                                code="manifest_mismatch")  # fmt: skip
     return encoder

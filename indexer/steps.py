@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from encoder.basis import load_projections, save_projections
+from encoder.basis import load_projections, load_roots, save_projections
 from encoder.batching import Tokenizer
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import auto_batch_size
@@ -137,7 +137,7 @@ def second_moments(b: Build) -> None:
 
 
 def basis(b: Build) -> None:
-    """The fitted projection basis (projection pca), from an evenly spaced sample."""
+    """The fitted projection pairs (projection pca or kfac), from an evenly spaced sample."""
     if not b.encoder.needs_basis:
         return
     path = b.work.path(mf.PROJECTIONS)
@@ -147,11 +147,12 @@ def basis(b: Build) -> None:
             return
         ids = passes.evenly_spaced(b.n, b.cfg.basis_sample or None)
         stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
-        save_projections(stats.projections(b.encoder.modules, b.encoder.plan, b.cfg.fingerprint.seed), path)
+        save_projections(b.encoder.fitted_projections(stats), path, roots=b.encoder.kfac_roots)
         log.info("projection basis fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
     b.encoder.set_projections(load_projections(path))
+    b.encoder.kfac_roots = load_roots(path)
 
 
 def statistics(b: Build) -> None:

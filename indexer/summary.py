@@ -67,7 +67,8 @@ def print_summary(s: dict[str, Any]) -> None:
 def _projection_text(fp: dict[str, Any]) -> str:
     """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
     cfg = FingerprintConfig.from_dict(fp["config"])
-    family = "fitted basis (pca)" if cfg.projection == "pca" else f"gaussian, seed {cfg.seed}"
+    family = {"pca": "fitted basis (pca)", "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)"}.get(
+        cfg.projection, f"gaussian, seed {cfg.seed}")
     if cfg.k is not None:
         return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
     plan = fp["plan"]

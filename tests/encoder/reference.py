@@ -3,7 +3,7 @@
 Independent of the encoder's fast path: per-example gradients by ``torch.func.grad`` over
 ``functional_call`` on each example alone (no padding, no hooks), the optimizer correction
 on the stored parameter, dense Kronecker projection matrices ``kron(A, B)``, the fitted
-basis by numpy's eigh of the summed gradient covariances, and whitening
+basis by numpy's eigh of the summed gradient covariances, the K-FAC pairs and the whitening
 by scipy's fractional matrix power.
 """
 
@@ -61,6 +61,42 @@ def reference_basis(model, modules, examples, plan, v_hat=None, eps=1e-8) -> dic
             top = vecs[:, ::-1][:, :k].T
             top = top * np.sign(top[np.arange(k), np.abs(top).argmax(axis=1)])[:, None]
             pair.append((top, vals[::-1]))
+        out[m.name] = (pair[0][0], pair[1][0], pair[0][1], pair[1][1])
+    return out
+
+
+def reference_kfac_pairs(model, modules, examples, plan, seed, delta, v_hat=None, eps=1e-8, rel=1e-9) -> dict:
+    """Per module (A, B, bound of A, bound of B) of ``projection: kfac``, by numpy/scipy in
+    float64: L = (C / n + delta mean_eig I)^-1/2 (scipy's fractional power) of C_out = sum
+    G~ G~^T and C_in = sum G~^T G~; A = s G_A L_out (L_out alone on a side kept whole),
+    B = G_B L_in, s = sqrt(tr C_out / n).
+
+    Bounds on |implementation - reference| per entry, when the implementation's C agrees to
+    a relative ``rel`` (two float64 gradient paths): x^-1/2 moves by at most
+    |f'(lam_min)| ||dC|| = rel ||C|| / (2 lam_min^1.5) (Daleckii-Krein), times ||G_A||; s by a
+    relative rel; plus the float32 product with the Gaussian rows (gamma_n |G| |L|) and the
+    float32 storage (u |A|)."""
+    grads = [corrected_grads(model, modules, e, v_hat, eps) for e in examples]
+    n, out = len(examples), {}
+    u = 2.0**-24
+    for m in modules:
+        k_out, k_in = plan[m.name]
+        gs = [g[m.name].numpy() for g in grads]
+        c_out, c_in = sum(g @ g.T for g in gs) / n, sum(g.T @ g for g in gs) / n
+        scale = np.sqrt(np.trace(c_out))
+        gauss_a, gauss_b = (t.double().numpy() for t in projection_pair(seed, m, k_out, k_in))
+        pair = []
+        for c, gauss, k, s in ((c_out, gauss_a, k_out, scale), (c_in, gauss_b, k_in, 1.0)):
+            side = c.shape[0]
+            damped = c + delta * np.trace(c) / side * np.eye(side)
+            vals = np.linalg.eigvalsh(damped)
+            root = np.real(scipy.linalg.fractional_matrix_power(damped, -0.5))
+            left = gauss if k < side else np.eye(side)
+            mat = s * left @ root
+            d_root = rel * vals[-1] / (2 * vals[0] ** 1.5)
+            bound = (s * np.linalg.norm(left, 2) * d_root + rel * np.abs(mat).max()
+                     + s * side * u * (np.abs(left) @ np.abs(root)).max() + u * np.abs(mat).max())  # fmt: skip
+            pair.append((mat, bound))
         out[m.name] = (pair[0][0], pair[1][0], pair[0][1], pair[1][1])
     return out
 

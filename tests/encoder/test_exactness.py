@@ -49,7 +49,8 @@ BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 
 
 @pytest.mark.parametrize(("k", "projection"), [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"),
-                                               (3, "pca"), ("budget", "pca")])  # fmt: skip
+                                               (3, "pca"), ("budget", "pca"),
+                                               (0, "kfac"), (3, "kfac"), ("budget", "kfac")])  # fmt: skip
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
 def test_fingerprints_match_reference(k, projection, correction, hessian):
@@ -60,7 +61,7 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
     queries = _queries(4, 5, 40)
-    if projection == "pca":  # the basis from the training examples, as a build fits it
+    if projection != "gaussian":  # the basis / whitening from the training examples, as a build fits it
         enc.fit_basis(collate(train[i : i + 4]) for i in range(0, len(train), 4))
 
     # Encoder: padded batches, hooks.
@@ -68,8 +69,8 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
     phi_query = enc.project(collate(queries))
     # Reference: each example alone, torch.func, dense projection.
     kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan,
-              pairs=enc.projections() if projection == "pca" else None)  # the basis itself: test_fitted_basis*
-    if k == "budget":
+              pairs=enc.projections() if projection != "gaussian" else None)  # the pairs: test_fitted_*
+    if k == "budget" and projection != "kfac":  # kfac gives every module a pair
         sizes = list(enc.plan.values())
         assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
     ref_train = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in train])
@@ -190,3 +191,51 @@ def test_fitted_basis_keeps_a_long_side_gaussian(monkeypatch):
         gauss_a, gauss_b = projection_pair(5, m, 3, 3)
         assert torch.equal(a, gauss_a) == (m.out_features > 16)
         assert torch.equal(b, gauss_b) == (m.in_features > 16)
+
+
+@pytest.mark.parametrize("sizing", [{"k": 0}, {"k": 3}, BUDGET])
+def test_kfac_pairs_match_reference(sizing):
+    """projection kfac: A = s G_A L_out, B = G_B L_in with L the damped inverse square roots
+    of the mean corrected-gradient side covariances (reference: torch.func gradients of each
+    example alone, scipy's fractional power); a module stored exactly keeps its out*in dims
+    and is whitened by (s L_out, L_in) alone."""
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    sm = _random_second_moments(model, seed=2)
+    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", projection="kfac")
+    enc = TrackStarEncoder(model, cfg, second_moments=sm)
+    plain = TrackStarEncoder(model, FingerprintConfig(**sizing, hessian="none"), second_moments=sm)
+    assert enc.block_dims == plain.block_dims and all(s is not None for s in enc.plan.values())
+    train = _examples(3, 10, 3, 12, 40)
+    enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
+    want = ref.reference_kfac_pairs(model, enc.modules, train, enc.plan, 5, cfg.delta, sm.v_hat, sm.eps)
+    got = enc.projections()
+    assert set(got) == set(want) == set(enc.module_names)
+    for name, (a_ref, b_ref, a_tol, b_tol) in want.items():
+        assert np.abs(got[name][0].double().numpy() - a_ref).max() <= a_tol, name
+        assert np.abs(got[name][1].double().numpy() - b_ref).max() <= b_tol, name
+
+
+def test_kfac_whitens_each_side_of_the_training_gradients():
+    """Undamped (delta 0) and with full-rank side covariances, the input side of kfac's
+    G~ L_in is white over the examples it was fitted on: mean (G~ L_in)^T (G~ L_in) =
+    L_in C_in L_in = I, and likewise L_out G~ on the output side (up to s^2)."""
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    sm = _random_second_moments(model, seed=2)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", projection="kfac", delta=0.0),
+                           second_moments=sm)  # fmt: skip
+    train = _examples(3, 40, 3, 12, 40)  # 40 x 3-12 tokens: C_out, C_in of full rank
+    grads = [ref.corrected_grads(model, enc.modules, e, sm.v_hat, sm.eps) for e in train]
+    enc.fit_basis([collate(train)])
+    for m in enc.modules:
+        a, b = (t.double() for t in enc.projections()[m.name])
+        g = torch.stack([gr[m.name] for gr in grads])
+        s2 = float(torch.einsum("noi,noi->", g, g)) / len(train)
+        white_in = torch.einsum("noi,noj->ij", g @ b, g @ b) / len(train)
+        white_out = torch.einsum("noi,npi->op", a @ g, a @ g) / len(train) / s2
+        c_in = torch.einsum("noi,noj->ij", g, g) / len(train)
+        c_out = torch.einsum("noi,npi->op", g, g) / len(train)
+        for c, raw, side in ((white_in, c_in, m.in_features), (white_out, c_out, m.out_features)):
+            # L is stored in float32 (relative u per entry); L C L^T then errs by ~2 kappa(C) u
+            # per unit of the identity, summed over the side (n-term products).
+            err = float((c - torch.eye(side, dtype=torch.float64)).abs().max())
+            assert err <= 4 * side * float(torch.linalg.cond(raw)) * 2.0**-24, (m.name, err)
