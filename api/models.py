@@ -168,8 +168,9 @@ class InfluenceQuery(BaseModel):
     rescore: Annotated[int, Field(ge=0, le=MAX_RESCORE), BeforeValidator(_integral_float)] | None = Field(
         None,
         description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first stage's "
-        "top max(rescore, k) candidates by their unprojected optimizer-corrected gradients "
-        "(no projection noise, no whitening) and return the best k of them; each candidate "
+        "top max(rescore, k) candidates by their unprojected gradients, as the index forms them "
+        "(K-FAC-whitened for a kfac index, optimizer-corrected when it corrects; no projection "
+        "noise, no projected R) and return the best k of them; each candidate "
         "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`, "
         "0 unless set). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             n = int(rng.integers(1, 13))
             mixed.append(" ".join(texts[i : i + n]))
             i += n
-        encoder = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", projection="gaussian"),
+        encoder = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", projection="gaussian", correction=True),
                                    second_moments=load_second_moments(ckpt, model))
         pad = int(tokenizer.pad_token_id or 0)
         rows = []

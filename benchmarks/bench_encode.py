@@ -80,7 +80,7 @@ def influence_scores(
     model, sm: SecondMoments, train, queries, *, mode: str, k: int, hessian: str
 ) -> np.ndarray:
     """Influence scores [Q, N] of every query on every training sequence for one mode."""
-    cfg = FingerprintConfig(k=k, hessian=hessian, mode=mode)
+    cfg = FingerprintConfig(k=k, hessian=hessian, mode=mode, projection="gaussian", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     phi_train, phi_query = _encode_all(enc, train), _encode_all(enc, queries)
     if hessian != "none":
@@ -207,7 +207,7 @@ def speed(
         mode: TrackStarEncoder(
             model.requires_grad_(False),
             # A fitted basis has the Gaussian's shapes, hence its cost: no basis pass here.
-            FingerprintConfig(k=k, hessian="none", mode=mode, projection="gaussian"),
+            FingerprintConfig(k=k, hessian="none", mode=mode, projection="gaussian", correction=True),
             second_moments=sm,
         )
         for mode in ("exact", "factored")

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     model = GPT2LMHeadModel(cfg).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     v = {n: torch.rand(q.shape, generator=g) * 1e-2 + 1e-4 for n, q in model.named_parameters()}
-    enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="train", projection="gaussian"),
+    enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="train", projection="gaussian", correction=True),
                            second_moments=SecondMoments(v_hat=v, eps=1e-8, source="bench"))  # fmt: skip
     ids = lambda n: torch.randint(1, 4096, (n,), generator=g).tolist()  # noqa: E731
     stats = enc.new_statistics()

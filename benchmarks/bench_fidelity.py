@@ -17,8 +17,9 @@ and 1, over the queries of the corpus:
   scores) on the hessian-none first stage's top C: overlap of the re-ranked top-10 with the
   own unprojected one; ``rescoreC_seed`` between seeds; ``mixed_rescoreC_seed``: seed-to-seed
   overlap of the re-ranked top-10 when the first stage whitens with the projected mixed R;
-- cost: seconds of the build's passes in-process (statistics pass + encode pass, each a
-  backward pass per sequence, plus R, lambda and R^-1/2), bytes per stored vector (float16),
+- cost: seconds of the build's passes in-process (basis pass for pca / kfac; statistics
+  pass, R, lambda and R^-1/2 where the config's hessian is not none; the encode pass), bytes
+  per stored vector (float16),
   memory of the R statistics (float64 sums of R_train and R_eval, and R^-1/2), and the
   exact second stage's time per query for C = 100.
 
@@ -64,17 +65,20 @@ MODELS = {
     "deep": ModelSpec("deep", "demo", 120, "deep"),
     "quick": ModelSpec("quick", "test", None, "test"),
 }
+PAPER = {"projection": "gaussian", "correction": True, "build_hessian": "mixed"}
+"""The paper's projection and optimizer correction; its build whitens by mixed R
+(``build_hessian``: what the build time counts; every config is scored both ways)."""
 CONFIGS: dict[str, dict[str, Any]] = {
-    "k=16 gaussian (first)": {"k": 16, "projection": "gaussian"},
-    "budget 2^16, block 1024, gaussian (default)": {"projection": "gaussian"},
-    "budget 2^16, block 2048, gaussian": {"max_block": 2048, "projection": "gaussian"},
-    "budget 2^16, block 1024, pca": {"projection": "pca"},
-    "budget 2^16, block 1024, kfac": {"projection": "kfac"},
+    "k=16 gaussian (first)": {"k": 16, **PAPER},
+    "budget 2^16, block 1024, gaussian (paper)": {**PAPER},
+    "budget 2^16, block 2048, gaussian": {"max_block": 2048, **PAPER},
+    "budget 2^16, block 1024, pca": {"projection": "pca", "correction": True, "build_hessian": "mixed"},
+    "budget 2^16, block 1024, kfac (default)": {"projection": "kfac"},
     "budget 2^16, block 2048, kfac": {"max_block": 2048, "projection": "kfac"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
-    "k=8 gaussian": {"k": 8, "projection": "gaussian"},
-    "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca"},
+    "k=8 gaussian": {"k": 8, **PAPER},
+    "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca", "correction": True, "build_hessian": "mixed"},
     "budget 2^16, block 256, kfac": {"max_block": 256, "projection": "kfac"},
 }
 BASIS_SAMPLE = 1024
@@ -159,11 +163,11 @@ class Harness:
         seconds = (time.perf_counter() - t0) / N_FOLDS if config.hessian == "mixed" else 0.0
         return scores.float(), seconds
 
-    def rescore_ms(self, config, candidates: int) -> float:
+    def rescore_ms(self, config, candidates: int, roots=None) -> float:
         """Milliseconds of the exact second stage for one query and ``candidates`` sequences."""
         from encoder.rescoring import ExactRescorer
 
-        rescorer = ExactRescorer(self.model, config, self.second_moments)
+        rescorer = ExactRescorer(self.model, config, self.second_moments, roots=roots)
         cands = self.train[:candidates]
         rescorer.scores(self.queries[0], cands[:2], self.pad)  # warm-up
         t0 = time.perf_counter()
@@ -171,12 +175,12 @@ class Harness:
         return (time.perf_counter() - t0) * 1e3
 
 
-def unprojected(h: Harness, projection: str) -> tuple[torch.Tensor, Any, float]:
+def unprojected(h: Harness, projection: str, correction: bool) -> tuple[torch.Tensor, Any, float]:
     """([Q, N] unit-norm scores, encoder, seconds) of the unprojected configuration
     (k = 0, hessian none): the plain corrected gradients, or kfac's whitened ones."""
     from encoder.config import FingerprintConfig
 
-    enc, a, b, seconds = h.phi(FingerprintConfig(k=0, hessian="none", projection=projection))
+    enc, a, b, seconds = h.phi(FingerprintConfig(k=0, hessian="none", projection=projection, correction=correction))
     # Unit-normalize in place: the unprojected phi of the deep model is ~10 GB already.
     for m in (a, b):
         m.div_(m.norm(dim=1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny))
@@ -213,15 +217,17 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
 
     checkpoint, corpus_dir = prepare(spec, workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
-    exact, enc, exact_s = unprojected(h, "gaussian")
+    exact, enc, exact_s = unprojected(h, "gaussian", True)
     exact_top = top(exact, 10)
-    kfac_exact = unprojected(h, "kfac")[0] if any(c.get("projection") == "kfac" for c in configs.values()) else None
+    kfac_exact = unprojected(h, "kfac", False)[0] if any(c.get("projection") == "kfac" for c in configs.values()) else None
     info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
             "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
             "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
     rows = []
-    for label, sizing in configs.items():
+    for label, entry in configs.items():
         print(f"[{spec.name}] {label}", flush=True)
+        sizing = {key: v for key, v in entry.items() if key != "build_hessian"}
+        whitens = entry.get("build_hessian", "none") != "none"
         s_none, s_mixed, cost = {}, {}, []
         for run, seed in enumerate(SEEDS):
             # pca has no seed: its two runs fit the basis on disjoint halves of the corpus.
@@ -229,7 +235,9 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
             enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing), basis)
             s_none[seed], _ = h.scores(enc.config, a, b)
             s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
-            cost.append(h.basis_s + 2 * phi_s + whiten_s)
+            # A build's passes: the basis (pca, kfac), pass 1 and R^-1/2 only where the config
+            # whitens by R (hessian none builds skip them), and the encode pass.
+            cost.append(h.basis_s + phi_s + (phi_s + whiten_s if whitens else 0.0))
             del a, b
         # A config's own unprojected ranking: kfac's is the K-FAC-whitened one (k = 0), and
         # its exact second stage re-scores by it (encoder.rescoring).
@@ -261,7 +269,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     base = rows[0]["build_passes_s"]
     for row in rows:
         row["build_vs_first"] = row["build_passes_s"] / base
-    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100)
+    enc, _, _, _ = h.phi(FingerprintConfig(k=1))  # a fitted kfac whitening for the default's exact stage
+    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, enc.kfac_roots)
     t0 = time.perf_counter()
     h.phi(FingerprintConfig(hessian="none", projection="gaussian"))  # one first-stage encode per sequence
     per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))
@@ -301,8 +310,9 @@ def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
 
     checkpoint, corpus_dir = prepare(spec, workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
-    enc, a, b, _ = h.phi(FingerprintConfig(k=0, hessian="none"))
-    plan = TrackStarEncoder(h.model, FingerprintConfig(hessian="none"), second_moments=h.second_moments).plan
+    enc, a, b, _ = h.phi(FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True))
+    plan = TrackStarEncoder(h.model, FingerprintConfig(hessian="none", projection="gaussian", correction=True),
+                            second_moments=h.second_moments).plan  # fmt: skip
     unit = [m / m.norm(dim=1, keepdim=True) for m in (a, b)]
     exact = unit[1] @ unit[0].T
     del unit
@@ -398,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--quick", action="store_true", help="smoke size: the test model, k=8 vs the default")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--configs", default="", help="comma-separated substrings: only the configs whose label holds one")
+    p.add_argument("--stem", default="fidelity", help="results name: bench_STEM.{json,md,png} (default fidelity)")
     p.add_argument("--families", action="store_true",
                    help="compare projection families (Gaussian / Rademacher Kronecker, dense Gaussian) at "
                         "the default's block sizes instead; writes bench_fidelity_families.*")
@@ -407,11 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         return _families_main(args)
     names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
     configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.configs:
+        configs = {label: c for label, c in configs.items() if any(p in label for p in args.configs.split(","))}
     results = [measure_model(MODELS[n], configs, args.workdir, args.queries) for n in names]
-    name = "fidelity_quick" if args.quick else "fidelity"
+    name = "fidelity_quick" if args.quick else args.stem
     md = ["# Fidelity benchmark: how much of the top-10 the projection decides\n",
           "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
-          "(k = 0, hessian none); `rescoreC` = the exact second stage over the first stage's top C. "
+          "(k = 0, hessian none, corrected); `own` = the config's own unprojected ranking (kfac: K-FAC-whitened, "
+          "uncorrected); `rescoreC` = the exact second stage (by the own unprojected scores) over the first stage's top C. "
           f"Seeds {SEEDS[0]} and {SEEDS[1]}; a pca basis has no seed, so its two runs fit the basis on disjoint "
           "halves of the corpus (even / odd sequences) and `*_seed` is the overlap between those. "
           "`build_passes_s`: basis (pca) + statistics + encode passes and whitening, in-process, one thread.\n"]  # fmt: skip

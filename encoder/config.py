@@ -30,26 +30,28 @@ class FingerprintConfig:
         max_block: the most dims one module's block may take under the budget rule (bounds
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
             ~0.3 s on one core; 4096 dims take ~16 s each).
-        projection: ``gaussian`` (default): i.i.d. Gaussian matrices from ``seed`` (the
-            paper's projection); ``pca``: each module's A_W, B_W are the top eigenvectors of
-            its corrected gradients' output- and input-side covariances over a sample of the
-            corpus (``encoder.basis``), fitted once by the build and saved with the index:
-            closer to the unprojected ranking and seed-free, but it drops the low-variance
-            directions R^-1/2 up-weights (worse attribution with R, eval_freedict_pca.md);
-            ``kfac``: the seeded Gaussian matrices times the Kronecker-factored whitening of
-            the corrected gradients, A_W = G_A C_out^-1/2, B_W = G_B C_in^-1/2 (same sample and
-            sums as pca, fitted by the build and saved): phi estimates the K-FAC-whitened
-            gradient, so a Hessian over all of out*in dims costs no more to encode than
-            gaussian; ``hessian`` may still add the projected R on top.
+        projection: ``kfac`` (default): the seeded Gaussian matrices times the
+            Kronecker-factored (K-FAC) whitening of the corrected gradients, A_W = G_A W_out,
+            B_W = G_B W_in with W = (C / n + delta mean_eig I)^-1/2 of each side's covariance
+            over a sample of the corpus (``encoder.basis``), fitted once by the build and saved
+            with the index: phi estimates the whitened gradient over all out*in dims at the
+            cost of a gaussian encode, and attributes best (eval_freedict.md, eval_demo.md);
+            ``gaussian``: i.i.d. Gaussian matrices from ``seed`` (the paper's projection);
+            ``pca``: each module's A_W, B_W are the top eigenvectors of those covariances:
+            closer to the unprojected unwhitened ranking and seed-free, but it drops the
+            low-variance directions a whitening up-weights (eval_freedict_pca.md).
         seed: seed of the Gaussian projection matrices (generated from (seed, module name));
             with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
-        correction: ``True`` divides by sqrt(v_hat)+eps (paper Eq. 2 optimizer state);
-            ``False`` is the ablation.
-        hessian: ``none`` (ablation), ``train`` (R = R_train) or ``mixed``
-            (R = lambda R_eval + (1 - lambda) R_train, paper Sec. 3 / App. A.1.3).
+        correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default:
+            with the kfac whitening it lowers attribution (FreeDict MRR@10 0.88 -> 0.53);
+            the paper's TrackStar turns it on with gaussian and mixed R.
+        hessian: ``none`` (default: no projected R; kfac already whitens), ``train``
+            (R = R_train) or ``mixed`` (R = lambda R_eval + (1 - lambda) R_train, paper
+            Sec. 3 / App. A.1.3), both in the projected space, per module block.
         lambda_: mixing weight; ``None`` chooses it by the eigenvalue rule of App. A.1.3.
         lambda_component: the rule's component c as a fraction of d (paper: d/64).
-        delta: damping, R + delta * mean_eig(R) * I before the inverse square root.
+        delta: damping, R + delta * mean_eig(R) * I before the inverse square root (of the
+            projected R and of kfac's side covariances alike).
         unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
         mode: ``exact`` (per-example weight gradients) or ``factored`` (rank-1 second moment,
             no weight gradients; a measured approximation).
@@ -61,10 +63,10 @@ class FingerprintConfig:
     k: int | None = field(default=None, metadata={"cli": ("-k", "--proj-dim")})
     budget: int = 1 << 16
     max_block: int = 1024
-    projection: ProjectionFamily = "gaussian"
+    projection: ProjectionFamily = "kfac"
     seed: int = 0
-    correction: bool = True
-    hessian: HessianMode = "mixed"
+    correction: bool = False
+    hessian: HessianMode = "none"
     lambda_: float | None = None
     lambda_component: float = field(default=1.0 / 64.0, metadata={"cli": None})
     delta: float = 1e-3

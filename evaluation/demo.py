@@ -4,9 +4,9 @@ Steps (each skipped when its output already exists for the same inputs, keyed by
 content hash recorded in the step's ``stamp.json``):
 1. generate the synthetic fact corpus (``evaluation.corpus``),
 2. train a GPT-2 on it with HF Trainer + AdamW (``evaluation.train``),
-3. build the index with the full TrackStar configuration: optimizer correction from the
-   checkpoint's AdamW state, Kronecker projection, R mixed from training sequences and a
-   query sample, unit norm (``influence index build``),
+3. build the index with the default configuration: the K-FAC-whitened Kronecker
+   projection fitted on the corpus, unit norm (``influence index build``; README "Which
+   method wins where"),
 4. print what to try, then serve it with ``influence serve`` on 127.0.0.1:8000.
 """
 
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder.config import FingerprintConfig
 from encoder.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,15 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     # 3. index
     index_dir = workdir / "index"
     key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
-               sha256_file(corpus_file), sha256_file(queries_file), " ".join(size.projection))  # fmt: skip
+               sha256_file(corpus_file), sha256_file(queries_file), " ".join(size.projection),
+               json.dumps(FingerprintConfig().to_dict(), sort_keys=True))  # the defaults too: a new default rebuilds  # fmt: skip
     stamp_dir = workdir / "index-stamp"
     if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
-        log.info("[3/3] building the TrackStar index")
+        log.info("[3/3] building the influence index")
         shutil.rmtree(index_dir, ignore_errors=True)
         rc = cli([
             "index", "build", "--model", str(checkpoint), "--corpus", str(corpus_file),
-            "--out", str(index_dir), "--queries", str(queries_file),
-            *size.projection, "--hessian", "mixed",
+            "--out", str(index_dir), *size.projection,
         ])  # fmt: skip
         if rc != 0:
             raise SystemExit(rc)

@@ -67,9 +67,10 @@ class EvalSettings:
     Attributes:
         k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
             default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
-        projection: the projection family (``FingerprintConfig.projection``): ``pca`` fits
-            the basis and ``kfac`` the whitening on the training sequences, ``gaussian``
-            draws the matrices from ``seed`` (kfac too, before whitening them).
+        projection: the projection family of the paper's methods (trackstar and its
+            ablations; the kfac methods always use kfac): ``gaussian`` (the paper's) draws
+            the matrices from ``seed``, ``pca`` fits a basis and ``kfac`` a whitening on the
+            training sequences.
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.
@@ -79,7 +80,7 @@ class EvalSettings:
     """
 
     k: int | None = None
-    projection: ProjectionFamily = FingerprintConfig.projection
+    projection: ProjectionFamily = "gaussian"
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4

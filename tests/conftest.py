@@ -52,7 +52,12 @@ def trained_checkpoint(fact_corpus, tmp_path_factory):
     return result
 
 
-TINY_INDEX_CLI_OPTIONS = ("-k", "8", "--shard-size", "16", "--batch-size", "8")
+PAPER_TRACKSTAR = {"projection": "gaussian", "correction": True, "hessian": "mixed"}
+"""The paper's TrackStar (Gaussian projection, optimizer correction, mixed R): the whitened
+path the tiny index exercises (the product default, kfac, has its own tests)."""
+
+TINY_INDEX_CLI_OPTIONS = ("-k", "8", "--shard-size", "16", "--batch-size", "8",
+                          "--projection", "gaussian", "--correction", "--hessian", "mixed")  # fmt: skip
 """`influence index build` options that reproduce `tiny_index` (with its --queries file)."""
 
 
@@ -67,6 +72,6 @@ def tiny_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     cfg = BuildConfig(
         model=trained_checkpoint.checkpoint_dir, corpus=corpus, queries=queries,
         out=tmp_path_factory.mktemp("tiny_index") / "index",
-        fingerprint=FingerprintConfig(k=8), shard_size=16, batch_size=8,
+        fingerprint=FingerprintConfig(k=8, **PAPER_TRACKSTAR), shard_size=16, batch_size=8,
     )
     return run_build(cfg)

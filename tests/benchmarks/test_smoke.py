@@ -114,11 +114,13 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
                                 "--out", str(tmp_path)]) == 0  # fmt: skip
     data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
     rows = data["results"][0]["rows"]
-    assert [(r["config"], r["projection"]) for r in rows] == [("k=8 gaussian", "gaussian"), ("budget 2^16, block 256, pca", "pca")]
-    assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == 8 * 256  # 8 modules: k^2, the block cap
+    assert [(r["config"], r["projection"]) for r in rows] == [("k=8 gaussian", "gaussian"), ("budget 2^16, block 256, pca", "pca"),
+                                                              ("budget 2^16, block 256, kfac", "kfac")]  # fmt: skip
+    assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == rows[2]["d"] == 8 * 256  # 8 modules: k^2, the block cap
     for r in rows:
         gains = [r["rescore20"], r["rescore50"], r["rescore100"]]
-        assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["mixed_seed"]]) and gains == sorted(gains)
+        assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["none_vs_own"], r["mixed_seed"]])
+        assert gains == sorted(gains)
         assert r["build_passes_s"] > 0 and r["bytes_per_vector"] == 2 * r["d"]
     assert (tmp_path / "bench_fidelity_quick.png").stat().st_size > 0
 

@@ -53,7 +53,7 @@ def _examples() -> list[Example]:
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_exact_fingerprints_match_reference(name):
     model = tiny_model(name)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, correction=False, hessian="none"))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=0, correction=False, hessian="none", projection="gaussian"))
     assert len(enc.modules) >= 8, [m.name for m in enc.modules]  # attention + MLP maps of 2 blocks
     examples = _examples()
     phi = enc.project(collate(examples, pad_id=0)).numpy()

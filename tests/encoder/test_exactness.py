@@ -106,7 +106,7 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
 def test_batch_invariance_float32():
     """An example's fingerprint alone equals its fingerprint inside a padded batch."""
     model = tiny_gpt2(seed=5, n_embd=16)
-    cfg = FingerprintConfig(k=4, hessian="none", projection="pca")
+    cfg = FingerprintConfig(k=4, hessian="none", projection="pca", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=_random_second_moments(model, 6))
     short = sequence_example([3, 9, 4, 7])
     others = _examples(8, 5, 10, 20, 40)
@@ -153,7 +153,7 @@ def test_fitted_basis_matches_reference():
     covariances (reference: torch.func gradients of each example alone)."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none", projection="pca"), second_moments=sm)
+    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none", projection="pca", correction=True), second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
     want = ref.reference_basis(model, enc.modules, train, enc.plan, sm.v_hat, sm.eps)
@@ -201,9 +201,9 @@ def test_kfac_pairs_match_reference(sizing):
     and is whitened by (s L_out, L_in) alone."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", projection="kfac")
+    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", projection="kfac", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
-    plain = TrackStarEncoder(model, FingerprintConfig(**sizing, hessian="none"), second_moments=sm)
+    plain = TrackStarEncoder(model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm)
     assert enc.block_dims == plain.block_dims and all(s is not None for s in enc.plan.values())
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
@@ -221,7 +221,7 @@ def test_kfac_whitens_each_side_of_the_training_gradients():
     L_in C_in L_in = I, and likewise L_out G~ on the output side (up to s^2)."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", projection="kfac", delta=0.0),
+    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", projection="kfac", delta=0.0, correction=True),
                            second_moments=sm)  # fmt: skip
     train = _examples(3, 40, 3, 12, 40)  # 40 x 3-12 tokens: C_out, C_in of full rank
     grads = [ref.corrected_grads(model, enc.modules, e, sm.v_hat, sm.eps) for e in train]

@@ -71,7 +71,7 @@ def test_rank1_correction_recovers_a_rank1_correction():
 def test_factored_equals_reference_for_rank1_correction(k, projection):
     model = tiny_gpt2(seed=11, dtype=torch.float64)
     sm = _rank1_second_moments(model, seed=12, eps=1e-6)
-    cfg = FingerprintConfig(k=k, seed=5, hessian="none", mode="factored", projection=projection)
+    cfg = FingerprintConfig(k=k, seed=5, hessian="none", mode="factored", projection=projection, correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     examples = _examples(13, 6, 3, 12, 40) + _queries(14, 3, 40)
     pairs = None
@@ -132,7 +132,7 @@ def test_factored_never_materializes_per_example_gradients(mode):
         {n: torch.rand(p.shape, generator=g) + 1e-3 for n, p in model.named_parameters()}, 1e-8, "t"
     )
     enc = TrackStarEncoder(
-        model, FingerprintConfig(k=4, hessian="none", mode=mode, projection="gaussian"), second_moments=sm
+        model, FingerprintConfig(k=4, hessian="none", mode=mode, projection="gaussian", correction=True), second_moments=sm
     )
     batch = collate(_examples(1, 5, 7, 9, 40))
     rec = _ShapeRecorder()

@@ -65,9 +65,10 @@ def test_fixed_k_plan_and_old_manifests():
         partial.pop(key)
         with pytest.raises(ConfigError, match=f"missing \\['{key}'\\]"):
             FingerprintConfig.from_dict(partial)
-    assert FingerprintConfig().projection == "gaussian"
+    assert FingerprintConfig().projection == "kfac"  # the default: K-FAC-whitened, no correction, no R
+    assert not FingerprintConfig().correction and FingerprintConfig().hessian == "none"
     with pytest.raises(ConfigError, match="no basis to fit"):
-        TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2)).fit_basis([])
+        TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2, projection="gaussian")).fit_basis([])
     with pytest.raises(ConfigError, match="projection must be"):
         FingerprintConfig(projection="dense")  # type: ignore[arg-type]
 
@@ -94,7 +95,7 @@ def test_exact_rescorer_matches_the_unprojected_reference(unit_norm):
     dots), whatever the index's projection and whitening."""
     model = tiny_gpt2(seed=3, dtype=torch.float64)
     sm = _second_moments(model, 4)
-    config = FingerprintConfig(k=2, seed=1, hessian="mixed", unit_norm=unit_norm)
+    config = FingerprintConfig(k=2, seed=1, hessian="mixed", unit_norm=unit_norm, projection="gaussian", correction=True)
     rescorer = ExactRescorer(model, config, sm)
     g = torch.Generator().manual_seed(0)
     candidates = [sequence_example(torch.randint(1, 40, (int(n),), generator=g).tolist())

@@ -47,7 +47,7 @@ def test_trainer_checkpoint_round_trip(trained_checkpoint):
     assert checked == len(list(model.parameters()))
 
     # And it drives an encoder: fingerprints are finite unit vectors.
-    enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none"), second_moments=sm)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none", projection="gaussian", correction=True), second_moments=sm)
     tok = load_tokenizer(ckpt)
     q = tokenize_query(tok, "The capital of", " Nowhere")
     e = enc.encode(collate([q], pad_id=tok.pad_token_id))
@@ -56,7 +56,7 @@ def test_trainer_checkpoint_round_trip(trained_checkpoint):
 
 def test_safetensors_second_moments_round_trip(tmp_path):
     model = tiny_gpt2()
-    enc = TrackStarEncoder(model, FingerprintConfig(k=2, hessian="none"))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=2, hessian="none", projection="gaussian", correction=True))
     batches = [collate([sequence_example([1, 2, 3, 4]), sequence_example([5, 6, 7])])]
     sm = enc.estimate_second_moments(batches)
     assert sm.source == "estimated(n=2)"
@@ -76,7 +76,7 @@ def test_safetensors_second_moments_round_trip(tmp_path):
 
 def test_estimated_second_moments_are_mean_squared_gradients():
     model = tiny_gpt2(dtype=torch.float64)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", correction=False))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", correction=False, projection="gaussian"))
     exs = [sequence_example([1, 2, 3, 4, 9]), sequence_example([5, 6, 7])]
     sm = enc.estimate_second_moments([collate(exs)])
     phi = enc.project(collate(exs))  # k=0, no correction: phi = vec(G) per example

@@ -17,7 +17,7 @@ def _build(ckpt, corpus, out, **kw):
     from indexer.build import BuildConfig, run_build
 
     return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=64, batch_size=8,
-                                 fingerprint=FingerprintConfig(k=4, hessian="none", projection="pca"), **kw))  # fmt: skip
+                                 fingerprint=FingerprintConfig(k=4, hessian="none", projection="pca", correction=True), **kw))  # fmt: skip
 
 
 def test_basis_is_fitted_once_and_a_resumed_build_reuses_it(trained_checkpoint, fact_corpus_files, tmp_path,
@@ -75,11 +75,12 @@ def test_pca_is_closer_to_the_unprojected_ranking_than_gaussian(trained_checkpoi
         a, b = (enc.finalize(project_all(enc, x, pad_id=pad, batch_size=16)) for x in (train, queries))
         return [set(r.tolist()) for r in torch.topk(b @ a.T, 10, dim=1).indices]
 
-    exact = top10(FingerprintConfig(k=0, hessian="none"))
+    exact = top10(FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True))
 
     def overlap(got: list[set[int]]) -> float:
         return sum(len(x & y) for x, y in zip(got, exact, strict=True)) / (10 * len(exact))
 
-    pca = overlap(top10(FingerprintConfig(k=4, hessian="none", projection="pca")))
-    gaussian = [overlap(top10(FingerprintConfig(k=4, hessian="none", projection="gaussian", seed=s))) for s in range(3)]
+    pca = overlap(top10(FingerprintConfig(k=4, hessian="none", projection="pca", correction=True)))
+    gaussian = [overlap(top10(FingerprintConfig(k=4, hessian="none", projection="gaussian", correction=True, seed=s)))
+                for s in range(3)]  # fmt: skip
     assert pca > max(gaussian), (pca, gaussian)

@@ -156,7 +156,7 @@ def test_second_build_of_the_same_out_is_refused(trained_checkpoint, fact_corpus
 def test_bad_optimizer_state(trained_checkpoint, fact_corpus_files, tmp_path, capsys, which):
     state = tmp_path / "nope.pt" if which == "missing" else trained_checkpoint.checkpoint_dir / "model.safetensors"
     rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix",
-                     "--optimizer-state", str(state))
+                     "--optimizer-state", str(state), "--correction")
     assert rc == 2 and "[optimizer_state_mismatch]" in err and "Traceback" not in err
     assert ("does not exist" if which == "missing" else "negative values") in err
     assert not (tmp_path / "ix").exists()  # nothing published (the work dir may stay, to resume)
@@ -180,7 +180,7 @@ def test_hessian_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus
 
     monkeypatch.setattr(preflight, "free_memory", lambda device: 64 << 20)  # 64 MiB free
     rc = main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(fact_corpus_files[0]),
-               "--out", str(tmp_path / "ix"), "-k", "0", "--no-progress"])
+               "--out", str(tmp_path / "ix"), "-k", "0", "--hessian", "train", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "[insufficient_memory]" in err and "GiB" in err and "--hessian none" in err
 

@@ -60,5 +60,5 @@ def test_trainer_checkpoint_without_optimizer_state_warns(trained_checkpoint, fa
     assert (ckpt / "trainer_state.json").is_file()
     with caplog.at_level(logging.WARNING, logger="indexer.build"):
         assert main(["index", "build", "--model", str(ckpt), "--corpus", str(fact_corpus_files[0]),
-                     "--out", str(tmp_path / "ix"), "-k", "4", "--hessian", "none", "--no-progress"]) == 0
+                     "--out", str(tmp_path / "ix"), "-k", "4", "--hessian", "none", "--correction", "--no-progress"]) == 0
     assert any("without optimizer.pt" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

@@ -31,7 +31,7 @@ def exact_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     return run_build(BuildConfig(
         model=trained_checkpoint.checkpoint_dir, corpus=corpus,
         out=tmp_path_factory.mktemp("exact_index") / "index",
-        fingerprint=FingerprintConfig(k=0, hessian="none"), shard_size=16, batch_size=8,
+        fingerprint=FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True), shard_size=16, batch_size=8,
     ))  # fmt: skip
 
 
