@@ -14,8 +14,8 @@ option, not the default.
 ``kfac`` keeps the seeded Gaussian matrices and multiplies them by the inverse square roots
 of the same C_out / C_in (``BasisStatistics.kfac_roots``, ``kfac_pairs``): the Kronecker-factored
 R_train of K-FAC, applied before the projection, so every one of a module's out*in
-directions is whitened, not only the d_W the projected R sees (benchmarks/results/
-eval_*_kfac.md).
+directions is whitened, not only the d_W the projected R sees. It is the default: it
+attributes best (benchmarks/results/eval_freedict.md, eval_demo.md, rows ``kfac``).
 
 A side longer than ``MAX_SIDE`` keeps its Gaussian matrix (its C would not fit in memory);
 the sums take sum(side^2) x 8 bytes (GPT-2 small: 2.6 GB).
@@ -93,7 +93,6 @@ class BasisStatistics:
             b = gauss_b if c_in is None else top_eigenvectors(c_in, sizes[1])
             out[m.name] = (a, b)
         return out
-
 
     def kfac_roots(self, modules: list[TrackedModule], delta: float) -> Pairs:
         """The K-FAC whitening (W_out, W_in) of every module for ``projection: kfac``:

@@ -43,7 +43,7 @@ class FingerprintConfig:
         seed: seed of the Gaussian projection matrices (generated from (seed, module name));
             with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
         correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default:
-            with the kfac whitening it lowers attribution (FreeDict MRR@10 0.88 -> 0.53);
+            with the kfac whitening it lowers attribution (FreeDict MRR@10 0.87 -> 0.50);
             the paper's TrackStar turns it on with gaussian and mixed R.
         hessian: ``none`` (default: no projected R; kfac already whitens), ``train``
             (R = R_train) or ``mixed`` (R = lambda R_eval + (1 - lambda) R_train, paper

@@ -12,9 +12,10 @@ top-10 equals that configuration's top-10 whenever its members are among the C c
 No projected R: it lives in the projected space, and an unprojected R (d_W x d_W per
 module) is what the projection exists to avoid. A ``kfac`` index whitens before projecting,
 so its second stage scores the whitened gradients W_out G~ W_in^T of every module
-(``encoder.basis.kfac_roots``, saved with the index): the score its projection estimates. Per-module dot products are accumulated while the
-backward pass runs (``encoder.hooks.GradientCapture``), so no full-size gradient of a
-candidate is ever kept: memory is one full-size query gradient plus one module's batch.
+(``encoder.basis.kfac_roots``, saved with the index): the score its projection estimates.
+Per-module dot products are accumulated while the backward pass runs
+(``encoder.hooks.GradientCapture``), so no full-size gradient of a candidate is ever kept:
+memory is one full-size query gradient plus one module's batch.
 """
 
 from __future__ import annotations

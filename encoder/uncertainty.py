@@ -78,13 +78,10 @@ def kfac_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan | None:
     out: Plan = {}
     for m in modules:
         sizes = plan[m.name]
-        whole = sizes is None or (sizes[0] == m.out_features, sizes[1] == m.in_features)
-        if whole is True or whole == (True, True):
-            out[m.name] = None
-        elif whole == (False, False):
-            out[m.name] = sizes
-        else:
+        whole = (True, True) if sizes is None else (sizes[0] == m.out_features, sizes[1] == m.in_features)
+        if whole[0] != whole[1]:
             return None
+        out[m.name] = None if whole[0] else sizes
     return out
 
 
