@@ -137,16 +137,23 @@ class Harness:
         self.folds = fold_of(len(self.queries), 0)
         self.basis_s = 0.0  # seconds of the last phi's basis fit
 
-    def phi(self, config, basis: str = "sample") -> tuple[Any, torch.Tensor, torch.Tensor, float]:
-        """(encoder, phi train, phi queries, seconds); ``basis`` (projection pca): the
-        sequences it is fitted on (``basis_ids``)."""
+    def fitted(self, config, basis: str = "sample") -> Any:
+        """The config's encoder with its basis / whitening fitted (``basis_s``: seconds)."""
         from encoder.fingerprint import TrackStarEncoder
-        from evaluation.methods import fit_basis, project_all
+        from evaluation.methods import fit_basis
 
         enc = TrackStarEncoder(self.model, config, second_moments=self.second_moments if config.correction else None)
         t0 = time.perf_counter()
         fit_basis(enc, [self.train[i] for i in basis_ids(len(self.train), basis)], pad_id=self.pad, batch_size=16)
         self.basis_s = time.perf_counter() - t0
+        return enc
+
+    def phi(self, config, basis: str = "sample") -> tuple[Any, torch.Tensor, torch.Tensor, float]:
+        """(encoder, phi train, phi queries, seconds); ``basis`` (projection pca): the
+        sequences it is fitted on (``basis_ids``)."""
+        from evaluation.methods import project_all
+
+        enc = self.fitted(config, basis)
         t0 = time.perf_counter()
         a = project_all(enc, self.train, pad_id=self.pad, batch_size=16)
         b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
@@ -269,8 +276,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     base = rows[0]["build_passes_s"]
     for row in rows:
         row["build_vs_first"] = row["build_passes_s"] / base
-    enc, _, _, _ = h.phi(FingerprintConfig(k=1))  # a fitted kfac whitening for the default's exact stage
-    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, enc.kfac_roots)
+    roots = h.fitted(FingerprintConfig()).kfac_roots  # the default's whitening, for its exact stage
+    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, roots)
     t0 = time.perf_counter()
     h.phi(FingerprintConfig(hessian="none", projection="gaussian"))  # one first-stage encode per sequence
     per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))

@@ -186,19 +186,20 @@ def _pairs(saved: dict[str, torch.Tensor], path: Path, first: str, second: str) 
     return {n: (saved[f"{n}.{first}"], saved[f"{n}.{second}"]) for n in names}
 
 
-def load_projections(path: Path) -> Pairs:
-    """The (A, B) pairs ``save_projections`` wrote.
+def load_fitted(path: Path) -> tuple[Pairs, Pairs | None]:
+    """The (A, B) pairs and the kfac whitening (None if the file holds none) that
+    ``save_projections`` wrote, from one read of the file.
 
     Raises:
-        ArtifactError: an A without its B, or the reverse.
+        ArtifactError: an A without its B, a W_out without its W_in, or the reverse.
     """
-    return _pairs(load_file(str(path)), path, "A", "B")
+    saved = load_file(str(path))
+    return _pairs(saved, path, "A", "B"), _pairs(saved, path, "W_out", "W_in") or None
 
 
-def load_roots(path: Path) -> Pairs | None:
-    """The kfac whitening ``save_projections`` wrote, or None if the file holds none."""
-    roots = _pairs(load_file(str(path)), path, "W_out", "W_in")
-    return roots or None
+def load_projections(path: Path) -> Pairs:
+    """The (A, B) pairs ``save_projections`` wrote (``load_fitted`` without the whitening)."""
+    return load_fitted(path)[0]
 
 
 def top_eigenvectors(c: torch.Tensor, k: int) -> torch.Tensor:

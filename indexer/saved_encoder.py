@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from encoder.basis import load_projections, load_roots
+from encoder.basis import load_fitted
 from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
@@ -46,7 +46,7 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
     if whitener is not None and (whitener.lambda_ != fp["lambda"] or (config.hessian == "train" and whitener.lambda_ != 0)):
         raise ArtifactError(f"the whitener mixes R_eval with lambda {whitener.lambda_}, the manifest says hessian "
                             f"{config.hessian!r}, lambda {fp['lambda']}", code="manifest_mismatch")  # fmt: skip
-    saved = load_projections(index_dir / mf.PROJECTIONS) if integrity.has_projections(manifest) else None
+    saved, roots = load_fitted(index_dir / mf.PROJECTIONS) if integrity.has_projections(manifest) else (None, None)
     try:  # a fitted basis is installed before the second moments: one correction set-up
         encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener,
                                    projections=saved if config.projection != "gaussian" else None)  # fmt: skip
@@ -62,7 +62,7 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
     if config.projection == "gaussian":
         _check_saved_gaussian(encoder, saved)
     if config.projection == "kfac":
-        encoder.kfac_roots = load_roots(index_dir / mf.PROJECTIONS)
+        encoder.kfac_roots = roots
         if encoder.kfac_roots is None or set(encoder.kfac_roots) != set(encoder.module_names):
             raise ArtifactError("a kfac index's projections file lacks the whitening of some module",
                                 code="manifest_mismatch")  # fmt: skip

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from encoder.basis import load_projections, load_roots, save_projections
+from encoder.basis import load_fitted, save_projections
 from encoder.batching import Tokenizer
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import auto_batch_size
@@ -151,8 +151,8 @@ def basis(b: Build) -> None:
         log.info("projection basis fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
-    b.encoder.set_projections(load_projections(path))
-    b.encoder.kfac_roots = load_roots(path)
+    pairs, b.encoder.kfac_roots = load_fitted(path)
+    b.encoder.set_projections(pairs)
 
 
 def statistics(b: Build) -> None:

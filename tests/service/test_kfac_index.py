@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.basis import load_projections, load_roots
+from encoder.basis import load_fitted, load_projections
 from encoder.config import FingerprintConfig
 from engine.index import InfluenceIndex, OpenOptions
 from engine.query import Limits, Query
@@ -49,7 +49,7 @@ def _answer(index_dir, query: Query):
 
 def test_the_saved_whitening_is_the_unprojected_index_one(kfac_indexes):
     projected, exact = kfac_indexes
-    roots, exact_pairs = load_roots(projected / mf.PROJECTIONS), load_projections(exact / mf.PROJECTIONS)
+    roots, exact_pairs = load_fitted(projected / mf.PROJECTIONS)[1], load_projections(exact / mf.PROJECTIONS)
     assert roots is not None and set(roots) == set(exact_pairs)
     for name, (w_out, w_in) in roots.items():
         # The same sample's sums, eigendecomposed the same way: the same float32 matrices.
