@@ -169,10 +169,10 @@ class InfluenceQuery(BaseModel):
         None,
         description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first stage's "
         "top max(rescore, k) candidates by their unprojected gradients, as the index forms them "
-        "(K-FAC-whitened for a kfac index, optimizer-corrected when it corrects; no projection "
+        "(K-FAC-whitened for a kfac or sketch index, optimizer-corrected when it corrects; no projection "
         "noise, no projected R) and return the best k of them; each candidate "
-        "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`, "
-        "0 unless set). The random projection decides much of a "
+        "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; "
+        "unset, the index's: 100 without a projected R, 0 with one). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
     )
 

@@ -73,13 +73,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "budget 2^16, block 1024, gaussian (paper)": {**PAPER},
     "budget 2^16, block 2048, gaussian": {"max_block": 2048, **PAPER},
     "budget 2^16, block 1024, pca": {"projection": "pca", "correction": True, "build_hessian": "mixed"},
-    "budget 2^16, block 1024, kfac (default)": {"projection": "kfac"},
+    "budget 2^16, block 1024, kfac": {"projection": "kfac"},
     "budget 2^16, block 2048, kfac": {"max_block": 2048, "projection": "kfac"},
+    "budget 2^16, block 1024, sketch": {"max_block": 1024, "projection": "sketch"},
+    "budget 2^16, block 4096, sketch (default)": {"projection": "sketch"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
     "k=8 gaussian": {"k": 8, **PAPER},
     "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca", "correction": True, "build_hessian": "mixed"},
     "budget 2^16, block 256, kfac": {"max_block": 256, "projection": "kfac"},
+    "budget 2^16, block 256, sketch": {"max_block": 256, "projection": "sketch"},
 }
 BASIS_SAMPLE = 1024
 """Sequences a pca basis is fitted on (the build's default ``basis_sample``)."""
@@ -226,7 +229,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     h = Harness(checkpoint, corpus_dir, n_queries)
     exact, enc, exact_s = unprojected(h, "gaussian", True)
     exact_top = top(exact, 10)
-    kfac_exact = unprojected(h, "kfac", False)[0] if any(c.get("projection") == "kfac" for c in configs.values()) else None
+    whitened = any(c.get("projection", "kfac") in ("kfac", "sketch") for c in configs.values())
+    kfac_exact = unprojected(h, "kfac", False)[0] if whitened else None
     info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
             "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
             "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
@@ -248,7 +252,7 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
             del a, b
         # A config's own unprojected ranking: kfac's is the K-FAC-whitened one (k = 0), and
         # its exact second stage re-scores by it (encoder.rescoring).
-        own = kfac_exact if enc.config.projection == "kfac" else exact
+        own = kfac_exact if enc.config.projection in ("kfac", "sketch") else exact
         own_top = top(own, 10)
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)

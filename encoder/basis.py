@@ -126,7 +126,7 @@ class BasisStatistics:
 
 def whole_side(w: torch.Tensor, n: int) -> torch.Tensor:
     """A whitening side as its [n, n] matrix (a [1] tensor s stands for s I)."""
-    return torch.eye(n) * w if w.numel() == 1 else w
+    return torch.eye(n, dtype=w.dtype, device=w.device) * w if w.numel() == 1 else w
 
 
 def kfac_pairs(roots: Pairs, modules: list[TrackedModule], plan: Plan, seed: int) -> Pairs:

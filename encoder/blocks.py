@@ -7,6 +7,8 @@ chosen once, when the encoder's projections or second moments are set:
               rank-1 correction folded into A', B' (encoder/factored.py); no G_W is formed.
     Exact     per-example G_W (memory-bounded chunks), times 1/(sqrt(v_hat) + eps) (Adam's
               second moments) when corrected, then A G B^T when projected.
+    Sketched  per-example K-FAC-whitened W_out G~_W W_in (``projection: sketch``), hashed
+              into d_W buckets by a CountSketch (``encoder.projection.sketch_hash``).
 
 ``Precision`` (how the products run on the device) is chosen once per encoder too.
 """
@@ -110,4 +112,53 @@ class Exact:
         return v * self.inv if self.inv is not None else v
 
 
-Block = Factored | Exact
+def _side(w: torch.Tensor, x: torch.Tensor, left: bool) -> torch.Tensor:
+    """w x (left) or x w for a whitening side w: a symmetric matrix, or the [1] tensor s
+    standing for s I (``encoder.basis.whole_side``)."""
+    if w.numel() == 1:
+        return x * w.to(x.dtype)
+    return w.to(x.dtype) @ x if left else x @ w.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Sketched:
+    """phi_W = S vec(W_out G~_W W_in): the K-FAC-whitened (optionally corrected) per-example
+    gradient, CountSketched into ``dims`` buckets (``idx``, ``sign``: ``sketch_hash``).
+
+    Without correction the whitening is applied to the factors (W_out g_t, W_in a_t) before
+    G is formed (T (out^2 + in^2) per example instead of out in (out + in)); with it, C o G
+    comes first and is whitened on both sides.
+    """
+
+    module: TrackedModule
+    w_out: torch.Tensor
+    w_in: torch.Tensor
+    idx: torch.Tensor
+    sign: torch.Tensor
+    dims: int
+    inv: torch.Tensor | None
+    precision: Precision
+
+    def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        acc = self.w_out.dtype
+        acts, grads = acts.to(acc), grads.to(acc)
+        if self.inv is None:  # W_out (sum_t g_t a_t^T) W_in = sum_t (W_out g_t)(W_in a_t)^T
+            grads, acts = _side(self.w_out, grads, left=False), _side(self.w_in, acts, left=False)
+        chunk = gradient_chunk(self.module, acts)
+        out = torch.zeros(acts.shape[0], self.dims, dtype=acc, device=acts.device)
+        for s in range(0, acts.shape[0], chunk):
+            with tf32(self.precision.tf32):
+                g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
+            if self.inv is not None:
+                g = _side(self.w_in, _side(self.w_out, g.mul_(self.inv), left=True), left=False)
+            out[s : s + chunk].index_add_(1, self.idx, g.flatten(1) * self.sign)
+        return out
+
+    def direction(self, u: torch.Tensor) -> torch.Tensor:
+        """V_W = C o (W_out U' W_in), U' = S^T u as [out, in] (u . S x = S^T u . x)."""
+        back = (u[self.idx] * self.sign).view(self.module.out_features, self.module.in_features)
+        v = _side(self.w_in, _side(self.w_out, back, left=True), left=False)
+        return v * self.inv if self.inv is not None else v
+
+
+Block = Factored | Exact | Sketched

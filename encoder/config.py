@@ -9,7 +9,16 @@ from encoder.errors import ConfigError
 
 HessianMode = Literal["none", "train", "mixed"]
 EncoderMode = Literal["exact", "factored"]
-ProjectionFamily = Literal["gaussian", "pca", "kfac"]
+ProjectionFamily = Literal["gaussian", "pca", "kfac", "sketch"]
+
+
+MAX_BLOCK = 1024
+"""Default cap of one module's block where a projected R whitens it: its float64 Hessian sums
+take 8 MiB (16 MiB with R_eval), its R^-1/2 as much again, and its eigendecomposition ~0.3 s
+on one core (4096 dims: ~16 s)."""
+SKETCH_MAX_BLOCK = 4096
+"""Default cap of a sketch's block without a projected R: the paper's 2^16 dims in all reach
+models of 16+ modules (the demo's 8 get 32,768)."""
 
 
 @dataclass(frozen=True)
@@ -29,23 +38,30 @@ class FingerprintConfig:
             exactly and leaves the rest to the others (``encoder.projection.plan_projection``).
         max_block: the most dims one module's block may take under the budget rule (bounds
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
-            ~0.3 s on one core; 4096 dims take ~16 s each).
-        projection: ``kfac`` (default): the seeded Gaussian matrices times the
-            Kronecker-factored (K-FAC) whitening of the corrected gradients, A_W = G_A W_out,
-            B_W = G_B W_in with W = (C / n + delta mean_eig I)^-1/2 of each side's covariance
-            over a sample of the corpus (``encoder.basis``), fitted once by the build and saved
-            with the index: phi estimates the whitened gradient over all out*in dims at the
-            cost of a gaussian encode, and attributes best (eval_freedict.md, eval_demo.md);
+            ~0.3 s on one core; 4096 dims take ~16 s each). Default (None): 4096 for a sketch
+            without a projected R, else 1024 (``block_cap``).
+        projection: ``sketch`` (default): the Kronecker-factored (K-FAC) whitening of the
+            corrected gradients, W_out G~_W W_in with W = (C / n + delta mean_eig I)^-1/2 of
+            each side's covariance over a sample of the corpus (``encoder.basis``, fitted once
+            by the build and saved with the index), then a seeded CountSketch of each module's
+            whitened out*in gradient into its d_W dims (``encoder.blocks.Sketched``): the
+            variance of a dense Gaussian projection (1 / d_W), where a Kronecker pair's grows
+            with 1 / k of each side for low-rank per-example gradients, at the cost of forming
+            G_W; it attributes like kfac and is twice as seed-stable at its default size
+            (bench_fidelity_sketch.md, eval_freedict.md, eval_demo.md);
+            ``kfac``: the same whitening folded into the seeded Gaussian pairs, A_W = G_A W_out,
+            B_W = G_B W_in: a gaussian encode's cost, a Kronecker projection's noise;
             ``gaussian``: i.i.d. Gaussian matrices from ``seed`` (the paper's projection);
             ``pca``: each module's A_W, B_W are the top eigenvectors of those covariances:
             closer to the unprojected unwhitened ranking and seed-free, but it drops the
             low-variance directions a whitening up-weights (eval_freedict_pca.md).
-        seed: seed of the Gaussian projection matrices (generated from (seed, module name));
+        seed: seed of the Gaussian projection matrices and of the sketch's hash (generated from
+            (seed, module name));
             with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
         correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default:
             with the kfac whitening it lowers attribution (FreeDict MRR@10 0.87 -> 0.50);
             the paper's TrackStar turns it on with gaussian and mixed R.
-        hessian: ``none`` (default: no projected R; kfac already whitens), ``train``
+        hessian: ``none`` (default: no projected R; sketch and kfac already whiten), ``train``
             (R = R_train) or ``mixed`` (R = lambda R_eval + (1 - lambda) R_train, paper
             Sec. 3 / App. A.1.3), both in the projected space, per module block.
         lambda_: mixing weight; ``None`` chooses it by the eigenvalue rule of App. A.1.3.
@@ -62,8 +78,8 @@ class FingerprintConfig:
     track_lm_head: bool = False
     k: int | None = field(default=None, metadata={"cli": ("-k", "--proj-dim")})
     budget: int = 1 << 16
-    max_block: int = 1024
-    projection: ProjectionFamily = "kfac"
+    max_block: int | None = None
+    projection: ProjectionFamily = "sketch"
     seed: int = 0
     correction: bool = False
     hessian: HessianMode = "none"
@@ -76,12 +92,14 @@ class FingerprintConfig:
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
-        if self.budget < 1 or self.max_block < 1:
+        if self.budget < 1 or (self.max_block is not None and self.max_block < 1):
             raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
-        if self.projection not in ("gaussian", "pca", "kfac"):
-            raise ConfigError(f"projection must be gaussian|pca|kfac, got {self.projection!r}")
+        if self.projection not in ("gaussian", "pca", "kfac", "sketch"):
+            raise ConfigError(f"projection must be gaussian|pca|kfac|sketch, got {self.projection!r}")
+        if self.mode == "factored" and self.projection == "sketch":
+            raise ConfigError("the sketch forms each example's G_W; use the exact mode")
         if self.mode not in ("exact", "factored"):
             raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
         if self.mode == "factored" and not self.projected:
@@ -94,6 +112,14 @@ class FingerprintConfig:
             raise ConfigError(f"delta must be >= 0, got {self.delta}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def block_cap(self) -> int:
+        """``max_block``, or its default: ``SKETCH_MAX_BLOCK`` for a sketch without a projected
+        R (no d_W x d_W block to bound), else ``MAX_BLOCK``."""
+        if self.max_block is not None:
+            return self.max_block
+        return SKETCH_MAX_BLOCK if self.projection == "sketch" and self.hessian == "none" else MAX_BLOCK
 
     @property
     def projected(self) -> bool:

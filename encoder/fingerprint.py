@@ -5,7 +5,9 @@
     phi_W = A_W G~_W B_W^T, phi = concat_W vec(phi_W)    (projection.py)
     e     = R^-1/2 phi / ||R^-1/2 phi||                  (whitening.py)
 
-A_W, B_W are seeded Gaussians (projection.py, the default) or a fitted Kronecker eigenbasis (basis.py).
+A_W, B_W are seeded Gaussians (projection.py), a fitted Kronecker eigenbasis or Gaussians times
+the K-FAC whitening (basis.py: pca, kfac); ``sketch`` CountSketches the K-FAC-whitened G~_W
+instead (blocks.Sketched).
 
 ``project`` returns phi (the statistics pass accumulates R from it); ``finalize`` whitens
 and normalizes; ``encode`` does both. The exact path forms each example's G_W one module at
@@ -20,9 +22,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from encoder.basis import BasisStatistics, Pairs, kfac_pairs
+from encoder.basis import BasisStatistics, Pairs, kfac_pairs, whole_side
 from encoder.batching import TokenBatch
-from encoder.blocks import Block, Exact, Factored, Precision
+from encoder.blocks import Block, Exact, Factored, Precision, Sketched
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.factored import fold_projections, rank1_correction
@@ -32,7 +34,7 @@ from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
 from encoder.products import (
     example_gradients,
 )
-from encoder.projection import make_projections, plan_dims, plan_projection
+from encoder.projection import make_projections, plan_dims, plan_projection, sketch_hash
 from encoder.whitening import RStatistics, Whitener
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,8 @@ class TrackStarEncoder:
         self.model = model
         self.config = config
         self.modules: list[TrackedModule] = select_modules(model, config)
-        self.plan = plan_projection(self.modules, k=config.k, budget=config.budget, max_block=config.max_block)
-        if config.projection == "kfac":  # a module stored exactly is still whitened: a square pair
+        self.plan = plan_projection(self.modules, k=config.k, budget=config.budget, max_block=config.block_cap)
+        if config.projection in WHITENED:  # a module stored exactly is still whitened: a square pair
             self.plan = {m.name: self.plan[m.name] or (m.out_features, m.in_features) for m in self.modules}
         self.block_dims = plan_dims(self.modules, self.plan)
         self.dim = sum(self.block_dims)
@@ -98,7 +100,11 @@ class TrackStarEncoder:
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
         self._folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.kfac_roots: Pairs | None = None  # projection kfac: the whitening the pairs fold in
+        self.kfac_roots: Pairs | None = None  # kfac: the whitening the pairs fold in; sketch: its own
+        self._hash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sketch: (idx, sign) per module
+        if config.projection == "sketch":
+            self._hash = {m.name: tuple(t.to(self.device) for t in sketch_hash(config.seed, m, d))  # type: ignore[misc]
+                          for m, d in zip(self.modules, self.block_dims, strict=True) if not self._whole(m)}  # fmt: skip
         if config.projection == "gaussian":
             self.set_projections(make_projections(config.seed, self.modules, self.plan))
         elif projections is not None:
@@ -126,19 +132,30 @@ class TrackStarEncoder:
         """Whether modules are projected by a fitted basis that is not set yet."""
         return not self._proj and any(sizes is not None for sizes in self.plan.values())
 
+    def _whole(self, m: TrackedModule) -> bool:
+        """Whether the plan keeps module ``m`` whole on both sides (no projection noise)."""
+        return self.plan[m.name] == (m.out_features, m.in_features)
+
     def set_projections(self, projections: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Install the (A, B) pair of every projected module (checked against the plan)."""
+        """Install the (A, B) pair of every projected module (checked against the plan);
+        ``projection: sketch``: every module's whitening (W_out, W_in), a side [n, n] or the
+        [1] tensor s for s I (``encoder.basis.kfac_roots``)."""
         want = {m.name: m for m in self.modules if self.plan[m.name] is not None}
         if set(projections) != set(want):
             raise ConfigError("the projections name other modules than the plan projects")
+        sketch = self.config.projection == "sketch"
         for name, m in want.items():
-            k_out, k_in = self.plan[name] or (0, 0)
+            k_out, k_in = (m.out_features, m.in_features) if sketch else self.plan[name] or (0, 0)
             a, b = projections[name]
-            if tuple(a.shape) != (k_out, m.out_features) or tuple(b.shape) != (k_in, m.in_features):
+            a_ok = tuple(a.shape) == (k_out, m.out_features) or (sketch and a.numel() == 1)
+            b_ok = tuple(b.shape) == (k_in, m.in_features) or (sketch and b.numel() == 1)
+            if not (a_ok and b_ok):
                 raise ConfigError(f"the projection of {name} is {tuple(a.shape)} x {tuple(b.shape)}, the plan "
                                   f"needs {(k_out, m.out_features)} x {(k_in, m.in_features)}")  # fmt: skip
         self._proj = {n: (a.to(self.device, self.accum_dtype), b.to(self.device, self.accum_dtype))
                       for n, (a, b) in projections.items()}  # fmt: skip
+        if sketch:
+            self.kfac_roots = self.projections()
         if self.second_moments is not None:
             self.set_second_moments(self.second_moments)  # the factored path folds into A, B
         self._choose_blocks()
@@ -181,7 +198,25 @@ class TrackStarEncoder:
         if cfg.projection == "kfac":
             self.kfac_roots = stats.kfac_roots(self.modules, cfg.delta)
             return kfac_pairs(self.kfac_roots, self.modules, self.plan, cfg.seed)
+        if cfg.projection == "sketch":  # the whitening is the whole fit; the hash is seeded
+            return stats.kfac_roots(self.modules, cfg.delta)
         raise ConfigError(f"the {cfg.projection} projection has no basis to fit")
+
+    def saved_fit(self) -> tuple[Pairs, Pairs | None]:
+        """What an index saves of the installed fit (``encoder.basis.save_projections``): the
+        (A, B) pairs, and kfac's whitening beside them; a sketch saves its whitening alone."""
+        if self.config.projection == "sketch":
+            return {}, self.projections()
+        return self.projections(), self.kfac_roots
+
+    def install_fit(self, pairs: Pairs, roots: Pairs | None) -> None:
+        """Install what ``saved_fit`` saved (``encoder.basis.load_fitted``)."""
+        if self.config.projection == "sketch":
+            self.set_projections(roots or {})
+            return
+        self.set_projections(pairs)
+        if self.config.projection == "kfac":
+            self.kfac_roots = roots
 
     def set_second_moments(self, sm: SecondMoments) -> None:
         """Install second moments; precomputes 1 / (sqrt(v_hat) + eps) per module [out, in]."""
@@ -208,6 +243,12 @@ class TrackStarEncoder:
         for m in self.modules:
             proj = self._proj.get(m.name)
             inv = self._inv_scale.get(m.name) if self.config.correction else None
+            if m.name in self._hash and proj is not None:
+                sizes = self.plan[m.name] or (0, 0)
+                blocks[m.name] = Sketched(m, *proj, *self._hash[m.name], sizes[0] * sizes[1], inv, self.precision)
+                continue
+            if proj is not None and self.config.projection == "sketch":  # kept whole: W_out G~ W_in exactly
+                proj = (whole_side(proj[0], m.out_features), whole_side(proj[1], m.in_features))
             if self.config.correction and m.name in self._folded:
                 blocks[m.name] = Factored(*self._folded[m.name], lowp)
             elif inv is None and proj is not None:  # A G B^T = sum_t (A g_t)(B a_t)^T: no G needed
@@ -339,6 +380,10 @@ class TrackStarEncoder:
             v = (sums[m.name] / count).float()
             v_hat[m.param_name] = v.t().contiguous() if m.transposed else v
         return SecondMoments(v_hat=v_hat, eps=DEFAULT_EPS, source=f"estimated(n={count})")
+
+
+WHITENED = ("kfac", "sketch")
+"""Projection families that whiten each module by its K-FAC factors before projecting."""
 
 
 def _cumsum(xs: list[int]) -> list[int]:

@@ -100,7 +100,7 @@ def _saved_bytes(encoder: TrackStarEncoder, batch: TokenBatch) -> int:
 def _ready(encoder: TrackStarEncoder) -> TrackStarEncoder:
     """The encoder, or a twin on the same modules, shapes and code path (hence the same
     memory) when it cannot encode yet: uniform second moments for a correction without them,
-    seeded Gaussian matrices for a basis not fitted yet."""
+    seeded Gaussian matrices (a sketch: identity whitening) for a basis not fitted yet."""
     needs_moments = encoder.config.correction and encoder.second_moments is None
     if not needs_moments and not encoder.needs_basis:
         return encoder
@@ -114,6 +114,8 @@ def _ready(encoder: TrackStarEncoder) -> TrackStarEncoder:
         v = {m.param_name: torch.ones(params[m.param_name].shape) for m in encoder.modules}
         sm = SecondMoments(v, 1e-8, "probe")
     proj = make_projections(encoder.config.seed, encoder.modules, encoder.plan) if encoder.needs_basis else None
+    if proj is not None and encoder.config.projection == "sketch":  # a whitening: identity sides
+        proj = {m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in encoder.modules}
     return TrackStarEncoder(encoder.model, encoder.config, second_moments=sm,
                             projections=proj or encoder.projections())  # fmt: skip
 

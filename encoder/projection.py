@@ -20,15 +20,14 @@ import math
 
 import torch
 
+from encoder.config import MAX_BLOCK
 from encoder.modules import TrackedModule
 
 Plan = dict[str, tuple[int, int] | None]
 """Module name -> (k_out, k_in) of its projection, or None: stored exactly (out*in dims)."""
 
-MAX_BLOCK_DIMS = 1024
-"""Default cap of one module's block in the budget rule (``FingerprintConfig.max_block``):
-its float64 Hessian sums take 8 MiB (16 MiB with R_eval), its R^-1/2 as much again, and
-its eigendecomposition ~0.3 s on one core (4096 dims: ~16 s)."""
+MAX_BLOCK_DIMS = MAX_BLOCK
+"""Default cap of one module's block in the budget rule (``FingerprintConfig.block_cap``)."""
 
 
 def module_seed(seed: int, module_name: str) -> int:
@@ -102,3 +101,23 @@ def make_projections(
         if sizes is not None:
             out[m.name] = projection_pair(seed, m, sizes[0], sizes[1])
     return out
+
+
+def sketch_hash(seed: int, module: TrackedModule, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CountSketch of one module (``projection: sketch``): entry i of the row-major
+    vec(G~_W) [out*in] goes to bucket ``idx[i]`` of the module's ``dims`` with sign ``sign[i]``.
+
+    Generated on the CPU from (seed, module name) like ``projection_pair``, so the indexer and
+    the service hash alike on any device. phi = S vec(G~) is unbiased for inner products,
+    E <S x, S y> = <x, y>, with variance (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / dims
+    (Charikar et al. 2002; Weinberger et al. 2009): a dense Gaussian projection's, whatever
+    the rank of G~, where a Kronecker pair's grows with 1 / k of each side for a low-rank G~.
+
+    Returns:
+        idx: [out*in] int64 in [0, dims); sign: [out*in] int8, +-1.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(module_seed(seed, f"sketch:{module.name}"))
+    n = module.out_features * module.in_features
+    idx = torch.randint(0, dims, (n,), generator=gen, dtype=torch.int64)
+    sign = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    return idx, sign

@@ -62,9 +62,9 @@ class ExactRescorer:
     ) -> None:
         self.unit_norm = config.unit_norm
         pairs = None
-        if config.projection == "kfac":
+        if config.projection in ("kfac", "sketch"):
             if roots is None:
-                raise ConfigError("the exact stage of a kfac index needs its whitening (kfac_roots)")
+                raise ConfigError(f"the exact stage of a {config.projection} index needs its whitening (kfac_roots)")
             sides = {m.name: (m.out_features, m.in_features) for m in select_modules(model, config)}
             pairs = {n: (whole_side(w_out, sides[n][0]), whole_side(w_in, sides[n][1])) for n, (w_out, w_in) in roots.items()}
         self.encoder = TrackStarEncoder(

@@ -14,7 +14,8 @@ The unprojected X, Y are not stored, so the projected blocks (k1 x k2) stand in 
 stored exactly contribute nothing. The standard deviation of the difference between this
 projection's score and another's is sqrt(2) times this one. Whitening is not modelled (R
 changes with the projection too), so only hessian-none indexes report it (kfac's whitening is
-fixed before the projection: ``kfac_random_plan``); the calibration
+fixed before the projection: ``kfac_random_plan``; ``sketch`` hashes the fixed whitened gradient:
+``score_variance(sketch=True)``); the calibration
 test (tests/encoder/test_uncertainty.py) measures the stated against the observed coverage
 for hessian none.
 """
@@ -41,7 +42,9 @@ def kronecker_variance(x: torch.Tensor, y: torch.Tensor, k1: int, k2: int) -> to
     return (xyt_f + xyt_tr) / k1 + (xty_f + xty_tr) / k2 + (norms + xyt_f + xty_f + dot.square()) / (k1 * k2)
 
 
-def score_variance(query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int]) -> torch.Tensor:
+def score_variance(
+    query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int], sketch: bool = False
+) -> torch.Tensor:
     """Variance of the scores query . rows under a fresh projection draw.
 
     Args:
@@ -49,6 +52,9 @@ def score_variance(query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_di
         rows: [n, d] fingerprints.
         plan: the encoder's plan (module name -> (k1, k2) or None), in fingerprint order.
         block_dims: the encoder's block dims, in the same order.
+        sketch: the blocks are CountSketches (``projection: sketch``), not Kronecker pairs:
+            per block (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / d_W, of which the
+            last term (unknown from the sketch, small for spread-out gradients) is dropped.
     Returns:
         [n] float64 variances.
     """
@@ -58,7 +64,10 @@ def score_variance(query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_di
     start = 0
     for sizes, dim in zip(plan.values(), block_dims, strict=True):
         stop = start + dim
-        if sizes is not None:
+        if sizes is not None and sketch:
+            x, y = q[start:stop], t[:, start:stop]
+            out += (x.square().sum() * y.square().sum(dim=1) + (y @ x).square()) / dim
+        elif sizes is not None:
             k1, k2 = sizes
             x = q[start:stop].view(1, k1, k2).expand(t.shape[0], k1, k2)
             y = t[:, start:stop].reshape(-1, k1, k2)
@@ -85,6 +94,22 @@ def kfac_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan | None:
     return out
 
 
-def score_sd(query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int]) -> torch.Tensor:
+def sketch_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan:
+    """The random part of a sketch plan: a module kept whole (plan = (out, in)) is exact."""
+    return {m.name: None if plan[m.name] in (None, (m.out_features, m.in_features)) else plan[m.name] for m in modules}
+
+
+def random_plan(modules: list[TrackedModule], plan: Plan, projection: str) -> Plan | None:
+    """The plan whose projected blocks vary with the seed, for ``score_variance``."""
+    if projection == "kfac":
+        return kfac_random_plan(modules, plan)
+    if projection == "sketch":
+        return sketch_random_plan(modules, plan)
+    return plan
+
+
+def score_sd(
+    query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int], sketch: bool = False
+) -> torch.Tensor:
     """Standard deviation of each score under a fresh projection draw; [n] float64."""
-    return score_variance(query, rows, plan, block_dims).clamp_min(0).sqrt()
+    return score_variance(query, rows, plan, block_dims, sketch).clamp_min(0).sqrt()

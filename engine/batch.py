@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -89,6 +90,8 @@ def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcom
         Q outcomes in order; each carries hits (best first) or an error.
     """
     model, version = index.summary().model, index.version
+    queries = [q if q.rescore is not None else replace(q, rescore=index.default_rescore if q.mode == "influence" else 0)
+               for q in queries]  # fmt: skip
     outcomes = [Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries]
     valid = _traced(index, queries, limits, outcomes)
     if not valid:

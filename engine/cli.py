@@ -33,7 +33,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
                           candidates=0 if args.no_rerank else args.rerank_candidates)  # fmt: skip
     generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
-    query = Query(args.prompt, args.completion, args.k, rescore=args.rescore or 0, generate=generate, span=args.span)
+    query = Query(args.prompt, args.completion, args.k, rescore=args.rescore, generate=generate, span=args.span)
     idx = InfluenceIndex.open(args.index, OpenOptions(device=args.device, model_dir=args.model, search_params=params,
                                                       placement=args.search_placement))  # fmt: skip
     try:
@@ -91,9 +91,10 @@ def register(subparsers: Any) -> None:
                    help="print {completion, span, generation, results} as JSON (the REST response's fields)")
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
-    q.add_argument("--rescore", type=int, default=0, metavar="C",
+    q.add_argument("--rescore", type=int, default=None, metavar="C",
                    help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
-                        "corrected gradients (one backward pass each; 0 = off)")
+                        "gradients, as the index forms them (one backward pass each; 0 = off; default: the "
+                        "index's, 100 without a projected R, 0 with one)")
     q.add_argument("--no-rerank", action="store_true",
                    help="approximate indexes: the index's own scores, no exact re-rank")
     q.add_argument("--search-placement", default="auto", choices=SEARCH_PLACEMENTS,

@@ -24,7 +24,7 @@ from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer
 from encoder.token_attribution import attribute_tokens
-from encoder.uncertainty import kfac_random_plan, score_sd
+from encoder.uncertainty import random_plan, score_sd
 from engine.choices import SEARCH_PLACEMENTS, Placement
 from engine.opening import HeldFiles, verify_model
 from engine.protocols import Attribution, Record, Summary, VectorSearch
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_examples``."""
+
+DEFAULT_RESCORE = 100
+"""Candidates a hessian-none index re-scores exactly by default (``default_rescore``): the
+default (sketch) index's top-10 then overlaps its unprojected one 0.93 / 0.90 (demo / deep)
+and another seed's 0.90 / 0.86, against 0.73 / 0.59 and 0.65 / 0.48 without
+(benchmarks/results/bench_fidelity_sketch.md), for ~6 ms per candidate on the demo model's CPU."""
 
 EXPLAIN_CHUNK = 4
 """Target tokens per backward pass of an explanation made while queries are flowing: each
@@ -203,6 +209,14 @@ class InfluenceIndex:
     def idle_s(self) -> float:
         return time.monotonic() - self.last_query_at
 
+    @property
+    def default_rescore(self) -> int:
+        """``DEFAULT_RESCORE`` where the exact stage scores what the first stage estimates
+        (a projected index without a projected R), else 0: over a whitened (R) index it would
+        rank by another score."""
+        config = self.encoder.config
+        return DEFAULT_RESCORE if config.projected and config.hessian == "none" else 0
+
     def summary(self) -> Summary:
         return self._summary
 
@@ -259,12 +273,12 @@ class InfluenceIndex:
         for whitened indexes, where the model of it does not hold, and for a fitted (pca)
         basis, which has no random projection to vary."""
         config = self.encoder.config
-        plan = kfac_random_plan(self.encoder.modules, self.encoder.plan) if config.projection == "kfac" else self.encoder.plan
+        plan = random_plan(self.encoder.modules, self.encoder.plan, config.projection)
         if config.hessian != "none" or config.projection == "pca" or plan is None or not ids:
             return None
         rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
         query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
-        return score_sd(query, rows, plan, self.encoder.block_dims).float().numpy()
+        return score_sd(query, rows, plan, self.encoder.block_dims, sketch=config.projection == "sketch").float().numpy()
 
     def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
         """Split the score of (query, sequence ``id``) over its tokens

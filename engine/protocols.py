@@ -118,6 +118,10 @@ class Index(Protocol):
     def idle_s(self) -> float:
         """Seconds since the model last ran for a query (an explanation yields while low)."""
         ...
+    @property
+    def default_rescore(self) -> int:
+        """Candidates the exact second stage re-scores when a query does not say (0: off)."""
+        ...
 
     def summary(self) -> Summary: ...
 

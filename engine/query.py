@@ -27,7 +27,8 @@ class Query:
     source: str | None = None
     min_score: float | None = None
     mode: Mode = "influence"
-    rescore: int = 0
+    rescore: int | None = None
+    """Exact second stage over the top max(rescore, k); None: the index's ``default_rescore``."""
     generate: Generation | None = None
     """Generate and trace: the model writes the completion (``completion`` is None)."""
     span: tuple[int, int] | None = None

@@ -86,7 +86,7 @@ def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> lis
 def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -> list[Hit]:
     """The exact second stage: the first stage's top max(rescore, k) candidates (from
     ``query.source`` when set), re-scored by ``index.rescore``; the best k, best first."""
-    pool = max(query.rescore, query.k)
+    pool = max(query.rescore or 0, query.k)
     if query.source is not None:
         candidates = filtered_search(index, vector, replace(query, k=pool))
     else:

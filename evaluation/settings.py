@@ -53,6 +53,8 @@ METHODS: tuple[Method, ...] = (
     Method("kfac_corrected", "kfac with the optimizer correction", "gradient", hessian="none", projection="kfac"),
     Method("kfac_mixed", "kfac with the projected mixed R on top (no correction)", "gradient",
            correction=False, projection="kfac"),
+    Method("sketch", "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
+           "gradient", correction=False, hessian="none", projection="sketch"),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
     Method("random", "random training sequences (floor)", "random"),
@@ -68,9 +70,9 @@ class EvalSettings:
         k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
             default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
         projection: the projection family of the paper's methods (trackstar and its
-            ablations; the kfac methods always use kfac): ``gaussian`` (the paper's) draws
-            the matrices from ``seed``, ``pca`` fits a basis and ``kfac`` a whitening on the
-            training sequences.
+            ablations; the kfac and sketch methods always use theirs): ``gaussian`` (the
+            paper's) draws the matrices from ``seed``, ``pca`` fits a basis and ``kfac`` /
+            ``sketch`` a whitening on the training sequences.
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.

@@ -137,8 +137,9 @@ def publish(b: BuildOutputs) -> None:
     t0 = time.perf_counter()
     staging, n = b.work.staging, b.counts["sequences"]
     faiss_entry = _write_faiss(b, _write_fingerprints(b))
-    if b.encoder.projections():
-        save_projections(b.encoder.projections(), staging / mf.PROJECTIONS, roots=b.encoder.kfac_roots)
+    pairs, roots = b.encoder.saved_fit()
+    if pairs or roots:
+        save_projections(pairs, staging / mf.PROJECTIONS, roots=roots)
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if b.work.path(name).is_file():
             shutil.copyfile(b.work.path(name), staging / name)

@@ -47,9 +47,10 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
         raise ArtifactError(f"the whitener mixes R_eval with lambda {whitener.lambda_}, the manifest says hessian "
                             f"{config.hessian!r}, lambda {fp['lambda']}", code="manifest_mismatch")  # fmt: skip
     saved, roots = load_fitted(index_dir / mf.PROJECTIONS) if integrity.has_projections(manifest) else (None, None)
+    fitted = None if config.projection == "gaussian" else (roots or {}) if config.projection == "sketch" else saved
     try:  # a fitted basis is installed before the second moments: one correction set-up
         encoder = TrackStarEncoder(model, config, second_moments=second_moments, whitener=whitener,
-                                   projections=saved if config.projection != "gaussian" else None)  # fmt: skip
+                                   projections=fitted)  # fmt: skip
     except ConfigError as exc:
         raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
                             code="manifest_mismatch") from exc  # fmt: skip
@@ -63,6 +64,7 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
         _check_saved_gaussian(encoder, saved)
     if config.projection == "kfac":
         encoder.kfac_roots = roots
+    if config.projection in ("kfac", "sketch"):
         if encoder.kfac_roots is None or set(encoder.kfac_roots) != set(encoder.module_names):
             raise ArtifactError("a kfac index's projections file lacks the whitening of some module",
                                 code="manifest_mismatch")  # fmt: skip

@@ -147,12 +147,13 @@ def basis(b: Build) -> None:
             return
         ids = passes.evenly_spaced(b.n, b.cfg.basis_sample or None)
         stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
-        save_projections(b.encoder.fitted_projections(stats), path, roots=b.encoder.kfac_roots)
+        b.encoder.set_projections(b.encoder.fitted_projections(stats))
+        pairs, roots = b.encoder.saved_fit()
+        save_projections(pairs, path, roots=roots)
         log.info("projection basis fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
-    pairs, b.encoder.kfac_roots = load_fitted(path)
-    b.encoder.set_projections(pairs)
+    b.encoder.install_fit(*load_fitted(path))
 
 
 def statistics(b: Build) -> None:

@@ -67,11 +67,12 @@ def print_summary(s: dict[str, Any]) -> None:
 def _projection_text(fp: dict[str, Any]) -> str:
     """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
     cfg = FingerprintConfig.from_dict(fp["config"])
-    family = {"pca": "fitted basis (pca)", "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)"}.get(
+    family = {"pca": "fitted basis (pca)", "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)",
+              "sketch": f"K-FAC whitened, CountSketch seed {cfg.seed} (sketch)"}.get(
         cfg.projection, f"gaussian, seed {cfg.seed}")
     if cfg.k is not None:
         return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
     plan = fp["plan"]
     exact = sum(v is None for v in plan.values())
-    return (f"budget {cfg.budget}, blocks <= {cfg.max_block} dims: {len(plan) - exact} modules projected, "
+    return (f"budget {cfg.budget}, blocks <= {cfg.block_cap} dims: {len(plan) - exact} modules projected, "
             f"{exact} stored exactly; {family}")  # fmt: skip

@@ -55,11 +55,12 @@ class Settings(BaseSettings):
         None, ge=0,
         description="Approximate indexes: hits re-ranked exactly per query (default 10 x k; 0: no re-rank).",
     )  # fmt: skip
-    rescore: int = Field(
-        0, ge=0, le=MAX_RESCORE,
+    rescore: int | None = Field(
+        None, ge=0, le=MAX_RESCORE,
         description="Default of the request's `rescore` (exact second stage over the top max(rescore, k) "
-        "candidates, one backward pass each); 0 = off. 100 lifts the top-10's overlap with the "
-        "unprojected ranking to 0.88-0.94 on the benchmark models (benchmarks/results/bench_fidelity.md).",
+        "candidates, one backward pass each); 0 = off. Unset: the index's default, 100 for an index "
+        "without a projected R (the default sketch index: its top-10 then barely depends on the "
+        "projection seed, benchmarks/results/bench_fidelity_sketch.md), 0 for one with R.",
     )
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")

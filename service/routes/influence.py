@@ -25,8 +25,9 @@ from service.errors import error_body, validation_error_body
 router = v1_router()
 
 
-def as_query(q: InfluenceQuery, default_rescore: int = 0) -> Query:
-    """The engine's query for a wire query (``rescore`` only applies to ``influence``)."""
+def as_query(q: InfluenceQuery, default_rescore: int | None = None) -> Query:
+    """The engine's query for a wire query (``rescore`` only applies to ``influence``; None:
+    the server's default, else the index's, ``Index.default_rescore``)."""
     rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
     generate = None if q.generate is None else Generation(q.generate.max_new_tokens, q.generate.temperature, q.generate.seed)
     span = None if q.span is None else (q.span.start, q.span.end)

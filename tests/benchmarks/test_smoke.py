@@ -115,8 +115,9 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
     data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
     rows = data["results"][0]["rows"]
     assert [(r["config"], r["projection"]) for r in rows] == [("k=8 gaussian", "gaussian"), ("budget 2^16, block 256, pca", "pca"),
-                                                              ("budget 2^16, block 256, kfac", "kfac")]  # fmt: skip
-    assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == rows[2]["d"] == 8 * 256  # 8 modules: k^2, the block cap
+                                                              ("budget 2^16, block 256, kfac", "kfac"),
+                                                              ("budget 2^16, block 256, sketch", "sketch")]  # fmt: skip
+    assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == rows[2]["d"] == rows[3]["d"] == 8 * 256  # 8 modules: k^2, the cap
     for r in rows:
         gains = [r["rescore20"], r["rescore50"], r["rescore100"]]
         assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["none_vs_own"], r["mixed_seed"]])

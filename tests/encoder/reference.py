@@ -14,8 +14,9 @@ import scipy.linalg
 import torch
 from torch.func import functional_call, grad
 
+from encoder.basis import whole_side
 from encoder.batching import Example
-from encoder.projection import projection_pair
+from encoder.projection import projection_pair, sketch_hash
 
 
 def per_example_grads(model, param_names: list[str], example: Example) -> dict[str, torch.Tensor]:
@@ -118,6 +119,27 @@ def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, pla
             a, b = torch.as_tensor(a), torch.as_tensor(b)
             dense = torch.kron(a.double(), b.double())  # [k*k, out*in]
             parts.append((dense @ g.reshape(-1)).numpy())
+    return np.concatenate(parts)
+
+
+def reference_sketch_phi(model, modules, example, *, plan, roots, seed, v_hat=None, eps=1e-8) -> np.ndarray:
+    """``projection: sketch``: phi = concat_W S_W vec(W_out G~_W W_in), float64, with S_W the
+    dense [d_W, out*in] 0/+-1 matrix of the seeded hash (one nonzero per column) and W the
+    whitening sides (a [1] side s = s I); a module kept whole (plan = (out, in)) is
+    vec(W_out G~ W_in) itself."""
+    grads = corrected_grads(model, modules, example, v_hat, eps)
+    parts = []
+    for m in modules:
+        w_out, w_in = (whole_side(w.double(), n) for w, n in zip(roots[m.name], (m.out_features, m.in_features), strict=True))
+        white = (w_out @ grads[m.name] @ w_in).reshape(-1)
+        k_out, k_in = plan[m.name]
+        if (k_out, k_in) == (m.out_features, m.in_features):
+            parts.append(white.numpy())
+            continue
+        idx, sign = sketch_hash(seed, m, k_out * k_in)
+        dense = torch.zeros(k_out * k_in, white.numel(), dtype=torch.float64)
+        dense[idx, torch.arange(white.numel())] = sign.double()
+        parts.append((dense @ white).numpy())
     return np.concatenate(parts)
 
 

@@ -50,7 +50,8 @@ BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 
 @pytest.mark.parametrize(("k", "projection"), [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"),
                                                (3, "pca"), ("budget", "pca"),
-                                               (0, "kfac"), (3, "kfac"), ("budget", "kfac")])  # fmt: skip
+                                               (0, "kfac"), (3, "kfac"), ("budget", "kfac"),
+                                               (0, "sketch"), (3, "sketch"), ("budget", "sketch")])  # fmt: skip
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
 def test_fingerprints_match_reference(k, projection, correction, hessian):
@@ -70,11 +71,18 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
     # Reference: each example alone, torch.func, dense projection.
     kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan,
               pairs=enc.projections() if projection != "gaussian" else None)  # the pairs: test_fitted_*
-    if k == "budget" and projection != "kfac":  # kfac gives every module a pair
+    if k == "budget" and projection not in ("kfac", "sketch"):  # these give every module a pair
         sizes = list(enc.plan.values())
         assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
-    ref_train = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in train])
-    ref_query = np.stack([ref.reference_phi(model, enc.modules, e, **kw) for e in queries])
+    if projection == "sketch":  # the whitening and the seeded hash, dense
+        kw = dict(plan=enc.plan, roots=enc.kfac_roots, seed=7, v_hat=kw["v_hat"], eps=kw["eps"])
+        phi = ref.reference_sketch_phi
+        if k == "budget":  # whole (the two 8 x 8 attention maps) and hashed modules both
+            assert {enc._whole(m) for m in enc.modules} == {True, False}
+    else:
+        phi = ref.reference_phi
+    ref_train = np.stack([phi(model, enc.modules, e, **kw) for e in train])
+    ref_query = np.stack([phi(model, enc.modules, e, **kw) for e in queries])
     scale = np.abs(ref_train).max()
     assert np.abs(phi_train.numpy() - ref_train).max() <= TOL * max(scale, 1.0)
     assert np.abs(phi_query.numpy() - ref_query).max() <= TOL * max(scale, 1.0)

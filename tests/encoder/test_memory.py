@@ -13,18 +13,19 @@ from encoder.memory import auto_batch_size, estimate_memory, free_memory
 from tests.conftest import tiny_gpt2
 
 
-def _encoder(mode: str = "exact", correction: bool = True) -> TrackStarEncoder:
+def _encoder(mode: str = "exact", correction: bool = True, projection: str = "kfac") -> TrackStarEncoder:
     model = tiny_gpt2(seed=0, n_embd=32, vocab=64)
-    return TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none", mode=mode, correction=correction))
+    cfg = FingerprintConfig(k=4, hessian="none", mode=mode, correction=correction, projection=projection)  # type: ignore[arg-type]
+    return TrackStarEncoder(model, cfg)
 
 
 def test_free_memory_is_positive():
     assert free_memory(torch.device("cpu")) > 0
 
 
-@pytest.mark.parametrize("mode", ["exact", "factored"])
-def test_estimate_grows_with_sequence_length(mode):
-    enc = _encoder(mode)  # correction on, no second moments: probed on a uniform twin
+@pytest.mark.parametrize(("mode", "projection"), [("exact", "kfac"), ("factored", "kfac"), ("exact", "sketch")])
+def test_estimate_grows_with_sequence_length(mode, projection):
+    enc = _encoder(mode, projection=projection)  # correction on, no second moments, no fit: probed on a twin
     short, long = estimate_memory(enc, 8), estimate_memory(enc, 32)
     assert short.method == "cpu-saved-tensors"
     assert 0 < short.per_example < long.per_example

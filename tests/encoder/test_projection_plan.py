@@ -65,7 +65,8 @@ def test_fixed_k_plan_and_old_manifests():
         partial.pop(key)
         with pytest.raises(ConfigError, match=f"missing \\['{key}'\\]"):
             FingerprintConfig.from_dict(partial)
-    assert FingerprintConfig().projection == "kfac"  # the default: K-FAC-whitened, no correction, no R
+    assert FingerprintConfig().projection == "sketch"  # the default: K-FAC-whitened, sketched, no correction, no R
+    assert FingerprintConfig().block_cap == 4096 and FingerprintConfig(hessian="mixed").block_cap == 1024
     assert not FingerprintConfig().correction and FingerprintConfig().hessian == "none"
     with pytest.raises(ConfigError, match="no basis to fit"):
         TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2, projection="gaussian")).fit_basis([])

@@ -67,7 +67,7 @@ def test_cuda_float64_matches_reference(k):
 
 @pytest.mark.parametrize("mode", ["exact", "factored"])
 def test_cuda_float32_matches_cpu(mode):
-    cfg = FingerprintConfig(k=4, seed=3, hessian="none", mode=mode)
+    cfg = FingerprintConfig(k=4, seed=3, hessian="none", mode=mode, projection="kfac")
     model = tiny_gpt2(seed=5, n_embd=32, vocab=64)
     sm = _random_second_moments(model, seed=6)
     examples = _examples(8, 12, 5, 30, 64)
@@ -119,7 +119,7 @@ def test_auto_batch_size_peak_stays_in_budget():
     model = model.to(CUDA, torch.bfloat16)
     budget = 2 << 30
     for mode in ("exact", "factored"):
-        enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", mode=mode), second_moments=sm)
+        enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", mode=mode, projection="kfac"), second_moments=sm)
         bs, est = auto_batch_size(enc, 256, free=budget, fraction=0.5, max_batch=4096)
         g = torch.Generator().manual_seed(9)
         ids = torch.randint(1, model.config.vocab_size, (bs, 256), generator=g)
@@ -173,7 +173,7 @@ def test_low_precision_products_match_float32_copies(mode):
     model = build_model("gpt2-2x128", 64)
     sm = random_second_moments(model)
     model = model.to(CUDA, torch.bfloat16)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none", mode=mode), second_moments=sm)
+    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none", mode=mode, projection="kfac"), second_moments=sm)
     assert enc.low_precision_products
     batch = collate(_examples(11, 6, 20, 64, model.config.vocab_size))
     fast = enc.project(batch)

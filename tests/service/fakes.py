@@ -128,6 +128,10 @@ class FakeIndex:
         ids = tuple(1 + t % 26 for t in range(options.max_new_tokens))
         return Generated(ids=ids, finish_reason="length", seed=options.seed, prompt_ids=tuple(prompt_ids))
 
+    @property
+    def default_rescore(self) -> int:
+        return 0  # like a whitened index
+
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """Exact scores are the stored ones (a fake has no projection noise)."""
         vector = self.encode_examples([example])[0]

@@ -46,7 +46,7 @@ def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact", p
     cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode,
                             projection=projection)  # fmt: skip
     enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
-    if projection == "pca":
+    if projection in ("pca", "sketch"):
         enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])
     if hessian != "none":
         stats = enc.new_statistics()
@@ -73,6 +73,17 @@ def test_contributions_sum_to_score(hessian, unit_norm, mode):
     assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
     assert att.contributions[0] == 0.0
     assert torch.count_nonzero(att.contributions[1:]) == len(example.input_ids) - 1
+
+
+def test_contributions_sum_to_score_with_a_sketch():
+    """The sketch's weight direction (W_out (S^T u) W_in, times C) carries its score too."""
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    enc = _encoder(model, "none", True, "exact", projection="sketch")
+    assert any(not enc._whole(m) for m in enc.modules)  # some modules are hashed, not kept whole
+    e_q = _query(enc, 11)
+    example = sequence_example(_random_ids(5, 1, 9, 9)[0])
+    att = attribute_tokens(enc, example, e_q, chunk=3)
+    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
 
 
 @pytest.mark.parametrize("projection", ["gaussian", "pca"])
