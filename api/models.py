@@ -172,7 +172,7 @@ class InfluenceQuery(BaseModel):
         "(K-FAC-whitened for a kfac or sketch index, optimizer-corrected when it corrects; no projection "
         "noise, no projected R) and return the best k of them; each candidate "
         "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; "
-        "unset, the index's: 100 without a projected R, 0 with one). The random projection decides much of a "
+        "unset, the index's: 200 without a projected R, 0 with one). The random projection decides much of a "
         "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
     )
 

@@ -10,7 +10,7 @@ them with no projection at all:
 which is the score of the unprojected configuration (k = 0, hessian none): the re-ranked
 top-10 equals that configuration's top-10 whenever its members are among the C candidates.
 No projected R: it lives in the projected space, and an unprojected R (d_W x d_W per
-module) is what the projection exists to avoid. A ``kfac`` index whitens before projecting,
+module) is what the projection exists to avoid. A ``kfac`` or ``sketch`` index whitens before projecting,
 so its second stage scores the whitened gradients W_out G~ W_in^T of every module
 (``encoder.basis.kfac_roots``, saved with the index): the score its projection estimates.
 Per-module dot products are accumulated while the backward pass runs

@@ -94,7 +94,7 @@ def register(subparsers: Any) -> None:
     q.add_argument("--rescore", type=int, default=None, metavar="C",
                    help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
                         "gradients, as the index forms them (one backward pass each; 0 = off; default: the "
-                        "index's, 100 without a projected R, 0 with one)")
+                        "index's, 200 without a projected R, 0 with one)")
     q.add_argument("--no-rerank", action="store_true",
                    help="approximate indexes: the index's own scores, no exact re-rank")
     q.add_argument("--search-placement", default="auto", choices=SEARCH_PLACEMENTS,

@@ -41,11 +41,12 @@ log = logging.getLogger(__name__)
 QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_examples``."""
 
-DEFAULT_RESCORE = 100
+DEFAULT_RESCORE = 200
 """Candidates a hessian-none index re-scores exactly by default (``default_rescore``): the
-default (sketch) index's top-10 then overlaps its unprojected one 0.93 / 0.90 (demo / deep)
-and another seed's 0.90 / 0.86, against 0.73 / 0.59 and 0.65 / 0.48 without
-(benchmarks/results/bench_fidelity_sketch.md), for ~6 ms per candidate on the demo model's CPU."""
+default (sketch) index's top-10 then overlaps its unprojected one 0.95 / 0.96 (demo / deep
+model) and another seed's 0.94 / 0.94 (C = 100: 0.93 / 0.91 and 0.90 / 0.89), against 0.73 /
+0.64 and 0.65 / 0.55 for the first stage alone (benchmarks/results/bench_rescore_depth.md);
+~6 / ~63 ms per candidate on 2 CPU cores."""
 
 EXPLAIN_CHUNK = 4
 """Target tokens per backward pass of an explanation made while queries are flowing: each

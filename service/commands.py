@@ -49,7 +49,7 @@ SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      "help": "approximate indexes: hits re-ranked exactly per query (default 10 x k)"}),
     ("--rescore", "rescore", {"type": int, "metavar": "C",
      "help": "default exact second stage: re-score the top max(C, k) candidates per query (one backward pass "
-             "each; requests may override; 0 = off; default: the index's, 100 without a projected R, 0 with one)"}),
+             "each; requests may override; 0 = off; default: the index's, 200 without a projected R, 0 with one)"}),
     ("--max-new-tokens", "max_new_tokens", {"type": int,
      "help": "the most tokens a generate-and-trace query may ask for (default 64)"}),
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "queries per encode pass"}),

@@ -58,9 +58,9 @@ class Settings(BaseSettings):
     rescore: int | None = Field(
         None, ge=0, le=MAX_RESCORE,
         description="Default of the request's `rescore` (exact second stage over the top max(rescore, k) "
-        "candidates, one backward pass each); 0 = off. Unset: the index's default, 100 for an index "
+        "candidates, one backward pass each); 0 = off. Unset: the index's default, 200 for an index "
         "without a projected R (the default sketch index: its top-10 then barely depends on the "
-        "projection seed, benchmarks/results/bench_fidelity_sketch.md), 0 for one with R.",
+        "projection seed, benchmarks/results/bench_rescore_depth.md), 0 for one with R.",
     )
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")

@@ -126,6 +126,26 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
     assert (tmp_path / "bench_fidelity_quick.png").stat().st_size > 0
 
 
+def test_bench_rescore_depth_on_the_trained_model(trained_checkpoint, fact_corpus_files, tmp_path):
+    """The depth benchmark runs on the session's trained model with the default (sketch)
+    fingerprint; re-scoring more candidates can only recover more of the unprojected top-10."""
+    import shutil
+
+    from benchmarks import bench_rescore_depth
+
+    work = tmp_path / "w" / "quick"
+    (work / "corpus").mkdir(parents=True)
+    for path in fact_corpus_files:
+        shutil.copy(path, work / "corpus" / path.name)
+    (work / "stamp.json").write_text(json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)}))
+    assert bench_rescore_depth.main(["--models", "quick", "--queries", "6", "--workdir", str(tmp_path / "w"),
+                                     "--out", str(tmp_path)]) == 0  # fmt: skip
+    (row,) = json.loads((tmp_path / "bench_rescore_depth.json").read_text())["rows"]
+    assert row["projection"] == "sketch"
+    gains = [row["first_vs_own"]] + [row[f"rescore{c}"] for c in bench_rescore_depth.DEPTHS]
+    assert all(0.0 <= g <= 1.0 for g in gains) and gains == sorted(gains)
+
+
 def test_bench_milvus_quick_on_the_tiny_index(tiny_index, tmp_path):
     """Local FAISS and Milvus Lite rows for the index and the synthetic store; Milvus's
     FLAT answers have full recall (it scores the same float16 values)."""

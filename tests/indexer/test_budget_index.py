@@ -44,7 +44,8 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     finally:
         idx.close()
     # Served: every first-stage result of this projected, unwhitened index has its sd, small
-    # next to the unit-norm scale (exact modules add none).
+    # next to the unit-norm scale (exact modules add none); without "rescore" the index's
+    # default re-scores exactly, and then the sd is 0.
     import httpx
 
     from service.app import create_app
@@ -53,8 +54,11 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
 
     with live_server(create_app(Settings(index_dir=budget_index))) as base:
         rows = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Veloria is", "completion": " Quenton.",
-                                                        "k": 5}, timeout=60).json()["results"]  # fmt: skip
+                                                        "k": 5, "rescore": 0}, timeout=60).json()["results"]  # fmt: skip
+        rescored = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Veloria is",
+                                                            "completion": " Quenton.", "k": 5}, timeout=60).json()["results"]  # fmt: skip
     assert len(rows) == 5 and all(0 < r["score_sd"] < 1 for r in rows)
+    assert len(rescored) == 5 and all(r["score_sd"] == 0 for r in rescored)
     assert main(["index", "info", str(budget_index)]) == 0
     assert "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 stored exactly" in capsys.readouterr().out
 

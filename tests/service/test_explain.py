@@ -384,7 +384,7 @@ def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm,
     enc = _encoder(model, hessian, unit_norm, mode)
     if not correction:
         enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm,
-                                                        correction=False), whitener=enc.whitener,
+                                                        correction=False, projection="gaussian"), whitener=enc.whitener,
                                 projections=enc.projections())  # fmt: skip
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 12, 12)[0])
