@@ -33,7 +33,15 @@ SEEDS = (0, 1)
 
 
 def measure(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
-    from benchmarks.bench_fidelity import MODELS, Harness, overlap, prepare, rescored, top, unprojected
+    from benchmarks.bench_fidelity import (
+        MODELS,
+        Harness,
+        overlap,
+        prepare,
+        rescored,
+        top,
+        unprojected,
+    )
     from encoder.config import FingerprintConfig
 
     checkpoint, corpus_dir = prepare(MODELS[name], workdir)
