@@ -5,46 +5,21 @@ answer is the answer of an unprojected (k = 0) kfac index, whose whitening is th
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from encoder.basis import load_fitted, load_projections
-from encoder.config import FingerprintConfig
 from engine.index import InfluenceIndex, OpenOptions
-from engine.query import Limits, Query
 from indexer import manifest as mf
-from tests.tolerances import FLOAT16_SCORE, recompute_bound
-
-PROMPT, COMPLETION = "The capital of Veloria is", " Quenton."
-SCORE_BOUND = FLOAT16_SCORE + 2 * recompute_bound(np.float32)
-
-
-def _build(ckpt, corpus, out, k):
-    from indexer.build import BuildConfig, run_build
-
-    return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=16, batch_size=8, basis_sample=0,
-                                 fingerprint=FingerprintConfig(k=k, hessian="none", projection="kfac")))  # fmt: skip
+from tests.service.whitened import (
+    assert_rescoring_every_candidate_gives_the_unprojected_ranking,
+    projected_and_exact,
+)
 
 
 @pytest.fixture(scope="module")
 def kfac_indexes(trained_checkpoint, fact_corpus_files, tmp_path_factory):
-    corpus, _ = fact_corpus_files
-    root = tmp_path_factory.mktemp("kfac")
-    ckpt = trained_checkpoint.checkpoint_dir
-    return _build(ckpt, corpus, root / "k4", 4), _build(ckpt, corpus, root / "k0", 0)
-
-
-def _answer(index_dir, query: Query):
-    from engine.batch import run_batch
-
-    index = InfluenceIndex.open(index_dir, OpenOptions())
-    try:
-        (outcome,) = run_batch(index, [query], Limits(max_prompt_tokens=256, max_completion_tokens=256))
-    finally:
-        index.close()
-    assert outcome.error is None, outcome.error
-    return outcome.hits
+    return projected_and_exact(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path_factory.mktemp("kfac"), "kfac")
 
 
 def test_the_saved_whitening_is_the_unprojected_index_one(kfac_indexes):
@@ -59,16 +34,8 @@ def test_the_saved_whitening_is_the_unprojected_index_one(kfac_indexes):
 
 
 def test_rescoring_every_candidate_gives_the_unprojected_kfac_ranking(kfac_indexes):
-    projected, exact = kfac_indexes
-    size = mf.Manifest.read(projected).sequences
-    got = _answer(projected, Query(PROMPT, COMPLETION, 10, rescore=size))
-    want = _answer(exact, Query(PROMPT, COMPLETION, 10))
-    assert [h.id for h in got] == [h.id for h in want]
-    gaps = np.abs(np.array([h.score for h in got]) - np.array([h.score for h in want]))
-    assert gaps.max() <= SCORE_BOUND, gaps
-    # The projected first stage alone ranks differently (else this test could not fail).
-    first = _answer(projected, Query(PROMPT, COMPLETION, 10, rescore=0))
-    assert [h.id for h in first] != [h.id for h in want]
+    first = assert_rescoring_every_candidate_gives_the_unprojected_ranking(*kfac_indexes)
+    assert first
 
 
 def test_a_kfac_index_without_its_whitening_is_refused(kfac_indexes, tmp_path):

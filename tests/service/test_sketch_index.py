@@ -6,46 +6,25 @@ the same."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from encoder.basis import load_fitted
-from encoder.config import FingerprintConfig
 from engine.index import InfluenceIndex, OpenOptions
-from engine.query import Limits, Query
+from engine.query import Query
 from indexer import manifest as mf
-from tests.tolerances import FLOAT16_SCORE, recompute_bound
-
-PROMPT, COMPLETION = "The capital of Veloria is", " Quenton."
-SCORE_BOUND = FLOAT16_SCORE + 2 * recompute_bound(np.float32)
-
-
-def _build(ckpt, corpus, out, k, projection):
-    from indexer.build import BuildConfig, run_build
-
-    return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=16, batch_size=8, basis_sample=0,
-                                 fingerprint=FingerprintConfig(k=k, hessian="none", projection=projection)))  # fmt: skip
+from tests.service.whitened import (
+    COMPLETION,
+    PROMPT,
+    answer,
+    assert_rescoring_every_candidate_gives_the_unprojected_ranking,
+    projected_and_exact,
+)
 
 
 @pytest.fixture(scope="module")
 def sketch_indexes(trained_checkpoint, fact_corpus_files, tmp_path_factory):
-    corpus, _ = fact_corpus_files
-    root = tmp_path_factory.mktemp("sketch")
-    ckpt = trained_checkpoint.checkpoint_dir
-    return _build(ckpt, corpus, root / "k4", 4, "sketch"), _build(ckpt, corpus, root / "k0", 0, "kfac")
-
-
-def _answer(index_dir, query: Query):
-    from engine.batch import run_batch
-
-    index = InfluenceIndex.open(index_dir, OpenOptions())
-    try:
-        (outcome,) = run_batch(index, [query], Limits(max_prompt_tokens=256, max_completion_tokens=256))
-    finally:
-        index.close()
-    assert outcome.error is None, outcome.error
-    return outcome.hits
+    return projected_and_exact(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path_factory.mktemp("sketch"), "sketch")
 
 
 def test_the_saved_whitening_is_the_unprojected_kfac_one(sketch_indexes):
@@ -61,18 +40,8 @@ def test_the_saved_whitening_is_the_unprojected_kfac_one(sketch_indexes):
 
 
 def test_rescoring_every_candidate_gives_the_unprojected_kfac_ranking(sketch_indexes):
-    sketched, exact = sketch_indexes
-    size = mf.Manifest.read(sketched).sequences
-    got = _answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=size))
-    want = _answer(exact, Query(PROMPT, COMPLETION, 10))
-    assert [h.id for h in got] == [h.id for h in want]
-    gaps = np.abs(np.array([h.score for h in got]) - np.array([h.score for h in want]))
-    assert gaps.max() <= SCORE_BOUND, gaps
-    # The sketched first stage alone (16 dims a module) ranks differently, and says how
-    # far each score could move.
-    first = _answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))
-    assert [h.id for h in first] != [h.id for h in want]
-    assert all(h.score_sd is not None and h.score_sd > 0 for h in first)
+    first = assert_rescoring_every_candidate_gives_the_unprojected_ranking(*sketch_indexes)
+    assert all(h.score_sd is not None and h.score_sd > 0 for h in first)  # it says how far scores could move
 
 
 def test_a_sketch_index_without_its_whitening_is_refused(sketch_indexes, tmp_path):
@@ -101,8 +70,8 @@ def test_a_query_that_does_not_say_is_rescored_by_the_index_default(sketch_index
         assert index.default_rescore == DEFAULT_RESCORE
     finally:
         index.close()
-    default = _answer(sketched, Query(PROMPT, COMPLETION, 10))
-    explicit = _answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=DEFAULT_RESCORE))
+    default = answer(sketched, Query(PROMPT, COMPLETION, 10))
+    explicit = answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=DEFAULT_RESCORE))
     assert [(h.id, h.score) for h in default] == [(h.id, h.score) for h in explicit]
-    assert [h.id for h in _answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))] != [h.id for h in default]
+    assert [h.id for h in answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))] != [h.id for h in default]
     assert all(h.score_sd == 0.0 for h in default)  # re-scored exactly
