@@ -4,9 +4,9 @@ Steps (each skipped when its output already exists for the same inputs, keyed by
 content hash recorded in the step's ``stamp.json``):
 1. generate the synthetic fact corpus (``evaluation.corpus``),
 2. train a GPT-2 on it with HF Trainer + AdamW (``evaluation.train``),
-3. build the index with the default configuration: the K-FAC-whitened Kronecker
-   projection fitted on the corpus, unit norm (``influence index build``; README "Which
-   method wins where"),
+3. build the index with the default configuration: the K-FAC whitening fitted on the
+   corpus, a CountSketch of the whitened gradients, unit norm; queries are re-scored
+   exactly over the top 200 (``influence index build``; README "Which method wins where"),
 4. print what to try, then serve it with ``influence serve`` on 127.0.0.1:8000.
 """
 
