@@ -49,6 +49,7 @@ def paired_markdown(result: EvalResult) -> str:
 def markdown_report(result: EvalResult, command: str | None = None) -> str:
     """The full Markdown page: command, setup, table, method legend."""
     s, c = result.settings, result.context
+    dims = c.get("method_dims") or {}
     parts = ["# Fact-tracing evaluation", ""]
     if command:
         parts += ["Produced by:", "", "```bash", command, "```", ""]
@@ -58,6 +59,7 @@ def markdown_report(result: EvalResult, command: str | None = None) -> str:
         f"- {c.get('n_train_sequences')} training sequences, {c.get('n_queries')} queries; "
         f"fingerprint d = {c.get('fingerprint_dim')} (k = {s['k']}), second moments: "
         f"{c.get('second_moments_source')}",
+        *(["- d per gradient method: " + ", ".join(f"{k} {v}" for k, v in dims.items())] if dims else []),
         f"- tail-patch: one {s['tailpatch_optimizer']} step, lr {s['tailpatch_lr']:g}, on each "
         f"retrieved sequence alone; change of log p(completion | prompt) in nats, mean over "
         f"queries of the mean over the top 1/3/10; {c.get('n_tailpatch_pairs')} (query, sequence) pairs",

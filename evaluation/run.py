@@ -171,8 +171,8 @@ def _load(model_dir: Path, corpus_path: Path, queries_path: Path, settings: Eval
                 progress=progress)  # fmt: skip
 
 
-PhiKey = tuple[bool, str]
-"""(correction, projection family): what a method's phi depends on (``Method.phi_key``)."""
+PhiKey = tuple[bool, str, int | None]
+"""(correction, projection family, block cap): what a method's phi depends on (``Method.phi_key``)."""
 
 
 def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) -> dict[PhiKey, GradientInputs]:
@@ -180,11 +180,12 @@ def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) 
     (R, whitening and normalization are cheap on top)."""
     settings, phis = run.settings, {}
     keys = {m.phi_key(run.base) for m in methods if m.kind == "gradient"}
-    keys |= {(True, run.base.projection)} if any(m.kind == "hybrid" for m in methods) else set()
-    for correction, projection in sorted(keys, reverse=True):
-        enc = TrackStarEncoder(run.model, replace(run.base, correction=correction, projection=projection),  # type: ignore[arg-type]
-                               second_moments=second_moments if correction else None)  # fmt: skip
+    keys |= {(True, run.base.projection, run.base.max_block)} if any(m.kind == "hybrid" for m in methods) else set()
+    for correction, projection, max_block in sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0), reverse=True):
+        config = replace(run.base, correction=correction, projection=projection, max_block=max_block)  # type: ignore[arg-type]
+        enc = TrackStarEncoder(run.model, config, second_moments=second_moments if correction else None)
         label = ("corrected" if correction else "uncorrected") + ("" if projection == run.base.projection else f", {projection}")
+        label += "" if max_block == run.base.max_block else f", block {max_block}"
         pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()
@@ -194,7 +195,7 @@ def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) 
         if pb is not None:
             pb.close()
         run.timings[f"fingerprints_{label.replace(', ', '_')}_s"] = time.perf_counter() - start
-        phis[(correction, projection)] = GradientInputs(train_phi, query_phi)
+        phis[(correction, projection, max_block)] = GradientInputs(train_phi, query_phi)
     return phis
 
 
@@ -306,7 +307,9 @@ def run_evaluation(
         return enc.estimate_second_moments(batches)
 
     second_moments = _second_moments(Path(model_dir), run.model, estimate)
-    rankings, lambdas = _rankings(run, methods, second_moments, _projected(run, methods, second_moments))
+    phis = _projected(run, methods, second_moments)
+    rankings, lambdas = _rankings(run, methods, second_moments, phis)
+    method_dims = {m.name: int(phis[m.phi_key(run.base)].train.shape[1]) for m in methods if m.kind == "gradient"}
     patcher, tp = _tailpatch(run, rankings, second_moments)
     # Saturation: a completion already certain before the step cannot gain log-probability.
     base_logp = completion_logprobs(patcher.model, run.query_examples, run.pad_id)
@@ -327,6 +330,7 @@ def run_evaluation(
         "n_train_sequences": len(run.texts),
         "n_queries": len(run.queries),
         "fingerprint_dim": TrackStarEncoder(run.model, run.base, second_moments=second_moments).dim,
+        "method_dims": method_dims,
         "second_moments_source": second_moments.source,
         "fact_accuracy": fact_accuracy(run.model, run.tokenizer, run.queries),
         "oracle_tailpatch_relevant": oracle,

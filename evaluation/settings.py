@@ -19,6 +19,8 @@ class Method:
         kind: ``gradient``, ``bm25``, ``hybrid`` or ``random``.
         correction, hessian, unit_norm: the fingerprint settings (gradient methods only).
         projection: the projection family; None: the run's (``EvalSettings.projection``).
+        max_block: the most dims one module's block may take (``FingerprintConfig.max_block``);
+            None: the family's default cap. Lets two families be compared at equal d.
     """
 
     name: str
@@ -28,14 +30,16 @@ class Method:
     hessian: str = "mixed"
     unit_norm: bool = True
     projection: ProjectionFamily | None = None
+    max_block: int | None = None
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
         return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm,  # type: ignore[arg-type]
-                       projection=self.projection or base.projection)  # fmt: skip
+                       projection=self.projection or base.projection,
+                       max_block=self.max_block if self.max_block is not None else base.max_block)  # fmt: skip
 
-    def phi_key(self, base: FingerprintConfig) -> tuple[bool, str]:
-        """What this method's phi depends on: (correction, projection family)."""
-        return self.correction, self.projection or base.projection
+    def phi_key(self, base: FingerprintConfig) -> tuple[bool, str, int | None]:
+        """What this method's phi depends on: (correction, projection family, block cap)."""
+        return self.correction, self.projection or base.projection, self.max_block if self.max_block is not None else base.max_block
 
 
 METHODS: tuple[Method, ...] = (
@@ -55,6 +59,12 @@ METHODS: tuple[Method, ...] = (
            correction=False, projection="kfac"),
     Method("sketch", "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
            "gradient", correction=False, hessian="none", projection="sketch"),
+    # The same two families at each other's d (the sketch's default block cap is 4096 dims,
+    # kfac's 1024): whether the sketch's edge comes from its family or from its larger d.
+    Method("sketch_block1024", "sketch at kfac's 1024-dim block cap (kfac's d)", "gradient",
+           correction=False, hessian="none", projection="sketch", max_block=1024),
+    Method("kfac_block4096", "kfac at the sketch's 4096-dim block cap (the sketch's d)", "gradient",
+           correction=False, hessian="none", projection="kfac", max_block=4096),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
     Method("random", "random training sequences (floor)", "random"),

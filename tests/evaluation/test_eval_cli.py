@@ -36,6 +36,10 @@ def test_eval_writes_table_json_and_plot(eval_run):
         assert set(row) >= {"tailpatch_top1", "tailpatch_top3", "tailpatch_top10"}
     assert data["context"]["n_queries"] == 16
     assert data["context"]["n_train_sequences"] > 100
+    # --k 8 fixes every gradient method's d at 64 per module, whatever its block cap.
+    dims = data["context"]["method_dims"]
+    assert set(dims) == {"trackstar", "no_hessian", "kfac"} and len(set(dims.values())) == 1
+    assert dims["kfac"] == data["context"]["fingerprint_dim"] and dims["kfac"] % 64 == 0
     # Every method that looks at the data beats a random ranking on attribution, and the
     # passages retrieved by TrackStar move the completion more than random ones.
     for name in ("trackstar", "no_hessian", "kfac", "bm25", "hybrid"):
