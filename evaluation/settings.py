@@ -39,7 +39,8 @@ class Method:
 
     def phi_key(self, base: FingerprintConfig) -> tuple[bool, str, int | None]:
         """What this method's phi depends on: (correction, projection family, block cap)."""
-        return self.correction, self.projection or base.projection, self.max_block if self.max_block is not None else base.max_block
+        config = self.config(base)
+        return config.correction, config.projection, config.max_block
 
 
 METHODS: tuple[Method, ...] = (

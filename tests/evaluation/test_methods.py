@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from encoder.config import FingerprintConfig
@@ -25,12 +27,17 @@ def test_each_family_has_a_row_at_the_others_d():
     assert _dim("kfac_block4096", base) == sketch
 
 
-@pytest.mark.parametrize("name", [m.name for m in METHODS if m.kind == "gradient"])
-def test_methods_that_share_a_phi_share_its_config(name):
-    """Methods with one phi_key are scored from one phi: their configs may differ only in
-    what is applied on top of it (R, unit norm)."""
+GRADIENT = [m for m in METHODS if m.kind == "gradient"]
+
+
+@pytest.mark.parametrize("pair", [(a, b) for a in GRADIENT for b in GRADIENT if a.name < b.name], ids=lambda p: f"{p[0].name}-{p[1].name}")
+def test_methods_that_share_a_phi_differ_only_on_top_of_it(pair):
+    """Methods with one phi_key are scored from one phi (``evaluation.run._projected``):
+    their configs may differ only in what is applied to it (R, unit norm); methods with
+    different keys differ in what forms phi."""
     base = FingerprintConfig(seed=3)
-    method = BY_NAME[name]
-    cfg = method.config(base)
-    assert (cfg.correction, cfg.projection, cfg.max_block) == method.phi_key(base)
-    assert cfg.seed == 3 and cfg.k == base.k
+    a, b = (m.config(base) for m in pair)
+    on_top = {"hessian": "none", "unit_norm": True}
+    same_phi = replace(a, **on_top) == replace(b, **on_top)
+    assert same_phi == (pair[0].phi_key(base) == pair[1].phi_key(base))
+    assert a.seed == b.seed == 3 and a.k == b.k == base.k
