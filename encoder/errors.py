@@ -74,6 +74,17 @@ class IndexChangedError(InfluenceError):
     http_status = 503
 
 
+class InternalError(InfluenceError):
+    """A bug met while answering one query: that query alone fails (500), logged with its
+    traceback; the message never echoes the exception's text to the client."""
+
+    code = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str = "internal error while answering this query") -> None:
+        super().__init__(message)
+
+
 class NotFoundError(InfluenceError):
     """An id or resource does not exist."""
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from encoder.batching import Example, Tokenizer
 from encoder.errors import InputError
@@ -42,6 +43,23 @@ class Generated:
     prompt_ids: tuple[int, ...]
 
 
+class StableTemperature(LogitsProcessor):
+    """Sampling temperature that no positive value can break: ``(s - max s) / T`` in
+    float64. The best token scores exactly 0 and the rest are <= 0 (or -inf), so softmax
+    never sees inf - inf; transformers' own warper divides first, and a temperature such
+    as 1e-44 (or one below float32's range, which rounds to 0) overflows to NaN."""
+
+    def __init__(self, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        wide = scores.double()
+        scaled = (wide - wide.amax(dim=-1, keepdim=True)) / self.temperature
+        return scaled.to(scores.dtype)  # type: ignore[return-value]
+
+
 def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *,
              eos_token_id: int | None, pad_token_id: int) -> Generated:  # fmt: skip
     """The model's continuation of ``prompt_ids`` (``model.generate``, one sequence, no
@@ -54,16 +72,22 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *
     sample = options.temperature > 0
     seed = (options.seed if options.seed is not None else secrets.randbits(32)) if sample else None
     # Explicit values for every sampling knob, so that a model's generation_config cannot
-    # add top-k / top-p filtering (or warn that greedy decoding ignores them).
-    knobs = {"temperature": options.temperature, "top_k": 0, "top_p": 1.0} if sample else \
-        {"temperature": None, "top_k": None, "top_p": None}  # fmt: skip
+    # add top-k / top-p filtering or its own temperature (or warn that greedy decoding
+    # ignores them); the temperature itself is StableTemperature's.
+    if sample:
+        knobs = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        processors = LogitsProcessorList([StableTemperature(options.temperature)])
+    else:
+        knobs = {"temperature": None, "top_k": None, "top_p": None}
+        processors = LogitsProcessorList()
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(  # type: ignore[operator]  # transformers' GenerationMixin
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.max_new_tokens,
-            do_sample=sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **knobs,
+            do_sample=sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            logits_processor=processors, **knobs,
         )
     new = [int(t) for t in out[0, ids.shape[1] :].tolist()]
     if eos_token_id is not None and eos_token_id in new:

@@ -2,7 +2,8 @@
 
 Blocking (torch, FAISS, SQLite): the service calls it from the batcher's worker thread,
 never on the event loop. Each query's outcome is independent: a query that fails
-validation or encoding gets its own error and never fails its batch mates.
+validation, generation, encoding or search, with whatever exception, gets its own error and
+never fails its batch mates.
 """
 
 from __future__ import annotations
@@ -14,35 +15,44 @@ from dataclasses import replace
 import numpy as np
 
 from encoder.batching import Example
-from encoder.errors import InfluenceError
+from encoder.errors import InfluenceError, InternalError
 from engine import retrieval
 from engine.protocols import Index
-from engine.query import Limits, Outcome, Query, Traced, trace
+from engine.query import Hit, Limits, Outcome, Query, Traced, trace
 
 log = logging.getLogger(__name__)
 
 
+def failure(exc: Exception, what: str) -> InfluenceError:
+    """The error one query gets for ``exc``: itself when it is a project error, else an
+    ``InternalError`` (the bug is logged with its traceback, never shown to the client)."""
+    if isinstance(exc, InfluenceError):
+        return exc
+    log.error("%s failed for one query", what, exc_info=exc)
+    return InternalError()
+
+
 def _encode(index: Index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
-    """Encode validated queries in one pass; should the encoder still refuse one, encode
-    them one by one so that only that query fails.
+    """Encode validated queries in one pass; should that pass fail, whatever the exception,
+    encode them one by one so that only the query that fails gets the error.
 
     Returns:
         vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
     """
     try:
         return np.asarray(index.encode_examples(examples), dtype=np.float32), [None] * len(examples)
-    except InfluenceError:
+    except Exception as exc:
         if len(examples) == 1:
-            raise
+            return np.zeros((1, 1), np.float32), [failure(exc, "encoding")]
     rows: list[np.ndarray | None] = []
     errors: list[InfluenceError | None] = []
     for example in examples:
         try:
             rows.append(np.asarray(index.encode_examples([example]), dtype=np.float32)[0])
             errors.append(None)
-        except InfluenceError as exc:
+        except Exception as exc:
             rows.append(None)
-            errors.append(exc)
+            errors.append(failure(exc, "encoding"))
     dim = next((r.shape[0] for r in rows if r is not None), 1)
     return np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]), errors
 
@@ -54,26 +64,48 @@ def _traced(index: Index, queries: list[Query], limits: Limits, outcomes: list[O
         try:
             outcomes[i].traced = traced = trace(index, query, limits)
             valid.append((i, traced))
-        except InfluenceError as exc:
-            outcomes[i].error = exc
+        except Exception as exc:
+            outcomes[i].error = failure(exc, "validation or generation")
     return valid
+
+
+def _search_plain(index: Index, queries: list[Query], vectors: np.ndarray) -> list[list[Hit] | Exception]:
+    """The plain queries' hits in one search call; should it fail, one call per query, so
+    that only the query that fails gets the error."""
+    try:
+        return list(retrieval.retrieve_plain(index, queries, vectors))
+    except Exception as exc:
+        if len(queries) == 1:
+            return [exc]
+    found: list[list[Hit] | Exception] = []
+    for j, query in enumerate(queries):
+        try:
+            found.extend(retrieval.retrieve_plain(index, [query], vectors[j : j + 1]))
+        except Exception as exc:
+            found.append(exc)
+    return found
 
 
 def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]], vectors: np.ndarray,
               outcomes: list[Outcome]) -> None:  # fmt: skip
     """Hits for every encoded query: the plain ones in one search call, the rest one by one."""
     plain = [j for j, (i, _) in enumerate(valid) if retrieval.is_plain(queries[i])]
-    found = retrieval.retrieve_plain(index, [queries[valid[j][0]] for j in plain], vectors[plain])
+    found = _search_plain(index, [queries[valid[j][0]] for j in plain], vectors[plain])
     for j, hits in zip(plain, found, strict=True):
-        outcomes[valid[j][0]].hits = hits
+        if isinstance(hits, Exception):
+            outcomes[valid[j][0]].error = failure(hits, "search")
+        else:
+            outcomes[valid[j][0]].hits = hits
     for j, (i, traced) in enumerate(valid):
         query = queries[i]
+        if outcomes[i].error is not None:
+            continue
         try:
             if not retrieval.is_plain(query):
                 outcomes[i].hits = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text)
             retrieval.add_score_sd(index, query, vectors[j], outcomes[i].hits)
-        except InfluenceError as exc:
-            outcomes[i].error, outcomes[i].hits = exc, []
+        except Exception as exc:
+            outcomes[i].error, outcomes[i].hits = failure(exc, "retrieval"), []
             continue
         if query.min_score is not None:
             outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= query.min_score]
@@ -97,11 +129,7 @@ def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcom
     if not valid:
         return outcomes
     t0 = time.perf_counter()
-    try:
-        vectors, errors = _encode(index, [traced.example for _, traced in valid])  # [V, d]
-    except InfluenceError as exc:
-        outcomes[valid[0][0]].error = exc
-        return outcomes
+    vectors, errors = _encode(index, [traced.example for _, traced in valid])  # [V, d]
     t1 = time.perf_counter()
     for (i, _), error in zip(valid, errors, strict=True):
         outcomes[i].error = error

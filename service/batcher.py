@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from encoder.errors import InfluenceError
-from engine.batch import run_batch
+from engine.batch import failure, run_batch
 from engine.query import Limits, Outcome, Query
 from service.state import IndexState
 
@@ -175,8 +175,25 @@ class MicroBatcher:
                 return
 
     def _compute(self, queries: list[Query]) -> list[Outcome]:
+        """``run_batch`` on a leased index. ``run_batch`` isolates each query's failure; should
+        the batch still raise something other than a project error (a shared step's bug), each
+        query is answered alone, so that only the one that breaks it fails."""
         with self.state.lease() as index:
-            return run_batch(index, queries, self.limits)
+            try:
+                return run_batch(index, queries, self.limits)
+            except InfluenceError:
+                raise
+            except Exception:
+                if len(queries) == 1:
+                    raise
+                log.exception("a batch of %d failed; answering its queries one by one", len(queries))
+            outcomes = []
+            for query in queries:
+                try:
+                    outcomes.extend(run_batch(index, [query], self.limits))
+                except Exception as exc:
+                    outcomes.append(Outcome(error=failure(exc, "the batch"), batch_size=1))
+            return outcomes
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,9 +211,10 @@ class MicroBatcher:
                 raise
             except Exception as exc:  # delivered to the waiting requests, never lost
                 self._last_done = time.monotonic()
+                error = failure(exc, "the batch")
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(exc)
+                        item.future.set_exception(error)
                 continue
             self._last_done = time.monotonic()
             for item, outcome in zip(batch, outcomes, strict=True):

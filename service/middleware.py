@@ -14,9 +14,11 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import error_response
 from service.metrics import Metrics
 
 access_log = logging.getLogger("influence.access")
+log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -46,11 +48,12 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
@@ -58,6 +61,15 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug: answered here as JSON 500. Above this middleware Starlette's
+            # ServerErrorMiddleware would answer it and re-raise, and the server then
+            # closes the connection, failing the client's next request on it too.
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            response = error_response(500, "internal_error", "internal server error")
+            await response(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             route = scope.get("route")

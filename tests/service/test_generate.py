@@ -107,6 +107,31 @@ def test_sampling_is_reproducible_by_seed(server):
     assert len(completions) > 1, "sampling at temperature 1.5 never varied over 6 seeds"
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-44, 7.1e-93, 5e-324])
+def test_a_vanishing_temperature_samples_the_greedy_limit(server, reference, temperature):
+    # These overflowed logits / T to inf and made torch.multinomial raise (a 500).
+    r = ask(server, generate={"max_new_tokens": MAX_NEW, "temperature": temperature, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["completion"] == reference["text"]
+
+
+def test_stable_temperature_is_softmax_of_logits_over_t():
+    from transformers import TemperatureLogitsWarper
+
+    from encoder.generation import StableTemperature
+
+    scores = torch.randn(3, 50, dtype=torch.float32) * 8
+    for t in (0.05, 0.7, 1.0, 4.0):
+        want = torch.softmax(TemperatureLogitsWarper(t)(None, scores.clone()), dim=-1)
+        got = torch.softmax(StableTemperature(t)(None, scores.clone()), dim=-1)
+        # softmax is shift-invariant; both are float32 over logits of magnitude |s|/t
+        bound = 8 * torch.finfo(torch.float32).eps * float(scores.abs().max()) / t
+        assert torch.allclose(got, want, rtol=0, atol=bound)
+    tiny = StableTemperature(1e-300)(None, scores.clone())
+    assert torch.isfinite(torch.softmax(tiny, dim=-1)).all()
+    assert torch.equal(torch.softmax(tiny, dim=-1).argmax(-1), scores.argmax(-1))
+
+
 def test_a_span_traces_only_its_tokens(server, opened):
     completion = " Quenton. It is old"
     tokenizer = opened.tokenizer
