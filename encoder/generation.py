@@ -74,6 +74,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *
     # Explicit values for every sampling knob, so that a model's generation_config cannot
     # add top-k / top-p filtering or its own temperature (or warn that greedy decoding
     # ignores them); the temperature itself is StableTemperature's.
+    knobs: dict[str, float | None]
     if sample:
         knobs = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         processors = LogitsProcessorList([StableTemperature(options.temperature)])
