@@ -90,7 +90,7 @@ class GenerateOptions(BaseModel):
         examples=[16],
     )  # fmt: skip
     temperature: float = Field(
-        0.0, ge=0.0, le=10.0,
+        0.0, ge=0.0, le=10.0, allow_inf_nan=False,
         description="0 (the default) decodes greedily: the model's most likely continuation. "
         "Above 0 samples at this temperature from the full distribution.",
     )  # fmt: skip
@@ -153,7 +153,7 @@ class InfluenceQuery(BaseModel):
         None, description="Truncate returned texts to this many characters."
     )
     min_score: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Drop results whose influence score is below this."
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop results whose influence score is below this."
     )
     source: Text | None = Field(
         None, max_length=1000, description="Only return training examples from this source."

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from encoder.batching import Tokenizer
-from encoder.errors import ModelLoadError
+from encoder.errors import ConfigError, ModelLoadError
 from encoder.hashing import sha256_named_files
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device named by ``device`` (None: ``default_device``), checked to exist here.
+
+    Raises:
+        ConfigError: code ``invalid_device``: not a device name, not a CPU or CUDA device, or
+            a CUDA device this machine does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{device!r} is not a torch device (cpu, cuda, cuda:N)", code="invalid_device") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device {device!r}: this machine has no CUDA device (use cpu)", code="invalid_device")
+        if dev.index is not None and dev.index >= n:
+            have = f"this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}"
+            raise ConfigError(f"device {device!r}: {have}", code="invalid_device")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: only cpu and cuda devices are supported", code="invalid_device")
+    return dev
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on CPU; bf16 weights on an accelerator (accumulation stays float32)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,7 +121,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     d = check_model_dir(model_dir)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or default_dtype(dev))
     except Exception as exc:  # noqa: BLE001 - report any loader failure as the user's input

@@ -8,32 +8,62 @@ import argparse
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
+from api.models import COMPLETION_OR_GENERATE, InfluenceQuery
 from encoder.errors import ConfigError
 from engine.choices import SEARCH_PLACEMENTS
 
+FLAGS = {"prompt": "--prompt", "completion": "--completion", "generate": "--generate",
+         "generate.max_new_tokens": "--generate", "generate.temperature": "--temperature",
+         "generate.seed": "--gen-seed", "span": "--span", "k": "-k", "rescore": "--rescore"}  # fmt: skip
+"""Wire fields of ``InfluenceQuery`` and the flags that set them."""
+
+
+def wire_query(args: argparse.Namespace) -> InfluenceQuery:
+    """The request ``POST /v1/influence`` would get for these flags, validated by the same
+    model (one validation for the CLI and the API).
+
+    Raises:
+        ConfigError: naming the flag, for whatever the API would answer 422.
+    """
+    if args.generate is None and (args.temperature is not None or args.gen_seed is not None):
+        raise ConfigError("--temperature and --gen-seed apply to --generate N only")
+    body: dict[str, Any] = {"prompt": args.prompt, "k": args.k}
+    if args.completion is not None:
+        body["completion"] = args.completion
+    if args.generate is not None:
+        options = {"max_new_tokens": args.generate, "temperature": args.temperature, "seed": args.gen_seed}
+        body["generate"] = {key: value for key, value in options.items() if value is not None}
+    if args.span is not None:
+        body["span"] = {"start": args.span[0], "end": args.span[1]}
+    if args.rescore is not None:
+        body["rescore"] = args.rescore
+    try:
+        return InfluenceQuery.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        flag = FLAGS.get(where, "--completion / --generate" if error["type"] == COMPLETION_OR_GENERATE else where)
+        raise ConfigError(f"{flag}: {error['msg']}", field=where or "query") from None
+
 
 def cmd_query(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise ConfigError(f"-k must be >= 1, got {args.k}")
     for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
-                               ("--rerank-candidates", args.rerank_candidates, 0),
-                               ("--rescore", args.rescore, 0), ("--generate", args.generate, 1),
-                               ("--temperature", args.temperature, 0)):  # fmt: skip
+                               ("--rerank-candidates", args.rerank_candidates, 0)):  # fmt: skip
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
-    if (args.completion is None) == (args.generate is None):
-        raise ConfigError("give --completion (the output to explain) or --generate N (let the model write it)")
-    from encoder.generation import Generation
+    wire = wire_query(args)
     from engine.batch import run_batch
     from engine.index import InfluenceIndex, OpenOptions
     from engine.query import Limits, Query, traced_fields
     from indexer.faiss_index import SearchParams
 
+    query = Query.from_wire(wire)
+
     defaults = SearchParams()
     params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
                           candidates=0 if args.no_rerank else args.rerank_candidates)  # fmt: skip
-    generate = None if args.generate is None else Generation(args.generate, args.temperature, args.gen_seed)
-    query = Query(args.prompt, args.completion, args.k, rescore=args.rescore, generate=generate, span=args.span)
     idx = InfluenceIndex.open(args.index, OpenOptions(device=args.device, model_dir=args.model, search_params=params,
                                                       placement=args.search_placement))  # fmt: skip
     try:
@@ -62,13 +92,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _span(text: str) -> tuple[int, int]:
-    """--span START:END, a non-empty character range of the completion."""
+    """--span START:END, two character offsets (their range is checked with the query)."""
     try:
         start, end = (int(x) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:END (characters), got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
     return start, end
 
 
@@ -81,9 +109,10 @@ def register(subparsers: Any) -> None:
     q.add_argument("--generate", type=int, default=None, metavar="N",
                    help="generate and trace: the model continues the prompt (at most N tokens, greedy "
                         "unless --temperature) and its own tokens are traced")
-    q.add_argument("--temperature", type=float, default=0.0,
-                   help="--generate: sample at this temperature (default 0: greedy)")
-    q.add_argument("--gen-seed", type=int, default=None, help="--generate: the sampling seed (default: fresh)")
+    q.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="with --generate: sample at temperature T, 0 to 10 (default 0: greedy)")
+    q.add_argument("--gen-seed", type=int, default=None, metavar="SEED",
+                   help="with --generate and --temperature: the sampling seed, 0 to 2^32-1 (default: fresh)")
     q.add_argument("--span", type=_span, default=None, metavar="START:END",
                    help="trace only the completion tokens overlapping these characters of the completion")
     q.add_argument("-k", type=int, default=10, help="results to show (default 10)")

@@ -21,7 +21,7 @@ from encoder.batching import Example, Tokenizer, collate, sequence_example, toke
 from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
-from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
+from encoder.model_loading import load_model, load_tokenizer, model_max_tokens, resolve_device
 from encoder.rescoring import ExactRescorer
 from encoder.token_attribution import attribute_tokens
 from encoder.uncertainty import random_plan, score_sd
@@ -105,6 +105,7 @@ class OpenOptions:
     def __post_init__(self) -> None:
         if self.placement not in SEARCH_PLACEMENTS:  # refused before the model loads
             raise ConfigError(f"search placement must be one of {SEARCH_PLACEMENTS}, got {self.placement!r}")
+        resolve_device(self.device)
 
 
 class InfluenceIndex:

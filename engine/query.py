@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from api.models import Mode
+from api.models import InfluenceQuery, Mode
 from encoder.batching import Example, Tokenizer, tokenize_prompt
 from encoder.errors import InfluenceError, InputError, InputTooLongError
 from encoder.generation import Generated, Generation, token_spans, traced_example
@@ -33,6 +33,25 @@ class Query:
     """Generate and trace: the model writes the completion (``completion`` is None)."""
     span: tuple[int, int] | None = None
     """Trace only the completion tokens overlapping this character range."""
+
+    @classmethod
+    def from_wire(cls, q: InfluenceQuery, default_rescore: int | None = None) -> Query:
+        """The engine's query for a validated wire query (the REST body's, and
+        ``influence query``'s, which builds the same model). ``rescore`` applies only to
+        ``influence``; None: ``default_rescore``, else the index's ``default_rescore``."""
+        rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
+        g = q.generate
+        return cls(
+            q.prompt,
+            q.completion,
+            q.k,
+            source=q.source,
+            min_score=q.min_score,
+            mode=q.mode,
+            rescore=rescore,
+            generate=None if g is None else Generation(g.max_new_tokens, g.temperature, g.seed),
+            span=None if q.span is None else (q.span.start, q.span.end),
+        )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
 
 
 def batch_size_flag(text: str) -> int:
@@ -17,7 +18,9 @@ def batch_size_flag(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'auto', got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
@@ -76,3 +79,30 @@ class BuildConfig:
     device: str | None = None
     threads: int | None = None
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        least = {
+            "seq_len": 2,
+            "stride": 1,
+            "v_sample": 1,
+            "hessian_sample": 1,
+            "basis_sample": 0,
+            "faiss_train_sample": 1,
+            "batch_size": 0,
+            "shard_size": 1,
+            "threads": 1,
+        }
+        for name, bound in least.items():
+            value = getattr(self, name)
+            if value is not None and value < bound:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be >= {bound}, got {value}", field=name)
+        from encoder.model_loading import resolve_device  # torch: not for --help
+
+        resolve_device(self.device)
+        if self.optimizer_state is not None and not self.fingerprint.correction:
+            raise ConfigError(
+                "--optimizer-state is read only by the optimizer correction: add --correction, "
+                "or drop --optimizer-state",
+                field="optimizer_state",
+            )

@@ -42,7 +42,7 @@ SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      "help": "where search runs (default auto; torch: exact brute force on the GPUs)"}),
     ("--milvus", "milvus_uri", {"metavar": "URI",
      "help": "search through a Milvus collection pushed with `influence index push` (a pymilvus URI)"}),
-    ("--collection", "milvus_collection", {"help": "--milvus: the collection (default influence_<index version>)"}),
+    ("--collection", "milvus_collection", {"metavar": "NAME", "help": "with --milvus: the collection's name (default: influence_<index version>)"}),
     ("--nprobe", "nprobe", {"type": int, "help": "IVF indexes: lists visited per query (default 16)"}),
     ("--ef-search", "ef_search", {"type": int, "help": "HNSW indexes: search beam width (default 128)"}),
     ("--rerank-candidates", "rerank_candidates", {"type": int,

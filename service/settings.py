@@ -86,6 +86,19 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str | None) -> str | None:
+        from encoder.errors import ConfigError
+        from encoder.model_loading import resolve_device  # torch: only when a device is named
+
+        if value is not None:
+            try:
+                resolve_device(value)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:

@@ -16,23 +16,12 @@ from api.models import (
     Timings,
 )
 from encoder.errors import InputError
-from encoder.generation import Generation
 from engine.query import Outcome, Query, traced_fields
 from service.auth import v1_router
 from service.deps import BatcherDep, SettingsDep
 from service.errors import error_body, validation_error_body
 
 router = v1_router()
-
-
-def as_query(q: InfluenceQuery, default_rescore: int | None = None) -> Query:
-    """The engine's query for a wire query (``rescore`` only applies to ``influence``; None:
-    the server's default, else the index's, ``Index.default_rescore``)."""
-    rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
-    generate = None if q.generate is None else Generation(q.generate.max_new_tokens, q.generate.temperature, q.generate.seed)
-    span = None if q.span is None else (q.span.start, q.span.end)
-    return Query(q.prompt, q.completion, q.k, source=q.source, min_score=q.min_score, mode=q.mode, rescore=rescore,
-                 generate=generate, span=span)  # fmt: skip
 
 
 def as_response(q: InfluenceQuery, outcome: Outcome, started: float) -> InfluenceResponse:
@@ -71,7 +60,7 @@ async def query_influence(body: InfluenceQuery, batcher: BatcherDep, settings: S
     """Encode (prompt, completion) as a TrackStar fingerprint and return the `k` training
     examples with the highest influence score, best first."""
     started = time.perf_counter()
-    (outcome,) = await batcher.submit([as_query(body, settings.rescore)])
+    (outcome,) = await batcher.submit([Query.from_wire(body, settings.rescore)])
     return as_response(body, outcome, started)
 
 
@@ -100,7 +89,7 @@ async def query_influence_batch(body: BatchInfluenceRequest, batcher: BatcherDep
             parsed[i] = InfluenceQuery.model_validate(item)
         except ValidationError as exc:
             errors[i] = BatchQueryError(query_index=i, status=422, error=validation_error_body(exc.errors()))
-    queries = [as_query(q, settings.rescore) for q in parsed.values()]
+    queries = [Query.from_wire(q, settings.rescore) for q in parsed.values()]
     outcomes = await batcher.submit(queries) if queries else []
     responses: dict[int, InfluenceResponse] = {}
     for (i, q), outcome in zip(parsed.items(), outcomes, strict=True):
