@@ -101,7 +101,8 @@ class GenerateOptions(BaseModel):
 
 
 class Span(BaseModel):
-    """A character range [start, end) of the completion."""
+    """A character range [start, end) of the completion: `end` must be greater than `start`
+    (422 otherwise; a rule JSON Schema cannot state)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -115,13 +116,28 @@ class Span(BaseModel):
         return self
 
 
+ONE_OF_COMPLETION_OR_GENERATE: list[JsonValue] = [
+    {"properties": {"completion": {"type": "string"}}, "required": ["completion"]},
+    {"properties": {"generate": {"type": "object"}}, "required": ["generate"]},
+]
+"""Exactly one of a ``completion`` string and a ``generate`` object (the other absent or
+null), in JSON Schema: the rule ``InfluenceQuery._one_completion`` enforces."""
+
+
 class InfluenceQuery(BaseModel):
     """One influence query: which training examples made the model say ``completion``
-    after ``prompt``? Give the completion, or ask the model to ``generate`` it."""
+    after ``prompt``? Give the completion, or ask the model to ``generate`` it.
+
+    Rules no JSON Schema can state, answered 422 or 413 with their own codes: a `span`'s
+    `end` must be greater than its `start` and its `start` must lie within the completion
+    (which may be generated); prompt and completion must fit the server's token limits
+    (`x-max-tokens`) and, together, the model's context."""
 
     # strict: `false` is not a score and `"5"` is not a k (no silent coercion).
     model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [EXAMPLE_QUERY]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [EXAMPLE_QUERY], "oneOf": ONE_OF_COMPLETION_OR_GENERATE},
     )
 
     prompt: Text = Field(

@@ -165,7 +165,7 @@ SECURITY_SCHEMES = {
 def _openapi(app: FastAPI, settings: Settings) -> dict:
     """FastAPI's document plus what generated clients and fuzzers need to know: the API-key
     schemes (a v1 route takes either, or none while auth is off; admin always needs one)
-    and this server's token limits (a schema-valid query over them gets 413)."""
+    and this server's token and generation limits (a schema-valid query over them gets 413)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -178,6 +178,9 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
         if path.startswith("/v1/"):
             for op in operations.values():
                 op["security"] = keyed if path.startswith("/v1/admin/") else [*keyed, {}]
+    components = schema["components"]["schemas"]
+    if "GenerateOptions" in components:  # this server's bound (413 beyond), not the wire's cap
+        components["GenerateOptions"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens
     limits = {"prompt": settings.max_prompt_tokens, "completion": settings.max_completion_tokens}
     for name in ("InfluenceQuery", "ExplainRequest"):
         props = schema["components"]["schemas"].get(name, {}).get("properties", {})

@@ -7,10 +7,7 @@ contributions must sum to the score e_q . e of the encoder's own fingerprints.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,7 +25,7 @@ from service.settings import Settings
 from tests.conftest import tiny_gpt2
 from tests.encoder import reference as ref
 from tests.service.live import live_server
-from tests.service.test_openapi_clients import SCHEMATHESIS_CONFIG
+from tests.service.test_openapi_clients import run_schemathesis
 from tests.tolerances import FLOAT16_SCORE, assert_within, gamma, recompute_bound
 
 
@@ -135,7 +132,7 @@ def test_float32_parts_sum_to_projection():
 
 @pytest.fixture(scope="module")
 def server(tiny_index):
-    settings = Settings(index_dir=tiny_index, max_completion_tokens=16)
+    settings = Settings(index_dir=tiny_index, max_completion_tokens=16)  # as test_explain_schemathesis's
     with live_server(create_app(settings)) as base:
         yield httpx.Client(base_url=base, timeout=120)
 
@@ -188,20 +185,13 @@ def test_explain_refuses_examples_over_the_token_cap(server, query, monkeypatch)
 
 
 @pytest.mark.slow
-def test_explain_schemathesis(server):
+def test_explain_schemathesis(server, tiny_index):
     """schemathesis on the explain route alone (the service's run leaves it out): no 5xx,
-    responses match the documented schema, invalid input refused; bounded examples."""
-    schemathesis = Path(sys.executable).parent / "schemathesis"
-    result = subprocess.run(
-        [str(schemathesis), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{server.base_url}/openapi.json",
-         "--checks", "all",
-         "--max-examples", "5", "--phases", "examples,coverage", "--generation-deterministic",
-         "--workers", "1",
-         "--request-timeout", "60", "--include-path", "/v1/influence/explain"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+    responses match the documented schema, valid input accepted and invalid input refused;
+    bounded examples."""
+    settings = Settings(index_dir=tiny_index, max_completion_tokens=16)  # the server's
+    run_schemathesis(str(server.base_url), settings, "--phases", "examples,coverage",
+                     "--include-path", "/v1/influence/explain", max_examples=5, timeout=240)  # fmt: skip
 
 
 def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):

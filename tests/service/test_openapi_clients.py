@@ -4,6 +4,7 @@ no 5xx and no schema violation; a client generated from the file talks to a live
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from service.settings import Settings
 from tests.service.live import assert_same_results, live_server
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_committed_openapi_matches_the_app():
@@ -26,8 +28,6 @@ def test_committed_openapi_matches_the_app():
 
 
 def test_operation_ids_and_tags_read_well():
-    import json
-
     schema = json.loads(OPENAPI_PATH.read_text())
     ops = {
         op["operationId"]: op for path in schema["paths"].values() for op in path.values()
@@ -40,58 +40,70 @@ def test_operation_ids_and_tags_read_well():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_index):
-    app = create_app(Settings(index_dir=tiny_index, max_prompt_tokens=64, max_completion_tokens=32))
-    with live_server(app) as base:
-        yield base
-
-
-@pytest.mark.slow
-def test_schemathesis_no_server_errors_no_schema_violations(server):
-    """schemathesis (examples, coverage and fuzzing phases, all checks, a bounded number of
-    examples per operation) against the live server: no 5xx, every response matches the
-    documented schema, schema-valid input is accepted and invalid input refused. Reload is
-    left out (it needs an API key; the reload tests cover it), and so is the UI's explain
-    route (service/explain.py, tested in test_explain.py)."""
-    result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{server}/openapi.json", "--checks", "all",
-         "--max-examples", "8", "--generation-deterministic", "--workers", "1",
-         "--request-timeout", "60", "--exclude-path", "/v1/admin/reload",
-         "--exclude-path", "/v1/influence/explain"],
-        capture_output=True, text=True, timeout=300,
-    )
-    failures = result.stdout[result.stdout.find("FAILURES"):result.stdout.find("SUMMARY")]
-    assert result.returncode == 0, failures[:6000] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+def settings(tiny_index):
+    return Settings(index_dir=tiny_index, max_prompt_tokens=64, max_completion_tokens=32)
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_index):
-    app = create_app(Settings(index_dir=tiny_index, max_prompt_tokens=64, max_completion_tokens=32,
-                              api_keys=[SCHEMATHESIS_KEY]))  # fmt: skip
-    with live_server(app) as base:
+def server(settings):
+    with live_server(create_app(settings)) as base:
         yield base
 
 
-SCHEMATHESIS_KEY = "schemathesis-key"
 SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
+SCHEMATHESIS_KEY = "schemathesis-key"
+
+
+def run_schemathesis(base: str, settings: Settings, *options: str, max_examples: int = 8, timeout: int = 300) -> None:
+    """schemathesis (all checks, every phase unless ``options`` say, a bounded number of
+    examples per operation, deterministic) against a live server run with ``settings``; its
+    hooks filter the rules no schema can state (schemathesis_hooks.py)."""
+    from indexer.manifest import Manifest
+
+    assert settings.index_dir is not None
+    config = json.loads((Path(Manifest.read(settings.index_dir).model.path) / "config.json").read_text())
+    limits = {"prompt": settings.max_prompt_tokens, "completion": settings.max_completion_tokens,
+              "context": config["n_positions"]}  # fmt: skip
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
+           "INFLUENCE_ST_LIMITS": json.dumps(limits), "PYTHONPATH": str(REPO)}  # fmt: skip
+    result = subprocess.run(
+        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{base}/openapi.json",
+         "--checks", "all", "--max-examples", str(max_examples), "--generation-deterministic", "--workers", "1",
+         "--request-timeout", "60", *options],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )  # fmt: skip
+    failures = result.stdout[result.stdout.find("FAILURES") : result.stdout.find("SUMMARY")]
+    assert result.returncode == 0, failures[:6000] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
 
 
 @pytest.mark.slow
-def test_schemathesis_with_api_keys(keyed_server):
+def test_schemathesis_no_server_errors_no_schema_violations(server, settings):
+    """schemathesis against the live server: no 5xx, every response matches the documented
+    schema, schema-valid input is accepted and invalid input refused, with no exemption per
+    operation. Reload is left out (it needs an API key; the keyed run and the reload tests
+    cover it), and so is explain (test_explain.py runs it)."""
+    run_schemathesis(server, settings, "--exclude-path", "/v1/admin/reload", "--exclude-path", "/v1/influence/explain")
+
+
+@pytest.fixture(scope="module")
+def keyed_settings(settings):
+    return settings.model_copy(update={"api_keys": [SCHEMATHESIS_KEY]})
+
+
+@pytest.fixture(scope="module")
+def keyed_server(keyed_settings):
+    with live_server(create_app(keyed_settings)) as base:
+        yield base
+
+
+@pytest.mark.slow
+def test_schemathesis_with_api_keys(keyed_server, keyed_settings):
     """The same run with auth on and the key sent, reload included (fuzzed index
     directories must be refused with a 4xx, never a 500; a reload of the configured index
     swaps it for itself)."""
-    result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{keyed_server}/openapi.json", "--checks", "all",
-         "--max-examples", "8", "--generation-deterministic", "--workers", "1",
-         "--request-timeout", "60", "-H", f"Authorization: Bearer {SCHEMATHESIS_KEY}",
-         "--exclude-path", "/v1/influence/explain"],
-        capture_output=True, text=True, timeout=300,
-    )
-    failures = result.stdout[result.stdout.find("FAILURES"):result.stdout.find("SUMMARY")]
-    assert result.returncode == 0, failures[:6000] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+    run_schemathesis(keyed_server, keyed_settings, "-H", f"Authorization: Bearer {SCHEMATHESIS_KEY}",
+                     "--exclude-path", "/v1/influence/explain")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +148,36 @@ def test_generated_client_calls_live_server(generated_client, server):
     assert too_long.status_code == 413
     assert isinstance(too_long.parsed, ErrorResponse)
     assert too_long.parsed.error.code == "input_too_long"
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({"prompt": "a", "completion": "b"}, True),
+        ({"prompt": "a", "completion": "b", "generate": None}, True),
+        ({"prompt": "a", "completion": None, "generate": {"max_new_tokens": 2}}, True),
+        ({"prompt": "a", "generate": {"max_new_tokens": 2}}, True),
+        ({"prompt": "a", "completion": "b", "generate": {"max_new_tokens": 2}}, False),
+        ({"prompt": "a"}, False),
+        ({"prompt": "a", "completion": None, "generate": None}, False),
+        ({"prompt": "a", "generate": {"max_new_tokens": 65}}, False),  # this server's bound
+    ],
+)
+def test_the_schema_states_what_the_server_enforces(body, valid):
+    """completion XOR generate and this server's max_new_tokens are in the schema: a body is
+    schema-valid exactly when the wire model (and this server's limit) accepts it."""
+    import jsonschema_rs  # schemathesis's own validator
+    from pydantic import ValidationError
+
+    from api.models import InfluenceQuery
+
+    settings = Settings(max_new_tokens=64)
+    document = create_app(settings).openapi()
+    schema = {**document["components"]["schemas"]["InfluenceQuery"], "components": document["components"]}
+    assert jsonschema_rs.validator_for(schema).is_valid(body) == valid
+    try:
+        query = InfluenceQuery.model_validate(body)
+        accepted = query.generate is None or query.generate.max_new_tokens <= settings.max_new_tokens
+    except ValidationError:
+        accepted = False
+    assert accepted == valid
