@@ -166,15 +166,18 @@ def basis_bytes(modules: list[TrackedModule], plan: Plan) -> int:
     return sum(8 * n * n for n in sides if n <= MAX_SIDE)
 
 
-def save_projections(projections: Pairs, path: Path, roots: Pairs | None = None) -> None:
+def save_projections(
+    projections: Pairs, path: Path, roots: Pairs | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """(A, B) per module as ``{name}.A`` / ``{name}.B`` float32 tensors (safetensors), and a
-    kfac whitening's (W_out, W_in) as ``{name}.W_out`` / ``{name}.W_in``."""
+    kfac whitening's (W_out, W_in) as ``{name}.W_out`` / ``{name}.W_in``; ``metadata`` goes
+    in the header (an index records the config it was fitted with: ``tensor_files.fitted_with``)."""
     tensors = {}
     for suffixes, pairs in ((("A", "B"), projections), (("W_out", "W_in"), roots or {})):
         for name, pair in pairs.items():
             for suffix, t in zip(suffixes, pair, strict=True):
                 tensors[f"{name}.{suffix}"] = t.float().cpu().contiguous()
-    save_tensors(tensors, path)  # atomic
+    save_tensors(tensors, path, metadata=metadata)  # atomic
 
 
 def _pairs(saved: dict[str, torch.Tensor], path: Path, first: str, second: str) -> Pairs:

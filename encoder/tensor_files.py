@@ -14,7 +14,12 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
+
+FITTED_WITH = "fitted_with"
+"""Header key of a fitted artifact (projections, whitening, whitener): the canonical JSON of
+the fingerprint config it was fitted with, which an index's manifest must match."""
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -33,3 +38,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors file (empty if it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def fitted_with(config: dict[str, object]) -> dict[str, str]:
+    """The header entry that records the fingerprint config an artifact was fitted with."""
+    return {FITTED_WITH: json.dumps(config, sort_keys=True, separators=(",", ":"))}

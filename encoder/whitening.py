@@ -187,12 +187,10 @@ class Whitener:
             self._converted[key] = [m.to(device=like.device, dtype=like.dtype) for m in self.matrices]
         return self._converted[key]
 
-    def save(self, path: Path) -> None:
-        save_tensors(
-            {f"W.{i}": m.contiguous() for i, m in enumerate(self.matrices)},
-            str(path),
-            metadata={"names": json.dumps(self.names), "lambda": repr(self.lambda_)},
-        )
+    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        """The matrices, their names and lambda; ``metadata`` is added to the header."""
+        meta = {"names": json.dumps(self.names), "lambda": repr(self.lambda_), **(metadata or {})}
+        save_tensors({f"W.{i}": m.contiguous() for i, m in enumerate(self.matrices)}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> Whitener:

@@ -22,12 +22,15 @@ def verify_model(index_dir: Path, manifest: mf.Manifest, model_dir: Path) -> Non
     """The manifest lists what its config needs, every file passes its checksum, and the
     model and tokenizer in ``model_dir`` are the ones the index was built with.
 
+    The fitted artifacts must record the manifest's fingerprint config.
+
     Raises:
         ArtifactError: codes ``manifest_mismatch``, ``checksum_mismatch``, ``model_missing``,
             ``model_mismatch``.
     """
     integrity.check_listing(manifest)
     mf.verify_checksums(index_dir, manifest)
+    integrity.check_fitted(index_dir, manifest)
     integrity.check_model(manifest, model_dir)
 
 

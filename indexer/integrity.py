@@ -11,6 +11,7 @@ equal the stored ones, which catches any edit of the config that changes the mat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from encoder.config import FingerprintConfig
 from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
+from encoder.tensor_files import FITTED_WITH, read_metadata
 from indexer import manifest as mf
 from indexer.metadata import MetadataStore
 
@@ -84,6 +86,45 @@ def check_listing(manifest: mf.Manifest) -> None:
             "(an edited manifest): rebuild the index",
             code="manifest_mismatch",
         )
+
+
+FITTED = (mf.PROJECTIONS, mf.WHITENER)
+"""Artifacts fitted at build time with the fingerprint config (and so recording it): what
+they were fitted with (delta, lambda, seed, ...) cannot be re-derived from them."""
+
+
+def check_fitted(index_dir: Path, manifest: mf.Manifest) -> None:
+    """Every fitted artifact records the fingerprint config the manifest states.
+
+    A config value that only the fit consumed (``delta`` for the whitening, ``lambda`` for
+    R, the seed of a fit that projects nothing) leaves the re-encode check unmoved, so the
+    manifest's word for it is held against the artifact's own record.
+
+    Raises:
+        ArtifactError: code ``manifest_mismatch``, naming the keys that differ (or an
+            artifact that records no config).
+    """
+    stated = manifest.fingerprint["config"]
+    for name in FITTED:
+        if name not in manifest.files:
+            continue
+        record = read_metadata(Path(index_dir) / name).get(FITTED_WITH)
+        if record is None:
+            raise ArtifactError(
+                f"{name} does not record the fingerprint config it was fitted with "
+                "(an index from an older build): rebuild the index",
+                code="manifest_mismatch",
+            )
+        fitted = json.loads(record)
+        keys = sorted(k for k in set(stated) | set(fitted) if stated.get(k) != fitted.get(k))
+        if keys:
+            differ = ", ".join(f"{k} {stated.get(k)!r} (fitted with {fitted.get(k)!r})" for k in keys)
+            raise ArtifactError(
+                f"the manifest's fingerprint config is not the one {name} was fitted with: {differ}; "
+                "rebuild the index",
+                code="manifest_mismatch",
+                keys=", ".join(keys),
+            )
 
 
 def check_model(manifest: mf.Manifest, model_dir: Path) -> None:

@@ -18,8 +18,10 @@ from encoder.errors import ArtifactError
 from encoder.hashing import sha256_file
 from indexer.files import write_atomic
 
-FORMAT_VERSION = 2
-"""2: the token table and ``bm25/`` are always written; 1 is refused (rebuild)."""
+FORMAT_VERSION = 3
+"""3: fitted artifacts record the fingerprint config they were fitted with, and the
+fingerprint entry the tracked modules' shapes; 2 (the token table and ``bm25/`` always
+written) and 1 are refused (rebuild)."""
 MANIFEST = "manifest.json"
 PROJECTIONS = "projections.safetensors"
 WHITENER = "whitener.safetensors"
@@ -64,7 +66,8 @@ class Manifest:
     Attributes:
         model: the model entry.
         fingerprint: ``config`` (``FingerprintConfig.to_dict``), ``lambda``,
-            ``second_moments``, ``modules``, ``block_dims``, ``plan``.
+            ``second_moments``, ``modules``, ``shapes`` ({module: [out, in]}), ``block_dims``,
+            ``plan``.
         counts: ``sequences``, ``documents``, ``tokens``, ``dropped``, ``dim``.
         faiss: ``factory``, ``exact``, ``recall``.
         corpus: what was chunked, and how.

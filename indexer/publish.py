@@ -24,6 +24,7 @@ import numpy as np
 from encoder.basis import save_projections
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
+from encoder.tensor_files import fitted_with
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.bm25 import SUBDIR, BM25Index
@@ -114,6 +115,7 @@ def _manifest(b: BuildOutputs, faiss_entry: dict[str, Any], files: list[str], se
             "lambda": encoder.whitener.lambda_ if encoder.whitener is not None else None,
             "second_moments": encoder.second_moments.source if encoder.second_moments else None,
             "modules": encoder.module_names,
+            "shapes": {m.name: [m.out_features, m.in_features] for m in encoder.modules},
             "block_dims": encoder.block_dims,
             "plan": {name: list(sizes) if sizes is not None else None for name, sizes in encoder.plan.items()},
         },
@@ -139,7 +141,8 @@ def publish(b: BuildOutputs) -> None:
     faiss_entry = _write_faiss(b, _write_fingerprints(b))
     pairs, roots = b.encoder.saved_fit()
     if pairs or roots:
-        save_projections(pairs, staging / mf.PROJECTIONS, roots=roots)
+        record = fitted_with(b.cfg.fingerprint.to_dict())
+        save_projections(pairs, staging / mf.PROJECTIONS, roots=roots, metadata=record)
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if b.work.path(name).is_file():
             shutil.copyfile(b.work.path(name), staging / name)

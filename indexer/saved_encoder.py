@@ -54,8 +54,9 @@ def build_encoder(index_dir: Path, manifest: mf.Manifest, model: torch.nn.Module
     except ConfigError as exc:
         raise ArtifactError(f"the saved projection basis does not fit the model: {exc}",
                             code="manifest_mismatch") from exc  # fmt: skip
-    if encoder.module_names != fp["modules"]:
-        raise ArtifactError("the model's tracked modules differ from those the index was built with",
+    shapes = {m.name: [m.out_features, m.in_features] for m in encoder.modules}
+    if encoder.module_names != fp["modules"] or shapes != fp.get("shapes"):
+        raise ArtifactError("the model's tracked modules (names or shapes) differ from those the index was built with",
                             code="manifest_mismatch")
     if encoder.block_dims != fp["block_dims"]:
         raise ArtifactError(f"the config sizes the fingerprint blocks as {encoder.block_dims}, the manifest "

@@ -22,6 +22,7 @@ from encoder.batching import Tokenizer
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import auto_batch_size
 from encoder.optimizer_state import SecondMoments, load_second_moments
+from encoder.tensor_files import fitted_with
 from encoder.whitening import RStatistics, Whitener
 from indexer import manifest as mf
 from indexer import passes
@@ -149,7 +150,7 @@ def basis(b: Build) -> None:
         stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
         b.encoder.set_projections(b.encoder.fitted_projections(stats))
         pairs, roots = b.encoder.saved_fit()
-        save_projections(pairs, path, roots=roots)
+        save_projections(pairs, path, roots=roots, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
         log.info("projection basis fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
@@ -203,7 +204,8 @@ def whitener(b: Build) -> None:
         write_atomic(b.work.staging / mf.R_TRAIN, train.save)
         if ev is not None:
             write_atomic(b.work.staging / mf.R_EVAL, ev.save)
-        write_atomic(b.work.path(mf.WHITENER), white.save)
+        record = fitted_with(fp.to_dict())
+        write_atomic(b.work.path(mf.WHITENER), lambda path: white.save(path, record))
 
     b.ctx.run(compute, only_main=True)
     b.encoder.set_whitener(Whitener.load(b.work.path(mf.WHITENER)))

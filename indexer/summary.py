@@ -48,11 +48,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             ("projection", s["projection"]), ("hessian", s["hessian"]), ("lambda", s["lambda"]),
             ("second_moments", s["second_moments"]), ("seq_len", s["seq_len"]), ("stride", s["stride"]),
             ("packing", s["packing"]),
-            ("pass 1 (statistics)", f"{b.get('statistics_seconds')} s, {b.get('statistics_seq_per_s')} seq/s"),
-            ("pass 2 (encode)", f"{b.get('encode_seconds')} s, {b.get('encode_seq_per_s')} seq/s"),
+            ("pass 1 (statistics)", _pass_text(b, "statistics")), ("pass 2 (encode)", _pass_text(b, "encode")),
             ("size", f"{_size_text(s['bytes'])} ({s['bytes']} bytes, {s['bytes_per_sequence']} per sequence)"),
             ("created_at", s["created_at"])]  # fmt: skip
-    lines = [f"{key:>20}: {value}" for key, value in rows]
+    lines = [f"{key:>20}: {value}" for key, value in rows if value is not None]
     if s["recall"]:
         r = s["recall"]
         lines.append(f"{'recall@10':>20}: {r['recall_at_k']:.4f} (re-ranked {r['recall_at_k_reranked']:.4f}, "
@@ -60,19 +59,34 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pass_text(build: dict[str, Any], name: str) -> str | None:
+    """A build pass's time and rate; None (no line) for a pass that did no work."""
+    seconds, rate = build.get(f"{name}_seconds"), build.get(f"{name}_seq_per_s")
+    return None if not rate else f"{seconds} s, {rate} seq/s"
+
+
 def print_summary(s: dict[str, Any]) -> None:
     print("\n".join(summary_lines(s)))
 
 
 def _projection_text(fp: dict[str, Any]) -> str:
-    """How the fingerprint is sized, in one line: fixed k, or the budget's plan."""
+    """How the fingerprint is sized, in one line: fixed k, or the budget's plan. A module
+    whose plan keeps it whole has no projection noise and no seed, so neither is named
+    when every module is whole."""
     cfg = FingerprintConfig.from_dict(fp["config"])
-    family = {"pca": "fitted basis (pca)", "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)",
-              "sketch": f"K-FAC whitened, CountSketch seed {cfg.seed} (sketch)"}.get(
-        cfg.projection, f"gaussian, seed {cfg.seed}")
+    plan, shapes = fp["plan"], fp["shapes"]
+    projected = sum(sizes is not None and list(sizes) != shapes[name] for name, sizes in plan.items())
+    whole = len(plan) - projected
+    whitened = cfg.projection in ("kfac", "sketch")
+    if projected == 0:
+        return f"none: all {whole} modules kept whole" + ("; K-FAC whitened" if whitened else "")
+    families = {
+        "pca": "fitted basis (pca)",
+        "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)",
+        "sketch": f"K-FAC whitened, CountSketch seed {cfg.seed} (sketch)",
+    }
+    family = families.get(cfg.projection, f"gaussian, seed {cfg.seed}")
     if cfg.k is not None:
-        return "none (exact)" if cfg.k == 0 else f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
-    plan = fp["plan"]
-    exact = sum(v is None for v in plan.values())
-    return (f"budget {cfg.budget}, blocks <= {cfg.block_cap} dims: {len(plan) - exact} modules projected, "
-            f"{exact} stored exactly; {family}")  # fmt: skip
+        return f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
+    sizing = f"budget {cfg.budget}, blocks <= {cfg.block_cap} dims"
+    return f"{sizing}: {projected} modules projected, {whole} kept whole; {family}"

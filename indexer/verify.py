@@ -30,6 +30,10 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
     integrity.check_listing(m)
     mf.verify_checksums(index_dir, m)
     lines.append(f"checksums: {len(m.files)} files OK, every file the config needs listed")
+    integrity.check_fitted(index_dir, m)
+    fitted = [name for name in integrity.FITTED if name in m.files]
+    if fitted:
+        lines.append(f"fitted artifacts: {', '.join(fitted)} record the manifest's fingerprint config")
     fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
     store = MetadataStore(index_dir / mf.METADATA)

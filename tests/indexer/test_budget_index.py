@@ -60,7 +60,7 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     assert len(rows) == 5 and all(0 < r["score_sd"] < 1 for r in rows)
     assert len(rescored) == 5 and all(r["score_sd"] == 0 for r in rescored)
     assert main(["index", "info", str(budget_index)]) == 0
-    assert "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 stored exactly" in capsys.readouterr().out
+    assert "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 kept whole" in capsys.readouterr().out
 
 
 def test_a_manifest_whose_sizing_disagrees_is_refused(budget_index, tmp_path):

@@ -75,3 +75,52 @@ def test_a_query_that_does_not_say_is_rescored_by_the_index_default(sketch_index
     assert [(h.id, h.score) for h in default] == [(h.id, h.score) for h in explicit]
     assert [h.id for h in answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))] != [h.id for h in default]
     assert all(h.score_sd == 0.0 for h in default)  # re-scored exactly
+
+
+def _edited(index, tmp_path, **config):
+    """A copy of ``index`` whose manifest states other fingerprint config values."""
+    import json
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(index, copy)
+    data = json.loads((copy / mf.MANIFEST).read_text())
+    data["fingerprint"]["config"].update(config)
+    (copy / mf.MANIFEST).write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("which", "edit"),
+    [(0, {"delta": 0.5}), (1, {"seed": 7}), (1, {"delta": 0.5})],
+    ids=["delta-sketched", "seed-where-nothing-is-sketched", "delta-unprojected"],
+)
+def test_a_manifest_the_fitted_artifacts_contradict_is_refused(sketch_indexes, tmp_path, which, edit):
+    """delta only acts when the whitening is fitted, and the seed not at all where nothing is
+    sketched: re-encoding cannot see such an edit, the fitted artifact's record does."""
+    from encoder.errors import ArtifactError
+    from indexer.verify import verify_index
+
+    edited = _edited(sketch_indexes[which], tmp_path, **edit)
+    (key,) = edit
+    with pytest.raises(ArtifactError) as err:
+        verify_index(edited)
+    assert err.value.code == "manifest_mismatch" and err.value.details["keys"] == key, err.value
+    with pytest.raises(ArtifactError) as err:
+        InfluenceIndex.open(edited)
+    assert err.value.code == "manifest_mismatch" and key in err.value.message
+    lines = verify_index(sketch_indexes[which])  # the unedited index passes
+    assert any(line.startswith("fitted artifacts: projections.safetensors") for line in lines)
+
+
+def test_the_summary_states_only_what_the_index_is(sketch_indexes):
+    from indexer.summary import summary, summary_lines
+
+    sketched, whole = (summary_lines(summary(index)) for index in sketch_indexes)
+    n = len(mf.Manifest.read(sketch_indexes[1]).fingerprint["modules"])
+    (projection,) = [line for line in whole if line.strip().startswith("projection:")]
+    assert projection.split(": ", 1)[1] == f"none: all {n} modules kept whole; K-FAC whitened"
+    (projection,) = [line for line in sketched if line.strip().startswith("projection:")]
+    assert projection.split(": ", 1)[1] == "k = 4 per side, 16 dims per module; K-FAC whitened, CountSketch seed 0 (sketch)"
+    for line in sketched + whole:
+        assert "None" not in line, line
