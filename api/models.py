@@ -7,7 +7,7 @@ examples end up in generated clients, so they are written for the people reading
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -116,12 +116,15 @@ class Span(BaseModel):
         return self
 
 
-ONE_OF_COMPLETION_OR_GENERATE: list[JsonValue] = [
-    {"properties": {"completion": {"type": "string"}}, "required": ["completion"]},
-    {"properties": {"generate": {"type": "object"}}, "required": ["generate"]},
-]
+COMPLETION_XOR_GENERATE: dict[str, JsonValue] = {
+    "if": {"properties": {"completion": {"type": "string"}}, "required": ["completion"]},
+    "then": {"properties": {"generate": {"type": "null"}}},
+    "else": {"properties": {"generate": {"type": "object"}}, "required": ["generate"]},
+}
 """Exactly one of a ``completion`` string and a ``generate`` object (the other absent or
-null), in JSON Schema: the rule ``InfluenceQuery._one_completion`` enforces."""
+null), in JSON Schema: the rule ``InfluenceQuery._one_completion`` enforces. Said with
+if/then/else rather than a top-level oneOf, which client generators turn into a union of
+two query classes."""
 
 
 class InfluenceQuery(BaseModel):
@@ -137,7 +140,7 @@ class InfluenceQuery(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
-        json_schema_extra={"examples": [EXAMPLE_QUERY], "oneOf": ONE_OF_COMPLETION_OR_GENERATE},
+        json_schema_extra={"examples": [EXAMPLE_QUERY], **COMPLETION_XOR_GENERATE},
     )
 
     prompt: Text = Field(
@@ -360,56 +363,3 @@ class BatchInfluenceResponse(BaseModel):
     errors: list[BatchQueryError] = Field(
         default_factory=list, description="One per failed query, in request order; empty when all succeeded."
     )
-
-
-class Example(BaseModel):
-    """A training example as stored in the index's metadata store."""
-
-    id: int
-    text: str
-    source: str | None = None
-    document_id: str | None = None
-    token_start: int | None = Field(None, description="First token offset in the document.")
-    token_end: int | None = Field(None, description="End token offset (exclusive).")
-    char_start: int | None = None
-    char_end: int | None = None
-
-
-class IndexSummary(BaseModel):
-    """What the service is serving: the index manifest, summarized."""
-
-    model: str
-    model_hash: str | None = None
-    index_version: str
-    index_dir: str
-    size: int = Field(description="Number of training examples in the index.")
-    counts: dict[str, Any] = Field(default_factory=dict)
-    fingerprint: dict[str, Any] = Field(
-        default_factory=dict, description="Fingerprint config (modules, k, seed, hessian, ...)."
-    )
-    faiss: str | None = Field(None, description="FAISS factory string of the index.")
-    built_at: str | None = None
-
-
-class ReloadRequest(BaseModel):
-    """Load a newly published index directory (default: the configured one)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    index_dir: Text | None = Field(None, max_length=4096, description="Index directory; default: the configured.")
-
-
-class ReloadResponse(BaseModel):
-    """The outcome of a successful hot swap."""
-
-    index_version: str
-    previous_version: str | None
-    index_dir: str
-    size: int
-
-
-class Health(BaseModel):
-    """Liveness / readiness."""
-
-    status: Literal["ok", "ready"]
-    index_version: str | None = None

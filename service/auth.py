@@ -1,8 +1,8 @@
 """Optional API-key auth: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 
 With no keys configured the query endpoints are open; health, readiness and metrics are
-always open. The admin endpoint (reload) always needs a key: with no keys configured it is
-disabled (use SIGHUP).
+always open. The admin endpoint (reload) needs one of its own keys (``admin_keys``; a query
+key is not one): with none configured it is disabled (use SIGHUP).
 """
 
 from __future__ import annotations
@@ -75,18 +75,19 @@ async def require_key(request: Request) -> None:
 
 
 async def require_admin(request: Request) -> None:
-    """FastAPI dependency for admin endpoints: always a valid key (``async``: see require_key)."""
-    check_admin(services(request).settings.api_keys, presented_key(request))
+    """FastAPI dependency for admin endpoints: always an admin key (``async``: see require_key)."""
+    check_admin(services(request).settings.admin_keys, presented_key(request))
 
 
-def check_admin(keys: list[str], presented: str | None) -> None:
-    """Admin endpoints need a key even when queries are open; without keys they are off."""
-    if not keys:
+def check_admin(admin_keys: list[str], presented: str | None) -> None:
+    """Admin endpoints need an admin key even when queries are open; without admin keys
+    they are off."""
+    if not admin_keys:
         raise ForbiddenError(
-            "admin endpoints are disabled without API keys (set INFLUENCE_API_KEYS, or send SIGHUP)",
+            "admin endpoints are disabled without admin keys (set INFLUENCE_ADMIN_KEYS, or send SIGHUP)",
             code="admin_disabled",
         )
-    check_key(keys, presented)
+    check_key(admin_keys, presented)
 
 
 def v1_router() -> APIRouter:

@@ -57,6 +57,8 @@ SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--max-queue", "max_queue", {"type": int, "help": "waiting queries before 503"}),
     ("--workers", "workers", {"type": int, "help": "server processes, each with its own model and index (default 1)"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "CPU threads per process (default: cores / workers)"}),
+    ("--reload-root", "reload_root", {"type": Path, "metavar": "DIR",
+     "help": "admin reloads may open indexes under DIR (default: only the served index)"}),
 )  # fmt: skip
 """``influence serve``'s flags: (flag, the ``service.settings.Settings`` field it sets,
 argparse options). One table for the parser and for ``_settings_from``; a flag left out
@@ -134,7 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # line's settings are passed down as INFLUENCE_* variables); SIGHUP makes uvicorn's
     # supervisor restart the workers, which reload the configured index.
     for name, value in settings.model_dump(exclude_none=True).items():
-        if name in ("api_keys", "cors_origins"):
+        if name in ("api_keys", "admin_keys", "cors_origins"):
             value = ",".join(value)
         os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
     from uvicorn.supervisors import Multiprocess

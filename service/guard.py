@@ -36,7 +36,7 @@ class RequestGuardMiddleware:
         headers = scope.get("headers", [])
         try:
             if path.startswith(ADMIN_PREFIX):
-                check_admin(self.settings.api_keys, key_in(Headers(scope=scope)))
+                check_admin(self.settings.admin_keys, key_in(Headers(scope=scope)))
             elif path.startswith(KEYED_PREFIX) and self.settings.api_keys:
                 check_key(self.settings.api_keys, key_in(Headers(scope=scope)))
         except InfluenceError as exc:

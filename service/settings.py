@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="Accepted API keys; empty: auth off."
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Keys for the admin endpoints (reload), apart from api_keys; empty: admin off "
+        "(SIGHUP still reloads the configured index).",
+    )
+    reload_root: Path | None = Field(
+        None,
+        description="Directory under which an admin reload may open an index; unset: only the "
+        "configured index_dir.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("device")
@@ -99,7 +110,7 @@ class Settings(BaseSettings):
                 raise ValueError(exc.message) from None
         return value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

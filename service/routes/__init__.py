@@ -12,7 +12,9 @@ from service.routes import examples, explain, health, index, influence
 
 
 def include(app: FastAPI) -> None:
-    """Mount every route: the v1 API behind the key check, health outside it."""
+    """Mount every route: the v1 API behind the query-key check, admin behind its own keys,
+    health outside both."""
     for module in (influence, examples, index, explain):
         app.include_router(module.router)
+    app.include_router(index.admin)
     app.include_router(health.router)

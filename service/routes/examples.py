@@ -7,7 +7,7 @@ import asyncio
 from fastapi import Path
 
 from api.errors import ErrorResponse
-from api.models import Example
+from api.index_models import Example
 from engine.protocols import Record
 from service.auth import v1_router
 from service.deps import StateDep

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from api.models import Health
+from api.index_models import Health
 from service.deps import MetricsDep, StateDep
 from service.errors import ERROR_RESPONSES
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import Depends
+from fastapi import APIRouter, Depends
 
 from api.errors import ErrorResponse
-from api.models import IndexSummary, ReloadRequest, ReloadResponse
-from encoder.errors import InfluenceError
+from api.index_models import IndexSummary, ReloadRequest, ReloadResponse
+from encoder.errors import InfluenceError, InputError, safe_text
 from engine.protocols import Index
-from service.auth import require_admin, v1_router
-from service.deps import MetricsDep, StateDep
+from service.auth import ForbiddenError, require_admin, v1_router
+from service.deps import MetricsDep, SettingsDep, StateDep
+from service.errors import ERROR_RESPONSES
+from service.settings import Settings
 
 router = v1_router()
+admin = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)], responses=ERROR_RESPONSES)
+"""The admin routes: an admin key, never a query key (``service.auth``)."""
 
 
 def summarize(index: Index) -> IndexSummary:
@@ -31,21 +35,45 @@ async def get_index(state: StateDep) -> IndexSummary:
     return summarize(state.current)
 
 
-@router.post(
+def allowed_target(settings: Settings, requested: str | None) -> Path | None:
+    """The directory a reload may open: ``requested`` resolved (symlinks and ``..`` followed),
+    if it is the configured index or lies under ``settings.reload_root``.
+
+    Raises:
+        ForbiddenError: code ``reload_outside_root``.
+        InputError: a path the file system cannot name (a NUL byte).
+    """
+    if not requested:
+        return None
+    try:
+        target = Path(requested).resolve()
+        root = settings.reload_root.resolve() if settings.reload_root is not None else None
+        configured = settings.index_dir.resolve() if settings.index_dir is not None else None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"index_dir is not a usable path: {exc}", field="index_dir") from None
+    if target == configured or (root is not None and target.is_relative_to(root)):
+        return target
+    where = f"under {root}" if root is not None else "the configured index (no reload root is set)"
+    raise ForbiddenError(f"index_dir {safe_text(requested)} is not {where}", code="reload_outside_root")
+
+
+@admin.post(
     "/admin/reload",
     operation_id="reload_index",
     tags=["admin"],
     summary="Hot-swap to a newly published index",
     response_model=ReloadResponse,
-    dependencies=[Depends(require_admin)],
     responses={404: {"model": ErrorResponse, "description": "No such index directory."}},
 )
-async def reload_index(state: StateDep, metrics: MetricsDep, body: ReloadRequest | None = None) -> ReloadResponse:
+async def reload_index(
+    state: StateDep, metrics: MetricsDep, settings: SettingsDep, body: ReloadRequest | None = None
+) -> ReloadResponse:
     """Open the index directory (default: the configured one) and swap it in atomically.
     In-flight queries finish on the old index; a bad index is refused (422) and the old one
-    keeps serving. Always requires an API key."""
-    target = Path(body.index_dir) if body is not None and body.index_dir else None
+    keeps serving. Requires an admin key; the directory must lie under the server's
+    `reload_root` (unset: only the configured index may be reloaded; 403 `reload_outside_root`)."""
     try:
+        target = allowed_target(settings, body.index_dir if body is not None else None)
         index, previous = await state.reload(target)
     except InfluenceError:
         metrics.reloads.labels("refused").inc()

@@ -237,8 +237,8 @@ def test_auth(auth_server):
     assert HTTP.get(f"{auth_server}/v1/index", headers={"X-API-Key": "nope"}).status_code == 403
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert HTTP.get(auth_server + open_path).status_code == 200
-    r = HTTP.post(f"{auth_server}/v1/admin/reload")
-    assert r.status_code == 401
+    r = HTTP.post(f"{auth_server}/v1/admin/reload", headers={"X-API-Key": KEY})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"  # query keys are not admin keys
 
 
 def test_admin_reload_disabled_without_keys(server):

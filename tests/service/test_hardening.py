@@ -28,7 +28,8 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(index_dir):
-    settings = Settings(index_dir=index_dir, api_keys=[KEY], max_body_bytes=4096)
+    settings = Settings(index_dir=index_dir, api_keys=[KEY], admin_keys=[ADMIN], max_body_bytes=4096,
+                        reload_root=index_dir.parent / "published")  # fmt: skip
     with live_server(create_app(settings, opener=FakeOpener())) as base:
         yield base
 
@@ -39,13 +40,42 @@ def open_server(index_dir):
         yield base
 
 
-def _auth():
-    return {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+def _auth(key: str = KEY):
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+
+ADMIN = "admin-only-key"
+
+
+def test_admin_has_its_own_key_and_reloads_stay_under_the_root(keyed, index_dir):
+    """Before: any query key could hot-swap in any readable directory. Now only an admin key
+    reloads, and only the served index or a directory under the reload root."""
+    root = index_dir.parent / "published"
+    (root / "v2").mkdir(parents=True, exist_ok=True)
+    outside = index_dir.parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    if not (root / "escape").exists():
+        (root / "escape").symlink_to(outside)
+
+    def reload(key, target=None):
+        body = {} if target is None else {"index_dir": str(target)}
+        return httpx.post(f"{keyed}/v1/admin/reload", json=body, headers=_auth(key))
+
+    r = reload(KEY, root / "v2")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"  # a query key
+    for target in (outside, root / "escape", root / ".." / "elsewhere", "/etc"):
+        r = reload(ADMIN, target)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "reload_outside_root", (target, r.text)
+    r = reload(ADMIN, "/tmp/a\u0000b".encode().decode("unicode_escape"))
+    assert r.status_code == 422, r.text
+    assert reload(ADMIN, root / "v2").status_code == 200
+    assert reload(ADMIN, index_dir).status_code == 200  # the configured index, outside the root
+    assert reload(ADMIN).status_code == 200
 
 
 def test_lone_surrogate_in_reload_path_is_a_clear_4xx(keyed):
     body = b'{"index_dir": "/tmp/\\ud800\\u0000\\nFORGED"}'
-    r = httpx.post(f"{keyed}/v1/admin/reload", content=body, headers=_auth())
+    r = httpx.post(f"{keyed}/v1/admin/reload", content=body, headers=_auth(ADMIN))
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["code"] == "validation_error" and "surrogate" in error["message"]

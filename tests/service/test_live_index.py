@@ -39,8 +39,9 @@ def republish(src, dst, note: str):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_index):
-    settings = Settings(index_dir=tiny_index, api_keys=[KEY], max_batch_size=8, max_wait_ms=10)
+def server(tiny_index, tmp_path_factory):
+    settings = Settings(index_dir=tiny_index, api_keys=[KEY], admin_keys=[KEY], max_batch_size=8, max_wait_ms=10,
+                        reload_root=tmp_path_factory.getbasetemp())  # fmt: skip
     with live_server(create_app(settings)) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         yield client
@@ -286,7 +287,7 @@ def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(server,
 
     served = republish(tiny_index, tmp_path / "served", "bm25-held")
     prompt, completion = PROMPTS[0]
-    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY]))) as base:
+    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path))) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         shutil.move(served, tmp_path / "moved-away")
         shutil.copytree(tiny_index, served)
@@ -311,7 +312,7 @@ def test_in_place_edits_are_503_and_readyz_says_so(tiny_index, tmp_path, victim)
     served = republish(tiny_index, tmp_path / "served", "in-place")
     fresh = republish(tiny_index, tmp_path / "fresh", "fresh")
     prompt, completion = PROMPTS[0]
-    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY]))) as base:
+    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path))) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         influence(client, prompt, completion)
         path = served / victim

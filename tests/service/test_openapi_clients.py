@@ -88,7 +88,7 @@ def test_schemathesis_no_server_errors_no_schema_violations(server, settings):
 
 @pytest.fixture(scope="module")
 def keyed_settings(settings):
-    return settings.model_copy(update={"api_keys": [SCHEMATHESIS_KEY]})
+    return settings.model_copy(update={"api_keys": [SCHEMATHESIS_KEY], "admin_keys": [SCHEMATHESIS_KEY]})
 
 
 @pytest.fixture(scope="module")
