@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from encoder.errors import InfluenceError
 from engine.protocols import Index
@@ -99,7 +100,10 @@ def create_app(
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.index_size.set_function(lambda: state.current.size if state.ready else 0)
 
-    app = FastAPI(
+    # /docs with its scripts served by this app (fastapi-offline's package data), not a CDN:
+    # the docs work on a machine without internet. No /redoc: Redoc fetches its logo online.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="Influence search",
         version="1.0.0",
         description=API_DESCRIPTION,

@@ -288,3 +288,27 @@ def test_generate_button_traces_the_models_completion(page, ui_server, fact_quer
     # A plain search afterwards hides the generated line.
     page.get_by_role("button", name="Search").click()
     page.wait_for_function("() => document.getElementById('generated').hidden")
+
+
+def test_the_api_docs_render_without_internet(page, ui_server):
+    """Before, /docs loaded Swagger UI from a CDN and was a blank page offline. Every request
+    off this machine is refused here; the page must still render the API's title and its
+    operations from the server's own assets."""
+    off_machine: list[str] = []
+
+    def only_loopback(route):
+        host = route.request.url.split("/")[2].split(":")[0]
+        if host == "127.0.0.1":
+            route.continue_()
+        else:
+            off_machine.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.goto(ui_server + "/docs")
+    title = page.locator(".swagger-ui .info .title").first
+    title.wait_for(state="visible")
+    assert "Influence search" in title.inner_text()
+    page.get_by_text("/v1/influence/batch").first.wait_for(state="visible")
+    assert off_machine == []
+    assert httpx.get(ui_server + "/redoc").status_code == 404  # not served: Redoc fetches from a CDN
