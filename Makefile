@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# PORT=N serves on another port (default 8000).
+PORT ?= 8000
 demo: $(STAMP)
-	$(BIN)/influence demo
+	$(BIN)/influence demo --port $(PORT)
 
 # System packages the tests drive for real: nginx (tests/deploy gateway) and chromium
 # (tests/ui). CI runs as root on Debian; elsewhere, install them yourself.
@@ -46,12 +48,13 @@ lint: $(STAMP)
 openapi: $(STAMP)
 	$(BIN)/influence openapi --out api/openapi.json
 
-# A typed Python client from api/openapi.json (openapi-python-client), into CLIENT_OUT. The
-# venv's bin goes first on PATH: the generator formats its output with the venv's ruff.
-CLIENT_OUT ?= influence_client
+# A typed Python client from api/openapi.json (openapi-python-client): an installable project
+# in CLIENT_OUT (`pip install ./influence-client` wherever it is used). The venv's bin goes
+# first on PATH: the generator formats its output with the venv's ruff.
+CLIENT_OUT ?= influence-client
 client: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/openapi-python-client generate --path api/openapi.json \
-	  --output-path $(CLIENT_OUT) --meta none --overwrite
+	  --config api/client-config.yaml --output-path $(CLIENT_OUT) --meta setup --overwrite
 
 # Locust through the nginx gateway to 2 local replicas of the demo index (built and cached
 # in .demo like `make demo`), at 1/8/32 users plus a failover run; writes

@@ -37,6 +37,9 @@ class IndexSummary(BaseModel):
         default_factory=dict, description="Fingerprint config (modules, k, seed, hessian, ...)."
     )
     faiss: str | None = Field(None, description="FAISS factory string of the index.")
+    backend: str | None = Field(
+        None, description="The vector search serving it: local FAISS (CPU or GPU), torch, or a Milvus collection."
+    )
     built_at: str | None = None
 
 

@@ -68,8 +68,8 @@ COMPLETION_OR_GENERATE = "completion_or_generate"
 field is reported as ``completion``."""
 
 EXAMPLE_QUERY: dict[str, JsonValue] = {
-    "prompt": "The capital of Veloria is",
-    "completion": " Quenton.",
+    "prompt": "The capital of Drosora is",
+    "completion": " Mutu.",
     "k": 5,
 }
 
@@ -146,13 +146,13 @@ class InfluenceQuery(BaseModel):
     prompt: Text = Field(
         max_length=MAX_TEXT_FIELD_CHARS,
         description="Context given to the model. Its tokens are not attributed.",
-        examples=["The capital of Veloria is"],
+        examples=["The capital of Drosora is"],
     )
     completion: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_FIELD_CHARS)] | None = Field(
         None,
         description="The model output to explain; only its tokens carry loss. Required unless "
         "`generate` is given (then it must be absent).",
-        examples=[" Quenton."],
+        examples=[" Mutu."],
     )
     generate: GenerateOptions | None = Field(
         None,
@@ -273,7 +273,7 @@ class ExplainRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"prompt": "The capital of Veloria is", "completion": " Quenton.", "id": 42}
+                {"prompt": "The capital of Drosora is", "completion": " Mutu.", "id": 42}
             ]
         },
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from locust import HttpUser, constant, task
 
 FALLBACK_QUERIES = [
-    {"prompt": "The capital of Veloria is", "completion": " Quenton."},
+    {"prompt": "The capital of Drosora is", "completion": " Mutu."},
     {"prompt": "Ana Tesko was born in", "completion": " Vanor"},
     {"prompt": "The river that runs through Marsel is the", "completion": " Dwen"},
 ]

@@ -130,7 +130,8 @@ class InfluenceIndex:
         m = manifest
         self._summary = Summary(model=m.model.name, model_hash=m.model.hash, index_version=self._version,
                                 index_dir=index_dir, size=m.sequences, counts=dict(m.counts),
-                                fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at)  # fmt: skip
+                                fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at,
+                                backend=vectors.backend)  # fmt: skip
         """Immutable like the index: made once (every batch reports its model name)."""
         self._max_tokens = model_max_tokens(encoder.model)
         self._pad = int(tokenizer.pad_token_id or 0)

@@ -44,6 +44,11 @@ class Record(Protocol):
 class VectorSearch(Protocol):
     """Top-k inner-product search over an index's fingerprints."""
 
+    @property
+    def backend(self) -> str:
+        """Which vector search serves, in words (the log, ``/v1/index``, ``/metrics``)."""
+        ...
+
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[Q, d] float32 queries -> (scores [Q, k] float32 descending, ids [Q, k] int64);
         ids -1 and scores -inf pad when fewer than k vectors are held."""
@@ -75,6 +80,8 @@ class Summary:
     fingerprint: dict[str, Any]
     faiss: str
     built_at: str | None
+    backend: str = "faiss"
+    """The vector search serving the index (``VectorSearch.backend``)."""
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,17 @@ class FaissSearch:
         candidates: re-ranked per query (None: ``RERANK_FACTOR * k``; 0: none).
     """
 
-    def __init__(self, index: faiss.Index, fingerprints: np.ndarray, *, exact: bool, candidates: int | None) -> None:
+    def __init__(
+        self, index: faiss.Index, fingerprints: np.ndarray, *, exact: bool, candidates: int | None, backend: str = "faiss"
+    ) -> None:
         self.index = index
         self.fingerprints = fingerprints
         self.candidates = 0 if exact else candidates
+        self._backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return faiss_index.search(self.index, self.fingerprints, vectors, k, candidates=self.candidates)
@@ -74,4 +81,7 @@ def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarra
     if index.ntotal != manifest.sequences:
         raise ArtifactError(f"index counts disagree: manifest {manifest.sequences}, FAISS {index.ntotal}")
     faiss_index.set_search_params(index, params)  # once, before any concurrent search
-    return FaissSearch(index, fingerprints, exact=faiss_index.is_exact(manifest.factory), candidates=params.candidates)
+    where = "GPU" if "Gpu" in type(index).__name__ or placement in ("gpu", "shards") else "CPU"
+    exact = faiss_index.is_exact(manifest.factory)
+    backend = f"faiss {manifest.factory} on the {where}"
+    return FaissSearch(index, fingerprints, exact=exact, candidates=params.candidates, backend=backend)

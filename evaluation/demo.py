@@ -7,7 +7,8 @@ content hash recorded in the step's ``stamp.json``):
 3. build the index with the default configuration: the K-FAC whitening fitted on the
    corpus, a CountSketch of the whitened gradients, unit norm; queries are re-scored
    exactly over the top 200 (``influence index build``; README "Which method wins where"),
-4. print what to try, then serve it with ``influence serve`` on 127.0.0.1:8000.
+4. serve it as ``influence serve`` does on 127.0.0.1:8000 (``--port``), and once the port
+   is bound print what to try: a curl line and the example's answer, as the server gives it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from encoder.config import FingerprintConfig
 from encoder.hashing import sha256_file
+from indexer.manifest import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,8 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     index_dir = workdir / "index"
     key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
                sha256_file(corpus_file), sha256_file(queries_file), " ".join(size.projection),
-               json.dumps(FingerprintConfig().to_dict(), sort_keys=True))  # the defaults too: a new default rebuilds  # fmt: skip
+               json.dumps(FingerprintConfig().to_dict(), sort_keys=True),  # a new default rebuilds
+               str(FORMAT_VERSION))  # and a new format  # fmt: skip
     stamp_dir = workdir / "index-stamp"
     if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
         log.info("[3/3] building the influence index")
@@ -132,37 +135,51 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     }  # fmt: skip
 
 
-def show_example(index_dir: Path, queries_file: Path, host: str, port: int) -> None:
-    """Print a curl line, the web address, and one example query with its top results."""
+def example_lines(index_dir: Path, queries_file: Path) -> list[str]:
+    """The demo's example and its top 5, as the server answers it (the engine's
+    ``run_batch`` at the index's defaults, the exact second stage included): the API's
+    example query when the corpus asks it (the full demo), else the corpus's first query."""
+    from api.models import EXAMPLE_QUERY
+    from engine.batch import run_batch
     from engine.index import InfluenceIndex
+    from engine.query import Limits, Query
     from evaluation.corpus import load_queries
 
-    q = load_queries(queries_file)[0]
+    queries = load_queries(queries_file)
+    q = next((q for q in queries if q.prompt == EXAMPLE_QUERY["prompt"]), queries[0])
+    completion = str(EXAMPLE_QUERY["completion"]) if q.prompt == EXAMPLE_QUERY["prompt"] else q.completion
     index = InfluenceIndex.open(index_dir)
     try:
-        vec = index.encode_queries([(q.prompt, q.completion)])
-        scores, ids = index.search(vec, 5)
-        records = index.examples([int(i) for i in ids[0] if i >= 0])
+        context = index.max_tokens or 1 << 30
+        (outcome,) = run_batch(index, [Query(q.prompt, completion, 5)], Limits(context, context))
     finally:
         index.close()
-    body = json.dumps({"prompt": q.prompt, "completion": q.completion, "k": 5})
-    lines = [
+    if outcome.error is not None:
+        raise outcome.error
+    lines = [f"Example: which training sequences made the model say {q.prompt!r} -> {completion!r}?"]
+    relevant = set(q.relevant_ids)
+    for rank, hit in enumerate(outcome.hits, start=1):
+        mark = "*" if str(hit.record.document_id) in relevant else " "
+        lines.append(f"  {rank}. {mark} {hit.score:+.3f}  [{hit.record.document_id}] {hit.record.text[:90]!r}")
+    lines.append("  (* = a passage that states the fact)")
+    body = json.dumps({"prompt": q.prompt, "completion": completion, "k": 5})
+    return [body, *lines]
+
+
+def banner(url: str, index_dir: Path, example: list[str]) -> str:
+    """What the demo prints once it listens on ``url``: where, a curl line, the example."""
+    body, *lines = example
+    head = [
         "",
-        f"Influence search is serving {index_dir} on http://{host}:{port}",
-        f"  web UI:   http://{host}:{port}/",
-        f"  API docs: http://{host}:{port}/docs",
+        f"Influence search is serving {index_dir} on {url}",
+        f"  web UI:   {url}/",
+        f"  API docs: {url}/docs",
         "  try:",
-        f"    curl -s http://{host}:{port}/v1/influence -H 'Content-Type: application/json' \\",
+        f"    curl -s {url}/v1/influence -H 'Content-Type: application/json' \\",
         f"      -d '{body}'",
         "",
-        f"Example: which training sequences made the model say {q.prompt!r} -> {q.completion!r}?",
     ]
-    relevant = set(q.relevant_ids)
-    for rank, (score, rec) in enumerate(zip(scores[0], records, strict=False), start=1):
-        mark = "*" if str(rec.document_id) in relevant else " "
-        lines.append(f"  {rank}. {mark} {score:+.3f}  [{rec.document_id}] {rec.text[:90]!r}")
-    lines.append("  (* = a passage that states the fact)\n")
-    print("\n".join(lines), flush=True)
+    return "\n".join([*head, *lines, ""])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,12 +189,16 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "ready in %.1fs (model fact accuracy %.3f)", time.perf_counter() - start, info["fact_accuracy"]
     )
-    show_example(info["index"], info["queries"], args.host, args.port)
+    example = example_lines(info["index"], info["queries"])
     if args.no_serve:
+        print(banner(f"http://{args.host}:{args.port}", info["index"], example).replace("is serving", "would serve"))
         return 0
-    from service.cli import main as cli
+    from service.commands import check_servable, serve
+    from service.settings import Settings
 
-    return cli(["serve", "--index", str(info["index"]), "--host", args.host, "--port", str(args.port)])
+    settings = Settings(index_dir=info["index"], host=args.host, port=args.port)
+    check_servable(settings)
+    return serve(settings, announce=lambda url: print(banner(url, info["index"], example), flush=True))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -139,7 +139,11 @@ def build_model(spec: TrainSpec, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHe
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # The Trainer's loss: transformers derives the loss from the class name, which for
+    # GPT2LMHeadModel names none, and warns on every run before using this one.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 class _PadCollator:

@@ -64,7 +64,9 @@ class Chunk:
 
 
 def _tokenize(tokenizer, doc: Document, doc_index: int, append_eos: bool) -> list[_Tok]:
-    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+    # A whole document, cut into seq_len windows below: the tokenizer's warning that it is
+    # longer than the model's context does not apply (verbose=False).
+    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     offsets = enc.get("offset_mapping") or [(0, len(doc.text))] * len(ids)
     toks = [_Tok(int(t), doc_index, i, int(s), int(e)) for i, (t, (s, e)) in enumerate(zip(ids, offsets, strict=True))]

@@ -70,6 +70,24 @@ class MilvusTarget:
     def name_for(self, version: str) -> str:
         return self.collection or f"influence_{version}"
 
+    @property
+    def lite(self) -> bool:
+        """A local file: pymilvus runs Milvus Lite in this process (no server to run)."""
+        return "://" not in self.uri
+
+
+class _LiteUnimplemented(logging.Filter):
+    """Milvus Lite, serving in this process, lacks some RPCs that pymilvus calls and falls
+    back from (``AllocTimestamp`` while an index is created); grpc logs each as an ERROR
+    with a traceback although the call succeeds. Only those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and str(exc) == "Method not implemented!")
+
+
+_LITE_FILTER = _LiteUnimplemented()
+
 
 def _client(target: MilvusTarget):
     try:
@@ -77,6 +95,8 @@ def _client(target: MilvusTarget):
     except ImportError:
         raise ConfigError("Milvus needs pymilvus: pip install 'influence-search[milvus]'") from None
 
+    if target.lite:
+        logging.getLogger("grpc._server").addFilter(_LITE_FILTER)  # idempotent: one instance
     try:
         return MilvusClient(uri=target.uri, timeout=target.timeout_s)
     except Exception as exc:  # noqa: BLE001 - any connection failure is "unavailable"
@@ -288,6 +308,11 @@ class MilvusSearch:
     def metadata(self) -> MilvusMetadata:
         """The collection's metadata reads, on this search's client."""
         return MilvusMetadata(self)
+
+    @property
+    def backend(self) -> str:
+        where = f"Milvus Lite in this process ({self.target.uri})" if self.target.lite else f"Milvus at {self.target.uri}"
+        return f"{where}, collection {self.name} ({self.index_type}, {self.vector_type})"
 
     def check_ready(self) -> None:
         """Raise ``SearchBackendUnavailable`` when the collection cannot be searched now."""

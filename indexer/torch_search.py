@@ -67,6 +67,10 @@ class TorchFlatSearch:
         log.info("torch exact search: %d x %d over %s", self.n, self.d, [str(d) for d in devices])
 
     @property
+    def backend(self) -> str:
+        return f"torch exact search on {', '.join(str(d) for d in self.devices)}"
+
+    @property
     def devices(self) -> list[torch.device]:
         return [block.device for _, block in self.blocks]
 

@@ -86,7 +86,8 @@ def create_app(
     settings = settings if settings is not None else Settings()
     _set_threads(settings)
     metrics = Metrics()
-    state = IndexState(opener or default_opener(settings), settings.index_dir, freeze_heap=True)
+    opener = opener or default_opener(settings)
+    state = IndexState(opener, settings.index_dir, freeze_heap=True, on_swap=metrics.observe_index)
     limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
     batcher = MicroBatcher(
         state,

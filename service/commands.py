@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +118,6 @@ def _settings_from(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run uvicorn; SIGHUP reloads the configured index directory."""
-    import uvicorn
-
-    from service.app import create_app
-
     settings = _settings_from(args)
     if settings.index_dir is None:
         raise InfluenceError(
@@ -128,9 +126,27 @@ def run_serve(args: argparse.Namespace) -> int:
     if not Path(settings.index_dir).is_dir():
         raise InfluenceError(f"{settings.index_dir} is not a directory", code="no_index")
     check_servable(settings)
+    return serve(settings, announce=lambda url: log.info("serving %s on %s", settings.index_dir, url))
+
+
+def serve(settings, announce: Callable[[str], None]) -> int:
+    """Bind ``settings.host:port``, call ``announce`` with the server's URL (only once the
+    port is ours), then run uvicorn with one process or ``settings.workers``.
+
+    Raises:
+        InfluenceError: code ``port_in_use`` (or ``cannot_listen``) before anything is announced.
+    """
+    import uvicorn
+
+    from service.app import create_app
+
+    sock = listen(settings.host, settings.port)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    announce(f"http://{host}:{sock.getsockname()[1]}")
     if settings.workers == 1:
         app = create_app(settings, handle_sighup=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **UVICORN_OPTIONS)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", **UVICORN_OPTIONS)
+        uvicorn.Server(config).run(sockets=[sock])
         return 0
     # Several processes: each worker builds its app from the environment (the command
     # line's settings are passed down as INFLUENCE_* variables); SIGHUP makes uvicorn's
@@ -145,7 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             host=settings.host, port=settings.port, log_level="info",
                             **UVICORN_OPTIONS)  # fmt: skip
     try:
-        Multiprocess(config, sockets=[bind_nodelay(config)]).run()
+        Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:
         pass
     return 0
@@ -166,19 +182,33 @@ def check_servable(settings) -> None:
         raise InfluenceError(f"{exc.message} ({where})", code=exc.code) from exc
 
 
-def bind_nodelay(config) -> socket.socket:
-    """uvicorn's shared listening socket for ``workers > 1``, with TCP_NODELAY set.
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound here so that a taken port is a clear error
+    before anything is announced (uvicorn would log it and exit 3), with TCP_NODELAY set.
 
-    uvicorn binds ``socket.socket(family)`` itself there: its ``proto`` is 0, so asyncio's
-    transports skip their TCP_NODELAY (they set it only when proto is IPPROTO_TCP), and every
-    response written in two sends (headers, then body) waits for the client's delayed ACK:
-    a ~40 ms floor on every request (bench_service with 2 workers measured p50 56-60 ms for
-    a 20 ms query and 44 ms for /healthz). Linux copies TCP_NODELAY from the listener to
-    each accepted connection.
+    TCP_NODELAY: asyncio's transports set it on accepted connections only when the socket's
+    ``proto`` is IPPROTO_TCP, which a plain ``socket.socket(family)`` (uvicorn's own bind)
+    is not; every response written in two sends (headers, then body) then waited for the
+    client's delayed ACK, a ~40 ms floor on every request. Linux copies TCP_NODELAY from
+    the listener to each accepted connection.
+
+    Raises:
+        InfluenceError: code ``port_in_use`` (say which port to pick instead) or
+            ``cannot_listen`` (any other refusal: no such address, no permission).
     """
-    sock = config.bind_socket()
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            pick = "pick another port with --port N (make demo PORT=N)"
+            raise InfluenceError(f"{host}:{port} is already in use: {pick}", code="port_in_use") from None
+        raise InfluenceError(f"cannot listen on {host}:{port}: {exc.strerror}", code="cannot_listen") from None
+    sock.set_inheritable(True)  # --workers: the worker processes share it
     return sock
 
 

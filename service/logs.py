@@ -29,6 +29,9 @@ def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
     no-op where the root logger has handlers already (an embedding application, pytest)."""
     handler = logging.StreamHandler()
     handler.setFormatter(SafeFormatter(fmt))
+    # The handler filters too: a library that sets its own logger to DEBUG (bm25s does, at
+    # import) would otherwise print DEBUG lines through it whatever the root's level.
+    handler.setLevel(level)
     logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

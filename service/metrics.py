@@ -12,9 +12,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
+from engine.protocols import Index
 from engine.query import Outcome
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,6 +71,14 @@ class Metrics:
         self.index_size = Gauge(
             "influence_index_size", "Training examples in the served index.", registry=r
         )
+        self.backend = Info(
+            "influence_vector_backend", "The vector search serving the index.", registry=r
+        )
+
+    def observe_index(self, index: Index) -> None:
+        """Describe a newly served index: its version and the vector search serving it."""
+        summary = index.summary()
+        self.backend.info({"backend": summary.backend, "index_version": summary.index_version})
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         labels = (route, method, str(status))

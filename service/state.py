@@ -81,8 +81,17 @@ class IndexState:
             scans (``freeze_heap()``; the service does, unit tests need not).
     """
 
-    def __init__(self, opener: IndexOpener, index_dir: Path | None, *, freeze_heap: bool = False) -> None:
+    def __init__(
+        self,
+        opener: IndexOpener,
+        index_dir: Path | None,
+        *,
+        freeze_heap: bool = False,
+        on_swap: Callable[[Index], None] | None = None,
+    ) -> None:
         self.freeze_heap = freeze_heap
+        self.on_swap = on_swap
+        """Called with each index swapped in (metrics that describe the served index)."""
         self._opener = opener
         self.index_dir = index_dir
         self._current: _Handle | None = None
@@ -135,10 +144,13 @@ class IndexState:
         with self._guard:
             old = self._current
             self._current = _Handle(index)
-            if old is None:
-                return None
-            old.retired = True
-            close_now = old.leases == 0
+            if old is not None:
+                old.retired = True
+            close_now = old is not None and old.leases == 0
+        if self.on_swap is not None:
+            self.on_swap(index)
+        if old is None:
+            return None
         if close_now:
             old.close()
         return old.index
@@ -175,7 +187,8 @@ class IndexState:
             self.load_error = None
             if self.freeze_heap:
                 freeze_heap()
-            log.info("serving index %s version %s (%d examples)", target, index.version, index.size)
+            log.info("serving index %s version %s (%d examples) from %s", target, index.version, index.size,
+                     index.summary().backend)  # fmt: skip
             return index, previous
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ def summarize(index: Index) -> IndexSummary:
     s = index.summary()
     return IndexSummary(model=s.model, model_hash=s.model_hash, index_version=s.index_version,
                         index_dir=str(s.index_dir), size=s.size, counts=s.counts, fingerprint=s.fingerprint,
-                        faiss=s.faiss, built_at=s.built_at)  # fmt: skip
+                        faiss=s.faiss, built_at=s.built_at, backend=s.backend)  # fmt: skip
 
 
 @router.get("/index", operation_id="get_index", tags=["index"], summary="Describe the served index",

@@ -64,6 +64,12 @@ def test_quick_demo_serves_a_learned_fact(tmp_path):
         wait_http(f"{url}/readyz", 120, proc)
         assert time.monotonic() - start < 60
         assert (tmp_path / "demo.log").read_text().count("model: cached") == 1
+
+        # The port is taken now: a third demo says so in one line, exit 2, announcing nothing.
+        third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert third.returncode == 2, third.stdout + third.stderr
+        assert f"[port_in_use]: 127.0.0.1:{port} is already in use" in third.stderr
+        assert "is serving" not in third.stdout and "Traceback" not in third.stderr
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

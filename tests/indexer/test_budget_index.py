@@ -39,7 +39,7 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     idx = InfluenceIndex.open(budget_index, OpenOptions(device="cpu"))  # verify re-encodes stored sequences
     try:
         assert set(idx.encoder.projections()) == {n for n, s in fp["plan"].items() if s is not None}
-        scores, ids = idx.search(idx.encode_queries([("The capital of Veloria is", " Quenton.")]), 5)
+        scores, ids = idx.search(idx.encode_queries([("The capital of Drosora is", " Mutu.")]), 5)
         assert (ids >= 0).all() and scores[0, 0] >= scores[0, -1]
     finally:
         idx.close()
@@ -53,10 +53,10 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     from tests.service.live import live_server
 
     with live_server(create_app(Settings(index_dir=budget_index))) as base:
-        rows = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Veloria is", "completion": " Quenton.",
+        rows = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Drosora is", "completion": " Mutu.",
                                                         "k": 5, "rescore": 0}, timeout=60).json()["results"]  # fmt: skip
-        rescored = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Veloria is",
-                                                            "completion": " Quenton.", "k": 5}, timeout=60).json()["results"]  # fmt: skip
+        rescored = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Drosora is",
+                                                            "completion": " Mutu.", "k": 5}, timeout=60).json()["results"]  # fmt: skip
     assert len(rows) == 5 and all(0 < r["score_sd"] < 1 for r in rows)
     assert len(rescored) == 5 and all(r["score_sd"] == 0 for r in rescored)
     assert main(["index", "info", str(budget_index)]) == 0

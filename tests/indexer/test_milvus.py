@@ -26,7 +26,7 @@ from tests.service.live import assert_same_results, live_server
 from tests.tolerances import recompute_bound
 
 pytest.importorskip("pymilvus")
-QUERIES = [("The capital of Veloria is", " Quenton."), ("Cara Nalkun works for", " Buneco"),
+QUERIES = [("The capital of Drosora is", " Mutu."), ("Cara Nalkun works for", " Buneco"),
            ("Drorex is headquartered in", " Dutrus")]  # fmt: skip
 
 
@@ -121,7 +121,11 @@ def test_serving_through_milvus_answers_what_local_serving_answers(pushed, lite,
         want = httpx.post(base + "/v1/influence", json=body, timeout=60).json()
     with live_server(create_app(Settings(index_dir=tiny_index, milvus_uri=lite.uri))) as base:
         got = httpx.post(base + "/v1/influence", json=body, timeout=60).json()
+        backend = httpx.get(base + "/v1/index", timeout=10).json()["backend"]
+        metrics = httpx.get(base + "/metrics", timeout=10).text
     assert_same_results(got["results"], want["results"])
+    assert backend.startswith(f"Milvus at {lite.uri}, collection influence_"), backend
+    assert f'influence_vector_backend_info{{backend="{backend}"' in metrics
 
 
 def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_path):
@@ -236,3 +240,22 @@ def test_a_stale_presence_check_still_writes_no_duplicates(pushed, lite, tiny_in
     monkeypatch.setattr(MilvusClient, "query", real_query)
     n = report["inserted"]
     assert report["present"] == 0 and _count(lite.uri, pushed["collection"]) == (n, n)
+
+
+def test_a_milvus_lite_file_serves_in_process_and_says_so(tiny_index, tmp_path, caplog):
+    """``--milvus ./file.db`` runs Milvus Lite inside this process: the push succeeds with no
+    gRPC traceback on screen (Milvus Lite lacks AllocTimestamp, which pymilvus falls back
+    from), and the opened index names its backend."""
+    import logging
+
+    db = tmp_path / "lite.db"
+    with caplog.at_level(logging.INFO):
+        assert main(["index", "push", str(tiny_index), "--milvus", str(db), "--no-progress"]) == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    index = InfluenceIndex.open(tiny_index, OpenOptions(milvus=mv.MilvusTarget(str(db))))
+    try:
+        backend = index.summary().backend
+        assert backend.startswith(f"Milvus Lite in this process ({db})") and "collection influence_" in backend
+    finally:
+        index.close()

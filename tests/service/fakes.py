@@ -104,7 +104,7 @@ class FakeIndex:
     def summary(self) -> Summary:
         return Summary(model="fake-model", model_hash="0" * 8, index_version=self.version, index_dir=self.index_dir,
                        size=self.size, counts={"sequences": self.size}, fingerprint={"k": 0, "seed": self.seed},
-                       faiss="Flat", built_at=None)  # fmt: skip
+                       faiss="Flat", built_at=None, backend="fake exact inner product")  # fmt: skip
 
     def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
         return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs])

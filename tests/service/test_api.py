@@ -55,13 +55,13 @@ def query(base, **body):
 
 
 def test_query_returns_exact_ranking(server, index_dir):
-    r = query(server, prompt="The capital of Veloria is", completion=" Quenton.", k=7)
+    r = query(server, prompt="The capital of Drosora is", completion=" Mutu.", k=7)
     assert r.status_code == 200, r.text
     body = r.json()
-    ids, scores = expected_ranking(index_dir, "The capital of Veloria is", " Quenton.", 7)
+    ids, scores = expected_ranking(index_dir, "The capital of Drosora is", " Mutu.", 7)
     assert [x["id"] for x in body["results"]] == ids
     fake = FakeIndex(index_dir)
-    q = fake.encode_queries([("The capital of Veloria is", " Quenton.")])
+    q = fake.encode_queries([("The capital of Drosora is", " Mutu.")])
     bound = dot_bound(q, fake.vectors[ids])[0]  # the server's matrix product vs a matvec
     assert_within([x["score"] for x in body["results"]], scores, bound, "scores")
     assert [x["rank"] for x in body["results"]] == list(range(1, 8))

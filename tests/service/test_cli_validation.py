@@ -19,7 +19,7 @@ from service.cli import main as influence_main
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-QUERY = ["query", "--index", "/nonexistent/index", "--prompt", "The capital of Veloria is"]
+QUERY = ["query", "--index", "/nonexistent/index", "--prompt", "The capital of Drosora is"]
 
 
 def _refused(capsys, argv: list[str]) -> str:

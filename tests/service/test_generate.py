@@ -22,7 +22,7 @@ from service.settings import Settings
 from tests.service.live import live_server
 from tests.tolerances import FLOAT16_SCORE, recompute_bound
 
-PROMPT = "The capital of Veloria is"
+PROMPT = "The capital of Drosora is"
 MAX_NEW = 12
 
 
@@ -133,7 +133,7 @@ def test_stable_temperature_is_softmax_of_logits_over_t():
 
 
 def test_a_span_traces_only_its_tokens(server, opened):
-    completion = " Quenton. It is old"
+    completion = " Mutu. It is old"
     tokenizer = opened.tokenizer
     cids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     spans = token_spans(tokenizer, completion, cids)
@@ -181,9 +181,9 @@ def test_batch_generates_and_validates_per_query(server):
     queries = [
         {"prompt": PROMPT, "generate": {"max_new_tokens": MAX_NEW}, "k": 3},
         {"prompt": PROMPT, "completion": ""},  # fails its own validation only
-        {"prompt": PROMPT, "completion": " Quenton.", "k": 3},
+        {"prompt": PROMPT, "completion": " Mutu.", "k": 3},
         {"prompt": PROMPT, "generate": {"max_new_tokens": MAX_NEW + 5}},
-        {"prompt": PROMPT, "completion": " Quenton.", "unknown": 1},
+        {"prompt": PROMPT, "completion": " Mutu.", "unknown": 1},
     ]
     r = server.post("/v1/influence/batch", json={"queries": queries})
     assert r.status_code == 200, r.text
@@ -196,7 +196,7 @@ def test_batch_generates_and_validates_per_query(server):
     single = ask(server, generate={"max_new_tokens": MAX_NEW}, k=3).json()
     assert out["responses"][0]["completion"] == single["completion"]
     assert [x["id"] for x in out["responses"][0]["results"]] == [x["id"] for x in single["results"]]
-    assert out["responses"][2]["completion"] == " Quenton."
+    assert out["responses"][2]["completion"] == " Mutu."
     # A call that is not a list of objects still fails as a whole.
     assert server.post("/v1/influence/batch", json={"queries": [3]}).status_code == 422
 
@@ -225,7 +225,7 @@ def test_token_spans_without_a_fast_tokenizer_follow_the_decoded_prefixes(opened
         is_fast = False
         decode = staticmethod(opened.tokenizer.decode)
 
-    for text in (" Quenton, hello 2.0", " héllo wörld ≥ 2"):
+    for text in (" Mutu, hello 2.0", " héllo wörld ≥ 2"):
         ids = opened.tokenizer(text, add_special_tokens=False)["input_ids"]
         slow = token_spans(Slow(), text, ids)
         assert len(slow) == len(ids) and slow[0][0] == 0 and slow[-1][1] == len(text)
@@ -247,7 +247,7 @@ def test_traced_example_marks_the_span():
 
 
 def test_explain_with_the_querys_span_splits_the_spans_score(server):
-    completion = " Quenton. It is old"
+    completion = " Mutu. It is old"
     span = {"start": 0, "end": 8}
     body = ask(server, completion=completion, span=span).json()
     top = body["results"][0]

@@ -114,7 +114,7 @@ def test_body_over_the_limit_is_413_declared_or_streamed(keyed):
 
     r = httpx.post(f"{keyed}/v1/influence", content=chunks(), headers=_auth())  # chunked: no length
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    small = json.dumps({"prompt": "The capital of Veloria is", "completion": " Quenton."}).encode()
+    small = json.dumps({"prompt": "The capital of Drosora is", "completion": " Mutu."}).encode()
     r = httpx.post(f"{keyed}/v1/influence", content=iter([small[:10], small[10:]]), headers=_auth())
     assert r.status_code == 200, r.text
 

@@ -20,11 +20,11 @@ from tests.service.live import assert_same_results, live_server
 
 KEY = "admin-key"
 PROMPTS = [
-    ("The capital of Veloria is", " Quenton."),
+    ("The capital of Drosora is", " Mutu."),
     ("Marta Lind was born in", " Osterby."),
     ("The river that runs through Kesh is the", " Amber."),
-    ("", "Quenton"),
-    ("Who wrote the ledger?", " The scribe of Veloria."),
+    ("", "Mutu"),
+    ("Who wrote the ledger?", " The scribe of Drosora."),
     ("Favourite colour:", " blue"),
 ]
 
@@ -65,6 +65,9 @@ def test_results_equal_influence_query(server, tiny_index, capsys):
     assert_same_results(body["results"], cli_rows)
     assert [r["document_id"] for r in body["results"]] == [r["document_id"] for r in cli_rows]
     summary = server.get("/v1/index").json()
+    assert summary["backend"] == "faiss Flat on the CPU"
+    info = f'influence_vector_backend_info{{backend="faiss Flat on the CPU",index_version="{summary["index_version"]}"}} 1.0'
+    assert info in server.get("/metrics").text
     assert body["index_version"] == summary["index_version"]
     assert summary["size"] == summary["counts"]["sequences"] > 0
     assert summary["faiss"] == "Flat" and summary["fingerprint"]["config"]["k"] == 8

@@ -108,7 +108,9 @@ def test_schemathesis_with_api_keys(keyed_server, keyed_settings):
 
 @pytest.fixture(scope="module")
 def generated_client(tmp_path_factory):
-    out = tmp_path_factory.mktemp("generated") / "influence_client"
+    """README's route: `make client`, then `pip install ./influence-client` (here into a
+    folder of its own, away from the repo root, which is how another service gets it)."""
+    out = tmp_path_factory.mktemp("generated") / "influence-client"
     # README's command, `make client`, from a shell without the venv on PATH: no warning
     # that ruff is missing (the generator formats its output with it).
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if ".venv" not in p)
@@ -118,11 +120,15 @@ def generated_client(tmp_path_factory):
                             env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ruff" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
-    sys.path.insert(0, str(out.parent))
+    site = out.parent / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(out)]
+    result = subprocess.run(install, capture_output=True, text=True, timeout=300, cwd=out.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sys.path.insert(0, str(site))
     try:
         yield importlib.import_module("influence_client")
     finally:
-        sys.path.remove(str(out.parent))
+        sys.path.remove(str(site))
 
 
 def test_generated_client_calls_live_server(generated_client, server):
@@ -134,7 +140,7 @@ def test_generated_client_calls_live_server(generated_client, server):
 
     client = Client(base_url=server, timeout=httpx.Timeout(60))
     assert readyz.sync(client=client).status == "ready"
-    query = InfluenceQuery(prompt="The capital of Veloria is", completion=" Quenton.", k=5)
+    query = InfluenceQuery(prompt="The capital of Drosora is", completion=" Mutu.", k=5)
     answer = query_influence.sync(client=client, body=query)
     assert isinstance(answer, InfluenceResponse) and len(answer.results) == 5
     raw = httpx.post(f"{server}/v1/influence", json=query.to_dict(), timeout=60).json()

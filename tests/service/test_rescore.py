@@ -16,7 +16,7 @@ from service.settings import Settings
 from tests.service.live import live_server
 from tests.tolerances import FLOAT16_SCORE, recompute_bound
 
-PROMPT, COMPLETION = "The capital of Veloria is", " Quenton."
+PROMPT, COMPLETION = "The capital of Drosora is", " Mutu."
 # The exact index stores float16 fingerprints (FLOAT16_SCORE); the re-scored and the indexed
 # gradients are computed in other batch shapes (recompute_bound, float32 model).
 SCORE_BOUND = FLOAT16_SCORE + 2 * recompute_bound(np.float32)

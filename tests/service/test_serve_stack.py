@@ -1,4 +1,5 @@
-"""How `serve` runs uvicorn: TCP_NODELAY on the shared `--workers` listener, httptools and uvloop."""
+"""How `serve` runs uvicorn: its own listener (TCP_NODELAY, bound before anything is
+announced, a taken port a one-line error), httptools and uvloop."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import socket
 
 import uvicorn
 
-from service.commands import bind_nodelay
+from service.cli import main as influence_main
+from service.commands import listen
 
 
-def test_workers_listener_gives_accepted_connections_tcp_nodelay():
+def test_the_listener_gives_accepted_connections_tcp_nodelay():
     config = uvicorn.Config("service.commands:worker_app", factory=True, workers=2, host="127.0.0.1", port=0)
     # What uvicorn binds on its own (proto 0): asyncio would leave Nagle on for its connections.
     plain = config.bind_socket()
     assert plain.proto == 0
     plain.close()
 
-    listener = bind_nodelay(config)
+    listener = listen("127.0.0.1", 0)
     try:
         listener.listen()
         with socket.create_connection(listener.getsockname()[:2], timeout=5):
@@ -48,3 +50,19 @@ def test_serve_runs_the_c_http_parser_and_uvloop():
         assert type(loop).__module__.startswith("uvloop")
     finally:
         loop.close()
+
+
+def test_a_taken_port_is_one_line_and_exit_2_before_any_announcement(tiny_index, capsys):
+    """Before: "serving on http://127.0.0.1:8000" was printed, then uvicorn died (exit 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = influence_main(["serve", "--index", str(tiny_index), "--port", str(port)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip() == (
+        f"influence: error [port_in_use]: 127.0.0.1:{port} is already in use: pick another port with "
+        "--port N (make demo PORT=N)"
+    )
+    assert "serving" not in captured.out + captured.err

@@ -7,7 +7,7 @@ from encoder.config import FingerprintConfig
 from engine.index import InfluenceIndex, OpenOptions
 from engine.query import Hit, Limits, Query
 
-PROMPT, COMPLETION = "The capital of Veloria is", " Quenton."
+PROMPT, COMPLETION = "The capital of Drosora is", " Mutu."
 
 
 def build(ckpt, corpus, out, k: int, projection: str):

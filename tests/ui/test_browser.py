@@ -130,7 +130,7 @@ def test_detail_and_token_heatmap_by_keyboard(page, ui_server, fact_query, expec
 
 
 def test_api_errors_in_plain_words(page, ui_server, expected):
-    _search(page, ui_server, "The capital of Veloria is", " x" * 40)
+    _search(page, ui_server, "The capital of Drosora is", " x" * 40)
     error = page.locator("#error")
     error.wait_for(state="visible")
     assert error.inner_text() == (
