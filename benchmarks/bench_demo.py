@@ -45,7 +45,9 @@ def run(port: int, timeout_s: float) -> dict:
     out = (work / "demo.out").open("w")
     start = time.monotonic()
     command = ["make", "demo", f"PORT={port}"]
-    proc = subprocess.Popen(command, cwd=clone, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=clone, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     ready_s = None
     try:
         while time.monotonic() - start < timeout_s and proc.poll() is None:
@@ -56,7 +58,9 @@ def run(port: int, timeout_s: float) -> dict:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/influence", json={**EXAMPLE_QUERY, "k": 3}, timeout=120)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/influence", json={**EXAMPLE_QUERY, "k": 3}, timeout=120
+        )
         top = answer.json()["results"][0] if answer.status_code == 200 else None
     finally:
         if proc.poll() is None:
@@ -66,7 +70,9 @@ def run(port: int, timeout_s: float) -> dict:
     lines = _clean((work / "demo.out").read_text(errors="replace"))
     index = clone / ".demo" / "index"
     index_bytes = sum(p.stat().st_size for p in index.rglob("*") if p.is_file())
-    announced = next((m.group(1) for line in lines if (m := re.search(r"~([\d.]+) GiB of disk", line))), None)
+    announced = next(
+        (m.group(1) for line in lines if (m := re.search(r"~([\d.]+) GiB of disk", line))), None
+    )
     result = {
         "ready_s": None if ready_s is None else round(ready_s, 1),
         "goal_s": 300,
@@ -88,10 +94,14 @@ def run(port: int, timeout_s: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8123, help="the demo's port (default 8123)")
-    parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default 900)")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="give up after this many seconds (default 900)"
+    )
     args = parser.parse_args()
     r = run(args.port, args.timeout)
-    row = {k: r[k] for k in ("ready_s", "goal_s", "index_mib", "preflight_disk_gib", "printed_lines")}
+    row = {
+        k: r[k] for k in ("ready_s", "goal_s", "index_mib", "preflight_disk_gib", "printed_lines")
+    }
     row["noise_lines"] = len(r["noise_lines"])
     example = r["example"]
     noise = "none" if not r["noise_lines"] else "\n\n```\n" + "\n".join(r["noise_lines"]) + "\n```"
