@@ -180,8 +180,7 @@ class InfluenceIndex:
         if isinstance(vectors, MilvusSearch):  # metadata from Milvus too; the local store was for the checks
             served = vectors.metadata()
             store.close()
-        log.info("opened index %s: %d sequences, d=%d, %s (%s)", index_dir, manifest.sequences, encoder.dim,
-                 manifest.factory, opts.search_params)  # fmt: skip
+        log.info("opened index %s: %d sequences, d=%d, %s", index_dir, manifest.sequences, encoder.dim, vectors.backend)
         return cls(index_dir, manifest, encoder, tokenizer, vectors, fingerprints, served, lexical)
 
     @property

@@ -127,3 +127,14 @@ def test_train_command_on_any_corpus_reports_fact_accuracy(fact_corpus_files, tm
     assert main(["train", "--corpus", str(corpus), "--out", str(out), "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
     assert main(["train", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+
+
+def test_the_trainers_loss_is_named_so_transformers_does_not_warn(loaded) -> None:  # type: ignore[no-untyped-def]
+    """GPT2LMHeadModel's class name names no loss: transformers warned `loss_type=None` on
+    every training run before falling back to the causal-LM loss, which is now named."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    _, tokenizer = loaded
+    model = build_model(SPECS["test"], tokenizer)
+    assert model.loss_type == "ForCausalLM"
+    assert model.loss_function is LOSS_MAPPING["ForCausalLM"]

@@ -50,3 +50,27 @@ def test_default_name_is_run_and_checkpoint(tiny_index, trained_checkpoint):
     with pytest.raises(ArtifactError) as err:
         mf.Manifest.from_dict(legacy)
     assert err.value.code == "manifest_mismatch"
+
+
+def test_a_build_prints_nothing_a_user_must_ignore(trained_checkpoint, fact_corpus, tmp_path):
+    """The CLI's own process, as a user runs it: stderr holds only INFO lines of this
+    project (no DEBUG from bm25s, whose logger is set to DEBUG at import; no tokenizer
+    warning for a document longer than the model's context, which the build cuts into
+    windows), and the summary no `None`."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.jsonl"
+    texts = [p.text for p in fact_corpus.passages] + [" ".join(p.text for p in fact_corpus.passages[:60])]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    argv = [sys.executable, "-m", "service.cli", "index", "build", "--model", str(trained_checkpoint.checkpoint_dir),
+            "--corpus", str(corpus), "--out", str(tmp_path / "index"), "--no-progress"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    own = re.compile(r"^\S+ \S+ INFO (encoder|indexer|engine|service|evaluation)\.[\w.]+: ")
+    assert [line for line in done.stderr.splitlines() if not own.match(line)] == []
+    assert "None" not in done.stdout and "index published" in done.stdout
