@@ -35,7 +35,7 @@ system-deps:
 
 # Exit code 5 (no tests collected) is a failure of intent, not a pass.
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=25 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)

@@ -110,10 +110,6 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     progress = progress or passes._no_progress
     t_start = time.perf_counter()
     out = Path(cfg.out).resolve()
-    if cfg.batch_size < 0 or cfg.shard_size < 1:
-        raise ConfigError("batch size must be >= 1 (or 0: auto) and shard size >= 1")
-    if cfg.basis_sample < 0:
-        raise ConfigError(f"basis sample must be >= 1 sequences (or 0: all), got {cfg.basis_sample}")
     corpus_format(Path(cfg.corpus))  # missing corpus: fail before loading the model
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")

@@ -211,7 +211,7 @@ def test_fingerprint_store_is_estimated_and_refused(trained_checkpoint, fact_cor
 def test_negative_basis_sample_is_a_clear_error(trained_checkpoint, fact_corpus_files, tmp_path, capsys):
     rc, err = _build(capsys, trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path / "ix",
                      "--basis-sample", "-2")  # fmt: skip
-    assert rc == 2 and "basis sample must be >= 1" in err and "Traceback" not in err
+    assert rc == 2 and "--basis-sample must be >= 0, got -2" in err and "Traceback" not in err
     assert not (tmp_path / "ix").exists()
 
 
