@@ -186,13 +186,22 @@ class InfluenceQuery(BaseModel):
     )
     rescore: Annotated[int, Field(ge=0, le=MAX_RESCORE), BeforeValidator(_integral_float)] | None = Field(
         None,
-        description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first stage's "
-        "top max(rescore, k) candidates by their unprojected gradients, as the index forms them "
-        "(K-FAC-whitened for a kfac or sketch index, optimizer-corrected when it corrects; no projection "
-        "noise, no projected R) and return the best k of them; each candidate "
-        "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; "
-        "unset, the index's: 200 without a projected R, 0 with one). The random projection decides much of a "
-        "first-stage top-10; see benchmarks/results/bench_fidelity.md.",
+        description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first "
+        "stage's candidates in order, at most its top max(rescore, k), by their unprojected gradients as "
+        "the index forms them (K-FAC-whitened for a sketch index; no projection noise, no projected R), "
+        "stopping once the top-k is certified at `confidence`, and return the best k; each candidate "
+        "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; unset, the "
+        "index's: 200 without a projected R, 0 with one).",
+    )
+
+    confidence: float = Field(
+        0.95,
+        gt=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="The exact second stage stops once its top-k is certified at this confidence: "
+        "by the first stage's calibrated uncertainty, no candidate left unscored can still enter "
+        "the top-k (the response's `rescore` says how many were scored and whether it was).",
     )
 
     @model_validator(mode="after")
@@ -230,11 +239,28 @@ class InfluenceResult(BaseModel):
 
 class Timings(BaseModel):
     """Server-side time in milliseconds. ``encode`` and ``search`` are the times of the
-    micro-batch the query ran in (shared with the queries batched with it)."""
+    micro-batch the query ran in (shared with the queries batched with it); ``rescore`` is
+    this query's own exact second stage."""
 
     encode: float
     search: float
+    rescore: float = 0.0
     total: float
+
+
+class RescoreReport(BaseModel):
+    """How the exact second stage ended for this query."""
+
+    candidates: int = Field(description="Candidates re-scored exactly.")
+    certified: bool = Field(
+        description="The top-k is the exhaustive exact top-k at `confidence`: no candidate left "
+        "unscored can still enter it (or every sequence was scored)."
+    )
+    confidence: float = Field(description="The confidence asked for.")
+    miss_probability: float = Field(
+        description="Bound on the chance that an unscored candidate belongs in the top-k "
+        "(1 where the index models no first-stage uncertainty)."
+    )
 
 
 class GenerationInfo(BaseModel):
@@ -261,6 +287,7 @@ class InfluenceResponse(BaseModel):
         "query's `span` widened to token boundaries, or the whole completion."
     )  # fmt: skip
     generation: GenerationInfo | None = Field(None, description="Set for queries with `generate`.")
+    rescore: RescoreReport | None = Field(None, description="Set when the exact second stage ran.")
     model: str = Field(description="The model the index was built on.")
     index_version: str = Field(description="Content hash of the index manifest that answered.")
     timings_ms: Timings

@@ -76,9 +76,28 @@ class ExactRescorer:
 
     def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
         """s(query, candidate) for each candidate; [C] float64 on the CPU."""
-        q_blocks: dict[str, torch.Tensor] = {}
-        self._blocks([query], pad_id, lambda name, g: q_blocks.__setitem__(name, g[0]))
-        q_norm = sum(float(b.double().square().sum()) for b in q_blocks.values()) ** 0.5
+        return self.for_query(query, pad_id)(candidates)
+
+    def for_query(self, query: Example, pad_id: int) -> QueryScorer:
+        """A scorer of candidates against ``query`` whose gradient is computed once, here,
+        so that candidates can be scored a chunk at a time (the certified second stage)."""
+        return QueryScorer(self, query, pad_id)
+
+
+class QueryScorer:
+    """Scores candidates against one query (``ExactRescorer.for_query``): the query's
+    per-module blocks are kept (one full-size gradient), each call runs the candidates'
+    backward passes."""
+
+    def __init__(self, rescorer: ExactRescorer, query: Example, pad_id: int) -> None:
+        self.rescorer = rescorer
+        self.pad_id = pad_id
+        self.q_blocks: dict[str, torch.Tensor] = {}
+        rescorer._blocks([query], pad_id, lambda name, g: self.q_blocks.__setitem__(name, g[0]))
+        self.q_norm = sum(float(b.double().square().sum()) for b in self.q_blocks.values()) ** 0.5
+
+    def __call__(self, candidates: Sequence[Example]) -> torch.Tensor:
+        """s(query, candidate) for each candidate; [C] float64 on the CPU."""
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
         for s in range(0, len(candidates), CANDIDATE_BATCH):
@@ -87,12 +106,12 @@ class ExactRescorer:
             def add(name: str, g: torch.Tensor, rows: slice = rows) -> None:
                 # Per module in the gradient's own dtype (no float64 copy of a [B, out*in]
                 # block), summed over modules in float64.
-                dots[rows] += (g @ q_blocks[name]).double().cpu()
+                dots[rows] += (g @ self.q_blocks[name]).double().cpu()
                 sq[rows] += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
 
-            self._blocks(candidates[rows], pad_id, add)
-        if not self.unit_norm:
+            self.rescorer._blocks(candidates[rows], self.pad_id, add)
+        if not self.rescorer.unit_norm:
             return dots
         tiny = torch.finfo(torch.float64).tiny
-        cosines: torch.Tensor = dots / (sq.sqrt() * q_norm).clamp_min(tiny)
+        cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
         return cosines

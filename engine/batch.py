@@ -102,7 +102,11 @@ def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]
             continue
         try:
             if not retrieval.is_plain(query):
-                outcomes[i].hits = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text)
+                start = time.perf_counter()
+                answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text)
+                outcomes[i].hits, outcomes[i].certificate = answer
+                if answer[1] is not None:
+                    outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
             retrieval.add_score_sd(index, query, vectors[j], outcomes[i].hits)
         except Exception as exc:
             outcomes[i].error, outcomes[i].hits = failure(exc, "retrieval"), []

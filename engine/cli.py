@@ -16,7 +16,8 @@ from engine.choices import SEARCH_PLACEMENTS
 
 FLAGS = {"prompt": "--prompt", "completion": "--completion", "generate": "--generate",
          "generate.max_new_tokens": "--generate", "generate.temperature": "--temperature",
-         "generate.seed": "--gen-seed", "span": "--span", "k": "-k", "rescore": "--rescore"}  # fmt: skip
+         "generate.seed": "--gen-seed", "span": "--span", "k": "-k", "rescore": "--rescore",
+         "confidence": "--confidence"}  # fmt: skip
 """Wire fields of ``InfluenceQuery`` and the flags that set them."""
 
 
@@ -39,6 +40,8 @@ def wire_query(args: argparse.Namespace) -> InfluenceQuery:
         body["span"] = {"start": args.span[0], "end": args.span[1]}
     if args.rescore is not None:
         body["rescore"] = args.rescore
+    if args.confidence is not None:
+        body["confidence"] = args.confidence
     try:
         return InfluenceQuery.model_validate(body)
     except ValidationError as exc:
@@ -77,9 +80,17 @@ def cmd_query(args: argparse.Namespace) -> int:
              "document_id": h.record.document_id} for r, h in enumerate(outcome.hits)]  # fmt: skip
     traced = outcome.traced
     assert traced is not None  # a query without error was traced
+    c = outcome.certificate
+    report = None
+    if c is not None:
+        report = {"candidates": c.rescored, "certified": c.certified, "confidence": c.confidence}
+        report["miss_probability"] = c.miss_probability
     if args.json:
-        print(json.dumps({**traced_fields(traced), "results": rows}, indent=2))
+        print(json.dumps({**traced_fields(traced), "rescore": report, "results": rows}, indent=2))
         return 0
+    if c is not None:
+        verdict = f"top-{args.k} certified at {c.confidence:g}" if c.certified else "not certified (the cap was reached)"
+        print(f"second stage: {c.rescored} candidates re-scored exactly, {verdict}")
     if traced.generated is not None:
         g = traced.generated
         print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
@@ -121,9 +132,11 @@ def register(subparsers: Any) -> None:
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
     q.add_argument("--rescore", type=int, default=None, metavar="C",
-                   help="exact second stage: re-score the top max(C, k) candidates by their unprojected "
-                        "gradients, as the index forms them (one backward pass each; 0 = off; default: the "
-                        "index's, 200 without a projected R, 0 with one)")
+                   help="exact second stage: re-score at most the top max(C, k) candidates by their "
+                        "unprojected gradients, as the index forms them, stopping once the top-k is certified "
+                        "(one backward pass each; 0 = off; default: the index's, 200 without a projected R)")
+    q.add_argument("--confidence", type=float, default=None, metavar="P",
+                   help="the second stage stops once its top-k is certified at P (default 0.95)")
     q.add_argument("--no-rerank", action="store_true",
                    help="approximate indexes: the index's own scores, no exact re-rank")
     q.add_argument("--search-placement", default="auto", choices=SEARCH_PLACEMENTS,

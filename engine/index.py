@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,15 +260,29 @@ class InfluenceIndex:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
         one tokenized query by their unprojected corrected (kfac: and whitened) gradients;
         [len(ids)] float32."""
+        return self.exact_scorer(example)(ids)
+
+    def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
+        """``rescore`` a chunk at a time: the query's gradient is computed here, once; each
+        call scores sequences ``ids`` under the model lock, which other queries take
+        between chunks."""
         self._held.check()
-        sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
         self.last_query_at = time.monotonic()
         with self.encode_lock:
             if self._rescorer is None:
                 enc = self.encoder
                 self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, roots=enc.kfac_roots)
-            scores = self._rescorer.scores(example, sequences, self._pad)
-        return scores.float().numpy()
+            scorer = self._rescorer.for_query(example, self._pad)
+
+        def score(ids: list[int]) -> np.ndarray:
+            self._held.check()
+            sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
+            self.last_query_at = time.monotonic()
+            with self.encode_lock:
+                scores = scorer(sequences)
+            return scores.float().numpy()
+
+        return score
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]

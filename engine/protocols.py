@@ -9,7 +9,7 @@ its Protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,6 +144,11 @@ class Index(Protocol):
 
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """[len(ids)] exact (unprojected) scores of sequences ``ids`` for one query."""
+        ...
+
+    def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
+        """``rescore`` a chunk at a time: the query's side prepared once, then any number of
+        calls with candidate ids, each [len(ids)] float32."""
         ...
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:

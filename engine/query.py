@@ -14,6 +14,7 @@ from api.models import InfluenceQuery, Mode
 from encoder.batching import Example, Tokenizer, tokenize_prompt
 from encoder.errors import InfluenceError, InputError, InputTooLongError
 from encoder.generation import Generated, Generation, token_spans, traced_example
+from engine.certify import DEFAULT_CONFIDENCE, Certificate
 from engine.protocols import Index, Record
 
 
@@ -28,7 +29,10 @@ class Query:
     min_score: float | None = None
     mode: Mode = "influence"
     rescore: int | None = None
-    """Exact second stage over the top max(rescore, k); None: the index's ``default_rescore``."""
+    """Exact second stage over at most the top max(rescore, k); None: the index's
+    ``default_rescore``. It stops earlier once its top-k is certified (``engine.certify``)."""
+    confidence: float = DEFAULT_CONFIDENCE
+    """The confidence the second stage's certificate is given at."""
     generate: Generation | None = None
     """Generate and trace: the model writes the completion (``completion`` is None)."""
     span: tuple[int, int] | None = None
@@ -51,6 +55,7 @@ class Query:
             rescore=rescore,
             generate=None if g is None else Generation(g.max_new_tokens, g.temperature, g.seed),
             span=None if q.span is None else (q.span.start, q.span.end),
+            confidence=q.confidence,
         )
 
 
@@ -100,8 +105,12 @@ class Outcome:
     index_version: str = ""
     encode_ms: float = 0.0
     search_ms: float = 0.0
+    rescore_ms: float = 0.0
+    """This query's own exact second stage (not shared with its batch)."""
     batch_size: int = 0
     traced: Traced | None = None
+    certificate: Certificate | None = None
+    """How its exact second stage ended (None without one)."""
 
 
 def traced_fields(traced: Traced | None) -> dict[str, Any]:

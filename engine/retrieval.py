@@ -15,6 +15,7 @@ import numpy as np
 from api.models import Mode
 from encoder.batching import Example
 from encoder.errors import InputError
+from engine.certify import RESCORE_CHUNK, Certificate, miss_probability
 from engine.protocols import Index
 from engine.query import Hit, Query
 from indexer.fusion import reciprocal_rank_fusion
@@ -83,20 +84,40 @@ def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> lis
     return hits[: query.k]
 
 
-def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -> list[Hit]:
+def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -> tuple[list[Hit], Certificate]:
     """The exact second stage: the first stage's top max(rescore, k) candidates (from
-    ``query.source`` when set), re-scored by ``index.rescore``; the best k, best first."""
-    pool = max(query.rescore or 0, query.k)
+    ``query.source`` when set), re-scored by ``index.exact_scorer`` in first-stage order a
+    chunk at a time, until the top-k is certified at ``query.confidence``
+    (``engine.certify``) or every candidate is scored; the best k, best first."""
+    cap = max(query.rescore or 0, query.k)
     if query.source is not None:
-        candidates = filtered_search(index, vector, replace(query, k=pool))
+        candidates = filtered_search(index, vector, replace(query, k=cap))
     else:
-        scores, ids = index.search(vector[None, :], pool)
+        scores, ids = index.search(vector[None, :], cap)
         candidates = _hits(index, scores[0], ids[0])
     if not candidates:
-        return []
-    exact = index.rescore(example, [h.id for h in candidates])
-    order = np.argsort(-exact, kind="stable")[: query.k]
-    return [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
+        return [], Certificate(0, True, query.confidence, 0.0)
+    first = np.array([h.score for h in candidates], dtype=np.float64)
+    sd = index.score_sd(vector, [h.id for h in candidates])
+    score = index.exact_scorer(example)
+    exact = np.full(len(candidates), -np.inf)
+    done, miss, n_rest = 0, 1.0, index.size - len(candidates)
+    while done < len(candidates):
+        step = query.k if done == 0 else RESCORE_CHUNK
+        exact[done : done + step] = score([h.id for h in candidates[done : done + step]])
+        done = min(len(candidates), done + step)
+        if sd is not None or (done == len(candidates) and n_rest == 0):
+            bar = float(np.sort(exact[:done])[::-1][min(query.k, done) - 1])
+            sd_rest = float(sd.max()) if sd is not None else 0.0
+            unscored_sd = sd[done:] if sd is not None else np.zeros(0)
+            miss = miss_probability(
+                bar, first[done:], unscored_sd, n_rest=n_rest, rest_first=float(first[-1]), rest_sd=sd_rest
+            )
+            if miss <= 1 - query.confidence:
+                break
+    order = np.argsort(-exact[:done], kind="stable")[: query.k]
+    hits = [Hit(candidates[i].id, float(exact[i]), candidates[i].record, 0.0) for i in order]
+    return hits, Certificate(done, miss <= 1 - query.confidence, query.confidence, miss)
 
 
 def is_plain(query: Query) -> bool:
@@ -104,8 +125,11 @@ def is_plain(query: Query) -> bool:
     return query.source is None and query.mode == "influence" and not query.rescore
 
 
-def retrieve_one(index: Index, query: Query, example: Example, vector: np.ndarray, text: str) -> list[Hit]:
-    """The hits of a query that is not ``is_plain``, best first (at most ``query.k``).
+def retrieve_one(
+    index: Index, query: Query, example: Example, vector: np.ndarray, text: str
+) -> tuple[list[Hit], Certificate | None]:
+    """The hits of a query that is not ``is_plain``, best first (at most ``query.k``), and
+    how its exact second stage ended (None without one).
 
     Args:
         example: the query tokenized (for the second stage).
@@ -115,8 +139,8 @@ def retrieve_one(index: Index, query: Query, example: Example, vector: np.ndarra
     if query.rescore:
         return rescored(index, example, vector, query)
     if query.mode != "influence":
-        return _mode_hits(index, vector, query, text)
-    return filtered_search(index, vector, query)
+        return _mode_hits(index, vector, query, text), None
+    return filtered_search(index, vector, query), None
 
 
 def retrieve_plain(index: Index, queries: list[Query], vectors: np.ndarray) -> list[list[Hit]]:

@@ -13,6 +13,7 @@ from api.models import (
     InfluenceQuery,
     InfluenceResponse,
     InfluenceResult,
+    RescoreReport,
     Timings,
 )
 from encoder.errors import InputError
@@ -35,13 +36,20 @@ def as_response(q: InfluenceQuery, outcome: Outcome, started: float) -> Influenc
             text = text[: q.max_text_chars]
         results.append(InfluenceResult(rank=rank, id=hit.id, score=hit.score, score_sd=hit.score_sd, text=text,
                                        source=hit.record.source, document_id=str_or_none(hit.record.document_id)))  # fmt: skip
+    c = outcome.certificate
+    rescore = None
+    if c is not None:
+        rescore = RescoreReport(
+            candidates=c.rescored, certified=c.certified, confidence=c.confidence, miss_probability=c.miss_probability
+        )
+    total = (time.perf_counter() - started) * 1e3
     return InfluenceResponse(
         results=results,
         **traced_fields(outcome.traced),
+        rescore=rescore,
         model=outcome.model,
         index_version=outcome.index_version,
-        timings_ms=Timings(encode=outcome.encode_ms, search=outcome.search_ms,
-                           total=(time.perf_counter() - started) * 1e3),  # fmt: skip
+        timings_ms=Timings(encode=outcome.encode_ms, search=outcome.search_ms, rescore=outcome.rescore_ms, total=total),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ class FakeIndex:
         """Exact scores are the stored ones (a fake has no projection noise)."""
         vector = self.encode_examples([example])[0]
         return self.vectors[np.asarray(ids, dtype=np.int64)] @ vector
+
+    def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
+        vector = self.encode_examples([example])[0]
+        return lambda ids: self.vectors[np.asarray(ids, dtype=np.int64)] @ vector
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         return None  # like a whitened index: no projection-noise model

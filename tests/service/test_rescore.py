@@ -116,3 +116,29 @@ def test_score_sd_is_null_when_whitened_and_zero_when_rescored(client):
     """(A hessian-none projected index reports sd > 0: tests/indexer/test_budget_index.py.)"""
     assert all(r["score_sd"] is None for r in _query(client, k=5))
     assert all(r["score_sd"] == 0.0 for r in _query(client, k=5, rescore=20))
+
+
+def test_the_response_says_how_the_second_stage_ended(client):
+    """tiny_index has a projected R: no first-stage uncertainty model, so the stage scores
+    to its cap and certifies only when that cap is the whole index."""
+    size = client.get("/v1/index").json()["size"]
+
+    def ask(**extra):
+        r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, "k": 3, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    whole = ask(rescore=size, confidence=0.9)
+    assert whole["rescore"] == {"candidates": size, "certified": True, "confidence": 0.9, "miss_probability": 0.0}
+    assert whole["timings_ms"]["rescore"] > 0
+    capped = ask(rescore=20)
+    assert capped["rescore"] == {"candidates": 20, "certified": False, "confidence": 0.95, "miss_probability": 1.0}
+    off = ask(rescore=0)
+    assert off["rescore"] is None and off["timings_ms"]["rescore"] == 0
+
+
+@pytest.mark.parametrize("confidence", [0, 1, 1.5, -0.1, "0.9", float("nan")])
+def test_bad_confidence_is_422(client, confidence):
+    body = json.dumps({"prompt": PROMPT, "completion": COMPLETION, "confidence": confidence}, allow_nan=True)
+    r = client.post("/v1/influence", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
