@@ -8,8 +8,10 @@ never fails its batch mates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +20,7 @@ from encoder.batching import Example
 from encoder.errors import InfluenceError, InternalError
 from engine import retrieval
 from engine.protocols import Index
-from engine.query import Hit, Limits, Outcome, Query, Traced, trace
+from engine.query import Hit, Limits, Outcome, Query, QueryAbandonedError, Traced, trace
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,14 @@ def _search_plain(index: Index, queries: list[Query], vectors: np.ndarray) -> li
     return found
 
 
-def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]], vectors: np.ndarray,
-              outcomes: list[Outcome]) -> None:  # fmt: skip
+def _retrieve(
+    index: Index,
+    queries: list[Query],
+    valid: list[tuple[int, Traced]],
+    vectors: np.ndarray,
+    outcomes: list[Outcome],
+    abandoned: Callable[[int], bool],
+) -> None:
     """Hits for every encoded query: the plain ones in one search call, the rest one by one."""
     plain = [j for j, (i, _) in enumerate(valid) if retrieval.is_plain(queries[i])]
     found = _search_plain(index, [queries[valid[j][0]] for j in plain], vectors[plain])
@@ -103,7 +111,8 @@ def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]
         try:
             if not retrieval.is_plain(query):
                 start = time.perf_counter()
-                answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text)
+                gave_up = functools.partial(abandoned, i)
+                answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text, gave_up)
                 outcomes[i].hits, outcomes[i].certificate = answer
                 if answer[1] is not None:
                     outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
@@ -115,13 +124,17 @@ def _retrieve(index: Index, queries: list[Query], valid: list[tuple[int, Traced]
             outcomes[i].hits = [h for h in outcomes[i].hits if h.score >= query.min_score]
 
 
-def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcome]:
+def run_batch(
+    index: Index, queries: list[Query], limits: Limits, abandoned: Callable[[int], bool] = lambda i: False
+) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
     Args:
         index: the index (leased for the duration of the call).
         queries: Q queries.
         limits: token limits.
+        abandoned: whether query i's client has given up: such a query is not encoded, and
+            its second stage stops at the next chunk (``QueryAbandonedError``).
     Returns:
         Q outcomes in order; each carries hits (best first) or an error.
     """
@@ -129,7 +142,11 @@ def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcom
     queries = [q if q.rescore is not None else replace(q, rescore=index.default_rescore if q.mode == "influence" else 0)
                for q in queries]  # fmt: skip
     outcomes = [Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries]
-    valid = _traced(index, queries, limits, outcomes)
+    for i in range(len(queries)):
+        if abandoned(i):
+            outcomes[i].error = QueryAbandonedError("abandoned before it was encoded")
+    live = [i for i in range(len(queries)) if outcomes[i].error is None]
+    valid = [(live[j], t) for j, t in _traced(index, [queries[i] for i in live], limits, [outcomes[i] for i in live])]
     if not valid:
         return outcomes
     t0 = time.perf_counter()
@@ -139,7 +156,7 @@ def run_batch(index: Index, queries: list[Query], limits: Limits) -> list[Outcom
         outcomes[i].error = error
     keep = [j for j, error in enumerate(errors) if error is None]
     valid, vectors = [valid[j] for j in keep], vectors[keep]
-    _retrieve(index, queries, valid, vectors, outcomes)
+    _retrieve(index, queries, valid, vectors, outcomes, abandoned)
     t2 = time.perf_counter()
     for i, _ in valid:
         outcomes[i].encode_ms, outcomes[i].search_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3

@@ -7,6 +7,7 @@ the ``Traced`` query (for a ``generate`` query after ``generated_completion`` ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +58,23 @@ class Query:
             span=None if q.span is None else (q.span.start, q.span.end),
             confidence=q.confidence,
         )
+
+
+Abandoned = Callable[[], bool]
+"""True once a query's client has given up (its request timed out): work on it stops at
+the next chunk boundary."""
+
+
+def never() -> bool:
+    """An ``Abandoned`` for queries nobody abandons (the CLI, the evaluation)."""
+    return False
+
+
+class QueryAbandonedError(InfluenceError):
+    """A query's client gave up before it was answered; its remaining work was dropped."""
+
+    code = "abandoned"
+    http_status = 503
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from encoder.batching import Example
 from encoder.errors import InputError
 from engine.certify import RESCORE_CHUNK, Certificate, miss_probability
 from engine.protocols import Index
-from engine.query import Hit, Query
+from engine.query import Abandoned, Hit, Query, QueryAbandonedError, never
 from indexer.fusion import reciprocal_rank_fusion
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -84,11 +84,18 @@ def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> lis
     return hits[: query.k]
 
 
-def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -> tuple[list[Hit], Certificate]:
+def rescored(
+    index: Index, example: Example, vector: np.ndarray, query: Query, abandoned: Abandoned = never
+) -> tuple[list[Hit], Certificate]:
     """The exact second stage: the first stage's top max(rescore, k) candidates (from
     ``query.source`` when set), re-scored by ``index.exact_scorer`` in first-stage order a
     chunk at a time, until the top-k is certified at ``query.confidence``
-    (``engine.certify``) or every candidate is scored; the best k, best first."""
+    (``engine.certify``) or every candidate is scored; the best k, best first.
+
+    Raises:
+        QueryAbandonedError: ``abandoned()`` turned true between two chunks (the client
+            gave up: its remaining candidates are not scored).
+    """
     cap = max(query.rescore or 0, query.k)
     if query.source is not None:
         candidates = filtered_search(index, vector, replace(query, k=cap))
@@ -103,6 +110,8 @@ def rescored(index: Index, example: Example, vector: np.ndarray, query: Query) -
     exact = np.full(len(candidates), -np.inf)
     done, miss, n_rest = 0, 1.0, index.size - len(candidates)
     while done < len(candidates):
+        if abandoned():
+            raise QueryAbandonedError(f"abandoned after {done} of {len(candidates)} candidates")
         step = query.k if done == 0 else RESCORE_CHUNK
         exact[done : done + step] = score([h.id for h in candidates[done : done + step]])
         done = min(len(candidates), done + step)
@@ -126,7 +135,7 @@ def is_plain(query: Query) -> bool:
 
 
 def retrieve_one(
-    index: Index, query: Query, example: Example, vector: np.ndarray, text: str
+    index: Index, query: Query, example: Example, vector: np.ndarray, text: str, abandoned: Abandoned = never
 ) -> tuple[list[Hit], Certificate | None]:
     """The hits of a query that is not ``is_plain``, best first (at most ``query.k``), and
     how its exact second stage ended (None without one).
@@ -135,9 +144,11 @@ def retrieve_one(
         example: the query tokenized (for the second stage).
         vector: [d] its fingerprint.
         text: the traced completion text (for the lexical modes).
+        abandoned: true once the client has given up (checked between the second
+            stage's chunks).
     """
     if query.rescore:
-        return rescored(index, example, vector, query)
+        return rescored(index, example, vector, query, abandoned)
     if query.mode != "influence":
         return _mode_hits(index, vector, query, text), None
     return filtered_search(index, vector, query), None

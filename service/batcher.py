@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,12 @@ class _Item:
     query: Query
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    gave_up: threading.Event = field(default_factory=threading.Event)
+    """Set when the request timed out: the worker drops the query at its next chunk."""
+
+    def abandoned(self, _: int = 0) -> bool:
+        """``run_batch``'s ``abandoned`` for a batch of this item alone."""
+        return self.gave_up.is_set()
 
 
 BatchObserver = Callable[[list[Outcome]], None]
@@ -131,6 +138,7 @@ class MicroBatcher:
                 return list(await asyncio.gather(*(item.future for item in items)))
         except TimeoutError:
             for item in items:
+                item.gave_up.set()
                 item.future.cancel()
             raise QueryTimeoutError(
                 f"the query did not finish within {self.timeout_s:g} s; retry later"
@@ -174,13 +182,15 @@ class MicroBatcher:
             except asyncio.QueueEmpty:
                 return
 
-    def _compute(self, queries: list[Query]) -> list[Outcome]:
-        """``run_batch`` on a leased index. ``run_batch`` isolates each query's failure; should
-        the batch still raise something other than a project error (a shared step's bug), each
-        query is answered alone, so that only the one that breaks it fails."""
+    def _compute(self, items: list[_Item]) -> list[Outcome]:
+        """``run_batch`` on a leased index, dropping the queries whose requests timed out.
+        ``run_batch`` isolates each query's failure; should the batch still raise something
+        other than a project error (a shared step's bug), each query is answered alone, so
+        that only the one that breaks it fails."""
+        queries = [item.query for item in items]
         with self.state.lease() as index:
             try:
-                return run_batch(index, queries, self.limits)
+                return run_batch(index, queries, self.limits, lambda i: items[i].gave_up.is_set())
             except InfluenceError:
                 raise
             except Exception:
@@ -188,9 +198,9 @@ class MicroBatcher:
                     raise
                 log.exception("a batch of %d failed; answering its queries one by one", len(queries))
             outcomes = []
-            for query in queries:
+            for item in items:
                 try:
-                    outcomes.extend(run_batch(index, [query], self.limits))
+                    outcomes.extend(run_batch(index, [item.query], self.limits, item.abandoned))
                 except Exception as exc:
                     outcomes.append(Outcome(error=failure(exc, "the batch"), batch_size=1))
             return outcomes
@@ -202,9 +212,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._compute, [item.query for item in batch]
-                )
+                outcomes = await loop.run_in_executor(self._executor, self._compute, batch)
             except asyncio.CancelledError:
                 for item in batch:
                     item.future.cancel()

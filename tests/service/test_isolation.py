@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -121,3 +122,48 @@ def test_a_500_keeps_the_connection_for_the_next_request(base, method, path, bod
         assert status == 200 and len(answer["results"]) == 3
     finally:
         conn.close()
+
+
+class GatedIndex(FakeIndex):
+    """Records each chunk the exact stage scores, and holds the second one until released:
+    the test decides when the work happens, no sleep does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunks: list[int] = []
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+
+    def exact_scorer(self, example):
+        score = super().exact_scorer(example)
+
+        def gated(ids):
+            self.chunks.append(len(ids))
+            if len(self.chunks) == 2:
+                self.waiting.set()
+                self.release.wait(60)
+            return score(ids)
+
+        return gated
+
+
+def test_a_timed_out_query_stops_consuming_the_model(tmp_path):
+    """Before: a query whose request timed out (503) ran all its candidates anyway. Now its
+    second stage stops at the next chunk: here after the one in flight when it gave up."""
+    opened: list[GatedIndex] = []
+
+    def opener(path):
+        opened.append(GatedIndex(path))
+        return opened[-1]
+
+    settings = Settings(index_dir=tmp_path, request_timeout_s=1.0, max_wait_ms=0)
+    with live_server(create_app(settings, opener=opener)) as url:
+        index = opened[0]
+        with httpx.Client(base_url=url, timeout=60) as client:
+            r = client.post("/v1/influence", json={**VALID, "k": 5, "rescore": 100})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+            assert index.waiting.is_set()  # it timed out while the second chunk was held
+            index.release.set()
+            after = client.post("/v1/influence", json={**VALID, "k": 5, "rescore": 0})  # queued behind it
+            assert after.status_code == 200
+    assert index.chunks == [5, 8], index.chunks  # the first k, the chunk in flight; not 100
