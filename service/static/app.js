@@ -202,8 +202,14 @@ function showError(box, message) {
 
 function timing(data, roundTrip) {
   const t = data.timings_ms;
+  const r = data.rescore;
+  const exact = r
+    ? `; ${r.candidates} candidates re-scored exactly, ` +
+      (r.certified ? `top results certain at ${r.confidence}` : "stopped at the cap, not certain")
+    : "; first stage only";
   return `in ${roundTrip.toFixed(0)} ms (server ${t.total.toFixed(0)} ms: encode ${t.encode.toFixed(0)} ms, ` +
-         `search ${t.search.toFixed(0)} ms) from index ${data.index_version.slice(0, 12)}`;
+         `search ${t.search.toFixed(0)} ms, re-score ${(t.rescore || 0).toFixed(0)} ms${exact}) ` +
+         `from index ${data.index_version.slice(0, 12)}`;
 }
 
 function showGenerated(data) {
@@ -227,6 +233,7 @@ async function search(generate) {
   if (generate) body.generate = { max_new_tokens: Number.parseInt($("max-new").value, 10) || 16 };
   else body.completion = $("completion").value;
   if (mode && mode !== "influence" && mode !== "compare") body.mode = mode;
+  if ($("second-stage").value === "off") body.rescore = 0;
   showError($("error"), "");
   $("status").textContent = generate ? "Generating and tracing…" : "Searching…";
   for (const b of [$("submit"), $("generate")]) b.disabled = true;

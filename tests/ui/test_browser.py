@@ -312,3 +312,33 @@ def test_the_api_docs_render_without_internet(page, ui_server):
     page.get_by_text("/v1/influence/batch").first.wait_for(state="visible")
     assert off_machine == []
     assert httpx.get(ui_server + "/redoc").status_code == 404  # not served: Redoc fetches from a CDN
+
+
+def test_the_second_stage_control_and_its_report(page, ui_server, fact_query):
+    """The UI can turn the exact second stage off (rescore 0) and says how it ended: the
+    candidates re-scored and whether the top results are certain."""
+    bodies: list[dict] = []
+
+    def record(request):
+        if request.method == "POST" and request.url.endswith("/v1/influence"):
+            bodies.append(request.post_data_json)
+
+    page.on("request", record)
+    _search(page, ui_server, fact_query.prompt, fact_query.completion)
+    page.wait_for_selector("#results .card")
+    assert "rescore" not in bodies[-1]  # on: the server's default (none for this index with R)
+    assert "first stage only" in page.locator("#status").inner_text()
+    page.get_by_label("Exact second stage").select_option("off")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('results')")
+    assert bodies[-1]["rescore"] == 0
+    # A certified answer's report, as the server words it for a sketch index.
+    real = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=5)
+    report = {"candidates": 17, "certified": True, "confidence": 0.95, "miss_probability": 0.01}
+    fake = {**real, "rescore": report, "timings_ms": {**real["timings_ms"], "rescore": 42.0}}
+    page.route("**/v1/influence", lambda route: route.fulfill(json=fake))
+    page.get_by_label("Exact second stage").select_option("certified")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('certain')")
+    status = page.locator("#status").inner_text()
+    assert "re-score 42 ms; 17 candidates re-scored exactly, top results certain at 0.95" in status
