@@ -43,17 +43,21 @@ def sketch_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     index.close()
 
 
+QUERIES = 24
+"""Fact-corpus queries the calibration is measured on (each scored against every sequence)."""
+
+
 @pytest.fixture(scope="module")
 def exhaustive(sketch_index, fact_corpus):
     """Every query's exact scores over every sequence (``index.rescore``, no stopping)."""
     out = {}
-    for q in fact_corpus.queries:
+    for q in fact_corpus.queries[:QUERIES]:
         (outcome,) = run_batch(sketch_index, [Query(q.prompt, q.completion, 1, rescore=0)], LIMITS)
         out[q.prompt] = sketch_index.rescore(outcome.traced.example, list(range(sketch_index.size)))
     return out
 
 
-@pytest.mark.parametrize(("k", "confidence", "at_least"), [(1, 0.9, 0.75), (2, 0.95, 0.25), (3, 0.9, 0.1)])
+@pytest.mark.parametrize(("k", "confidence", "at_least"), [(1, 0.9, 0.75), (2, 0.95, 0.25)])
 def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
     sketch_index, fact_corpus, exhaustive, k, confidence, at_least
 ):
@@ -63,7 +67,7 @@ def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
     n = sketch_index.size
     cap = n // 2
     certified = equal = scored = 0
-    for q in fact_corpus.queries:
+    for q in fact_corpus.queries[:QUERIES]:
         (outcome,) = run_batch(sketch_index, [Query(q.prompt, q.completion, k, rescore=cap, confidence=confidence)], LIMITS)
         assert outcome.error is None, outcome.error
         certificate = outcome.certificate
@@ -75,7 +79,7 @@ def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
             want = np.argsort(-exhaustive[q.prompt], kind="stable")[:k].tolist()
             equal += [h.id for h in outcome.hits] == want
             assert certificate.rescored <= cap
-    queries = len(fact_corpus.queries)
+    queries = QUERIES
     print(f"k={k} @ {confidence}: {certified}/{queries} certified, {equal} equal to exhaustive, "
           f"{scored / queries:.1f} of {cap} candidates scored on average")  # fmt: skip
     assert certified >= at_least * queries, "the stage rarely certifies: the test would say little"
