@@ -112,10 +112,12 @@ def _retrieve(
             if not retrieval.is_plain(query):
                 start = time.perf_counter()
                 gave_up = functools.partial(abandoned, i)
-                answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text, gave_up)
+                try:
+                    answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text, gave_up)
+                finally:  # a second stage's time is its own however it ends (search_ms excludes it)
+                    if query.rescore and query.mode == "influence":
+                        outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
                 outcomes[i].hits, outcomes[i].certificate = answer
-                if answer[1] is not None:
-                    outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
             retrieval.add_score_sd(index, query, vectors[j], outcomes[i].hits)
         except Exception as exc:
             outcomes[i].error, outcomes[i].hits = failure(exc, "retrieval"), []

@@ -22,6 +22,7 @@ from encoder.errors import InfluenceError
 from engine.batch import failure, run_batch
 from engine.query import Limits, Outcome, Query
 from service.state import IndexState
+from service.work import WorkMeter, work
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.observe = observe
+        self.meter = WorkMeter(timeout_s)
+        """Admission by work (``service.work``): what a request may cost against the timeout."""
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         # How many mates the next batch waits for (see _gather): the previous batch's size,
@@ -120,6 +123,8 @@ class MicroBatcher:
 
         Raises:
             OverloadedError: the queue cannot take all of them.
+            WorkOverBudgetError: their estimated work alone outlasts ``timeout_s`` (413).
+            BacklogError: with the work admitted before them it would (503, Retry-After).
             QueryTimeoutError: they did not finish within ``timeout_s``.
         """
         if self._queue is None:
@@ -129,6 +134,9 @@ class MicroBatcher:
                 f"{self._queue.qsize()} queries are waiting (limit {self.max_queue}); retry later",
                 queue_depth=self._queue.qsize(),
             )
+        default, size = (self.state.current.default_rescore, self.state.current.size) if self.state.ready else (0, 0)
+        candidates = sum(work(q, default, size)[1] for q in queries)
+        admitted = self.meter.admit(len(queries), candidates)  # 413 / 503 before anything is queued
         loop = asyncio.get_running_loop()
         items = [_Item(q, loop.create_future()) for q in queries]
         for item in items:  # no await between the check and the puts: all fit
@@ -143,6 +151,8 @@ class MicroBatcher:
             raise QueryTimeoutError(
                 f"the query did not finish within {self.timeout_s:g} s; retry later"
             ) from None
+        finally:
+            self.meter.release(admitted)
 
     async def _gather(self) -> list[_Item]:
         """The next batch: the first waiting item, everything already queued, and (for at
@@ -225,6 +235,7 @@ class MicroBatcher:
                         item.future.set_exception(error)
                 continue
             self._last_done = time.monotonic()
+            self.meter.observe(outcomes)
             for item, outcome in zip(batch, outcomes, strict=True):
                 if not item.future.done():
                     item.future.set_result(outcome)

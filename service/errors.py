@@ -99,8 +99,8 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     async def influence_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, InfluenceError)  # registered for InfluenceError only
         headers = None
-        if exc.http_status == 503:
-            headers = {"Retry-After": str(retry_after_s)}
+        if exc.http_status == 503:  # the error's own estimate where it has one (a backlog)
+            headers = {"Retry-After": str(exc.details.get("retry_after_s", retry_after_s))}
             services(request).metrics.rejected.labels(exc.code).inc()
         if exc.http_status >= 500 and exc.code != "not_ready":  # /readyz polls are routine
             log.warning(

@@ -161,7 +161,7 @@ def test_a_timed_out_query_stops_consuming_the_model(tmp_path):
         index = opened[0]
         with httpx.Client(base_url=url, timeout=60) as client:
             r = client.post("/v1/influence", json={**VALID, "k": 5, "rescore": 100})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout", r.text
             assert index.waiting.is_set()  # it timed out while the second chunk was held
             index.release.set()
             after = client.post("/v1/influence", json={**VALID, "k": 5, "rescore": 0})  # queued behind it

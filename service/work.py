@@ -1,0 +1,114 @@
+"""Work-based admission: requests are admitted by the backward passes they may cost, not by
+how many they are.
+
+A query costs its share of an encode pass plus, with the exact second stage, up to its cap
+of candidates (it stops earlier once its top-k is certified, so the cap is an upper bound).
+What each costs is learned from finished batches. A request whose estimate alone
+exceeds the request timeout is refused up front (413 ``work_over_budget``, naming the
+numbers) instead of timing out a minute later; one that would wait behind more work than
+the timeout allows is refused with 503 and a ``Retry-After`` computed from that backlog.
+"""
+
+from __future__ import annotations
+
+import math
+
+from encoder.errors import InfluenceError
+from engine.query import Outcome, Query
+
+
+class WorkOverBudgetError(InfluenceError):
+    """A request's estimated work does not fit in the request timeout (413)."""
+
+    code = "work_over_budget"
+    http_status = 413
+
+
+class BacklogError(InfluenceError):
+    """The work ahead of a request would outlast its timeout: retry after the backlog (503)."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+def work(query: Query, default_rescore: int, size: int) -> tuple[int, int]:
+    """(encode passes, candidates) ``query`` may cost: one encode, and its second stage's
+    cap (the index's default where the query does not say; none outside mode
+    ``influence``), at most the ``size`` sequences of the index."""
+    rescore = query.rescore if query.rescore is not None else default_rescore
+    if query.mode != "influence" or not rescore:
+        return 1, 0
+    return 1, min(size, max(rescore, query.k))
+
+
+class WorkMeter:
+    """What work costs here, learned from finished batches (exponential averages): seconds
+    of encode per query (a batch's shared pass over its queries) and of second stage per
+    candidate; and the seconds of work admitted but not yet done. Used from the event loop
+    only.
+
+    Args:
+        timeout_s: the request timeout every admitted request must fit in.
+        smoothing: weight of the newest batch in the averages.
+    """
+
+    def __init__(self, timeout_s: float, smoothing: float = 0.3) -> None:
+        self.timeout_s = timeout_s
+        self.smoothing = smoothing
+        self.encode_s: float | None = None
+        self.candidate_s: float | None = None
+        self.pending_s = 0.0
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe(self, outcomes: list[Outcome]) -> None:
+        """Learn from a finished batch: its shared encode and search over its queries, and
+        each query's own second stage over the candidates it scored."""
+        if not outcomes:
+            return
+        shared = max(o.encode_ms + o.search_ms for o in outcomes) / 1e3
+        self.encode_s = self._average(self.encode_s, shared / len(outcomes))
+        scored = sum(o.certificate.rescored for o in outcomes if o.certificate is not None)
+        if scored:
+            self.candidate_s = self._average(self.candidate_s, sum(o.rescore_ms for o in outcomes) / 1e3 / scored)
+
+    def estimate(self, queries: int, candidates: int) -> float | None:
+        """Seconds ``queries`` encodes and ``candidates`` second-stage passes may take; None
+        until a batch has been seen (and while candidates have no measured cost yet)."""
+        if self.encode_s is None or (candidates and self.candidate_s is None):
+            return None
+        return queries * self.encode_s + candidates * (self.candidate_s or 0.0)
+
+    def admit(self, queries: int, candidates: int) -> float:
+        """Count a request's estimated seconds in, or refuse it. Returns what to ``release``.
+
+        Raises:
+            WorkOverBudgetError: the request alone would outlast the timeout.
+            BacklogError: with the work already admitted it would (``retry_after_s``: when
+                that backlog should have cleared).
+        """
+        alone = self.estimate(queries, candidates)
+        if alone is None:
+            return 0.0
+        if alone > self.timeout_s:
+            raise WorkOverBudgetError(
+                f"this request may cost {queries} encodes and {candidates} second-stage candidates, "
+                f"~{alone:.0f} s on this server, over the {self.timeout_s:g} s request timeout: "
+                "lower rescore or k, or split the batch",
+                queries=queries,
+                candidates=candidates,
+                estimated_s=round(alone, 1),
+                timeout_s=self.timeout_s,
+            )
+        if self.pending_s + alone > self.timeout_s:
+            raise BacklogError(
+                f"~{self.pending_s:.0f} s of admitted work is ahead of this request; retry later",
+                retry_after_s=max(1, math.ceil(self.pending_s)),
+            )
+        self.pending_s += alone
+        return alone
+
+    def release(self, seconds: float) -> None:
+        """The request that ``admit`` counted ``seconds`` for has finished (or given up)."""
+        self.pending_s = max(0.0, self.pending_s - seconds)

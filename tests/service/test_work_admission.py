@@ -1,0 +1,92 @@
+"""Admission by work, not by request count (``service.work``): a request is estimated by the
+encodes and second-stage candidates it may cost, at what they cost on this server, and is
+refused up front when it cannot finish in the request timeout (413 ``work_over_budget``)
+or would wait behind more admitted work than that (503, Retry-After from the backlog).
+Before, a 40-query batch at the defaults was accepted and answered 503 after the 60 s
+timeout, every time."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from engine.certify import Certificate
+from engine.query import Outcome
+from service.app import create_app
+from service.settings import Settings
+from service.work import BacklogError, WorkMeter, WorkOverBudgetError
+from tests.service.fakes import FakeIndex
+from tests.service.live import live_server
+
+
+def _batch(encode_ms: float, rescored: list[int], rescore_ms: list[float]) -> list[Outcome]:
+    return [
+        Outcome(encode_ms=encode_ms, search_ms=0.0, rescore_ms=ms, certificate=Certificate(n, False, 0.95, 1.0))
+        for n, ms in zip(rescored, rescore_ms, strict=True)
+    ]
+
+
+def test_the_meter_learns_both_costs_and_refuses_what_cannot_fit():
+    meter = WorkMeter(timeout_s=1.0)
+    assert meter.admit(1000, 10**6) == 0.0  # nothing measured yet: admitted
+    meter.release(0.0)
+    meter.observe(_batch(100.0, [40, 0, 0, 0], [80.0, 0.0, 0.0, 0.0]))  # 4 queries share 100 ms; 40 candidates 80 ms
+    assert meter.encode_s == pytest.approx(0.025) and meter.candidate_s == pytest.approx(0.002)
+    assert meter.estimate(2, 100) == pytest.approx(2 * 0.025 + 100 * 0.002)
+    with pytest.raises(WorkOverBudgetError) as over:
+        meter.admit(1, 600)  # 0.025 + 1.2 s > 1 s
+    assert over.value.details["timeout_s"] == 1.0 and over.value.details["candidates"] == 600
+    first = meter.admit(1, 300)  # 0.625 s: admitted
+    with pytest.raises(BacklogError) as behind:
+        meter.admit(1, 200)  # 0.425 s more would end past the timeout
+    assert behind.value.http_status == 503 and behind.value.details["retry_after_s"] == 1
+    meter.release(first)
+    assert meter.admit(1, 200) > 0  # the backlog cleared
+
+
+class SlowCandidates(FakeIndex):
+    """Each second-stage chunk takes at least 20 ms: a lower bound on what a candidate costs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunks = 0
+
+    def exact_scorer(self, example):
+        score = super().exact_scorer(example)
+
+        def slow(ids):
+            self.chunks += 1
+            time.sleep(0.02)
+            return score(ids)
+
+        return slow
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused_up_front(tmp_path):
+    opened: list[SlowCandidates] = []
+
+    def opener(path):
+        opened.append(SlowCandidates(path))
+        return opened[-1]
+
+    settings = Settings(index_dir=tmp_path, request_timeout_s=5.0, max_batch_queries=64)
+    query = {"prompt": "what is", "completion": " this", "k": 5}
+    with live_server(create_app(settings, opener=opener)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        warm = client.post("/v1/influence", json={**query, "rescore": 40})  # learns what a candidate costs
+        assert warm.status_code == 200 and warm.json()["rescore"]["candidates"] == 40
+        chunks = opened[0].chunks
+        # 64 queries x 200 candidates (the whole index) at >= 2.5 ms each (20 ms per 8) is >= 32 s:
+        # over the 5 s timeout.
+        r = client.post("/v1/influence/batch", json={"queries": [{**query, "rescore": 1000}] * 64})
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "work_over_budget" and error["details"]["timeout_s"] == 5.0
+        assert error["details"]["candidates"] == 64 * 200
+        r = client.post("/v1/influence", json={**query, "rescore": 1000, "k": 10})
+        assert r.status_code == 200  # 200 candidates x ~2.5 ms = 0.5 s fits in 5 s
+        assert opened[0].chunks > chunks
+        refused_then = opened[0].chunks
+        r = client.post("/v1/influence/batch", json={"queries": [{**query, "rescore": 1000}] * 16})  # >= 8 s
+        assert r.status_code == 413 and opened[0].chunks == refused_then  # nothing of it ran
