@@ -318,6 +318,13 @@ class ExplainRequest(BaseModel):
     span: Span | None = Field(
         None, description="The query's `span`, if it had one: explain the score of the same traced tokens."
     )  # fmt: skip
+    exact: bool | None = Field(
+        None,
+        strict=True,
+        description="Explain the exact second stage's score (the one a re-scored result shows) or, false, "
+        "the first stage's fingerprint score. Null: the score a result shows by default, the exact one "
+        "where the index re-scores by default.",
+    )
 
 
 class TokenContribution(BaseModel):
@@ -346,6 +353,7 @@ class ExplainResponse(BaseModel):
         "~1 when the example's tokens were reconstructed exactly from its text."
     )
     tokens: list[TokenContribution]
+    exact: bool = Field(False, description="The exact second stage's score is explained (else the first stage's).")
     model: str
     index_version: str
     timings_ms: dict[str, float] = Field(description="Server-side time: `total`.")

@@ -98,6 +98,40 @@ class QueryScorer:
 
     def __call__(self, candidates: Sequence[Example]) -> torch.Tensor:
         """s(query, candidate) for each candidate; [C] float64 on the CPU."""
+        dots, sq = self.dots(candidates)
+        if not self.rescorer.unit_norm:
+            return dots
+        tiny = torch.finfo(torch.float64).tiny
+        cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
+        return cosines
+
+    def token_contributions(self, sequence: Example) -> tuple[torch.Tensor, float]:
+        """The exact score of ``sequence`` split over its target tokens' loss terms.
+
+        The gradient is linear in the loss terms, so the sequence scored once per target
+        token with only that token's loss gives dots that sum to the whole sequence's dot;
+        divided by the query's and the whole sequence's norms (unit norm) they sum to its
+        score. One candidate pass per target token.
+
+        Returns:
+            [T] float64 contributions (0 where a token is no target) and the score: their sum,
+            which equals the whole sequence's score up to float32 rounding of the passes.
+        """
+        targets = [t for t, on in enumerate(sequence.target_mask) if on]
+        alone = [
+            Example(sequence.input_ids, tuple(i == t for i in range(len(sequence.input_ids)))) for t in targets
+        ]
+        dots, sq = self.dots([*alone, sequence])  # the last: the whole sequence
+        scale = 1.0
+        if self.rescorer.unit_norm:
+            scale = 1.0 / max(float(sq[-1].sqrt()) * self.q_norm, torch.finfo(torch.float64).tiny)
+        contributions = torch.zeros(len(sequence.input_ids), dtype=torch.float64)
+        contributions[targets] = dots[: len(targets)] * scale
+        # Their sum is the score (the whole pass's own dot differs by float32 rounding only).
+        return contributions, float(contributions.sum())
+
+    def dots(self, candidates: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """<q, candidate> and ||candidate||^2 of each candidate's gradient blocks; [C] float64."""
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
         for s in range(0, len(candidates), CANDIDATE_BATCH):
@@ -110,8 +144,4 @@ class QueryScorer:
                 sq[rows] += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
 
             self.rescorer._blocks(candidates[rows], self.pad_id, add)
-        if not self.rescorer.unit_norm:
-            return dots
-        tiny = torch.finfo(torch.float64).tiny
-        cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
-        return cosines
+        return dots, sq

@@ -23,7 +23,7 @@ from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens, resolve_device
-from encoder.rescoring import ExactRescorer
+from encoder.rescoring import ExactRescorer, QueryScorer
 from encoder.token_attribution import attribute_tokens
 from encoder.uncertainty import random_plan, score_sd
 from engine.choices import SEARCH_PLACEMENTS, Placement
@@ -262,6 +262,13 @@ class InfluenceIndex:
         [len(ids)] float32."""
         return self.exact_scorer(example)(ids)
 
+    def _query_scorer(self, example: Example) -> QueryScorer:
+        """The exact stage's scorer for one query (call under ``encode_lock``)."""
+        if self._rescorer is None:
+            enc = self.encoder
+            self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, roots=enc.kfac_roots)
+        return self._rescorer.for_query(example, self._pad)
+
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
         """``rescore`` a chunk at a time: the query's gradient is computed here, once; each
         call scores sequences ``ids`` under the model lock, which other queries take
@@ -269,10 +276,7 @@ class InfluenceIndex:
         self._held.check()
         self.last_query_at = time.monotonic()
         with self.encode_lock:
-            if self._rescorer is None:
-                enc = self.encoder
-                self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, roots=enc.kfac_roots)
-            scorer = self._rescorer.for_query(example, self._pad)
+            scorer = self._query_scorer(example)
 
         def score(ids: list[int]) -> np.ndarray:
             self._held.check()
@@ -297,11 +301,16 @@ class InfluenceIndex:
         query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
         return score_sd(query, rows, plan, self.encoder.block_dims, sketch=config.projection == "sketch").float().numpy()
 
-    def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
-        """Split the score of (query, sequence ``id``) over its tokens
-        (``encoder.token_attribution``). The model is taken per pass, not for the whole
-        explanation, so queries run in between in the order they asked; ``busy``: one
-        pass per ``EXPLAIN_CHUNK`` targets instead of one forward-mode pass."""
+    def attribute(
+        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+    ) -> Attribution:
+        """Split the score of (query, sequence ``id``) over its tokens: the first stage's
+        fingerprint score (``encoder.token_attribution``; the model is taken per pass, so
+        queries run in between; ``busy``: one pass per ``EXPLAIN_CHUNK`` targets instead of
+        one forward-mode pass), or with ``exact`` the exact second stage's score
+        (``QueryScorer.token_contributions``: one candidate pass per target token)."""
+        if exact:
+            return self._attribute_exact(query, id, input_ids)
         with self.encode_lock:
             e_q = self.encoder.encode(collate([query], self._pad))[0]
         lock = self.encode_lock
@@ -312,6 +321,16 @@ class InfluenceIndex:
         agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
         return Attribution(contributions=attribution.contributions.tolist(), score=attribution.score,
                            index_score=float(stored @ e_q.double().cpu()), agreement=agreement)  # fmt: skip
+
+    def _attribute_exact(self, query: Example, id: int, input_ids: list[int]) -> Attribution:  # noqa: A002
+        sequence = sequence_example(input_ids)
+        with self.encode_lock:
+            contributions, score = self._query_scorer(query).token_contributions(sequence)
+            e_q, rebuilt = self.encoder.encode(collate([query, sequence], self._pad)).double().cpu()
+        stored = torch.from_numpy(np.asarray(self.fingerprints[id], dtype=np.float64))
+        agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
+        index_score = float(stored @ e_q)
+        return Attribution(contributions.tolist(), score, index_score, agreement)
 
     def check_unchanged(self) -> None:
         """Raise ``IndexChangedError`` (503) when a file read while serving was modified in

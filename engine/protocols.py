@@ -165,7 +165,9 @@ class Index(Protocol):
         """The token ids sequence ``id`` was indexed with."""
         ...
 
-    def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
+    def attribute(
+        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+    ) -> Attribution:
         """Split the score of (query, sequence ``id`` run as ``input_ids``) over its tokens;
         ``busy``: queries are flowing, so hold the model one short pass at a time."""
         ...

@@ -22,10 +22,10 @@ def explain(state: IndexState, body: ExplainRequest, limits: Limits) -> ExplainR
     started = time.perf_counter()
     span = None if body.span is None else (body.span.start, body.span.end)
     with state.lease() as index:
-        e = engine_explain.explain(index, Query(body.prompt, body.completion, 1, span=span), body.id, limits)
+        e = engine_explain.explain(index, Query(body.prompt, body.completion, 1, span=span), body.id, limits, body.exact)
         model, version = index.summary().model, index.version
     return ExplainResponse(
-        id=e.id, score=e.score, index_score=e.index_score, fingerprint_agreement=e.agreement,
+        id=e.id, score=e.score, index_score=e.index_score, fingerprint_agreement=e.agreement, exact=e.exact,
         tokens=[TokenContribution(text=t.text, start=t.start, end=t.end, contribution=t.contribution) for t in e.tokens],
         model=model, index_version=version, timings_ms={"total": (time.perf_counter() - started) * 1e3},
     )  # fmt: skip

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const STOPWORDS = new Set(
   ("a an and are as at be by for from has have he her his in is it its of on or she that the " +
    "their them they this to was were which who will with").split(" "));
-let lastQuery = null; // {prompt, completion} of the results on screen
+let lastQuery = null; // {prompt, completion, exact} of the results on screen
 let selectedId = null;
 
 // ---- API -------------------------------------------------------------------------------
@@ -243,7 +243,8 @@ async function search(generate) {
     const data = await api("POST", "/v1/influence", body);
     const completion = data.completion !== null && data.completion !== undefined ? data.completion : body.completion;
     if (generate) $("completion").value = completion;
-    lastQuery = { prompt, completion };
+    // The cards show the exact stage's scores when it ran: explain that score, not the first stage's.
+    lastQuery = { prompt, completion, exact: data.rescore !== null && data.rescore !== undefined };
     showGenerated(data);
     const terms = highlightTerms(prompt, completion);
     if (mode === "compare") {
@@ -326,7 +327,7 @@ async function explain() {
   const started = performance.now();
   try {
     const data = await api("POST", "/v1/influence/explain",
-                           { prompt: lastQuery.prompt, completion: lastQuery.completion, id });
+                           { prompt: lastQuery.prompt, completion: lastQuery.completion, id, exact: lastQuery.exact });
     if (selectedId !== id) return;
     const scale = Math.max(...data.tokens.map((t) => Math.abs(t.contribution)), 0);
     const map = $("heatmap");
@@ -349,7 +350,8 @@ async function explain() {
       el("li", null, `token ${t.position} ${label(t)} ${t.contribution >= 0 ? "+" : ""}${t.contribution.toFixed(4)}`)));
     $("heatmap-figure").hidden = false;
     $("explain-status").textContent =
-      `Influence score ${data.score.toFixed(4)} split over ${data.tokens.length} tokens ` +
+      `${data.exact ? "Exact influence score" : "Influence score (first stage)"} ${data.score.toFixed(4)} ` +
+      `split over ${data.tokens.length} tokens ` +
       `in ${(performance.now() - started).toFixed(0)} ms`;
   } catch (err) {
     $("explain-status").textContent = "";

@@ -171,7 +171,9 @@ class FakeIndex:
     def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the contract's name
         return list(self.tokenizer(self.example(id).text)["input_ids"])
 
-    def attribute(self, query: Example, id: int, input_ids: list[int], *, busy: bool) -> Attribution:  # noqa: A002
+    def attribute(
+        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+    ) -> Attribution:
         raise InputError("the fake index has no model to explain with", code="explain_unavailable")
 
     def check_unchanged(self) -> None:

@@ -124,3 +124,36 @@ def test_the_summary_states_only_what_the_index_is(sketch_indexes):
     assert projection.split(": ", 1)[1] == "k = 4 per side, 16 dims per module; K-FAC whitened, CountSketch seed 0 (sketch)"
     for line in sketched + whole:
         assert "None" not in line, line
+
+
+def test_explain_splits_the_score_the_card_shows(sketch_indexes, fact_corpus):
+    """A sketch index re-scores by default, so a card shows the exact whitened score and
+    explain splits that one: its contributions sum to it and equal, token by token, the
+    first-stage split on the unprojected (k = 0) kfac index, whose fingerprint is that
+    exact whitened gradient (the same whitening). The first stage's split stays available."""
+    import numpy as np
+
+    from engine.explain import explain
+    from engine.query import Limits
+    from tests.tolerances import recompute_bound
+
+    sketched, unprojected = (InfluenceIndex.open(d) for d in sketch_indexes)
+    try:
+        q = fact_corpus.queries[0]
+        query, limits = Query(q.prompt, q.completion, 1), Limits(256, 256)
+        hit = answer(sketch_indexes[0], Query(q.prompt, q.completion, 1))[0]  # the card: the exact stage's
+        shown = explain(sketched, query, hit.id, limits)
+        assert shown.exact and sketched.default_rescore > 0
+        contributions = np.array([t.contribution for t in shown.tokens])
+        assert abs(contributions.sum() - shown.score) <= 1e-12
+        bound = 2 * recompute_bound(np.float32)  # two float32 recomputations of unit-norm scores
+        assert abs(shown.score - hit.score) <= bound, (shown.score, hit.score)
+        reference = explain(unprojected, query, hit.id, limits)  # first stage = exact whitened there
+        assert not reference.exact
+        want = np.array([t.contribution for t in reference.tokens])
+        assert np.abs(contributions - want).max() <= bound, np.abs(contributions - want).max()
+        first = explain(sketched, query, hit.id, limits, exact=False)
+        assert not first.exact and abs(first.score - shown.score) > bound  # another score: the test can fail
+    finally:
+        sketched.close()
+        unprojected.close()
