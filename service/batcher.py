@@ -22,7 +22,7 @@ from encoder.errors import InfluenceError
 from engine.batch import failure, run_batch
 from engine.query import Limits, Outcome, Query
 from service.state import IndexState
-from service.work import WorkMeter, work
+from service.work import WorkMeter, candidates
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ class MicroBatcher:
                 queue_depth=self._queue.qsize(),
             )
         default, size = (self.state.current.default_rescore, self.state.current.size) if self.state.ready else (0, 0)
-        candidates = sum(work(q, default, size)[1] for q in queries)
-        admitted = self.meter.admit(len(queries), candidates)  # 413 / 503 before anything is queued
+        work = sum(candidates(q, default, size) for q in queries)
+        admitted = self.meter.admit(len(queries), work)  # 413 / 503 before anything is queued
         loop = asyncio.get_running_loop()
         items = [_Item(q, loop.create_future()) for q in queries]
         for item in items:  # no await between the check and the puts: all fit

@@ -31,14 +31,14 @@ class BacklogError(InfluenceError):
     http_status = 503
 
 
-def work(query: Query, default_rescore: int, size: int) -> tuple[int, int]:
-    """(encode passes, candidates) ``query`` may cost: one encode, and its second stage's
-    cap (the index's default where the query does not say; none outside mode
-    ``influence``), at most the ``size`` sequences of the index."""
+def candidates(query: Query, default_rescore: int, size: int) -> int:
+    """Second-stage candidates ``query`` may cost (besides its one encode): its cap (the
+    index's default where the query does not say; none outside mode ``influence``), at
+    most the ``size`` sequences of the index."""
     rescore = query.rescore if query.rescore is not None else default_rescore
     if query.mode != "influence" or not rescore:
-        return 1, 0
-    return 1, min(size, max(rescore, query.k))
+        return 0
+    return min(size, max(rescore, query.k))
 
 
 class WorkMeter:
