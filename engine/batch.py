@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,9 +21,12 @@ from encoder.batching import Example
 from encoder.errors import InfluenceError, InternalError
 from engine import retrieval
 from engine.protocols import Index
-from engine.query import Hit, Limits, Outcome, Query, QueryAbandonedError, Traced, trace
+from engine.query import Limits, Outcome, Query, QueryAbandonedError, Traced, trace
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def failure(exc: Exception, what: str) -> InfluenceError:
@@ -34,29 +38,35 @@ def failure(exc: Exception, what: str) -> InfluenceError:
     return InternalError()
 
 
+def _each_alone(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[R | Exception]:
+    """``call(items)`` in one go; should it raise, whatever the exception, ``call([item])``
+    for each item, so that only the item that fails gets the exception."""
+    if not items:
+        return []
+    try:
+        return list(call(items))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+    out: list[R | Exception] = []
+    for item in items:
+        try:
+            out.extend(call([item]))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
 def _encode(index: Index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
-    """Encode validated queries in one pass; should that pass fail, whatever the exception,
-    encode them one by one so that only the query that fails gets the error.
+    """Encode validated queries in one pass (one by one should it fail, ``_each_alone``).
 
     Returns:
         vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
     """
-    try:
-        return np.asarray(index.encode_examples(examples), dtype=np.float32), [None] * len(examples)
-    except Exception as exc:
-        if len(examples) == 1:
-            return np.zeros((1, 1), np.float32), [failure(exc, "encoding")]
-    rows: list[np.ndarray | None] = []
-    errors: list[InfluenceError | None] = []
-    for example in examples:
-        try:
-            rows.append(np.asarray(index.encode_examples([example]), dtype=np.float32)[0])
-            errors.append(None)
-        except Exception as exc:
-            rows.append(None)
-            errors.append(failure(exc, "encoding"))
-    dim = next((r.shape[0] for r in rows if r is not None), 1)
-    return np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]), errors
+    rows = _each_alone(lambda batch: list(np.asarray(index.encode_examples(batch), dtype=np.float32)), examples)
+    dim = next((r.shape[0] for r in rows if not isinstance(r, Exception)), 1)
+    errors = [failure(r, "encoding") if isinstance(r, Exception) else None for r in rows]
+    return np.stack([np.zeros(dim, np.float32) if isinstance(r, Exception) else r for r in rows]), errors
 
 
 def _traced(index: Index, queries: list[Query], limits: Limits, outcomes: list[Outcome]) -> list[tuple[int, Traced]]:
@@ -71,23 +81,6 @@ def _traced(index: Index, queries: list[Query], limits: Limits, outcomes: list[O
     return valid
 
 
-def _search_plain(index: Index, queries: list[Query], vectors: np.ndarray) -> list[list[Hit] | Exception]:
-    """The plain queries' hits in one search call; should it fail, one call per query, so
-    that only the query that fails gets the error."""
-    try:
-        return list(retrieval.retrieve_plain(index, queries, vectors))
-    except Exception as exc:
-        if len(queries) == 1:
-            return [exc]
-    found: list[list[Hit] | Exception] = []
-    for j, query in enumerate(queries):
-        try:
-            found.extend(retrieval.retrieve_plain(index, [query], vectors[j : j + 1]))
-        except Exception as exc:
-            found.append(exc)
-    return found
-
-
 def _retrieve(
     index: Index,
     queries: list[Query],
@@ -98,7 +91,10 @@ def _retrieve(
 ) -> None:
     """Hits for every encoded query: the plain ones in one search call, the rest one by one."""
     plain = [j for j, (i, _) in enumerate(valid) if retrieval.is_plain(queries[i])]
-    found = _search_plain(index, [queries[valid[j][0]] for j in plain], vectors[plain])
+    pairs = [(queries[valid[j][0]], vectors[j]) for j in plain]
+    found = _each_alone(
+        lambda batch: retrieval.retrieve_plain(index, [q for q, _ in batch], np.stack([v for _, v in batch])), pairs
+    )
     for j, hits in zip(plain, found, strict=True):
         if isinstance(hits, Exception):
             outcomes[valid[j][0]].error = failure(hits, "search")
@@ -115,7 +111,7 @@ def _retrieve(
                 try:
                     answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text, gave_up)
                 finally:  # a second stage's time is its own however it ends (search_ms excludes it)
-                    if query.rescore and query.mode == "influence":
+                    if query.rescore:  # retrieve_one's test for the second stage
                         outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
                 outcomes[i].hits, outcomes[i].certificate = answer
             retrieval.add_score_sd(index, query, vectors[j], outcomes[i].hits)
