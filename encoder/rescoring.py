@@ -21,6 +21,7 @@ memory is one full-size query gradient plus one module's batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -105,13 +106,16 @@ class QueryScorer:
         cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
         return cosines
 
-    def token_contributions(self, sequence: Example) -> tuple[torch.Tensor, float]:
+    def token_contributions(
+        self, sequence: Example, hold: Callable[[], AbstractContextManager[object]] = nullcontext
+    ) -> tuple[torch.Tensor, float]:
         """The exact score of ``sequence`` split over its target tokens' loss terms.
 
         The gradient is linear in the loss terms, so the sequence scored once per target
         token with only that token's loss gives dots that sum to the whole sequence's dot;
         divided by the query's and the whole sequence's norms (unit norm) they sum to its
-        score. One candidate pass per target token.
+        score. One candidate pass per target token; ``hold()`` is entered around each
+        backward pass (the caller's model lock, so other work runs in between).
 
         Returns:
             [T] float64 contributions (0 where a token is no target) and the score: their sum,
@@ -121,7 +125,7 @@ class QueryScorer:
         alone = [
             Example(sequence.input_ids, tuple(i == t for i in range(len(sequence.input_ids)))) for t in targets
         ]
-        dots, sq = self.dots([*alone, sequence])  # the last: the whole sequence
+        dots, sq = self.dots([*alone, sequence], hold)  # the last: the whole sequence
         scale = 1.0
         if self.rescorer.unit_norm:
             scale = 1.0 / max(float(sq[-1].sqrt()) * self.q_norm, torch.finfo(torch.float64).tiny)
@@ -130,8 +134,11 @@ class QueryScorer:
         # Their sum is the score (the whole pass's own dot differs by float32 rounding only).
         return contributions, float(contributions.sum())
 
-    def dots(self, candidates: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """<q, candidate> and ||candidate||^2 of each candidate's gradient blocks; [C] float64."""
+    def dots(
+        self, candidates: Sequence[Example], hold: Callable[[], AbstractContextManager[object]] = nullcontext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """<q, candidate> and ||candidate||^2 of each candidate's gradient blocks; [C] float64.
+        ``hold()`` is entered around each backward pass."""
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
         for s in range(0, len(candidates), CANDIDATE_BATCH):
@@ -143,5 +150,6 @@ class QueryScorer:
                 dots[rows] += (g @ self.q_blocks[name]).double().cpu()
                 sq[rows] += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
 
-            self.rescorer._blocks(candidates[rows], self.pad_id, add)
+            with hold():
+                self.rescorer._blocks(candidates[rows], self.pad_id, add)
         return dots, sq

@@ -325,7 +325,10 @@ class InfluenceIndex:
     def _attribute_exact(self, query: Example, id: int, input_ids: list[int]) -> Attribution:  # noqa: A002
         sequence = sequence_example(input_ids)
         with self.encode_lock:
-            contributions, score = self._query_scorer(query).token_contributions(sequence)
+            scorer = self._query_scorer(query)
+        lock = self.encode_lock  # taken per pass: queries run in between
+        contributions, score = scorer.token_contributions(sequence, hold=lambda: lock)
+        with self.encode_lock:
             e_q, rebuilt = self.encoder.encode(collate([query, sequence], self._pad)).double().cpu()
         stored = torch.from_numpy(np.asarray(self.fingerprints[id], dtype=np.float64))
         agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
