@@ -139,6 +139,7 @@ def serve(settings, announce: Callable[[str], None]) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.settings import CSV_FIELDS
 
     sock = listen(settings.host, settings.port)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -152,7 +153,7 @@ def serve(settings, announce: Callable[[str], None]) -> int:
     # line's settings are passed down as INFLUENCE_* variables); SIGHUP makes uvicorn's
     # supervisor restart the workers, which reload the configured index.
     for name, value in settings.model_dump(exclude_none=True).items():
-        if name in ("api_keys", "admin_keys", "cors_origins"):
+        if name in CSV_FIELDS:
             value = ",".join(value)
         os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
     from uvicorn.supervisors import Multiprocess

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from api.models import MAX_NEW_TOKENS, MAX_RESCORE
 from engine.choices import Placement
 
+CSV_FIELDS = ("api_keys", "admin_keys", "cors_origins")
+"""List settings written as comma-separated text in the environment (``INFLUENCE_API_KEYS=a,b``)."""
+
 
 class Settings(BaseSettings):
     """Typed service configuration.
@@ -110,7 +113,7 @@ class Settings(BaseSettings):
                 raise ValueError(exc.message) from None
         return value
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @field_validator(*CSV_FIELDS, mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
