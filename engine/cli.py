@@ -59,7 +59,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     wire = wire_query(args)
     from engine.batch import run_batch
     from engine.index import InfluenceIndex, OpenOptions
-    from engine.query import Limits, Query, traced_fields
+    from engine.query import Limits, Query, certificate_fields, traced_fields
     from indexer.faiss_index import SearchParams
 
     query = Query.from_wire(wire)
@@ -81,12 +81,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     traced = outcome.traced
     assert traced is not None  # a query without error was traced
     c = outcome.certificate
-    report = None
-    if c is not None:
-        report = {"candidates": c.rescored, "certified": c.certified, "confidence": c.confidence}
-        report["miss_probability"] = c.miss_probability
     if args.json:
-        print(json.dumps({**traced_fields(traced), "rescore": report, "results": rows}, indent=2))
+        print(json.dumps({**traced_fields(traced), "rescore": certificate_fields(c), "results": rows}, indent=2))
         return 0
     if c is not None:
         verdict = f"top-{args.k} certified at {c.confidence:g}" if c.certified else "not certified (the cap was reached)"

@@ -144,6 +144,20 @@ def traced_fields(traced: Traced | None) -> dict[str, Any]:
     }
 
 
+def certificate_fields(certificate: Certificate | None) -> dict[str, Any] | None:
+    """How a query's exact second stage ended, as the response field ``rescore`` (the REST
+    response's and ``influence query --json``'s); None without one."""
+    c = certificate
+    if c is None:
+        return None
+    return {
+        "candidates": c.rescored,
+        "certified": c.certified,
+        "confidence": c.confidence,
+        "miss_probability": c.miss_probability,
+    }
+
+
 def _check_length(part: str, n: int, limit: int) -> None:
     if n > limit:
         raise InputTooLongError(f"the {part} is {n} tokens, the limit is {limit}", field=part, n_tokens=n, limit=limit)

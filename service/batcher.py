@@ -50,7 +50,7 @@ class _Item:
     """Set when the request timed out: the worker drops the query at its next chunk."""
 
     def abandoned(self, _: int = 0) -> bool:
-        """``run_batch``'s ``abandoned`` for a batch of this item alone."""
+        """Whether its request gave up (``run_batch``'s ``abandoned`` for this item alone)."""
         return self.gave_up.is_set()
 
 
@@ -200,7 +200,7 @@ class MicroBatcher:
         queries = [item.query for item in items]
         with self.state.lease() as index:
             try:
-                return run_batch(index, queries, self.limits, lambda i: items[i].gave_up.is_set())
+                return run_batch(index, queries, self.limits, lambda i: items[i].abandoned())
             except InfluenceError:
                 raise
             except Exception:

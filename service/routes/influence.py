@@ -17,7 +17,7 @@ from api.models import (
     Timings,
 )
 from encoder.errors import InputError
-from engine.query import Outcome, Query, traced_fields
+from engine.query import Outcome, Query, certificate_fields, traced_fields
 from service.auth import v1_router
 from service.deps import BatcherDep, SettingsDep
 from service.errors import error_body, validation_error_body
@@ -36,12 +36,8 @@ def as_response(q: InfluenceQuery, outcome: Outcome, started: float) -> Influenc
             text = text[: q.max_text_chars]
         results.append(InfluenceResult(rank=rank, id=hit.id, score=hit.score, score_sd=hit.score_sd, text=text,
                                        source=hit.record.source, document_id=str_or_none(hit.record.document_id)))  # fmt: skip
-    c = outcome.certificate
-    rescore = None
-    if c is not None:
-        rescore = RescoreReport(
-            candidates=c.rescored, certified=c.certified, confidence=c.confidence, miss_probability=c.miss_probability
-        )
+    report = certificate_fields(outcome.certificate)
+    rescore = None if report is None else RescoreReport(**report)
     total = (time.perf_counter() - started) * 1e3
     return InfluenceResponse(
         results=results,
