@@ -62,7 +62,7 @@ client: $(STAMP)
 load: $(STAMP) system-deps
 	$(BIN)/python -m deploy.load $(LOAD_ARGS)
 
-# Encoding (exact / factored vs a plain training step, factored fidelity), approximate
+# Encoding (the default and the paper's fingerprint vs a plain training step), approximate
 # search (IVF-PQ + exact re-rank vs Flat) and the service (local uvicorn on 127.0.0.1:
 # latency split, QPS and p50/p99 at concurrency 1/4/16, batching on/off); writes
 # benchmarks/results/bench_*.{md,json}. BENCH_ARGS passes options to each (e.g. --quick).

@@ -7,17 +7,14 @@ and 1, over the queries of the corpus:
 - ``none_vs_exact``: top-10 overlap of ``--hessian none`` with the unprojected ranking
   (k = 0, hessian none: every gradient dim, no projection noise), mean over seeds;
 - ``none_seed`` / ``mixed_seed``: top-10 overlap between seeds 0 and 1, hessian none and
-  the full default (mixed R); Spearman of all scores likewise. A pca basis has no seed: its
-  two runs fit the basis on disjoint halves of the corpus (even / odd sequences), the
-  variation a different sample of the same corpus would cause;
-- ``none_vs_own``: the same against the config's own unprojected ranking, which for
-  ``kfac`` is the K-FAC-whitened one (k = 0, projection kfac; for the others it is
-  ``exact``);
+  the full default (mixed R); Spearman of all scores likewise;
+- ``none_vs_own``: the same against the config's own unprojected ranking, which for the
+  ``sketch`` is the K-FAC-whitened one (k = 0; for ``gaussian`` it is ``exact``);
 - ``rescoreC``: the exact second stage (``encoder.rescoring``, by the own unprojected
   scores) on the hessian-none first stage's top C: overlap of the re-ranked top-10 with the
   own unprojected one; ``rescoreC_seed`` between seeds; ``mixed_rescoreC_seed``: seed-to-seed
   overlap of the re-ranked top-10 when the first stage whitens with the projected mixed R;
-- cost: seconds of the build's passes in-process (basis pass for pca / kfac; statistics
+- cost: seconds of the build's passes in-process (the whitening fit of a sketch; statistics
   pass, R, lambda and R^-1/2 where the config's hessian is not none; the encode pass), bytes
   per stored vector (float16),
   memory of the R statistics (float64 sums of R_train and R_eval, and R^-1/2), and the
@@ -72,31 +69,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "k=16 gaussian (first)": {"k": 16, **PAPER},
     "budget 2^16, block 1024, gaussian (paper)": {**PAPER},
     "budget 2^16, block 2048, gaussian": {"max_block": 2048, **PAPER},
-    "budget 2^16, block 1024, pca": {"projection": "pca", "correction": True, "build_hessian": "mixed"},
-    "budget 2^16, block 1024, kfac": {"projection": "kfac"},
-    "budget 2^16, block 2048, kfac": {"max_block": 2048, "projection": "kfac"},
     "budget 2^16, block 1024, sketch": {"max_block": 1024, "projection": "sketch"},
     "budget 2^16, block 4096, sketch (default)": {"projection": "sketch"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
     "k=8 gaussian": {"k": 8, **PAPER},
-    "budget 2^16, block 256, pca": {"max_block": 256, "projection": "pca", "correction": True, "build_hessian": "mixed"},
-    "budget 2^16, block 256, kfac": {"max_block": 256, "projection": "kfac"},
     "budget 2^16, block 256, sketch": {"max_block": 256, "projection": "sketch"},
 }
 BASIS_SAMPLE = 1024
-"""Sequences a pca basis is fitted on (the build's default ``basis_sample``)."""
+"""Sequences the sketch's whitening is fitted on (the build's default ``basis_sample``)."""
 
 
-def basis_ids(n: int, basis: str) -> list[int]:
-    """Training positions a pca basis is fitted on: ``sample`` (evenly spaced, as the build
-    does), ``even`` / ``odd`` (disjoint halves: the pca counterpart of two seeds)."""
-    if basis == "even":
-        return list(range(0, n, 2))
-    if basis == "odd":
-        return list(range(1, n, 2))
+def basis_ids(n: int) -> list[int]:
+    """Training positions the whitening is fitted on: evenly spaced, as the build does."""
     return np.unique(np.linspace(0, n - 1, min(n, BASIS_SAMPLE)).round().astype(int)).tolist()
-"""Smoke size: a small block keeps the whitening's eigendecompositions cheap."""
 
 
 def prepare(spec: ModelSpec, workdir: Path) -> tuple[Path, Path]:
@@ -140,23 +126,22 @@ class Harness:
         self.folds = fold_of(len(self.queries), 0)
         self.basis_s = 0.0  # seconds of the last phi's basis fit
 
-    def fitted(self, config, basis: str = "sample") -> Any:
-        """The config's encoder with its basis / whitening fitted (``basis_s``: seconds)."""
+    def fitted(self, config) -> Any:
+        """The config's encoder with its whitening fitted (``basis_s``: seconds)."""
         from encoder.fingerprint import TrackStarEncoder
         from evaluation.methods import fit_basis
 
         enc = TrackStarEncoder(self.model, config, second_moments=self.second_moments if config.correction else None)
         t0 = time.perf_counter()
-        fit_basis(enc, [self.train[i] for i in basis_ids(len(self.train), basis)], pad_id=self.pad, batch_size=16)
+        fit_basis(enc, [self.train[i] for i in basis_ids(len(self.train))], pad_id=self.pad, batch_size=16)
         self.basis_s = time.perf_counter() - t0
         return enc
 
-    def phi(self, config, basis: str = "sample") -> tuple[Any, torch.Tensor, torch.Tensor, float]:
-        """(encoder, phi train, phi queries, seconds); ``basis`` (projection pca): the
-        sequences it is fitted on (``basis_ids``)."""
+    def phi(self, config) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
+        """(encoder, phi train, phi queries, seconds)."""
         from evaluation.methods import project_all
 
-        enc = self.fitted(config, basis)
+        enc = self.fitted(config)
         t0 = time.perf_counter()
         a = project_all(enc, self.train, pad_id=self.pad, batch_size=16)
         b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
@@ -173,11 +158,11 @@ class Harness:
         seconds = (time.perf_counter() - t0) / N_FOLDS if config.hessian == "mixed" else 0.0
         return scores.float(), seconds
 
-    def rescore_ms(self, config, candidates: int, roots=None) -> float:
+    def rescore_ms(self, config, candidates: int, whitening=None) -> float:
         """Milliseconds of the exact second stage for one query and ``candidates`` sequences."""
         from encoder.rescoring import ExactRescorer
 
-        rescorer = ExactRescorer(self.model, config, self.second_moments, roots=roots)
+        rescorer = ExactRescorer(self.model, config, self.second_moments, whitening)
         cands = self.train[:candidates]
         rescorer.scores(self.queries[0], cands[:2], self.pad)  # warm-up
         t0 = time.perf_counter()
@@ -187,7 +172,7 @@ class Harness:
 
 def unprojected(h: Harness, projection: str, correction: bool) -> tuple[torch.Tensor, Any, float]:
     """([Q, N] unit-norm scores, encoder, seconds) of the unprojected configuration
-    (k = 0, hessian none): the plain corrected gradients, or kfac's whitened ones."""
+    (k = 0, hessian none): the plain corrected gradients, or the sketch's whitened ones."""
     from encoder.config import FingerprintConfig
 
     enc, a, b, seconds = h.phi(FingerprintConfig(k=0, hessian="none", projection=projection, correction=correction))
@@ -229,8 +214,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     h = Harness(checkpoint, corpus_dir, n_queries)
     exact, enc, exact_s = unprojected(h, "gaussian", True)
     exact_top = top(exact, 10)
-    whitened = any(c.get("projection", "kfac") in ("kfac", "sketch") for c in configs.values())
-    kfac_exact = unprojected(h, "kfac", False)[0] if whitened else None
+    whitened = any(c.get("projection") == "sketch" for c in configs.values())
+    white_exact = unprojected(h, "sketch", False)[0] if whitened else None
     info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
             "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
             "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
@@ -240,19 +225,17 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         sizing = {key: v for key, v in entry.items() if key != "build_hessian"}
         whitens = entry.get("build_hessian", "none") != "none"
         s_none, s_mixed, cost = {}, {}, []
-        for run, seed in enumerate(SEEDS):
-            # pca has no seed: its two runs fit the basis on disjoint halves of the corpus.
-            basis = ("even", "odd")[run] if sizing.get("projection") == "pca" else "sample"
-            enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing), basis)
+        for seed in SEEDS:
+            enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
             s_none[seed], _ = h.scores(enc.config, a, b)
             s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
-            # A build's passes: the basis (pca, kfac), pass 1 and R^-1/2 only where the config
+            # A build's passes: the whitening fit (sketch), pass 1 and R^-1/2 only where the config
             # whitens by R (hessian none builds skip them), and the encode pass.
             cost.append(h.basis_s + phi_s + (phi_s + whiten_s if whitens else 0.0))
             del a, b
-        # A config's own unprojected ranking: kfac's is the K-FAC-whitened one (k = 0), and
-        # its exact second stage re-scores by it (encoder.rescoring).
-        own = kfac_exact if enc.config.projection in ("kfac", "sketch") else exact
+        # A config's own unprojected ranking: the sketch's is the K-FAC-whitened one (k = 0),
+        # and its exact second stage re-scores by it (encoder.rescoring).
+        own = white_exact if enc.config.projection == "sketch" else exact
         own_top = top(own, 10)
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
@@ -267,7 +250,7 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
             "mixed_vs_own": (overlap(m0, own_top) + overlap(m1, own_top)) / 2,
             "build_passes_s": float(np.mean(cost)), "bytes_per_vector": 2 * enc.dim,
             "r_memory_mib": r_bytes(enc.block_dims) / 2**20,
-            "projection_mib": sum(4 * (x.numel() + y.numel()) for x, y in enc.projections().values()) / 2**20,
+            "projection_mib": sum(4 * t.numel() for t in enc.family.tensors().values()) / 2**20,
         }  # fmt: skip
         for c in RESCORE_C:
             row[f"rescore{c}"] = overlap(rescored(s_none[0], own, c), own_top)
@@ -280,8 +263,8 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     base = rows[0]["build_passes_s"]
     for row in rows:
         row["build_vs_first"] = row["build_passes_s"] / base
-    roots = h.fitted(FingerprintConfig()).kfac_roots  # the default's whitening, for its exact stage
-    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, roots)
+    whitening = h.fitted(FingerprintConfig()).family.whitening()  # the default's, for its exact stage
+    info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, whitening)
     t0 = time.perf_counter()
     h.phi(FingerprintConfig(hessian="none", projection="gaussian"))  # one first-stage encode per sequence
     per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))

@@ -46,7 +46,7 @@ def measure(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
 
     checkpoint, corpus_dir = prepare(MODELS[name], workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
-    own = unprojected(h, "kfac", False)[0]  # the K-FAC-whitened unprojected scores
+    own = unprojected(h, "sketch", False)[0]  # the K-FAC-whitened unprojected scores
     own_top = top(own, 10)
     first, dim = {}, 0
     for seed in SEEDS:

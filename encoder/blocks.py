@@ -1,13 +1,13 @@
 """One module's fingerprint block phi_W from its activations and output gradients.
 
-Which block a module gets follows from its projection and its optimizer correction, and is
-chosen once, when the encoder's projections or second moments are set:
+The fingerprint family (``encoder.families``) picks each module's block once its state is
+set; ``dense_block`` picks between the first two:
 
-    Factored  sum_t (A g_t)(B a_t)^T: a projected module without correction, or with the
-              rank-1 correction folded into A', B' (encoder/factored.py); no G_W is formed.
+    Factored  sum_t (A g_t)(B a_t)^T: a module without correction (A, B a projection or a
+              whitening, its two sides); no G_W is formed.
     Exact     per-example G_W (memory-bounded chunks), times 1/(sqrt(v_hat) + eps) (Adam's
               second moments) when corrected, then A G B^T when projected.
-    Sketched  per-example K-FAC-whitened W_out G~_W W_in (``projection: sketch``), hashed
+    Sketched  per-example K-FAC-whitened W_out G~_W W_in (``encoder.families.sketch``), hashed
               into d_W buckets by a CountSketch (``encoder.projection.sketch_hash``).
 
 ``Precision`` (how the products run on the device) is chosen once per encoder too.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from encoder import fused
 from encoder.modules import TrackedModule
 from encoder.products import factored_products, gradient_chunk, out_dtype_products, tf32
 
@@ -35,19 +34,16 @@ class Precision:
         low_precision_products: hand the bf16 tensors to the products themselves, which
             write float32 (``out_dtype``): no float32 copies of activations and gradients;
             the factored path's thin projections are then rounded to the model dtype.
-        fused_correction: apply the correction while A reads G (``encoder.fused``, Triton).
     """
 
     tf32: bool = False
     low_precision_products: bool = False
-    fused_correction: bool = False
 
     @classmethod
     def default_for(cls, device: torch.device, dtype: torch.dtype) -> Precision:
         """The fastest exact choice for a model of ``dtype`` on ``device``."""
         half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-        fusable = device.type == "cuda" and dtype != torch.float64 and fused.available(device)
-        return cls(tf32=half, low_precision_products=half and out_dtype_products(device), fused_correction=fusable)
+        return cls(tf32=half, low_precision_products=half and out_dtype_products(device))
 
 
 @dataclass(frozen=True)
@@ -79,16 +75,10 @@ class Exact:
 
     def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         lowp = self.precision.low_precision_products
-        fuse = self.precision.fused_correction and self.inv is not None and self.proj is not None
         chunk = gradient_chunk(self.module, acts, 4 if lowp else None)
         parts = []
         for s in range(0, acts.shape[0], chunk):
             g = self._gradients(acts[s : s + chunk], grads[s : s + chunk], lowp)
-            if fuse and g.dtype == torch.float32:
-                assert self.inv is not None and self.proj is not None
-                # Correction applied while A reads G (encoder/fused.py): one pass over G.
-                parts.append((fused.scale_project(self.proj[0], g, self.inv) @ self.proj[1].T).flatten(1))
-                continue
             if self.inv is not None:
                 g.mul_(self.inv)
             if self.proj is not None:
@@ -162,3 +152,13 @@ class Sketched:
 
 
 Block = Factored | Exact | Sketched
+
+
+def dense_block(
+    m: TrackedModule, inv: torch.Tensor | None, pair: tuple[torch.Tensor, torch.Tensor] | None, precision: Precision
+) -> Factored | Exact:
+    """The block of A (C o G_W) B^T, C = ``inv`` (None: no correction), (A, B) = ``pair`` (None:
+    the gradient itself): factored over tokens when nothing breaks G_W = sum_t g_t a_t^T."""
+    if inv is None and pair is not None:
+        return Factored(*pair, precision.low_precision_products)
+    return Exact(m, inv, pair, precision)

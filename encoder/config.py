@@ -6,10 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from encoder.errors import ConfigError
+from encoder.families import FAMILY_NAMES
 
 HessianMode = Literal["none", "train", "mixed"]
-EncoderMode = Literal["exact", "factored"]
-ProjectionFamily = Literal["gaussian", "pca", "kfac", "sketch"]
 
 
 MAX_BLOCK = 1024
@@ -40,37 +39,20 @@ class FingerprintConfig:
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
             ~0.3 s on one core; 4096 dims take ~16 s each). Default (None): 4096 for a sketch
             without a projected R, else 1024 (``block_cap``).
-        projection: ``sketch`` (default): the Kronecker-factored (K-FAC) whitening of the
-            corrected gradients, W_out G~_W W_in with W = (C / n + delta mean_eig I)^-1/2 of
-            each side's covariance over a sample of the corpus (``encoder.basis``, fitted once
-            by the build and saved with the index), then a seeded CountSketch of each module's
-            whitened out*in gradient into its d_W dims (``encoder.blocks.Sketched``): the
-            variance of a dense Gaussian projection (1 / d_W), where a Kronecker pair's grows
-            with 1 / k of each side for low-rank per-example gradients, at the cost of forming
-            G_W; it attributes like kfac and is twice as seed-stable at its default size
-            (bench_fidelity_sketch.md, eval_freedict.md, eval_demo.md);
-            ``kfac``: the same whitening folded into the seeded Gaussian pairs, A_W = G_A W_out,
-            B_W = G_B W_in: a gaussian encode's cost, a Kronecker projection's noise;
-            ``gaussian``: i.i.d. Gaussian matrices from ``seed`` (the paper's projection);
-            ``pca``: each module's A_W, B_W are the top eigenvectors of those covariances:
-            closer to the unprojected unwhitened ranking and seed-free, but it drops the
-            low-variance directions a whitening up-weights (eval_freedict_pca.md).
-        seed: seed of the Gaussian projection matrices and of the sketch's hash (generated from
-            (seed, module name));
-            with ``pca`` only a side too long to fit (``encoder.basis.MAX_SIDE``) uses it.
-        correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default:
-            with the kfac whitening it lowers attribution (FreeDict MRR@10 0.87 -> 0.50);
-            the paper's TrackStar turns it on with gaussian and mixed R.
-        hessian: ``none`` (default: no projected R; sketch and kfac already whiten), ``train``
+        projection: the fingerprint family (``encoder.families``): ``sketch`` (default), the
+            K-FAC whitening of each module's gradient, fitted on a sample of the corpus, then
+            a seeded CountSketch; ``gaussian``, the paper's seeded Gaussian Kronecker pairs.
+        seed: seed of the sketch's hash and of the Gaussian pairs (drawn per module name).
+        correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default
+            (the sketch's whitening does better without it); the paper's TrackStar turns it on.
+        hessian: ``none`` (default: no projected R; the sketch already whitens), ``train``
             (R = R_train) or ``mixed`` (R = lambda R_eval + (1 - lambda) R_train, paper
             Sec. 3 / App. A.1.3), both in the projected space, per module block.
         lambda_: mixing weight; ``None`` chooses it by the eigenvalue rule of App. A.1.3.
         lambda_component: the rule's component c as a fraction of d (paper: d/64).
         delta: damping, R + delta * mean_eig(R) * I before the inverse square root (of the
-            projected R and of kfac's side covariances alike).
+            projected R and of the sketch's side covariances alike).
         unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
-        mode: ``exact`` (per-example weight gradients) or ``factored`` (rank-1 second moment,
-            no weight gradients; a measured approximation).
     """
 
     include: tuple[str, ...] = ("*",)
@@ -79,7 +61,7 @@ class FingerprintConfig:
     k: int | None = field(default=None, metadata={"cli": ("-k", "--proj-dim")})
     budget: int = 1 << 16
     max_block: int | None = None
-    projection: ProjectionFamily = "sketch"
+    projection: str = field(default="sketch", metadata={"argparse": {"choices": FAMILY_NAMES}})
     seed: int = 0
     correction: bool = False
     hessian: HessianMode = "none"
@@ -87,7 +69,6 @@ class FingerprintConfig:
     lambda_component: float = field(default=1.0 / 64.0, metadata={"cli": None})
     delta: float = 1e-3
     unit_norm: bool = field(default=True, metadata={"cli": None})
-    mode: EncoderMode = field(default="exact", metadata={"cli": "--encoder"})
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 0:
@@ -96,14 +77,8 @@ class FingerprintConfig:
             raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
-        if self.projection not in ("gaussian", "pca", "kfac", "sketch"):
-            raise ConfigError(f"projection must be gaussian|pca|kfac|sketch, got {self.projection!r}")
-        if self.mode == "factored" and self.projection == "sketch":
-            raise ConfigError("the sketch forms each example's G_W; use the exact mode")
-        if self.mode not in ("exact", "factored"):
-            raise ConfigError(f"mode must be exact|factored, got {self.mode!r}")
-        if self.mode == "factored" and not self.projected:
-            raise ConfigError("the factored mode needs a projection (k > 0)")
+        if self.projection not in FAMILY_NAMES:
+            raise ConfigError(f"projection must be one of {'|'.join(FAMILY_NAMES)}, got {self.projection!r}")
         if self.lambda_ is not None and not 0.0 <= self.lambda_ <= 1.0:
             raise ConfigError(f"lambda must lie in [0, 1], got {self.lambda_}")
         if not 0.0 < self.lambda_component <= 1.0:
@@ -135,10 +110,13 @@ class FingerprintConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FingerprintConfig:
         known = {f for f in cls.__dataclass_fields__}
+        d = dict(d)
+        if d.get("mode", "exact") != "exact":  # indexes of format 3 recorded the retired mode
+            raise ConfigError(f"the {d['mode']} encoder mode was retired: rebuild the index")
+        d.pop("mode", None)
         if set(d) != known:
             raise ConfigError(f"a fingerprint config has every key of to_dict(): missing {sorted(known - set(d))}, "
                               f"unknown {sorted(set(d) - known)}")  # fmt: skip
-        d = dict(d)
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = tuple(d[key])

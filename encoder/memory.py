@@ -100,24 +100,24 @@ def _saved_bytes(encoder: TrackStarEncoder, batch: TokenBatch) -> int:
 def _ready(encoder: TrackStarEncoder) -> TrackStarEncoder:
     """The encoder, or a twin on the same modules, shapes and code path (hence the same
     memory) when it cannot encode yet: uniform second moments for a correction without them,
-    seeded Gaussian matrices (a sketch: identity whitening) for a basis not fitted yet."""
+    the family's placeholder state (a sketch: identity whitening) for a fit not made yet."""
     needs_moments = encoder.config.correction and encoder.second_moments is None
-    if not needs_moments and not encoder.needs_basis:
+    if not needs_moments and not encoder.needs_fit:
         return encoder
     from encoder.fingerprint import TrackStarEncoder
     from encoder.optimizer_state import SecondMoments
-    from encoder.projection import make_projections
 
     sm = encoder.second_moments
     if needs_moments:
         params = dict(encoder.model.named_parameters())
         v = {m.param_name: torch.ones(params[m.param_name].shape) for m in encoder.modules}
         sm = SecondMoments(v, 1e-8, "probe")
-    proj = make_projections(encoder.config.seed, encoder.modules, encoder.plan) if encoder.needs_basis else None
-    if proj is not None and encoder.config.projection == "sketch":  # a whitening: identity sides
-        proj = {m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in encoder.modules}
-    return TrackStarEncoder(encoder.model, encoder.config, second_moments=sm,
-                            projections=proj or encoder.projections())  # fmt: skip
+    twin = TrackStarEncoder(encoder.model, encoder.config, second_moments=sm)
+    if encoder.needs_fit:
+        twin.family.placeholder()
+    else:
+        twin.family.restore(encoder.family.tensors())
+    return twin
 
 
 def estimate_memory(encoder: TrackStarEncoder, seq_len: int) -> MemoryEstimate:
@@ -145,10 +145,9 @@ def estimate_memory(encoder: TrackStarEncoder, seq_len: int) -> MemoryEstimate:
     s1 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b1))
     s2 = _saved_bytes(encoder, _probe_batch(vocab, seq_len, b2))
     per = max(1, int(CPU_TRANSIENT_FACTOR * (s2 - s1) / (b2 - b1)))
-    # Batch-independent: the exact path's chunk of per-example gradients, with x2 headroom
-    # for the product's operand copies (the correction is applied in place).
-    fixed = 2 * GRADIENT_BUDGET_BYTES if encoder.config.mode == "exact" else 0
-    return MemoryEstimate(fixed, per, "cpu-saved-tensors")
+    # Batch-independent: a chunk of per-example gradients, with x2 headroom for the product's
+    # operand copies (the correction is applied in place).
+    return MemoryEstimate(2 * GRADIENT_BUDGET_BYTES, per, "cpu-saved-tensors")
 
 
 def auto_batch_size(

@@ -1,5 +1,5 @@
 """The products the encoder's hot path is made of: per-example gradients in memory-bounded
-chunks, the factored projection, and the precision the device allows (TF32, float32
+chunks, the factored product A G B^T over tokens, and the precision the device allows (TF32, float32
 outputs of bf16 products)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import torch
 
-from encoder.factored import factored_phi
 from encoder.modules import TrackedModule
 
 GRADIENT_BUDGET_BYTES = 256 << 20
@@ -55,6 +54,17 @@ def example_gradients(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor)
     chunk = gradient_chunk(m, acts)
     for s in range(0, acts.shape[0], chunk):
         yield torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
+
+
+def factored_phi(
+    acts: torch.Tensor, grads: torch.Tensor, a_mat: torch.Tensor, b_mat: torch.Tensor
+) -> torch.Tensor:
+    """phi_W = sum_t (A g_t)(B a_t)^T = A G_W B^T per example, without forming any [out, in]
+    gradient: acts [B, T, in], grads [B, T, out], A [k_out, out], B [k_in, in] -> [B, k_out*k_in]
+    (row-major vec of A G B^T)."""
+    left = grads @ a_mat.T  # [B, T, k_out]
+    right = acts @ b_mat.T  # [B, T, k_in]
+    return torch.bmm(left.transpose(1, 2), right).flatten(1)
 
 
 def factored_products(

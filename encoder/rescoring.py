@@ -10,9 +10,9 @@ them with no projection at all:
 which is the score of the unprojected configuration (k = 0, hessian none): the re-ranked
 top-10 equals that configuration's top-10 whenever its members are among the C candidates.
 No projected R: it lives in the projected space, and an unprojected R (d_W x d_W per
-module) is what the projection exists to avoid. A ``kfac`` or ``sketch`` index whitens before projecting,
-so its second stage scores the whitened gradients W_out G~ W_in^T of every module
-(``encoder.basis.kfac_roots``, saved with the index): the score its projection estimates.
+module) is what the projection exists to avoid. A family that whitens before projecting (the
+sketch) has its second stage score the whitened gradients W_out G~ W_in of every module
+(``Family.whitening``, saved with the index): the score its projection estimates.
 Per-module dot products are accumulated while the backward pass runs
 (``encoder.hooks.GradientCapture``), so no full-size gradient of a candidate is ever kept:
 memory is one full-size query gradient plus one module's batch.
@@ -27,12 +27,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from encoder.basis import Pairs, whole_side
+from encoder.basis import Pairs
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
-from encoder.modules import select_modules
 from encoder.optimizer_state import SecondMoments
 
 CANDIDATE_BATCH = 8
@@ -41,7 +40,7 @@ CANDIDATE_BATCH = 8
 
 def exact_config(config: FingerprintConfig) -> FingerprintConfig:
     """The unprojected, unwhitened configuration the second stage scores with."""
-    return replace(config, k=0, hessian="none", mode="exact")
+    return replace(config, k=0, hessian="none")
 
 
 class ExactRescorer:
@@ -51,7 +50,8 @@ class ExactRescorer:
         model: the frozen model of the index.
         config: the index's fingerprint configuration (correction and unit norm apply).
         second_moments: the index's second moments (when ``config.correction``).
-        roots: a kfac index's whitening (``TrackStarEncoder.kfac_roots``); required by kfac.
+        whitening: the index's whitening (``Family.whitening``); required by a family that
+            whitens.
     """
 
     def __init__(
@@ -59,18 +59,16 @@ class ExactRescorer:
         model: nn.Module,
         config: FingerprintConfig,
         second_moments: SecondMoments | None,
-        roots: Pairs | None = None,
+        whitening: Pairs | None = None,
     ) -> None:
         self.unit_norm = config.unit_norm
-        pairs = None
-        if config.projection in ("kfac", "sketch"):
-            if roots is None:
-                raise ConfigError(f"the exact stage of a {config.projection} index needs its whitening (kfac_roots)")
-            sides = {m.name: (m.out_features, m.in_features) for m in select_modules(model, config)}
-            pairs = {n: (whole_side(w_out, sides[n][0]), whole_side(w_in, sides[n][1])) for n, (w_out, w_in) in roots.items()}
         self.encoder = TrackStarEncoder(
-            model, exact_config(config), second_moments=second_moments if config.correction else None, projections=pairs
+            model, exact_config(config), second_moments=second_moments if config.correction else None
         )
+        if whitening is not None:
+            self.encoder.family.set_whitening(whitening)
+        if self.encoder.needs_fit:
+            raise ConfigError(f"the exact stage of a {config.projection} index needs its whitening")
 
     def _blocks(self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]) -> None:
         self.encoder.stream_blocks(collate(list(examples), pad_id), fn)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 FITTED_WITH = "fitted_with"
 """Header key of a fitted artifact (projections, whitening, whitener): the canonical JSON of
@@ -38,6 +38,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU."""
+    return load_file(str(path))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

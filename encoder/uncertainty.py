@@ -13,9 +13,8 @@ The unprojected X, Y are not stored, so the projected blocks (k1 x k2) stand in 
 (a plug-in estimate), and the unit-norm fingerprints' blocks are used as they are. Modules
 stored exactly contribute nothing. The standard deviation of the difference between this
 projection's score and another's is sqrt(2) times this one. Whitening is not modelled (R
-changes with the projection too), so only hessian-none indexes report it (kfac's whitening is
-fixed before the projection: ``kfac_random_plan``; ``sketch`` hashes the fixed whitened gradient:
-``score_variance(sketch=True)``); the calibration
+changes with the projection too), so only hessian-none indexes report it (a ``sketch`` hashes the
+fixed whitened gradient: ``sketch_score_variance``); the calibration
 test (tests/encoder/test_uncertainty.py) measures the stated against the observed coverage
 for hessian none.
 """
@@ -23,9 +22,6 @@ for hessian none.
 from __future__ import annotations
 
 import torch
-
-from encoder.modules import TrackedModule
-from encoder.projection import Plan
 
 
 def _sq(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,74 +38,46 @@ def kronecker_variance(x: torch.Tensor, y: torch.Tensor, k1: int, k2: int) -> to
     return (xyt_f + xyt_tr) / k1 + (xty_f + xty_tr) / k2 + (norms + xyt_f + xty_f + dot.square()) / (k1 * k2)
 
 
-def score_variance(
-    query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int], sketch: bool = False
+def kronecker_score_variance(
+    query: torch.Tensor, rows: torch.Tensor, sizes: list[tuple[int, int] | None], block_dims: list[int]
 ) -> torch.Tensor:
-    """Variance of the scores query . rows under a fresh projection draw.
-
-    Args:
-        query: [d] fingerprint.
-        rows: [n, d] fingerprints.
-        plan: the encoder's plan (module name -> (k1, k2) or None), in fingerprint order.
-        block_dims: the encoder's block dims, in the same order.
-        sketch: the blocks are CountSketches (``projection: sketch``), not Kronecker pairs:
-            per block (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / d_W, of which the
-            last term (unknown from the sketch, small for spread-out gradients) is dropped.
-    Returns:
-        [n] float64 variances.
-    """
-    q = query.double()
-    t = rows.double()
+    """Variance of the scores query [d] . rows [n, d] under a fresh draw of Gaussian Kronecker
+    pairs; ``sizes`` holds each block's (k1, k2), None for a module kept whole (no variance).
+    [n] float64."""
+    q, t = query.double(), rows.double()
     out = torch.zeros(t.shape[0], dtype=torch.float64)
-    start = 0
-    for sizes, dim in zip(plan.values(), block_dims, strict=True):
-        stop = start + dim
-        if sizes is not None and sketch:
-            x, y = q[start:stop], t[:, start:stop]
-            out += (x.square().sum() * y.square().sum(dim=1) + (y @ x).square()) / dim
-        elif sizes is not None:
-            k1, k2 = sizes
-            x = q[start:stop].view(1, k1, k2).expand(t.shape[0], k1, k2)
-            y = t[:, start:stop].reshape(-1, k1, k2)
-            norms = x.square().sum(dim=(1, 2)) * y.square().sum(dim=(1, 2))
-            # The projected ||X Y^T||^2 and ||X^T Y||^2 exceed the unprojected ones by about
-            # ||X||^2 ||Y||^2 / k2 and / k1 in expectation (same Wishart moments): removed.
-            out += (kronecker_variance(x, y, k1, k2) - 2 * norms / (k1 * k2)).clamp_min(0)
-        start = stop
+    for (start, stop), pair in zip(_spans(block_dims), sizes, strict=True):
+        if pair is None:
+            continue
+        k1, k2 = pair
+        x = q[start:stop].view(1, k1, k2).expand(t.shape[0], k1, k2)
+        y = t[:, start:stop].reshape(-1, k1, k2)
+        norms = x.square().sum(dim=(1, 2)) * y.square().sum(dim=(1, 2))
+        # The projected ||X Y^T||^2 and ||X^T Y||^2 exceed the unprojected ones by about
+        # ||X||^2 ||Y||^2 / k2 and / k1 in expectation (same Wishart moments): removed.
+        out += (kronecker_variance(x, y, k1, k2) - 2 * norms / (k1 * k2)).clamp_min(0)
     return out
 
 
-def kfac_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan | None:
-    """The random part of a kfac plan: phi_W = G_A (W_out X W_in^T) G_B^T is a Gaussian
-    Kronecker projection of the fixed whitened gradient, so the variance above holds with
-    the whitened X; a module kept whole on both sides (no Gaussian) is exact (None). None
-    when some module is kept whole on one side only, which the variance does not model."""
-    out: Plan = {}
-    for m in modules:
-        sizes = plan[m.name]
-        whole = (True, True) if sizes is None else (sizes[0] == m.out_features, sizes[1] == m.in_features)
-        if whole[0] != whole[1]:
-            return None
-        out[m.name] = None if whole[0] else sizes
-    return out
-
-
-def sketch_random_plan(modules: list[TrackedModule], plan: Plan) -> Plan:
-    """The random part of a sketch plan: a module kept whole (plan = (out, in)) is exact."""
-    return {m.name: None if plan[m.name] in (None, (m.out_features, m.in_features)) else plan[m.name] for m in modules}
-
-
-def random_plan(modules: list[TrackedModule], plan: Plan, projection: str) -> Plan | None:
-    """The plan whose projected blocks vary with the seed, for ``score_variance``."""
-    if projection == "kfac":
-        return kfac_random_plan(modules, plan)
-    if projection == "sketch":
-        return sketch_random_plan(modules, plan)
-    return plan
-
-
-def score_sd(
-    query: torch.Tensor, rows: torch.Tensor, plan: Plan, block_dims: list[int], sketch: bool = False
+def sketch_score_variance(
+    query: torch.Tensor, rows: torch.Tensor, hashed: list[bool], block_dims: list[int]
 ) -> torch.Tensor:
-    """Standard deviation of each score under a fresh projection draw; [n] float64."""
-    return score_variance(query, rows, plan, block_dims, sketch).clamp_min(0).sqrt()
+    """Variance of the scores query [d] . rows [n, d] under a fresh CountSketch of the blocks
+    marked ``hashed``: per block (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / d_W, of
+    which the last term (unknown from the sketch, small for spread-out gradients) is dropped.
+    [n] float64."""
+    q, t = query.double(), rows.double()
+    out = torch.zeros(t.shape[0], dtype=torch.float64)
+    for (start, stop), on in zip(_spans(block_dims), hashed, strict=True):
+        if on:
+            x, y = q[start:stop], t[:, start:stop]
+            out += (x.square().sum() * y.square().sum(dim=1) + (y @ x).square()) / (stop - start)
+    return out
+
+
+def _spans(block_dims: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for dim in block_dims:
+        out.append((start, start + dim))
+        start += dim
+    return out

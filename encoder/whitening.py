@@ -123,13 +123,20 @@ def lambda_at(s_train: torch.Tensor, s_eval: torch.Tensor, component: float) -> 
 
 
 def inverse_sqrt(r: torch.Tensor, delta: float) -> torch.Tensor:
-    """(R + delta * mean_eig(R) I)^-1/2 by eigendecomposition; R symmetric PSD [d, d]."""
-    evals, evecs = torch.linalg.eigh(r)
+    """(R + delta * mean_eig(R) I)^-1/2 by a float64 eigendecomposition of the symmetric PSD
+    R [d, d] (a projected R block, or a side covariance of the sketch's whitening); float64.
+    Eigenvalues below 0 from rounding count as 0; with delta 0 a null direction gets the
+    largest finite weight instead of an infinite one.
+
+    Raises:
+        ConfigError: R is zero (its module received no gradient).
+    """
+    evals, evecs = torch.linalg.eigh(r.double())
     evals = evals.clamp_min(0)
     mean = float(evals.mean())
     if mean <= 0:
         raise ConfigError("a Hessian block is zero: its module received no gradient")
-    scale = (evals + delta * mean).rsqrt()
+    scale = (evals + delta * mean).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
     inv_sqrt: torch.Tensor = (evecs * scale) @ evecs.T
     return inv_sqrt
 

@@ -25,7 +25,6 @@ from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens, resolve_device
 from encoder.rescoring import ExactRescorer, QueryScorer
 from encoder.token_attribution import attribute_tokens
-from encoder.uncertainty import random_plan, score_sd
 from engine.choices import SEARCH_PLACEMENTS, Placement
 from engine.opening import HeldFiles, verify_model
 from engine.protocols import Attribution, Record, Summary, VectorSearch
@@ -258,7 +257,7 @@ class InfluenceIndex:
 
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
-        one tokenized query by their unprojected corrected (kfac: and whitened) gradients;
+        one tokenized query by their unprojected corrected (sketch: and whitened) gradients;
         [len(ids)] float32."""
         return self.exact_scorer(example)(ids)
 
@@ -266,7 +265,7 @@ class InfluenceIndex:
         """The exact stage's scorer for one query (call under ``encode_lock``)."""
         if self._rescorer is None:
             enc = self.encoder
-            self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, roots=enc.kfac_roots)
+            self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, enc.family.whitening())
         return self._rescorer.for_query(example, self._pad)
 
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
@@ -290,16 +289,14 @@ class InfluenceIndex:
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]
-        against sequences ``ids`` under another projection (``encoder.uncertainty``); None
-        for whitened indexes, where the model of it does not hold, and for a fitted (pca)
-        basis, which has no random projection to vary."""
-        config = self.encoder.config
-        plan = random_plan(self.encoder.modules, self.encoder.plan, config.projection)
-        if config.hessian != "none" or config.projection == "pca" or plan is None or not ids:
+        against sequences ``ids`` under another seed (``Family.score_variance``); None for an
+        index with a projected R, where the model of it does not hold."""
+        if self.encoder.config.hessian != "none" or not ids:
             return None
         rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
         query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
-        return score_sd(query, rows, plan, self.encoder.block_dims, sketch=config.projection == "sketch").float().numpy()
+        variance = self.encoder.family.score_variance(query, rows, self.encoder.block_dims)
+        return variance.clamp_min(0).sqrt().float().numpy()
 
     def attribute(
         self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002

@@ -54,8 +54,8 @@ def _by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
 
 
 def fit_basis(encoder: TrackStarEncoder, examples: Sequence[Example], *, pad_id: int, batch_size: int) -> None:
-    """Fit the encoder's projection basis on ``examples`` if it needs one (``projection: pca``)."""
-    if encoder.needs_basis:
+    """Fit the encoder's family state on ``examples`` if it needs one (the sketch's whitening)."""
+    if encoder.needs_fit:
         encoder.fit_basis(collate([examples[i] for i in idx], pad_id) for idx in _by_length(examples, batch_size))
 
 

@@ -189,7 +189,7 @@ def _projected(run: _Run, methods: list[Method], second_moments: SecondMoments) 
         pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()
-        fit_basis(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size)  # a pass more (pca, kfac)
+        fit_basis(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size)  # a pass more (sketch)
         train_phi = project_all(enc, run.train_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
         query_phi = project_all(enc, run.query_examples, pad_id=run.pad_id, batch_size=settings.batch_size, on_batch=tick)
         if pb is not None:

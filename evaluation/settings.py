@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from encoder.config import FingerprintConfig, ProjectionFamily
+from encoder.config import FingerprintConfig
+from encoder.families import FAMILY_NAMES
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Method:
     correction: bool = True
     hessian: str = "mixed"
     unit_norm: bool = True
-    projection: ProjectionFamily | None = None
+    projection: str | None = None
     max_block: int | None = None
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
@@ -53,19 +54,10 @@ METHODS: tuple[Method, ...] = (
            correction=False, hessian="none", unit_norm=False),
     Method("grad_cosine", "gradient cosine (TRAK-like, no correction)", "gradient",
            correction=False, hessian="none", unit_norm=True),
-    Method("kfac", "K-FAC-whitened gradient cosine (projection kfac, no correction, no projected R)", "gradient",
-           correction=False, hessian="none", projection="kfac"),
-    Method("kfac_corrected", "kfac with the optimizer correction", "gradient", hessian="none", projection="kfac"),
-    Method("kfac_mixed", "kfac with the projected mixed R on top (no correction)", "gradient",
-           correction=False, projection="kfac"),
     Method("sketch", "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
            "gradient", correction=False, hessian="none", projection="sketch"),
-    # The same two families at each other's d (the sketch's default block cap is 4096 dims,
-    # kfac's 1024): whether the sketch's edge comes from its family or from its larger d.
-    Method("sketch_block1024", "sketch at kfac's 1024-dim block cap (kfac's d)", "gradient",
+    Method("sketch_block1024", "sketch at the paper's 1024-dim block cap (TrackStar's d)", "gradient",
            correction=False, hessian="none", projection="sketch", max_block=1024),
-    Method("kfac_block4096", "kfac at the sketch's 4096-dim block cap (the sketch's d)", "gradient",
-           correction=False, hessian="none", projection="kfac", max_block=4096),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
     Method("random", "random training sequences (floor)", "random"),
@@ -81,9 +73,9 @@ class EvalSettings:
         k: a fixed projection size per side (d = |modules| k^2); None = the fingerprint's
             default sizing (a 2^16 budget, ``encoder.projection.plan_projection``).
         projection: the projection family of the paper's methods (trackstar and its
-            ablations; the kfac and sketch methods always use theirs): ``gaussian`` (the
-            paper's) draws the matrices from ``seed``, ``pca`` fits a basis and ``kfac`` /
-            ``sketch`` a whitening on the training sequences.
+            ablations; the sketch method always uses its own): ``gaussian`` (the paper's)
+            draws the matrices from ``seed``; ``sketch`` fits a whitening on the training
+            sequences.
         seed: projection seed, query folds and the random floor.
         batch_size: sequences per backward pass when fingerprinting.
         tailpatch_lr: step size of the tail-patch step.
@@ -93,7 +85,7 @@ class EvalSettings:
     """
 
     k: int | None = None
-    projection: ProjectionFamily = "gaussian"
+    projection: str = field(default="gaussian", metadata={"argparse": {"choices": FAMILY_NAMES}})
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4

@@ -2,7 +2,7 @@
 
     pass 0  tokenize + chunk (rank 0)            -> token store, metadata.sqlite
             second moments: optimizer state, or estimated over a sample (rank 0)
-    basis   the projection's eigenbasis from a sample (rank 0; projection pca)
+    basis   the sketch's whitening from a sample (rank 0)
     pass 1  R_train per shard (all ranks), R_eval from --queries (rank 0)
             merge in shard order, lambda, R^-1/2 (rank 0)
     pass 2  fingerprints per shard (all ranks)

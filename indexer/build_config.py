@@ -44,7 +44,7 @@ class BuildConfig:
             the model dir's optimizer.pt if any, else estimated over ``v_sample`` sequences.
         v_sample: sequences for the second-moment estimate.
         hessian_sample: sequences for R_train; None = all.
-        basis_sample: sequences the pca basis is fitted on, evenly spaced; 0 = all.
+        basis_sample: sequences the sketch's whitening is fitted on, evenly spaced; 0 = all.
         faiss: FAISS factory string (Flat, IVF{n},PQ{m}, HNSW32).
         faiss_train_sample: vectors an approximate FAISS index is trained on.
         batch_size: sequences per backward pass, or ``auto`` (0): the largest batch that

@@ -73,22 +73,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_spectrum(args: argparse.Namespace) -> int:
-    from indexer.spectrum import plot, spectrum
-
-    data = spectrum(Path(args.index_dir))
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print(f"{'lambda (built)':>20}: {data['lambda']:.6g} at c = {data['component']:g} * d, d = {data['d']}")
-        for name, lam in data["lambda_by_component"].items():
-            print(f"{'lambda at c = ' + name:>20}: {lam:.6g}")
-    if args.out:
-        plot(data, Path(args.out))
-        print(f"wrote {args.out}")
-    return 0
-
-
 def cmd_push(args: argparse.Namespace) -> int:
     from indexer.milvus import MilvusTarget, push
 
@@ -127,7 +111,7 @@ def _add_build(sub) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``index`` (build/info/spectrum/push/verify) to the influence CLI."""
+    """Add ``index`` (build/info/push/verify) to the influence CLI."""
     index = subparsers.add_parser("index", help="build and inspect influence indexes")
     isub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     _add_build(isub)
@@ -135,11 +119,6 @@ def register(subparsers) -> None:
     info.add_argument("index_dir", help="a published index directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_info)
-    spec = isub.add_parser("spectrum", help="R_train / R_eval eigenvalue curves and lambda per component choice")
-    spec.add_argument("index_dir", help="a published index built with hessian mixed and --queries")
-    spec.add_argument("--out", help="write the plot here (PNG)")
-    spec.add_argument("--json", action="store_true", help="print the curves and lambdas as JSON (one line)")
-    spec.set_defaults(func=cmd_spectrum)
     push = isub.add_parser("push", help="upload a published index into a Milvus collection (resumable)")
     push.add_argument("index_dir", help="a published index directory")
     push.add_argument("--milvus", required=True, metavar="URI",

@@ -1,8 +1,8 @@
 """The build's passes over the sequences, one shard at a time.
 
 Pass 0 (rank 0): tokenize and chunk the corpus into the token store and the metadata store.
-Basis (rank 0, ``projection: pca``): corrected-gradient covariances of a sample, whose top
-    eigenvectors become the projection (``encoder.basis``).
+Basis (rank 0, ``projection: sketch``): corrected-gradient side covariances of a sample,
+    whose damped inverse square roots whiten every module (``encoder.basis``).
 Pass 1 (statistics): projected gradients phi of the Hessian sample, summed per shard into
     R_train statistics (float64); phi of fully sampled shards is cached for pass 2.
 Pass 2 (encode): e = R^-1/2 phi / ||.|| per shard, stored as float16.
@@ -138,7 +138,7 @@ def basis_statistics(
     pad_id: int,
     progress: Progress = _no_progress,
 ) -> BasisStatistics:
-    """The basis pass (``projection: pca``): C_out / C_in sums over the sampled ``ids``."""
+    """The basis pass (the sketch's whitening): C_out / C_in sums over the sampled ``ids``."""
 
     def feed() -> Iterator[TokenBatch]:
         for rows, batch in batches(store, ids, batch_size, pad_id):

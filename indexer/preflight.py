@@ -50,7 +50,7 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
     faiss_index.check_trainable(cfg.faiss, encoder.dim, min(n, cfg.faiss_train_sample))
     free = free_memory(torch.device("cpu"))
     _check_store(cfg, n, encoder.dim, out, free)
-    if encoder.needs_basis:
+    if encoder.needs_fit:
         _check_basis(encoder, free)
     if cfg.fingerprint.hessian == "none":
         return
@@ -71,12 +71,12 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
 
 
 def _check_basis(encoder: TrackStarEncoder, free: int) -> None:
-    """The fitted basis's covariance sums (projection pca) fit in host memory."""
+    """The sketch whitening's covariance sums fit in host memory."""
     need = basis_bytes(encoder.modules, encoder.plan)
-    log.info("projection basis statistics: ~%.2f GiB of host memory (%.1f GiB free)", need / 2**30, free / 2**30)
+    log.info("whitening statistics: ~%.2f GiB of host memory (%.1f GiB free)", need / 2**30, free / 2**30)
     if need > MEMORY_FRACTION * free:
         raise ConfigError(
-            f"the projection basis needs ~{need / 2**30:.1f} GiB of memory for its covariance sums, "
+            f"the whitening needs ~{need / 2**30:.1f} GiB of memory for its covariance sums, "
             f"{free / 2**30:.1f} GiB are free: use --projection gaussian, or fewer tracked modules (--include)",
             code="insufficient_memory",
             needed_bytes=need,

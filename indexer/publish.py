@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from encoder.basis import save_projections
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
-from encoder.tensor_files import fitted_with
+from encoder.tensor_files import fitted_with, save_tensors
 from indexer import faiss_index
 from indexer import manifest as mf
 from indexer.bm25 import SUBDIR, BM25Index
@@ -139,10 +138,9 @@ def publish(b: BuildOutputs) -> None:
     t0 = time.perf_counter()
     staging, n = b.work.staging, b.counts["sequences"]
     faiss_entry = _write_faiss(b, _write_fingerprints(b))
-    pairs, roots = b.encoder.saved_fit()
-    if pairs or roots:
-        record = fitted_with(b.cfg.fingerprint.to_dict())
-        save_projections(pairs, staging / mf.PROJECTIONS, roots=roots, metadata=record)
+    state = b.encoder.family.tensors()
+    if state:
+        save_tensors(state, staging / mf.PROJECTIONS, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if b.work.path(name).is_file():
             shutil.copyfile(b.work.path(name), staging / name)

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from encoder.basis import load_fitted, save_projections
 from encoder.batching import Tokenizer
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import auto_batch_size
 from encoder.optimizer_state import SecondMoments, load_second_moments
-from encoder.tensor_files import fitted_with
+from encoder.tensor_files import fitted_with, load_tensors, save_tensors
 from encoder.whitening import RStatistics, Whitener
 from indexer import manifest as mf
 from indexer import passes
@@ -138,8 +137,8 @@ def second_moments(b: Build) -> None:
 
 
 def basis(b: Build) -> None:
-    """The fitted projection pairs (projection pca or kfac), from an evenly spaced sample."""
-    if not b.encoder.needs_basis:
+    """The family's fitted state (the sketch's whitening), from an evenly spaced sample."""
+    if not b.encoder.needs_fit:
         return
     path = b.work.path(mf.PROJECTIONS)
 
@@ -148,13 +147,12 @@ def basis(b: Build) -> None:
             return
         ids = passes.evenly_spaced(b.n, b.cfg.basis_sample or None)
         stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
-        b.encoder.set_projections(b.encoder.fitted_projections(stats))
-        pairs, roots = b.encoder.saved_fit()
-        save_projections(pairs, path, roots=roots, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
-        log.info("projection basis fitted on %d sequences", stats.count)
+        b.encoder.family.fit(stats)
+        save_tensors(b.encoder.family.tensors(), path, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
+        log.info("whitening fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
-    b.encoder.install_fit(*load_fitted(path))
+    b.encoder.family.restore(load_tensors(path))
 
 
 def statistics(b: Build) -> None:

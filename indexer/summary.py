@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.config import FingerprintConfig
+from encoder.families import family_class
 from indexer import manifest as mf
 
 
@@ -77,15 +78,9 @@ def _projection_text(fp: dict[str, Any]) -> str:
     plan, shapes = fp["plan"], fp["shapes"]
     projected = sum(sizes is not None and list(sizes) != shapes[name] for name, sizes in plan.items())
     whole = len(plan) - projected
-    whitened = cfg.projection in ("kfac", "sketch")
     if projected == 0:
-        return f"none: all {whole} modules kept whole" + ("; K-FAC whitened" if whitened else "")
-    families = {
-        "pca": "fitted basis (pca)",
-        "kfac": f"gaussian, seed {cfg.seed}, K-FAC whitened (kfac)",
-        "sketch": f"K-FAC whitened, CountSketch seed {cfg.seed} (sketch)",
-    }
-    family = families.get(cfg.projection, f"gaussian, seed {cfg.seed}")
+        return f"none: all {whole} modules kept whole" + ("; K-FAC whitened" if cfg.projection == "sketch" else "")
+    family = family_class(cfg.projection).describe(cfg)
     if cfg.k is not None:
         return f"k = {cfg.k} per side, {cfg.k * cfg.k} dims per module; {family}"
     sizing = f"budget {cfg.budget}, blocks <= {cfg.block_cap} dims"

@@ -54,7 +54,7 @@ def trained_checkpoint(fact_corpus, tmp_path_factory):
 
 PAPER_TRACKSTAR = {"projection": "gaussian", "correction": True, "hessian": "mixed"}
 """The paper's TrackStar (Gaussian projection, optimizer correction, mixed R): the whitened
-path the tiny index exercises (the product default, kfac, has its own tests)."""
+path the tiny index exercises (the product default, the sketch, has its own tests)."""
 
 TINY_INDEX_CLI_OPTIONS = ("-k", "8", "--shard-size", "16", "--batch-size", "8",
                           "--projection", "gaussian", "--correction", "--hessian", "mixed")  # fmt: skip

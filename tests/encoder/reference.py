@@ -45,59 +45,31 @@ def corrected_grads(model, modules, example, v_hat=None, eps=1e-8) -> dict[str, 
     return out
 
 
-def reference_basis(model, modules, examples, plan, v_hat=None, eps=1e-8) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per projected module (A, B, eigenvalues of C_out, eigenvalues of C_in): A / B the top
-    k_out / k_in eigenvectors (rows, largest first, largest entry positive) of
-    C_out = sum_n G~_n G~_n^T and C_in = sum_n G~_n^T G~_n, by numpy in float64."""
-    grads = [corrected_grads(model, modules, e, v_hat, eps) for e in examples]
-    out = {}
-    for m in modules:
-        sizes = plan[m.name]
-        if sizes is None:
-            continue
-        gs = [g[m.name].numpy() for g in grads]
-        pair = []
-        for c, k in ((sum(g @ g.T for g in gs), sizes[0]), (sum(g.T @ g for g in gs), sizes[1])):
-            vals, vecs = np.linalg.eigh(c)
-            top = vecs[:, ::-1][:, :k].T
-            top = top * np.sign(top[np.arange(k), np.abs(top).argmax(axis=1)])[:, None]
-            pair.append((top, vals[::-1]))
-        out[m.name] = (pair[0][0], pair[1][0], pair[0][1], pair[1][1])
-    return out
-
-
-def reference_kfac_pairs(model, modules, examples, plan, seed, delta, v_hat=None, eps=1e-8, rel=1e-9) -> dict:
-    """Per module (A, B, bound of A, bound of B) of ``projection: kfac``, by numpy/scipy in
-    float64: L = (C / n + delta mean_eig I)^-1/2 (scipy's fractional power) of C_out = sum
-    G~ G~^T and C_in = sum G~^T G~; A = s G_A L_out (L_out alone on a side kept whole),
-    B = G_B L_in, s = sqrt(tr C_out / n).
+def reference_kfac_roots(model, modules, examples, delta, v_hat=None, eps=1e-8, rel=1e-9) -> dict:
+    """Per module (W_out, W_in, bound of W_out, bound of W_in) of the sketch's whitening, by
+    numpy/scipy in float64: L = (C / n + delta mean_eig I)^-1/2 (scipy's fractional power) of
+    C_out = sum G~ G~^T and C_in = sum G~^T G~; W_out = s L_out, W_in = L_in,
+    s = sqrt(tr C_out / n).
 
     Bounds on |implementation - reference| per entry, when the implementation's C agrees to
     a relative ``rel`` (two float64 gradient paths): x^-1/2 moves by at most
-    |f'(lam_min)| ||dC|| = rel ||C|| / (2 lam_min^1.5) (Daleckii-Krein), times ||G_A||; s by a
-    relative rel; plus the float32 product with the Gaussian rows (gamma_n |G| |L|) and the
-    float32 storage (u |A|)."""
+    |f'(lam_min)| ||dC|| = rel ||C|| / (2 lam_min^1.5) (Daleckii-Krein); s by a relative rel;
+    plus the float32 storage and scaling (2 u |W|)."""
     grads = [corrected_grads(model, modules, e, v_hat, eps) for e in examples]
     n, out = len(examples), {}
     u = 2.0**-24
     for m in modules:
-        k_out, k_in = plan[m.name]
         gs = [g[m.name].numpy() for g in grads]
         c_out, c_in = sum(g @ g.T for g in gs) / n, sum(g.T @ g for g in gs) / n
         scale = np.sqrt(np.trace(c_out))
-        gauss_a, gauss_b = (t.double().numpy() for t in projection_pair(seed, m, k_out, k_in))
         pair = []
-        for c, gauss, k, s in ((c_out, gauss_a, k_out, scale), (c_in, gauss_b, k_in, 1.0)):
+        for c, s in ((c_out, scale), (c_in, 1.0)):
             side = c.shape[0]
             damped = c + delta * np.trace(c) / side * np.eye(side)
             vals = np.linalg.eigvalsh(damped)
-            root = np.real(scipy.linalg.fractional_matrix_power(damped, -0.5))
-            left = gauss if k < side else np.eye(side)
-            mat = s * left @ root
+            mat = s * np.real(scipy.linalg.fractional_matrix_power(damped, -0.5))
             d_root = rel * vals[-1] / (2 * vals[0] ** 1.5)
-            bound = (s * np.linalg.norm(left, 2) * d_root + rel * np.abs(mat).max()
-                     + s * side * u * (np.abs(left) @ np.abs(root)).max() + u * np.abs(mat).max())  # fmt: skip
-            pair.append((mat, bound))
+            pair.append((mat, s * d_root + rel * np.abs(mat).max() + 2 * u * np.abs(mat).max()))
         out[m.name] = (pair[0][0], pair[1][0], pair[0][1], pair[1][1])
     return out
 

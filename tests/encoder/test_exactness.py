@@ -48,10 +48,10 @@ def _random_second_moments(model, seed: int) -> SecondMoments:
 BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 
 
-@pytest.mark.parametrize(("k", "projection"), [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"),
-                                               (3, "pca"), ("budget", "pca"),
-                                               (0, "kfac"), (3, "kfac"), ("budget", "kfac"),
-                                               (0, "sketch"), (3, "sketch"), ("budget", "sketch")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("k", "projection"),
+    [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"), (0, "sketch"), (3, "sketch"), ("budget", "sketch")],
+)
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
 def test_fingerprints_match_reference(k, projection, correction, hessian):
@@ -62,23 +62,22 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
     queries = _queries(4, 5, 40)
-    if projection != "gaussian":  # the basis / whitening from the training examples, as a build fits it
+    if projection == "sketch":  # the whitening from the training examples, as a build fits it
         enc.fit_basis(collate(train[i : i + 4]) for i in range(0, len(train), 4))
 
     # Encoder: padded batches, hooks.
     phi_train = torch.cat([enc.project(collate(train[i : i + 4])) for i in range(0, len(train), 4)])
     phi_query = enc.project(collate(queries))
     # Reference: each example alone, torch.func, dense projection.
-    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan,
-              pairs=enc.projections() if projection != "gaussian" else None)  # the pairs: test_fitted_*
-    if k == "budget" and projection not in ("kfac", "sketch"):  # these give every module a pair
+    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan)
+    if k == "budget" and projection == "gaussian":  # the sketch gives every module a pair
         sizes = list(enc.plan.values())
         assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
     if projection == "sketch":  # the whitening and the seeded hash, dense
-        kw = dict(plan=enc.plan, roots=enc.kfac_roots, seed=7, v_hat=kw["v_hat"], eps=kw["eps"])
+        kw = dict(plan=enc.plan, roots=enc.family.whitening(), seed=7, v_hat=kw["v_hat"], eps=kw["eps"])
         phi = ref.reference_sketch_phi
         if k == "budget":  # whole (the two 8 x 8 attention maps) and hashed modules both
-            assert {enc._whole(m) for m in enc.modules} == {True, False}
+            assert {enc.family.whole(m) for m in enc.modules} == {True, False}
     else:
         phi = ref.reference_phi
     ref_train = np.stack([phi(model, enc.modules, e, **kw) for e in train])
@@ -114,7 +113,7 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
 def test_batch_invariance_float32():
     """An example's fingerprint alone equals its fingerprint inside a padded batch."""
     model = tiny_gpt2(seed=5, n_embd=16)
-    cfg = FingerprintConfig(k=4, hessian="none", projection="pca", correction=True)
+    cfg = FingerprintConfig(k=4, hessian="none", projection="sketch", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=_random_second_moments(model, 6))
     short = sequence_example([3, 9, 4, 7])
     others = _examples(8, 5, 10, 20, 40)
@@ -156,86 +155,58 @@ def test_projection_matrices_are_deterministic_and_scaled():
     assert float(a1.var()) == pytest.approx(1 / 64, rel=0.15)
 
 
-def test_fitted_basis_matches_reference():
-    """The pca basis equals numpy's top eigenvectors of the summed corrected-gradient
-    covariances (reference: torch.func gradients of each example alone)."""
-    model = tiny_gpt2(seed=1, dtype=torch.float64)
-    sm = _random_second_moments(model, seed=2)
-    enc = TrackStarEncoder(model, FingerprintConfig(**BUDGET, hessian="none", projection="pca", correction=True), second_moments=sm)
-    train = _examples(3, 10, 3, 12, 40)
-    enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
-    want = ref.reference_basis(model, enc.modules, train, enc.plan, sm.v_hat, sm.eps)
-    got = enc.projections()
-    assert set(got) == set(want) and want
-    for name, (a_ref, b_ref, vals_out, vals_in) in want.items():
-        for mat, mat_ref, vals in ((got[name][0], a_ref, vals_out), (got[name][1], b_ref, vals_in)):
-            k = mat_ref.shape[0]
-            # Davis-Kahan: an eigenvector moves by at most ||dC|| / gap. dC: the two gradient
-            # paths and the sums agree to a relative 1e-9 of C (float64 arithmetic: ~1e-14);
-            # the float32 storage of the basis adds 2^-24 per entry.
-            gaps = -np.diff(vals[: k + 1])  # k may be the whole side
-            assert gaps.min() > 0, "distinct eigenvalues: the eigenvectors are defined"
-            tol = 1e-9 * vals[0] / gaps.min() + 2.0**-23
-            assert np.abs(mat.double().numpy() - mat_ref).max() <= tol, name
-            assert (
-                np.abs(mat.double() @ mat.double().T - torch.eye(k, dtype=torch.float64)).max()
-                <= 4 * 2.0**-23
-            )
-
-
-def test_fitted_basis_keeps_a_long_side_gaussian(monkeypatch):
-    """A side longer than MAX_SIDE keeps the seeded Gaussian matrix (its covariance is not summed)."""
+def test_sketch_leaves_a_long_side_unwhitened(monkeypatch):
+    """A side longer than MAX_SIDE is not whitened (its covariance is not summed): it is held as
+    the [1] scale s of s I; the encoder refuses to encode before the whitening is fitted."""
     from encoder import basis
-    from encoder.projection import projection_pair
 
     monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
     model = tiny_gpt2(seed=1)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False, projection="pca"))
-    with pytest.raises(ConfigError, match="basis is not fitted"):
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False))
+    with pytest.raises(ConfigError, match="not fitted"):
         enc.project(collate(_examples(3, 2, 3, 12, 40)))
     enc.fit_basis([collate(_examples(3, 6, 3, 12, 40))])
+    roots = enc.family.whitening()
     for m in enc.modules:
-        a, b = enc.projections()[m.name]
-        gauss_a, gauss_b = projection_pair(5, m, 3, 3)
-        assert torch.equal(a, gauss_a) == (m.out_features > 16)
-        assert torch.equal(b, gauss_b) == (m.in_features > 16)
+        w_out, w_in = roots[m.name]
+        assert (w_out.numel() == 1) == (m.out_features > 16)
+        assert (w_in.numel() == 1) == (m.in_features > 16)
 
 
 @pytest.mark.parametrize("sizing", [{"k": 0}, {"k": 3}, BUDGET])
-def test_kfac_pairs_match_reference(sizing):
-    """projection kfac: A = s G_A L_out, B = G_B L_in with L the damped inverse square roots
-    of the mean corrected-gradient side covariances (reference: torch.func gradients of each
-    example alone, scipy's fractional power); a module stored exactly keeps its out*in dims
-    and is whitened by (s L_out, L_in) alone."""
+def test_sketch_whitening_matches_reference(sizing):
+    """The sketch's whitening: W_out = s L_out, W_in = L_in with L the damped inverse square
+    roots of the mean corrected-gradient side covariances (reference: torch.func gradients of
+    each example alone, scipy's fractional power), whatever the sizing."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", projection="kfac", correction=True)
+    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     plain = TrackStarEncoder(model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm)
     assert enc.block_dims == plain.block_dims and all(s is not None for s in enc.plan.values())
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
-    want = ref.reference_kfac_pairs(model, enc.modules, train, enc.plan, 5, cfg.delta, sm.v_hat, sm.eps)
-    got = enc.projections()
+    want = ref.reference_kfac_roots(model, enc.modules, train, cfg.delta, sm.v_hat, sm.eps)
+    got = enc.family.whitening()
     assert set(got) == set(want) == set(enc.module_names)
     for name, (a_ref, b_ref, a_tol, b_tol) in want.items():
         assert np.abs(got[name][0].double().numpy() - a_ref).max() <= a_tol, name
         assert np.abs(got[name][1].double().numpy() - b_ref).max() <= b_tol, name
 
 
-def test_kfac_whitens_each_side_of_the_training_gradients():
-    """Undamped (delta 0) and with full-rank side covariances, the input side of kfac's
+def test_sketch_whitens_each_side_of_the_training_gradients():
+    """Undamped (delta 0) and with full-rank side covariances, the input side of the sketch's
     G~ L_in is white over the examples it was fitted on: mean (G~ L_in)^T (G~ L_in) =
     L_in C_in L_in = I, and likewise L_out G~ on the output side (up to s^2)."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", projection="kfac", delta=0.0, correction=True),
-                           second_moments=sm)  # fmt: skip
+    cfg = FingerprintConfig(k=0, hessian="none", delta=0.0, correction=True)
+    enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 40, 3, 12, 40)  # 40 x 3-12 tokens: C_out, C_in of full rank
     grads = [ref.corrected_grads(model, enc.modules, e, sm.v_hat, sm.eps) for e in train]
     enc.fit_basis([collate(train)])
     for m in enc.modules:
-        a, b = (t.double() for t in enc.projections()[m.name])
+        a, b = (t.double() for t in enc.family.whitening()[m.name])
         g = torch.stack([gr[m.name] for gr in grads])
         s2 = float(torch.einsum("noi,noi->", g, g)) / len(train)
         white_in = torch.einsum("noi,noj->ij", g @ b, g @ b) / len(train)

@@ -68,10 +68,14 @@ def test_fixed_k_plan_and_old_manifests():
     assert FingerprintConfig().projection == "sketch"  # the default: K-FAC-whitened, sketched, no correction, no R
     assert FingerprintConfig().block_cap == 4096 and FingerprintConfig(hessian="mixed").block_cap == 1024
     assert not FingerprintConfig().correction and FingerprintConfig().hessian == "none"
-    with pytest.raises(ConfigError, match="no basis to fit"):
+    with pytest.raises(ConfigError, match="nothing to fit"):
         TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2, projection="gaussian")).fit_basis([])
     with pytest.raises(ConfigError, match="projection must be"):
-        FingerprintConfig(projection="dense")  # type: ignore[arg-type]
+        FingerprintConfig(projection="dense")
+    # An index of format 3 recorded the encoder mode: "exact" reads as today's, a retired one is refused.
+    assert FingerprintConfig.from_dict({**FingerprintConfig().to_dict(), "mode": "exact"}) == FingerprintConfig()
+    with pytest.raises(ConfigError, match="retired"):
+        FingerprintConfig.from_dict({**FingerprintConfig().to_dict(), "mode": "factored"})
 
 
 def test_rectangular_projection_is_scaled_per_side():

@@ -9,7 +9,7 @@ import pytest
 
 from service.cli import main
 
-METHODS = ["trackstar", "no_hessian", "kfac", "bm25", "hybrid", "random"]
+METHODS = ["trackstar", "no_hessian", "sketch", "bm25", "hybrid", "random"]
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,11 @@ def test_eval_writes_table_json_and_plot(eval_run):
     assert data["context"]["n_train_sequences"] > 100
     # --k 8 fixes every gradient method's d at 64 per module, whatever its block cap.
     dims = data["context"]["method_dims"]
-    assert set(dims) == {"trackstar", "no_hessian", "kfac"} and len(set(dims.values())) == 1
-    assert dims["kfac"] == data["context"]["fingerprint_dim"] and dims["kfac"] % 64 == 0
+    assert set(dims) == {"trackstar", "no_hessian", "sketch"} and len(set(dims.values())) == 1
+    assert dims["sketch"] == data["context"]["fingerprint_dim"] and dims["sketch"] % 64 == 0
     # Every method that looks at the data beats a random ranking on attribution, and the
     # passages retrieved by TrackStar move the completion more than random ones.
-    for name in ("trackstar", "no_hessian", "kfac", "bm25", "hybrid"):
+    for name in ("trackstar", "no_hessian", "sketch", "bm25", "hybrid"):
         assert rows[name]["mrr"] > rows["random"]["mrr"] + 0.2, name
     assert rows["trackstar"]["tailpatch_top10"] > rows["random"]["tailpatch_top10"]
     assert data["context"]["oracle_tailpatch_relevant"] > 0

@@ -19,12 +19,11 @@ def _dim(method: str, base: FingerprintConfig) -> int:
     return TrackStarEncoder(tiny_gpt2(n_embd=64), BY_NAME[method].config(base)).dim
 
 
-def test_each_family_has_a_row_at_the_others_d():
-    base = FingerprintConfig()
-    kfac, sketch = _dim("kfac", base), _dim("sketch", base)
-    assert sketch == 4 * kfac  # 4096- against 1024-dim blocks on every module
-    assert _dim("sketch_block1024", base) == kfac
-    assert _dim("kfac_block4096", base) == sketch
+def test_the_sketch_has_a_row_at_the_papers_d():
+    base = FingerprintConfig(projection="gaussian")
+    paper, sketch = _dim("trackstar", base), _dim("sketch", base)
+    assert sketch == 4 * paper  # 4096- against 1024-dim blocks on every module
+    assert _dim("sketch_block1024", base) == paper
 
 
 GRADIENT = [m for m in METHODS if m.kind == "gradient"]

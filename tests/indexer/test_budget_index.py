@@ -38,7 +38,7 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     assert sum(fp["block_dims"]) == 8 * 4096 and fp["config"]["k"] is None
     idx = InfluenceIndex.open(budget_index, OpenOptions(device="cpu"))  # verify re-encodes stored sequences
     try:
-        assert set(idx.encoder.projections()) == {n for n, s in fp["plan"].items() if s is not None}
+        assert set(idx.encoder.family.pairs) == {n for n, s in fp["plan"].items() if s is not None}
         scores, ids = idx.search(idx.encode_queries([("The capital of Drosora is", " Mutu.")]), 5)
         assert (ids >= 0).all() and scores[0, 0] >= scores[0, -1]
     finally:

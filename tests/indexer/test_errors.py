@@ -230,6 +230,6 @@ def test_basis_memory_is_estimated_and_refused(trained_checkpoint, fact_corpus_f
     assert basis_bytes(modules, plan) == sum(t.numel() * 8 for pair in stats.sums.values() for t in pair if t is not None)
     monkeypatch.setattr(preflight, "free_memory", lambda device: 256 << 10)  # 256 KiB free
     rc = main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(fact_corpus_files[0]),
-               "--out", str(tmp_path / "ix"), "-k", "4", "--projection", "pca", "--hessian", "none", "--no-progress"])
+               "--out", str(tmp_path / "ix"), "-k", "4", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "[insufficient_memory]" in err and "--projection gaussian" in err

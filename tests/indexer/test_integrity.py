@@ -29,7 +29,7 @@ def _edit(index_dir, change):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("hessian", "none"), ("correction", False), ("mode", "factored"), ("unit_norm", False), ("seed", 3),
+    [("hessian", "none"), ("correction", False), ("projection", "sketch"), ("unit_norm", False), ("seed", 3),
      ("hessian", "train")],
 )
 def test_edited_fingerprint_config_is_refused(tiny_index, tmp_path, capsys, key, value):

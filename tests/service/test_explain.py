@@ -37,13 +37,12 @@ def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[li
     ]
 
 
-def _encoder(model, hessian: str, unit_norm: bool = True, mode: str = "exact", projection: str = "gaussian") -> TrackStarEncoder:
+def _encoder(model, hessian: str, unit_norm: bool = True, projection: str = "gaussian") -> TrackStarEncoder:
     g = torch.Generator().manual_seed(2)
     v = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
-    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, mode=mode,
-                            projection=projection)  # fmt: skip
+    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, projection=projection)
     enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
-    if projection in ("pca", "sketch"):
+    if enc.needs_fit:
         enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])
     if hessian != "none":
         stats = enc.new_statistics()
@@ -59,11 +58,11 @@ def _query(enc: TrackStarEncoder, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "hessian,unit_norm,mode", [("none", True, "exact"), ("train", False, "exact"), ("train", True, "factored")]
+    "hessian,unit_norm,projection", [("none", True, "gaussian"), ("train", False, "gaussian"), ("train", True, "sketch")]
 )
-def test_contributions_sum_to_score(hessian, unit_norm, mode):
+def test_contributions_sum_to_score(hessian, unit_norm, projection):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    enc = _encoder(model, hessian, unit_norm, mode)
+    enc = _encoder(model, hessian, unit_norm, projection)
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)  # chunk < n_targets: several passes
@@ -75,15 +74,15 @@ def test_contributions_sum_to_score(hessian, unit_norm, mode):
 def test_contributions_sum_to_score_with_a_sketch():
     """The sketch's weight direction (W_out (S^T u) W_in, times C) carries its score too."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    enc = _encoder(model, "none", True, "exact", projection="sketch")
-    assert any(not enc._whole(m) for m in enc.modules)  # some modules are hashed, not kept whole
+    enc = _encoder(model, "none", True, projection="sketch")
+    assert any(not enc.family.whole(m) for m in enc.modules)  # some modules are hashed, not kept whole
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)
     assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
 
 
-@pytest.mark.parametrize("projection", ["gaussian", "pca"])
+@pytest.mark.parametrize("projection", ["gaussian", "sketch"])
 def test_contributions_match_brute_force(projection):
     """Whitened, unit norm: each target's NLL alone through the independent reference."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
@@ -95,11 +94,14 @@ def test_contributions_match_brute_force(projection):
 
     sm = enc.second_moments
     n = len(example.input_ids)
-    parts = np.stack([
-        ref.reference_phi(model, enc.modules, Example(example.input_ids, tuple(i == t for i in range(n))),
-                          k=3, seed=7, v_hat=sm.v_hat, eps=sm.eps, pairs=enc.projections())
-        for t in range(1, n)
-    ])
+    if projection == "sketch":
+        kw = dict(plan=enc.plan, roots=enc.family.whitening(), seed=7, v_hat=sm.v_hat, eps=sm.eps)
+        phi = ref.reference_sketch_phi
+    else:
+        kw, phi = dict(k=3, seed=7, v_hat=sm.v_hat, eps=sm.eps), ref.reference_phi
+    parts = np.stack(
+        [phi(model, enc.modules, Example(example.input_ids, tuple(i == t for i in range(n))), **kw) for t in range(1, n)]
+    )
     starts = np.cumsum([0, *enc.block_dims[:-1]])
     parts = np.concatenate([parts[:, s : s + d] @ w.numpy() for s, d, w in
                             zip(starts, enc.block_dims, enc.whitener.matrices, strict=True)], axis=1)
@@ -358,12 +360,12 @@ def test_queries_interleave_with_an_explanation(tiny_index, query):
 
 
 @pytest.mark.parametrize(
-    "hessian,unit_norm,mode,correction",
-    [("none", True, "exact", True), ("train", True, "exact", True), ("train", False, "exact", False),
-     ("train", True, "factored", True), ("none", True, "exact", False)],
+    "hessian,unit_norm,projection,correction",
+    [("none", True, "gaussian", True), ("train", True, "gaussian", True), ("train", False, "gaussian", False),
+     ("train", True, "sketch", True), ("none", True, "sketch", False)],
 )
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm, mode, correction, attention,
+def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm, projection, correction, attention,
                                                              monkeypatch):
     """c_t from one JVP along the weight direction of R^-1/2 e_q equals phi of each target's
     own backward pass dotted with e_q (float64 weights; softmax in float32 on both sides)."""
@@ -371,11 +373,13 @@ def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm,
 
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     model.config._attn_implementation = attention
-    enc = _encoder(model, hessian, unit_norm, mode)
+    enc = _encoder(model, hessian, unit_norm, projection)
     if not correction:
-        enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm,
-                                                        correction=False, projection="gaussian"), whitener=enc.whitener,
-                                projections=enc.projections())  # fmt: skip
+        config = FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm, correction=False,
+                                   projection=projection)  # fmt: skip
+        uncorrected = TrackStarEncoder(model, config, whitener=enc.whitener)
+        uncorrected.family.restore(enc.family.tensors())
+        enc = uncorrected
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 12, 12)[0])
     with monkeypatch.context() as m:  # the fast path must not fall back to the copies

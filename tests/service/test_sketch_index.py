@@ -1,7 +1,7 @@
 """A ``projection: sketch`` index end to end on the trained test model: the build fits the
 K-FAC whitening and saves it alone (the CountSketch is seeded, not stored), the engine
 reopens it, each hit states its score's standard deviation, and the exact second stage over
-every sequence gives the answer of an unprojected (k = 0) kfac index, whose whitening is
+every sequence gives the answer of an unprojected (k = 0) sketch index, whose whitening is
 the same."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoder.basis import load_fitted
+from encoder.tensor_files import load_tensors
 from engine.index import InfluenceIndex, OpenOptions
 from engine.query import Query
 from indexer import manifest as mf
@@ -27,19 +27,18 @@ def sketch_indexes(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     return projected_and_exact(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path_factory.mktemp("sketch"), "sketch")
 
 
-def test_the_saved_whitening_is_the_unprojected_kfac_one(sketch_indexes):
+def test_the_saved_whitening_is_the_unprojected_one(sketch_indexes):
     sketched, exact = sketch_indexes
-    pairs, roots = load_fitted(sketched / mf.PROJECTIONS)
-    exact_pairs = load_fitted(exact / mf.PROJECTIONS)[0]
-    assert pairs == {} and roots is not None and set(roots) == set(exact_pairs)
-    for name, (w_out, w_in) in roots.items():
+    saved, exact_saved = load_tensors(sketched / mf.PROJECTIONS), load_tensors(exact / mf.PROJECTIONS)
+    assert {key.rsplit(".", 1)[1] for key in saved} == {"W_out", "W_in"} and set(saved) == set(exact_saved)
+    for key, w in saved.items():
         # The same sample's sums, eigendecomposed the same way: the same float32 matrices.
-        assert torch.equal(w_out, exact_pairs[name][0]) and torch.equal(w_in, exact_pairs[name][1]), name
+        assert torch.equal(w, exact_saved[key]), key
     fp = mf.Manifest.read(sketched).fingerprint
     assert fp["block_dims"] == [16] * len(fp["modules"]), fp["block_dims"]
 
 
-def test_rescoring_every_candidate_gives_the_unprojected_kfac_ranking(sketch_indexes):
+def test_rescoring_every_candidate_gives_the_unprojected_ranking(sketch_indexes):
     first = assert_rescoring_every_candidate_gives_the_unprojected_ranking(*sketch_indexes)
     assert all(h.score_sd is not None and h.score_sd > 0 for h in first)  # it says how far scores could move
 
@@ -47,13 +46,13 @@ def test_rescoring_every_candidate_gives_the_unprojected_kfac_ranking(sketch_ind
 def test_a_sketch_index_without_its_whitening_is_refused(sketch_indexes, tmp_path):
     import shutil
 
-    from encoder.basis import save_projections
     from encoder.errors import ArtifactError
+    from encoder.tensor_files import save_tensors
 
     sketched, _ = sketch_indexes
     broken = tmp_path / "index"
     shutil.copytree(sketched, broken)
-    save_projections({}, broken / mf.PROJECTIONS)  # no whitening
+    save_tensors({}, broken / mf.PROJECTIONS)  # no whitening
     with pytest.raises(ArtifactError) as err:
         InfluenceIndex.open(broken, OpenOptions(verify=False))
     assert err.value.code == "manifest_mismatch"
@@ -129,7 +128,7 @@ def test_the_summary_states_only_what_the_index_is(sketch_indexes):
 def test_explain_splits_the_score_the_card_shows(sketch_indexes, fact_corpus):
     """A sketch index re-scores by default, so a card shows the exact whitened score and
     explain splits that one: its contributions sum to it and equal, token by token, the
-    first-stage split on the unprojected (k = 0) kfac index, whose fingerprint is that
+    first-stage split on the unprojected (k = 0) sketch index, whose fingerprint is that
     exact whitened gradient (the same whitening). The first stage's split stays available."""
     import numpy as np
 

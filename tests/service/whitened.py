@@ -1,5 +1,5 @@
-"""Shared by the kfac and sketch index tests: build a hessian-none index of the trained test
-model, and answer one query on an index opened for it."""
+"""Shared by the sketch index tests: build a hessian-none index of the trained test model, and
+answer one query on an index opened for it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def build(ckpt, corpus, out, k: int, projection: str):
     from indexer.build import BuildConfig, run_build
 
     return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=16, batch_size=8, basis_sample=0,
-                                 fingerprint=FingerprintConfig(k=k, hessian="none", projection=projection)))  # type: ignore[arg-type]  # fmt: skip
+                                 fingerprint=FingerprintConfig(k=k, hessian="none", projection=projection)))  # fmt: skip
 
 
 def answer(index_dir, query: Query) -> list[Hit]:
@@ -30,9 +30,9 @@ def answer(index_dir, query: Query) -> list[Hit]:
 
 
 def projected_and_exact(checkpoint_dir, corpus, root, projection: str):
-    """(k = 4 index of ``projection``, k = 0 kfac index): the same K-FAC whitening, one
-    projected and one not."""
-    return build(checkpoint_dir, corpus, root / "k4", 4, projection), build(checkpoint_dir, corpus, root / "k0", 0, "kfac")
+    """(k = 4 index of ``projection``, k = 0 sketch index): the same K-FAC whitening, one
+    projected and one not (every module kept whole: the whitened gradient itself)."""
+    return build(checkpoint_dir, corpus, root / "k4", 4, projection), build(checkpoint_dir, corpus, root / "k0", 0, "sketch")
 
 
 def assert_rescoring_every_candidate_gives_the_unprojected_ranking(projected, exact) -> list[Hit]:

@@ -1,0 +1,91 @@
+"""``sketch``, the product's fingerprint: K-FAC whitening, then a seeded CountSketch.
+
+phi_W = S_W vec(W_out G~_W W_in) with W = (C / n + delta mean_eig I)^-1/2 of each side's
+covariance C of the corrected per-example gradients over a sample of the corpus (fitted once
+by the build, ``encoder.basis.BasisStatistics.kfac_roots``, and saved with the index as
+``{module}.W_out`` / ``{module}.W_in``), and S_W a CountSketch of the out*in whitened entries
+into the module's d_W dims, drawn from (seed, module name) (``encoder.projection.sketch_hash``).
+A module whose gradient fits its share of the budget is kept whole: its block is the whitened
+gradient itself. The sketch is unbiased for inner products with a dense Gaussian projection's
+variance (1 / d_W), whatever the rank of the gradient (``encoder.uncertainty``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from encoder.basis import BasisStatistics, Pairs, whole_side
+from encoder.blocks import Block, Precision, Sketched, dense_block
+from encoder.config import FingerprintConfig
+from encoder.errors import ConfigError
+from encoder.families.base import Family, pair_tensors, pairs_from
+from encoder.modules import TrackedModule
+from encoder.projection import Plan, sketch_hash
+from encoder.uncertainty import sketch_score_variance
+
+
+class Sketch(Family):
+    """The whitened, CountSketched gradient (``encoder.families.sketch``)."""
+
+    name = "sketch"
+
+    def __init__(
+        self, config: FingerprintConfig, modules: list[TrackedModule], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__(config, modules, device, dtype)
+        self.roots: Pairs = {}
+        self.hashes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for m in modules:
+            if not self.whole(m):
+                sizes = self.plan[m.name] or (0, 0)
+                idx, sign = sketch_hash(config.seed, m, sizes[0] * sizes[1])
+                self.hashes[m.name] = (idx.to(device), sign.to(device))
+
+    def shape_plan(self, plan: Plan) -> Plan:
+        """Every module is whitened, so one kept whole gets the square pair (out, in)."""
+        return {m.name: plan[m.name] or (m.out_features, m.in_features) for m in self.modules}
+
+    @property
+    def needs_fit(self) -> bool:
+        return not self.roots
+
+    def fit(self, stats: BasisStatistics) -> None:
+        self.set_whitening(stats.kfac_roots(self.modules, self.config.delta))
+
+    def placeholder(self) -> None:
+        self.set_whitening({m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in self.modules})
+
+    def whitening(self) -> Pairs | None:
+        return {n: (a.float().cpu(), b.float().cpu()) for n, (a, b) in self.roots.items()}
+
+    def set_whitening(self, pairs: Pairs) -> None:
+        """Install (W_out, W_in) of every module: a side [n, n], or the [1] tensor s for s I."""
+        if set(pairs) != {m.name for m in self.modules}:
+            raise ConfigError("the whitening names other modules than the tracked ones")
+        for m in self.modules:
+            for side, n in zip(pairs[m.name], (m.out_features, m.in_features), strict=True):
+                if side.numel() != 1 and tuple(side.shape) != (n, n):
+                    raise ConfigError(f"a whitening side of {m.name} is {tuple(side.shape)}, it needs ({n}, {n})")
+        self.roots = {n: (self._to_device(a), self._to_device(b)) for n, (a, b) in pairs.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return pair_tensors(self.whitening() or {}, "W_out", "W_in")
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.set_whitening(pairs_from(tensors, "W_out", "W_in"))
+
+    def block(self, m: TrackedModule, inv: torch.Tensor | None, precision: Precision) -> Block:
+        w_out, w_in = self.roots[m.name]
+        if m.name in self.hashes:
+            sizes = self.plan[m.name] or (0, 0)
+            return Sketched(m, w_out, w_in, *self.hashes[m.name], sizes[0] * sizes[1], inv, precision)
+        whole = (whole_side(w_out, m.out_features), whole_side(w_in, m.in_features))
+        return dense_block(m, inv, whole, precision)
+
+    def score_variance(self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]) -> torch.Tensor:
+        hashed = [m.name in self.hashes for m in self.modules]
+        return sketch_score_variance(query, rows, hashed, block_dims)
+
+    @classmethod
+    def describe(cls, config: FingerprintConfig) -> str:
+        return f"K-FAC whitened, CountSketch seed {config.seed} (sketch)"
