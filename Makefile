@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check encoder indexer engine service api evaluation tests benchmarks deploy
 	$(BIN)/ruff check encoder indexer engine service api evaluation tests benchmarks deploy
 	$(BIN)/mypy
 

@@ -38,7 +38,8 @@ class IndexSummary(BaseModel):
     )
     faiss: str | None = Field(None, description="FAISS factory string of the index.")
     backend: str | None = Field(
-        None, description="The vector search serving it: local FAISS (CPU or GPU), torch, or a Milvus collection."
+        None,
+        description="The vector search serving it: local FAISS (CPU or GPU), torch, or a Milvus collection.",
     )
     built_at: str | None = None
 
@@ -48,7 +49,9 @@ class ReloadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    index_dir: Text | None = Field(None, max_length=4096, description="Index directory; default: the configured.")
+    index_dir: Text | None = Field(
+        None, max_length=4096, description="Index directory; default: the configured."
+    )
 
 
 class ReloadResponse(BaseModel):

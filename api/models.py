@@ -37,7 +37,6 @@ MAX_TEXT_FIELD_CHARS = 100_000
 (413) are the real bound and are set by the server's settings."""
 
 
-
 def _integral_float(value: object) -> object:
     # JSON Schema's "integer" includes 5.0 (a number with a zero fractional part); strict
     # mode alone would refuse it, so every integer field accepts it the same way.
@@ -56,7 +55,9 @@ def _unicode_text(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start} is not text") from None
+        raise ValueError(
+            f"lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start} is not text"
+        ) from None
     return value
 
 
@@ -84,20 +85,27 @@ class GenerateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: WholeNumber = Field(
-        ge=1, le=MAX_NEW_TOKENS,
+        ge=1,
+        le=MAX_NEW_TOKENS,
         description="At most this many tokens; generation also stops at the end-of-sequence token "
         "(which is not traced). Bounded by the server's `max_new_tokens` setting (413 beyond).",
         examples=[16],
-    )  # fmt: skip
+    )
     temperature: float = Field(
-        0.0, ge=0.0, le=10.0, allow_inf_nan=False,
+        0.0,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
         description="0 (the default) decodes greedily: the model's most likely continuation. "
         "Above 0 samples at this temperature from the full distribution.",
-    )  # fmt: skip
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral_float)] | None = Field(
-        None, description="Seed of the sampling generator (temperature > 0); null = a fresh one, "
-        "reported in the response's `generation.seed`.",
-    )  # fmt: skip
+    )
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral_float)] | None = (
+        Field(
+            None,
+            description="Seed of the sampling generator (temperature > 0); null = a fresh one, "
+            "reported in the response's `generation.seed`.",
+        )
+    )
 
 
 class Span(BaseModel):
@@ -106,8 +114,12 @@ class Span(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    start: WholeNumber = Field(ge=0, le=MAX_TEXT_FIELD_CHARS, description="First character (0-based).")
-    end: WholeNumber = Field(ge=1, le=MAX_TEXT_FIELD_CHARS, description="End character (exclusive).")
+    start: WholeNumber = Field(
+        ge=0, le=MAX_TEXT_FIELD_CHARS, description="First character (0-based)."
+    )
+    end: WholeNumber = Field(
+        ge=1, le=MAX_TEXT_FIELD_CHARS, description="End character (exclusive)."
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> Span:
@@ -148,11 +160,13 @@ class InfluenceQuery(BaseModel):
         description="Context given to the model. Its tokens are not attributed.",
         examples=["The capital of Drosora is"],
     )
-    completion: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_FIELD_CHARS)] | None = Field(
-        None,
-        description="The model output to explain; only its tokens carry loss. Required unless "
-        "`generate` is given (then it must be absent).",
-        examples=[" Mutu."],
+    completion: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_FIELD_CHARS)] | None = (
+        Field(
+            None,
+            description="The model output to explain; only its tokens carry loss. Required unless "
+            "`generate` is given (then it must be absent).",
+            examples=[" Mutu."],
+        )
     )
     generate: GenerateOptions | None = Field(
         None,
@@ -166,13 +180,19 @@ class InfluenceQuery(BaseModel):
         "completion tokens become context, later ones are dropped. An `end` past the completion's "
         "end means to its end; 422 `invalid_span` when `start` is not within the completion.",
     )
-    k: WholeNumber = Field(10, ge=1, le=MAX_K, description="Number of results to return (5.0 counts as 5).")
+    k: WholeNumber = Field(
+        10, ge=1, le=MAX_K, description="Number of results to return (5.0 counts as 5)."
+    )
     return_text: bool = Field(True, description="Include each training example's text.")
     max_text_chars: Annotated[int, Field(ge=0), BeforeValidator(_integral_float)] | None = Field(
         None, description="Truncate returned texts to this many characters."
     )
     min_score: float | None = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop results whose influence score is below this."
+        None,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Drop results whose influence score is below this.",
     )
     source: Text | None = Field(
         None, max_length=1000, description="Only return training examples from this source."
@@ -184,7 +204,9 @@ class InfluenceQuery(BaseModel):
         "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
-    rescore: Annotated[int, Field(ge=0, le=MAX_RESCORE), BeforeValidator(_integral_float)] | None = Field(
+    rescore: (
+        Annotated[int, Field(ge=0, le=MAX_RESCORE), BeforeValidator(_integral_float)] | None
+    ) = Field(
         None,
         description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first "
         "stage's candidates in order, at most its top max(rescore, k), by their unprojected gradients as "
@@ -207,8 +229,11 @@ class InfluenceQuery(BaseModel):
     @model_validator(mode="after")
     def _one_completion(self) -> InfluenceQuery:
         if (self.completion is None) == (self.generate is None):
-            raise PydanticCustomError(COMPLETION_OR_GENERATE, "give either `completion` (the output to explain) "
-                                      "or `generate` (let the model write it), not both or neither")  # fmt: skip
+            raise PydanticCustomError(
+                COMPLETION_OR_GENERATE,
+                "give either `completion` (the output to explain) "
+                "or `generate` (let the model write it), not both or neither",
+            )
         return self
 
 
@@ -279,13 +304,15 @@ class InfluenceResponse(BaseModel):
 
     results: list[InfluenceResult]
     completion: str | None = Field(
-        None, description="The completion that was traced: the model's own generation for a "
-        "query with `generate`, else the query's completion."
-    )  # fmt: skip
+        None,
+        description="The completion that was traced: the model's own generation for a "
+        "query with `generate`, else the query's completion.",
+    )
     span: Span | None = Field(
-        None, description="The character range of `completion` whose tokens were traced: the "
-        "query's `span` widened to token boundaries, or the whole completion."
-    )  # fmt: skip
+        None,
+        description="The character range of `completion` whose tokens were traced: the "
+        "query's `span` widened to token boundaries, or the whole completion.",
+    )
     generation: GenerationInfo | None = Field(None, description="Set for queries with `generate`.")
     rescore: RescoreReport | None = Field(None, description="Set when the exact second stage ran.")
     model: str = Field(description="The model the index was built on.")
@@ -293,78 +320,16 @@ class InfluenceResponse(BaseModel):
     timings_ms: Timings
 
 
-class ExplainRequest(BaseModel):
-    """Split one result's influence score over the training example's tokens."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"prompt": "The capital of Drosora is", "completion": " Mutu.", "id": 42}
-            ]
-        },
-    )
-
-    prompt: Text = Field(max_length=MAX_TEXT_FIELD_CHARS, description="The query's prompt.")
-    completion: Text = Field(
-        min_length=1, max_length=MAX_TEXT_FIELD_CHARS, description="The query's completion."
-    )
-    id: WholeNumber = Field(
-        ge=0,
-        le=2**53 - 1,  # exact in JSON numbers (float64) and JavaScript; ids are dense row numbers
-        strict=True,
-        description="The training example to explain (a result's id; 3.0 counts as 3).",
-    )
-    span: Span | None = Field(
-        None, description="The query's `span`, if it had one: explain the score of the same traced tokens."
-    )  # fmt: skip
-    exact: bool | None = Field(
-        None,
-        strict=True,
-        description="Explain the exact second stage's score (the one a re-scored result shows) or, false, "
-        "the first stage's fingerprint score. Null: the score a result shows by default, the exact one "
-        "where the index re-scores by default.",
-    )
-
-
-class TokenContribution(BaseModel):
-    """One token of the training example and its share of the score."""
-
-    text: str = Field(description="The token's text (a slice of the example's text).")
-    start: int = Field(description="Character offset of the token in the example's text.")
-    end: int = Field(description="End character offset (exclusive).")
-    contribution: float = Field(
-        description="This token's loss term's share of the score: e_q . R^-1/2 phi^(t) / "
-        "||R^-1/2 phi||. Signed; the contributions sum to `score`. 0 for the first token, "
-        "which is never predicted."
-    )
-
-
-class ExplainResponse(BaseModel):
-    """Per-token attribution of one (query, training example) influence score."""
-
-    id: int
-    score: float = Field(description="The influence score recomputed exactly (float32), "
-                         "= sum of the token contributions.")
-    index_score: float = Field(description="The score against the stored float16 fingerprint "
-                               "(what the search ranked by).")
-    fingerprint_agreement: float = Field(
-        description="Cosine between the recomputed and the stored fingerprint of the example; "
-        "~1 when the example's tokens were reconstructed exactly from its text."
-    )
-    tokens: list[TokenContribution]
-    exact: bool = Field(False, description="The exact second stage's score is explained (else the first stage's).")
-    model: str
-    index_version: str
-    timings_ms: dict[str, float] = Field(description="Server-side time: `total`.")
-
-
 QueryItem = Annotated[
     dict[str, JsonValue],
-    WithJsonSchema({"anyOf": [{"$ref": "#/components/schemas/InfluenceQuery"}, {"type": "object"}],
-                    "description": "An `InfluenceQuery`; any other object is answered with its "
-                    "validation error in `errors`."}),
-]  # fmt: skip
+    WithJsonSchema(
+        {
+            "anyOf": [{"$ref": "#/components/schemas/InfluenceQuery"}, {"type": "object"}],
+            "description": "An `InfluenceQuery`; any other object is answered with its "
+            "validation error in `errors`.",
+        }
+    ),
+]
 """One query of a batch call: validated by the route as an ``InfluenceQuery``, per query."""
 
 
@@ -386,7 +351,10 @@ class BatchQueryError(BaseModel):
     """Why one query of a batch call failed: what `POST /v1/influence` would have answered."""
 
     query_index: int = Field(ge=0, description="Position of the query in the request.")
-    status: int = Field(description="The HTTP status a single `POST /v1/influence` would have returned.", examples=[413])
+    status: int = Field(
+        description="The HTTP status a single `POST /v1/influence` would have returned.",
+        examples=[413],
+    )
     error: ErrorBody
 
 
@@ -396,5 +364,6 @@ class BatchInfluenceResponse(BaseModel):
 
     responses: list[InfluenceResponse | None]
     errors: list[BatchQueryError] = Field(
-        default_factory=list, description="One per failed query, in request order; empty when all succeeded."
+        default_factory=list,
+        description="One per failed query, in request order; empty when all succeeded.",
     )

@@ -35,7 +35,9 @@ GOAL = 1.05
 
 def _sequences(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
     chunker = Chunker(tokenizer, ChunkConfig(seq_len, seq_len, False, True))
-    return [c.input_ids for c in chunker.chunks(Document(str(i), t, None) for i, t in enumerate(texts))]
+    return [
+        c.input_ids for c in chunker.chunks(Document(str(i), t, None) for i, t in enumerate(texts))
+    ]
 
 
 def _encode_seconds(encoder, seqs, order, batch_size, pad) -> float:
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs of the throughput run")
     p.add_argument("--max-sequences", type=int, default=1024, help="sequences encoded per run")
-    p.add_argument("--shard-size", type=int, default=256, help="the build sorts within shards of this size")
+    p.add_argument(
+        "--shard-size", type=int, default=256, help="the build sorts within shards of this size"
+    )
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -67,16 +71,27 @@ def main(argv: list[str] | None = None) -> int:
             n = int(rng.integers(1, 13))
             mixed.append(" ".join(texts[i : i + n]))
             i += n
-        encoder = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", projection="gaussian", correction=True),
-                                   second_moments=load_second_moments(ckpt, model))
+        encoder = TrackStarEncoder(
+            model,
+            FingerprintConfig(k=16, hessian="none", projection="gaussian", correction=True),
+            second_moments=load_second_moments(ckpt, model),
+        )
         pad = int(tokenizer.pad_token_id or 0)
         rows = []
         for name, docs in (("demo corpus", texts), ("mixed-length corpus", mixed)):
             seqs = _sequences(tokenizer, docs, seq_len)[: args.max_sequences]
             lengths = np.array([len(s) for s in seqs])
             real = int(lengths.sum())
-            shards = [(a, min(a + args.shard_size, len(seqs))) for a in range(0, len(seqs), args.shard_size)]
-            before = sum(padded_tokens(lengths[a:b], args.batch_size, by_length=False) for a, b in shards) / real
+            shards = [
+                (a, min(a + args.shard_size, len(seqs)))
+                for a in range(0, len(seqs), args.shard_size)
+            ]
+            before = (
+                sum(
+                    padded_tokens(lengths[a:b], args.batch_size, by_length=False) for a, b in shards
+                )
+                / real
+            )
             after = sum(padded_tokens(lengths[a:b], args.batch_size) for a, b in shards) / real
             corpus_order = np.arange(len(seqs))
             sorted_order = np.concatenate([a + length_order(lengths[a:b]) for a, b in shards])
@@ -85,16 +100,44 @@ def main(argv: list[str] | None = None) -> int:
                 a = _encode_seconds(encoder, seqs, corpus_order, args.batch_size, pad)
                 b = _encode_seconds(encoder, seqs, sorted_order, args.batch_size, pad)
                 ratios.append(a / b)
-            rows.append({"corpus": name, "sequences": len(seqs), "mean_len": float(lengths.mean()),
-                         "padded_over_real_before": before, "padded_over_real_after": after,
-                         "goal": GOAL, "met": "yes" if after <= GOAL else "no",
-                         "throughput_gain": float(np.median(ratios)), "gain_range": f"{min(ratios):.3f}-{max(ratios):.3f}"})  # fmt: skip
-    md = ("# Length-sorted batches\n\n" + md_table(rows, ["corpus", "sequences", "mean_len", "padded_over_real_before",
-          "padded_over_real_after", "goal", "met", "throughput_gain", "gain_range"])
-          + f"\nModel: the {args.size}-size fact GPT-2, exact encoder, k=16, batch {args.batch_size}, sorted within shards of {args.shard_size}, 1 thread. "
-          "throughput_gain = corpus-order seconds / length-sorted seconds, median of the A/B pairs.\n")  # fmt: skip
-    write_results("batching", {"machine": machine(), "args": vars(args) | {"out_dir": str(args.out_dir)}, "rows": rows},
-                  md, args.out_dir)  # fmt: skip
+            rows.append(
+                {
+                    "corpus": name,
+                    "sequences": len(seqs),
+                    "mean_len": float(lengths.mean()),
+                    "padded_over_real_before": before,
+                    "padded_over_real_after": after,
+                    "goal": GOAL,
+                    "met": "yes" if after <= GOAL else "no",
+                    "throughput_gain": float(np.median(ratios)),
+                    "gain_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                }
+            )
+    md = (
+        "# Length-sorted batches\n\n"
+        + md_table(
+            rows,
+            [
+                "corpus",
+                "sequences",
+                "mean_len",
+                "padded_over_real_before",
+                "padded_over_real_after",
+                "goal",
+                "met",
+                "throughput_gain",
+                "gain_range",
+            ],
+        )
+        + f"\nModel: the {args.size}-size fact GPT-2, exact encoder, k=16, batch {args.batch_size}, sorted within shards of {args.shard_size}, 1 thread. "
+        "throughput_gain = corpus-order seconds / length-sorted seconds, median of the A/B pairs.\n"
+    )
+    write_results(
+        "batching",
+        {"machine": machine(), "args": vars(args) | {"out_dir": str(args.out_dir)}, "rows": rows},
+        md,
+        args.out_dir,
+    )
     return 0
 
 

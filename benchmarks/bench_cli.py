@@ -28,14 +28,25 @@ def _wall(cmd: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--index", type=Path, default=Path(".demo/index"), help="a published index (default: make demo's)")
+    p.add_argument(
+        "--index",
+        type=Path,
+        default=Path(".demo/index"),
+        help="a published index (default: make demo's)",
+    )
     p.add_argument("--repeats", type=int, default=7, help="runs of each command (median reported)")
-    p.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument(
+        "--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)"
+    )
     args = p.parse_args(argv)
     commands = {
         "influence --help": [*INFLUENCE, "--help"],
         "influence index build --help": [*INFLUENCE, "index", "build", "--help"],
-        "import torch, transformers, faiss (reference)": [sys.executable, "-c", "import torch, transformers, faiss"],
+        "import torch, transformers, faiss (reference)": [
+            sys.executable,
+            "-c",
+            "import torch, transformers, faiss",
+        ],
     }
     if (args.index / "manifest.json").is_file():
         commands["influence index info"] = [*INFLUENCE, "index", "info", str(args.index)]
@@ -47,11 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         reference = "reference" in name
-        rows.append({"command": name, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-                     "goal_s": "" if reference else GOAL_S, "met": "" if reference else ("yes" if med <= GOAL_S else "no")})  # fmt: skip
-    md = ("# CLI start-up\n\n" + md_table(rows, ["command", "median_s", "min_s", "max_s", "goal_s", "met"])
-          + f"\n{args.repeats} fresh processes per command, interleaved; median.\n")
-    write_results("cli", {"machine": machine(), "repeats": args.repeats, "rows": rows}, md, args.out_dir)
+        rows.append(
+            {
+                "command": name,
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "goal_s": "" if reference else GOAL_S,
+                "met": "" if reference else ("yes" if med <= GOAL_S else "no"),
+            }
+        )
+    md = (
+        "# CLI start-up\n\n"
+        + md_table(rows, ["command", "median_s", "min_s", "max_s", "goal_s", "met"])
+        + f"\n{args.repeats} fresh processes per command, interleaved; median.\n"
+    )
+    write_results(
+        "cli", {"machine": machine(), "repeats": args.repeats, "rows": rows}, md, args.out_dir
+    )
     return 0
 
 

@@ -42,7 +42,9 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "note": os.environ.get("BENCH_NOTE", "shared machine: other processes ran concurrently, timings are noisy"),
+        "note": os.environ.get(
+            "BENCH_NOTE", "shared machine: other processes ran concurrently, timings are noisy"
+        ),
     }
 
 

@@ -67,13 +67,29 @@ def build_model(name: str, n_positions: int) -> torch.nn.Module:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         n_layer, hidden, n_head, inter, vocab = NEOX_MODELS[name]
-        neox = GPTNeoXConfig(num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
-                             intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max(n_positions, 2048),
-                             rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+        neox = GPTNeoXConfig(
+            num_hidden_layers=n_layer,
+            hidden_size=hidden,
+            num_attention_heads=n_head,
+            intermediate_size=inter,
+            vocab_size=vocab,
+            max_position_embeddings=max(n_positions, 2048),
+            rotary_pct=0.25,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
         return GPTNeoXForCausalLM(neox).eval()
     n_layer, n_embd, n_head, vocab = MODELS[name]
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -107,12 +123,17 @@ def _encoders(model, sm: SecondMoments, k: int, batch: TokenBatch) -> dict[str, 
     """The product's default (sketch, fitted on ``batch``) and the paper's projection."""
     default = TrackStarEncoder(model, FingerprintConfig())
     default.fit_basis([batch])
-    paper = TrackStarEncoder(model, FingerprintConfig(k=k, hessian="none", projection="gaussian", correction=True),
-                             second_moments=sm)  # fmt: skip
+    paper = TrackStarEncoder(
+        model,
+        FingerprintConfig(k=k, hessian="none", projection="gaussian", correction=True),
+        second_moments=sm,
+    )
     return {"default": default, "paper": paper}
 
 
-def _time_runs(runs: dict[str, Any], repeats: int, dev: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+def _time_runs(
+    runs: dict[str, Any], repeats: int, dev: torch.device
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of each run (interleaved, so machine noise hits all alike), and the peak
     GPU memory of each (warm-up pass; empty on the CPU)."""
 
@@ -162,10 +183,20 @@ def speed(
     auto = None
     if batch_size == 0:
         batch_size, est = auto_batch_size(TrackStarEncoder(model, FingerprintConfig()), seq_len)
-        auto = {"fixed_MiB": est.fixed / 2**20, "per_example_MiB": est.per_example / 2**20, "method": est.method}
+        auto = {
+            "fixed_MiB": est.fixed / 2**20,
+            "per_example_MiB": est.per_example / 2**20,
+            "method": est.method,
+        }
     g = torch.Generator().manual_seed(1)
-    batch = collate([sequence_example(torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist())
-                     for _ in range(batch_size)]).to(dev)  # fmt: skip
+    batch = collate(
+        [
+            sequence_example(
+                torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist()
+            )
+            for _ in range(batch_size)
+        ]
+    ).to(dev)
     encoders = _encoders(model, sm, k, batch)
 
     def plain() -> None:
@@ -173,41 +204,84 @@ def speed(
         _train_step(model, batch)
         model.requires_grad_(False)
 
-    runs = {"plain": plain, **{name: (lambda e=enc: e.project(batch)) for name, enc in encoders.items()}}
+    runs = {
+        "plain": plain,
+        **{name: (lambda e=enc: e.project(batch)) for name, enc in encoders.items()},
+    }
     med, peak = _time_runs(runs, repeats, dev)
     n_params = sum(p.numel() for p in model.parameters())
     tokens = batch_size * seq_len
     # A plain step's arithmetic: ~6 flops per parameter per token (forward 2, backward 4).
     return {
-        "model": model_name, "params_M": n_params / 1e6, "seq_len": seq_len, "batch": batch_size, "k": k,
-        "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "plain_s": med["plain"],
-        "default_d": encoders["default"].dim, "default_s": med["default"], "default_ratio": med["default"] / med["plain"],
-        "paper_d": encoders["paper"].dim, "paper_s": med["paper"], "paper_ratio": med["paper"] / med["plain"],
-        "tokens_per_s_plain": tokens / med["plain"], "tokens_per_s_default": tokens / med["default"],
-        "plain_TFLOPs": 6 * n_params * tokens / med["plain"] / 1e12, "peak_GiB": peak, "auto_batch": auto,
+        "model": model_name,
+        "params_M": n_params / 1e6,
+        "seq_len": seq_len,
+        "batch": batch_size,
+        "k": k,
+        "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
+        "plain_s": med["plain"],
+        "default_d": encoders["default"].dim,
+        "default_s": med["default"],
+        "default_ratio": med["default"] / med["plain"],
+        "paper_d": encoders["paper"].dim,
+        "paper_s": med["paper"],
+        "paper_ratio": med["paper"] / med["plain"],
+        "tokens_per_s_plain": tokens / med["plain"],
+        "tokens_per_s_default": tokens / med["default"],
+        "plain_TFLOPs": 6 * n_params * tokens / med["plain"] / 1e12,
+        "peak_GiB": peak,
+        "auto_batch": auto,
         # Model FLOPs utilization of the default: a plain step's 6 P flops per token.
         "mfu_default": _mfu(6 * n_params * tokens / med["default"], dev),
-    }  # fmt: skip
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="CI smoke: a tiny model, two repeats")
-    p.add_argument("--models", default="gpt2-4x256,gpt2-6x384", help=f"comma-separated, of {sorted(MODELS | NEOX_MODELS)}")
-    p.add_argument("--k", type=int, default=16, help="the paper configuration's k per side (default 16)")
-    p.add_argument("--seq-lens", default="128,256", help="comma-separated sequence lengths (default 128,256)")
+    p.add_argument(
+        "--models",
+        default="gpt2-4x256,gpt2-6x384",
+        help=f"comma-separated, of {sorted(MODELS | NEOX_MODELS)}",
+    )
+    p.add_argument(
+        "--k", type=int, default=16, help="the paper configuration's k per side (default 16)"
+    )
+    p.add_argument(
+        "--seq-lens", default="128,256", help="comma-separated sequence lengths (default 128,256)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="model weights (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--batch", default=None,
-                   help="sequences per batch, or 'auto' (from free memory); default 4 on the CPU, auto on CUDA")
-    p.add_argument("--gradient-budget-mb", type=int, default=None,
-                   help="MiB of per-example gradients formed at once (default: the encoder's)")
-    p.add_argument("--tag", default=None, help="result file suffix (default: the device type if not cpu)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: OpenMP threads collapse on a shared, busy machine)")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    return p  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="model weights (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--batch",
+        default=None,
+        help="sequences per batch, or 'auto' (from free memory); default 4 on the CPU, auto on CUDA",
+    )
+    p.add_argument(
+        "--gradient-budget-mb",
+        type=int,
+        default=None,
+        help="MiB of per-example gradients formed at once (default: the encoder's)",
+    )
+    p.add_argument(
+        "--tag", default=None, help="result file suffix (default: the device type if not cpu)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: OpenMP threads collapse on a shared, busy machine)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="results directory (default benchmarks/results)"
+    )
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_budget_mb:
         products.GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
         products.CUDA_GRADIENT_BUDGET_BYTES = args.gradient_budget_mb << 20
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    )
     batch_arg = args.batch or ("auto" if cuda else "4")
     batch_size = 0 if batch_arg == "auto" else int(batch_arg)
     if args.quick:
@@ -233,13 +309,39 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
     goals = []
-    for name, limit in (("default", GOALS["default_ratio_max"]), ("paper", GOALS["paper_ratio_max"])):
+    for name, limit in (
+        ("default", GOALS["default_ratio_max"]),
+        ("paper", GOALS["paper_ratio_max"]),
+    ):
         worst = max(r[f"{name}_ratio"] for r in rows)
-        goals.append({"goal": f"{name} encode <= {limit}x plain fwd+bwd (worst config)", "measured": worst,
-                      "met": worst <= limit})  # fmt: skip
-    payload = {"benchmark": "encode", "quick": args.quick, "machine": machine(), "speed": rows, "goals": goals}
-    cols = ["model", "params_M", "seq_len", "batch", "plain_s", "default_d", "default_s", "default_ratio",
-            "paper_d", "paper_s", "paper_ratio", "tokens_per_s_default"]  # fmt: skip
+        goals.append(
+            {
+                "goal": f"{name} encode <= {limit}x plain fwd+bwd (worst config)",
+                "measured": worst,
+                "met": worst <= limit,
+            }
+        )
+    payload = {
+        "benchmark": "encode",
+        "quick": args.quick,
+        "machine": machine(),
+        "speed": rows,
+        "goals": goals,
+    }
+    cols = [
+        "model",
+        "params_M",
+        "seq_len",
+        "batch",
+        "plain_s",
+        "default_d",
+        "default_s",
+        "default_ratio",
+        "paper_d",
+        "paper_s",
+        "paper_ratio",
+        "tokens_per_s_default",
+    ]
     if cuda:
         cols[4:4] = ["dtype", "plain_TFLOPs"]
     md = (
@@ -248,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {repeats} interleaved runs, device {args.device}, weights {dtype} (accumulation float32), "
         f"batch {batch_arg}. `default`: the sketch at its default sizing (budget 2^16, no correction, no projected "
         f"R); `paper`: the Gaussian projection, k={args.k}, correction on.\n\n"
-        + md_table(rows, cols) + "\n## Goals\n\n" + md_table(goals, ["goal", "measured", "met"])
-    )  # fmt: skip
+        + md_table(rows, cols)
+        + "\n## Goals\n\n"
+        + md_table(goals, ["goal", "measured", "met"])
+    )
     tag = args.tag if args.tag is not None else ("" if not cuda else torch.device(args.device).type)
     name = "encode" + ("_quick" if args.quick else "") + (f"_{tag}" if tag else "")
     write_results(name, payload, md, args.out)

@@ -98,8 +98,16 @@ def prepare(spec: ModelSpec, workdir: Path) -> tuple[Path, Path]:
     corpus = generate_fact_corpus(spec.corpus, seed=0, n_facts=spec.n_facts)
     corpus.write(root / "corpus")
     result = train_fact_model(corpus, root / "model", size=spec.size, seed=0, progress=True)
-    stamp.write_text(json.dumps({"checkpoint": str(result.checkpoint_dir), "fact_accuracy": result.fact_accuracy,
-                                 "train_seconds": result.train_seconds, "passages": len(corpus.passages)}))  # fmt: skip
+    stamp.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint_dir),
+                "fact_accuracy": result.fact_accuracy,
+                "train_seconds": result.train_seconds,
+                "passages": len(corpus.passages),
+            }
+        )
+    )
     return result.checkpoint_dir, root / "corpus"
 
 
@@ -111,8 +119,8 @@ class Harness:
         from encoder.model_loading import load_model, load_tokenizer
         from encoder.optimizer_state import load_second_moments
         from evaluation.corpus import load_queries
+        from evaluation.inputs import read_corpus, training_sequences
         from evaluation.methods import fold_of
-        from evaluation.run import read_corpus, training_sequences
 
         self.model = load_model(checkpoint, device=torch.device("cpu"), dtype=torch.float32)
         self.tokenizer = load_tokenizer(checkpoint)
@@ -120,7 +128,9 @@ class Harness:
         _, texts = read_corpus(corpus_dir / "corpus.jsonl")
         queries = load_queries(corpus_dir / "queries.jsonl")[:n_queries]
         max_len = int(self.model.config.n_positions)
-        self.train = [sequence_example(s) for s in training_sequences(self.tokenizer, texts, max_len)]
+        self.train = [
+            sequence_example(s) for s in training_sequences(self.tokenizer, texts, max_len)
+        ]
         self.queries = [tokenize_query(self.tokenizer, q.prompt, q.completion) for q in queries]
         self.second_moments = load_second_moments(checkpoint, self.model)
         self.folds = fold_of(len(self.queries), 0)
@@ -131,9 +141,13 @@ class Harness:
         from encoder.fingerprint import TrackStarEncoder
         from evaluation.methods import fit_basis
 
-        enc = TrackStarEncoder(self.model, config, second_moments=self.second_moments if config.correction else None)
+        enc = TrackStarEncoder(
+            self.model, config, second_moments=self.second_moments if config.correction else None
+        )
         t0 = time.perf_counter()
-        fit_basis(enc, [self.train[i] for i in basis_ids(len(self.train))], pad_id=self.pad, batch_size=16)
+        fit_basis(
+            enc, [self.train[i] for i in basis_ids(len(self.train))], pad_id=self.pad, batch_size=16
+        )
         self.basis_s = time.perf_counter() - t0
         return enc
 
@@ -147,13 +161,17 @@ class Harness:
         b = project_all(enc, self.queries, pad_id=self.pad, batch_size=16)
         return enc, a, b, time.perf_counter() - t0
 
-    def scores(self, config, train: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def scores(
+        self, config, train: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
         """([Q, N] scores, seconds of one whitening), as the evaluation scores
         (``evaluation.methods.gradient_scores``: mixed R_eval from the other fold)."""
         from evaluation.methods import N_FOLDS, GradientInputs, gradient_scores
 
         t0 = time.perf_counter()
-        scores, _ = gradient_scores(config, self.model, self.second_moments, GradientInputs(train, queries), self.folds)
+        scores, _ = gradient_scores(
+            config, self.model, self.second_moments, GradientInputs(train, queries), self.folds
+        )
         # One fold's whitening is what a build does; the second is the evaluation's split.
         seconds = (time.perf_counter() - t0) / N_FOLDS if config.hessian == "mixed" else 0.0
         return scores.float(), seconds
@@ -175,7 +193,9 @@ def unprojected(h: Harness, projection: str, correction: bool) -> tuple[torch.Te
     (k = 0, hessian none): the plain corrected gradients, or the sketch's whitened ones."""
     from encoder.config import FingerprintConfig
 
-    enc, a, b, seconds = h.phi(FingerprintConfig(k=0, hessian="none", projection=projection, correction=correction))
+    enc, a, b, seconds = h.phi(
+        FingerprintConfig(k=0, hessian="none", projection=projection, correction=correction)
+    )
     # Unit-normalize in place: the unprojected phi of the deep model is ~10 GB already.
     for m in (a, b):
         m.div_(m.norm(dim=1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny))
@@ -193,7 +213,9 @@ def overlap(a: list[set[int]], b: list[set[int]], k: int = 10) -> float:
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     from scipy.stats import spearmanr
 
-    return float(np.mean([spearmanr(a, b).statistic for a, b in zip(x.numpy(), y.numpy(), strict=True)]))
+    return float(
+        np.mean([spearmanr(a, b).statistic for a, b in zip(x.numpy(), y.numpy(), strict=True)])
+    )
 
 
 def rescored(first: torch.Tensor, exact: torch.Tensor, c: int) -> list[set[int]]:
@@ -207,7 +229,9 @@ def r_bytes(block_dims: list[int]) -> int:
     return 3 * sum(8 * d * d for d in block_dims)
 
 
-def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: Path, n_queries: int) -> dict:
+def measure_model(
+    spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: Path, n_queries: int
+) -> dict:
     from encoder.config import FingerprintConfig
 
     checkpoint, corpus_dir = prepare(spec, workdir)
@@ -216,9 +240,15 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     exact_top = top(exact, 10)
     whitened = any(c.get("projection") == "sketch" for c in configs.values())
     white_exact = unprojected(h, "sketch", False)[0] if whitened else None
-    info = {"model": spec.name, "layers": int(h.model.config.n_layer), "width": int(h.model.config.n_embd),
-            "sequences": len(h.train), "queries": len(h.queries), "unprojected_dim": enc.dim,
-            "unprojected_phi_s": round(exact_s, 1)}  # fmt: skip
+    info = {
+        "model": spec.name,
+        "layers": int(h.model.config.n_layer),
+        "width": int(h.model.config.n_embd),
+        "sequences": len(h.train),
+        "queries": len(h.queries),
+        "unprojected_dim": enc.dim,
+        "unprojected_phi_s": round(exact_s, 1),
+    }
     rows = []
     for label, entry in configs.items():
         print(f"[{spec.name}] {label}", flush=True)
@@ -228,7 +258,9 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         for seed in SEEDS:
             enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
             s_none[seed], _ = h.scores(enc.config, a, b)
-            s_mixed[seed], whiten_s = h.scores(FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b)
+            s_mixed[seed], whiten_s = h.scores(
+                FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b
+            )
             # A build's passes: the whitening fit (sketch), pass 1 and R^-1/2 only where the config
             # whitens by R (hessian none builds skip them), and the encode pass.
             cost.append(h.basis_s + phi_s + (phi_s + whiten_s if whitens else 0.0))
@@ -240,21 +272,33 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
         row: dict[str, Any] = {
-            "config": label, "projection": enc.config.projection, "d": enc.dim, "max_block_dims": max(enc.block_dims),
-            "exact_modules": sum(d == m.out_features * m.in_features for m, d in zip(enc.modules, enc.block_dims, strict=True)), "modules": len(enc.plan),
+            "config": label,
+            "projection": enc.config.projection,
+            "d": enc.dim,
+            "max_block_dims": max(enc.block_dims),
+            "exact_modules": sum(
+                d == m.out_features * m.in_features
+                for m, d in zip(enc.modules, enc.block_dims, strict=True)
+            ),
+            "modules": len(enc.plan),
             "none_vs_exact": (overlap(n0, exact_top) + overlap(n1, exact_top)) / 2,
-            "none_seed": overlap(n0, n1), "mixed_seed": overlap(m0, m1),
-            "spearman_none_vs_exact": spearman(s_none[0], exact), "spearman_mixed_seed": spearman(s_mixed[0], s_mixed[1]),
+            "none_seed": overlap(n0, n1),
+            "mixed_seed": overlap(m0, m1),
+            "spearman_none_vs_exact": spearman(s_none[0], exact),
+            "spearman_mixed_seed": spearman(s_mixed[0], s_mixed[1]),
             "mixed_vs_exact": overlap(m0, exact_top),
             "none_vs_own": (overlap(n0, own_top) + overlap(n1, own_top)) / 2,
             "mixed_vs_own": (overlap(m0, own_top) + overlap(m1, own_top)) / 2,
-            "build_passes_s": float(np.mean(cost)), "bytes_per_vector": 2 * enc.dim,
+            "build_passes_s": float(np.mean(cost)),
+            "bytes_per_vector": 2 * enc.dim,
             "r_memory_mib": r_bytes(enc.block_dims) / 2**20,
             "projection_mib": sum(4 * t.numel() for t in enc.family.tensors().values()) / 2**20,
-        }  # fmt: skip
+        }
         for c in RESCORE_C:
             row[f"rescore{c}"] = overlap(rescored(s_none[0], own, c), own_top)
-            row[f"rescore{c}_seed"] = overlap(rescored(s_none[0], own, c), rescored(s_none[1], own, c))
+            row[f"rescore{c}_seed"] = overlap(
+                rescored(s_none[0], own, c), rescored(s_none[1], own, c)
+            )
             r0, r1 = rescored(s_mixed[0], own, c), rescored(s_mixed[1], own, c)
             row[f"mixed_rescore{c}_seed"] = overlap(r0, r1)
             row[f"mixed_rescore{c}_vs_exact"] = overlap(r0, own_top)
@@ -263,10 +307,14 @@ def measure_model(spec: ModelSpec, configs: dict[str, dict[str, Any]], workdir: 
     base = rows[0]["build_passes_s"]
     for row in rows:
         row["build_vs_first"] = row["build_passes_s"] / base
-    whitening = h.fitted(FingerprintConfig()).family.whitening()  # the default's, for its exact stage
+    whitening = h.fitted(
+        FingerprintConfig()
+    ).family.whitening()  # the default's, for its exact stage
     info["rescore100_ms_per_query"] = h.rescore_ms(FingerprintConfig(), 100, whitening)
     t0 = time.perf_counter()
-    h.phi(FingerprintConfig(hessian="none", projection="gaussian"))  # one first-stage encode per sequence
+    h.phi(
+        FingerprintConfig(hessian="none", projection="gaussian")
+    )  # one first-stage encode per sequence
     per_seq = (time.perf_counter() - t0) / (len(h.train) + len(h.queries))
     info["first_stage_encode_ms_per_query"] = per_seq * 1e3
     return {"info": info, "rows": rows}
@@ -277,7 +325,9 @@ DENSE_MAX_FLOATS = 1 << 27
 """A dense projection whose d_W x out*in matrix exceeds this (512 MiB) is not measured."""
 
 
-def _project_block(g: torch.Tensor, m, sizes: tuple[int, int], family: str, seed: int) -> torch.Tensor | None:
+def _project_block(
+    g: torch.Tensor, m, sizes: tuple[int, int], family: str, seed: int
+) -> torch.Tensor | None:
     """One module's exact block g [N, out*in] projected to k1*k2 dims by a family."""
     from encoder.projection import module_seed, projection_pair
 
@@ -304,9 +354,14 @@ def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
 
     checkpoint, corpus_dir = prepare(spec, workdir)
     h = Harness(checkpoint, corpus_dir, n_queries)
-    enc, a, b, _ = h.phi(FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True))
-    plan = TrackStarEncoder(h.model, FingerprintConfig(hessian="none", projection="gaussian", correction=True),
-                            second_moments=h.second_moments).plan  # fmt: skip
+    enc, a, b, _ = h.phi(
+        FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True)
+    )
+    plan = TrackStarEncoder(
+        h.model,
+        FingerprintConfig(hessian="none", projection="gaussian", correction=True),
+        second_moments=h.second_moments,
+    ).plan
     unit = [m / m.norm(dim=1, keepdim=True) for m in (a, b)]
     exact = unit[1] @ unit[0].T
     del unit
@@ -329,29 +384,65 @@ def measure_families(spec: ModelSpec, workdir: Path, n_queries: int) -> dict:
                     break
                 parts_a.append(pa), parts_b.append(_project_block(b[:, sl], m, sizes, family, seed))
                 if seed == SEEDS[0]:
-                    mem += 4 * (sizes[0] * sizes[1] * dim if family == "dense gaussian"
-                                else sizes[0] * m.out_features + sizes[1] * m.in_features)  # fmt: skip
+                    mem += 4 * (
+                        sizes[0] * sizes[1] * dim
+                        if family == "dense gaussian"
+                        else sizes[0] * m.out_features + sizes[1] * m.in_features
+                    )
             if skipped:
                 break
             ta, tb = torch.cat(parts_a, 1), torch.cat(parts_b, 1)
-            scores[seed] = (tb / tb.norm(dim=1, keepdim=True)) @ (ta / ta.norm(dim=1, keepdim=True)).T
+            scores[seed] = (tb / tb.norm(dim=1, keepdim=True)) @ (
+                ta / ta.norm(dim=1, keepdim=True)
+            ).T
         if skipped:
-            rows.append({"family": family, "note": f"skipped: {skipped[0]}'s dense matrix exceeds "
-                                                   f"{DENSE_MAX_FLOATS * 4 >> 20} MiB"})  # fmt: skip
+            rows.append(
+                {
+                    "family": family,
+                    "note": f"skipped: {skipped[0]}'s dense matrix exceeds "
+                    f"{DENSE_MAX_FLOATS * 4 >> 20} MiB",
+                }
+            )
             continue
         s0, s1 = scores[SEEDS[0]], scores[SEEDS[1]]
-        rows.append({"family": family, "d": int(ta.shape[1]),
-                     "none_vs_exact": (overlap(top(s0, 10), exact_top) + overlap(top(s1, 10), exact_top)) / 2,
-                     "none_seed": overlap(top(s0, 10), top(s1, 10)), "spearman_none_vs_exact": spearman(s0, exact),
-                     "projection_mib": mem / 2**20, "seconds": time.perf_counter() - t0})  # fmt: skip
+        rows.append(
+            {
+                "family": family,
+                "d": int(ta.shape[1]),
+                "none_vs_exact": (overlap(top(s0, 10), exact_top) + overlap(top(s1, 10), exact_top))
+                / 2,
+                "none_seed": overlap(top(s0, 10), top(s1, 10)),
+                "spearman_none_vs_exact": spearman(s0, exact),
+                "projection_mib": mem / 2**20,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return {"model": spec.name, "rows": rows}
 
 
-COLUMNS = ["config", "projection", "d", "exact_modules", "none_vs_exact", "none_vs_own", "none_seed", "mixed_seed",
-           "spearman_none_vs_exact", "spearman_mixed_seed", "rescore20", "rescore50", "rescore100", "rescore100_seed",
-           "mixed_rescore100_seed", "mixed_rescore100_vs_exact", "build_passes_s", "build_vs_first",
-           "bytes_per_vector", "r_memory_mib"]  # fmt: skip
+COLUMNS = [
+    "config",
+    "projection",
+    "d",
+    "exact_modules",
+    "none_vs_exact",
+    "none_vs_own",
+    "none_seed",
+    "mixed_seed",
+    "spearman_none_vs_exact",
+    "spearman_mixed_seed",
+    "rescore20",
+    "rescore50",
+    "rescore100",
+    "rescore100_seed",
+    "mixed_rescore100_seed",
+    "mixed_rescore100_vs_exact",
+    "build_passes_s",
+    "build_vs_first",
+    "bytes_per_vector",
+    "r_memory_mib",
+]
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -368,9 +459,12 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=f"{row['config']} (d={row['d']})")
         ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
         info = res["info"]
-        ax.set(title=f"{info['model']}: {info['layers']} x {info['width']}, {info['sequences']} sequences",
-               xlabel="candidates re-scored exactly (10 = first stage only)",
-               ylabel="top-10 overlap with the unprojected ranking", ylim=(0, 1.02))  # fmt: skip
+        ax.set(
+            title=f"{info['model']}: {info['layers']} x {info['width']}, {info['sequences']} sequences",
+            xlabel="candidates re-scored exactly (10 = first stage only)",
+            ylabel="top-10 overlap with the unprojected ranking",
+            ylim=(0, 1.02),
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -380,33 +474,76 @@ def plot(results: list[dict], path: Path) -> None:
 def _families_main(args: argparse.Namespace) -> int:
     names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
     results = [measure_families(MODELS[n], args.workdir, args.queries) for n in names]
-    md = ["# Projection families at equal d (hessian none)\n",
-          "Each module's exact corrected gradient projected to the default plan's k1 x k2 dims by: the "
-          "encoder's Gaussian Kronecker pair, a Rademacher (+-1/sqrt(k)) Kronecker pair, or one dense "
-          f"Gaussian matrix (d_W x out*in). Top-10 overlaps as in bench_fidelity; seeds {SEEDS}.\n"]  # fmt: skip
+    md = [
+        "# Projection families at equal d (hessian none)\n",
+        "Each module's exact corrected gradient projected to the default plan's k1 x k2 dims by: the "
+        "encoder's Gaussian Kronecker pair, a Rademacher (+-1/sqrt(k)) Kronecker pair, or one dense "
+        f"Gaussian matrix (d_W x out*in). Top-10 overlaps as in bench_fidelity; seeds {SEEDS}.\n",
+    ]
     for res in results:
         md.append(f"\n## {res['model']}\n")
-        md.append(md_table(res["rows"], ["family", "d", "none_vs_exact", "none_seed", "spearman_none_vs_exact",
-                                         "projection_mib", "seconds", "note"]))  # fmt: skip
-    payload = {"machine": machine(), "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
-               "results": results}  # fmt: skip
-    write_results("fidelity_families_quick" if args.quick else "fidelity_families", payload, "".join(md), args.out)
+        md.append(
+            md_table(
+                res["rows"],
+                [
+                    "family",
+                    "d",
+                    "none_vs_exact",
+                    "none_seed",
+                    "spearman_none_vs_exact",
+                    "projection_mib",
+                    "seconds",
+                    "note",
+                ],
+            )
+        )
+    payload = {
+        "machine": machine(),
+        "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
+        "results": results,
+    }
+    write_results(
+        "fidelity_families_quick" if args.quick else "fidelity_families",
+        payload,
+        "".join(md),
+        args.out,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--models", default="demo,deep", help="comma-separated: demo, deep (quick with --quick)")
+    p.add_argument(
+        "--models", default="demo,deep", help="comma-separated: demo, deep (quick with --quick)"
+    )
     p.add_argument("--queries", type=int, default=100, help="queries per model (default 100)")
-    p.add_argument("--workdir", type=Path, default=Path(".bench/fidelity"), help="trained models are cached here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".bench/fidelity"),
+        help="trained models are cached here",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    p.add_argument("--quick", action="store_true", help="smoke size: the test model, k=8 vs the default")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke size: the test model, k=8 vs the default"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--configs", default="", help="comma-separated substrings: only the configs whose label holds one")
-    p.add_argument("--stem", default="fidelity", help="results name: bench_STEM.{json,md,png} (default fidelity)")
-    p.add_argument("--families", action="store_true",
-                   help="compare projection families (Gaussian / Rademacher Kronecker, dense Gaussian) at "
-                        "the default's block sizes instead; writes bench_fidelity_families.*")
+    p.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated substrings: only the configs whose label holds one",
+    )
+    p.add_argument(
+        "--stem",
+        default="fidelity",
+        help="results name: bench_STEM.{json,md,png} (default fidelity)",
+    )
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="compare projection families (Gaussian / Rademacher Kronecker, dense Gaussian) at "
+        "the default's block sizes instead; writes bench_fidelity_families.*",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.families:
@@ -414,25 +551,39 @@ def main(argv: list[str] | None = None) -> int:
     names = ["quick"] if args.quick else [n.strip() for n in args.models.split(",")]
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs:
-        configs = {label: c for label, c in configs.items() if any(p in label for p in args.configs.split(","))}
+        configs = {
+            label: c
+            for label, c in configs.items()
+            if any(p in label for p in args.configs.split(","))
+        }
     results = [measure_model(MODELS[n], configs, args.workdir, args.queries) for n in names]
     name = "fidelity_quick" if args.quick else args.stem
-    md = ["# Fidelity benchmark: how much of the top-10 the projection decides\n",
-          "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
-          "(k = 0, hessian none, corrected); `own` = the config's own unprojected ranking (kfac: K-FAC-whitened, "
-          "uncorrected); `rescoreC` = the exact second stage (by the own unprojected scores) over the first stage's top C. "
-          f"Seeds {SEEDS[0]} and {SEEDS[1]}; a pca basis has no seed, so its two runs fit the basis on disjoint "
-          "halves of the corpus (even / odd sequences) and `*_seed` is the overlap between those. "
-          "`build_passes_s`: basis (pca) + statistics + encode passes and whitening, in-process, one thread.\n"]  # fmt: skip
+    md = [
+        "# Fidelity benchmark: how much of the top-10 the projection decides\n",
+        "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
+        "(k = 0, hessian none, corrected); `own` = the config's own unprojected ranking (kfac: K-FAC-whitened, "
+        "uncorrected); `rescoreC` = the exact second stage (by the own unprojected scores) over the first stage's top C. "
+        f"Seeds {SEEDS[0]} and {SEEDS[1]}; a pca basis has no seed, so its two runs fit the basis on disjoint "
+        "halves of the corpus (even / odd sequences) and `*_seed` is the overlap between those. "
+        "`build_passes_s`: basis (pca) + statistics + encode passes and whitening, in-process, one thread.\n",
+    ]
     for res in results:
         i = res["info"]
-        md.append(f"\n## {i['model']}: GPT-2 {i['layers']} x {i['width']}, {i['sequences']} sequences, "
-                  f"{i['queries']} queries (unprojected d = {i['unprojected_dim']:,})\n")  # fmt: skip
+        md.append(
+            f"\n## {i['model']}: GPT-2 {i['layers']} x {i['width']}, {i['sequences']} sequences, "
+            f"{i['queries']} queries (unprojected d = {i['unprojected_dim']:,})\n"
+        )
         md.append(md_table(res["rows"], COLUMNS))
-        md.append(f"\nExact second stage, C = 100: {i['rescore100_ms_per_query']:.0f} ms per query; "
-                  f"first-stage encode: {i['first_stage_encode_ms_per_query']:.1f} ms per query.\n")  # fmt: skip
-    payload = {"machine": machine(), "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
-               "models": {n: asdict(MODELS[n]) for n in names}, "results": results}  # fmt: skip
+        md.append(
+            f"\nExact second stage, C = 100: {i['rescore100_ms_per_query']:.0f} ms per query; "
+            f"first-stage encode: {i['first_stage_encode_ms_per_query']:.1f} ms per query.\n"
+        )
+    payload = {
+        "machine": machine(),
+        "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
+        "models": {n: asdict(MODELS[n]) for n in names},
+        "results": results,
+    }
     write_results(name, payload, "".join(md), args.out)
     plot(results, args.out / f"bench_{name}.png")
     return 0

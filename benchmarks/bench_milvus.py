@@ -43,8 +43,20 @@ class LiteServer:
 
     def start(self, timeout_s: float = 60.0) -> LiteServer:
         exe = Path(sys.executable).with_name("milvus-lite")
-        self.proc = subprocess.Popen([str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "server",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -72,16 +84,27 @@ def _latency(fn, queries: np.ndarray, batch: int, calls: int) -> dict[str, float
     return percentiles_ms(times)
 
 
-def _compare(name: str, store: np.ndarray, queries: np.ndarray, milvus_search, k: int, calls: int) -> list[dict[str, Any]]:
+def _compare(
+    name: str, store: np.ndarray, queries: np.ndarray, milvus_search, k: int, calls: int
+) -> list[dict[str, Any]]:
     """Rows for local FAISS Flat and Milvus on the same float16 store."""
     flat = faiss.IndexFlatIP(store.shape[1])
     flat.add(np.asarray(store, dtype=np.float32))
     truth = flat.search(queries, k)[1]
     rows = []
-    for backend, fn in (("FAISS Flat (local)", lambda q: flat.search(q, k)), ("Milvus (Lite, FLAT)", milvus_search)):
+    for backend, fn in (
+        ("FAISS Flat (local)", lambda q: flat.search(q, k)),
+        ("Milvus (Lite, FLAT)", milvus_search),
+    ):
         found = fn(queries)[1]
-        row: dict[str, Any] = {"data": name, "backend": backend, "recall@10": recall_at(found, truth),
-                               "same top-10 order": float(np.mean([np.array_equal(f, t) for f, t in zip(found, truth, strict=True)]))}  # fmt: skip
+        row: dict[str, Any] = {
+            "data": name,
+            "backend": backend,
+            "recall@10": recall_at(found, truth),
+            "same top-10 order": float(
+                np.mean([np.array_equal(f, t) for f, t in zip(found, truth, strict=True)])
+            ),
+        }
         for b in (1, 32):
             lat = _latency(fn, queries, b, calls if b == 1 else max(2, calls // 8))
             row[f"b{b} p50 ms"], row[f"b{b} p99 ms"] = lat["p50_ms"], lat["p99_ms"]
@@ -96,24 +119,39 @@ def bench_index(index_dir: Path, server: LiteServer, calls: int) -> list[dict[st
     t0 = time.perf_counter()
     mv.push(index_dir, mv.MilvusTarget(server.uri, "bench_index"))
     log.info("pushed %s in %.1f s", index_dir, time.perf_counter() - t0)
-    idx = InfluenceIndex.open(index_dir, OpenOptions(device="cpu", milvus=mv.MilvusTarget(server.uri, "bench_index")))
+    idx = InfluenceIndex.open(
+        index_dir, OpenOptions(device="cpu", milvus=mv.MilvusTarget(server.uri, "bench_index"))
+    )
     try:
         store = np.asarray(idx.fingerprints)
         rng = np.random.default_rng(0)
         # Real queries: fingerprints of training sequences' own text as completions.
         records = idx.examples(rng.choice(idx.size, size=min(64, idx.size), replace=False).tolist())
-        pairs = [(r.text[: len(r.text) // 2], r.text[len(r.text) // 2 :]) for r in records if len(r.text) > 8]
+        pairs = [
+            (r.text[: len(r.text) // 2], r.text[len(r.text) // 2 :])
+            for r in records
+            if len(r.text) > 8
+        ]
         queries = idx.encode_queries(pairs)
 
-        return _compare(f"index of {idx.manifest.model.name} ({idx.size} x {store.shape[1]})", store, queries,
-                        lambda q: idx.search(q, 10), 10, calls)  # fmt: skip
+        return _compare(
+            f"index of {idx.manifest.model.name} ({idx.size} x {store.shape[1]})",
+            store,
+            queries,
+            lambda q: idx.search(q, 10),
+            10,
+            calls,
+        )
     finally:
         idx.close()
 
 
-def bench_synthetic(n: int, d: int, server: LiteServer, calls: int, work: Path) -> list[dict[str, Any]]:
+def bench_synthetic(
+    n: int, d: int, server: LiteServer, calls: int, work: Path
+) -> list[dict[str, Any]]:
     from pymilvus import DataType, MilvusClient
 
+    from engine import milvus as em
     from indexer import milvus as mv
 
     gen = Synthetic(n, d)
@@ -129,31 +167,47 @@ def bench_synthetic(n: int, d: int, server: LiteServer, calls: int, work: Path) 
     t0 = time.perf_counter()
     for s in range(0, n, 5000):
         block = np.asarray(store[s : s + 5000], dtype=np.float32)
-        client.insert("synthetic", [{"id": s + i, "fingerprint": v.tolist()} for i, v in enumerate(block)])
+        client.insert(
+            "synthetic", [{"id": s + i, "fingerprint": v.tolist()} for i, v in enumerate(block)]
+        )
     client.flush("synthetic")
     client.load_collection("synthetic")
     log.info("inserted %d x %d in %.1f s", n, d, time.perf_counter() - t0)
     client.close()
-    search = mv.MilvusSearch.attach(mv.MilvusTarget(server.uri, timeout_s=120), "synthetic", n)  # the served path
+    search = em.MilvusSearch.attach(
+        mv.MilvusTarget(server.uri, timeout_s=120), "synthetic", n
+    )  # the served path
     try:
-        return _compare(f"synthetic {n} x {d}", store, queries, lambda q: search.search(q, 10), 10, calls)
+        return _compare(
+            f"synthetic {n} x {d}", store, queries, lambda q: search.search(q, 10), 10, calls
+        )
     finally:
         search.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", type=Path, default=None, help="a published index to push and search")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--index", type=Path, default=None, help="a published index to push and search"
+    )
     parser.add_argument("--n", type=int, default=100_000, help="synthetic vectors (default 100000)")
     parser.add_argument("--d", type=int, default=256, help="synthetic dims (default 256)")
-    parser.add_argument("--quick", action="store_true", help="5k synthetic vectors, few calls (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument(
+        "--quick", action="store_true", help="5k synthetic vectors, few calls (smoke run)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default benchmarks/results)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         import pymilvus  # noqa: F401
     except ImportError:
-        print("bench_milvus: pymilvus / milvus-lite are not installed (pip install '.[dev]'): skipped")
+        print(
+            "bench_milvus: pymilvus / milvus-lite are not installed (pip install '.[dev]'): skipped"
+        )
         return 0
     n, calls = (5000, 10) if args.quick else (args.n, 50)
     rows: list[dict[str, Any]] = []
@@ -165,11 +219,23 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_synthetic(n, args.d, server, calls, Path(tmp))
         finally:
             server.stop()
-    columns = ["data", "backend", "recall@10", "same top-10 order", "b1 p50 ms", "b1 p99 ms", "b32 p50 ms", "b32 p99 ms"]
-    md = ("# Search through Milvus vs local FAISS\n\n"
-          "Recall@10 against exact search over the same float16 vectors; latency per call "
-          "(batch 1: one query, batch 32: 32 queries), Milvus Lite's gRPC server on 127.0.0.1.\n\n"
-          + md_table(rows, columns) + "\n")  # fmt: skip
+    columns = [
+        "data",
+        "backend",
+        "recall@10",
+        "same top-10 order",
+        "b1 p50 ms",
+        "b1 p99 ms",
+        "b32 p50 ms",
+        "b32 p99 ms",
+    ]
+    md = (
+        "# Search through Milvus vs local FAISS\n\n"
+        "Recall@10 against exact search over the same float16 vectors; latency per call "
+        "(batch 1: one query, batch 32: 32 queries), Milvus Lite's gRPC server on 127.0.0.1.\n\n"
+        + md_table(rows, columns)
+        + "\n"
+    )
     write_results("milvus", {"machine": machine(), "rows": rows, "quick": args.quick}, md, args.out)
     return 0
 

@@ -53,10 +53,15 @@ def measure(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
         enc, a, b, _ = h.phi(FingerprintConfig(seed=seed, hessian="none"))
         first[seed], dim = h.scores(enc.config, a, b)[0], enc.dim
     s0, s1 = (first[s] for s in SEEDS)
-    row: dict[str, Any] = {"model": name, "projection": enc.config.projection, "d": dim, "queries": len(h.queries),
-                           "sequences": len(h.train),
-                           "first_vs_own": (overlap(top(s0, 10), own_top) + overlap(top(s1, 10), own_top)) / 2,
-                           "first_seed": overlap(top(s0, 10), top(s1, 10))}  # fmt: skip
+    row: dict[str, Any] = {
+        "model": name,
+        "projection": enc.config.projection,
+        "d": dim,
+        "queries": len(h.queries),
+        "sequences": len(h.train),
+        "first_vs_own": (overlap(top(s0, 10), own_top) + overlap(top(s1, 10), own_top)) / 2,
+        "first_seed": overlap(top(s0, 10), top(s1, 10)),
+    }
     for c in DEPTHS:
         r0, r1 = rescored(s0, own, c), rescored(s1, own, c)
         row[f"rescore{c}"] = (overlap(r0, own_top) + overlap(r1, own_top)) / 2
@@ -69,18 +74,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--models", default="demo,deep", help="comma-separated: demo, deep, quick")
     p.add_argument("--queries", type=int, default=100, help="queries per model (default 100)")
-    p.add_argument("--workdir", type=Path, default=Path(".bench/fidelity"), help="trained models are cached here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".bench/fidelity"),
+        help="trained models are cached here",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [measure(n.strip(), args.workdir, args.queries) for n in args.models.split(",")]
-    cols = ["model", "d", "first_vs_own", "first_seed"] + [f"rescore{c}{s}" for c in DEPTHS for s in ("", "_seed")]
-    md = ("# Exact second stage depth on the default index\n\n"
-          f"Top-10 overlaps, mean over {args.queries} queries; `_seed`: seed {SEEDS[0]} vs {SEEDS[1]}; the rest: "
-          "against the unprojected K-FAC-whitened ranking (mean over the two seeds).\n\n" + md_table(rows, cols))  # fmt: skip
-    payload = {"machine": machine(), "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
-               "depths": list(DEPTHS), "rows": rows}  # fmt: skip
+    cols = ["model", "d", "first_vs_own", "first_seed"] + [
+        f"rescore{c}{s}" for c in DEPTHS for s in ("", "_seed")
+    ]
+    md = (
+        "# Exact second stage depth on the default index\n\n"
+        f"Top-10 overlaps, mean over {args.queries} queries; `_seed`: seed {SEEDS[0]} vs {SEEDS[1]}; the rest: "
+        "against the unprojected K-FAC-whitened ranking (mean over the two seeds).\n\n"
+        + md_table(rows, cols)
+    )
+    payload = {
+        "machine": machine(),
+        "settings": {**vars(args), "workdir": str(args.workdir), "out": str(args.out)},
+        "depths": list(DEPTHS),
+        "rows": rows,
+    }
     write_results("rescore_depth", payload, md, args.out)
     return 0
 

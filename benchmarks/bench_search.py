@@ -58,7 +58,9 @@ class Synthetic:
         weights = (torch.arange(1, rank + 1, dtype=torch.float32, device=self.dev) ** -0.8)[None, :]
         z = torch.randn(n_clusters, rank, generator=g, device=self.dev) * weights
         topic = _normalize(z @ basis)
-        self.centers = _normalize(topic + 0.5 * _normalize(torch.randn(n_clusters, d, generator=g, device=self.dev)))
+        self.centers = _normalize(
+            topic + 0.5 * _normalize(torch.randn(n_clusters, d, generator=g, device=self.dev))
+        )
         self.seed = seed
 
     def _draw(self, g: torch.Generator, count: int, signal: float = 0.55) -> np.ndarray:
@@ -114,7 +116,9 @@ def batch_latencies(fn, queries: np.ndarray) -> dict[str, float]:
     out = {}
     for b in (1, 32):
         lat = latency(fn, queries, b, 50 if b == 1 else 4)
-        out.update({f"b{b}_p50_ms": lat["p50_ms"], f"b{b}_p99_ms": lat["p99_ms"], f"b{b}_qps": lat["qps"]})
+        out.update(
+            {f"b{b}_p50_ms": lat["p50_ms"], f"b{b}_p99_ms": lat["p99_ms"], f"b{b}_qps": lat["qps"]}
+        )
     return out
 
 
@@ -163,7 +167,7 @@ def bench_torch_exact(
 ) -> dict[str, Any]:
     """Placement ``torch``: exact brute force with torch (float16 blocks over the GPUs, or
     float32 on the CPU); memory is on those devices, not host RAM."""
-    from indexer.torch_search import TorchFlatSearch
+    from engine.torch_search import TorchFlatSearch
 
     t0 = time.perf_counter()
     exact = TorchFlatSearch(store)
@@ -171,10 +175,14 @@ def bench_torch_exact(
     devices = sorted({str(d) for d in exact.devices})
     on_gpu = all(d.type == "cuda" for d in exact.devices)
     row: dict[str, Any] = {
-        "N": len(store), "d": store.shape[1], "factory": f"torch exact ({', '.join(devices)})",
-        "nprobe": None, "ef_search": None, "candidates": None,
+        "N": len(store),
+        "d": store.shape[1],
+        "factory": f"torch exact ({', '.join(devices)})",
+        "nprobe": None,
+        "ef_search": None,
+        "candidates": None,
         "recall@10": recall_at(exact.search(queries, k)[1], truth),
-    }  # fmt: skip
+    }
     row.update(batch_latencies(lambda q: exact.search(q, k), queries))
     row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
     row["bytes_per_vector_ram"] = 0 if on_gpu else 4 * store.shape[1]
@@ -213,11 +221,20 @@ def bench_store(
             set_search_params(index, p)
             found = search(index, store, queries, k, candidates=p.candidates)[1]
             row: dict[str, Any] = {
-                "N": n, "d": d, "factory": factory, "nprobe": p.nprobe, "ef_search": p.ef_search,
-                "candidates": p.candidates, "recall@10": recall_at(found, truth),
-            }  # fmt: skip
-            row.update(batch_latencies(
-                lambda q, p=p, index=index: search(index, store, q, k, candidates=p.candidates), queries))  # fmt: skip
+                "N": n,
+                "d": d,
+                "factory": factory,
+                "nprobe": p.nprobe,
+                "ef_search": p.ef_search,
+                "candidates": p.candidates,
+                "recall@10": recall_at(found, truth),
+            }
+            row.update(
+                batch_latencies(
+                    lambda q, p=p, index=index: search(index, store, q, k, candidates=p.candidates),
+                    queries,
+                )
+            )
             row["speedup_vs_flat_b1"] = flat["b1"]["p50_ms"] / row["b1_p50_ms"]
             row["bytes_per_vector_ram"] = ram / n
             row["rerank_bytes_per_vector_disk"] = 2 * d
@@ -235,7 +252,14 @@ def bench_store(
         del index  # noqa: F821
     if torch_exact:
         rows.append(bench_torch_exact(store, queries, truth, k, flat))
-    return {"N": n, "d": d, "factories": [v[0] for v in variants], "generate_s": None, "flat": flat, "rows": rows}
+    return {
+        "N": n,
+        "d": d,
+        "factories": [v[0] for v in variants],
+        "generate_s": None,
+        "flat": flat,
+        "rows": rows,
+    }
 
 
 def index_store(index_dir: Path, queries_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -278,23 +302,46 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated NxD, e.g. 100000x4096,1000000x4096",
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads")
-    p.add_argument("--hnsw", action="store_true", help="also PCA + HNSW32 (graph index; slower to build)")
-    p.add_argument("--index", type=Path, default=None,
-                   help="benchmark a published index's fingerprints (e.g. the demo one) instead of synthetic ones")
-    p.add_argument("--index-queries", type=Path, default=None,
-                   help="with --index: JSONL of {prompt, completion} encoded as the queries")
+    p.add_argument(
+        "--hnsw", action="store_true", help="also PCA + HNSW32 (graph index; slower to build)"
+    )
+    p.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="benchmark a published index's fingerprints (e.g. the demo one) instead of synthetic ones",
+    )
+    p.add_argument(
+        "--index-queries",
+        type=Path,
+        default=None,
+        help="with --index: JSONL of {prompt, completion} encoded as the queries",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_search"))
     p.add_argument("--queries", type=int, default=128)
-    p.add_argument("--query-signal", type=float, default=0.55,
-                   help="weight of the cluster center in a synthetic query (data: 0.55; lower: harder, like real queries)")
-    p.add_argument("--factories", default=None,
-                   help="';'-separated FAISS factories to run instead of the default ones, e.g. "
-                        "'PQ512x4fs;PCA256,IVF1024,PQ64x4fs' (IVF: nprobe grid; HNSW: ef grid; "
-                        "others, e.g. flat PQ codes: candidates grid)")
-    p.add_argument("--candidates", default="256,512,1024",
-                   help="comma-separated re-rank candidate counts for indexes without IVF or HNSW (flat PQ codes)")
-    p.add_argument("--torch-exact", action="store_true",
-                   help="also placement torch: exact brute force with torch (float16 on the GPUs, else float32 on the CPU)")
+    p.add_argument(
+        "--query-signal",
+        type=float,
+        default=0.55,
+        help="weight of the cluster center in a synthetic query (data: 0.55; lower: harder, like real queries)",
+    )
+    p.add_argument(
+        "--factories",
+        default=None,
+        help="';'-separated FAISS factories to run instead of the default ones, e.g. "
+        "'PQ512x4fs;PCA256,IVF1024,PQ64x4fs' (IVF: nprobe grid; HNSW: ef grid; "
+        "others, e.g. flat PQ codes: candidates grid)",
+    )
+    p.add_argument(
+        "--candidates",
+        default="256,512,1024",
+        help="comma-separated re-rank candidate counts for indexes without IVF or HNSW (flat PQ codes)",
+    )
+    p.add_argument(
+        "--torch-exact",
+        action="store_true",
+        help="also placement torch: exact brute force with torch (float16 on the GPUs, else float32 on the CPU)",
+    )
     p.add_argument("--tag", default=None, help="result file suffix")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -334,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         # Real fingerprints: also graphs over 8-bit scalar codes of the full vectors (IVF
         # cells and PCA fail the demo index's queries, which sit far from any training
         # fingerprint: top-1 cosine ~0.17; see bench_search_index.md).
-        variants = [(factory, n_train, ivf)] + ([(f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw),
-                                                  ("HNSW32_SQ8", n_train, hnsw)] if args.hnsw else [])  # fmt: skip
+        variants = [(factory, n_train, ivf)] + (
+            [(f"PCA{min(256, d // 8)},HNSW32", n_train, hnsw), ("HNSW32_SQ8", n_train, hnsw)]
+            if args.hnsw
+            else []
+        )
         variants = chosen(n_train) or variants
         log.info("index %s: N=%d d=%d, %d queries", args.index, n, d, len(queries))
         results.append(bench_store(store, queries, variants, args.torch_exact))
@@ -348,15 +398,35 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("HNSW32_SQ8", n_train, hnsw))
         variants = chosen(n_train) or variants
         log.info("config N=%d d=%d %s", n, d, [v[0] for v in variants])
-        results.append(bench_config(n, d, variants, args.workdir, args.queries, args.query_signal, args.torch_exact))
+        results.append(
+            bench_config(
+                n, d, variants, args.workdir, args.queries, args.query_signal, args.torch_exact
+            )
+        )
     rows = [r for res in results for r in res["rows"]]
-    flats = [{"N": r["N"], "d": r["d"], "measured_on": r["flat"]["measured_on"], "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
-              "b1_p99_ms": r["flat"]["b1"]["p99_ms"], "b1_qps": r["flat"]["b1"]["qps"], "b32_p50_ms": r["flat"]["b32"]["p50_ms"],
-              "b32_qps": r["flat"]["b32"]["qps"], "bytes_per_vector_ram": r["flat"]["bytes_per_vector_ram"], "generate_s": r["generate_s"]}
-             for r in results]  # fmt: skip
+    flats = [
+        {
+            "N": r["N"],
+            "d": r["d"],
+            "measured_on": r["flat"]["measured_on"],
+            "b1_p50_ms": r["flat"]["b1"]["p50_ms"],
+            "b1_p99_ms": r["flat"]["b1"]["p99_ms"],
+            "b1_qps": r["flat"]["b1"]["qps"],
+            "b32_p50_ms": r["flat"]["b32"]["p50_ms"],
+            "b32_qps": r["flat"]["b32"]["qps"],
+            "bytes_per_vector_ram": r["flat"]["bytes_per_vector_ram"],
+            "generate_s": r["generate_s"],
+        }
+        for r in results
+    ]
     big = max(rows, key=lambda r: r["N"])["N"]
-    ok = [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]
-          and r["bytes_per_vector_marginal"] <= GOALS["bytes_per_vector_max"]]  # fmt: skip
+    ok = [
+        r
+        for r in rows
+        if r["N"] == big
+        and r["recall@10"] >= GOALS["recall_min"]
+        and r["bytes_per_vector_marginal"] <= GOALS["bytes_per_vector_max"]
+    ]
     ok = ok or [r for r in rows if r["N"] == big and r["recall@10"] >= GOALS["recall_min"]]
     best = (
         max(ok, key=lambda r: r["speedup_vs_flat_b1"])
@@ -364,26 +434,76 @@ def main(argv: list[str] | None = None) -> int:
         else max((r for r in rows if r["N"] == big), key=lambda r: r["recall@10"])
     )
     goals = [
-        {"goal": f"recall@10 >= 0.95 at N={big}", "measured": best["recall@10"], "met": best["recall@10"] >= GOALS["recall_min"]},
-        {"goal": f">= 20x lower latency than Flat at N={big} (batch 1, p50)", "measured": best["speedup_vs_flat_b1"], "met": best["speedup_vs_flat_b1"] >= GOALS["speedup_min"]},
-        {"goal": "<= 256 bytes per vector in RAM (+ float16 re-rank store on disk): (RAM - fixed part) / N", "measured": best["bytes_per_vector_marginal"], "met": best["bytes_per_vector_marginal"] <= GOALS["bytes_per_vector_max"]},
-        {"goal": f"(for reference: all RAM / N, the fixed {best['fixed_bytes_ram'] / 1024:.0f} KiB of codebooks, transforms and header included)", "measured": best["bytes_per_vector_ram"], "met": best["bytes_per_vector_ram"] <= GOALS["bytes_per_vector_max"]},
-    ]  # fmt: skip
-    payload = {"benchmark": "search", "quick": args.quick, "threads": args.threads, "machine": machine(),
-               "configs": results, "goals": goals, "goal_setting": best}  # fmt: skip
-    cols = ["N", "d", "factory", "nprobe", "ef_search", "candidates", "recall@10", "b1_p50_ms", "b1_p99_ms", "b1_qps",
-            "b32_p50_ms", "b32_p99_ms", "b32_qps", "speedup_vs_flat_b1", "bytes_per_vector_marginal", "bytes_per_vector_ram", "fixed_bytes_ram", "rerank_bytes_per_vector_disk", "build_s"]  # fmt: skip
+        {
+            "goal": f"recall@10 >= 0.95 at N={big}",
+            "measured": best["recall@10"],
+            "met": best["recall@10"] >= GOALS["recall_min"],
+        },
+        {
+            "goal": f">= 20x lower latency than Flat at N={big} (batch 1, p50)",
+            "measured": best["speedup_vs_flat_b1"],
+            "met": best["speedup_vs_flat_b1"] >= GOALS["speedup_min"],
+        },
+        {
+            "goal": "<= 256 bytes per vector in RAM (+ float16 re-rank store on disk): (RAM - fixed part) / N",
+            "measured": best["bytes_per_vector_marginal"],
+            "met": best["bytes_per_vector_marginal"] <= GOALS["bytes_per_vector_max"],
+        },
+        {
+            "goal": f"(for reference: all RAM / N, the fixed {best['fixed_bytes_ram'] / 1024:.0f} KiB of codebooks, transforms and header included)",
+            "measured": best["bytes_per_vector_ram"],
+            "met": best["bytes_per_vector_ram"] <= GOALS["bytes_per_vector_max"],
+        },
+    ]
+    payload = {
+        "benchmark": "search",
+        "quick": args.quick,
+        "threads": args.threads,
+        "machine": machine(),
+        "configs": results,
+        "goals": goals,
+        "goal_setting": best,
+    }
+    cols = [
+        "N",
+        "d",
+        "factory",
+        "nprobe",
+        "ef_search",
+        "candidates",
+        "recall@10",
+        "b1_p50_ms",
+        "b1_p99_ms",
+        "b1_qps",
+        "b32_p50_ms",
+        "b32_p99_ms",
+        "b32_qps",
+        "speedup_vs_flat_b1",
+        "bytes_per_vector_marginal",
+        "bytes_per_vector_ram",
+        "fixed_bytes_ram",
+        "rerank_bytes_per_vector_disk",
+        "build_s",
+    ]
     md = (
         "# Search benchmark\n"
-        + (f"The fingerprints of the index {args.index} with {len(queries)} real queries ({args.index_queries.name}) encoded by it"
-           if args.index is not None else f"Synthetic fingerprint-like unit vectors; {args.queries} queries (signal {args.query_signal})")
+        + (
+            f"The fingerprints of the index {args.index} with {len(queries)} real queries ({args.index_queries.name}) encoded by it"
+            if args.index is not None
+            else f"Synthetic fingerprint-like unit vectors; {args.queries} queries (signal {args.query_signal})"
+        )
         + f"; FAISS threads={args.threads}; candidates re-ranked "
         "exactly against the memory-mapped float16 store; recall@10 vs exact search over the same vectors. "
         "Flat latency measured on a subset (measured_on) and scaled linearly to N.\n\n"
-        + md_table(rows, cols) + "\n## Flat (IndexFlatIP, float32 in RAM)\n\n"
-        + md_table(flats, list(flats[0])) + "\n## Goals\n\n" + md_table(goals, ["goal", "measured", "met"])
-    )  # fmt: skip
-    name = "search" + ("_quick" if args.quick else "") + ("_index" if args.index is not None else "")
+        + md_table(rows, cols)
+        + "\n## Flat (IndexFlatIP, float32 in RAM)\n\n"
+        + md_table(flats, list(flats[0]))
+        + "\n## Goals\n\n"
+        + md_table(goals, ["goal", "measured", "met"])
+    )
+    name = (
+        "search" + ("_quick" if args.quick else "") + ("_index" if args.index is not None else "")
+    )
     name += f"_{args.tag}" if args.tag else ""
     write_results(name, payload, md, args.out)
     return 0

@@ -67,9 +67,20 @@ def build_test_index(workdir: Path, proj_dim: int | None = None) -> Path:
     corpus_path, queries_path = corpus.write(workdir / "data")
     trained = train_fact_model(corpus, workdir / "train", size="test", seed=0)
     out = workdir / "index"
-    argv = ["index", "build", "--model", str(trained.checkpoint_dir), "--corpus", str(corpus_path),
-            "--queries", str(queries_path), "--out", str(out), "--no-progress",
-            *(["-k", str(proj_dim)] if proj_dim is not None else [])]  # fmt: skip
+    argv = [
+        "index",
+        "build",
+        "--model",
+        str(trained.checkpoint_dir),
+        "--corpus",
+        str(corpus_path),
+        "--queries",
+        str(queries_path),
+        "--out",
+        str(out),
+        "--no-progress",
+        *(["-k", str(proj_dim)] if proj_dim is not None else []),
+    ]
     if influence(argv) != 0:
         raise RuntimeError(f"influence {' '.join(argv)} failed")
     return out
@@ -94,8 +105,18 @@ class Server:
     def __init__(self, index_dir: Path, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--index", str(index_dir),
-               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self._log = log_path.open("w")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFLUENCE_")}
         self.proc = subprocess.Popen(
@@ -172,8 +193,14 @@ def single_query(url: str, queries: list[dict[str, str]], n: int) -> tuple[dict[
                 rows.append((t["encode"], t["search"], t["total"], rtt))
     arr = np.asarray(rows)
     med = np.median(arr, axis=0)
-    out = {"encode_ms": med[0], "search_ms": med[1], "server_total_ms": med[2], "client_p50_ms": med[3],
-           "client_p99_ms": float(np.percentile(arr[:, 3], 99)), "n": n}  # fmt: skip
+    out = {
+        "encode_ms": med[0],
+        "search_ms": med[1],
+        "server_total_ms": med[2],
+        "client_p50_ms": med[3],
+        "client_p99_ms": float(np.percentile(arr[:, 3], 99)),
+        "n": n,
+    }
     return {k: float(v) for k, v in out.items()}, last
 
 
@@ -243,9 +270,17 @@ def _load(
     stats = (
         percentiles_ms(latencies) if latencies else {"p50_ms": float("nan"), "p99_ms": float("nan")}
     )
-    return {"path": path, "concurrency": concurrency, "duration_s": elapsed, "requests": len(latencies),
-            "qps": len(latencies) / elapsed, "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
-            "failures": sum(failures.values()), "failure_kinds": failures}  # fmt: skip
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "duration_s": elapsed,
+        "requests": len(latencies),
+        "qps": len(latencies) / elapsed,
+        "p50_ms": stats["p50_ms"],
+        "p99_ms": stats["p99_ms"],
+        "failures": sum(failures.values()),
+        "failure_kinds": failures,
+    }
 
 
 def _cpu_s(pid: int) -> float:
@@ -329,9 +364,15 @@ def paired_window(
     """p50 at concurrency 1, then p99 at 16 right after, and their ratio."""
     one = _load(url, queries, 1, duration_s)
     sixteen = _load(url, queries, 16, duration_s)
-    row = {"mode": mode, "window": i, "p50_ms_at_1": one["p50_ms"], "qps_at_1": one["qps"],
-           "p99_ms_at_16": sixteen["p99_ms"], "qps_at_16": sixteen["qps"],
-           "p99_16_over_p50_1": sixteen["p99_ms"] / one["p50_ms"]}  # fmt: skip
+    row = {
+        "mode": mode,
+        "window": i,
+        "p50_ms_at_1": one["p50_ms"],
+        "qps_at_1": one["qps"],
+        "p99_ms_at_16": sixteen["p99_ms"],
+        "qps_at_16": sixteen["qps"],
+        "p99_16_over_p50_1": sixteen["p99_ms"] / one["p50_ms"],
+    }
     log.info("%s", row)
     return row
 
@@ -367,14 +408,32 @@ def goals_for(res: dict[str, Any]) -> list[dict[str, Any]]:
     p99_ratio = by_c[16]["p99_ms"] / res["single"]["client_p50_ms"]
     qps_ratio = by_c[16]["qps"] / by_c[1]["qps"]
     rows = [
-        {"mode": res["mode"], "goal": "p99@16 / single-query p50 <= 3 (load levels above)", "measured": p99_ratio, "met": p99_ratio <= GOAL_P99_RATIO},
-        {"mode": res["mode"], "goal": "QPS@16 / QPS@1 >= 3", "measured": qps_ratio, "met": qps_ratio >= GOAL_QPS_RATIO},
-    ]  # fmt: skip
+        {
+            "mode": res["mode"],
+            "goal": "p99@16 / single-query p50 <= 3 (load levels above)",
+            "measured": p99_ratio,
+            "met": p99_ratio <= GOAL_P99_RATIO,
+        },
+        {
+            "mode": res["mode"],
+            "goal": "QPS@16 / QPS@1 >= 3",
+            "measured": qps_ratio,
+            "met": qps_ratio >= GOAL_QPS_RATIO,
+        },
+    ]
     ratios = [w["p99_16_over_p50_1"] for w in res.get("pairs", [])]
     if ratios:
         median = float(np.median(ratios))
-        rows.insert(1, {"mode": res["mode"], "goal": f"p99@16 / p50@1 <= 3 (median of {len(ratios)} paired windows, "
-                        f"range {min(ratios):.2f}-{max(ratios):.2f})", "measured": median, "met": median <= GOAL_P99_RATIO})  # fmt: skip
+        rows.insert(
+            1,
+            {
+                "mode": res["mode"],
+                "goal": f"p99@16 / p50@1 <= 3 (median of {len(ratios)} paired windows, "
+                f"range {min(ratios):.2f}-{max(ratios):.2f})",
+                "measured": median,
+                "met": median <= GOAL_P99_RATIO,
+            },
+        )
     return rows
 
 
@@ -419,13 +478,19 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="smoke run: 2 s per level, 10 single queries"
     )
     p.add_argument(
-        "--pairs", type=int, default=3,
+        "--pairs",
+        type=int,
+        default=3,
         help="paired windows (concurrency 1 then 16, back to back) for the p99 goal",
-    )  # fmt: skip
+    )
     p.add_argument("--pair-duration", type=float, default=5.0, help="seconds per paired window")
     p.add_argument("--workdir", type=Path, default=None, help="where the test index and logs go")
-    p.add_argument("--proj-dim", type=int, default=None,
-                   help="the built test index's fixed k (default: the index default, a 2^16 budget)")
+    p.add_argument(
+        "--proj-dim",
+        type=int,
+        default=None,
+        help="the built test index's fixed k (default: the index default, a 2^16 budget)",
+    )
     p.add_argument("--tag", default=None, help="result file suffix, e.g. workers2")
     p.add_argument(
         "--out", type=Path, default=None, help="results dir (default benchmarks/results)"
@@ -452,12 +517,28 @@ def main(argv: list[str] | None = None) -> int:
     singles = [r["single"] for r in results]
     loads = [row for r in results for row in r["load"]] + [r["healthz_floor"] for r in results]
     pairs = [row for r in results for row in r["pairs"]]
-    index_info = {"dir": str(index_dir), "built_here_s": build_s, "size": manifest.get("counts"),
-                  "fingerprint": manifest.get("fingerprint"), "faiss": manifest.get("faiss")}  # fmt: skip
-    payload = {"benchmark": "service", "quick": args.quick, "machine": machine(), "index": index_info,
-               "duration_s": args.duration, "k": K, "modes": results, "goals": goals, "bounds": bounds}  # fmt: skip
+    index_info = {
+        "dir": str(index_dir),
+        "built_here_s": build_s,
+        "size": manifest.get("counts"),
+        "fingerprint": manifest.get("fingerprint"),
+        "faiss": manifest.get("faiss"),
+    }
+    payload = {
+        "benchmark": "service",
+        "quick": args.quick,
+        "machine": machine(),
+        "index": index_info,
+        "duration_s": args.duration,
+        "k": K,
+        "modes": results,
+        "goals": goals,
+        "bounds": bounds,
+    }
     cores = len(os.sched_getaffinity(0))
-    payload["machine"]["note"] = f"load client (threads) and server share this machine's {cores} cores"
+    payload["machine"]["note"] = (
+        f"load client (threads) and server share this machine's {cores} cores"
+    )
     md = (
         "# Service benchmark\n"
         f"`influence serve` (uvicorn, {args.env.get('INFLUENCE_WORKERS', '1')} worker process(es)) on 127.0.0.1; index {index_dir.name} "
@@ -467,17 +548,51 @@ def main(argv: list[str] | None = None) -> int:
         "## Single-query latency split (medians, ms)\n\n"
         "encode = tokenize + gradient fingerprint (server); tokenize, serialize measured in-process; "
         "http_and_framework = client round trip - server total - serialize.\n\n"
-        + md_table(singles, ["mode", "tokenize_ms", "encode_ms", "search_ms", "serialize_ms", "server_total_ms",
-                             "http_and_framework_ms", "client_p50_ms", "client_p99_ms"])
+        + md_table(
+            singles,
+            [
+                "mode",
+                "tokenize_ms",
+                "encode_ms",
+                "search_ms",
+                "serialize_ms",
+                "server_total_ms",
+                "http_and_framework_ms",
+                "client_p50_ms",
+                "client_p99_ms",
+            ],
+        )
         + "\n## Closed-loop load\n\n"
-        + md_table(loads, ["mode", "path", "concurrency", "requests", "qps", "p50_ms", "p99_ms", "mean_batch", "failures",
-                         "server_cpu_ms_per_req", "client_cpu_ms_per_req", "busy_cores"])
-        + (("\n## Paired windows (p99 goal; concurrency 1 then 16, back to back)\n\n"
-            + md_table(pairs, list(pairs[0]))) if pairs else "")
-        + "\n## Goals\n\n" + md_table(goals, ["mode", "goal", "measured", "met"])
+        + md_table(
+            loads,
+            [
+                "mode",
+                "path",
+                "concurrency",
+                "requests",
+                "qps",
+                "p50_ms",
+                "p99_ms",
+                "mean_batch",
+                "failures",
+                "server_cpu_ms_per_req",
+                "client_cpu_ms_per_req",
+                "busy_cores",
+            ],
+        )
+        + (
+            (
+                "\n## Paired windows (p99 goal; concurrency 1 then 16, back to back)\n\n"
+                + md_table(pairs, list(pairs[0]))
+            )
+            if pairs
+            else ""
+        )
+        + "\n## Goals\n\n"
+        + md_table(goals, ["mode", "goal", "measured", "met"])
         + "\n## Bounds (closed loop, Little's law; CPU ceiling = cores / CPU per request)\n\n"
         + md_table(bounds, list(bounds[0]))
-    )  # fmt: skip
+    )
     name = "service" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     write_results(name, payload, md, args.out)
     return 0

@@ -24,13 +24,23 @@ def main() -> int:
     p.add_argument("--optimizer-state", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--token-batch-size", type=int, required=True)
-    p.add_argument("--lift-context-limit", action="store_true",
-                   help="patch out bergson's check that a token batch fits the model's context")  # fmt: skip
+    p.add_argument(
+        "--lift-context-limit",
+        action="store_true",
+        help="patch out bergson's check that a token batch fits the model's context",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trackstar-queries", default=None,
-                   help="run bergson's whole TrackStar pipeline against this query dataset instead, and save "
-                        "its scores [N, Q] as OUT/scores.npy")  # fmt: skip
-    p.add_argument("--unit-normalize", action="store_true", help="TrackStar's unit norm (bergson's default is off)")
+    p.add_argument(
+        "--trackstar-queries",
+        default=None,
+        help="run bergson's whole TrackStar pipeline against this query dataset instead, and save "
+        "its scores [N, Q] as OUT/scores.npy",
+    )
+    p.add_argument(
+        "--unit-normalize",
+        action="store_true",
+        help="TrackStar's unit norm (bergson's default is off)",
+    )
     args = p.parse_args()
     if args.trackstar_queries:
         return trackstar(args)
@@ -57,14 +67,22 @@ def main() -> int:
         worker_utils.max_tokens_for_model = lambda *a, **k: 1 << 30
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = IndexConfig(
-        run_path=args.out, model=args.model, data=DataConfig(dataset=args.dataset), projection_dim=0,
-        optimizer_state=args.optimizer_state, token_batch_size=args.token_batch_size, precision="fp32",
-        filter_modules="lm_head", overwrite=True,
-    )  # fmt: skip
+        run_path=args.out,
+        model=args.model,
+        data=DataConfig(dataset=args.dataset),
+        projection_dim=0,
+        optimizer_state=args.optimizer_state,
+        token_batch_size=args.token_batch_size,
+        precision="fp32",
+        filter_modules="lm_head",
+        overwrite=True,
+    )
     t0 = time.perf_counter()
     build_module.build(cfg, PreprocessConfig(unit_normalize=False))
     seconds = time.perf_counter() - t0
-    print(json.dumps({"build_seconds": seconds, "collect_seconds": sum(timed), "run_path": args.out}))
+    print(
+        json.dumps({"build_seconds": seconds, "collect_seconds": sum(timed), "run_path": args.out})
+    )
     return 0
 
 
@@ -90,13 +108,20 @@ def trackstar(args: argparse.Namespace) -> int:
         worker_utils.max_tokens_for_model = lambda *a, **k: 1 << 30
     shutil.rmtree(args.out, ignore_errors=True)
     index_cfg = TrackstarIndexConfig(
-        run_path=args.out, model=args.model, data=DataConfig(dataset=args.dataset),
-        optimizer_state=args.optimizer_state, token_batch_size=args.token_batch_size, precision="fp32",
-        filter_modules="lm_head", overwrite=True,
-    )  # fmt: skip
-    cfg = TrackstarConfig(query=QuerySetConfig(dataset=args.trackstar_queries),
-                          preprocess_cfg=PreprocessConfig(unit_normalize=args.unit_normalize),
-                          stats_sample_size=None)  # fmt: skip
+        run_path=args.out,
+        model=args.model,
+        data=DataConfig(dataset=args.dataset),
+        optimizer_state=args.optimizer_state,
+        token_batch_size=args.token_batch_size,
+        precision="fp32",
+        filter_modules="lm_head",
+        overwrite=True,
+    )
+    cfg = TrackstarConfig(
+        query=QuerySetConfig(dataset=args.trackstar_queries),
+        preprocess_cfg=PreprocessConfig(unit_normalize=args.unit_normalize),
+        stats_sample_size=None,
+    )
     t0 = time.perf_counter()
     run(index_cfg, cfg)
     seconds = time.perf_counter() - t0

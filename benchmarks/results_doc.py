@@ -48,7 +48,9 @@ def _machine(data: dict[str, Any]) -> str | None:
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_number(r.get(c, "")).replace("|", "/") for c in cols) + " |")
+        lines.append(
+            "| " + " | ".join(_number(r.get(c, "")).replace("|", "/") for c in cols) + " |"
+        )
     return lines
 
 
@@ -56,7 +58,11 @@ def section(path: Path) -> list[str]:
     """The lines of one result's section."""
     data = json.loads(path.read_text())
     stem = path.stem
-    link = f"../benchmarks/results/{stem}.md" if (RESULTS / f"{stem}.md").is_file() else f"../benchmarks/results/{stem}.json"
+    link = (
+        f"../benchmarks/results/{stem}.md"
+        if (RESULTS / f"{stem}.md").is_file()
+        else f"../benchmarks/results/{stem}.json"
+    )
     out = [f"## {stem}", "", f"{_title(stem)} ([{Path(link).name}]({link}))", ""]
     if not isinstance(data, dict):
         return out
@@ -90,12 +96,17 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/results.md is not up to date")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/results.md is not up to date"
+    )
     args = p.parse_args(argv)
     text = render()
     if args.check:
         if not OUT.is_file() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is stale: run python -m benchmarks.results_doc", file=sys.stderr)
+            print(
+                f"{OUT.relative_to(ROOT)} is stale: run python -m benchmarks.results_doc",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUT.write_text(text)

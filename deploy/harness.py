@@ -87,7 +87,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, *, streak: int = 1) -> None:
+def wait_http(
+    url: str, timeout_s: float, proc: subprocess.Popen | None = None, *, streak: int = 1
+) -> None:
     """Poll ``url`` until it answers 200 ``streak`` times in a row.
 
     Each GET opens a fresh connection, so with several worker processes sharing the port

@@ -85,7 +85,11 @@ class BasisStatistics:
                 scale = float(m.in_features if c_in is None else m.out_features) ** 0.5
             else:
                 scale = 1.0
-            w_out = torch.tensor([scale]) if c_out is None else inverse_sqrt(c_out / self.count, delta).float() * scale
+            w_out = (
+                torch.tensor([scale])
+                if c_out is None
+                else inverse_sqrt(c_out / self.count, delta).float() * scale
+            )
             w_in = torch.ones(1) if c_in is None else inverse_sqrt(c_in / self.count, delta).float()
             out[m.name] = (w_out.contiguous(), w_in.contiguous())
         return out
@@ -99,5 +103,7 @@ def whole_side(w: torch.Tensor, n: int) -> torch.Tensor:
 def basis_bytes(modules: list[TrackedModule], plan: Plan) -> int:
     """Host memory of ``BasisStatistics.empty(modules, plan)``: float64 C_out and C_in of
     every projected module's sides up to ``MAX_SIDE``."""
-    sides = [n for m in modules if plan[m.name] is not None for n in (m.out_features, m.in_features)]
+    sides = [
+        n for m in modules if plan[m.name] is not None for n in (m.out_features, m.in_features)
+    ]
     return sum(8 * n * n for n in sides if n <= MAX_SIDE)

@@ -155,7 +155,10 @@ Block = Factored | Exact | Sketched
 
 
 def dense_block(
-    m: TrackedModule, inv: torch.Tensor | None, pair: tuple[torch.Tensor, torch.Tensor] | None, precision: Precision
+    m: TrackedModule,
+    inv: torch.Tensor | None,
+    pair: tuple[torch.Tensor, torch.Tensor] | None,
+    precision: Precision,
 ) -> Factored | Exact:
     """The block of A (C o G_W) B^T, C = ``inv`` (None: no correction), (A, B) = ``pair`` (None:
     the gradient itself): factored over tokens when nothing breaks G_W = sum_t g_t a_t^T."""

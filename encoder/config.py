@@ -74,11 +74,15 @@ class FingerprintConfig:
         if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
         if self.budget < 1 or (self.max_block is not None and self.max_block < 1):
-            raise ConfigError(f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}")
+            raise ConfigError(
+                f"budget and max_block must be >= 1, got {self.budget}, {self.max_block}"
+            )
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
         if self.projection not in FAMILY_NAMES:
-            raise ConfigError(f"projection must be one of {'|'.join(FAMILY_NAMES)}, got {self.projection!r}")
+            raise ConfigError(
+                f"projection must be one of {'|'.join(FAMILY_NAMES)}, got {self.projection!r}"
+            )
         if self.lambda_ is not None and not 0.0 <= self.lambda_ <= 1.0:
             raise ConfigError(f"lambda must lie in [0, 1], got {self.lambda_}")
         if not 0.0 < self.lambda_component <= 1.0:
@@ -94,7 +98,11 @@ class FingerprintConfig:
         R (no d_W x d_W block to bound), else ``MAX_BLOCK``."""
         if self.max_block is not None:
             return self.max_block
-        return SKETCH_MAX_BLOCK if self.projection == "sketch" and self.hessian == "none" else MAX_BLOCK
+        return (
+            SKETCH_MAX_BLOCK
+            if self.projection == "sketch" and self.hessian == "none"
+            else MAX_BLOCK
+        )
 
     @property
     def projected(self) -> bool:
@@ -115,10 +123,11 @@ class FingerprintConfig:
             raise ConfigError(f"the {d['mode']} encoder mode was retired: rebuild the index")
         d.pop("mode", None)
         if set(d) != known:
-            raise ConfigError(f"a fingerprint config has every key of to_dict(): missing {sorted(known - set(d))}, "
-                              f"unknown {sorted(set(d) - known)}")  # fmt: skip
+            raise ConfigError(
+                f"a fingerprint config has every key of to_dict(): missing {sorted(known - set(d))}, "
+                f"unknown {sorted(set(d) - known)}"
+            )
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
-

@@ -40,7 +40,6 @@ from encoder.whitening import RStatistics, Whitener
 log = logging.getLogger(__name__)
 
 
-
 def sequence_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Sum over the batch of each example's summed target-token NLL (a scalar).
 
@@ -85,13 +84,16 @@ class TrackStarEncoder:
         self.device = first.device
         self.accum_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.precision = precision or Precision.default_for(self.device, first.dtype)
-        self.family: Family = family_class(config.projection)(config, self.modules, self.device, self.accum_dtype)
+        self.family: Family = family_class(config.projection)(
+            config, self.modules, self.device, self.accum_dtype
+        )
         self.plan = self.family.plan
         self.block_dims = plan_dims(self.modules, self.plan)
         self.dim = sum(self.block_dims)
         starts = _cumsum(self.block_dims)
         self._spans = {
-            m.name: (s, s + d) for m, s, d in zip(self.modules, starts, self.block_dims, strict=True)
+            m.name: (s, s + d)
+            for m, s, d in zip(self.modules, starts, self.block_dims, strict=True)
         }
         self.second_moments: SecondMoments | None = None
         self._inv_scale: dict[str, torch.Tensor] = {}
@@ -152,7 +154,10 @@ class TrackStarEncoder:
         return self.precision.low_precision_products
 
     def set_whitener(self, whitener: Whitener) -> None:
-        if whitener.names != self.module_names or [m.shape[0] for m in whitener.matrices] != self.block_dims:
+        if (
+            whitener.names != self.module_names
+            or [m.shape[0] for m in whitener.matrices] != self.block_dims
+        ):
             raise ConfigError("the whitener's blocks do not match the tracked modules")
         self.whitener = whitener
 
@@ -207,7 +212,9 @@ class TrackStarEncoder:
     def _blocks(self) -> dict[str, Block]:
         """Each module's block (``encoder.blocks``), from the family's state and the correction."""
         if self.family.needs_fit:
-            raise ConfigError("the fingerprint's whitening is not fitted yet (fit_basis, or the index's saved state)")
+            raise ConfigError(
+                "the fingerprint's whitening is not fitted yet (fit_basis, or the index's saved state)"
+            )
         inv = self._inv_scale if self.config.correction else {}
         return {m.name: self.family.block(m, inv.get(m.name), self.precision) for m in self.modules}
 
@@ -250,11 +257,16 @@ class TrackStarEncoder:
     def estimate_second_moments(self, batches: Iterable[TokenBatch]) -> SecondMoments:
         """v as the mean squared per-example gradient over the given batches (no optimizer
         state available). eps is Adam's default 1e-8."""
-        sums = {m.name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64) for m in self.modules}
+        sums = {
+            m.name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64)
+            for m in self.modules
+        }
         count = 0
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            total = torch.zeros(m.out_features, m.in_features, dtype=torch.float64, device=acts.device)
+            total = torch.zeros(
+                m.out_features, m.in_features, dtype=torch.float64, device=acts.device
+            )
             for g in example_gradients(m, acts, grads):
                 total += (g * g).sum(0).double()
             sums[m.name] += total.cpu()

@@ -60,8 +60,14 @@ class StableTemperature(LogitsProcessor):
         return scaled.to(scores.dtype)  # type: ignore[return-value]
 
 
-def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *,
-             eos_token_id: int | None, pad_token_id: int) -> Generated:  # fmt: skip
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    options: Generation,
+    *,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> Generated:
     """The model's continuation of ``prompt_ids`` (``model.generate``, one sequence, no
     padding, so greedy decoding is exactly what the model would say alone).
 
@@ -86,9 +92,14 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], options: Generation, *
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(  # type: ignore[operator]  # transformers' GenerationMixin
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.max_new_tokens,
-            do_sample=sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            logits_processor=processors, **knobs,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=options.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            logits_processor=processors,
+            **knobs,
         )
     new = [int(t) for t in out[0, ids.shape[1] :].tolist()]
     if eos_token_id is not None and eos_token_id in new:
@@ -110,14 +121,23 @@ def token_spans(tokenizer: Tokenizer, text: str, ids: Sequence[int]) -> list[tup
     spans: list[tuple[int, int]] = []
     start = 0
     for i in range(len(ids)):
-        end = min(len(text), max(start, len(tokenizer.decode(list(ids[: i + 1]), clean_up_tokenization_spaces=False))))
+        end = min(
+            len(text),
+            max(
+                start, len(tokenizer.decode(list(ids[: i + 1]), clean_up_tokenization_spaces=False))
+            ),
+        )
         spans.append((start, end))
         start = end
     return spans
 
 
-def traced_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
-                   spans: Sequence[tuple[int, int]], span: tuple[int, int] | None) -> tuple[Example, tuple[int, int]]:  # fmt: skip
+def traced_example(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    span: tuple[int, int] | None,
+) -> tuple[Example, tuple[int, int]]:
     """The query that traces the completion tokens overlapping the character range
     ``span`` (all of them when None): earlier completion tokens become context, later ones
     are dropped (a causal model's earlier losses do not see them).
@@ -135,11 +155,19 @@ def traced_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
         length = max((e for _, e in spans), default=0)
         start, end = span[0], min(span[1], length)  # an end past the completion's: to its end
         if not 0 <= start < end:
-            raise InputError(f"span [{span[0]}, {span[1]}) holds none of the completion's {length} "
-                             f"characters", code="invalid_span", field="span", length=length)  # fmt: skip
+            raise InputError(
+                f"span [{span[0]}, {span[1]}) holds none of the completion's {length} characters",
+                code="invalid_span",
+                field="span",
+                length=length,
+            )
         hit = [i for i, (s, e) in enumerate(spans) if s < end and e > start]
         if not hit:
-            raise InputError(f"span [{start}, {end}) covers no completion token", code="invalid_span", field="span")
+            raise InputError(
+                f"span [{start}, {end}) covers no completion token",
+                code="invalid_span",
+                field="span",
+            )
     first, last = hit[0], hit[-1]
     ids = tuple(prompt_ids) + tuple(completion_ids[: last + 1])
     mask = (False,) * (len(prompt_ids) + first) + (True,) * (last + 1 - first)

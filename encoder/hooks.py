@@ -59,7 +59,9 @@ class GradientCapture:
             h.remove()
         self._handles.clear()
 
-    def _forward_hook(self, tracked: TrackedModule) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+    def _forward_hook(
+        self, tracked: TrackedModule
+    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return None
@@ -99,7 +101,9 @@ def as_tokens(x: torch.Tensor, batch_tokens: torch.Size, name: str) -> torch.Ten
     if x.dim() == 3 and x.shape[0] == b and x.shape[1] == t:
         return x
     if x.shape[:-1].numel() != b * t:
-        raise RuntimeError(f"module {name} saw input {tuple(x.shape)}, not one row per token of a [{b}, {t}] batch")
+        raise RuntimeError(
+            f"module {name} saw input {tuple(x.shape)}, not one row per token of a [{b}, {t}] batch"
+        )
     return x.reshape(b, t, x.shape[-1])
 
 
@@ -111,7 +115,9 @@ def make_inputs_differentiable(model: nn.Module) -> torch.utils.hooks.RemovableH
     weight gradients are formed by the sinks.
     """
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    def hook(
+        module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
         if torch.is_grad_enabled() and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         return output

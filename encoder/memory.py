@@ -188,8 +188,12 @@ def auto_batch_size(
         batch -= batch % 8
     log.info(
         "auto batch size %d: %.1f MiB fixed + %.2f MiB/sequence (%s), budget %.0f MiB",
-        batch, est.fixed / 2**20, est.per_example / 2**20, est.method, budget / 2**20,
-    )  # fmt: skip
+        batch,
+        est.fixed / 2**20,
+        est.per_example / 2**20,
+        est.method,
+        budget / 2**20,
+    )
     return batch, est
 
 

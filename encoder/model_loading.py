@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.model",
 )
 
 
@@ -40,8 +44,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise ModelLoadError(f"{d} is a file, not a model directory", code="not_a_model_dir")
     if (d / "config.json").is_file():
         return d
-    checkpoints = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                         key=lambda p: int(p.name[11:]))  # fmt: skip
+    checkpoints = sorted(
+        (p for p in d.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+    )
     if checkpoints:
         names = ", ".join(p.name for p in checkpoints[-5:])
         raise ModelLoadError(
@@ -92,16 +98,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"{device!r} is not a torch device (cpu, cuda, cuda:N)", code="invalid_device") from None
+        raise ConfigError(
+            f"{device!r} is not a torch device (cpu, cuda, cuda:N)", code="invalid_device"
+        ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ConfigError(f"device {device!r}: this machine has no CUDA device (use cpu)", code="invalid_device")
+            raise ConfigError(
+                f"device {device!r}: this machine has no CUDA device (use cpu)",
+                code="invalid_device",
+            )
         if dev.index is not None and dev.index >= n:
             have = f"this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}"
             raise ConfigError(f"device {device!r}: {have}", code="invalid_device")
     elif dev.type != "cpu":
-        raise ConfigError(f"device {device!r}: only cpu and cuda devices are supported", code="invalid_device")
+        raise ConfigError(
+            f"device {device!r}: only cpu and cuda devices are supported", code="invalid_device"
+        )
     return dev
 
 
@@ -111,7 +124,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    model_dir: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a transformers causal LM from a local directory, frozen and in eval mode.
 
@@ -144,7 +159,9 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer in {d}: {exc}", code="missing_tokenizer") from exc
+        raise ModelLoadError(
+            f"cannot load the tokenizer in {d}: {exc}", code="missing_tokenizer"
+        ) from exc
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return as_tokenizer(tok)

@@ -189,7 +189,9 @@ def _validated(sm: SecondMoments, model: nn.Module) -> SecondMoments:
                 f"{sm.source}: {name!r} has shape {tuple(v.shape)}, the model's parameter {shapes[name]}"
             )
         if not torch.isfinite(v).all():
-            raise OptimizerStateError(f"{sm.source}: the second moment of {name!r} holds NaN or inf")
+            raise OptimizerStateError(
+                f"{sm.source}: the second moment of {name!r} holds NaN or inf"
+            )
         if (v < 0).any():
             raise OptimizerStateError(
                 f"{sm.source}: the second moment of {name!r} holds negative values, which a second moment "

@@ -48,7 +48,9 @@ def gradient_chunk(m: TrackedModule, acts: torch.Tensor, element_size: int | Non
     return max(1, budget // (m.out_features * m.in_features * size))
 
 
-def example_gradients(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> Iterator[torch.Tensor]:
+def example_gradients(
+    m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor
+) -> Iterator[torch.Tensor]:
     """Per-example gradients [b, out, in] of acts [B, T, in] and grads [B, T, out], in
     chunks that fit ``gradient_chunk``."""
     chunk = gradient_chunk(m, acts)

@@ -52,7 +52,9 @@ def projection_pair(
     k_in = k if k_in is None else k_in
     gen = torch.Generator(device="cpu").manual_seed(module_seed(seed, module.name))
     a = torch.randn(k, module.out_features, generator=gen, dtype=torch.float32) * (1.0 / k**0.5)
-    b = torch.randn(k_in, module.in_features, generator=gen, dtype=torch.float32) * (1.0 / k_in**0.5)
+    b = torch.randn(k_in, module.in_features, generator=gen, dtype=torch.float32) * (
+        1.0 / k_in**0.5
+    )
     return a, b
 
 

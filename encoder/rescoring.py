@@ -63,14 +63,18 @@ class ExactRescorer:
     ) -> None:
         self.unit_norm = config.unit_norm
         self.encoder = TrackStarEncoder(
-            model, exact_config(config), second_moments=second_moments if config.correction else None
+            model,
+            exact_config(config),
+            second_moments=second_moments if config.correction else None,
         )
         if whitening is not None:
             self.encoder.family.set_whitening(whitening)
         if self.encoder.needs_fit:
             raise ConfigError(f"the exact stage of a {config.projection} index needs its whitening")
 
-    def _blocks(self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]) -> None:
+    def _blocks(
+        self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]
+    ) -> None:
         self.encoder.stream_blocks(collate(list(examples), pad_id), fn)
 
     def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
@@ -121,7 +125,8 @@ class QueryScorer:
         """
         targets = [t for t, on in enumerate(sequence.target_mask) if on]
         alone = [
-            Example(sequence.input_ids, tuple(i == t for i in range(len(sequence.input_ids)))) for t in targets
+            Example(sequence.input_ids, tuple(i == t for i in range(len(sequence.input_ids))))
+            for t in targets
         ]
         dots, sq = self.dots([*alone, sequence], hold)  # the last: the whole sequence
         scale = 1.0
@@ -133,7 +138,9 @@ class QueryScorer:
         return contributions, float(contributions.sum())
 
     def dots(
-        self, candidates: Sequence[Example], hold: Callable[[], AbstractContextManager[object]] = nullcontext
+        self,
+        candidates: Sequence[Example],
+        hold: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """<q, candidate> and ||candidate||^2 of each candidate's gradient blocks; [C] float64.
         ``hold()`` is entered around each backward pass."""

@@ -22,7 +22,9 @@ FITTED_WITH = "fitted_with"
 the fingerprint config it was fitted with, which an index's manifest must match."""
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` with a canonical (sorted, compact) header."""
     raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     (n,) = struct.unpack("<Q", raw[:8])

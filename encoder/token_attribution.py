@@ -101,7 +101,9 @@ def target_projections(
     return positions, torch.cat(parts)
 
 
-def target_derivatives(model: torch.nn.Module, example: Example, directions: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_derivatives(
+    model: torch.nn.Module, example: Example, directions: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """d NLL(x_t) / d eps along W + eps V for every position t, in one forward-mode pass.
 
     The tracked weights are swapped for dual tensors (weight, V) for the pass and restored
@@ -221,7 +223,9 @@ def _attribute_by_jvp(
     with hold():
         derivatives = target_derivatives(encoder.model, example, directions)
     contributions = torch.zeros(len(example.input_ids), dtype=torch.float64)
-    contributions[1:] = torch.where(mask, derivatives.cpu(), torch.zeros((), dtype=torch.float64)) / float(norm)
+    contributions[1:] = torch.where(
+        mask, derivatives.cpu(), torch.zeros((), dtype=torch.float64)
+    ) / float(norm)
     return TokenAttribution(
         input_ids=tuple(example.input_ids),
         contributions=contributions,

@@ -35,11 +35,18 @@ def kronecker_variance(x: torch.Tensor, y: torch.Tensor, k1: int, k2: int) -> to
     xty_f, xty_tr = _sq(x.transpose(1, 2) @ y)  # X^T Y: [n, in, in]
     dot = (x * y).sum(dim=(1, 2))
     norms = x.square().sum(dim=(1, 2)) * y.square().sum(dim=(1, 2))
-    return (xyt_f + xyt_tr) / k1 + (xty_f + xty_tr) / k2 + (norms + xyt_f + xty_f + dot.square()) / (k1 * k2)
+    return (
+        (xyt_f + xyt_tr) / k1
+        + (xty_f + xty_tr) / k2
+        + (norms + xyt_f + xty_f + dot.square()) / (k1 * k2)
+    )
 
 
 def kronecker_score_variance(
-    query: torch.Tensor, rows: torch.Tensor, sizes: list[tuple[int, int] | None], block_dims: list[int]
+    query: torch.Tensor,
+    rows: torch.Tensor,
+    sizes: list[tuple[int, int] | None],
+    block_dims: list[int],
 ) -> torch.Tensor:
     """Variance of the scores query [d] . rows [n, d] under a fresh draw of Gaussian Kronecker
     pairs; ``sizes`` holds each block's (k1, k2), None for a module kept whole (no variance).

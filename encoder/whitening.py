@@ -79,8 +79,11 @@ class RStatistics:
         return [s / self.count for s in self.sums]
 
     def save(self, path: Path) -> None:
-        meta = {"names": json.dumps(self.names), "block_dims": json.dumps(self.block_dims),
-                "count": str(self.count)}
+        meta = {
+            "names": json.dumps(self.names),
+            "block_dims": json.dumps(self.block_dims),
+            "count": str(self.count),
+        }
         save_tensors({f"sum.{i}": s for i, s in enumerate(self.sums)}, str(path), metadata=meta)
 
     @classmethod
@@ -154,7 +157,9 @@ class Whitener:
     names: list[str]
     matrices: list[torch.Tensor]
     lambda_: float
-    _converted: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _converted: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_statistics(
@@ -176,7 +181,9 @@ class Whitener:
             r = r_train
         else:
             r_eval = eval_.means()
-            lam = lambda_ if lambda_ is not None else choose_lambda(r_train, r_eval, lambda_component)
+            lam = (
+                lambda_ if lambda_ is not None else choose_lambda(r_train, r_eval, lambda_component)
+            )
             r = [lam * e + (1.0 - lam) * t for t, e in zip(r_train, r_eval, strict=True)]
         log.info("whitening %d blocks, lambda=%.4f, delta=%g", len(r), lam, delta)
         return cls(list(train.names), [inverse_sqrt(b, delta) for b in r], lam)
@@ -191,13 +198,19 @@ class Whitener:
         """The blocks on ``like``'s device and dtype, converted once per (device, dtype)."""
         key = (like.device, like.dtype)
         if key not in self._converted:
-            self._converted[key] = [m.to(device=like.device, dtype=like.dtype) for m in self.matrices]
+            self._converted[key] = [
+                m.to(device=like.device, dtype=like.dtype) for m in self.matrices
+            ]
         return self._converted[key]
 
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
         """The matrices, their names and lambda; ``metadata`` is added to the header."""
         meta = {"names": json.dumps(self.names), "lambda": repr(self.lambda_), **(metadata or {})}
-        save_tensors({f"W.{i}": m.contiguous() for i, m in enumerate(self.matrices)}, str(path), metadata=meta)
+        save_tensors(
+            {f"W.{i}": m.contiguous() for i, m in enumerate(self.matrices)},
+            str(path),
+            metadata=meta,
+        )
 
     @classmethod
     def load(cls, path: Path) -> Whitener:

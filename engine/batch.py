@@ -57,19 +57,27 @@ def _each_alone(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[
     return out
 
 
-def _encode(index: Index, examples: list[Example]) -> tuple[np.ndarray, list[InfluenceError | None]]:
+def _encode(
+    index: Index, examples: list[Example]
+) -> tuple[np.ndarray, list[InfluenceError | None]]:
     """Encode validated queries in one pass (one by one should it fail, ``_each_alone``).
 
     Returns:
         vectors [V, d] float32 (rows of failed queries are zero), per-query error or None.
     """
-    rows = _each_alone(lambda batch: list(np.asarray(index.encode_examples(batch), dtype=np.float32)), examples)
+    rows = _each_alone(
+        lambda batch: list(np.asarray(index.encode_examples(batch), dtype=np.float32)), examples
+    )
     dim = next((r.shape[0] for r in rows if not isinstance(r, Exception)), 1)
     errors = [failure(r, "encoding") if isinstance(r, Exception) else None for r in rows]
-    return np.stack([np.zeros(dim, np.float32) if isinstance(r, Exception) else r for r in rows]), errors
+    return np.stack(
+        [np.zeros(dim, np.float32) if isinstance(r, Exception) else r for r in rows]
+    ), errors
 
 
-def _traced(index: Index, queries: list[Query], limits: Limits, outcomes: list[Outcome]) -> list[tuple[int, Traced]]:
+def _traced(
+    index: Index, queries: list[Query], limits: Limits, outcomes: list[Outcome]
+) -> list[tuple[int, Traced]]:
     """Validate each query (generating first where asked); failures go to their outcome."""
     valid = []
     for i, query in enumerate(queries):
@@ -93,7 +101,10 @@ def _retrieve(
     plain = [j for j, (i, _) in enumerate(valid) if retrieval.is_plain(queries[i])]
     pairs = [(queries[valid[j][0]], vectors[j]) for j in plain]
     found = _each_alone(
-        lambda batch: retrieval.retrieve_plain(index, [q for q, _ in batch], np.stack([v for _, v in batch])), pairs
+        lambda batch: retrieval.retrieve_plain(
+            index, [q for q, _ in batch], np.stack([v for _, v in batch])
+        ),
+        pairs,
     )
     for j, hits in zip(plain, found, strict=True):
         if isinstance(hits, Exception):
@@ -109,7 +120,9 @@ def _retrieve(
                 start = time.perf_counter()
                 gave_up = functools.partial(abandoned, i)
                 try:
-                    answer = retrieval.retrieve_one(index, query, traced.example, vectors[j], traced.text, gave_up)
+                    answer = retrieval.retrieve_one(
+                        index, query, traced.example, vectors[j], traced.text, gave_up
+                    )
                 finally:  # a second stage's time is its own however it ends (search_ms excludes it)
                     if query.rescore:  # retrieve_one's test for the second stage
                         outcomes[i].rescore_ms = (time.perf_counter() - start) * 1e3
@@ -123,7 +136,10 @@ def _retrieve(
 
 
 def run_batch(
-    index: Index, queries: list[Query], limits: Limits, abandoned: Callable[[int], bool] = lambda i: False
+    index: Index,
+    queries: list[Query],
+    limits: Limits,
+    abandoned: Callable[[int], bool] = lambda i: False,
 ) -> list[Outcome]:
     """Answer a micro-batch of queries with one encode pass and one search call.
 
@@ -137,14 +153,23 @@ def run_batch(
         Q outcomes in order; each carries hits (best first) or an error.
     """
     model, version = index.summary().model, index.version
-    queries = [q if q.rescore is not None else replace(q, rescore=index.default_rescore if q.mode == "influence" else 0)
-               for q in queries]  # fmt: skip
-    outcomes = [Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries]
+    queries = [
+        q
+        if q.rescore is not None
+        else replace(q, rescore=index.default_rescore if q.mode == "influence" else 0)
+        for q in queries
+    ]
+    outcomes = [
+        Outcome(model=model, index_version=version, batch_size=len(queries)) for _ in queries
+    ]
     for i in range(len(queries)):
         if abandoned(i):
             outcomes[i].error = QueryAbandonedError("abandoned before it was encoded")
     live = [i for i in range(len(queries)) if outcomes[i].error is None]
-    valid = [(live[j], t) for j, t in _traced(index, [queries[i] for i in live], limits, [outcomes[i] for i in live])]
+    valid = [
+        (live[j], t)
+        for j, t in _traced(index, [queries[i] for i in live], limits, [outcomes[i] for i in live])
+    ]
     if not valid:
         return outcomes
     t0 = time.perf_counter()

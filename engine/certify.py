@@ -50,7 +50,13 @@ class Certificate:
 
 
 def miss_probability(
-    bar: float, first: np.ndarray, sd: np.ndarray, *, n_rest: int = 0, rest_first: float = -np.inf, rest_sd: float = 0.0
+    bar: float,
+    first: np.ndarray,
+    sd: np.ndarray,
+    *,
+    n_rest: int = 0,
+    rest_first: float = -np.inf,
+    rest_sd: float = 0.0,
 ) -> float:
     """The union bound that an unscored candidate's exact score clears ``bar``.
 

@@ -14,10 +14,18 @@ from api.models import COMPLETION_OR_GENERATE, InfluenceQuery
 from encoder.errors import ConfigError
 from engine.choices import SEARCH_PLACEMENTS
 
-FLAGS = {"prompt": "--prompt", "completion": "--completion", "generate": "--generate",
-         "generate.max_new_tokens": "--generate", "generate.temperature": "--temperature",
-         "generate.seed": "--gen-seed", "span": "--span", "k": "-k", "rescore": "--rescore",
-         "confidence": "--confidence"}  # fmt: skip
+FLAGS = {
+    "prompt": "--prompt",
+    "completion": "--completion",
+    "generate": "--generate",
+    "generate.max_new_tokens": "--generate",
+    "generate.temperature": "--temperature",
+    "generate.seed": "--gen-seed",
+    "span": "--span",
+    "k": "-k",
+    "rescore": "--rescore",
+    "confidence": "--confidence",
+}
 """Wire fields of ``InfluenceQuery`` and the flags that set them."""
 
 
@@ -34,7 +42,11 @@ def wire_query(args: argparse.Namespace) -> InfluenceQuery:
     if args.completion is not None:
         body["completion"] = args.completion
     if args.generate is not None:
-        options = {"max_new_tokens": args.generate, "temperature": args.temperature, "seed": args.gen_seed}
+        options = {
+            "max_new_tokens": args.generate,
+            "temperature": args.temperature,
+            "seed": args.gen_seed,
+        }
         body["generate"] = {key: value for key, value in options.items() if value is not None}
     if args.span is not None:
         body["span"] = {"start": args.span[0], "end": args.span[1]}
@@ -47,13 +59,18 @@ def wire_query(args: argparse.Namespace) -> InfluenceQuery:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
-        flag = FLAGS.get(where, "--completion / --generate" if error["type"] == COMPLETION_OR_GENERATE else where)
+        flag = FLAGS.get(
+            where, "--completion / --generate" if error["type"] == COMPLETION_OR_GENERATE else where
+        )
         raise ConfigError(f"{flag}: {error['msg']}", field=where or "query") from None
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    for flag, value, least in (("--nprobe", args.nprobe, 1), ("--ef-search", args.ef_search, 1),
-                               ("--rerank-candidates", args.rerank_candidates, 0)):  # fmt: skip
+    for flag, value, least in (
+        ("--nprobe", args.nprobe, 1),
+        ("--ef-search", args.ef_search, 1),
+        ("--rerank-candidates", args.rerank_candidates, 0),
+    ):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     wire = wire_query(args)
@@ -65,10 +82,20 @@ def cmd_query(args: argparse.Namespace) -> int:
     query = Query.from_wire(wire)
 
     defaults = SearchParams()
-    params = SearchParams(nprobe=args.nprobe or defaults.nprobe, ef_search=args.ef_search or defaults.ef_search,
-                          candidates=0 if args.no_rerank else args.rerank_candidates)  # fmt: skip
-    idx = InfluenceIndex.open(args.index, OpenOptions(device=args.device, model_dir=args.model, search_params=params,
-                                                      placement=args.search_placement))  # fmt: skip
+    params = SearchParams(
+        nprobe=args.nprobe or defaults.nprobe,
+        ef_search=args.ef_search or defaults.ef_search,
+        candidates=0 if args.no_rerank else args.rerank_candidates,
+    )
+    idx = InfluenceIndex.open(
+        args.index,
+        OpenOptions(
+            device=args.device,
+            model_dir=args.model,
+            search_params=params,
+            placement=args.search_placement,
+        ),
+    )
     try:
         context = idx.max_tokens or 1 << 30
         (outcome,) = run_batch(idx, [query], Limits(context, context, args.generate or 1))
@@ -76,20 +103,40 @@ def cmd_query(args: argparse.Namespace) -> int:
         idx.close()
     if outcome.error is not None:
         raise outcome.error
-    rows: list[dict[str, Any]] = [{"rank": r + 1, "id": h.id, "score": h.score, "text": h.record.text, "source": h.record.source,
-             "document_id": h.record.document_id} for r, h in enumerate(outcome.hits)]  # fmt: skip
+    rows: list[dict[str, Any]] = [
+        {
+            "rank": r + 1,
+            "id": h.id,
+            "score": h.score,
+            "text": h.record.text,
+            "source": h.record.source,
+            "document_id": h.record.document_id,
+        }
+        for r, h in enumerate(outcome.hits)
+    ]
     traced = outcome.traced
     assert traced is not None  # a query without error was traced
     c = outcome.certificate
     if args.json:
-        print(json.dumps({**traced_fields(traced), "rescore": certificate_fields(c), "results": rows}, indent=2))
+        print(
+            json.dumps(
+                {**traced_fields(traced), "rescore": certificate_fields(c), "results": rows},
+                indent=2,
+            )
+        )
         return 0
     if c is not None:
-        verdict = f"top-{args.k} certified at {c.confidence:g}" if c.certified else "not certified (the cap was reached)"
+        verdict = (
+            f"top-{args.k} certified at {c.confidence:g}"
+            if c.certified
+            else "not certified (the cap was reached)"
+        )
         print(f"second stage: {c.rescored} candidates re-scored exactly, {verdict}")
     if traced.generated is not None:
         g = traced.generated
-        print(f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}")
+        print(
+            f"generated ({len(g.ids)} tokens, {g.finish_reason}): {json.dumps(traced.completion)}"
+        )
     if args.span is not None:
         print(f"traced: {json.dumps(traced.text)}")
     for row in rows:
@@ -110,35 +157,100 @@ def _span(text: str) -> tuple[int, int]:
 def register(subparsers: Any) -> None:
     q = subparsers.add_parser("query", help="query an index locally (no server)")
     q.add_argument("--index", required=True, help="a published index directory")
-    q.add_argument("--prompt", required=True, help="context given to the model (its tokens are not attributed)")
-    q.add_argument("--completion", default=None,
-                   help="the model output to explain (its tokens carry the loss); or --generate")
-    q.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="generate and trace: the model continues the prompt (at most N tokens, greedy "
-                        "unless --temperature) and its own tokens are traced")
-    q.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="with --generate: sample at temperature T, 0 to 10 (default 0: greedy)")
-    q.add_argument("--gen-seed", type=int, default=None, metavar="SEED",
-                   help="with --generate and --temperature: the sampling seed, 0 to 2^32-1 (default: fresh)")
-    q.add_argument("--span", type=_span, default=None, metavar="START:END",
-                   help="trace only the completion tokens overlapping these characters of the completion")
+    _add_query_flags(q)
     q.add_argument("-k", type=int, default=10, help="results to show (default 10)")
-    q.add_argument("--json", action="store_true",
-                   help="print {completion, span, generation, results} as JSON (the REST response's fields)")
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help="print {completion, span, generation, results} as JSON (the REST response's fields)",
+    )
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
-    q.add_argument("--device", default=None, help="torch device (default: CUDA if present, else CPU)")
-    q.add_argument("--rescore", type=int, default=None, metavar="C",
-                   help="exact second stage: re-score at most the top max(C, k) candidates by their "
-                        "unprojected gradients, as the index forms them, stopping once the top-k is certified "
-                        "(one backward pass each; 0 = off; default: the index's, 200 without a projected R)")
-    q.add_argument("--confidence", type=float, default=None, metavar="P",
-                   help="the second stage stops once its top-k is certified at P (default 0.95)")
-    q.add_argument("--no-rerank", action="store_true",
-                   help="approximate indexes: the index's own scores, no exact re-rank")
-    q.add_argument("--search-placement", default="auto", choices=SEARCH_PLACEMENTS,
-                   help="where search runs (torch: exact brute force on the GPUs, else the CPU)")
-    q.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)")
-    q.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)")
-    q.add_argument("--rerank-candidates", type=int, default=None,
-                   help="approximate indexes: hits re-ranked exactly (default 10 x k)")
+    q.add_argument(
+        "--device", default=None, help="torch device (default: CUDA if present, else CPU)"
+    )
+    _add_search_flags(q)
     q.set_defaults(func=cmd_query)
+
+
+def _add_query_flags(q: argparse.ArgumentParser) -> None:
+    """What is traced: the prompt, and the completion or a generation."""
+    q.add_argument(
+        "--prompt", required=True, help="context given to the model (its tokens are not attributed)"
+    )
+    q.add_argument(
+        "--completion",
+        default=None,
+        help="the model output to explain (its tokens carry the loss); or --generate",
+    )
+    q.add_argument(
+        "--generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate and trace: the model continues the prompt (at most N tokens, greedy "
+        "unless --temperature) and its own tokens are traced",
+    )
+    q.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --generate: sample at temperature T, 0 to 10 (default 0: greedy)",
+    )
+    q.add_argument(
+        "--gen-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="with --generate and --temperature: the sampling seed, 0 to 2^32-1 (default: fresh)",
+    )
+    q.add_argument(
+        "--span",
+        type=_span,
+        default=None,
+        metavar="START:END",
+        help="trace only the completion tokens overlapping these characters of the completion",
+    )
+
+
+def _add_search_flags(q: argparse.ArgumentParser) -> None:
+    """How the index is searched: the exact second stage and approximate-index knobs."""
+    q.add_argument(
+        "--rescore",
+        type=int,
+        default=None,
+        metavar="C",
+        help="exact second stage: re-score at most the top max(C, k) candidates by their "
+        "unprojected gradients, as the index forms them, stopping once the top-k is certified "
+        "(one backward pass each; 0 = off; default: the index's, 200 without a projected R)",
+    )
+    q.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="the second stage stops once its top-k is certified at P (default 0.95)",
+    )
+    q.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="approximate indexes: the index's own scores, no exact re-rank",
+    )
+    q.add_argument(
+        "--search-placement",
+        default="auto",
+        choices=SEARCH_PLACEMENTS,
+        help="where search runs (torch: exact brute force on the GPUs, else the CPU)",
+    )
+    q.add_argument(
+        "--nprobe", type=int, default=None, help="IVF indexes: lists visited (default 16)"
+    )
+    q.add_argument(
+        "--ef-search", type=int, default=None, help="HNSW indexes: beam width (default 128)"
+    )
+    q.add_argument(
+        "--rerank-candidates",
+        type=int,
+        default=None,
+        help="approximate indexes: hits re-ranked exactly (default 10 x k)",
+    )

@@ -90,7 +90,9 @@ class Explanation:
     """The exact second stage's score is explained (else the first stage's)."""
 
 
-def explain(index: Index, query: Query, id: int, limits: Limits, exact: bool | None = None) -> Explanation:  # noqa: A002
+def explain(
+    index: Index, query: Query, id: int, limits: Limits, exact: bool | None = None
+) -> Explanation:  # noqa: A002
     """Attribute the score of (``query``, example ``id``) to the example's tokens: the
     score a result shows, the exact second stage's where the index re-scores by default
     (``exact`` None), else the first stage's; ``exact`` picks one.
@@ -105,16 +107,32 @@ def explain(index: Index, query: Query, id: int, limits: Limits, exact: bool | N
     record = index.example(id)
     seq = sequence_tokens(index.tokenizer, record, index.token_ids(id))
     if len(seq.input_ids) > MAX_EXPLAIN_TOKENS:
-        raise InputTooLongError(f"example {record.id} has {len(seq.input_ids)} tokens; per-token explanations are "
-                                f"limited to {MAX_EXPLAIN_TOKENS}", field="id", n_tokens=len(seq.input_ids),
-                                limit=MAX_EXPLAIN_TOKENS)  # fmt: skip
+        raise InputTooLongError(
+            f"example {record.id} has {len(seq.input_ids)} tokens; per-token explanations are "
+            f"limited to {MAX_EXPLAIN_TOKENS}",
+            field="id",
+            n_tokens=len(seq.input_ids),
+            limit=MAX_EXPLAIN_TOKENS,
+        )
     exact = index.default_rescore > 0 if exact is None else exact
-    attribution = index.attribute(example, id, seq.input_ids, busy=index.idle_s < QUERIES_ACTIVE_S, exact=exact)
+    attribution = index.attribute(
+        example, id, seq.input_ids, busy=index.idle_s < QUERIES_ACTIVE_S, exact=exact
+    )
     if attribution.agreement < AGREEMENT_WARN:
-        log.warning("example %d: rebuilt fingerprint agrees with the stored one at cosine %.4f", id,
-                    attribution.agreement)  # fmt: skip
+        log.warning(
+            "example %d: rebuilt fingerprint agrees with the stored one at cosine %.4f",
+            id,
+            attribution.agreement,
+        )
     tokens = [
         TokenScore(record.text[s:e] if e > s else index.tokenizer.decode([tok]), s, e, c)
         for tok, (s, e), c in zip(seq.input_ids, seq.spans, attribution.contributions, strict=True)
     ]
-    return Explanation(int(record.id), attribution.score, attribution.index_score, attribution.agreement, tokens, exact)
+    return Explanation(
+        int(record.id),
+        attribution.score,
+        attribution.index_score,
+        attribution.agreement,
+        tokens,
+        exact,
+    )

@@ -9,31 +9,29 @@ lazily. The service, the evaluation and ``influence query`` all go through this 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from encoder.batching import Example, Tokenizer, collate, sequence_example, tokenize_query
-from encoder.errors import ArtifactError, ConfigError
+from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
-from encoder.model_loading import load_model, load_tokenizer, model_max_tokens, resolve_device
+from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer, QueryScorer
 from encoder.token_attribution import attribute_tokens
-from engine.choices import SEARCH_PLACEMENTS, Placement
+from engine.milvus import MilvusMetadata, MilvusSearch
 from engine.opening import HeldFiles, verify_model
+from engine.options import FairLock, OpenOptions
 from engine.protocols import Attribution, Record, Summary, VectorSearch
 from engine.vectors import open_vectors
-from indexer import faiss_index, integrity
+from indexer import integrity
 from indexer import manifest as mf
 from indexer.bm25 import BM25Index, open_for_index
 from indexer.metadata import ExampleRecord, MetadataStore
-from indexer.milvus import MilvusMetadata, MilvusSearch, MilvusTarget
 from indexer.saved_encoder import build_encoder
 
 log = logging.getLogger(__name__)
@@ -42,70 +40,15 @@ QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_examples``."""
 
 DEFAULT_RESCORE = 200
-"""Candidates a hessian-none index re-scores exactly by default (``default_rescore``): the
-default (sketch) index's top-10 then overlaps its unprojected one 0.95 / 0.96 (demo / deep
-model) and another seed's 0.94 / 0.94 (C = 100: 0.93 / 0.91 and 0.90 / 0.89), against 0.73 /
-0.64 and 0.65 / 0.55 for the first stage alone (benchmarks/results/bench_rescore_depth.md);
-~6 / ~63 ms per candidate on 2 CPU cores."""
+"""Candidates a hessian-none index re-scores exactly by default (``default_rescore``), at
+most: the certified second stage stops earlier once its top-k is certain. Chosen by the
+overlap with the unprojected ranking and between seeds (benchmarks/results/bench_rescore_depth.md)."""
 
 EXPLAIN_CHUNK = 4
 """Target tokens per backward pass of an explanation made while queries are flowing: each
 pass holds the model for about one query's encode, which bounds a query's wait for it."""
 
 __all__ = ["ExampleRecord", "InfluenceIndex", "OpenOptions"]
-
-
-class FairLock:
-    """A FIFO mutex: threads get it in the order they asked. ``threading.Lock`` lets the
-    releasing thread take it straight back, so a long explanation that releases the model
-    between its passes would still starve the queries waiting for it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self) -> FairLock:
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            while ticket != self._serving:
-                self._cond.wait()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
-@dataclass(frozen=True)
-class OpenOptions:
-    """How to open an index (``InfluenceIndex.open``).
-
-    Attributes:
-        device: where the model runs (default: CUDA if present, else CPU).
-        model_dir: the model, if not at the path recorded in the manifest.
-        verify: check file checksums, the model/tokenizer hashes and the config against a
-            sample of the stored fingerprints.
-        search_params: an approximate index's query-time knobs (nprobe, efSearch,
-            candidates re-ranked exactly; ``candidates=0``: none).
-        placement: where search runs (``engine.vectors.open_vectors``).
-        milvus: search through this Milvus collection (``influence index push``) instead;
-            the vectors and metadata are then read from it.
-    """
-
-    device: str | torch.device | None = None
-    model_dir: str | Path | None = None
-    verify: bool = True
-    search_params: faiss_index.SearchParams = faiss_index.SearchParams()
-    placement: Placement = "auto"
-    milvus: MilvusTarget | None = None
-
-    def __post_init__(self) -> None:
-        if self.placement not in SEARCH_PLACEMENTS:  # refused before the model loads
-            raise ConfigError(f"search placement must be one of {SEARCH_PLACEMENTS}, got {self.placement!r}")
-        resolve_device(self.device)
 
 
 class InfluenceIndex:
@@ -115,9 +58,17 @@ class InfluenceIndex:
     time, in the order the passes were asked for (``encode_lock``).
     """
 
-    def __init__(self, index_dir: Path, manifest: mf.Manifest, encoder: TrackStarEncoder, tokenizer: Tokenizer,
-                 vectors: VectorSearch, fingerprints: np.ndarray, store: MetadataStore | MilvusMetadata,
-                 lexical: BM25Index) -> None:  # fmt: skip
+    def __init__(
+        self,
+        index_dir: Path,
+        manifest: mf.Manifest,
+        encoder: TrackStarEncoder,
+        tokenizer: Tokenizer,
+        vectors: VectorSearch,
+        fingerprints: np.ndarray,
+        store: MetadataStore | MilvusMetadata,
+        lexical: BM25Index,
+    ) -> None:
         self._index_dir = index_dir
         self.manifest = manifest
         self.encoder = encoder
@@ -128,10 +79,18 @@ class InfluenceIndex:
         self._lexical = lexical
         self._version = manifest.version
         m = manifest
-        self._summary = Summary(model=m.model.name, model_hash=m.model.hash, index_version=self._version,
-                                index_dir=index_dir, size=m.sequences, counts=dict(m.counts),
-                                fingerprint=dict(m.fingerprint), faiss=m.factory, built_at=m.created_at,
-                                backend=vectors.backend)  # fmt: skip
+        self._summary = Summary(
+            model=m.model.name,
+            model_hash=m.model.hash,
+            index_version=self._version,
+            index_dir=index_dir,
+            size=m.sequences,
+            counts=dict(m.counts),
+            fingerprint=dict(m.fingerprint),
+            faiss=m.factory,
+            built_at=m.created_at,
+            backend=vectors.backend,
+        )
         """Immutable like the index: made once (every batch reports its model name)."""
         self._max_tokens = model_max_tokens(encoder.model)
         self._pad = int(tokenizer.pad_token_id or 0)
@@ -156,31 +115,51 @@ class InfluenceIndex:
         opts = options or OpenOptions()
         index_dir = Path(index_dir).resolve()
         manifest = mf.Manifest.read(index_dir)
-        model_dir = Path(opts.model_dir) if opts.model_dir is not None else Path(manifest.model.path)
+        model_dir = (
+            Path(opts.model_dir) if opts.model_dir is not None else Path(manifest.model.path)
+        )
         if opts.verify:
             verify_model(index_dir, manifest, model_dir)
         tokenizer = load_tokenizer(model_dir)
         encoder = build_encoder(index_dir, manifest, load_model(model_dir, device=opts.device))
         fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
         if fingerprints.shape != (manifest.sequences, encoder.dim):
-            raise ArtifactError(f"index counts disagree: manifest {manifest.sequences}, fingerprints "
-                                f"{list(fingerprints.shape)}, encoder dim {encoder.dim}")  # fmt: skip
+            raise ArtifactError(
+                f"index counts disagree: manifest {manifest.sequences}, fingerprints "
+                f"{list(fingerprints.shape)}, encoder dim {encoder.dim}"
+            )
         store = MetadataStore(index_dir / mf.METADATA)
         try:
             if opts.verify:
-                integrity.check_against_encoder(encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0))
+                integrity.check_against_encoder(
+                    encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0)
+                )
             lexical = open_for_index(index_dir, manifest.sequences)
-            vectors = open_vectors(index_dir, manifest, fingerprints, placement=opts.placement,
-                                   params=opts.search_params, on_cuda=encoder.device.type == "cuda",
-                                   milvus=opts.milvus)  # fmt: skip
+            vectors = open_vectors(
+                index_dir,
+                manifest,
+                fingerprints,
+                placement=opts.placement,
+                params=opts.search_params,
+                on_cuda=encoder.device.type == "cuda",
+                milvus=opts.milvus,
+            )
         except BaseException:
             store.close()
             raise
         served: MetadataStore | MilvusMetadata = store
-        if isinstance(vectors, MilvusSearch):  # metadata from Milvus too; the local store was for the checks
+        if isinstance(
+            vectors, MilvusSearch
+        ):  # metadata from Milvus too; the local store was for the checks
             served = vectors.metadata()
             store.close()
-        log.info("opened index %s: %d sequences, d=%d, %s", index_dir, manifest.sequences, encoder.dim, vectors.backend)
+        log.info(
+            "opened index %s: %d sequences, d=%d, %s",
+            index_dir,
+            manifest.sequences,
+            encoder.dim,
+            vectors.backend,
+        )
         return cls(index_dir, manifest, encoder, tokenizer, vectors, fingerprints, served, lexical)
 
     @property
@@ -222,7 +201,9 @@ class InfluenceIndex:
     def summary(self) -> Summary:
         return self._summary
 
-    def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
+    def encode_queries(
+        self, pairs: list[tuple[str, str]], max_tokens: int | None = None
+    ) -> np.ndarray:
         """Fingerprints of (prompt, completion) queries, completion tokens as targets.
 
         Args:
@@ -233,8 +214,14 @@ class InfluenceIndex:
         Raises:
             InputError: empty completion / prompt. InputTooLongError: over the limit.
         """
-        limit = self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens or max_tokens)
-        return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs])
+        limit = (
+            self.max_tokens
+            if max_tokens is None
+            else min(max_tokens, self.max_tokens or max_tokens)
+        )
+        return self.encode_examples(
+            [tokenize_query(self.tokenizer, p, c, max_tokens=limit) for p, c in pairs]
+        )
 
     def encode_examples(self, examples: list[Example]) -> np.ndarray:
         """Fingerprints of tokenized queries (``encoder.batching.tokenize_query``); [Q, d]
@@ -252,8 +239,13 @@ class InfluenceIndex:
         the model's lock like an encode pass."""
         self.last_query_at = time.monotonic()
         with self.encode_lock:
-            return generate(self.encoder.model, prompt_ids, options, eos_token_id=self.tokenizer.eos_token_id,
-                            pad_token_id=self._pad)  # fmt: skip
+            return generate(
+                self.encoder.model,
+                prompt_ids,
+                options,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self._pad,
+            )
 
     def rescore(self, example: Example, ids: list[int]) -> np.ndarray:
         """The exact second stage (``encoder.rescoring``): scores of sequences ``ids`` for
@@ -265,7 +257,9 @@ class InfluenceIndex:
         """The exact stage's scorer for one query (call under ``encode_lock``)."""
         if self._rescorer is None:
             enc = self.encoder
-            self._rescorer = ExactRescorer(enc.model, enc.config, enc.second_moments, enc.family.whitening())
+            self._rescorer = ExactRescorer(
+                enc.model, enc.config, enc.second_moments, enc.family.whitening()
+            )
         return self._rescorer.for_query(example, self._pad)
 
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
@@ -299,7 +293,13 @@ class InfluenceIndex:
         return variance.clamp_min(0).sqrt().float().numpy()
 
     def attribute(
-        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+        self,
+        query: Example,
+        id: int,
+        input_ids: list[int],
+        *,
+        busy: bool,
+        exact: bool = False,  # noqa: A002
     ) -> Attribution:
         """Split the score of (query, sequence ``id``) over its tokens: the first stage's
         fingerprint score (``encoder.token_attribution``; the model is taken per pass, so
@@ -311,13 +311,23 @@ class InfluenceIndex:
         with self.encode_lock:
             e_q = self.encoder.encode(collate([query], self._pad))[0]
         lock = self.encode_lock
-        attribution = attribute_tokens(self.encoder, sequence_example(input_ids), e_q, chunk=EXPLAIN_CHUNK,
-                                       hold=lambda: lock, method="copies" if busy else "jvp")  # fmt: skip
+        attribution = attribute_tokens(
+            self.encoder,
+            sequence_example(input_ids),
+            e_q,
+            chunk=EXPLAIN_CHUNK,
+            hold=lambda: lock,
+            method="copies" if busy else "jvp",
+        )
         stored = torch.from_numpy(np.asarray(self.fingerprints[id], dtype=np.float64))
         rebuilt = attribution.fingerprint.double()
         agreement = float(stored @ rebuilt / (stored.norm() * rebuilt.norm()).clamp_min(1e-30))
-        return Attribution(contributions=attribution.contributions.tolist(), score=attribution.score,
-                           index_score=float(stored @ e_q.double().cpu()), agreement=agreement)  # fmt: skip
+        return Attribution(
+            contributions=attribution.contributions.tolist(),
+            score=attribution.score,
+            index_score=float(stored @ e_q.double().cpu()),
+            agreement=agreement,
+        )
 
     def _attribute_exact(self, query: Example, id: int, input_ids: list[int]) -> Attribution:  # noqa: A002
         sequence = sequence_example(input_ids)

@@ -2,7 +2,7 @@
 
 ``Index`` is implemented by ``engine.index.InfluenceIndex`` (a published index on disk) and
 by the service tests' fake; ``VectorSearch`` by ``engine.vectors.FaissSearch``,
-``indexer.torch_search.TorchFlatSearch`` and ``indexer.milvus.MilvusSearch``;
+``engine.torch_search.TorchFlatSearch`` and ``engine.milvus.MilvusSearch``;
 ``LexicalSearch`` by ``indexer.bm25.BM25Index``. mypy checks each implementation against
 its Protocol.
 """
@@ -117,6 +117,7 @@ class Index(Protocol):
     def max_tokens(self) -> int | None:
         """The model's context length, if its config says."""
         ...
+
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property
@@ -125,6 +126,7 @@ class Index(Protocol):
     def idle_s(self) -> float:
         """Seconds since the model last ran for a query (an explanation yields while low)."""
         ...
+
     @property
     def default_rescore(self) -> int:
         """Candidates the exact second stage re-scores when a query does not say (0: off)."""
@@ -166,7 +168,13 @@ class Index(Protocol):
         ...
 
     def attribute(
-        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+        self,
+        query: Example,
+        id: int,
+        input_ids: list[int],
+        *,
+        busy: bool,
+        exact: bool = False,  # noqa: A002
     ) -> Attribution:
         """Split the score of (query, sequence ``id`` run as ``input_ids``) over its tokens;
         ``busy``: queries are flowing, so hold the model one short pass at a time."""

@@ -44,7 +44,11 @@ class Query:
         """The engine's query for a validated wire query (the REST body's, and
         ``influence query``'s, which builds the same model). ``rescore`` applies only to
         ``influence``; None: ``default_rescore``, else the index's ``default_rescore``."""
-        rescore = 0 if q.mode != "influence" else (q.rescore if q.rescore is not None else default_rescore)
+        rescore = (
+            0
+            if q.mode != "influence"
+            else (q.rescore if q.rescore is not None else default_rescore)
+        )
         g = q.generate
         return cls(
             q.prompt,
@@ -140,7 +144,9 @@ def traced_fields(traced: Traced | None) -> dict[str, Any]:
     return {
         "completion": traced.completion,
         "span": {"start": start, "end": end} if end > start else None,
-        "generation": None if g is None else {"n_tokens": len(g.ids), "finish_reason": g.finish_reason, "seed": g.seed},
+        "generation": None
+        if g is None
+        else {"n_tokens": len(g.ids), "finish_reason": g.finish_reason, "seed": g.seed},
     }
 
 
@@ -160,11 +166,18 @@ def certificate_fields(certificate: Certificate | None) -> dict[str, Any] | None
 
 def _check_length(part: str, n: int, limit: int) -> None:
     if n > limit:
-        raise InputTooLongError(f"the {part} is {n} tokens, the limit is {limit}", field=part, n_tokens=n, limit=limit)
+        raise InputTooLongError(
+            f"the {part} is {n} tokens, the limit is {limit}", field=part, n_tokens=n, limit=limit
+        )
 
 
-def validate(tokenizer: Tokenizer, query: Query, limits: Limits, context: int | None = None,
-             generated: Generated | None = None) -> Traced:  # fmt: skip
+def validate(
+    tokenizer: Tokenizer,
+    query: Query,
+    limits: Limits,
+    context: int | None = None,
+    generated: Generated | None = None,
+) -> Traced:
     """Tokenize as the encoder will and enforce the per-part token limits and the model's
     context length ``context`` (total tokens). ``generated``: the completion's tokens as
     the model generated them (a ``generate`` query), traced as they are.
@@ -184,15 +197,23 @@ def validate(tokenizer: Tokenizer, query: Query, limits: Limits, context: int | 
         completion = query.completion or ""
         completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
         if not completion_ids:
-            raise InputError("the completion is empty: nothing to attribute", code="empty_completion")
+            raise InputError(
+                "the completion is empty: nothing to attribute", code="empty_completion"
+            )
     _check_length("completion", len(completion_ids), limits.max_completion_tokens)
     n = len(prompt_ids) + len(completion_ids)
     if context is not None and n > context:
-        raise InputTooLongError(f"prompt + completion is {n} tokens, the model's context is {context}",
-                                field="completion", n_tokens=n, limit=context)  # fmt: skip
+        raise InputTooLongError(
+            f"prompt + completion is {n} tokens, the model's context is {context}",
+            field="completion",
+            n_tokens=n,
+            limit=context,
+        )
     spans = token_spans(tokenizer, completion, completion_ids) if query.span is not None else []
     example, snapped = traced_example(prompt_ids, completion_ids, spans, query.span)
-    return Traced(example, completion, snapped if query.span is not None else (0, len(completion)), generated)
+    return Traced(
+        example, completion, snapped if query.span is not None else (0, len(completion)), generated
+    )
 
 
 def generated_completion(index: Index, query: Query, limits: Limits) -> Generated:
@@ -203,19 +224,32 @@ def generated_completion(index: Index, query: Query, limits: Limits) -> Generate
         raise InputError("the query asks for no generation", field="generate")
     asked, context = query.generate.max_new_tokens, index.max_tokens
     if asked > limits.max_new_tokens:
-        raise InputTooLongError(f"generate.max_new_tokens is {asked}, the limit is {limits.max_new_tokens}",
-                                field="generate.max_new_tokens", n_tokens=asked, limit=limits.max_new_tokens)  # fmt: skip
+        raise InputTooLongError(
+            f"generate.max_new_tokens is {asked}, the limit is {limits.max_new_tokens}",
+            field="generate.max_new_tokens",
+            n_tokens=asked,
+            limit=limits.max_new_tokens,
+        )
     prompt_ids = tokenize_prompt(index.tokenizer, query.prompt)
     _check_length("prompt", len(prompt_ids), limits.max_prompt_tokens)
-    room = min(asked, limits.max_completion_tokens, (context or asked + len(prompt_ids)) - len(prompt_ids))
+    room = min(
+        asked, limits.max_completion_tokens, (context or asked + len(prompt_ids)) - len(prompt_ids)
+    )
     if room < 1:
-        raise InputTooLongError(f"the prompt is {len(prompt_ids)} tokens and fills the model's context "
-                                f"({context}): no room to generate", field="prompt",
-                                n_tokens=len(prompt_ids), limit=context)  # fmt: skip
+        raise InputTooLongError(
+            f"the prompt is {len(prompt_ids)} tokens and fills the model's context "
+            f"({context}): no room to generate",
+            field="prompt",
+            n_tokens=len(prompt_ids),
+            limit=context,
+        )
     generated = index.generate(prompt_ids, replace(query.generate, max_new_tokens=room))
     if not generated.ids:
-        raise InputError("the model ended its generation at once (end-of-sequence token): nothing to trace",
-                         code="empty_generation", field="generate")  # fmt: skip
+        raise InputError(
+            "the model ended its generation at once (end-of-sequence token): nothing to trace",
+            code="empty_generation",
+            field="generate",
+        )
     return generated
 
 

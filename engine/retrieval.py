@@ -2,7 +2,7 @@
 optionally re-scored exactly; the one place that dispatches on ``Query.mode``.
 
 All functions take an ``engine.protocols.Index`` and fingerprints it encoded; fusion itself
-is ``indexer.fusion.reciprocal_rank_fusion``.
+is ``engine.fusion.reciprocal_rank_fusion``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from api.models import Mode
 from encoder.batching import Example
 from encoder.errors import InputError
 from engine.certify import RESCORE_CHUNK, Certificate, miss_probability
+from engine.fusion import reciprocal_rank_fusion
 from engine.protocols import Index
 from engine.query import Abandoned, Hit, Query, QueryAbandonedError, never
-from indexer.fusion import reciprocal_rank_fusion
 
 MODES: tuple[str, ...] = get_args(Mode)
 
@@ -56,7 +56,9 @@ def filtered_search(index: Index, vector: np.ndarray, query: Query) -> list[Hit]
         pool = min(size, pool * 4)
 
 
-def lexical_search(index: Index, vector: np.ndarray, text: str, mode: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+def lexical_search(
+    index: Index, vector: np.ndarray, text: str, mode: str, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k for one query by ``bm25`` (BM25 scores of ``text``) or ``hybrid`` (RRF scores
     of bm25 and influence, c = 60, each over its top max(k, FUSION_DEPTH)).
 
@@ -120,7 +122,12 @@ def rescored(
             sd_rest = float(sd.max()) if sd is not None else 0.0
             unscored_sd = sd[done:] if sd is not None else np.zeros(0)
             miss = miss_probability(
-                bar, first[done:], unscored_sd, n_rest=n_rest, rest_first=float(first[-1]), rest_sd=sd_rest
+                bar,
+                first[done:],
+                unscored_sd,
+                n_rest=n_rest,
+                rest_first=float(first[-1]),
+                rest_sd=sd_rest,
             )
             if miss <= 1 - query.confidence:
                 break
@@ -135,7 +142,12 @@ def is_plain(query: Query) -> bool:
 
 
 def retrieve_one(
-    index: Index, query: Query, example: Example, vector: np.ndarray, text: str, abandoned: Abandoned = never
+    index: Index,
+    query: Query,
+    example: Example,
+    vector: np.ndarray,
+    text: str,
+    abandoned: Abandoned = never,
 ) -> tuple[list[Hit], Certificate | None]:
     """The hits of a query that is not ``is_plain``, best first (at most ``query.k``), and
     how its exact second stage ended (None without one).

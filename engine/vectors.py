@@ -1,8 +1,8 @@
 """The vector searches an index can serve from (``engine.protocols.VectorSearch``).
 
 ``FaissSearch`` (the published FAISS index, approximate candidates re-ranked exactly
-against the stored fingerprints), ``indexer.torch_search.TorchFlatSearch`` (exact brute
-force with torch, split over the GPUs) and ``indexer.milvus.MilvusSearch`` (a Milvus
+against the stored fingerprints), ``engine.torch_search.TorchFlatSearch`` (exact brute
+force with torch, split over the GPUs) and ``engine.milvus.MilvusSearch`` (a Milvus
 collection pushed from the index). ``open_vectors`` picks one from the placement.
 """
 
@@ -15,11 +15,12 @@ import numpy as np
 
 from encoder.errors import ArtifactError
 from engine.choices import Placement
+from engine.milvus import MilvusSearch
 from engine.protocols import VectorSearch
+from engine.torch_search import TorchFlatSearch
 from indexer import faiss_index
 from indexer import manifest as mf
-from indexer.milvus import MilvusSearch, MilvusTarget
-from indexer.torch_search import TorchFlatSearch
+from indexer.milvus import MilvusTarget
 
 
 class FaissSearch:
@@ -34,7 +35,13 @@ class FaissSearch:
     """
 
     def __init__(
-        self, index: faiss.Index, fingerprints: np.ndarray, *, exact: bool, candidates: int | None, backend: str = "faiss"
+        self,
+        index: faiss.Index,
+        fingerprints: np.ndarray,
+        *,
+        exact: bool,
+        candidates: int | None,
+        backend: str = "faiss",
     ) -> None:
         self.index = index
         self.fingerprints = fingerprints
@@ -46,7 +53,9 @@ class FaissSearch:
         return self._backend
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return faiss_index.search(self.index, self.fingerprints, vectors, k, candidates=self.candidates)
+        return faiss_index.search(
+            self.index, self.fingerprints, vectors, k, candidates=self.candidates
+        )
 
     def check_ready(self) -> None:
         """Always ready: the index is in memory."""
@@ -55,8 +64,16 @@ class FaissSearch:
         """Nothing to release beyond the references the index drops."""
 
 
-def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarray, *, placement: Placement,
-                 params: faiss_index.SearchParams, on_cuda: bool, milvus: MilvusTarget | None) -> VectorSearch:  # fmt: skip
+def open_vectors(
+    index_dir: Path,
+    manifest: mf.Manifest,
+    fingerprints: np.ndarray,
+    *,
+    placement: Placement,
+    params: faiss_index.SearchParams,
+    on_cuda: bool,
+    milvus: MilvusTarget | None,
+) -> VectorSearch:
     """The vector search an index is served from.
 
     Args:
@@ -75,13 +92,19 @@ def open_vectors(index_dir: Path, manifest: mf.Manifest, fingerprints: np.ndarra
         return MilvusSearch(milvus, manifest.version, manifest, fingerprints, params.candidates)
     if placement == "torch":
         return TorchFlatSearch(fingerprints)
-    index = faiss_index.read_index(index_dir / mf.FAISS_INDEX, use_gpu=placement == "auto" and on_cuda)
+    index = faiss_index.read_index(
+        index_dir / mf.FAISS_INDEX, use_gpu=placement == "auto" and on_cuda
+    )
     if placement in ("gpu", "shards"):
         index = faiss_index.place(index, placement)
     if index.ntotal != manifest.sequences:
-        raise ArtifactError(f"index counts disagree: manifest {manifest.sequences}, FAISS {index.ntotal}")
+        raise ArtifactError(
+            f"index counts disagree: manifest {manifest.sequences}, FAISS {index.ntotal}"
+        )
     faiss_index.set_search_params(index, params)  # once, before any concurrent search
     where = "GPU" if "Gpu" in type(index).__name__ or placement in ("gpu", "shards") else "CPU"
     exact = faiss_index.is_exact(manifest.factory)
     backend = f"faiss {manifest.factory} on the {where}"
-    return FaissSearch(index, fingerprints, exact=exact, candidates=params.candidates, backend=backend)
+    return FaissSearch(
+        index, fingerprints, exact=exact, candidates=params.candidates, backend=backend
+    )

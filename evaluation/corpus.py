@@ -25,6 +25,7 @@ from evaluation.world import CODAS, FILLERS, FIRST_NAMES, ONSETS, RELATIONS, SUF
 FACT_SOURCE = "synthetic/facts"
 DISTRACTOR_SOURCE = "synthetic/distractor"
 
+
 @dataclass
 class Passage:
     """One training sequence of the corpus.
@@ -371,6 +372,15 @@ def _query_from(line: str, where: str, lineno: int) -> FactQuery:
     if not obj["completion"]:
         raise bad("'completion' is empty")
     relevant = obj.get("relevant_ids")
-    if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str | int) for r in relevant):
+    if (
+        not isinstance(relevant, list)
+        or not relevant
+        or not all(isinstance(r, str | int) for r in relevant)
+    ):
         raise bad("'relevant_ids' is missing, empty, or not a list of ids")
-    return FactQuery(str(obj.get("fact_id", lineno - 1)), obj["prompt"], obj["completion"], [str(r) for r in relevant])
+    return FactQuery(
+        str(obj.get("fact_id", lineno - 1)),
+        obj["prompt"],
+        obj["completion"],
+        [str(r) for r in relevant],
+    )

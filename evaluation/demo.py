@@ -72,12 +72,24 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
     Returns:
         dict with corpus, queries, checkpoint, index (paths) and fact_accuracy.
     """
-    from evaluation.corpus import generate_fact_corpus
-    from service.cli import main as cli
-
     workdir.mkdir(parents=True, exist_ok=True)
+    corpus_file, queries_file = _corpus_step(workdir, size, seed)
+    trained = _model_step(workdir, size, seed, corpus_file)
+    checkpoint = Path(trained["checkpoint"])
+    index_dir = _index_step(workdir, size, checkpoint, corpus_file, queries_file)
+    return {
+        "corpus": corpus_file,
+        "queries": queries_file,
+        "checkpoint": checkpoint,
+        "index": index_dir,
+        "fact_accuracy": trained["fact_accuracy"],
+    }
 
-    # 1. corpus
+
+def _corpus_step(workdir: Path, size: DemoSize, seed: int) -> tuple[Path, Path]:
+    """Step 1: the fact corpus (corpus.jsonl, queries.jsonl)."""
+    from evaluation.corpus import generate_fact_corpus
+
     corpus_dir = workdir / "corpus"
     key = _sha("corpus", size.corpus, str(seed), (HERE / "corpus.py").read_bytes())
     if not _cached(corpus_dir, key):
@@ -88,51 +100,65 @@ def prepare(workdir: Path, size: DemoSize, seed: int = 0) -> dict:
         _stamp(corpus_dir, key, passages=len(corpus.passages), queries=len(corpus.queries))
     else:
         log.info("[1/3] fact corpus: cached")
-    corpus_file, queries_file = corpus_dir / "corpus.jsonl", corpus_dir / "queries.jsonl"
+    return corpus_dir / "corpus.jsonl", corpus_dir / "queries.jsonl"
 
-    # 2. model
+
+def _model_step(workdir: Path, size: DemoSize, seed: int, corpus_file: Path) -> dict:
+    """Step 2: the trained model; its stamp (checkpoint, fact accuracy, ...)."""
     model_dir = workdir / "model"
-    key = _sha("model", size.model, str(seed), sha256_file(corpus_file), (HERE / "train.py").read_bytes())
+    key = _sha(
+        "model", size.model, str(seed), sha256_file(corpus_file), (HERE / "train.py").read_bytes()
+    )
     trained = _cached(model_dir, key)
-    if not trained:
-        from evaluation.train import train_fact_model
-
-        log.info("[2/3] training the %s GPT-2 with HF Trainer + AdamW", size.model)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        corpus = generate_fact_corpus(size.corpus, seed=seed)
-        result = train_fact_model(corpus, model_dir, size=size.model, seed=seed, progress=True)
-        trained = _stamp(
-            model_dir, key, checkpoint=str(result.checkpoint_dir), fact_accuracy=result.fact_accuracy,
-            train_seconds=round(result.train_seconds, 1), n_queries=result.n_queries,
-        )  # fmt: skip
-    else:
+    if trained:
         log.info("[2/3] model: cached (%s)", trained["checkpoint"])
-    checkpoint = Path(trained["checkpoint"])
+        return trained
+    from evaluation.corpus import generate_fact_corpus
+    from evaluation.train import train_fact_model
 
-    # 3. index
+    log.info("[2/3] training the %s GPT-2 with HF Trainer + AdamW", size.model)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    corpus = generate_fact_corpus(size.corpus, seed=seed)
+    result = train_fact_model(corpus, model_dir, size=size.model, seed=seed, progress=True)
+    return _stamp(
+        model_dir,
+        key,
+        checkpoint=str(result.checkpoint_dir),
+        fact_accuracy=result.fact_accuracy,
+        train_seconds=round(result.train_seconds, 1),
+        n_queries=result.n_queries,
+    )
+
+
+def _index_step(
+    workdir: Path, size: DemoSize, checkpoint: Path, corpus_file: Path, queries_file: Path
+) -> Path:
+    """Step 3: the influence index, rebuilt when the model, corpus, default or format changes."""
+    from service.cli import main as cli
+
     index_dir = workdir / "index"
-    key = _sha("index", _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
-               sha256_file(corpus_file), sha256_file(queries_file), " ".join(size.projection),
-               json.dumps(FingerprintConfig().to_dict(), sort_keys=True),  # a new default rebuilds
-               str(FORMAT_VERSION))  # and a new format  # fmt: skip
+    key = _sha(
+        "index",
+        _sha(*(p.read_bytes() for p in sorted(checkpoint.glob("*.safetensors")))),
+        sha256_file(corpus_file),
+        sha256_file(queries_file),
+        " ".join(size.projection),
+        json.dumps(FingerprintConfig().to_dict(), sort_keys=True),  # a new default rebuilds
+        str(FORMAT_VERSION),  # and a new format
+    )
     stamp_dir = workdir / "index-stamp"
-    if not _cached(stamp_dir, key) or not (index_dir / "manifest.json").is_file():
-        log.info("[3/3] building the influence index")
-        shutil.rmtree(index_dir, ignore_errors=True)
-        rc = cli([
-            "index", "build", "--model", str(checkpoint), "--corpus", str(corpus_file),
-            "--out", str(index_dir), *size.projection,
-        ])  # fmt: skip
-        if rc != 0:
-            raise SystemExit(rc)
-        stamp_dir.mkdir(exist_ok=True)
-        _stamp(stamp_dir, key, index=str(index_dir))
-    else:
+    if _cached(stamp_dir, key) and (index_dir / "manifest.json").is_file():
         log.info("[3/3] index: cached (%s)", index_dir)
-    return {
-        "corpus": corpus_file, "queries": queries_file, "checkpoint": checkpoint,
-        "index": index_dir, "fact_accuracy": trained["fact_accuracy"],
-    }  # fmt: skip
+        return index_dir
+    log.info("[3/3] building the influence index")
+    shutil.rmtree(index_dir, ignore_errors=True)
+    argv = ["index", "build", "--model", str(checkpoint), "--corpus", str(corpus_file)]
+    rc = cli([*argv, "--out", str(index_dir), *size.projection])
+    if rc != 0:
+        raise SystemExit(rc)
+    stamp_dir.mkdir(exist_ok=True)
+    _stamp(stamp_dir, key, index=str(index_dir))
+    return index_dir
 
 
 def example_lines(index_dir: Path, queries_file: Path) -> list[str]:
@@ -147,7 +173,9 @@ def example_lines(index_dir: Path, queries_file: Path) -> list[str]:
 
     queries = load_queries(queries_file)
     q = next((q for q in queries if q.prompt == EXAMPLE_QUERY["prompt"]), queries[0])
-    completion = str(EXAMPLE_QUERY["completion"]) if q.prompt == EXAMPLE_QUERY["prompt"] else q.completion
+    completion = (
+        str(EXAMPLE_QUERY["completion"]) if q.prompt == EXAMPLE_QUERY["prompt"] else q.completion
+    )
     index = InfluenceIndex.open(index_dir)
     try:
         context = index.max_tokens or 1 << 30
@@ -156,11 +184,15 @@ def example_lines(index_dir: Path, queries_file: Path) -> list[str]:
         index.close()
     if outcome.error is not None:
         raise outcome.error
-    lines = [f"Example: which training sequences made the model say {q.prompt!r} -> {completion!r}?"]
+    lines = [
+        f"Example: which training sequences made the model say {q.prompt!r} -> {completion!r}?"
+    ]
     relevant = set(q.relevant_ids)
     for rank, hit in enumerate(outcome.hits, start=1):
         mark = "*" if str(hit.record.document_id) in relevant else " "
-        lines.append(f"  {rank}. {mark} {hit.score:+.3f}  [{hit.record.document_id}] {hit.record.text[:90]!r}")
+        lines.append(
+            f"  {rank}. {mark} {hit.score:+.3f}  [{hit.record.document_id}] {hit.record.text[:90]!r}"
+        )
     lines.append("  (* = a passage that states the fact)")
     body = json.dumps({"prompt": q.prompt, "completion": completion, "k": 5})
     return [body, *lines]
@@ -187,18 +219,26 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = prepare(Path(args.workdir), size, seed=args.seed)
     log.info(
-        "ready in %.1fs (model fact accuracy %.3f)", time.perf_counter() - start, info["fact_accuracy"]
+        "ready in %.1fs (model fact accuracy %.3f)",
+        time.perf_counter() - start,
+        info["fact_accuracy"],
     )
     example = example_lines(info["index"], info["queries"])
     if args.no_serve:
-        print(banner(f"http://{args.host}:{args.port}", info["index"], example).replace("is serving", "would serve"))
+        print(
+            banner(f"http://{args.host}:{args.port}", info["index"], example).replace(
+                "is serving", "would serve"
+            )
+        )
         return 0
     from service.commands import check_servable, serve
     from service.settings import Settings
 
     settings = Settings(index_dir=info["index"], host=args.host, port=args.port)
     check_servable(settings)
-    return serve(settings, announce=lambda url: print(banner(url, info["index"], example), flush=True))
+    return serve(
+        settings, announce=lambda url: print(banner(url, info["index"], example), flush=True)
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -212,6 +252,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default=".demo", help="where the corpus, model and index go")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--seed", type=int, default=0, help="corpus, training and projection seed (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="corpus, training and projection seed (default 0)"
+    )
     p.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
     p.set_defaults(func=run)

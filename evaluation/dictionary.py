@@ -61,8 +61,10 @@ def _b64(text: str) -> int:
 def read_dictd(index: Path, data: Path) -> Iterator[tuple[str, str]]:
     """(headword, entry text) of every entry of a dictd dictionary (dictzip is gzip)."""
     if not index.is_file() or not data.is_file():
-        raise InputError(f"no dictd dictionary at {index}: install it with `apt-get install dict-{NAME}`",
-                         code="dictionary_not_found")  # fmt: skip
+        raise InputError(
+            f"no dictd dictionary at {index}: install it with `apt-get install dict-{NAME}`",
+            code="dictionary_not_found",
+        )
     raw = gzip.open(data).read()
     with index.open(encoding="utf-8") as f:
         for line in f:
@@ -91,12 +93,20 @@ def translations(dictd_dir: Path = DICTD_DIR) -> list[Translation]:
     return sorted(out, key=lambda t: t.english)
 
 
-def build(out_dir: Path, *, n_queried: int = 200, n_support: int = 400, seed: int = 0,
-          dictd_dir: Path = DICTD_DIR) -> tuple[Path, Path]:  # fmt: skip
+def build(
+    out_dir: Path,
+    *,
+    n_queried: int = 200,
+    n_support: int = 400,
+    seed: int = 0,
+    dictd_dir: Path = DICTD_DIR,
+) -> tuple[Path, Path]:
     """Write corpus.jsonl and queries.jsonl; returns their paths."""
     facts = translations(dictd_dir)
     if len(facts) < n_queried + n_support:
-        raise InputError(f"the dictionary has {len(facts)} usable translations, {n_queried + n_support} were asked")
+        raise InputError(
+            f"the dictionary has {len(facts)} usable translations, {n_queried + n_support} were asked"
+        )
     rng = random.Random(seed)
     chosen = rng.sample(facts, n_queried + n_support)
     queried, support = chosen[:n_queried], chosen[n_queried:]
@@ -120,13 +130,26 @@ def build(out_dir: Path, *, n_queried: int = 200, n_support: int = 400, seed: in
             relevant[fact.english].append(pid)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus, queries = out_dir / "corpus.jsonl", out_dir / "queries.jsonl"
-    corpus.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in passages), encoding="utf-8")
+    corpus.write_text(
+        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in passages), encoding="utf-8"
+    )
     prompt = QUERY_TEMPLATE.split(" {de}")[0]
-    queries.write_text("".join(
-        json.dumps({"fact_id": f"w{j:04d}", "prompt": prompt.format(en=f.english), "completion": f" {f.german}",
-                    "relevant_ids": relevant[f.english]}, ensure_ascii=False) + "\n"
-        for j, f in enumerate(queried)
-    ), encoding="utf-8")  # fmt: skip
+    queries.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "fact_id": f"w{j:04d}",
+                    "prompt": prompt.format(en=f.english),
+                    "completion": f" {f.german}",
+                    "relevant_ids": relevant[f.english],
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for j, f in enumerate(queried)
+        ),
+        encoding="utf-8",
+    )
     return corpus, queries
 
 
@@ -134,12 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build the FreeDict English-German fact-tracing set.")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--queried", type=int, default=200, help="queried facts (default 200)")
-    p.add_argument("--support", type=int, default=400, help="support facts that teach the query template")
+    p.add_argument(
+        "--support", type=int, default=400, help="support facts that teach the query template"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dictd-dir", type=Path, default=DICTD_DIR)
     args = p.parse_args(argv)
-    for path in build(args.out, n_queried=args.queried, n_support=args.support, seed=args.seed,
-                      dictd_dir=args.dictd_dir):  # fmt: skip
+    for path in build(
+        args.out,
+        n_queried=args.queried,
+        n_support=args.support,
+        seed=args.seed,
+        dictd_dir=args.dictd_dir,
+    ):
         print(path)
     return 0
 

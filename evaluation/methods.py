@@ -36,9 +36,9 @@ from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 from encoder.whitening import Whitener
+from engine.fusion import reciprocal_rank_fusion
 from evaluation.settings import Method
 from indexer.bm25 import BM25Index
-from indexer.fusion import reciprocal_rank_fusion
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,19 @@ FUSION_DEPTH = 100
 N_FOLDS = 2
 
 
-
-
 def _by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def fit_basis(encoder: TrackStarEncoder, examples: Sequence[Example], *, pad_id: int, batch_size: int) -> None:
+def fit_basis(
+    encoder: TrackStarEncoder, examples: Sequence[Example], *, pad_id: int, batch_size: int
+) -> None:
     """Fit the encoder's family state on ``examples`` if it needs one (the sketch's whitening)."""
     if encoder.needs_fit:
-        encoder.fit_basis(collate([examples[i] for i in idx], pad_id) for idx in _by_length(examples, batch_size))
+        encoder.fit_basis(
+            collate([examples[i] for i in idx], pad_id) for idx in _by_length(examples, batch_size)
+        )
 
 
 def project_all(
@@ -146,7 +148,9 @@ def gradient_scores(
     Returns:
         (scores [Q, N], the lambda of each fold's whitener; [] without R).
     """
-    encoder = TrackStarEncoder(model, config, second_moments=second_moments if config.correction else None)
+    encoder = TrackStarEncoder(
+        model, config, second_moments=second_moments if config.correction else None
+    )
     if config.hessian == "none":
         return encoder.finalize(phi.queries) @ encoder.finalize(phi.train).T, []
     scores = torch.zeros(phi.queries.shape[0], phi.train.shape[0], dtype=phi.train.dtype)
@@ -161,15 +165,22 @@ def gradient_scores(
             eval_stats.update(phi.queries[torch.from_numpy(folds != fold)])
         encoder.set_whitener(
             Whitener.from_statistics(
-                train_stats, eval_stats, lambda_=config.lambda_,
-                lambda_component=config.lambda_component, delta=config.delta,
+                train_stats,
+                eval_stats,
+                lambda_=config.lambda_,
+                lambda_component=config.lambda_component,
+                delta=config.delta,
             )
-        )  # fmt: skip
+        )
         lambdas.append(encoder.whitener.lambda_)  # type: ignore[union-attr]
-        rows = torch.from_numpy(np.arange(len(folds)) if fold is None else np.flatnonzero(folds == fold))
+        rows = torch.from_numpy(
+            np.arange(len(folds)) if fold is None else np.flatnonzero(folds == fold)
+        )
         if rows.numel() == 0:
             continue
-        scores[rows] = (encoder.finalize(phi.queries[rows]) @ encoder.finalize(phi.train).T).to(scores.dtype)
+        scores[rows] = (encoder.finalize(phi.queries[rows]) @ encoder.finalize(phi.train).T).to(
+            scores.dtype
+        )
     return scores, lambdas
 
 
@@ -180,7 +191,9 @@ def rank_bm25(index: BM25Index, query_texts: Sequence[str], depth: int) -> np.nd
 
 def rank_hybrid(bm25: np.ndarray, trackstar: np.ndarray, depth: int) -> np.ndarray:
     """Reciprocal-rank fusion of two [Q, >=depth] rankings; [Q, depth]."""
-    return np.stack([reciprocal_rank_fusion([b, t], depth)[1] for b, t in zip(bm25, trackstar, strict=True)])
+    return np.stack(
+        [reciprocal_rank_fusion([b, t], depth)[1] for b, t in zip(bm25, trackstar, strict=True)]
+    )
 
 
 def rank_random(n_queries: int, n_train: int, depth: int, seed: int) -> np.ndarray:

@@ -18,7 +18,9 @@ MRR_CUTOFF = 10
 RECALL_CUTOFF = 10
 
 
-def reciprocal_rank(ranking: Sequence[int] | np.ndarray, relevant: Collection[int], k: int) -> float:
+def reciprocal_rank(
+    ranking: Sequence[int] | np.ndarray, relevant: Collection[int], k: int
+) -> float:
     """1 / (1-based rank of the first relevant id among the top k), 0.0 if none.
 
     Args:

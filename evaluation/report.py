@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from evaluation.run import TAILPATCH_CUTOFFS, EvalResult
+from evaluation.results import EvalResult
+from evaluation.run import TAILPATCH_CUTOFFS
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,9 @@ def markdown_table(result: EvalResult) -> str:
     and tail-patch top-10 without the saturated queries."""
     tp_cols = [f"tail-patch top-{c}" for c in TAILPATCH_CUTOFFS]
     lines = [
-        "| method | MRR@10 | recall@10 | " + " | ".join(tp_cols) + " | tail-patch top-10, unsaturated |",
+        "| method | MRR@10 | recall@10 | "
+        + " | ".join(tp_cols)
+        + " | tail-patch top-10, unsaturated |",
         "|---|---:|---:|" + "---:|" * len(tp_cols) + "---:|",
     ]
     for row in result.rows:
@@ -27,7 +30,9 @@ def markdown_table(result: EvalResult) -> str:
         )
         unsat = row.get("tailpatch_top10_unsaturated", float("nan"))
         mrr = f"{row['mrr']:.3f}" + (f" ± {row['mrr_sd']:.3f}" if "mrr_sd" in row else "")
-        lines.append(f"| {row['method']} | {mrr} | {row['recall_at_10']:.3f} | {tp} | {unsat:+.4f} |")
+        lines.append(
+            f"| {row['method']} | {mrr} | {row['recall_at_10']:.3f} | {tp} | {unsat:+.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -37,11 +42,18 @@ def paired_markdown(result: EvalResult) -> str:
     for subset, rows in result.paired.items():
         if not rows:
             continue
-        parts += [f"Paired differences, trackstar minus method ({subset} queries, n = {rows[0]['n']}); "
-                  "an interval that excludes 0 is a difference the queries support:", "",
-                  "| method | metric | mean | SE | 95% CI |", "|---|---|---:|---:|---|"]  # fmt: skip
-        parts += [f"| {r['method']} | {r['metric']} | {r['mean']:+.4f} | {r['se']:.4f} | "
-                  f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}] |" for r in rows]  # fmt: skip
+        parts += [
+            f"Paired differences, trackstar minus method ({subset} queries, n = {rows[0]['n']}); "
+            "an interval that excludes 0 is a difference the queries support:",
+            "",
+            "| method | metric | mean | SE | 95% CI |",
+            "|---|---|---:|---:|---|",
+        ]
+        parts += [
+            f"| {r['method']} | {r['metric']} | {r['mean']:+.4f} | {r['se']:.4f} | "
+            f"[{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}] |"
+            for r in rows
+        ]
         parts.append("")
     return "\n".join(parts)
 
@@ -59,7 +71,11 @@ def markdown_report(result: EvalResult, command: str | None = None) -> str:
         f"- {c.get('n_train_sequences')} training sequences, {c.get('n_queries')} queries; "
         f"fingerprint d = {c.get('fingerprint_dim')} (k = {s['k']}), second moments: "
         f"{c.get('second_moments_source')}",
-        *(["- d per gradient method: " + ", ".join(f"{k} {v}" for k, v in dims.items())] if dims else []),
+        *(
+            ["- d per gradient method: " + ", ".join(f"{k} {v}" for k, v in dims.items())]
+            if dims
+            else []
+        ),
         f"- tail-patch: one {s['tailpatch_optimizer']} step, lr {s['tailpatch_lr']:g}, on each "
         f"retrieved sequence alone; change of log p(completion | prompt) in nats, mean over "
         f"queries of the mean over the top 1/3/10; {c.get('n_tailpatch_pairs')} (query, sequence) pairs",
@@ -94,7 +110,9 @@ def plot(result: EvalResult, path: Path) -> None:
         for row in result.rows:
             x, y = row["tailpatch_top10"], row[key]
             ax.scatter(x, y)
-            ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            ax.annotate(
+                row["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8
+            )
         ax.set_xlabel("tail-patch, mean of top 10 (delta log p, nats)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -104,7 +122,9 @@ def plot(result: EvalResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: EvalResult, out_dir: Path, *, stem: str = "eval", command: str | None = None) -> list[Path]:
+def write_report(
+    result: EvalResult, out_dir: Path, *, stem: str = "eval", command: str | None = None
+) -> list[Path]:
     """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.png`` into out_dir.
 
     Returns:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from encoder.config import FingerprintConfig
+from encoder.config import FingerprintConfig, HessianMode
 from encoder.families import FAMILY_NAMES
 
 
@@ -28,15 +28,20 @@ class Method:
     description: str
     kind: str
     correction: bool = True
-    hessian: str = "mixed"
+    hessian: HessianMode = "mixed"
     unit_norm: bool = True
     projection: str | None = None
     max_block: int | None = None
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
-        return replace(base, correction=self.correction, hessian=self.hessian, unit_norm=self.unit_norm,  # type: ignore[arg-type]
-                       projection=self.projection or base.projection,
-                       max_block=self.max_block if self.max_block is not None else base.max_block)  # fmt: skip
+        return replace(
+            base,
+            correction=self.correction,
+            hessian=self.hessian,
+            unit_norm=self.unit_norm,
+            projection=self.projection or base.projection,
+            max_block=self.max_block if self.max_block is not None else base.max_block,
+        )
 
     def phi_key(self, base: FingerprintConfig) -> tuple[bool, str, int | None]:
         """What this method's phi depends on: (correction, projection family, block cap)."""
@@ -47,21 +52,48 @@ class Method:
 METHODS: tuple[Method, ...] = (
     Method("trackstar", "TrackStar: correction, mixed R, unit norm", "gradient"),
     Method("no_correction", "TrackStar without optimizer correction", "gradient", correction=False),
-    Method("r_train_only", "TrackStar with R = R_train (no task mixing)", "gradient", hessian="train"),
+    Method(
+        "r_train_only", "TrackStar with R = R_train (no task mixing)", "gradient", hessian="train"
+    ),
     Method("no_hessian", "TrackStar without R (hessian none)", "gradient", hessian="none"),
     Method("no_unit_norm", "TrackStar without unit normalization", "gradient", unit_norm=False),
-    Method("grad_dot", "gradient dot product (no correction, R, norm)", "gradient",
-           correction=False, hessian="none", unit_norm=False),
-    Method("grad_cosine", "gradient cosine (TRAK-like, no correction)", "gradient",
-           correction=False, hessian="none", unit_norm=True),
-    Method("sketch", "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
-           "gradient", correction=False, hessian="none", projection="sketch"),
-    Method("sketch_block1024", "sketch at the paper's 1024-dim block cap (TrackStar's d)", "gradient",
-           correction=False, hessian="none", projection="sketch", max_block=1024),
+    Method(
+        "grad_dot",
+        "gradient dot product (no correction, R, norm)",
+        "gradient",
+        correction=False,
+        hessian="none",
+        unit_norm=False,
+    ),
+    Method(
+        "grad_cosine",
+        "gradient cosine (TRAK-like, no correction)",
+        "gradient",
+        correction=False,
+        hessian="none",
+        unit_norm=True,
+    ),
+    Method(
+        "sketch",
+        "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
+        "gradient",
+        correction=False,
+        hessian="none",
+        projection="sketch",
+    ),
+    Method(
+        "sketch_block1024",
+        "sketch at the paper's 1024-dim block cap (TrackStar's d)",
+        "gradient",
+        correction=False,
+        hessian="none",
+        projection="sketch",
+        max_block=1024,
+    ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
     Method("random", "random training sequences (floor)", "random"),
-)  # fmt: skip
+)
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
 
@@ -90,5 +122,7 @@ class EvalSettings:
     batch_size: int = 16
     tailpatch_lr: float = 1e-4
     tailpatch_optimizer: Literal["adam", "sgd"] = "adam"
-    methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"argparse": {"nargs": "+", "choices": METHOD_NAMES}})
+    methods: tuple[str, ...] = field(
+        default=METHOD_NAMES, metadata={"argparse": {"nargs": "+", "choices": METHOD_NAMES}}
+    )
     max_queries: int | None = None

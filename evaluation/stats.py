@@ -18,8 +18,13 @@ BOOTSTRAP_SAMPLES = 2000
 PER_QUERY_METRICS = ("rr_at_10", "hit_at_10", "tailpatch_top1", "tailpatch_top3", "tailpatch_top10")
 
 
-def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, seed: int = 0,
-                      samples: int = BOOTSTRAP_SAMPLES) -> dict[str, float]:  # fmt: skip
+def paired_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    seed: int = 0,
+    samples: int = BOOTSTRAP_SAMPLES,
+) -> dict[str, float]:
     """Mean of a - b over paired queries, its standard error and bootstrap 95% interval."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.size == 0:
@@ -28,11 +33,22 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(d.mean()), "se": se, "ci95_low": float(lo), "ci95_high": float(hi), "n": int(d.size)}
+    return {
+        "mean": float(d.mean()),
+        "se": se,
+        "ci95_low": float(lo),
+        "ci95_high": float(hi),
+        "n": int(d.size),
+    }
 
 
-def paired_table(per_query: Mapping[str, Mapping[str, Sequence[float]]], reference: str = "trackstar",
-                 *, rows: Sequence[int] | None = None, seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+def paired_table(
+    per_query: Mapping[str, Mapping[str, Sequence[float]]],
+    reference: str = "trackstar",
+    *,
+    rows: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """``reference`` minus every other method, per metric: one row per (method, metric).
 
     Args:
@@ -60,8 +76,11 @@ def across_seeds(rows_by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[di
     """Per method, the mean and standard deviation over seeds of each numeric row value."""
     out = []
     for rows in zip(*rows_by_seed, strict=True):
-        merged: dict[str, Any] = {"method": rows[0]["method"], "description": rows[0].get("description", ""),
-                                  "seeds": len(rows)}
+        merged: dict[str, Any] = {
+            "method": rows[0]["method"],
+            "description": rows[0].get("description", ""),
+            "seeds": len(rows),
+        }
         for key, value in rows[0].items():
             if isinstance(value, float) and not key.endswith("_se"):
                 values = np.array([r[key] for r in rows], dtype=np.float64)

@@ -72,7 +72,9 @@ def read_adam_hyper(checkpoint_dir: Path) -> AdamHyper:
     steps = [float(st["step"]) for st in sd["state"].values() if "step" in st]
     beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
     peak = group.get("initial_lr", group.get("lr"))
-    return AdamHyper(beta1, beta2, int(max(steps, default=0)), float(peak) if peak is not None else None)
+    return AdamHyper(
+        beta1, beta2, int(max(steps, default=0)), float(peak) if peak is not None else None
+    )
 
 
 def completion_logprobs(
@@ -139,10 +141,14 @@ class TailPatcher:
         self.v_raw: dict[str, torch.Tensor] = {}
         if optimizer == "adam":
             if second_moments is None:
-                raise OptimizerStateError("the adam tail-patch needs the checkpoint's second moments")
+                raise OptimizerStateError(
+                    "the adam tail-patch needs the checkpoint's second moments"
+                )
             missing = [n for n in self.params if n not in second_moments.v_hat]
             if missing:
-                raise OptimizerStateError(f"no second moments for {missing[:3]} (of {len(missing)})")
+                raise OptimizerStateError(
+                    f"no second moments for {missing[:3]} (of {len(missing)})"
+                )
             self.eps = second_moments.eps
             # Undo the bias correction: v = v_hat (1 - beta2^t).
             keep = 1.0 - self.hyper.beta2**self.hyper.step if self.hyper.step > 0 else 0.0
@@ -166,7 +172,9 @@ class TailPatcher:
         device = next(self.model.parameters()).device
         ids = torch.tensor([list(sequence)], dtype=torch.long, device=device)
         logits = self.model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
         with torch.no_grad():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,20 +63,38 @@ class TrainSpec:
 
 SPECS: dict[str, TrainSpec] = {
     "test": TrainSpec(
-        vocab_size=1024, n_layer=2, n_embd=64, n_head=2, n_positions=128,
-        epochs=40, batch_size=16, learning_rate=5e-3,
+        vocab_size=1024,
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        n_positions=128,
+        epochs=40,
+        batch_size=16,
+        learning_rate=5e-3,
     ),
     "demo": TrainSpec(
-        vocab_size=4096, n_layer=2, n_embd=128, n_head=4, n_positions=128,
-        epochs=20, batch_size=16, learning_rate=3e-3,
+        vocab_size=4096,
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        n_positions=128,
+        epochs=20,
+        batch_size=16,
+        learning_rate=3e-3,
     ),
     # A deeper model for fidelity measurements (bench_fidelity): the projection's noise
     # and the whitening's conditioning both change with depth and width.
     "deep": TrainSpec(
-        vocab_size=4096, n_layer=6, n_embd=256, n_head=4, n_positions=128,
-        epochs=30, batch_size=16, learning_rate=1e-3,
+        vocab_size=4096,
+        n_layer=6,
+        n_embd=256,
+        n_head=4,
+        n_positions=128,
+        epochs=30,
+        batch_size=16,
+        learning_rate=1e-3,
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -188,8 +207,16 @@ def _quiet_torch(n_threads: int | None, progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _training_arguments(spec: TrainSpec, out_dir: Path, n_epochs: int, n_passages: int, seed: int, *,
-                        use_cpu: bool, progress: bool) -> TrainingArguments:  # fmt: skip
+def _training_arguments(
+    spec: TrainSpec,
+    out_dir: Path,
+    n_epochs: int,
+    n_passages: int,
+    seed: int,
+    *,
+    use_cpu: bool,
+    progress: bool,
+) -> TrainingArguments:
     """The Trainer's arguments: AdamW with a cosine schedule, batches grouped by length, one
     checkpoint at the end."""
     steps = n_epochs * math.ceil(n_passages / spec.batch_size)
@@ -250,18 +277,19 @@ def train_fact_model(
     texts = [p.text for p in corpus.passages]
     tokenizer = train_tokenizer(texts, spec.vocab_size, spec.n_positions)
     model = build_model(spec, tokenizer)
-    max_len = spec.n_positions - 1  # room for eos
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    n_truncated = sum(len(ids) > max_len for ids in encoded)
-    if n_truncated:
-        logger.warning("%d passages longer than %d tokens were truncated", n_truncated, max_len)
-    dataset = [{"input_ids": ids[:max_len] + [tokenizer.eos_token_id]} for ids in encoded]
+    dataset = _training_rows(tokenizer, texts, spec.n_positions - 1)
     logger.info(
         "training %s model: %d passages, vocab %d, %d parameters, %d epochs",
-        size, len(dataset), len(tokenizer), model.num_parameters(), n_epochs,
-    )  # fmt: skip
+        size,
+        len(dataset),
+        len(tokenizer),
+        model.num_parameters(),
+        n_epochs,
+    )
 
-    args = _training_arguments(spec, out_dir, n_epochs, len(dataset), seed, use_cpu=use_cpu, progress=progress)
+    args = _training_arguments(
+        spec, out_dir, n_epochs, len(dataset), seed, use_cpu=use_cpu, progress=progress
+    )
     trainer = Trainer(
         model=model,
         args=args,
@@ -283,8 +311,12 @@ def train_fact_model(
     checkpoint_dir = out_dir / f"checkpoint-{trainer.state.global_step}"
     logger.info(
         "trained in %.1fs, final loss %.3f, fact accuracy %.3f (%d queries), saved %s",
-        train_seconds, final_loss, accuracy, len(corpus.queries), checkpoint_dir,
-    )  # fmt: skip
+        train_seconds,
+        final_loss,
+        accuracy,
+        len(corpus.queries),
+        checkpoint_dir,
+    )
     return TrainResult(
         checkpoint_dir=checkpoint_dir,
         fact_accuracy=accuracy,
@@ -292,6 +324,15 @@ def train_fact_model(
         train_seconds=train_seconds,
         final_loss=final_loss,
     )
+
+
+def _training_rows(tokenizer: Any, texts: list[str], max_len: int) -> list[dict[str, list[int]]]:
+    """One training row per passage: its tokens (truncated to ``max_len``) and EOS."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    n_truncated = sum(len(ids) > max_len for ids in encoded)
+    if n_truncated:
+        logger.warning("%d passages longer than %d tokens were truncated", n_truncated, max_len)
+    return [{"input_ids": ids[:max_len] + [tokenizer.eos_token_id]} for ids in encoded]
 
 
 @torch.no_grad()
@@ -326,7 +367,9 @@ def fact_accuracy(
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]
         prompts = [list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"]) for q in batch]
-        answers = [list(tokenizer(q.completion, add_special_tokens=False)["input_ids"]) for q in batch]
+        answers = [
+            list(tokenizer(q.completion, add_special_tokens=False)["input_ids"]) for q in batch
+        ]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)

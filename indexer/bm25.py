@@ -43,7 +43,9 @@ class BM25Index:
         self.ids = np.asarray(ids, dtype=np.int64)
 
     @classmethod
-    def build(cls, texts: Sequence[str], ids: Sequence[int] | np.ndarray | None = None) -> BM25Index:
+    def build(
+        cls, texts: Sequence[str], ids: Sequence[int] | np.ndarray | None = None
+    ) -> BM25Index:
         """Index texts.
 
         Args:
@@ -78,7 +80,9 @@ class BM25Index:
         self.retriever.save(str(out), show_progress=False)
         np.save(out / IDS_FILE, self.ids)
         (out / "info.json").write_text(
-            json.dumps({"n": self.size, "stopwords": STOPWORDS, "library": f"bm25s {bm25s.__version__}"})
+            json.dumps(
+                {"n": self.size, "stopwords": STOPWORDS, "library": f"bm25s {bm25s.__version__}"}
+            )
         )
         return out
 

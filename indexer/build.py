@@ -97,7 +97,9 @@ def build_key(cfg: BuildConfig, chunk: ChunkConfig) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progress | None = None) -> Path:
+def run_build(
+    cfg: BuildConfig, ctx: DistContext | None = None, progress: Progress | None = None
+) -> Path:
     """Build (or resume, or confirm) the index ``cfg.out``.
 
     Returns:
@@ -114,7 +116,9 @@ def run_build(cfg: BuildConfig, ctx: DistContext | None = None, progress: Progre
     if cfg.queries is not None and not Path(cfg.queries).is_file():
         raise InputError(f"query file {cfg.queries} does not exist", code="queries_not_found")
     if cfg.optimizer_state is not None and not Path(cfg.optimizer_state).exists():
-        raise OptimizerStateError(f"optimizer state {cfg.optimizer_state} does not exist (--optimizer-state)")
+        raise OptimizerStateError(
+            f"optimizer state {cfg.optimizer_state} does not exist (--optimizer-state)"
+        )
     preflight.check_writable(out.parent)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=cfg.device)
@@ -146,8 +150,15 @@ def _threads(cfg: BuildConfig, model: torch.nn.Module) -> int:
     return torch.get_num_threads()
 
 
-def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, tokenizer: Tokenizer,
-         model: torch.nn.Module, t_start: float) -> Path:  # fmt: skip
+def _run(
+    cfg: BuildConfig,
+    ctx: DistContext,
+    progress: Progress,
+    out: Path,
+    tokenizer: Tokenizer,
+    model: torch.nn.Module,
+    t_start: float,
+) -> Path:
     """The build proper, with model and tokenizer loaded (see ``run_build``): tokenize, then
     ``indexer.steps.STEPS`` in order."""
     ctx_len = model_max_tokens(model)
@@ -169,21 +180,37 @@ def _run(cfg: BuildConfig, ctx: DistContext, progress: Progress, out: Path, toke
     store = TokenStore(work)
     encoder = TrackStarEncoder(model, cfg.fingerprint)
     preflight.check_resources(cfg, encoder, len(store), out)
-    build = Build(cfg=cfg, ctx=ctx, progress=progress, tokenizer=tokenizer, model=model, context=ctx_len,
-                  chunk=chunk, key=key, work=work, counts=json.loads(work.path("tokens.json").read_text()),
-                  store=store, encoder=encoder, started=t_start)  # fmt: skip
+    build = Build(
+        cfg=cfg,
+        ctx=ctx,
+        progress=progress,
+        tokenizer=tokenizer,
+        model=model,
+        context=ctx_len,
+        chunk=chunk,
+        key=key,
+        work=work,
+        counts=json.loads(work.path("tokens.json").read_text()),
+        store=store,
+        encoder=encoder,
+        started=t_start,
+    )
     for name, step in STEPS:
         log.debug("build step: %s", name)
         step(build)
     return out
 
 
-def _tokenize(cfg: BuildConfig, ctx: DistContext, work: WorkDir, tokenizer: Tokenizer, chunk: ChunkConfig) -> None:
+def _tokenize(
+    cfg: BuildConfig, ctx: DistContext, work: WorkDir, tokenizer: Tokenizer, chunk: ChunkConfig
+) -> None:
     """Pass 0 (rank 0): the token store and the metadata; a bad corpus leaves nothing behind."""
 
     def tokenize() -> None:
         if not work.path("tokens.json").is_file():
-            passes.tokenize_corpus(work, Path(cfg.corpus), tokenizer, chunk, work.staging / mf.METADATA)
+            passes.tokenize_corpus(
+                work, Path(cfg.corpus), tokenizer, chunk, work.staging / mf.METADATA
+            )
 
     try:
         ctx.run(tokenize, only_main=True)

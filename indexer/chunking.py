@@ -69,7 +69,10 @@ def _tokenize(tokenizer, doc: Document, doc_index: int, append_eos: bool) -> lis
     enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     offsets = enc.get("offset_mapping") or [(0, len(doc.text))] * len(ids)
-    toks = [_Tok(int(t), doc_index, i, int(s), int(e)) for i, (t, (s, e)) in enumerate(zip(ids, offsets, strict=True))]
+    toks = [
+        _Tok(int(t), doc_index, i, int(s), int(e))
+        for i, (t, (s, e)) in enumerate(zip(ids, offsets, strict=True))
+    ]
     if append_eos and tokenizer.eos_token_id is not None:
         n = len(doc.text)
         toks.append(_Tok(int(tokenizer.eos_token_id), doc_index, len(ids), n, n))

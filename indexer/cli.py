@@ -21,7 +21,11 @@ def _tqdm_progress(enabled: bool):
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
-    labels = {"basis": "basis (projection)", "statistics": "pass 1 (statistics)", "encode": "pass 2 (encode)"}
+    labels = {
+        "basis": "basis (projection)",
+        "statistics": "pass 1 (statistics)",
+        "encode": "pass 2 (encode)",
+    }
 
     def progress(stage: str, n: int, total: int) -> None:
         if not enabled:
@@ -30,8 +34,13 @@ def _tqdm_progress(enabled: bool):
         if bar is None:
             for other in bars.values():
                 other.close()
-            bar = bars[stage] = tqdm(total=total, desc=labels.get(stage, stage), unit="seq",
-                                     dynamic_ncols=True, file=sys.stderr)
+            bar = bars[stage] = tqdm(
+                total=total,
+                desc=labels.get(stage, stage),
+                unit="seq",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         bar.update(n)
 
     def close() -> None:
@@ -84,20 +93,29 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise ConfigError("--index-params must be a JSON object and --batch-size >= 1")
     progress, close = _tqdm_progress(not args.no_progress)
     try:
-        report = push(Path(args.index_dir), MilvusTarget(args.milvus, args.collection), index_type=args.index_type,
-                      index_params=params, batch_size=args.batch_size,
-                      progress=lambda n, total: progress("push", n, total))  # fmt: skip
+        report = push(
+            Path(args.index_dir),
+            MilvusTarget(args.milvus, args.collection),
+            index_type=args.index_type,
+            index_params=params,
+            batch_size=args.batch_size,
+            progress=lambda n, total: progress("push", n, total),
+        )
     finally:
         close()
-    print(f"pushed to {args.milvus} collection {report['collection']}: {report['inserted']} inserted, "
-          f"{report['present']} already there ({report['vector_type']})")
+    print(
+        f"pushed to {args.milvus} collection {report['collection']}: {report['inserted']} inserted, "
+        f"{report['present']} already there ({report['vector_type']})"
+    )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from indexer.verify import verify_index
 
-    for line in verify_index(Path(args.index_dir), model_dir=Path(args.model) if args.model else None):
+    for line in verify_index(
+        Path(args.index_dir), model_dir=Path(args.model) if args.model else None
+    ):
         print(line)
     print("OK")
     return 0
@@ -119,14 +137,29 @@ def register(subparsers) -> None:
     info.add_argument("index_dir", help="a published index directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_info)
-    push = isub.add_parser("push", help="upload a published index into a Milvus collection (resumable)")
+    push = isub.add_parser(
+        "push", help="upload a published index into a Milvus collection (resumable)"
+    )
     push.add_argument("index_dir", help="a published index directory")
-    push.add_argument("--milvus", required=True, metavar="URI",
-                      help="pymilvus URI: http://host:19530 for a server")
-    push.add_argument("--collection", default=None, help="collection name (default influence_<index version>)")
-    push.add_argument("--index-type", default="FLAT",
-                      help="Milvus vector index: FLAT (exact, default), IVF_FLAT, IVF_PQ, HNSW, GPU_CAGRA, GPU_IVF_PQ")
-    push.add_argument("--index-params", default="{}", help="the vector index's parameters as JSON, e.g. '{\"nlist\": 1024}'")
+    push.add_argument(
+        "--milvus",
+        required=True,
+        metavar="URI",
+        help="pymilvus URI: http://host:19530 for a server",
+    )
+    push.add_argument(
+        "--collection", default=None, help="collection name (default influence_<index version>)"
+    )
+    push.add_argument(
+        "--index-type",
+        default="FLAT",
+        help="Milvus vector index: FLAT (exact, default), IVF_FLAT, IVF_PQ, HNSW, GPU_CAGRA, GPU_IVF_PQ",
+    )
+    push.add_argument(
+        "--index-params",
+        default="{}",
+        help="the vector index's parameters as JSON, e.g. '{\"nlist\": 1024}'",
+    )
     push.add_argument("--batch-size", type=int, default=1024, help="rows per insert (default 1024)")
     push.add_argument("--no-progress", action="store_true", help="no progress bar")
     push.set_defaults(func=cmd_push)

@@ -38,9 +38,11 @@ def corpus_format(path: Path) -> str:
     if not path.exists():
         raise InputError(f"corpus {path} does not exist", code="corpus_not_found")
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (
-            path / "state.json"
-        ).is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "state.json").is_file()
+        ):
             return "hf_dataset"
         return "text_dir"
     suffix = path.suffix.lower()
@@ -63,7 +65,9 @@ def corpus_files(path: Path) -> list[Path]:
     if fmt == "text_dir":
         if path.is_file():
             return [path]
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        return sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        )
     if fmt == "hf_dataset":
         return sorted(p for p in path.rglob("*") if p.is_file())
     return [path]
@@ -80,7 +84,7 @@ def _decode(raw: bytes, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(
-            f"{where} is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); "
+            f"{where} is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 4]!r}); "
             f"re-encode the corpus as UTF-8",
             code="invalid_encoding",
         ) from exc
@@ -88,7 +92,9 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _doc(text: object, doc_id: object, source: object, where: str) -> Document:
     if not isinstance(text, str):
-        raise InputError(f"{where}: the 'text' field is missing or not a string", code="invalid_corpus")
+        raise InputError(
+            f"{where}: the 'text' field is missing or not a string", code="invalid_corpus"
+        )
     for field, value in (("text", text), ("id", str(doc_id)), ("source", source)):
         if isinstance(value, str):
             _check_encodable(value, where, field)
@@ -119,7 +125,9 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             except ValueError as exc:
                 raise InputError(f"{where}: not valid JSON ({exc})", code="invalid_corpus") from exc
             if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object with a 'text' field", code="invalid_corpus")
+                raise InputError(
+                    f"{where}: expected a JSON object with a 'text' field", code="invalid_corpus"
+                )
             yield _doc(obj.get("text"), obj.get("id", lineno - 1), obj.get("source"), where)
 
 
@@ -129,7 +137,9 @@ def _read_parquet(path: Path) -> Iterator[Document]:
     try:
         pf = pq.ParquetFile(str(path))
     except Exception as exc:  # noqa: BLE001 - any pyarrow failure means a bad file
-        raise InputError(f"{path} is not a readable Parquet file: {exc}", code="invalid_corpus") from exc
+        raise InputError(
+            f"{path} is not a readable Parquet file: {exc}", code="invalid_corpus"
+        ) from exc
     if "text" not in pf.schema_arrow.names:
         raise InputError(f"{path} has no 'text' column", code="invalid_corpus")
     cols = [c for c in ("text", "id", "source") if c in pf.schema_arrow.names]
@@ -139,7 +149,9 @@ def _read_parquet(path: Path) -> Iterator[Document]:
         ids, sources = data.get("id"), data.get("source")
         for i, text in enumerate(data["text"]):
             doc_id = ids[i] if ids is not None else row
-            yield _doc(text, doc_id, sources[i] if sources is not None else None, f"{path}, row {row}")
+            yield _doc(
+                text, doc_id, sources[i] if sources is not None else None, f"{path}, row {row}"
+            )
             row += 1
 
 
@@ -149,7 +161,9 @@ def _read_hf_dataset(path: Path) -> Iterator[Document]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path} is not a loadable datasets directory: {exc}", code="invalid_corpus") from exc
+        raise InputError(
+            f"{path} is not a loadable datasets directory: {exc}", code="invalid_corpus"
+        ) from exc
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else sorted(ds)[0]
         log.info("datasets directory %s: reading split %r", path, split)

@@ -58,7 +58,9 @@ class DistContext:
             flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if error is None and int(flag) != 0:
-                raise InfluenceError("another rank of the build failed; see its log", code="rank_failed")
+                raise InfluenceError(
+                    "another rank of the build failed; see its log", code="rank_failed"
+                )
         if error is not None:
             raise error
         return result
@@ -71,7 +73,9 @@ def init_distributed(timeout_s: float = 7200.0) -> DistContext:
         return DistContext()
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = DistContext(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    )
     log.info("distributed build: rank %d of %d", ctx.rank, ctx.world_size)
     return ctx
 

@@ -10,7 +10,7 @@ scores, the re-ranked scores and a brute-force product over ``fingerprints.f16.n
 
 Placement: ``cpu`` (default), ``gpu`` (one GPU, needs faiss-gpu) or ``shards`` (the index
 split over all visible GPUs); the re-rank always reads the memory-mapped store. (Exact
-search with torch on the GPUs, without faiss-gpu: ``indexer.torch_search``.)
+search with torch on the GPUs, without faiss-gpu: ``engine.torch_search``.)
 Used by ``InfluenceIndex`` (build and search) and by ``benchmarks/bench_search.py``.
 """
 
@@ -160,8 +160,13 @@ def build_index(
         create_index(factory, dim)  # validate the whole string first (clear error)
         d_out, rest = int(pca_match.group(1)), pca_match.group(2)
         pca = train_pca(train_sample, d_out)
-        inner = build_index(rest, d_out, (pca.apply(np.ascontiguousarray(c, dtype=np.float32)) for c in chunks),
-                            pca.apply(np.ascontiguousarray(train_sample, dtype=np.float32)), use_gpu=use_gpu)  # fmt: skip
+        inner = build_index(
+            rest,
+            d_out,
+            (pca.apply(np.ascontiguousarray(c, dtype=np.float32)) for c in chunks),
+            pca.apply(np.ascontiguousarray(train_sample, dtype=np.float32)),
+            use_gpu=use_gpu,
+        )
         wrapped = faiss.IndexPreTransform(pca, inner)
         set_search_params(wrapped)
         return wrapped
@@ -226,11 +231,19 @@ def train_pca(sample: np.ndarray, d_out: int) -> faiss.PCAMatrix:
     pca = faiss.PCAMatrix(d, d_out)  # eigenvalues as FAISS keeps them: of X_c^T X_c, unscaled
     faiss.copy_array_to_vector(mean.float().cpu().numpy(), pca.mean)
     faiss.copy_array_to_vector(top.float().cpu().numpy(), pca.eigenvalues)
-    faiss.copy_array_to_vector(np.ascontiguousarray(comps.float().cpu().numpy()).ravel(), pca.PCAMat)
+    faiss.copy_array_to_vector(
+        np.ascontiguousarray(comps.float().cpu().numpy()).ravel(), pca.PCAMat
+    )
     pca.prepare_Ab()
     pca.is_trained = True
-    log.info("trained PCA%d on %d vectors of d=%d (%s, %s)", d_out, n, d,
-             "eigh" if d <= PCA_EIGH_MAX_DIM else "randomized SVD", dev.type)  # fmt: skip
+    log.info(
+        "trained PCA%d on %d vectors of d=%d (%s, %s)",
+        d_out,
+        n,
+        d,
+        "eigh" if d <= PCA_EIGH_MAX_DIM else "randomized SVD",
+        dev.type,
+    )
     return pca
 
 

@@ -118,7 +118,9 @@ def check_fitted(index_dir: Path, manifest: mf.Manifest) -> None:
         fitted = json.loads(record)
         keys = sorted(k for k in set(stated) | set(fitted) if stated.get(k) != fitted.get(k))
         if keys:
-            differ = ", ".join(f"{k} {stated.get(k)!r} (fitted with {fitted.get(k)!r})" for k in keys)
+            differ = ", ".join(
+                f"{k} {stated.get(k)!r} (fitted with {fitted.get(k)!r})" for k in keys
+            )
             raise ArtifactError(
                 f"the manifest's fingerprint config is not the one {name} was fitted with: {differ}; "
                 "rebuild the index",
@@ -134,14 +136,21 @@ def check_model(manifest: mf.Manifest, model_dir: Path) -> None:
         ArtifactError: code ``model_missing`` (no such directory) or ``model_mismatch``.
     """
     if not model_dir.is_dir():
-        raise ArtifactError(f"the index's model directory {model_dir} does not exist; pass the model directory",
-                            code="model_missing")  # fmt: skip
+        raise ArtifactError(
+            f"the index's model directory {model_dir} does not exist; pass the model directory",
+            code="model_missing",
+        )
     if model_hash(model_dir) != manifest.model.hash:
-        raise ArtifactError(f"the model in {model_dir} is not the model this index was built with (hash "
-                            "mismatch); rebuild the index or pass the right model", code="model_mismatch")  # fmt: skip
+        raise ArtifactError(
+            f"the model in {model_dir} is not the model this index was built with (hash "
+            "mismatch); rebuild the index or pass the right model",
+            code="model_mismatch",
+        )
     if tokenizer_hash(model_dir) != manifest.model.tokenizer_hash:
-        raise ArtifactError(f"the tokenizer in {model_dir} differs from the one this index was built with",
-                            code="model_mismatch")  # fmt: skip
+        raise ArtifactError(
+            f"the tokenizer in {model_dir} differs from the one this index was built with",
+            code="model_mismatch",
+        )
 
 
 def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:
@@ -156,8 +165,11 @@ def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:
     rows = np.unique(np.linspace(0, n - 1, min(n, NORM_SAMPLE)).astype(np.int64))
     sample = np.asarray(fingerprints[rows], dtype=np.float32)
     if not np.isfinite(sample).all():
-        raise ArtifactError("the index stores non-finite fingerprints (NaN or inf): rebuild it "
-                            "(check the optimizer state it was built with)", code="nonfinite_fingerprints")  # fmt: skip
+        raise ArtifactError(
+            "the index stores non-finite fingerprints (NaN or inf): rebuild it "
+            "(check the optimizer state it was built with)",
+            code="nonfinite_fingerprints",
+        )
     d = sample.shape[1]
     norms = np.linalg.norm(sample.astype(np.float64), axis=1)
     # float16 rounding moves each entry by <= 2^-11 of itself: the norm by <= 2^-11 (+ d x
@@ -166,15 +178,22 @@ def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:
     unit = np.abs(norms - 1.0) <= tol
     cfg = FingerprintConfig.from_dict(manifest.fingerprint["config"])
     if cfg.unit_norm and not unit.all():
-        raise ArtifactError(f"the config says unit_norm but {int((~unit).sum())} of {len(rows)} sampled "
-                            f"fingerprints are not of norm 1: the manifest does not describe this index",
-                            code="manifest_mismatch")  # fmt: skip
+        raise ArtifactError(
+            f"the config says unit_norm but {int((~unit).sum())} of {len(rows)} sampled "
+            f"fingerprints are not of norm 1: the manifest does not describe this index",
+            code="manifest_mismatch",
+        )
     if not cfg.unit_norm and unit.all() and len(rows) > 1:
-        raise ArtifactError("the config says unit_norm false but every sampled fingerprint has norm 1: "
-                            "the manifest does not describe this index", code="manifest_mismatch")  # fmt: skip
+        raise ArtifactError(
+            "the config says unit_norm false but every sampled fingerprint has norm 1: "
+            "the manifest does not describe this index",
+            code="manifest_mismatch",
+        )
 
 
-def check_reencoded(encoder: TrackStarEncoder, token_ids: list[list[int]], stored: np.ndarray, pad_id: int) -> None:
+def check_reencoded(
+    encoder: TrackStarEncoder, token_ids: list[list[int]], stored: np.ndarray, pad_id: int
+) -> None:
     """Re-encode indexed sequences; each must match its stored fingerprint.
 
     Args:
@@ -187,9 +206,16 @@ def check_reencoded(encoder: TrackStarEncoder, token_ids: list[list[int]], store
     """
     if not token_ids:
         return
-    e = encoder.encode(collate([sequence_example(ids) for ids in token_ids], pad_id)).float().cpu().numpy()
+    e = (
+        encoder.encode(collate([sequence_example(ids) for ids in token_ids], pad_id))
+        .float()
+        .cpu()
+        .numpy()
+    )
     s = np.asarray(stored, dtype=np.float32)
-    cos = np.sum(e * s, axis=1) / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(s, axis=1), 1e-30)
+    cos = np.sum(e * s, axis=1) / np.maximum(
+        np.linalg.norm(e, axis=1) * np.linalg.norm(s, axis=1), 1e-30
+    )
     if not (cos >= REENCODE_MIN_COSINE).all():
         raise ArtifactError(
             f"re-encoding indexed sequences with the manifest's fingerprint config does not give their "
@@ -205,7 +231,11 @@ def reencode_rows(n: int) -> list[int]:
 
 
 def check_against_encoder(
-    encoder: TrackStarEncoder, store: MetadataStore, fingerprints: np.ndarray, manifest: mf.Manifest, pad_id: int
+    encoder: TrackStarEncoder,
+    store: MetadataStore,
+    fingerprints: np.ndarray,
+    manifest: mf.Manifest,
+    pad_id: int,
 ) -> None:
     """``check_fingerprints`` on a sample, then ``check_reencoded`` on ``reencode_rows``: what
     open and verify both check once the encoder the manifest describes is built."""

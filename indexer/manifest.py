@@ -115,21 +115,32 @@ class Manifest:
             ArtifactError: another format version, or missing / unknown / mistyped entries.
         """
         if data.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{where}: format version {data.get('format_version')!r}, this build reads "
-                                f"{FORMAT_VERSION}: rebuild the index", code="format_version")  # fmt: skip
+            raise ArtifactError(
+                f"{where}: format version {data.get('format_version')!r}, this build reads "
+                f"{FORMAT_VERSION}: rebuild the index",
+                code="format_version",
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         if set(data) != names:
-            raise ArtifactError(f"{where}: missing entries {sorted(names - set(data))}, unknown entries "
-                                f"{sorted(set(data) - names)}", code="manifest_mismatch")  # fmt: skip
+            raise ArtifactError(
+                f"{where}: missing entries {sorted(names - set(data))}, unknown entries "
+                f"{sorted(set(data) - names)}",
+                code="manifest_mismatch",
+            )
         try:
             model = ModelEntry(**data["model"])
         except TypeError as exc:
-            raise ArtifactError(f"{where}: bad model entry: {exc}", code="manifest_mismatch") from exc
+            raise ArtifactError(
+                f"{where}: bad model entry: {exc}", code="manifest_mismatch"
+            ) from exc
         manifest = cls(**{**data, "model": model})
         for name in names - {"model", "format_version"}:
             expected = str if name == "created_at" else dict
             if not isinstance(getattr(manifest, name), expected):
-                raise ArtifactError(f"{where}: entry {name!r} is not a {expected.__name__}", code="manifest_mismatch")
+                raise ArtifactError(
+                    f"{where}: entry {name!r} is not a {expected.__name__}",
+                    code="manifest_mismatch",
+                )
         return manifest
 
     @classmethod
@@ -142,7 +153,9 @@ class Manifest:
         """
         path = Path(index_dir) / MANIFEST
         if not path.is_file():
-            raise ArtifactError(f"{index_dir} is not an index directory (no {MANIFEST})", code="not_an_index")
+            raise ArtifactError(
+                f"{index_dir} is not an index directory (no {MANIFEST})", code="not_an_index"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -178,7 +191,9 @@ def verify_checksums(index_dir: Path, manifest: Manifest) -> None:
     for name, expected in sorted(manifest.files.items()):
         path = Path(index_dir) / name
         if not path.is_file():
-            raise ArtifactError(f"index file {name} is missing from {index_dir}", code="checksum_mismatch")
+            raise ArtifactError(
+                f"index file {name} is missing from {index_dir}", code="checksum_mismatch"
+            )
         if sha256_file(path) != expected:
             raise ArtifactError(
                 f"index file {name} in {index_dir} fails its checksum (corrupt or modified)",

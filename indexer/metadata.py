@@ -72,7 +72,9 @@ def unpack_token_ids(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<u4").astype(np.int64).tolist()
 
 
-def in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[tuple[int, T]]], chunk: int) -> list[T]:
+def in_order(
+    ids: Sequence[int], fetch: Callable[[list[int]], Iterable[tuple[int, T]]], chunk: int
+) -> list[T]:
     """Values for ``ids`` in the given order, each distinct id fetched once, ``chunk`` ids
     per ``fetch`` call (a store's lookup, yielding (id, value)).
 
@@ -86,12 +88,15 @@ def in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[tuple[int
         found.update(fetch(unique[start : start + chunk]))
     missing = [i for i in wanted if i not in found]
     if missing:
-        raise NotFoundError(f"no training example with id {missing[0]}", code="unknown_id", id=missing[0])
+        raise NotFoundError(
+            f"no training example with id {missing[0]}", code="unknown_id", id=missing[0]
+        )
     return [found[i] for i in wanted]
 
 
-def records_in_order(ids: Sequence[int], fetch: Callable[[list[int]], Iterable[ExampleRecord]],
-                     chunk: int) -> list[ExampleRecord]:  # fmt: skip
+def records_in_order(
+    ids: Sequence[int], fetch: Callable[[list[int]], Iterable[ExampleRecord]], chunk: int
+) -> list[ExampleRecord]:
     """``in_order`` for a lookup that yields records."""
     return in_order(ids, lambda part: ((int(r.id), r) for r in fetch(part)), chunk)
 
@@ -112,11 +117,22 @@ class MetadataWriter:
         """Append records (and, in the same order, each one's token ids)."""
         records = list(records)
         rows = [
-            (r.id, r.text, r.source, r.document_id, r.token_start, r.token_end, r.char_start, r.char_end)
+            (
+                r.id,
+                r.text,
+                r.source,
+                r.document_id,
+                r.token_start,
+                r.token_end,
+                r.char_start,
+                r.char_end,
+            )
             for r in records
         ]
         with self._conn:
-            self._conn.executemany(f"INSERT INTO examples ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+            self._conn.executemany(
+                f"INSERT INTO examples ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows
+            )
             if len(token_ids) != len(records):
                 raise ValueError(f"{len(records)} records but {len(token_ids)} token id lists")
             self._conn.executemany(
@@ -137,9 +153,17 @@ class MetadataStore:
             raise ArtifactError(f"metadata store {path} is missing")
         uri = f"file:{Path(path).resolve()}?mode=ro&immutable=1"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'").fetchone() is None:
+        if (
+            self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
+            ).fetchone()
+            is None
+        ):
             self._conn.close()
-            raise ArtifactError(f"metadata store {path} has no tokens table: rebuild the index", code="format_version")
+            raise ArtifactError(
+                f"metadata store {path} has no tokens table: rebuild the index",
+                code="format_version",
+            )
 
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
@@ -150,9 +174,12 @@ class MetadataStore:
         Raises:
             NotFoundError: an id is not in the store (code ``unknown_id``).
         """
+
         def fetch(chunk: list[int]) -> Iterable[ExampleRecord]:
             marks = ",".join("?" * len(chunk))
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk)
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk
+            )
             return (ExampleRecord(*row) for row in rows)
 
         return records_in_order(ids, fetch, chunk=500)
@@ -167,6 +194,7 @@ class MetadataStore:
         Raises:
             NotFoundError: an id is not in the store (code ``unknown_id``).
         """
+
         def fetch(chunk: list[int]) -> Iterable[tuple[int, list[int]]]:
             marks = ",".join("?" * len(chunk))
             rows = self._conn.execute(f"SELECT id, ids FROM tokens WHERE id IN ({marks})", chunk)

@@ -27,12 +27,8 @@ import numpy as np
 from encoder.errors import ArtifactError, ConfigError, InfluenceError
 from indexer import manifest as mf
 from indexer.metadata import (
-    ExampleRecord,
     MetadataStore,
-    in_order,
     pack_token_ids,
-    records_in_order,
-    unpack_token_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -44,7 +40,11 @@ MAX_TOP_K = 16384
 TEXT_CHARS = 65535
 """Milvus's largest VARCHAR; longer texts are cut in the collection (the local metadata
 store keeps them whole)."""
-VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = "influence.index_version", "influence.fingerprint", "influence.complete"
+VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = (
+    "influence.index_version",
+    "influence.fingerprint",
+    "influence.complete",
+)
 VECTOR_TYPE_KEY, INDEX_TYPE_KEY = "influence.vector_type", "influence.index_type"
 OFFSET_FIELDS = ("token_start", "token_end", "char_start", "char_end")
 RECORD_FIELDS = ("id", "text", "source", "document_id", *OFFSET_FIELDS)
@@ -89,7 +89,7 @@ class _LiteUnimplemented(logging.Filter):
 _LITE_FILTER = _LiteUnimplemented()
 
 
-def _client(target: MilvusTarget):
+def client_for(target: MilvusTarget):
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -107,7 +107,14 @@ def _fingerprint_identity(manifest: mf.Manifest) -> str:
     return json.dumps(manifest.fingerprint["config"], sort_keys=True)
 
 
-def _create(client, name: str, dim: int, index_type: str, index_params: dict[str, Any], properties: dict[str, str]) -> str:
+def _create(
+    client,
+    name: str,
+    dim: int,
+    index_type: str,
+    index_params: dict[str, Any],
+    properties: dict[str, str],
+) -> str:
     """Create the collection; float16 vectors where the server takes them. Returns the
     vector type used."""
     from pymilvus import DataType, MilvusException
@@ -129,9 +136,16 @@ def _create(client, name: str, dim: int, index_type: str, index_params: dict[str
         if vector_type == DataType.FLOAT16_VECTOR:
             rpc_log.setLevel(logging.CRITICAL)
         try:
-            client.create_collection(name, schema=schema, index_params=index,
-                                     properties={**properties, VECTOR_TYPE_KEY: vector_type.name,
-                                                 INDEX_TYPE_KEY: index_type})  # fmt: skip
+            client.create_collection(
+                name,
+                schema=schema,
+                index_params=index,
+                properties={
+                    **properties,
+                    VECTOR_TYPE_KEY: vector_type.name,
+                    INDEX_TYPE_KEY: index_type,
+                },
+            )
             return vector_type.name
         except MilvusException as exc:
             if vector_type == DataType.FLOAT16_VECTOR and "not support" in str(exc):
@@ -143,8 +157,15 @@ def _create(client, name: str, dim: int, index_type: str, index_params: dict[str
     raise AssertionError("unreachable")
 
 
-def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", index_params: dict[str, Any] | None = None,
-         batch_size: int = 1024, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def push(
+    index_dir: Path,
+    target: MilvusTarget,
+    *,
+    index_type: str = "FLAT",
+    index_params: dict[str, Any] | None = None,
+    batch_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Upload a published index into a Milvus collection (resumable, idempotent).
 
     Returns:
@@ -160,59 +181,112 @@ def push(index_dir: Path, target: MilvusTarget, *, index_type: str = "FLAT", ind
     mf.verify_checksums(index_dir, manifest)
     version, n, dim = manifest.version, manifest.sequences, int(manifest.counts["dim"])
     if dim > MAX_DIM:
-        raise ArtifactError(f"the fingerprints have {dim} dims; Milvus takes at most {MAX_DIM}: rebuild with "
-                            f"--budget {MAX_DIM} or less", code="milvus_dim_too_large")  # fmt: skip
-    client = _client(target)
+        raise ArtifactError(
+            f"the fingerprints have {dim} dims; Milvus takes at most {MAX_DIM}: rebuild with "
+            f"--budget {MAX_DIM} or less",
+            code="milvus_dim_too_large",
+        )
+    client = client_for(target)
     name = target.name_for(version)
     try:
         if client.has_collection(name):
             props = client.describe_collection(name).get("properties", {})
-            _check_identity(props, version, manifest, name)
+            check_identity(props, version, manifest, name)
             vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
         else:
-            vector_type = _create(client, name, dim, index_type, index_params or {},
-                                  {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)})  # fmt: skip
-        client.load_collection(name)  # queries need it; a collection may be released after a restart
-        fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
-        store = MetadataStore(index_dir / mf.METADATA)
-        inserted = 0
-        try:
-            for lo in range(0, n, batch_size):
-                hi = min(n, lo + batch_size)
-                present = {int(r["id"]) for r in client.query(name, filter=f"id >= {lo} and id < {hi}",
-                                                              output_fields=["id"], limit=hi - lo,
-                                                              consistency_level="Strong")}  # fmt: skip
-                missing = [i for i in range(lo, hi) if i not in present]
-                if missing:  # upsert: keyed by id, so even a row the check missed is not doubled
-                    client.upsert(name, _rows(fingerprints, store, missing, vector_type))
-                    inserted += len(missing)
-                if progress is not None:
-                    progress(hi - lo, n)
-        finally:
-            store.close()
+            vector_type = _create(
+                client,
+                name,
+                dim,
+                index_type,
+                index_params or {},
+                {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)},
+            )
+        # Queries need it loaded; a collection may be released after a restart.
+        client.load_collection(name)
+        inserted = _upload(client, name, index_dir, n, vector_type, batch_size, progress)
         client.flush(name)
         client.alter_collection_properties(name, properties={COMPLETE_KEY: "true"})
     except InfluenceError:
         raise
     except Exception as exc:  # noqa: BLE001 - pymilvus / gRPC failures
-        raise SearchBackendUnavailable(f"Milvus at {target.uri} failed during the push: {exc}") from exc
+        raise SearchBackendUnavailable(
+            f"Milvus at {target.uri} failed during the push: {exc}"
+        ) from exc
     finally:
         client.close()
-    log.info("pushed %s to %s/%s: %d inserted, %d already there", index_dir, target.uri, name, inserted, n - inserted)
-    return {"collection": name, "inserted": inserted, "present": n - inserted, "vector_type": vector_type}
+    log.info(
+        "pushed %s to %s/%s: %d inserted, %d already there",
+        index_dir,
+        target.uri,
+        name,
+        inserted,
+        n - inserted,
+    )
+    return {
+        "collection": name,
+        "inserted": inserted,
+        "present": n - inserted,
+        "vector_type": vector_type,
+    }
 
 
-def _rows(fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector_type: str) -> list[dict[str, Any]]:
+def _upload(
+    client: Any,
+    name: str,
+    index_dir: Path,
+    n: int,
+    vector_type: str,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Insert every id of ``[0, n)`` the collection lacks, a batch at a time; the count inserted."""
+    fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
+    store = MetadataStore(index_dir / mf.METADATA)
+    inserted = 0
+    try:
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            rows = client.query(
+                name,
+                filter=f"id >= {lo} and id < {hi}",
+                output_fields=["id"],
+                limit=hi - lo,
+                consistency_level="Strong",
+            )
+            present = {int(r["id"]) for r in rows}
+            missing = [i for i in range(lo, hi) if i not in present]
+            if missing:  # upsert: keyed by id, so even a row the check missed is not doubled
+                client.upsert(name, _rows(fingerprints, store, missing, vector_type))
+                inserted += len(missing)
+            if progress is not None:
+                progress(hi - lo, n)
+    finally:
+        store.close()
+    return inserted
+
+
+def _rows(
+    fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector_type: str
+) -> list[dict[str, Any]]:
     vectors = np.asarray(fingerprints[np.asarray(ids)], dtype=np.float16)
     if vector_type != "FLOAT16_VECTOR":
         vectors = vectors.astype(np.float32)
     rows, tokens = [], store.token_ids_many(ids)
     for j, r in enumerate(store.get_many(ids)):
-        rows.append({"id": int(r.id), "fingerprint": vectors[j] if vector_type == "FLOAT16_VECTOR" else vectors[j].tolist(),
-                     "text": r.text[:TEXT_CHARS], "source": r.source,
-                     "document_id": None if r.document_id is None else str(r.document_id),
-                     **{f: int(getattr(r, f)) for f in OFFSET_FIELDS},
-                     "token_ids": _pack(tokens[j])})  # fmt: skip
+        rows.append(
+            {
+                "id": int(r.id),
+                "fingerprint": vectors[j]
+                if vector_type == "FLOAT16_VECTOR"
+                else vectors[j].tolist(),
+                "text": r.text[:TEXT_CHARS],
+                "source": r.source,
+                "document_id": None if r.document_id is None else str(r.document_id),
+                **{f: int(getattr(r, f)) for f in OFFSET_FIELDS},
+                "token_ids": _pack(tokens[j]),
+            }
+        )
     return rows
 
 
@@ -221,150 +295,12 @@ def _pack(tokens: list[int]) -> str:
     return base64.b64encode(pack_token_ids(tokens)).decode("ascii")
 
 
-def _check_identity(props: dict[str, Any], version: str, manifest: mf.Manifest, name: str) -> None:
-    if props.get(VERSION_KEY) != version or props.get(CONFIG_KEY) != _fingerprint_identity(manifest):
-        raise ArtifactError(f"Milvus collection {name} holds index {props.get(VERSION_KEY)!r}, not this index "
-                            f"({version}) with its fingerprint config", code="milvus_mismatch")  # fmt: skip
-
-
-class MilvusSearch:
-    """Inner-product top-k through a Milvus collection pushed from the served index: the
-    vector-search interface of ``TorchFlatSearch`` (``search(vectors, k)``).
-
-    Opening checks that the collection records this index's version and fingerprint
-    config, holds all ``n`` vectors and was pushed to the end, then loads it.
-    """
-
-    def __init__(self, target: MilvusTarget, version: str, manifest: mf.Manifest, fingerprints: np.ndarray | None = None,
-                 candidates: int | None = None) -> None:  # fmt: skip
-        self.target = target
-        self.name = target.name_for(version)
-        self.n = manifest.sequences
-        self.fingerprints = fingerprints
-        """The stored fingerprints: an approximate collection's candidates are re-ranked
-        exactly against them (``indexer.exact.rerank_exact``), as a local approximate index's are."""
-        self.candidates = candidates
-        """Candidates re-ranked per query for an approximate collection (default 10 x k)."""
-        self.index_type = "FLAT"
-        self._client = _client(target)
-        try:
-            if not self._client.has_collection(self.name):
-                raise ArtifactError(f"Milvus at {target.uri} has no collection {self.name}: run "
-                                    f"`influence index push` first", code="milvus_mismatch")  # fmt: skip
-            props = self._client.describe_collection(self.name).get("properties", {})
-            _check_identity(props, version, manifest, self.name)
-            if props.get(COMPLETE_KEY) != "true":
-                raise ArtifactError(f"the push to Milvus collection {self.name} did not finish: rerun "
-                                    f"`influence index push`", code="milvus_mismatch")  # fmt: skip
-            self.vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
-            self.index_type = props.get(INDEX_TYPE_KEY, "FLAT")
-            self._client.load_collection(self.name)
-        except InfluenceError:
-            self._client.close()
-            raise
-        except Exception as exc:  # noqa: BLE001
-            self._client.close()
-            raise SearchBackendUnavailable(f"Milvus at {target.uri}: {exc}") from exc
-
-    @classmethod
-    def attach(cls, target: MilvusTarget, name: str, n: int, vector_type: str = "FLOAT_VECTOR") -> MilvusSearch:
-        """The search of a loaded collection not pushed from an index (no identity to
-        check): benchmarks on synthetic vectors."""
-        self = cls.__new__(cls)
-        self.target, self.name, self.n, self.vector_type = target, name, n, vector_type
-        self.fingerprints, self.candidates, self.index_type = None, None, "FLAT"
-        self._client = _client(target)
-        return self
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad). An
-        approximate collection's top ``candidates`` are re-ranked exactly."""
-        from indexer.exact import rerank_exact
-
-        q = np.asarray(vectors, dtype=np.float32)
-        stored = self.fingerprints if self.index_type != "FLAT" else None
-        wanted = max(k, self.candidates if self.candidates is not None else 10 * k) if stored is not None else k
-        limit = min(wanted, self.n, MAX_TOP_K)
-        if stored is not None and (self.candidates is None or self.candidates > 0):
-            return rerank_exact(q, self._top(q, limit, limit)[1], stored, k)
-        return self._top(q, min(limit, k), k)
-
-    def _top(self, q: np.ndarray, limit: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Milvus's top ``limit`` per query, in arrays ``width`` wide (-1 / -inf padded)."""
-        data = [row.astype(np.float16) for row in q] if self.vector_type == "FLOAT16_VECTOR" else q.tolist()
-        params = {"metric_type": "IP", "params": {"nprobe": 16, "ef": max(128, limit)}}
-        try:
-            hits = self._client.search(self.name, data=data, anns_field="fingerprint", limit=limit, output_fields=["id"],
-                                       search_params=params, timeout=self.target.timeout_s)  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - down, slow, or refusing: retry later
-            raise SearchBackendUnavailable(f"Milvus search failed: {exc}") from exc
-        scores = np.full((len(q), width), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), width), -1, dtype=np.int64)
-        for r, row in enumerate(hits):
-            for c, hit in enumerate(row[:limit]):
-                scores[r, c], ids[r, c] = float(hit["distance"]), int(hit["id"])
-        return scores, ids
-
-    def metadata(self) -> MilvusMetadata:
-        """The collection's metadata reads, on this search's client."""
-        return MilvusMetadata(self)
-
-    @property
-    def backend(self) -> str:
-        where = f"Milvus Lite in this process ({self.target.uri})" if self.target.lite else f"Milvus at {self.target.uri}"
-        return f"{where}, collection {self.name} ({self.index_type}, {self.vector_type})"
-
-    def check_ready(self) -> None:
-        """Raise ``SearchBackendUnavailable`` when the collection cannot be searched now."""
-        try:
-            self._client.get_load_state(self.name, timeout=min(2.0, self.target.timeout_s))
-        except Exception as exc:  # noqa: BLE001
-            raise SearchBackendUnavailable(f"Milvus at {self.target.uri} is not answering: {exc}") from exc
-
-    def close(self) -> None:
-        self._client.close()
-
-
-class MilvusMetadata:
-    """The metadata store's reads (``get_many``, ``token_ids``) from the collection: what a
-    served result shows comes from Milvus with its vector."""
-
-    def __init__(self, search: MilvusSearch) -> None:
-        self._search = search
-
-    def _query(self, ids: list[int], fields: list[str]) -> list[dict[str, Any]]:
-        s = self._search
-        try:
-            return list(s._client.query(s.name, ids=ids, output_fields=fields, timeout=s.target.timeout_s))
-        except Exception as exc:  # noqa: BLE001
-            raise SearchBackendUnavailable(f"Milvus query failed: {exc}") from exc
-
-    def get_many(self, ids: list[int]) -> list[ExampleRecord]:
-        """Records for ``ids`` in the given order (``NotFoundError`` for an unknown id)."""
-        def fetch(chunk: list[int]) -> list[ExampleRecord]:
-            return [ExampleRecord(*(row[f] for f in RECORD_FIELDS)) for row in self._query(chunk, list(RECORD_FIELDS))]
-
-        return records_in_order(ids, fetch, chunk=1000)
-
-    def token_ids(self, id: int) -> list[int]:  # noqa: A002 - the store's key
-        return self.token_ids_many([id])[0]
-
-    def token_ids_many(self, ids: list[int]) -> list[list[int]]:
-        """Token ids of sequences ``ids``, in order, one query per 1000 ids."""
-        def fetch(chunk: list[int]) -> list[tuple[int, list[int]]]:
-            out = []
-            for row in self._query(chunk, ["id", "token_ids"]):
-                if row.get("token_ids") is None:
-                    raise ArtifactError(f"the Milvus collection holds no token ids for sequence {row['id']}: push "
-                                        "the index again", code="milvus_mismatch")  # fmt: skip
-                out.append((int(row["id"]), unpack_token_ids(base64.b64decode(row["token_ids"]))))
-            return out
-
-        return in_order(ids, fetch, chunk=1000)
-
-    def count(self) -> int:
-        return self._search.n
-
-    def close(self) -> None:
-        """Nothing of its own to close: the search's client is closed with the search."""
-
+def check_identity(props: dict[str, Any], version: str, manifest: mf.Manifest, name: str) -> None:
+    if props.get(VERSION_KEY) != version or props.get(CONFIG_KEY) != _fingerprint_identity(
+        manifest
+    ):
+        raise ArtifactError(
+            f"Milvus collection {name} holds index {props.get(VERSION_KEY)!r}, not this index "
+            f"({version}) with its fingerprint config",
+            code="milvus_mismatch",
+        )

@@ -86,7 +86,12 @@ def tokenize_corpus(
         "dropped": chunker.n_dropped,
     }
     write_atomic(work.path("tokens.json"), lambda p: p.write_text(json.dumps(counts)))
-    log.info("tokenized %d documents into %d sequences (%d tokens)", counts["documents"], len(spans), offset)
+    log.info(
+        "tokenized %d documents into %d sequences (%d tokens)",
+        counts["documents"],
+        len(spans),
+        offset,
+    )
     return counts
 
 
@@ -108,7 +113,9 @@ def length_order(lengths: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(lengths)), -np.asarray(lengths)))
 
 
-def batches(store: TokenStore, ids: np.ndarray, batch_size: int, pad_id: int) -> Iterator[tuple[np.ndarray, TokenBatch]]:
+def batches(
+    store: TokenStore, ids: np.ndarray, batch_size: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, TokenBatch]]:
     """Padded batches of ``batch_size`` sequences of similar length: ``ids`` sorted by
     length, so a batch pads to its own longest member, not to the longest of a corpus-order
     group (vectors do not depend on the batching; the caller puts each result back).
@@ -186,12 +193,21 @@ def query_statistics(
                 line = raw.decode("utf-8").strip()
                 obj = json.loads(line) if line else None
             except (UnicodeDecodeError, ValueError) as exc:
-                raise InputError(f"{queries}, line {lineno}: not a UTF-8 JSON object", code="invalid_queries") from exc
+                raise InputError(
+                    f"{queries}, line {lineno}: not a UTF-8 JSON object", code="invalid_queries"
+                ) from exc
             if obj is None:
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("completion"), str):
-                raise InputError(f"{queries}, line {lineno}: needs 'prompt' and 'completion'", code="invalid_queries")
-            examples.append(tokenize_query(tokenizer, obj.get("prompt", ""), obj["completion"], max_tokens=max_tokens))
+                raise InputError(
+                    f"{queries}, line {lineno}: needs 'prompt' and 'completion'",
+                    code="invalid_queries",
+                )
+            examples.append(
+                tokenize_query(
+                    tokenizer, obj.get("prompt", ""), obj["completion"], max_tokens=max_tokens
+                )
+            )
     if not examples:
         raise InputError(f"the query file {queries} holds no queries", code="invalid_queries")
     stats = encoder.new_statistics()
@@ -220,7 +236,9 @@ def encode_shard(
     if cached.is_file():
         phi_all = np.load(cached)
         for s in range(0, stop - start, batch_size):
-            phi = torch.from_numpy(phi_all[s : s + batch_size]).to(encoder.device, encoder.accum_dtype)
+            phi = torch.from_numpy(phi_all[s : s + batch_size]).to(
+                encoder.device, encoder.accum_dtype
+            )
             out[s : s + len(phi)] = encoder.finalize(phi).float().cpu().numpy().astype(np.float16)
             progress("encode", len(phi), total)
     else:

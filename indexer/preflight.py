@@ -55,11 +55,19 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
     if cfg.fingerprint.hessian == "none":
         return
     need = hessian_bytes(encoder.block_dims, with_eval=cfg.queries is not None)
-    log.info("Hessian statistics: %d blocks, up to %d dims, ~%.2f GiB of host memory (%.1f GiB free)",
-             len(encoder.block_dims), max(encoder.block_dims), need / 2**30, free / 2**30)  # fmt: skip
+    log.info(
+        "Hessian statistics: %d blocks, up to %d dims, ~%.2f GiB of host memory (%.1f GiB free)",
+        len(encoder.block_dims),
+        max(encoder.block_dims),
+        need / 2**30,
+        free / 2**30,
+    )
     if need > MEMORY_FRACTION * free:
-        smaller = (f"smaller blocks (--max-block {max(1, max(encoder.block_dims) // 2)})" if cfg.fingerprint.k is None
-                   else "a smaller projection (-k 16 gives 256-dim blocks)")  # fmt: skip
+        smaller = (
+            f"smaller blocks (--max-block {max(1, max(encoder.block_dims) // 2)})"
+            if cfg.fingerprint.k is None
+            else "a smaller projection (-k 16 gives 256-dim blocks)"
+        )
         raise ConfigError(
             f"the Hessian statistics need ~{need / 2**30:.1f} GiB of memory ({len(encoder.block_dims)} blocks "
             f"of up to {max(encoder.block_dims)} x {max(encoder.block_dims)} float64), {free / 2**30:.1f} GiB "
@@ -73,7 +81,9 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
 def _check_basis(encoder: TrackStarEncoder, free: int) -> None:
     """The sketch whitening's covariance sums fit in host memory."""
     need = basis_bytes(encoder.modules, encoder.plan)
-    log.info("whitening statistics: ~%.2f GiB of host memory (%.1f GiB free)", need / 2**30, free / 2**30)
+    log.info(
+        "whitening statistics: ~%.2f GiB of host memory (%.1f GiB free)", need / 2**30, free / 2**30
+    )
     if need > MEMORY_FRACTION * free:
         raise ConfigError(
             f"the whitening needs ~{need / 2**30:.1f} GiB of memory for its covariance sums, "
@@ -93,16 +103,29 @@ def _check_store(cfg: BuildConfig, n: int, d: int, out: Path, free_ram: int) -> 
     disk = n * row
     ram = 4 * d * (n if exact else min(n, cfg.faiss_train_sample))
     free_disk = shutil.disk_usage(out.parent).free
-    log.info("fingerprint store: %d x %d dims, ~%.2f GiB of disk (%.1f GiB free), FAISS ~%.2f GiB of RAM",
-             n, d, disk / 2**30, free_disk / 2**30, ram / 2**30)  # fmt: skip
+    log.info(
+        "fingerprint store: %d x %d dims, ~%.2f GiB of disk (%.1f GiB free), FAISS ~%.2f GiB of RAM",
+        n,
+        d,
+        disk / 2**30,
+        free_disk / 2**30,
+        ram / 2**30,
+    )
     fix = "use a smaller projection (-k), fewer tracked modules (--include)"
     if disk > free_disk:
-        raise ConfigError(f"the fingerprints need ~{disk / 2**30:.1f} GiB of disk next to {out}, "
-                          f"{free_disk / 2**30:.1f} GiB are free: {fix}, or another --out",
-                          code="insufficient_disk", needed_bytes=disk, free_bytes=free_disk)  # fmt: skip
+        raise ConfigError(
+            f"the fingerprints need ~{disk / 2**30:.1f} GiB of disk next to {out}, "
+            f"{free_disk / 2**30:.1f} GiB are free: {fix}, or another --out",
+            code="insufficient_disk",
+            needed_bytes=disk,
+            free_bytes=free_disk,
+        )
     if ram > MEMORY_FRACTION * free_ram:
-        raise ConfigError(f"the FAISS index ({cfg.faiss}) needs ~{ram / 2**30:.1f} GiB of memory, "
-                          f"{free_ram / 2**30:.1f} GiB are free: {fix}, or an approximate --faiss "
-                          "(e.g. IVF1024,PQ64)", code="insufficient_memory", needed_bytes=ram, free_bytes=free_ram)  # fmt: skip
-
-
+        raise ConfigError(
+            f"the FAISS index ({cfg.faiss}) needs ~{ram / 2**30:.1f} GiB of memory, "
+            f"{free_ram / 2**30:.1f} GiB are free: {fix}, or an approximate --faiss "
+            "(e.g. IVF1024,PQ64)",
+            code="insufficient_memory",
+            needed_bytes=ram,
+            free_bytes=free_ram,
+        )

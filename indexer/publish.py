@@ -51,7 +51,9 @@ def _write_bm25(staging: Path, n: int, chunk: int = 20_000) -> None:
     """BM25 over every sequence's text (ids 0..n-1) into ``staging/bm25/``."""
     store = MetadataStore(staging / mf.METADATA)
     try:
-        texts = [r.text for s in range(0, n, chunk) for r in store.get_many(range(s, min(n, s + chunk)))]
+        texts = [
+            r.text for s in range(0, n, chunk) for r in store.get_many(range(s, min(n, s + chunk)))
+        ]
     finally:
         store.close()
     t0 = time.perf_counter()
@@ -92,23 +94,35 @@ def _write_faiss(b: BuildOutputs, fps: np.ndarray) -> dict[str, Any]:
     """The FAISS index over the fingerprints; its manifest entry (recall of an approximate one)."""
     cfg, n = b.cfg, b.counts["sequences"]
     train = np.asarray(fps[evenly_spaced(n, cfg.faiss_train_sample)], dtype=np.float32)
-    index = faiss_index.build_index(cfg.faiss, b.encoder.dim, _chunks(fps), train, use_gpu=b.encoder.device.type == "cuda")
+    index = faiss_index.build_index(
+        cfg.faiss, b.encoder.dim, _chunks(fps), train, use_gpu=b.encoder.device.type == "cuda"
+    )
     exact = faiss_index.is_exact(cfg.faiss)
     recall = None
     if not exact:
         probes = np.asarray(fps[evenly_spaced(n, RECALL_QUERIES)], dtype=np.float32)
         recall = faiss_index.recall_at_k(index, fps, probes, k=10)
-        log.info("recall@10 vs exact: %.3f (re-ranked %.3f)", recall["recall_at_k"], recall["recall_at_k_reranked"])
+        log.info(
+            "recall@10 vs exact: %.3f (re-ranked %.3f)",
+            recall["recall_at_k"],
+            recall["recall_at_k_reranked"],
+        )
     faiss.write_index(index, str(b.work.staging / mf.FAISS_INDEX))
     return {"factory": cfg.faiss, "exact": exact, "recall": recall}
 
 
-def _manifest(b: BuildOutputs, faiss_entry: dict[str, Any], files: list[str], seconds: float) -> mf.Manifest:
+def _manifest(
+    b: BuildOutputs, faiss_entry: dict[str, Any], files: list[str], seconds: float
+) -> mf.Manifest:
     cfg, encoder, counts, chunk = b.cfg, b.encoder, b.counts, b.chunk
     model_dir = Path(cfg.model).resolve()
     return mf.Manifest(
-        model=mf.ModelEntry(path=str(model_dir), name=cfg.name or mf.display_name(model_dir),
-                            hash=model_hash(model_dir), tokenizer_hash=tokenizer_hash(model_dir)),
+        model=mf.ModelEntry(
+            path=str(model_dir),
+            name=cfg.name or mf.display_name(model_dir),
+            hash=model_hash(model_dir),
+            tokenizer_hash=tokenizer_hash(model_dir),
+        ),
         fingerprint={
             "config": cfg.fingerprint.to_dict(),
             "lambda": encoder.whitener.lambda_ if encoder.whitener is not None else None,
@@ -116,21 +130,42 @@ def _manifest(b: BuildOutputs, faiss_entry: dict[str, Any], files: list[str], se
             "modules": encoder.module_names,
             "shapes": {m.name: [m.out_features, m.in_features] for m in encoder.modules},
             "block_dims": encoder.block_dims,
-            "plan": {name: list(sizes) if sizes is not None else None for name, sizes in encoder.plan.items()},
+            "plan": {
+                name: list(sizes) if sizes is not None else None
+                for name, sizes in encoder.plan.items()
+            },
         },
-        counts={"sequences": counts["sequences"], "documents": counts["documents"], "tokens": counts["tokens"],
-                "dropped": counts["dropped"], "dim": encoder.dim},
+        counts={
+            "sequences": counts["sequences"],
+            "documents": counts["documents"],
+            "tokens": counts["tokens"],
+            "dropped": counts["dropped"],
+            "dim": encoder.dim,
+        },
         faiss=faiss_entry,
-        corpus={"path": str(Path(cfg.corpus).resolve()), "seq_len": chunk.seq_len, "stride": chunk.stride,
-                "packing": chunk.pack, "append_eos": chunk.append_eos,
-                "hessian_sample": cfg.hessian_sample, "v_sample": cfg.v_sample,
-                "queries": str(Path(cfg.queries).resolve()) if cfg.queries else None},
+        corpus={
+            "path": str(Path(cfg.corpus).resolve()),
+            "seq_len": chunk.seq_len,
+            "stride": chunk.stride,
+            "packing": chunk.pack,
+            "append_eos": chunk.append_eos,
+            "hessian_sample": cfg.hessian_sample,
+            "v_sample": cfg.v_sample,
+            "queries": str(Path(cfg.queries).resolve()) if cfg.queries else None,
+        },
         storage={"fingerprints_dtype": "float16", "faiss_vectors": "float16 upcast to float32"},
-        build={"build_key": b.build_key, "world_size": b.world_size, "shards": len(b.shards),
-               "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "seconds": round(seconds, 3), **b.timing},
+        build={
+            "build_key": b.build_key,
+            "world_size": b.world_size,
+            "shards": len(b.shards),
+            "shard_size": cfg.shard_size,
+            "batch_size": cfg.batch_size,
+            "seconds": round(seconds, 3),
+            **b.timing,
+        },
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         files=mf.checksums(b.work.staging, files),
-    )  # fmt: skip
+    )
 
 
 def publish(b: BuildOutputs) -> None:
@@ -140,13 +175,17 @@ def publish(b: BuildOutputs) -> None:
     faiss_entry = _write_faiss(b, _write_fingerprints(b))
     state = b.encoder.family.tensors()
     if state:
-        save_tensors(state, staging / mf.PROJECTIONS, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
+        save_tensors(
+            state, staging / mf.PROJECTIONS, metadata=fitted_with(b.cfg.fingerprint.to_dict())
+        )
     for name in (mf.SECOND_MOMENTS, mf.WHITENER):
         if b.work.path(name).is_file():
             shutil.copyfile(b.work.path(name), staging / name)
     _write_bm25(staging, n)
     files = sorted(p.name for p in staging.iterdir() if p.is_file() and not is_temporary(p))
-    files += sorted(str(p.relative_to(staging)) for p in (staging / SUBDIR).rglob("*") if p.is_file())
+    files += sorted(
+        str(p.relative_to(staging)) for p in (staging / SUBDIR).rglob("*") if p.is_file()
+    )
     _manifest(b, faiss_entry, files, b.elapsed + time.perf_counter() - t0).write(staging)
     # An index is read-only data, served by other users (e.g. a non-root container); some
     # writers (safetensors) create files 0600.

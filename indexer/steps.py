@@ -122,15 +122,26 @@ def second_moments(b: Build) -> None:
         else:
             ids = passes.evenly_spaced(b.n, b.cfg.v_sample)
             if (Path(b.cfg.model) / "trainer_state.json").is_file():
-                log.warning("%s is a Trainer checkpoint without optimizer.pt: the optimizer correction uses "
-                            "second moments estimated over %d sequences instead of the optimizer's; pass "
-                            "--optimizer-state to use the real ones", b.cfg.model, len(ids))  # fmt: skip
+                log.warning(
+                    "%s is a Trainer checkpoint without optimizer.pt: the optimizer correction uses "
+                    "second moments estimated over %d sequences instead of the optimizer's; pass "
+                    "--optimizer-state to use the real ones",
+                    b.cfg.model,
+                    len(ids),
+                )
             else:
-                log.info("no optimizer state: estimating second moments over %d sequences", len(ids))
+                log.info(
+                    "no optimizer state: estimating second moments over %d sequences", len(ids)
+                )
             batches = (batch for _, batch in passes.batches(b.store, ids, b.cfg.batch_size, b.pad))
             sm = b.encoder.estimate_second_moments(batches)
         tracked = [m.param_name for m in b.encoder.modules]
-        write_atomic(path, lambda p: SecondMoments({k: sm.v_hat[k] for k in tracked}, sm.eps, sm.source).save(p, tracked))
+        write_atomic(
+            path,
+            lambda p: SecondMoments({k: sm.v_hat[k] for k in tracked}, sm.eps, sm.source).save(
+                p, tracked
+            ),
+        )
 
     b.ctx.run(compute, only_main=True)
     b.encoder.set_second_moments(load_second_moments(path, b.model))
@@ -146,9 +157,13 @@ def basis(b: Build) -> None:
         if path.is_file():
             return
         ids = passes.evenly_spaced(b.n, b.cfg.basis_sample or None)
-        stats = passes.basis_statistics(b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress)
+        stats = passes.basis_statistics(
+            b.encoder, b.store, ids, b.cfg.batch_size, b.pad, b.progress
+        )
         b.encoder.family.fit(stats)
-        save_tensors(b.encoder.family.tensors(), path, metadata=fitted_with(b.cfg.fingerprint.to_dict()))
+        save_tensors(
+            b.encoder.family.tensors(), path, metadata=fitted_with(b.cfg.fingerprint.to_dict())
+        )
         log.info("whitening fitted on %d sequences", stats.count)
 
     b.ctx.run(fit, only_main=True)
@@ -171,11 +186,28 @@ def statistics(b: Build) -> None:
             for s in todo:
                 start, stop = shards[s]
                 ids = sample[(sample >= start) & (sample < stop)]
-                passes.statistics_shard(b.encoder, b.store, b.work, s, ids, stop - start, b.cfg.batch_size, b.pad,
-                                        b.progress, total)  # fmt: skip
+                passes.statistics_shard(
+                    b.encoder,
+                    b.store,
+                    b.work,
+                    s,
+                    ids,
+                    stop - start,
+                    b.cfg.batch_size,
+                    b.pad,
+                    b.progress,
+                    total,
+                )
                 count += len(ids)
-            if b.ctx.is_main and b.cfg.queries is not None and b.use_eval and not b.work.path(EVAL_STATS).is_file():
-                ev = passes.query_statistics(b.encoder, b.tokenizer, Path(b.cfg.queries), b.cfg.batch_size, b.context)
+            if (
+                b.ctx.is_main
+                and b.cfg.queries is not None
+                and b.use_eval
+                and not b.work.path(EVAL_STATS).is_file()
+            ):
+                ev = passes.query_statistics(
+                    b.encoder, b.tokenizer, Path(b.cfg.queries), b.cfg.batch_size, b.context
+                )
                 write_atomic(b.work.path(EVAL_STATS), ev.save)
             return count
 
@@ -197,8 +229,9 @@ def whitener(b: Build) -> None:
             if b.work.stats_path(s).is_file():
                 train.merge(RStatistics.load(b.work.stats_path(s)))
         ev = RStatistics.load(b.work.path(EVAL_STATS)) if b.use_eval else None
-        white = Whitener.from_statistics(train, ev, lambda_=fp.lambda_, lambda_component=fp.lambda_component,
-                                         delta=fp.delta)  # fmt: skip
+        white = Whitener.from_statistics(
+            train, ev, lambda_=fp.lambda_, lambda_component=fp.lambda_component, delta=fp.delta
+        )
         write_atomic(b.work.staging / mf.R_TRAIN, train.save)
         if ev is not None:
             write_atomic(b.work.staging / mf.R_EVAL, ev.save)
@@ -218,7 +251,17 @@ def encode(b: Build) -> None:
 
     def run() -> int:
         for s in todo:
-            passes.encode_shard(b.encoder, b.store, b.work, s, *shards[s], b.cfg.batch_size, b.pad, b.progress, total)
+            passes.encode_shard(
+                b.encoder,
+                b.store,
+                b.work,
+                s,
+                *shards[s],
+                b.cfg.batch_size,
+                b.pad,
+                b.progress,
+                total,
+            )
         return total
 
     done = b.ctx.run(run) or 0
@@ -227,15 +270,27 @@ def encode(b: Build) -> None:
 
 def finish(b: Build) -> None:
     """Publish the index (rank 0): ``indexer.publish``."""
-    outputs = BuildOutputs(cfg=b.cfg, chunk=b.chunk, work=b.work, encoder=b.encoder, counts=b.counts,
-                           shards=b.shards, build_key=b.key, timing=dict(b.timing), world_size=b.ctx.world_size,
-                           elapsed=time.perf_counter() - b.started)  # fmt: skip
+    outputs = BuildOutputs(
+        cfg=b.cfg,
+        chunk=b.chunk,
+        work=b.work,
+        encoder=b.encoder,
+        counts=b.counts,
+        shards=b.shards,
+        build_key=b.key,
+        timing=dict(b.timing),
+        world_size=b.ctx.world_size,
+        elapsed=time.perf_counter() - b.started,
+    )
     b.ctx.run(lambda: publish(outputs), only_main=True)
 
 
 def _record(b: Build, what: str, n: int, seconds: float) -> None:
-    b.timing |= {f"{what}_sequences": n, f"{what}_seconds": round(seconds, 3),
-                 f"{what}_seq_per_s": round(n / seconds, 2) if n and seconds > 0 else None}  # fmt: skip
+    b.timing |= {
+        f"{what}_sequences": n,
+        f"{what}_seconds": round(seconds, 3),
+        f"{what}_seq_per_s": round(n / seconds, 2) if n and seconds > 0 else None,
+    }
 
 
 STEPS: tuple[tuple[str, Callable[[Build], None]], ...] = (

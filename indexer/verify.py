@@ -33,7 +33,9 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
     integrity.check_fitted(index_dir, m)
     fitted = [name for name in integrity.FITTED if name in m.files]
     if fitted:
-        lines.append(f"fitted artifacts: {', '.join(fitted)} record the manifest's fingerprint config")
+        lines.append(
+            f"fitted artifacts: {', '.join(fitted)} record the manifest's fingerprint config"
+        )
     fps = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     index = faiss.read_index(str(index_dir / mf.FAISS_INDEX))
     store = MetadataStore(index_dir / mf.METADATA)
@@ -43,7 +45,14 @@ def verify_index(index_dir: Path, model_dir: Path | None = None) -> list[str]:
         store.close()
 
 
-def _verify_contents(index_dir: Path, model_dir: Path | None, m: mf.Manifest, fps: np.ndarray, index: faiss.Index, store: MetadataStore) -> list[str]:
+def _verify_contents(
+    index_dir: Path,
+    model_dir: Path | None,
+    m: mf.Manifest,
+    fps: np.ndarray,
+    index: faiss.Index,
+    store: MetadataStore,
+) -> list[str]:
     """Counts, the model, every fingerprint finite, and the config against the encoder."""
     lines = []
     n, d = m.sequences, m.counts["dim"]
@@ -60,10 +69,17 @@ def _verify_contents(index_dir: Path, model_dir: Path | None, m: mf.Manifest, fp
     lines.append(f"model: {mdir} matches")
     for start in range(0, n, FINITE_CHUNK):
         if not np.isfinite(np.asarray(fps[start : start + FINITE_CHUNK], dtype=np.float32)).all():
-            raise ArtifactError(f"the index stores non-finite fingerprints (NaN or inf) from row {start}: rebuild it "
-                                "(check the optimizer state it was built with)", code="nonfinite_fingerprints")  # fmt: skip
+            raise ArtifactError(
+                f"the index stores non-finite fingerprints (NaN or inf) from row {start}: rebuild it "
+                "(check the optimizer state it was built with)",
+                code="nonfinite_fingerprints",
+            )
     encoder = build_encoder(index_dir, m, load_model(mdir, device="cpu"))
-    integrity.check_against_encoder(encoder, store, fps, m, int(load_tokenizer(mdir).pad_token_id or 0))
-    lines.append(f"fingerprints: all finite; config agrees with the artifacts "
-                 f"({len(integrity.reencode_rows(n))} sequences re-encoded)")  # fmt: skip
+    integrity.check_against_encoder(
+        encoder, store, fps, m, int(load_tokenizer(mdir).pad_token_id or 0)
+    )
+    lines.append(
+        f"fingerprints: all finite; config agrees with the artifacts "
+        f"({len(integrity.reencode_rows(n))} sequences re-encoded)"
+    )
     return lines

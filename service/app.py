@@ -56,12 +56,29 @@ def default_opener(settings: Settings) -> IndexOpener:
         from indexer.faiss_index import SearchParams
         from indexer.milvus import MilvusTarget
 
-        milvus = None if settings.milvus_uri is None else \
-            MilvusTarget(settings.milvus_uri, settings.milvus_collection, settings.milvus_timeout_s)  # fmt: skip
-        params = SearchParams(nprobe=settings.nprobe, ef_search=settings.ef_search, candidates=settings.rerank_candidates)
-        return InfluenceIndex.open(index_dir, OpenOptions(device=settings.device, model_dir=settings.model_dir,
-                                                          verify=settings.verify_index, search_params=params,
-                                                          placement=settings.search_placement, milvus=milvus))  # fmt: skip
+        milvus = (
+            None
+            if settings.milvus_uri is None
+            else MilvusTarget(
+                settings.milvus_uri, settings.milvus_collection, settings.milvus_timeout_s
+            )
+        )
+        params = SearchParams(
+            nprobe=settings.nprobe,
+            ef_search=settings.ef_search,
+            candidates=settings.rerank_candidates,
+        )
+        return InfluenceIndex.open(
+            index_dir,
+            OpenOptions(
+                device=settings.device,
+                model_dir=settings.model_dir,
+                verify=settings.verify_index,
+                search_params=params,
+                placement=settings.search_placement,
+                milvus=milvus,
+            ),
+        )
 
     return open_index
 
@@ -88,7 +105,9 @@ def create_app(
     metrics = Metrics()
     opener = opener or default_opener(settings)
     state = IndexState(opener, settings.index_dir, freeze_heap=True, on_swap=metrics.observe_index)
-    limits = Limits(settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens)
+    limits = Limits(
+        settings.max_prompt_tokens, settings.max_completion_tokens, settings.max_new_tokens
+    )
     batcher = MicroBatcher(
         state,
         limits,
@@ -118,7 +137,9 @@ def create_app(
         ],
     )
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
-    install(app, Services(settings, metrics, state, batcher, Admission(settings.max_explains), limits))
+    install(
+        app, Services(settings, metrics, state, batcher, Admission(settings.max_explains), limits)
+    )
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     include_routes(app)
     app.add_middleware(RequestGuardMiddleware, settings=settings)  # inside CORS: preflights pass
@@ -136,8 +157,14 @@ def create_app(
     return app
 
 
-def _lifespan(settings: Settings, state: IndexState, batcher: MicroBatcher, metrics: Metrics, *,
-              handle_sighup: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:  # fmt: skip
+def _lifespan(
+    settings: Settings,
+    state: IndexState,
+    batcher: MicroBatcher,
+    metrics: Metrics,
+    *,
+    handle_sighup: bool,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Start the batcher and load the index in the background at startup (and on SIGHUP);
     stop the batcher and retire the index at shutdown."""
 
@@ -149,7 +176,9 @@ def _lifespan(settings: Settings, state: IndexState, batcher: MicroBatcher, metr
             loading = asyncio.create_task(_load(state, metrics))
         if handle_sighup:
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_load(state, metrics, "SIGHUP")))
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: loop.create_task(_load(state, metrics, "SIGHUP"))
+            )
         try:
             yield
         finally:
@@ -162,8 +191,17 @@ def _lifespan(settings: Settings, state: IndexState, batcher: MicroBatcher, metr
 
 
 SECURITY_SCHEMES = {
-    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`."},
-    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`."},
+    "bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`.",
+    },
+    "apiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "`X-API-Key: <key>`.",
+    },
 }
 
 
@@ -175,8 +213,13 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                         routes=app.routes, tags=app.openapi_tags)  # fmt: skip
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
     schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     keyed: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
     for path, operations in schema["paths"].items():
@@ -185,13 +228,17 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
                 op["security"] = keyed if path.startswith("/v1/admin/") else [*keyed, {}]
     components = schema["components"]["schemas"]
     if "GenerateOptions" in components:  # this server's bound (413 beyond), not the wire's cap
-        components["GenerateOptions"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens
+        components["GenerateOptions"]["properties"]["max_new_tokens"]["maximum"] = (
+            settings.max_new_tokens
+        )
     limits = {"prompt": settings.max_prompt_tokens, "completion": settings.max_completion_tokens}
     for name in ("InfluenceQuery", "ExplainRequest"):
         props = schema["components"]["schemas"].get(name, {}).get("properties", {})
         for field, limit in limits.items():
             if field in props:
-                props[field]["description"] += f" At most {limit} tokens on this server (413 beyond)."
+                props[field]["description"] += (
+                    f" At most {limit} tokens on this server (413 beyond)."
+                )
                 props[field]["x-max-tokens"] = limit
     app.openapi_schema = schema
     return schema
@@ -219,7 +266,9 @@ def _set_threads(settings: Settings) -> None:
     import faiss
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     threads = settings.torch_threads or max(1, cores // settings.workers)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)

@@ -134,7 +134,11 @@ class MicroBatcher:
                 f"{self._queue.qsize()} queries are waiting (limit {self.max_queue}); retry later",
                 queue_depth=self._queue.qsize(),
             )
-        default, size = (self.state.current.default_rescore, self.state.current.size) if self.state.ready else (0, 0)
+        default, size = (
+            (self.state.current.default_rescore, self.state.current.size)
+            if self.state.ready
+            else (0, 0)
+        )
         work = sum(candidates(q, default, size) for q in queries)
         admitted = self.meter.admit(len(queries), work)  # 413 / 503 before anything is queued
         loop = asyncio.get_running_loop()
@@ -206,7 +210,9 @@ class MicroBatcher:
             except Exception:
                 if len(queries) == 1:
                     raise
-                log.exception("a batch of %d failed; answering its queries one by one", len(queries))
+                log.exception(
+                    "a batch of %d failed; answering its queries one by one", len(queries)
+                )
             outcomes = []
             for item in items:
                 try:

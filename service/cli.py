@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 VERBOSE_HELP = "debug logging, and the third-party libraries' own logs and progress bars"
-OWN_LOGGERS = ("influence", "encoder", "indexer", "engine", "service", "evaluation", "api", "deploy", "benchmarks")
+OWN_LOGGERS = (
+    "influence",
+    "encoder",
+    "indexer",
+    "engine",
+    "service",
+    "evaluation",
+    "api",
+    "deploy",
+    "benchmarks",
+)
 """Loggers at INFO by default; every other library's at WARNING unless -v."""
 
 
@@ -60,8 +70,13 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 if not any("--verbose" in a.option_strings for a in child._actions):
-                    child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                       help=VERBOSE_HELP)  # fmt: skip
+                    child.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help=VERBOSE_HELP,
+                    )
                 _verbose_everywhere(child)
 
 

@@ -35,33 +35,102 @@ UVICORN_OPTIONS: dict[str, Any] = {
 
 
 SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("--index", "index_dir", {"type": Path, "help": "published index directory (INFLUENCE_INDEX_DIR)"}),
+    (
+        "--index",
+        "index_dir",
+        {"type": Path, "help": "published index directory (INFLUENCE_INDEX_DIR)"},
+    ),
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port (default 8000)"}),
     ("--device", "device", {"help": "torch device for query encoding (default: auto)"}),
     ("--model-dir", "model_dir", {"type": Path, "help": "override the manifest's model directory"}),
-    ("--search-placement", "search_placement", {"choices": SEARCH_PLACEMENTS,
-     "help": "where search runs (default auto; torch: exact brute force on the GPUs)"}),
-    ("--milvus", "milvus_uri", {"metavar": "URI",
-     "help": "search through a Milvus collection pushed with `influence index push` (a pymilvus URI)"}),
-    ("--collection", "milvus_collection", {"metavar": "NAME", "help": "with --milvus: the collection's name (default: influence_<index version>)"}),
-    ("--nprobe", "nprobe", {"type": int, "help": "IVF indexes: lists visited per query (default 16)"}),
-    ("--ef-search", "ef_search", {"type": int, "help": "HNSW indexes: search beam width (default 128)"}),
-    ("--rerank-candidates", "rerank_candidates", {"type": int,
-     "help": "approximate indexes: hits re-ranked exactly per query (default 10 x k)"}),
-    ("--rescore", "rescore", {"type": int, "metavar": "C",
-     "help": "default exact second stage: re-score the top max(C, k) candidates per query (one backward pass "
-             "each; requests may override; 0 = off; default: the index's, 200 without a projected R, 0 with one)"}),
-    ("--max-new-tokens", "max_new_tokens", {"type": int,
-     "help": "the most tokens a generate-and-trace query may ask for (default 64)"}),
+    (
+        "--search-placement",
+        "search_placement",
+        {
+            "choices": SEARCH_PLACEMENTS,
+            "help": "where search runs (default auto; torch: exact brute force on the GPUs)",
+        },
+    ),
+    (
+        "--milvus",
+        "milvus_uri",
+        {
+            "metavar": "URI",
+            "help": "search through a Milvus collection pushed with `influence index push` (a pymilvus URI)",
+        },
+    ),
+    (
+        "--collection",
+        "milvus_collection",
+        {
+            "metavar": "NAME",
+            "help": "with --milvus: the collection's name (default: influence_<index version>)",
+        },
+    ),
+    (
+        "--nprobe",
+        "nprobe",
+        {"type": int, "help": "IVF indexes: lists visited per query (default 16)"},
+    ),
+    (
+        "--ef-search",
+        "ef_search",
+        {"type": int, "help": "HNSW indexes: search beam width (default 128)"},
+    ),
+    (
+        "--rerank-candidates",
+        "rerank_candidates",
+        {
+            "type": int,
+            "help": "approximate indexes: hits re-ranked exactly per query (default 10 x k)",
+        },
+    ),
+    (
+        "--rescore",
+        "rescore",
+        {
+            "type": int,
+            "metavar": "C",
+            "help": "default exact second stage: re-score the top max(C, k) candidates per query (one backward pass "
+            "each; requests may override; 0 = off; default: the index's, 200 without a projected R, 0 with one)",
+        },
+    ),
+    (
+        "--max-new-tokens",
+        "max_new_tokens",
+        {
+            "type": int,
+            "help": "the most tokens a generate-and-trace query may ask for (default 64)",
+        },
+    ),
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "queries per encode pass"}),
-    ("--max-wait-ms", "max_wait_ms", {"type": float, "help": "how long a query waits for batch mates"}),
+    (
+        "--max-wait-ms",
+        "max_wait_ms",
+        {"type": float, "help": "how long a query waits for batch mates"},
+    ),
     ("--max-queue", "max_queue", {"type": int, "help": "waiting queries before 503"}),
-    ("--workers", "workers", {"type": int, "help": "server processes, each with its own model and index (default 1)"}),
-    ("--torch-threads", "torch_threads", {"type": int, "help": "CPU threads per process (default: cores / workers)"}),
-    ("--reload-root", "reload_root", {"type": Path, "metavar": "DIR",
-     "help": "admin reloads may open indexes under DIR (default: only the served index)"}),
-)  # fmt: skip
+    (
+        "--workers",
+        "workers",
+        {"type": int, "help": "server processes, each with its own model and index (default 1)"},
+    ),
+    (
+        "--torch-threads",
+        "torch_threads",
+        {"type": int, "help": "CPU threads per process (default: cores / workers)"},
+    ),
+    (
+        "--reload-root",
+        "reload_root",
+        {
+            "type": Path,
+            "metavar": "DIR",
+            "help": "admin reloads may open indexes under DIR (default: only the served index)",
+        },
+    ),
+)
 """``influence serve``'s flags: (flag, the ``service.settings.Settings`` field it sets,
 argparse options). One table for the parser and for ``_settings_from``; a flag left out
 keeps the field's ``INFLUENCE_*`` value or default. (Flags are not generated from the
@@ -113,7 +182,9 @@ def _settings_from(args: argparse.Namespace):
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise ConfigError(f"invalid setting {field}: {first.get('msg')}", code="invalid_settings") from exc
+        raise ConfigError(
+            f"invalid setting {field}: {first.get('msg')}", code="invalid_settings"
+        ) from exc
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -126,7 +197,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if not Path(settings.index_dir).is_dir():
         raise InfluenceError(f"{settings.index_dir} is not a directory", code="no_index")
     check_servable(settings)
-    return serve(settings, announce=lambda url: log.info("serving %s on %s", settings.index_dir, url))
+    return serve(
+        settings, announce=lambda url: log.info("serving %s on %s", settings.index_dir, url)
+    )
 
 
 def serve(settings, announce: Callable[[str], None]) -> int:
@@ -146,7 +219,9 @@ def serve(settings, announce: Callable[[str], None]) -> int:
     announce(f"http://{host}:{sock.getsockname()[1]}")
     if settings.workers == 1:
         app = create_app(settings, handle_sighup=True)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", **UVICORN_OPTIONS)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="info", **UVICORN_OPTIONS
+        )
         uvicorn.Server(config).run(sockets=[sock])
         return 0
     # Several processes: each worker builds its app from the environment (the command
@@ -158,9 +233,15 @@ def serve(settings, announce: Callable[[str], None]) -> int:
         os.environ[f"INFLUENCE_{name.upper()}"] = str(value)
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config("service.commands:worker_app", factory=True, workers=settings.workers,
-                            host=settings.host, port=settings.port, log_level="info",
-                            **UVICORN_OPTIONS)  # fmt: skip
+    config = uvicorn.Config(
+        "service.commands:worker_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        **UVICORN_OPTIONS,
+    )
     try:
         Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:
@@ -179,7 +260,11 @@ def check_servable(settings) -> None:
     try:
         check_model_dir(model_dir)
     except InfluenceError as exc:
-        where = "--model-dir" if settings.model_dir else "the manifest's model path; pass --model-dir DIR (or INFLUENCE_MODEL_DIR)"
+        where = (
+            "--model-dir"
+            if settings.model_dir
+            else "the manifest's model path; pass --model-dir DIR (or INFLUENCE_MODEL_DIR)"
+        )
         raise InfluenceError(f"{exc.message} ({where})", code=exc.code) from exc
 
 
@@ -207,8 +292,12 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             pick = "pick another port with --port N (make demo PORT=N)"
-            raise InfluenceError(f"{host}:{port} is already in use: {pick}", code="port_in_use") from None
-        raise InfluenceError(f"cannot listen on {host}:{port}: {exc.strerror}", code="cannot_listen") from None
+            raise InfluenceError(
+                f"{host}:{port} is already in use: {pick}", code="port_in_use"
+            ) from None
+        raise InfluenceError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", code="cannot_listen"
+        ) from None
     sock.set_inheritable(True)  # --workers: the worker processes share it
     return sock
 

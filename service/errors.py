@@ -50,7 +50,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> ErrorBody:
     """The error body. Client text can reach ``message`` and ``details`` (a path, a field
     name, an unknown key): it is escaped and truncated here, so no input fails to encode."""
-    safe = {k: safe_text(v) if isinstance(v, str) else v for k, v in jsonable(details or {}).items()}
+    safe = {
+        k: safe_text(v) if isinstance(v, str) else v for k, v in jsonable(details or {}).items()
+    }
     return ErrorBody(code=code, message=safe_text(message, 1000), details=safe or None)
 
 
@@ -82,6 +84,7 @@ def _field_name(loc: tuple | list) -> str:
 def validation_error_body(errors: list[Any], prefix: tuple = ()) -> ErrorBody:
     """The ``validation_error`` body for pydantic's ``errors()``: the first problem in the
     message, every offending field in ``details`` (locations under ``prefix``)."""
+
     def loc(e: Any) -> tuple:
         where = (*prefix, *e.get("loc", ()))
         return (*where, "completion") if e.get("type") == COMPLETION_OR_GENERATE else where
@@ -89,8 +92,11 @@ def validation_error_body(errors: list[Any], prefix: tuple = ()) -> ErrorBody:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = _field_name(loc(first))
     fields = sorted({_field_name(loc(e)) for e in errors})
-    return error_body("validation_error", f"{field}: {first.get('msg', 'invalid')}",
-                      {"field": field, "fields": ", ".join(fields)})  # fmt: skip
+    return error_body(
+        "validation_error",
+        f"{field}: {first.get('msg', 'invalid')}",
+        {"field": field, "fields": ", ".join(fields)},
+    )
 
 
 def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
@@ -106,9 +112,7 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
             log.warning(
                 "%s %s -> %d %s", request.method, request.url.path, exc.http_status, exc.code
             )
-        return error_response(
-            exc.http_status, exc.code, exc.message, exc.details, headers
-        )
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)  # registered for it only

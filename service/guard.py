@@ -65,8 +65,13 @@ class RequestGuardMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.settings.max_body_bytes
-        response = error_response(413, "request_too_large", f"request body exceeds {limit} bytes",
-                                  {"limit": limit}, headers={"Connection": "close"})  # fmt: skip
+        response = error_response(
+            413,
+            "request_too_large",
+            f"request body exceeds {limit} bytes",
+            {"limit": limit},
+            headers={"Connection": "close"},
+        )
         await response(scope, receive, send)
 
 

@@ -38,8 +38,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
-    workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers), each with its own model and index.")
-    torch_threads: int | None = Field(None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes (uvicorn workers), each with its own model and index.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch/FAISS CPU threads per process; default: cores / workers."
+    )
     search_placement: Placement = Field(
         "auto",
         description="Where search runs: auto (FAISS on the GPU when the model is on CUDA and faiss-gpu "
@@ -47,42 +54,61 @@ class Settings(BaseSettings):
         "(exact brute force with torch over all GPUs, else the CPU).",
     )
     milvus_uri: str | None = Field(
-        None, description="Search through a Milvus collection (`influence index push`) at this pymilvus URI "
+        None,
+        description="Search through a Milvus collection (`influence index push`) at this pymilvus URI "
         "(`http://host:19530`) instead of the local FAISS index; model, encoder, metadata stay local.",
-    )  # fmt: skip
-    milvus_collection: str | None = Field(None, description="The Milvus collection; default `influence_<index version>`.")
-    milvus_timeout_s: float = Field(10.0, gt=0, description="Per-call Milvus timeout; beyond it, 503.")
+    )
+    milvus_collection: str | None = Field(
+        None, description="The Milvus collection; default `influence_<index version>`."
+    )
+    milvus_timeout_s: float = Field(
+        10.0, gt=0, description="Per-call Milvus timeout; beyond it, 503."
+    )
     nprobe: int = Field(16, ge=1, description="IVF indexes: lists visited per query.")
     ef_search: int = Field(128, ge=1, description="HNSW indexes: search beam width.")
     rerank_candidates: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="Approximate indexes: hits re-ranked exactly per query (default 10 x k; 0: no re-rank).",
-    )  # fmt: skip
+    )
     rescore: int | None = Field(
-        None, ge=0, le=MAX_RESCORE,
+        None,
+        ge=0,
+        le=MAX_RESCORE,
         description="Default of the request's `rescore` (exact second stage over the top max(rescore, k) "
         "candidates, one backward pass each); 0 = off. Unset: the index's default, 200 for an index "
         "without a projected R (the default sketch index: its top-10 then barely depends on the "
         "projection seed, benchmarks/results/bench_rescore_depth.md), 0 for one with R.",
     )
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
-    max_wait_ms: float = Field(15.0, ge=0, description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.")
+    max_wait_ms: float = Field(
+        15.0,
+        ge=0,
+        description="At most how long a query waits for batch mates; it waits only while fewer have gathered than there are clients likely to be active, so a lone client never waits.",
+    )
     max_queue: int = Field(256, ge=1, description="Queries waiting; beyond this, 503.")
-    max_batch_queries: int = Field(64, ge=1, description="Queries per /v1/influence/batch call (at most max_queue).")
-    max_explains: int = Field(2, ge=1, description="Explanations running at once; beyond this, 503.")
+    max_batch_queries: int = Field(
+        64, ge=1, description="Queries per /v1/influence/batch call (at most max_queue)."
+    )
+    max_explains: int = Field(
+        2, ge=1, description="Explanations running at once; beyond this, 503."
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Queue + compute time per request.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503.")
 
     max_body_bytes: int = Field(
-        1 << 20, ge=1024,
+        1 << 20,
+        ge=1024,
         description="Largest request body accepted (413 request_too_large beyond); the gateway's default too.",
-    )  # fmt: skip
+    )
     max_prompt_tokens: int = Field(512, ge=1)
     max_completion_tokens: int = Field(256, ge=1)
     max_new_tokens: int = Field(
-        64, ge=1, le=MAX_NEW_TOKENS,
+        64,
+        ge=1,
+        le=MAX_NEW_TOKENS,
         description="The most tokens a generate-and-trace query may ask the model for (413 beyond).",
-    )  # fmt: skip
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="Accepted API keys; empty: auth off."

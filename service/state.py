@@ -46,7 +46,9 @@ def freeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-    log.info("froze %d long-lived objects out of the garbage collector's scans", gc.get_freeze_count())
+    log.info(
+        "froze %d long-lived objects out of the garbage collector's scans", gc.get_freeze_count()
+    )
 
 
 class _Handle:
@@ -170,7 +172,10 @@ class IndexState:
             loop = asyncio.get_running_loop()
             try:
                 if not _is_dir(target):
-                    raise NotFoundError(f"index directory {safe_text(target)} does not exist", code="index_not_found")
+                    raise NotFoundError(
+                        f"index directory {safe_text(target)} does not exist",
+                        code="index_not_found",
+                    )
                 try:
                     index = await loop.run_in_executor(None, self._opener, target)
                 except InfluenceError:
@@ -187,8 +192,13 @@ class IndexState:
             self.load_error = None
             if self.freeze_heap:
                 freeze_heap()
-            log.info("serving index %s version %s (%d examples) from %s", target, index.version, index.size,
-                     index.summary().backend)  # fmt: skip
+            log.info(
+                "serving index %s version %s (%d examples) from %s",
+                target,
+                index.version,
+                index.size,
+                index.summary().backend,
+            )
             return index, previous
 
     def close(self) -> None:

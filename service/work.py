@@ -71,7 +71,9 @@ class WorkMeter:
         self.encode_s = self._average(self.encode_s, shared / len(outcomes))
         scored = sum(o.certificate.rescored for o in outcomes if o.certificate is not None)
         if scored:
-            self.candidate_s = self._average(self.candidate_s, sum(o.rescore_ms for o in outcomes) / 1e3 / scored)
+            self.candidate_s = self._average(
+                self.candidate_s, sum(o.rescore_ms for o in outcomes) / 1e3 / scored
+            )
 
     def estimate(self, queries: int, candidates: int) -> float | None:
         """Seconds ``queries`` encodes and ``candidates`` second-stage passes may take; None

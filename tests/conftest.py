@@ -11,13 +11,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def tiny_gpt2(seed: int = 0, *, n_embd: int = 8, n_layer: int = 2, vocab: int = 40, dtype=torch.float32):
+def tiny_gpt2(
+    seed: int = 0, *, n_embd: int = 8, n_layer: int = 2, vocab: int = 40, dtype=torch.float32
+):
     """A randomly initialized, frozen GPT-2 small enough for dense references."""
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=32,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(cfg).to(dtype)
     return model.eval().requires_grad_(False)
@@ -56,8 +66,19 @@ PAPER_TRACKSTAR = {"projection": "gaussian", "correction": True, "hessian": "mix
 """The paper's TrackStar (Gaussian projection, optimizer correction, mixed R): the whitened
 path the tiny index exercises (the product default, the sketch, has its own tests)."""
 
-TINY_INDEX_CLI_OPTIONS = ("-k", "8", "--shard-size", "16", "--batch-size", "8",
-                          "--projection", "gaussian", "--correction", "--hessian", "mixed")  # fmt: skip
+TINY_INDEX_CLI_OPTIONS = (
+    "-k",
+    "8",
+    "--shard-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--projection",
+    "gaussian",
+    "--correction",
+    "--hessian",
+    "mixed",
+)
 """`influence index build` options that reproduce `tiny_index` (with its --queries file)."""
 
 
@@ -70,8 +91,12 @@ def tiny_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
 
     corpus, queries = fact_corpus_files
     cfg = BuildConfig(
-        model=trained_checkpoint.checkpoint_dir, corpus=corpus, queries=queries,
+        model=trained_checkpoint.checkpoint_dir,
+        corpus=corpus,
+        queries=queries,
         out=tmp_path_factory.mktemp("tiny_index") / "index",
-        fingerprint=FingerprintConfig(k=8, **PAPER_TRACKSTAR), shard_size=16, batch_size=8,
+        fingerprint=FingerprintConfig(k=8, **PAPER_TRACKSTAR),
+        shard_size=16,
+        batch_size=8,
     )
     return run_build(cfg)

@@ -77,12 +77,13 @@ def assert_within(got, want, bound, what: str = "values") -> None:
     err = np.abs(got - want)
     bad = err > bound
     if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bound > 0, err / np.maximum(bound, 1e-300), np.inf))), err.shape)
+        i = np.unravel_index(
+            int(np.argmax(np.where(bound > 0, err / np.maximum(bound, 1e-300), np.inf))), err.shape
+        )
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {err.size} differ beyond their bound; worst at {i}: "
             f"|{got[i]:.9g} - {want[i]:.9g}| = {err[i]:.3g} > {bound[i]:.3g}"
         )
-
 
 
 def rounding_bound(x, stored_dtype=np.float16) -> np.ndarray:

@@ -15,16 +15,26 @@ in ``REGISTRY``.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from encoder.families.base import Family
 
-REGISTRY: dict[str, str] = {
-    "sketch": "encoder.families.sketch:Sketch",
-    "gaussian": "encoder.families.gaussian:Gaussian",
+
+class Entry(NamedTuple):
+    """A registered family: where its class lives (``module:class``, imported when first
+    used) and how ``influence index info`` names it (``str.format`` over the config's fields)."""
+
+    target: str
+    summary: str
+
+
+REGISTRY: dict[str, Entry] = {
+    "sketch": Entry(
+        "encoder.families.sketch:Sketch", "K-FAC whitened, CountSketch seed {seed} (sketch)"
+    ),
+    "gaussian": Entry("encoder.families.gaussian:Gaussian", "gaussian, seed {seed}"),
 }
-"""Family name -> ``module:class`` of its implementation (imported when first used)."""
 
 FAMILY_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -32,6 +42,11 @@ FAMILY_NAMES: tuple[str, ...] = tuple(REGISTRY)
 def family_class(name: str) -> type[Family]:
     """The family class registered under ``name`` (KeyError for an unknown name; the config
     refuses those before any family is made)."""
-    module, _, cls = REGISTRY[name].partition(":")
+    module, _, cls = REGISTRY[name].target.partition(":")
     found: type[Family] = getattr(importlib.import_module(module), cls)
     return found
+
+
+def describe(name: str, config: dict[str, Any]) -> str:
+    """The family of a fingerprint config (``to_dict`` form) in a few words, without torch."""
+    return REGISTRY[name].summary.format(**config)

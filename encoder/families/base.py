@@ -36,13 +36,19 @@ class Family(ABC):
     name: ClassVar[str]
 
     def __init__(
-        self, config: FingerprintConfig, modules: list[TrackedModule], device: torch.device, dtype: torch.dtype
+        self,
+        config: FingerprintConfig,
+        modules: list[TrackedModule],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.config = config
         self.modules = modules
         self.device = device
         self.dtype = dtype
-        base = plan_projection(modules, k=config.k, budget=config.budget, max_block=config.block_cap)
+        base = plan_projection(
+            modules, k=config.k, budget=config.budget, max_block=config.block_cap
+        )
         self.plan: Plan = self.shape_plan(base)
 
     def shape_plan(self, plan: Plan) -> Plan:
@@ -77,7 +83,9 @@ class Family(ABC):
         """Module ``m``'s block; ``inv`` is its correction 1 / (sqrt(v_hat) + eps) or None."""
 
     @abstractmethod
-    def score_variance(self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]) -> torch.Tensor:
+    def score_variance(
+        self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]
+    ) -> torch.Tensor:
         """Variance of each score query [d] . rows [n, d] under another seed; [n] float64."""
 
     def whitening(self) -> Pairs | None:
@@ -88,11 +96,6 @@ class Family(ABC):
     def set_whitening(self, pairs: Pairs) -> None:
         """Install a whitening (the exact second stage of a whitened index)."""
         raise ConfigError(f"the {self.name} family does not whiten")
-
-    @classmethod
-    @abstractmethod
-    def describe(cls, config: FingerprintConfig) -> str:
-        """The family in a few words for ``influence index info``."""
 
     def whole(self, m: TrackedModule) -> bool:
         """Whether module ``m`` is kept whole (no projection noise)."""
@@ -113,7 +116,9 @@ def pairs_from(tensors: dict[str, Any], first: str, second: str) -> Pairs:
     for key in tensors:
         name, _, suffix = key.rpartition(".")
         if suffix not in (first, second):
-            raise ConfigError(f"the saved state holds {key!r}; this family saves {first} and {second}")
+            raise ConfigError(
+                f"the saved state holds {key!r}; this family saves {first} and {second}"
+            )
         names.add(name)
     if any(f"{n}.{first}" not in tensors or f"{n}.{second}" not in tensors for n in names):
         raise ConfigError(f"the saved state holds a {first} without its {second} (or the reverse)")

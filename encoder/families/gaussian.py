@@ -27,13 +27,21 @@ class Gaussian(Family):
     name = "gaussian"
 
     def __init__(
-        self, config: FingerprintConfig, modules: list[TrackedModule], device: torch.device, dtype: torch.dtype
+        self,
+        config: FingerprintConfig,
+        modules: list[TrackedModule],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__(config, modules, device, dtype)
         self.drawn = {
-            m.name: projection_pair(config.seed, m, *sizes) for m in modules if (sizes := self.plan[m.name]) is not None
+            m.name: projection_pair(config.seed, m, *sizes)
+            for m in modules
+            if (sizes := self.plan[m.name]) is not None
         }
-        self.pairs = {n: (self._to_device(a), self._to_device(b)) for n, (a, b) in self.drawn.items()}
+        self.pairs = {
+            n: (self._to_device(a), self._to_device(b)) for n, (a, b) in self.drawn.items()
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return pair_tensors(self.drawn, "A", "B")
@@ -45,14 +53,16 @@ class Gaussian(Family):
             raise ConfigError("the saved projections name other modules than the config projects")
         for name, (a, b) in self.drawn.items():
             if not (torch.equal(saved[name][0], a) and torch.equal(saved[name][1], b)):
-                raise ConfigError(f"the projection of {name} differs from the saved one (seed or torch RNG changed)")
+                raise ConfigError(
+                    f"the projection of {name} differs from the saved one (seed or torch RNG changed)"
+                )
 
     def block(self, m: TrackedModule, inv: torch.Tensor | None, precision: Precision) -> Block:
         return dense_block(m, inv, self.pairs.get(m.name), precision)
 
-    def score_variance(self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]) -> torch.Tensor:
-        return kronecker_score_variance(query, rows, [self.plan[m.name] for m in self.modules], block_dims)
-
-    @classmethod
-    def describe(cls, config: FingerprintConfig) -> str:
-        return f"gaussian, seed {config.seed}"
+    def score_variance(
+        self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]
+    ) -> torch.Tensor:
+        return kronecker_score_variance(
+            query, rows, [self.plan[m.name] for m in self.modules], block_dims
+        )

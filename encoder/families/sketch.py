@@ -30,7 +30,11 @@ class Sketch(Family):
     name = "sketch"
 
     def __init__(
-        self, config: FingerprintConfig, modules: list[TrackedModule], device: torch.device, dtype: torch.dtype
+        self,
+        config: FingerprintConfig,
+        modules: list[TrackedModule],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__(config, modules, device, dtype)
         self.roots: Pairs = {}
@@ -53,7 +57,9 @@ class Sketch(Family):
         self.set_whitening(stats.kfac_roots(self.modules, self.config.delta))
 
     def placeholder(self) -> None:
-        self.set_whitening({m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in self.modules})
+        self.set_whitening(
+            {m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in self.modules}
+        )
 
     def whitening(self) -> Pairs | None:
         return {n: (a.float().cpu(), b.float().cpu()) for n, (a, b) in self.roots.items()}
@@ -65,7 +71,9 @@ class Sketch(Family):
         for m in self.modules:
             for side, n in zip(pairs[m.name], (m.out_features, m.in_features), strict=True):
                 if side.numel() != 1 and tuple(side.shape) != (n, n):
-                    raise ConfigError(f"a whitening side of {m.name} is {tuple(side.shape)}, it needs ({n}, {n})")
+                    raise ConfigError(
+                        f"a whitening side of {m.name} is {tuple(side.shape)}, it needs ({n}, {n})"
+                    )
         self.roots = {n: (self._to_device(a), self._to_device(b)) for n, (a, b) in pairs.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -78,14 +86,14 @@ class Sketch(Family):
         w_out, w_in = self.roots[m.name]
         if m.name in self.hashes:
             sizes = self.plan[m.name] or (0, 0)
-            return Sketched(m, w_out, w_in, *self.hashes[m.name], sizes[0] * sizes[1], inv, precision)
+            return Sketched(
+                m, w_out, w_in, *self.hashes[m.name], sizes[0] * sizes[1], inv, precision
+            )
         whole = (whole_side(w_out, m.out_features), whole_side(w_in, m.in_features))
         return dense_block(m, inv, whole, precision)
 
-    def score_variance(self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]) -> torch.Tensor:
+    def score_variance(
+        self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]
+    ) -> torch.Tensor:
         hashed = [m.name in self.hashes for m in self.modules]
         return sketch_score_variance(query, rows, hashed, block_dims)
-
-    @classmethod
-    def describe(cls, config: FingerprintConfig) -> str:
-        return f"K-FAC whitened, CountSketch seed {config.seed} (sketch)"

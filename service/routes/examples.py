@@ -26,7 +26,9 @@ INT64_MAX = 2**63 - 1
     response_model=Example,
     responses={404: {"model": ErrorResponse, "description": "Unknown example id."}},
 )
-async def get_example(state: StateDep, example_id: int = Path(ge=0, le=INT64_MAX, description="Training example id.")) -> Example:
+async def get_example(
+    state: StateDep, example_id: int = Path(ge=0, le=INT64_MAX, description="Training example id.")
+) -> Example:
     """The stored training sequence with its source, document id and offsets."""
 
     def fetch() -> Record:
@@ -34,6 +36,13 @@ async def get_example(state: StateDep, example_id: int = Path(ge=0, le=INT64_MAX
             return index.example(example_id)
 
     record = await asyncio.get_running_loop().run_in_executor(None, fetch)
-    return Example(id=int(record.id), text=record.text, source=record.source,
-                   document_id=str_or_none(record.document_id), token_start=record.token_start,
-                   token_end=record.token_end, char_start=record.char_start, char_end=record.char_end)  # fmt: skip
+    return Example(
+        id=int(record.id),
+        text=record.text,
+        source=record.source,
+        document_id=str_or_none(record.document_id),
+        token_start=record.token_start,
+        token_end=record.token_end,
+        char_start=record.char_start,
+        char_end=record.char_end,
+    )

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from api.errors import ErrorResponse
-from api.models import ExplainRequest, ExplainResponse, TokenContribution
+from api.explain_models import ExplainRequest, ExplainResponse, TokenContribution
 from engine import explain as engine_explain
 from engine.query import Limits, Query
 from service.auth import v1_router
@@ -22,13 +22,24 @@ def explain(state: IndexState, body: ExplainRequest, limits: Limits) -> ExplainR
     started = time.perf_counter()
     span = None if body.span is None else (body.span.start, body.span.end)
     with state.lease() as index:
-        e = engine_explain.explain(index, Query(body.prompt, body.completion, 1, span=span), body.id, limits, body.exact)
+        e = engine_explain.explain(
+            index, Query(body.prompt, body.completion, 1, span=span), body.id, limits, body.exact
+        )
         model, version = index.summary().model, index.version
     return ExplainResponse(
-        id=e.id, score=e.score, index_score=e.index_score, fingerprint_agreement=e.agreement, exact=e.exact,
-        tokens=[TokenContribution(text=t.text, start=t.start, end=t.end, contribution=t.contribution) for t in e.tokens],
-        model=model, index_version=version, timings_ms={"total": (time.perf_counter() - started) * 1e3},
-    )  # fmt: skip
+        id=e.id,
+        score=e.score,
+        index_score=e.index_score,
+        fingerprint_agreement=e.agreement,
+        exact=e.exact,
+        tokens=[
+            TokenContribution(text=t.text, start=t.start, end=t.end, contribution=t.contribution)
+            for t in e.tokens
+        ],
+        model=model,
+        index_version=version,
+        timings_ms={"total": (time.perf_counter() - started) * 1e3},
+    )
 
 
 @router.post(
@@ -39,8 +50,9 @@ def explain(state: IndexState, body: ExplainRequest, limits: Limits) -> ExplainR
     response_model=ExplainResponse,
     responses={404: {"model": ErrorResponse, "description": "Unknown example id."}},
 )
-async def explain_influence(body: ExplainRequest, state: StateDep, limits: LimitsDep,
-                            admission: AdmissionDep) -> ExplainResponse:  # fmt: skip
+async def explain_influence(
+    body: ExplainRequest, state: StateDep, limits: LimitsDep, admission: AdmissionDep
+) -> ExplainResponse:
     """For a query and one training example (a result's `id`), each example token's
     contribution to the influence score: that token's loss term, corrected, projected and
     whitened, dotted with the query fingerprint. The contributions sum to `score`.

@@ -18,8 +18,13 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", operation_id="readyz", tags=["health"], response_model=Health,
-            responses={503: ERROR_RESPONSES[503]})  # fmt: skip
+@router.get(
+    "/readyz",
+    operation_id="readyz",
+    tags=["health"],
+    response_model=Health,
+    responses={503: ERROR_RESPONSES[503]},
+)
 async def readyz(state: StateDep) -> Health:
     """Readiness: the model and the index are loaded (503 until then), and the index's
     files are as they were opened (503 ``index_changed`` after an in-place edit)."""

@@ -23,13 +23,27 @@ admin = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)], responses
 def summarize(index: Index) -> IndexSummary:
     """What ``index`` says about itself, on the wire."""
     s = index.summary()
-    return IndexSummary(model=s.model, model_hash=s.model_hash, index_version=s.index_version,
-                        index_dir=str(s.index_dir), size=s.size, counts=s.counts, fingerprint=s.fingerprint,
-                        faiss=s.faiss, built_at=s.built_at, backend=s.backend)  # fmt: skip
+    return IndexSummary(
+        model=s.model,
+        model_hash=s.model_hash,
+        index_version=s.index_version,
+        index_dir=str(s.index_dir),
+        size=s.size,
+        counts=s.counts,
+        fingerprint=s.fingerprint,
+        faiss=s.faiss,
+        built_at=s.built_at,
+        backend=s.backend,
+    )
 
 
-@router.get("/index", operation_id="get_index", tags=["index"], summary="Describe the served index",
-            response_model=IndexSummary)  # fmt: skip
+@router.get(
+    "/index",
+    operation_id="get_index",
+    tags=["index"],
+    summary="Describe the served index",
+    response_model=IndexSummary,
+)
 async def get_index(state: StateDep) -> IndexSummary:
     """Model, example counts, fingerprint configuration and FAISS index type."""
     return summarize(state.current)
@@ -54,7 +68,9 @@ def allowed_target(settings: Settings, requested: str | None) -> Path | None:
     if target == configured or (root is not None and target.is_relative_to(root)):
         return target
     where = f"under {root}" if root is not None else "the configured index (no reload root is set)"
-    raise ForbiddenError(f"index_dir {safe_text(requested)} is not {where}", code="reload_outside_root")
+    raise ForbiddenError(
+        f"index_dir {safe_text(requested)} is not {where}", code="reload_outside_root"
+    )
 
 
 @admin.post(
@@ -79,5 +95,9 @@ async def reload_index(
         metrics.reloads.labels("refused").inc()
         raise
     metrics.reloads.labels("ok").inc()
-    return ReloadResponse(index_version=index.version, previous_version=None if previous is None else previous.version,
-                          index_dir=str(index.index_dir), size=index.size)  # fmt: skip
+    return ReloadResponse(
+        index_version=index.version,
+        previous_version=None if previous is None else previous.version,
+        index_dir=str(index.index_dir),
+        size=index.size,
+    )

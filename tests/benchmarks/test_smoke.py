@@ -12,15 +12,35 @@ import pytest
 def test_bench_search_quick_with_graphs(tmp_path):
     from benchmarks import bench_search
 
-    assert bench_search.main(["--quick", "--hnsw", "--queries", "32", "--workdir", str(tmp_path / "w"),
-                              "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        bench_search.main(
+            [
+                "--quick",
+                "--hnsw",
+                "--queries",
+                "32",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "bench_search_quick.json").read_text())
     factories = {r["factory"] for r in data["configs"][0]["rows"]}
     assert factories == {"PCA64,IVF512,PQ16x4fs", "PCA64,HNSW32", "HNSW32_SQ8"}
     for row in data["configs"][0]["rows"]:
-        assert 0.0 <= row["recall@10"] <= 1.0 and row["b1_p50_ms"] > 0 and row["bytes_per_vector_ram"] > 0
+        assert (
+            0.0 <= row["recall@10"] <= 1.0
+            and row["b1_p50_ms"] > 0
+            and row["bytes_per_vector_ram"] > 0
+        )
         # Codebooks and transforms are the fixed part; what remains per vector is smaller.
-        assert 0 < row["fixed_bytes_ram"] and 0 < row["bytes_per_vector_marginal"] < row["bytes_per_vector_ram"]
+        assert (
+            0 < row["fixed_bytes_ram"]
+            and 0 < row["bytes_per_vector_marginal"] < row["bytes_per_vector_ram"]
+        )
     # The most generous setting of every index finds most true neighbours of easy queries.
     assert max(r["recall@10"] for r in data["configs"][0]["rows"]) >= 0.9
     assert (tmp_path / "bench_search_quick.md").read_text().startswith("# Search benchmark")
@@ -30,8 +50,25 @@ def test_bench_search_quick_with_graphs(tmp_path):
 def test_bench_search_quick_flat_codes_and_torch_exact(tmp_path):
     from benchmarks import bench_search
 
-    assert bench_search.main(["--quick", "--queries", "32", "--factories", "PQ64x4fs", "--torch-exact",
-                              "--workdir", str(tmp_path / "w"), "--out", str(tmp_path), "--tag", "t"]) == 0  # fmt: skip
+    assert (
+        bench_search.main(
+            [
+                "--quick",
+                "--queries",
+                "32",
+                "--factories",
+                "PQ64x4fs",
+                "--torch-exact",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(tmp_path),
+                "--tag",
+                "t",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench_search_quick_t.json").read_text())["configs"][0]["rows"]
     codes = [r for r in rows if r["factory"] == "PQ64x4fs"]
     assert [r["candidates"] for r in codes] == [256, 512, 1024]
@@ -59,18 +96,35 @@ def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
     measured rows (the paired windows included)."""
     from benchmarks import bench_service
 
-    assert bench_service.main(["--quick", "--index", str(tiny_index), "--workdir", str(tmp_path / "w"),
-                               "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        bench_service.main(
+            [
+                "--quick",
+                "--index",
+                str(tiny_index),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "bench_service_quick.json").read_text())
     for mode in data["modes"]:
         assert [r["concurrency"] for r in mode["load"]] == [1, 4, 16]
         assert all(r["requests"] > 0 and r["failures"] == 0 for r in mode["load"])
         (pair,) = mode["pairs"]
-        assert pair["p99_16_over_p50_1"] == pytest.approx(pair["p99_ms_at_16"] / pair["p50_ms_at_1"])
+        assert pair["p99_16_over_p50_1"] == pytest.approx(
+            pair["p99_ms_at_16"] / pair["p50_ms_at_1"]
+        )
     goals = {(g["mode"], g["goal"].split(" (")[0]): g for g in data["goals"]}
     on = data["modes"][0]
     assert on["mode"] == "batching_on"
-    assert goals[("batching_on", "p99@16 / p50@1 <= 3")]["measured"] == on["pairs"][0]["p99_16_over_p50_1"]
+    assert (
+        goals[("batching_on", "p99@16 / p50@1 <= 3")]["measured"]
+        == on["pairs"][0]["p99_16_over_p50_1"]
+    )
     md = (tmp_path / "bench_service_quick.md").read_text()
     assert "## Paired windows" in md and "## Goals" in md
 
@@ -86,8 +140,14 @@ def test_gpu_check_dry_run(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
-    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     for step in ("env", "tests_gpu", "encode", "search", "serve"):
@@ -110,9 +170,15 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
     (work / "corpus").mkdir(parents=True)
     for path in fact_corpus_files:
         shutil.copy(path, work / "corpus" / path.name)
-    (work / "stamp.json").write_text(json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)}))
-    assert bench_fidelity.main(["--quick", "--queries", "6", "--workdir", str(tmp_path / "w"),
-                                "--out", str(tmp_path)]) == 0  # fmt: skip
+    (work / "stamp.json").write_text(
+        json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)})
+    )
+    assert (
+        bench_fidelity.main(
+            ["--quick", "--queries", "6", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "bench_fidelity_quick.json").read_text())
     rows = data["results"][0]["rows"]
     assert [(r["config"], r["projection"]) for r in rows] == [
@@ -122,7 +188,9 @@ def test_bench_fidelity_quick_on_the_trained_model(trained_checkpoint, fact_corp
     assert rows[0]["d"] == 8 * 64 and rows[1]["d"] == 8 * 256  # 8 modules: k^2, the cap
     for r in rows:
         gains = [r["rescore20"], r["rescore50"], r["rescore100"]]
-        assert all(0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["none_vs_own"], r["mixed_seed"]])
+        assert all(
+            0.0 <= g <= 1.0 for g in [*gains, r["none_vs_exact"], r["none_vs_own"], r["mixed_seed"]]
+        )
         assert gains == sorted(gains)
         assert r["build_passes_s"] > 0 and r["bytes_per_vector"] == 2 * r["d"]
     assert (tmp_path / "bench_fidelity_quick.png").stat().st_size > 0
@@ -139,9 +207,24 @@ def test_bench_rescore_depth_on_the_trained_model(trained_checkpoint, fact_corpu
     (work / "corpus").mkdir(parents=True)
     for path in fact_corpus_files:
         shutil.copy(path, work / "corpus" / path.name)
-    (work / "stamp.json").write_text(json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)}))
-    assert bench_rescore_depth.main(["--models", "quick", "--queries", "6", "--workdir", str(tmp_path / "w"),
-                                     "--out", str(tmp_path)]) == 0  # fmt: skip
+    (work / "stamp.json").write_text(
+        json.dumps({"checkpoint": str(trained_checkpoint.checkpoint_dir)})
+    )
+    assert (
+        bench_rescore_depth.main(
+            [
+                "--models",
+                "quick",
+                "--queries",
+                "6",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads((tmp_path / "bench_rescore_depth.json").read_text())["rows"]
     assert row["projection"] == "sketch"
     gains = [row["first_vs_own"]] + [row[f"rescore{c}"] for c in bench_rescore_depth.DEPTHS]
@@ -162,7 +245,12 @@ def test_bench_milvus_quick_on_the_tiny_index(tiny_index, tmp_path):
 def test_bench_peer_skips_cleanly_without_bergson(tmp_path, capsys):
     from benchmarks import bench_peer
 
-    assert bench_peer.main(["--peer-python", str(tmp_path / "no-venv" / "python"), "--out", str(tmp_path)]) == 0
+    assert (
+        bench_peer.main(
+            ["--peer-python", str(tmp_path / "no-venv" / "python"), "--out", str(tmp_path)]
+        )
+        == 0
+    )
     assert "skipped: no bergson" in capsys.readouterr().out
     assert not list(tmp_path.glob("bench_peer*"))
 
@@ -185,25 +273,37 @@ def test_bench_peer_feeds_the_peer_our_ids_targets_and_second_moments(tmp_path):
     examples = [Example((5, 6, 7), (False, True, True)), Example((1, 2), (False, False))]
     assert bench_peer.write_dataset(examples, tmp_path / "ds") == 5
     ds = load_from_disk(str(tmp_path / "ds"))
-    assert ds["input_ids"][:] == [[5, 6, 7], [1, 2]] and ds["labels"][:] == [[-100, 6, 7], [-100, -100]]
+    assert ds["input_ids"][:] == [[5, 6, 7], [1, 2]] and ds["labels"][:] == [
+        [-100, 6, 7],
+        [-100, -100],
+    ]
 
     model = tiny_gpt2()
     v = {n: torch.rand(p.shape) for n, p in model.named_parameters()}
     bench_peer.write_optimizer_state(SecondMoments(v, 1e-7, "t"), model, tmp_path / "opt.pt")
     opt = torch.load(tmp_path / "opt.pt", weights_only=True)
-    assert [s["param_name"] for s in opt["state"].values()] == [n for n, _ in model.named_parameters()]
+    assert [s["param_name"] for s in opt["state"].values()] == [
+        n for n, _ in model.named_parameters()
+    ]
     assert all(torch.equal(s["exp_avg_sq"], v[s["param_name"]]) for s in opt["state"].values())
     assert opt["param_groups"][0]["eps"] == 1e-7
 
     modules = select_modules(model, FingerprintConfig())
-    sizes = {m.name.removeprefix("transformer."): m.out_features * m.in_features for m in reversed(modules)}
+    sizes = {
+        m.name.removeprefix("transformer."): m.out_features * m.in_features
+        for m in reversed(modules)
+    }
     run = tmp_path / "run"
     run.mkdir()
-    (run / "info.json").write_text(json.dumps({"num_grads": 2, "grad_sizes": sizes, "base_dtype": "float32"}))
+    (run / "info.json").write_text(
+        json.dumps({"num_grads": 2, "grad_sizes": sizes, "base_dtype": "float32"})
+    )
     flat = np.arange(2 * sum(sizes.values()), dtype=np.float32).reshape(2, -1)
     flat.tofile(run / "gradients.bin")
     got = bench_peer.peer_gradients(run, modules)
     starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1], strict=True))
     first = modules[0].name.removeprefix("transformer.")
-    np.testing.assert_array_equal(got[:, : sizes[first]], flat[:, starts[first] : starts[first] + sizes[first]])
+    np.testing.assert_array_equal(
+        got[:, : sizes[first]], flat[:, starts[first] : starts[first] + sizes[first]]
+    )
     assert got.shape == (2, sum(sizes.values()))

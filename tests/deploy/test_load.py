@@ -26,7 +26,15 @@ def test_locust_through_gateway_short_run(replicas, fact_corpus_files, tmp_path)
     # locust computes percentiles from rounded response times (locust.stats
     # .round_response_time: to 1 ms below 100 ms, 10 ms below 1 s, 100 ms below 10 s), so a
     # percentile may exceed the exact maximum by half its rounding step.
-    step = 1 if stats["max_ms"] < 100 else 10 if stats["max_ms"] < 1000 else 100 if stats["max_ms"] < 10000 else 1000
+    step = (
+        1
+        if stats["max_ms"] < 100
+        else 10
+        if stats["max_ms"] < 1000
+        else 100
+        if stats["max_ms"] < 10000
+        else 1000
+    )
     assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"] + step / 2 + 1
     # Every request locust counted went through nginx to a replica.
     proxied = [line for line in gw.access_log.read_text().splitlines() if "/v1/influence" in line]

@@ -157,8 +157,12 @@ def test_compose_milvus_profile(compose):
     assert profile == {"etcd", "minio", "milvus", "milvus-push", "service-milvus"}
     assert all(not spec.get("profiles") for name, spec in services.items() if name not in profile)
     milvus, push, svc = services["milvus"], services["milvus-push"], services["service-milvus"]
-    assert {"etcd", "minio"} <= set(milvus["depends_on"]) and "ETCD_ENDPOINTS" in milvus["environment"]
-    assert push["command"][:3] == ["index", "push", "/index/current"] and "--milvus" in push["command"]
+    assert {"etcd", "minio"} <= set(milvus["depends_on"]) and "ETCD_ENDPOINTS" in milvus[
+        "environment"
+    ]
+    assert (
+        push["command"][:3] == ["index", "push", "/index/current"] and "--milvus" in push["command"]
+    )
     assert push["depends_on"]["milvus"]["condition"] == "service_healthy"
     assert push["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
     assert "index:/index:ro" in push["volumes"] and push["restart"] == "no"
@@ -274,7 +278,11 @@ def test_cpu_override_drops_gpu_reservations(compose):
     }
     assert gpu == {n for n, s in override["services"].items() if "deploy" in s}
     # and every service built from the project's image gets the CPU image.
-    ours = {n for n, s in compose["services"].items() if str(s.get("image", "")).startswith("influence-search:")}
+    ours = {
+        n
+        for n, s in compose["services"].items()
+        if str(s.get("image", "")).startswith("influence-search:")
+    }
     assert ours == set(override["services"])
 
 

@@ -26,7 +26,9 @@ def per_example_grads(model, param_names: list[str], example: Example) -> dict[s
     mask = torch.tensor(example.target_mask, dtype=torch.float64)
 
     def loss_fn(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(model, {**params, **tracked}, args=(), kwargs={"input_ids": ids[None]}).logits[0]
+        logits = functional_call(
+            model, {**params, **tracked}, args=(), kwargs={"input_ids": ids[None]}
+        ).logits[0]
         nll = torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:], reduction="none")
         return (nll * mask[1:]).sum()
 
@@ -74,7 +76,9 @@ def reference_kfac_roots(model, modules, examples, delta, v_hat=None, eps=1e-8, 
     return out
 
 
-def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, plan=None, pairs=None) -> np.ndarray:
+def reference_phi(
+    model, modules, example, *, k, seed, v_hat=None, eps=1e-8, plan=None, pairs=None
+) -> np.ndarray:
     """phi = concat_W kron(A_W, B_W) vec(G~_W) (or vec(G~_W) for k = 0), float64.
 
     ``plan`` (module name -> (k_out, k_in) or None = exact) overrides k per module; ``pairs``
@@ -94,7 +98,9 @@ def reference_phi(model, modules, example, *, k, seed, v_hat=None, eps=1e-8, pla
     return np.concatenate(parts)
 
 
-def reference_sketch_phi(model, modules, example, *, plan, roots, seed, v_hat=None, eps=1e-8) -> np.ndarray:
+def reference_sketch_phi(
+    model, modules, example, *, plan, roots, seed, v_hat=None, eps=1e-8
+) -> np.ndarray:
     """``projection: sketch``: phi = concat_W S_W vec(W_out G~_W W_in), float64, with S_W the
     dense [d_W, out*in] 0/+-1 matrix of the seeded hash (one nonzero per column) and W the
     whitening sides (a [1] side s = s I); a module kept whole (plan = (out, in)) is
@@ -102,7 +108,10 @@ def reference_sketch_phi(model, modules, example, *, plan, roots, seed, v_hat=No
     grads = corrected_grads(model, modules, example, v_hat, eps)
     parts = []
     for m in modules:
-        w_out, w_in = (whole_side(w.double(), n) for w, n in zip(roots[m.name], (m.out_features, m.in_features), strict=True))
+        w_out, w_in = (
+            whole_side(w.double(), n)
+            for w, n in zip(roots[m.name], (m.out_features, m.in_features), strict=True)
+        )
         white = (w_out @ grads[m.name] @ w_in).reshape(-1)
         k_out, k_in = plan[m.name]
         if (k_out, k_in) == (m.out_features, m.in_features):
@@ -115,7 +124,9 @@ def reference_sketch_phi(model, modules, example, *, plan, roots, seed, v_hat=No
     return np.concatenate(parts)
 
 
-def reference_lambda(r_train: list[np.ndarray], r_eval: list[np.ndarray], component: float) -> float:
+def reference_lambda(
+    r_train: list[np.ndarray], r_eval: list[np.ndarray], component: float
+) -> float:
     s_t = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_train]))[::-1]
     s_e = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_eval]))[::-1]
     c = int(component * s_t.size)
@@ -129,7 +140,9 @@ def reference_whiten(blocks_train, blocks_eval, lam, delta):
     for i, t in enumerate(blocks_train):
         r = t if blocks_eval is None else lam * blocks_eval[i] + (1 - lam) * t
         damp = delta * np.trace(r) / r.shape[0]
-        out.append(np.real(scipy.linalg.fractional_matrix_power(r + damp * np.eye(r.shape[0]), -0.5)))
+        out.append(
+            np.real(scipy.linalg.fractional_matrix_power(r + damp * np.eye(r.shape[0]), -0.5))
+        )
     return out
 
 

@@ -16,22 +16,51 @@ from tests.encoder import reference as ref
 from tests.tolerances import unit_roundoff
 
 COMMON = dict(vocab_size=48, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-DECODER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-               max_position_embeddings=64)
+DECODER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+)
 ARCHITECTURES = {
-    "gpt2": ("GPT2Config", dict(n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+    ),
     "gpt_neox": ("GPTNeoXConfig", dict(DECODER, hidden_dropout=0.0, attention_dropout=0.0)),
     "llama": ("LlamaConfig", dict(DECODER, num_key_value_heads=1)),
     "qwen2": ("Qwen2Config", dict(DECODER, num_key_value_heads=1)),
     "mistral": ("MistralConfig", dict(DECODER, num_key_value_heads=1, sliding_window=None)),
     "gemma2": ("Gemma2Config", dict(DECODER, num_key_value_heads=1, head_dim=8, sliding_window=16)),
     "olmo2": ("Olmo2Config", dict(DECODER, num_key_value_heads=1)),
-    "phi3": ("Phi3Config", dict(DECODER, num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                attention_dropout=0.0)),
-    "opt": ("OPTConfig", dict(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
-                              word_embed_proj_dim=16, max_position_embeddings=64, dropout=0.0,
-                              attention_dropout=0.0)),
+    "phi3": (
+        "Phi3Config",
+        dict(
+            DECODER, num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
 }
 
 
@@ -53,7 +82,9 @@ def _examples() -> list[Example]:
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_exact_fingerprints_match_reference(name):
     model = tiny_model(name)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, correction=False, hessian="none", projection="gaussian"))
+    enc = TrackStarEncoder(
+        model, FingerprintConfig(k=0, correction=False, hessian="none", projection="gaussian")
+    )
     assert len(enc.modules) >= 8, [m.name for m in enc.modules]  # attention + MLP maps of 2 blocks
     examples = _examples()
     phi = enc.project(collate(examples, pad_id=0)).numpy()

@@ -31,7 +31,10 @@ def _queries(seed: int, n: int, vocab: int) -> list[Example]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        p, c = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        p, c = (
+            int(torch.randint(2, 6, (1,), generator=g)),
+            int(torch.randint(1, 4, (1,), generator=g)),
+        )
         ids = torch.randint(1, vocab, (p + c,), generator=g).tolist()
         out.append(Example(tuple(ids), tuple([False] * p + [True] * c)))
     return out
@@ -39,7 +42,10 @@ def _queries(seed: int, n: int, vocab: int) -> list[Example]:
 
 def _random_second_moments(model, seed: int) -> SecondMoments:
     g = torch.Generator().manual_seed(seed)
-    v = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
+    v = {
+        n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 1e-2 + 1e-4
+        for n, p in model.named_parameters()
+    }
     return SecondMoments(v_hat=v, eps=1e-6, source="test")
 
 
@@ -50,14 +56,23 @@ BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 
 @pytest.mark.parametrize(
     ("k", "projection"),
-    [(0, "gaussian"), (3, "gaussian"), ("budget", "gaussian"), (0, "sketch"), (3, "sketch"), ("budget", "sketch")],
+    [
+        (0, "gaussian"),
+        (3, "gaussian"),
+        ("budget", "gaussian"),
+        (0, "sketch"),
+        (3, "sketch"),
+        ("budget", "sketch"),
+    ],
 )
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("hessian", ["none", "train", "mixed"])
 def test_fingerprints_match_reference(k, projection, correction, hessian):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sizing = BUDGET if k == "budget" else {"k": k}
-    cfg = FingerprintConfig(seed=7, correction=correction, hessian=hessian, projection=projection, **sizing)
+    cfg = FingerprintConfig(
+        seed=7, correction=correction, hessian=hessian, projection=projection, **sizing
+    )
     sm = _random_second_moments(model, seed=2) if correction else None
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 10, 3, 12, 40)
@@ -69,12 +84,18 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
     phi_train = torch.cat([enc.project(collate(train[i : i + 4])) for i in range(0, len(train), 4)])
     phi_query = enc.project(collate(queries))
     # Reference: each example alone, torch.func, dense projection.
-    kw = dict(k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan)
+    kw = dict(
+        k=cfg.k, seed=7, v_hat=sm.v_hat if sm else None, eps=sm.eps if sm else 1e-8, plan=enc.plan
+    )
     if k == "budget" and projection == "gaussian":  # the sketch gives every module a pair
         sizes = list(enc.plan.values())
-        assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), enc.plan  # exact and rectangular
+        assert None in sizes and any(s is not None and s[0] != s[1] for s in sizes), (
+            enc.plan
+        )  # exact and rectangular
     if projection == "sketch":  # the whitening and the seeded hash, dense
-        kw = dict(plan=enc.plan, roots=enc.family.whitening(), seed=7, v_hat=kw["v_hat"], eps=kw["eps"])
+        kw = dict(
+            plan=enc.plan, roots=enc.family.whitening(), seed=7, v_hat=kw["v_hat"], eps=kw["eps"]
+        )
         phi = ref.reference_sketch_phi
         if k == "budget":  # whole (the two 8 x 8 attention maps) and hashed modules both
             assert {enc.family.whole(m) for m in enc.modules} == {True, False}
@@ -95,7 +116,9 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
             se = enc.new_statistics()
             se.update(phi_query)
         enc.set_whitener(
-            Whitener.from_statistics(st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta)
+            Whitener.from_statistics(
+                st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta
+            )
         )
         rt = ref.block_moments(ref_train, enc.block_dims)
         re = ref.block_moments(ref_query, enc.block_dims) if hessian == "mixed" else None
@@ -105,8 +128,14 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
 
     e_train = enc.finalize(phi_train).numpy()
     e_query = enc.finalize(phi_query).numpy()
-    assert np.abs(e_train - ref.reference_fingerprints(ref_train, whiteners, enc.block_dims)).max() < TOL
-    assert np.abs(e_query - ref.reference_fingerprints(ref_query, whiteners, enc.block_dims)).max() < TOL
+    assert (
+        np.abs(e_train - ref.reference_fingerprints(ref_train, whiteners, enc.block_dims)).max()
+        < TOL
+    )
+    assert (
+        np.abs(e_query - ref.reference_fingerprints(ref_query, whiteners, enc.block_dims)).max()
+        < TOL
+    )
     assert np.allclose(np.linalg.norm(e_train, axis=1), 1.0)
 
 
@@ -129,7 +158,9 @@ def test_batch_invariance_float32():
 def test_query_loss_only_on_completion():
     """Changing a prompt token's target status changes the fingerprint; padding does not."""
     model = tiny_gpt2(seed=9, dtype=torch.float64)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, hessian="none", correction=False, projection="gaussian"))
+    enc = TrackStarEncoder(
+        model, FingerprintConfig(k=3, hessian="none", correction=False, projection="gaussian")
+    )
     ids = (5, 6, 7, 8, 9)
     q = Example(ids, (False, False, False, True, True))
     full = sequence_example(ids)
@@ -182,7 +213,9 @@ def test_sketch_whitening_matches_reference(sizing):
     sm = _random_second_moments(model, seed=2)
     cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
-    plain = TrackStarEncoder(model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm)
+    plain = TrackStarEncoder(
+        model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm
+    )
     assert enc.block_dims == plain.block_dims and all(s is not None for s in enc.plan.values())
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))

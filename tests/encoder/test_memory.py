@@ -23,7 +23,9 @@ def test_free_memory_is_positive():
     assert free_memory(torch.device("cpu")) > 0
 
 
-@pytest.mark.parametrize(("correction", "projection"), [(True, "sketch"), (False, "sketch"), (True, "gaussian")])
+@pytest.mark.parametrize(
+    ("correction", "projection"), [(True, "sketch"), (False, "sketch"), (True, "gaussian")]
+)
 def test_estimate_grows_with_sequence_length(correction, projection):
     enc = _encoder(correction, projection)  # no second moments, no fit: probed on a twin
     short, long = estimate_memory(enc, 8), estimate_memory(enc, 32)
@@ -56,4 +58,3 @@ def test_auto_batch_size_refuses_when_nothing_fits():
         auto_batch_size(_encoder(), 16, free=1024)
     assert err.value.code == "insufficient_memory"
     assert "MiB" in str(err.value)
-

@@ -48,7 +48,9 @@ def test_budget_plan_stores_small_modules_exactly_and_water_fills():
     # The 2 x 64 dims the exact modules did not use of their 150 went to the others:
     # the projected ones get more than the equal share 1200 / 8 = 150 between them.
     dims = plan_dims(modules, plan)
-    assert sum(d for m, d in zip(modules, dims, strict=True) if m.name not in exact) > 6 * 150 - 6 * 8
+    assert (
+        sum(d for m, d in zip(modules, dims, strict=True) if m.name not in exact) > 6 * 150 - 6 * 8
+    )
     # With room for everything, nothing is projected; the budget never exceeds the gradient.
     everything = plan_projection(modules, k=None, budget=10**6, max_block=10**6)
     assert all(sizes is None for sizes in everything.values())
@@ -65,15 +67,23 @@ def test_fixed_k_plan_and_old_manifests():
         partial.pop(key)
         with pytest.raises(ConfigError, match=f"missing \\['{key}'\\]"):
             FingerprintConfig.from_dict(partial)
-    assert FingerprintConfig().projection == "sketch"  # the default: K-FAC-whitened, sketched, no correction, no R
-    assert FingerprintConfig().block_cap == 4096 and FingerprintConfig(hessian="mixed").block_cap == 1024
+    assert (
+        FingerprintConfig().projection == "sketch"
+    )  # the default: K-FAC-whitened, sketched, no correction, no R
+    assert (
+        FingerprintConfig().block_cap == 4096
+        and FingerprintConfig(hessian="mixed").block_cap == 1024
+    )
     assert not FingerprintConfig().correction and FingerprintConfig().hessian == "none"
     with pytest.raises(ConfigError, match="nothing to fit"):
         TrackStarEncoder(tiny_gpt2(), FingerprintConfig(k=2, projection="gaussian")).fit_basis([])
     with pytest.raises(ConfigError, match="projection must be"):
         FingerprintConfig(projection="dense")
     # An index of format 3 recorded the encoder mode: "exact" reads as today's, a retired one is refused.
-    assert FingerprintConfig.from_dict({**FingerprintConfig().to_dict(), "mode": "exact"}) == FingerprintConfig()
+    assert (
+        FingerprintConfig.from_dict({**FingerprintConfig().to_dict(), "mode": "exact"})
+        == FingerprintConfig()
+    )
     with pytest.raises(ConfigError, match="retired"):
         FingerprintConfig.from_dict({**FingerprintConfig().to_dict(), "mode": "factored"})
 
@@ -90,7 +100,10 @@ def test_rectangular_projection_is_scaled_per_side():
 
 def _second_moments(model, seed: int) -> SecondMoments:
     g = torch.Generator().manual_seed(seed)
-    v = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
+    v = {
+        n: torch.rand(p.shape, generator=g, dtype=torch.float64) * 1e-2 + 1e-4
+        for n, p in model.named_parameters()
+    }
     return SecondMoments(v_hat=v, eps=1e-6, source="test")
 
 
@@ -100,11 +113,15 @@ def test_exact_rescorer_matches_the_unprojected_reference(unit_norm):
     dots), whatever the index's projection and whitening."""
     model = tiny_gpt2(seed=3, dtype=torch.float64)
     sm = _second_moments(model, 4)
-    config = FingerprintConfig(k=2, seed=1, hessian="mixed", unit_norm=unit_norm, projection="gaussian", correction=True)
+    config = FingerprintConfig(
+        k=2, seed=1, hessian="mixed", unit_norm=unit_norm, projection="gaussian", correction=True
+    )
     rescorer = ExactRescorer(model, config, sm)
     g = torch.Generator().manual_seed(0)
-    candidates = [sequence_example(torch.randint(1, 40, (int(n),), generator=g).tolist())
-                  for n in torch.randint(3, 14, (11,), generator=g)]  # fmt: skip
+    candidates = [
+        sequence_example(torch.randint(1, 40, (int(n),), generator=g).tolist())
+        for n in torch.randint(3, 14, (11,), generator=g)
+    ]
     query = Example((4, 9, 2, 7, 7, 1), (False, False, False, True, True, True))
     got = rescorer.scores(query, candidates, pad_id=0).numpy()
 

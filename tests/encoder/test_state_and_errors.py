@@ -47,7 +47,11 @@ def test_trainer_checkpoint_round_trip(trained_checkpoint):
     assert checked == len(list(model.parameters()))
 
     # And it drives an encoder: fingerprints are finite unit vectors.
-    enc = TrackStarEncoder(model, FingerprintConfig(k=4, hessian="none", projection="gaussian", correction=True), second_moments=sm)
+    enc = TrackStarEncoder(
+        model,
+        FingerprintConfig(k=4, hessian="none", projection="gaussian", correction=True),
+        second_moments=sm,
+    )
     tok = load_tokenizer(ckpt)
     q = tokenize_query(tok, "The capital of", " Nowhere")
     e = enc.encode(collate([q], pad_id=tok.pad_token_id))
@@ -56,7 +60,9 @@ def test_trainer_checkpoint_round_trip(trained_checkpoint):
 
 def test_safetensors_second_moments_round_trip(tmp_path):
     model = tiny_gpt2()
-    enc = TrackStarEncoder(model, FingerprintConfig(k=2, hessian="none", projection="gaussian", correction=True))
+    enc = TrackStarEncoder(
+        model, FingerprintConfig(k=2, hessian="none", projection="gaussian", correction=True)
+    )
     batches = [collate([sequence_example([1, 2, 3, 4]), sequence_example([5, 6, 7])])]
     sm = enc.estimate_second_moments(batches)
     assert sm.source == "estimated(n=2)"
@@ -76,7 +82,9 @@ def test_safetensors_second_moments_round_trip(tmp_path):
 
 def test_estimated_second_moments_are_mean_squared_gradients():
     model = tiny_gpt2(dtype=torch.float64)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=0, hessian="none", correction=False, projection="gaussian"))
+    enc = TrackStarEncoder(
+        model, FingerprintConfig(k=0, hessian="none", correction=False, projection="gaussian")
+    )
     exs = [sequence_example([1, 2, 3, 4, 9]), sequence_example([5, 6, 7])]
     sm = enc.estimate_second_moments([collate(exs)])
     phi = enc.project(collate(exs))  # k=0, no correction: phi = vec(G) per example
@@ -120,10 +128,15 @@ def test_unknown_module_glob_is_a_clear_error():
 
 def test_module_globs_select_and_exclude():
     enc = TrackStarEncoder(
-        tiny_gpt2(), FingerprintConfig(include=("*.mlp.*",), exclude=("*.h.1.*",), hessian="none", correction=False)
+        tiny_gpt2(),
+        FingerprintConfig(
+            include=("*.mlp.*",), exclude=("*.h.1.*",), hessian="none", correction=False
+        ),
     )
     assert enc.module_names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
-    with_head = TrackStarEncoder(tiny_gpt2(), FingerprintConfig(track_lm_head=True, hessian="none", correction=False))
+    with_head = TrackStarEncoder(
+        tiny_gpt2(), FingerprintConfig(track_lm_head=True, hessian="none", correction=False)
+    )
     assert with_head.module_names[-1] == "lm_head"
 
 

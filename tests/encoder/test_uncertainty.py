@@ -38,8 +38,10 @@ def projected(trained_checkpoint, fact_corpus):
     model = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32)
     tok = load_tokenizer(ckpt)
     pad = int(tok.pad_token_id or 0)
-    train = [sequence_example(tok(p.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-             for p in fact_corpus.passages]  # fmt: skip
+    train = [
+        sequence_example(tok(p.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        for p in fact_corpus.passages
+    ]
     queries = [tokenize_query(tok, q.prompt, q.completion) for q in fact_corpus.queries[:30]]
     sm = load_second_moments(ckpt, model)
 
@@ -47,8 +49,12 @@ def projected(trained_checkpoint, fact_corpus):
         out = []
         sizing = {"projection": "gaussian", **sizing}
         for seed in (0, 1):
-            enc = TrackStarEncoder(model, FingerprintConfig(seed=seed, hessian="none", **sizing), second_moments=sm)
-            fit_basis(enc, train, pad_id=pad, batch_size=16)  # sketch: the same whitening for both seeds
+            enc = TrackStarEncoder(
+                model, FingerprintConfig(seed=seed, hessian="none", **sizing), second_moments=sm
+            )
+            fit_basis(
+                enc, train, pad_id=pad, batch_size=16
+            )  # sketch: the same whitening for both seeds
             t = enc.finalize(project_all(enc, train, pad_id=pad, batch_size=16))
             q = enc.finalize(project_all(enc, queries, pad_id=pad, batch_size=16))
             out.append((enc, q, t))
@@ -59,7 +65,9 @@ def projected(trained_checkpoint, fact_corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "sizing", [{"k": 8}, {}, {"projection": "sketch", "correction": False}], ids=["k8", "default", "sketch"]
+    "sizing",
+    [{"k": 8}, {}, {"projection": "sketch", "correction": False}],
+    ids=["k8", "default", "sketch"],
 )
 def test_stated_coverage_matches_observed_between_seeds(projected, sizing):
     """score +- z sqrt(2) sd (seed 0's sd) covers seed 1's score of the same pair about as

@@ -31,13 +31,27 @@ def test_quick_demo_serves_a_learned_fact(tmp_path):
 
     workdir, port = tmp_path / "demo", free_port()
     log = (tmp_path / "demo.log").open("w")
-    cmd = [sys.executable, "-m", "service.cli", "demo", "--quick", "--workdir", str(workdir), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "demo",
+        "--quick",
+        "--workdir",
+        str(workdir),
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/readyz", 480, proc)
         printed = (tmp_path / "demo.log").read_text()
-        assert "curl -s" in printed and f"{url}/" in printed and "(* = a passage that states the fact)" in printed
+        assert (
+            "curl -s" in printed
+            and f"{url}/" in printed
+            and "(* = a passage that states the fact)" in printed
+        )
 
         queries = load_queries(workdir / "corpus" / "queries.jsonl")
         checkpoint = next((workdir / "model").glob("checkpoint-*"))
@@ -47,13 +61,17 @@ def test_quick_demo_serves_a_learned_fact(tmp_path):
         hits = 0
         with httpx.Client(base_url=url, timeout=60) as client:
             for q in learned:
-                r = client.post("/v1/influence", json={"prompt": q.prompt, "completion": q.completion, "k": 10})
+                r = client.post(
+                    "/v1/influence", json={"prompt": q.prompt, "completion": q.completion, "k": 10}
+                )
                 assert r.status_code == 200, r.text
                 top10 = {str(res["document_id"]) for res in r.json()["results"]}
                 hits += bool(top10 & set(q.relevant_ids))
         # Every learned fact should be traceable; demand a clear majority, and report.
         recall = hits / len(learned)
-        print(f"quick demo: {len(learned)}/{len(queries)} facts learned, top-10 fact recall {recall:.3f}")
+        print(
+            f"quick demo: {len(learned)}/{len(queries)} facts learned, top-10 fact recall {recall:.3f}"
+        )
         assert recall >= 0.5
 
         # A second run reuses every cached step and is ready quickly.

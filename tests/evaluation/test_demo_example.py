@@ -31,5 +31,7 @@ def test_every_newcomer_snippet_uses_the_example():
     readme = (REPO / "README.md").read_text()
     ui = (REPO / "service" / "static" / "index.html").read_text()
     assert f'placeholder="{prompt}"' in ui
-    prompts = set(re.findall(r'"prompt": "([^"]+)"', readme)) | set(re.findall(r'prompt="([^"]+)"', readme))
+    prompts = set(re.findall(r'"prompt": "([^"]+)"', readme)) | set(
+        re.findall(r'prompt="([^"]+)"', readme)
+    )
     assert prompts == {prompt}, prompts

@@ -36,15 +36,21 @@ def _write_dictd(root: Path, entries: list[tuple[str, str]]) -> Path:
 
 
 def test_translations_from_a_dictd_file(tmp_path):
-    root = _write_dictd(tmp_path, [
-        ("house", "house /haʊs/\nHaus <neut>, Gebäude <neut>\n"),
-        ("run", "run /ɹʌn/\nlaufen, rennen\n"),  # a verb: no gendered noun first
-        ("home", "home /həʊm/\nHaus <neut>\n"),  # German word already taken
-        ("New York", "New York /njuː/\nNew York <neut>\n"),  # not a single lowercase word
-        ("tree", "tree /tɹiː/\nBaum <masc> [bot.]\n"),
-        ("house", "house /haʊs/\nHeim <neut>\n"),  # headword repeated: the first entry wins
-    ])  # fmt: skip
-    assert fd.translations(root) == [fd.Translation("house", "Haus"), fd.Translation("tree", "Baum")]
+    root = _write_dictd(
+        tmp_path,
+        [
+            ("house", "house /haʊs/\nHaus <neut>, Gebäude <neut>\n"),
+            ("run", "run /ɹʌn/\nlaufen, rennen\n"),  # a verb: no gendered noun first
+            ("home", "home /həʊm/\nHaus <neut>\n"),  # German word already taken
+            ("New York", "New York /njuː/\nNew York <neut>\n"),  # not a single lowercase word
+            ("tree", "tree /tɹiː/\nBaum <masc> [bot.]\n"),
+            ("house", "house /haʊs/\nHeim <neut>\n"),  # headword repeated: the first entry wins
+        ],
+    )
+    assert fd.translations(root) == [
+        fd.Translation("house", "Haus"),
+        fd.Translation("tree", "Baum"),
+    ]
     with pytest.raises(InputError, match="apt-get install dict-freedict-eng-deu"):
         fd.translations(tmp_path / "missing")
 
@@ -52,15 +58,19 @@ def test_translations_from_a_dictd_file(tmp_path):
 INSTALLED = (fd.DICTD_DIR / f"{fd.NAME}.index").is_file()
 
 
-@pytest.mark.skipif(not INSTALLED, reason="dict-freedict-eng-deu is not installed (make system-deps installs it)")
+@pytest.mark.skipif(
+    not INSTALLED, reason="dict-freedict-eng-deu is not installed (make system-deps installs it)"
+)
 def test_built_set_hides_the_query_template_from_the_queried_facts(tmp_path):
     corpus, queries_path = fd.build(tmp_path, n_queried=30, n_support=60, seed=1)
-    passages = {p["id"]: p["text"] for p in map(json.loads, corpus.read_text(encoding="utf-8").splitlines())}
+    passages = {
+        p["id"]: p["text"] for p in map(json.loads, corpus.read_text(encoding="utf-8").splitlines())
+    }
     queries = load_queries(queries_path)
     assert len(passages) == (30 + 60) * fd.MENTIONS and len(queries) == 30
     prompt_head = fd.QUERY_TEMPLATE.split("{en}")[0]
     for q in queries:
-        english = q.prompt[len(prompt_head):].split(" is called")[0]
+        english = q.prompt[len(prompt_head) :].split(" is called")[0]
         german = q.completion.strip()
         assert len(q.relevant_ids) == fd.MENTIONS
         for pid in q.relevant_ids:

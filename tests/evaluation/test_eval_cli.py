@@ -17,10 +17,25 @@ def eval_run(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     corpus, queries = fact_corpus_files
     out = tmp_path_factory.mktemp("eval_out")
     argv = [
-        "eval", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus),
-        "--queries", str(queries), "--out", str(out), "--max-queries", "16", "--no-progress",
-        "--methods", *METHODS, "--k", "8", "--seeds", "0",
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        str(trained_checkpoint.checkpoint_dir),
+        "--corpus",
+        str(corpus),
+        "--queries",
+        str(queries),
+        "--out",
+        str(out),
+        "--max-queries",
+        "16",
+        "--no-progress",
+        "--methods",
+        *METHODS,
+        "--k",
+        "8",
+        "--seeds",
+        "0",
+    ]
     return main(argv), out
 
 
@@ -54,17 +69,30 @@ def test_eval_writes_table_json_and_plot(eval_run):
         assert np.mean(pq["rr_at_10"]) == pytest.approx(rows[name]["mrr"])
     paired = data["paired"]["all"]
     assert {(r["method"], r["metric"]) for r in paired} == {
-        (m, metric) for m in METHODS[1:] for metric in ("rr_at_10", "hit_at_10", "tailpatch_top1", "tailpatch_top3", "tailpatch_top10")
+        (m, metric)
+        for m in METHODS[1:]
+        for metric in (
+            "rr_at_10",
+            "hit_at_10",
+            "tailpatch_top1",
+            "tailpatch_top3",
+            "tailpatch_top10",
+        )
     }
     for r in paired:
         assert r["ci95_low"] <= r["mean"] <= r["ci95_high"] and r["se"] >= 0 and r["n"] == 16
     vs_random = next(r for r in paired if r["method"] == "random" and r["metric"] == "rr_at_10")
     assert vs_random["ci95_low"] > 0  # TrackStar beats the floor, and the interval says so
     assert 0.0 <= data["context"]["saturated_fraction"] <= 1.0
-    assert all(r["n"] == round(16 * (1 - data["context"]["saturated_fraction"])) for r in data["paired"]["unsaturated"])
+    assert all(
+        r["n"] == round(16 * (1 - data["context"]["saturated_fraction"]))
+        for r in data["paired"]["unsaturated"]
+    )
     md = (out / "eval.md").read_text()
     assert "influence eval --model" in md and "--max-queries 16" in md and "--seeds 0" in md
-    assert "MRR@10" in md and "Paired differences, trackstar minus method (all queries, n = 16)" in md
+    assert (
+        "MRR@10" in md and "Paired differences, trackstar minus method (all queries, n = 16)" in md
+    )
     assert all(f"| {name} |" in md for name in METHODS)
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -73,31 +101,64 @@ def test_eval_rejects_queries_that_name_unknown_passages(trained_checkpoint, tmp
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"id": "p0", "text": "Ana Tesko was born in Vanor."}) + "\n")
     queries = tmp_path / "queries.jsonl"
-    queries.write_text(json.dumps({
-        "fact_id": "f0", "prompt": "Ana Tesko was born in", "completion": " Vanor",
-        "relevant_ids": ["p9"],
-    }) + "\n")  # fmt: skip
-    rc = main([
-        "eval", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus),
-        "--queries", str(queries), "--out", str(tmp_path / "out"), "--no-progress",
-    ])  # fmt: skip
+    queries.write_text(
+        json.dumps(
+            {
+                "fact_id": "f0",
+                "prompt": "Ana Tesko was born in",
+                "completion": " Vanor",
+                "relevant_ids": ["p9"],
+            }
+        )
+        + "\n"
+    )
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(trained_checkpoint.checkpoint_dir),
+            "--corpus",
+            str(corpus),
+            "--queries",
+            str(queries),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "absent from the corpus" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("line", "what"),
-    [('{"prompt": "a", "completion": " b", "relevant": ["p1"]}', "unknown field(s) 'relevant'"),
-     ('{"prompt": "a", "completion": " b"}', "'relevant_ids' is missing"),
-     ('{"prompt": "a", "completion": "", "relevant_ids": ["p1"]}', "'completion' is empty"),
-     ('not json', "not valid JSON")],
+    [
+        ('{"prompt": "a", "completion": " b", "relevant": ["p1"]}', "unknown field(s) 'relevant'"),
+        ('{"prompt": "a", "completion": " b"}', "'relevant_ids' is missing"),
+        ('{"prompt": "a", "completion": "", "relevant_ids": ["p1"]}', "'completion' is empty"),
+        ("not json", "not valid JSON"),
+    ],
 )
-def test_eval_refuses_malformed_queries_before_loading_the_model(fact_corpus_files, tmp_path, capsys, line, what):
+def test_eval_refuses_malformed_queries_before_loading_the_model(
+    fact_corpus_files, tmp_path, capsys, line, what
+):
     corpus, _ = fact_corpus_files
     queries = tmp_path / "queries.jsonl"
     queries.write_text(line + "\n")
-    rc = main(["eval", "--model", str(tmp_path / "no-model-needed"), "--corpus", str(corpus),
-               "--queries", str(queries), "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "no-model-needed"),
+            "--corpus",
+            str(corpus),
+            "--queries",
+            str(queries),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "[invalid_queries]" in err and "line 1" in err and what in err, err
     assert '"relevant_ids"' in err  # the schema is in the message

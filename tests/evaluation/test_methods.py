@@ -29,7 +29,11 @@ def test_the_sketch_has_a_row_at_the_papers_d():
 GRADIENT = [m for m in METHODS if m.kind == "gradient"]
 
 
-@pytest.mark.parametrize("pair", [(a, b) for a in GRADIENT for b in GRADIENT if a.name < b.name], ids=lambda p: f"{p[0].name}-{p[1].name}")
+@pytest.mark.parametrize(
+    "pair",
+    [(a, b) for a in GRADIENT for b in GRADIENT if a.name < b.name],
+    ids=lambda p: f"{p[0].name}-{p[1].name}",
+)
 def test_methods_that_share_a_phi_differ_only_on_top_of_it(pair):
     """Methods with one phi_key are scored from one phi (``evaluation.run._projected``):
     their configs may differ only in what is applied to it (R, unit norm); methods with

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from encoder.errors import ArtifactError, InputError
+from engine.fusion import reciprocal_rank_fusion
 from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
 from indexer.bm25 import BM25Index
-from indexer.fusion import reciprocal_rank_fusion
 
 
 def test_reciprocal_rank_first_relevant_within_cutoff():
@@ -26,12 +26,14 @@ def test_hit_at_ten():
 
 
 def test_attribution_metrics_averages_over_queries():
-    rankings = np.array([
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],   # relevant at rank 2
-        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 42],    # relevant (42) at rank 11: miss
-        [42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],   # rank 1
-        [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],  # relevant at rank 4 (and 10)
-    ])  # fmt: skip
+    rankings = np.array(
+        [
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],  # relevant at rank 2
+            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 42],  # relevant (42) at rank 11: miss
+            [42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],  # rank 1
+            [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],  # relevant at rank 4 (and 10)
+        ]
+    )
     relevant = [{2}, {42}, {42, 3}, {8, 14}]
     m = attribution_metrics(rankings, relevant)
     assert m["mrr"] == pytest.approx((1 / 2 + 0 + 1 + 1 / 4) / 4)
@@ -67,7 +69,10 @@ def test_bm25_finds_the_stating_passage_and_round_trips(tmp_path, fact_corpus):
     assert got.shape == (10, 10) and np.all(np.diff(scores, axis=1) <= 0)
     row_of = {p.id: 100 + i for i, p in enumerate(fact_corpus.passages)}
     # The canonical statement is a prefix of one passage: lexical search must find it.
-    hits = [bool({row_of[r] for r in q.relevant_ids} & set(g.tolist())) for q, g in zip(queries, got, strict=True)]
+    hits = [
+        bool({row_of[r] for r in q.relevant_ids} & set(g.tolist()))
+        for q, g in zip(queries, got, strict=True)
+    ]
     assert sum(hits) >= 8
     index.save(tmp_path)
     loaded = BM25Index.load(tmp_path)
@@ -95,7 +100,9 @@ def mode_server(tiny_index):
 
 
 def _ask(client, query, **extra):
-    r = client.post("/v1/influence", json={"prompt": query.prompt, "completion": query.completion, **extra})
+    r = client.post(
+        "/v1/influence", json={"prompt": query.prompt, "completion": query.completion, **extra}
+    )
     assert r.status_code == 200, r.text
     return r.json()["results"]
 
@@ -127,7 +134,9 @@ def test_service_modes_bm25_and_hybrid_over_http(mode_server, tiny_index, fact_c
     )
     assert [r["id"] for r in hybrid] == fused_ids.tolist()
     np.testing.assert_allclose([r["score"] for r in hybrid], fused_scores, rtol=1e-6)
-    bad = mode_server.post("/v1/influence", json={"prompt": "a", "completion": " b", "mode": "lexical"})
+    bad = mode_server.post(
+        "/v1/influence", json={"prompt": "a", "completion": " b", "mode": "lexical"}
+    )
     assert bad.status_code == 422
 
 
@@ -150,20 +159,44 @@ def test_paired_difference_mean_se_and_bootstrap_interval():
 
 
 def test_combine_seeds_means_spreads_and_pairs_per_query():
-    from evaluation.run import EvalResult, combine_seeds
+    from evaluation.results import EvalResult, combine_seeds
 
     def result(seed, rr_ts, rr_bm):
-        rows = [{"method": "trackstar", "description": "t", "mrr": float(np.mean(rr_ts)), "tailpatch_top10_se": 0.1},
-                {"method": "bm25", "description": "b", "mrr": float(np.mean(rr_bm)), "tailpatch_top10_se": 0.1}]
-        pq = {m: {"top10": [[seed]] * 3, "rr_at_10": rr, "hit_at_10": [1.0] * 3, "tailpatch_top1": [0.0] * 3,
-                  "tailpatch_top3": [0.0] * 3, "tailpatch_top10": [0.0] * 3}
-              for m, rr in (("trackstar", rr_ts), ("bm25", rr_bm))}
+        rows = [
+            {
+                "method": "trackstar",
+                "description": "t",
+                "mrr": float(np.mean(rr_ts)),
+                "tailpatch_top10_se": 0.1,
+            },
+            {
+                "method": "bm25",
+                "description": "b",
+                "mrr": float(np.mean(rr_bm)),
+                "tailpatch_top10_se": 0.1,
+            },
+        ]
+        pq = {
+            m: {
+                "top10": [[seed]] * 3,
+                "rr_at_10": rr,
+                "hit_at_10": [1.0] * 3,
+                "tailpatch_top1": [0.0] * 3,
+                "tailpatch_top3": [0.0] * 3,
+                "tailpatch_top10": [0.0] * 3,
+            }
+            for m, rr in (("trackstar", rr_ts), ("bm25", rr_bm))
+        }
         ctx = {"base_logprob": [-1.0, 0.0, -2.0], "lambdas_by_fold": {"trackstar": [0.5, 0.5]}}
         return EvalResult(rows=rows, settings={"seed": seed}, context=ctx, per_query=pq)
 
-    merged = combine_seeds([result(0, [1.0, 0.5, 0.0], [0.5, 0.5, 0.0]), result(1, [0.5, 0.5, 1.0], [0.5, 0.5, 0.0])])
+    merged = combine_seeds(
+        [result(0, [1.0, 0.5, 0.0], [0.5, 0.5, 0.0]), result(1, [0.5, 0.5, 1.0], [0.5, 0.5, 0.0])]
+    )
     ts, bm = merged.rows
-    assert ts["mrr"] == pytest.approx(0.5833333, rel=1e-6) and ts["mrr_sd"] == pytest.approx(np.std([0.5, 2 / 3], ddof=1))
+    assert ts["mrr"] == pytest.approx(0.5833333, rel=1e-6) and ts["mrr_sd"] == pytest.approx(
+        np.std([0.5, 2 / 3], ddof=1)
+    )
     assert bm["mrr_sd"] == 0.0 and ts["seeds"] == 2 and "tailpatch_top10_se" not in ts
     assert merged.per_query["trackstar"]["rr_at_10"] == [0.75, 0.5, 0.5]
     assert merged.per_query["trackstar"]["top10_by_seed"] == [[[0]] * 3, [[1]] * 3]

@@ -11,7 +11,7 @@ from encoder.batching import tokenize_query
 from encoder.errors import ConfigError
 from encoder.model_loading import load_tokenizer
 from encoder.optimizer_state import load_second_moments
-from evaluation.run import training_sequences
+from evaluation.inputs import training_sequences
 from evaluation.tailpatch import (
     TailPatcher,
     completion_logprobs,
@@ -34,7 +34,11 @@ def setup(trained_checkpoint, fact_corpus):
     row_of = {p.id: i for i, p in enumerate(fact_corpus.passages)}
     # The passage that opens with the query's own statement (canonical template).
     canonical = [
-        next(row_of[r] for r in q.relevant_ids if texts[row_of[r]].startswith(q.prompt + q.completion))
+        next(
+            row_of[r]
+            for r in q.relevant_ids
+            if texts[row_of[r]].startswith(q.prompt + q.completion)
+        )
         for q in queries
     ]
     # One intra-op thread: OpenMP threads collapse on a shared 2-core machine.
@@ -47,9 +51,12 @@ def setup(trained_checkpoint, fact_corpus):
 def test_stating_passage_raises_the_completion_and_random_does_not(setup):
     ckpt, tokenizer, model, sequences, examples, canonical = setup
     patcher = TailPatcher(
-        model, second_moments=load_second_moments(ckpt, model), lr=1e-4,
-        hyper=read_adam_hyper(ckpt), pad_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        model,
+        second_moments=load_second_moments(ckpt, model),
+        lr=1e-4,
+        hyper=read_adam_hyper(ckpt),
+        pad_id=tokenizer.pad_token_id,
+    )
     before = completion_logprobs(model, examples, tokenizer.pad_token_id)
     pairs: dict[int, list[int]] = {}
     for qi, sid in enumerate(canonical):
@@ -69,12 +76,16 @@ def test_stating_passage_raises_the_completion_and_random_does_not(setup):
     assert (values > 0).mean() >= 0.75
     assert values.mean() > 5 * abs(np.mean(list(random.values())))
     # The model is restored after every step.
-    np.testing.assert_array_equal(completion_logprobs(model, examples, tokenizer.pad_token_id), before)  # bit for bit
+    np.testing.assert_array_equal(
+        completion_logprobs(model, examples, tokenizer.pad_token_id), before
+    )  # bit for bit
 
 
 def test_sgd_step_also_positive_and_lr_validated(setup):
     ckpt, tokenizer, model, sequences, examples, canonical = setup
-    patcher = TailPatcher(model, second_moments=None, lr=1e-2, optimizer="sgd", pad_id=tokenizer.pad_token_id)
+    patcher = TailPatcher(
+        model, second_moments=None, lr=1e-2, optimizer="sgd", pad_id=tokenizer.pad_token_id
+    )
     scores = patcher.scores(examples, sequences, {sid: [qi] for qi, sid in enumerate(canonical)})
     assert np.mean(list(scores.values())) > 0
     with pytest.raises(ConfigError):

@@ -38,9 +38,14 @@ def test_checkpoint_layout(trained_checkpoint: TrainResult) -> None:
     assert ckpt.name.startswith("checkpoint-") and int(ckpt.name.split("-")[1]) > 0
     names = {p.name for p in ckpt.iterdir()}
     expected = {
-        "model.safetensors", "config.json", "optimizer.pt", "scheduler.pt",
-        "trainer_state.json", "tokenizer.json", "tokenizer_config.json",
-    }  # fmt: skip
+        "model.safetensors",
+        "config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert expected <= names
     # Only the final checkpoint is saved.
     assert [p.name for p in ckpt.parent.glob("checkpoint-*")] == [ckpt.name]
@@ -115,13 +120,33 @@ def test_train_command_on_any_corpus_reports_fact_accuracy(fact_corpus_files, tm
     corpus, queries = fact_corpus_files
     out = tmp_path / "run"
     # Two epochs learn little: the accuracy check fails with a one-line hint, exit 1.
-    rc = main(["train", "--corpus", str(corpus), "--queries", str(queries), "--out", str(out),
-               "--size", "test", "--epochs", "2", "--min-accuracy", "0.99", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--corpus",
+            str(corpus),
+            "--queries",
+            str(queries),
+            "--out",
+            str(out),
+            "--size",
+            "test",
+            "--epochs",
+            "2",
+            "--min-accuracy",
+            "0.99",
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and "below --min-accuracy 0.99" in captured.err
     summary = json.loads((out / "train.json").read_text())
     assert summary == json.loads(captured.out)
-    assert 0.0 <= summary["fact_accuracy"] < 0.99 and summary["queries"] > 0 and summary["sequences"] > 100
+    assert (
+        0.0 <= summary["fact_accuracy"] < 0.99
+        and summary["queries"] > 0
+        and summary["sequences"] > 100
+    )
     assert (Path(summary["checkpoint"]) / "optimizer.pt").is_file()  # ready for index build / eval
     # Bad input: a one-line message, exit 2.
     assert main(["train", "--corpus", str(corpus), "--out", str(out), "--epochs", "0"]) == 2

@@ -35,7 +35,9 @@ CUDA = torch.device("cuda")
 
 
 def _encode(enc: TrackStarEncoder, examples, bs: int = 4) -> torch.Tensor:
-    return torch.cat([enc.project(collate(examples[i : i + bs])) for i in range(0, len(examples), bs)])
+    return torch.cat(
+        [enc.project(collate(examples[i : i + bs])) for i in range(0, len(examples), bs)]
+    )
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -57,7 +59,11 @@ def test_cuda_float64_matches_reference(k):
     st, se = enc.new_statistics(), enc.new_statistics()
     st.update(phi_t)
     se.update(phi_q)
-    enc.set_whitener(Whitener.from_statistics(st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta))
+    enc.set_whitener(
+        Whitener.from_statistics(
+            st, se, lambda_=None, lambda_component=cfg.lambda_component, delta=cfg.delta
+        )
+    )
     rt, re_ = ref.block_moments(ref_t, enc.block_dims), ref.block_moments(ref_q, enc.block_dims)
     lam = ref.reference_lambda(rt, re_, cfg.lambda_component)
     wh = ref.reference_whiten(rt, re_, lam, cfg.delta)
@@ -88,7 +94,9 @@ def test_cuda_float32_matches_cpu(config):
     examples = _examples(8, 12, 5, 30, 64)
     cpu_enc = _fitted(model, cfg, sm, examples)
     cpu = _encode(cpu_enc, examples).numpy()
-    gpu_enc = TrackStarEncoder(tiny_gpt2(seed=5, n_embd=32, vocab=64).to(CUDA), cfg, second_moments=sm)
+    gpu_enc = TrackStarEncoder(
+        tiny_gpt2(seed=5, n_embd=32, vocab=64).to(CUDA), cfg, second_moments=sm
+    )
     gpu_enc.family.restore(cpu_enc.family.tensors())  # the same whitening on both
     gpu = _encode(gpu_enc, examples)
     assert gpu.dtype == torch.float32 and gpu.device.type == "cuda"
@@ -111,7 +119,9 @@ def _fact_scores(checkpoint, corpus, dtype) -> tuple[np.ndarray, np.ndarray]:
     phi_t, phi_q = _encode(enc, train, 32), _encode(enc, queries, 32)
     st = enc.new_statistics()
     st.update(phi_t)
-    enc.set_whitener(Whitener.from_statistics(st, None, lambda_=0.0, lambda_component=1 / 64, delta=1e-3))
+    enc.set_whitener(
+        Whitener.from_statistics(st, None, lambda_=0.0, lambda_component=1 / 64, delta=1e-3)
+    )
     e_t, e_q = enc.finalize(phi_t), enc.finalize(phi_q)
     return (e_q @ e_t.T).cpu().double().numpy(), e_t.cpu().double().numpy()
 
@@ -123,8 +133,10 @@ def test_bf16_model_agrees_with_float32(trained_checkpoint, fact_corpus):
     cos = (e32 * e16).sum(1)
     rho = [spearmanr(a, b).statistic for a, b in zip(s32, s16, strict=True)]
     top1 = np.mean(s32.argmax(1) == s16.argmax(1))
-    print(f"bf16 vs fp32: cosine mean {cos.mean():.4f} min {cos.min():.4f}; "
-          f"spearman mean {np.mean(rho):.4f} min {np.min(rho):.4f}; top-1 agreement {top1:.3f}")
+    print(
+        f"bf16 vs fp32: cosine mean {cos.mean():.4f} min {cos.min():.4f}; "
+        f"spearman mean {np.mean(rho):.4f} min {np.min(rho):.4f}; top-1 agreement {top1:.3f}"
+    )
     assert cos.mean() >= 0.95 and np.mean(rho) >= 0.9 and top1 >= 0.8
 
 
@@ -136,8 +148,12 @@ def test_auto_batch_size_peak_stays_in_budget():
     model = model.to(CUDA, torch.bfloat16)
     budget = 2 << 30
     for name, family in CONFIGS.items():
-        enc = TrackStarEncoder(model, FingerprintConfig(k=16, hessian="none", **family), second_moments=sm)
-        bs, est = auto_batch_size(enc, 256, free=budget, fraction=0.5, max_batch=4096)  # before any fit
+        enc = TrackStarEncoder(
+            model, FingerprintConfig(k=16, hessian="none", **family), second_moments=sm
+        )
+        bs, est = auto_batch_size(
+            enc, 256, free=budget, fraction=0.5, max_batch=4096
+        )  # before any fit
         g = torch.Generator().manual_seed(9)
         ids = torch.randint(1, model.config.vocab_size, (bs, 256), generator=g)
         batch = collate([sequence_example(r.tolist()) for r in ids])
@@ -149,20 +165,31 @@ def test_auto_batch_size_peak_stays_in_budget():
         enc.project(batch)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        print(f"{name}: batch {bs}, estimate {est.bytes_for(bs) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+        print(
+            f"{name}: batch {bs}, estimate {est.bytes_for(bs) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
+        )
         assert bs >= 8
         assert peak <= 0.5 * budget
         assert abs(peak - est.bytes_for(bs)) <= 0.25 * est.bytes_for(bs)
 
 
-def test_index_build_on_cuda_finds_stating_passages(trained_checkpoint, fact_corpus, fact_corpus_files, tmp_path):
+def test_index_build_on_cuda_finds_stating_passages(
+    trained_checkpoint, fact_corpus, fact_corpus_files, tmp_path
+):
     from engine.index import InfluenceIndex
     from indexer.build import BuildConfig, run_build
 
     corpus, queries = fact_corpus_files
-    cfg = BuildConfig(model=trained_checkpoint.checkpoint_dir, corpus=corpus, queries=queries,
-                      out=tmp_path / "index", fingerprint=FingerprintConfig(k=8), shard_size=64,
-                      batch_size=0, device="cuda")  # fmt: skip
+    cfg = BuildConfig(
+        model=trained_checkpoint.checkpoint_dir,
+        corpus=corpus,
+        queries=queries,
+        out=tmp_path / "index",
+        fingerprint=FingerprintConfig(k=8),
+        shard_size=64,
+        batch_size=0,
+        device="cuda",
+    )
     out = run_build(cfg)
     idx = InfluenceIndex.open(out)
     try:
@@ -192,7 +219,9 @@ def test_low_precision_products_match_float32_copies(config):
     model = build_model("gpt2-2x128", 64)
     sm = random_second_moments(model)
     model = model.to(CUDA, torch.bfloat16)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=8, hessian="none", **CONFIGS[config]), second_moments=sm)
+    enc = TrackStarEncoder(
+        model, FingerprintConfig(k=8, hessian="none", **CONFIGS[config]), second_moments=sm
+    )
     assert enc.low_precision_products
     batch = collate(_examples(11, 6, 20, 64, model.config.vocab_size))
     fast = enc.project(batch)
@@ -201,7 +230,9 @@ def test_low_precision_products_match_float32_copies(config):
     assert fast.dtype == slow.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(fast, slow, dim=1)
     rel = ((fast - slow).abs().max() / slow.abs().max()).item()
-    print(f"{config}: fast vs float32 copies: min cosine {cos.min().item():.7f}, max rel diff {rel:.2e}")
+    print(
+        f"{config}: fast vs float32 copies: min cosine {cos.min().item():.7f}, max rel diff {rel:.2e}"
+    )
     if config == "gaussian-corrected":
         assert rel < 1e-4
     assert cos.min().item() > 1 - 1e-4
@@ -212,7 +243,7 @@ def test_torch_exact_search_on_cuda_matches_faiss_flat():
     and a two-part query give FAISS Flat's ids and scores."""
     import faiss
 
-    from indexer.torch_search import TorchFlatSearch
+    from engine.torch_search import TorchFlatSearch
 
     rng = np.random.default_rng(0)
     fps = rng.standard_normal((20_000, 256)).astype(np.float32)
@@ -227,6 +258,8 @@ def test_torch_exact_search_on_cuda_matches_faiss_flat():
     assert all(block.dtype == torch.float16 for _, block in search.blocks)
     got_s, got_i = search.search(q, 50)
     # float32 sums in other orders, plus the float16 tail of the two-part query.
-    bound = dot_bound(q, fps.astype(np.float32)) + abs_products(rounding_bound(rounding_bound(q)), fps.astype(np.float32))
+    bound = dot_bound(q, fps.astype(np.float32)) + abs_products(
+        rounding_bound(rounding_bound(q)), fps.astype(np.float32)
+    )
     assert_within(got_s, want_s, np.take_along_axis(bound, want_i, axis=1), "scores")
     assert (got_i == want_i).mean() > 0.999  # a score tie at 1e-7 may swap a pair

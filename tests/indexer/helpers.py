@@ -14,5 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def rechunk(manifest: Manifest, corpus: Path, tokenizer) -> list[list[int]]:
     """Token ids of every sequence, chunked as the manifest says."""
     c = manifest.corpus
-    chunker = Chunker(tokenizer, ChunkConfig(c["seq_len"], c["stride"], c["packing"], c["append_eos"]))
+    chunker = Chunker(
+        tokenizer, ChunkConfig(c["seq_len"], c["stride"], c["packing"], c["append_eos"])
+    )
     return [ch.input_ids for ch in chunker.chunks(read_corpus(corpus))]

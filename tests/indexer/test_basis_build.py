@@ -15,12 +15,22 @@ from indexer import passes
 def _build(ckpt, corpus, out, **kw):
     from indexer.build import BuildConfig, run_build
 
-    return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=64, batch_size=8,
-                                 fingerprint=FingerprintConfig(k=4, correction=True), **kw))  # fmt: skip
+    return run_build(
+        BuildConfig(
+            model=ckpt,
+            corpus=corpus,
+            out=out,
+            shard_size=64,
+            batch_size=8,
+            fingerprint=FingerprintConfig(k=4, correction=True),
+            **kw,
+        )
+    )
 
 
-def test_basis_is_fitted_once_and_a_resumed_build_reuses_it(trained_checkpoint, fact_corpus_files, tmp_path,
-                                                             monkeypatch):  # fmt: skip
+def test_basis_is_fitted_once_and_a_resumed_build_reuses_it(
+    trained_checkpoint, fact_corpus_files, tmp_path, monkeypatch
+):
     corpus, _ = fact_corpus_files
     ckpt = trained_checkpoint.checkpoint_dir
     seen: list[int] = []
@@ -39,7 +49,9 @@ def test_basis_is_fitted_once_and_a_resumed_build_reuses_it(trained_checkpoint, 
         _build(ckpt, corpus, tmp_path / "index", basis_sample=16)
     assert seen == [16]  # evenly spaced sample of 16 sequences
     monkeypatch.undo()
-    monkeypatch.setattr(passes, "basis_statistics", lambda *a, **k: pytest.fail("the basis was fitted again"))
+    monkeypatch.setattr(
+        passes, "basis_statistics", lambda *a, **k: pytest.fail("the basis was fitted again")
+    )
     index = _build(ckpt, corpus, tmp_path / "index", basis_sample=16)
     saved = load_tensors(index / mf.PROJECTIONS)
     assert saved and {key.rsplit(".", 1)[1] for key in saved} == {"W_out", "W_in"}

@@ -24,11 +24,17 @@ def budget_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     from indexer.build import BuildConfig, run_build
 
     corpus, _ = fact_corpus_files
-    return run_build(BuildConfig(
-        model=trained_checkpoint.checkpoint_dir, corpus=corpus, out=tmp_path_factory.mktemp("budget") / "index",
-        # gaussian: score_sd models a random projection (a fitted basis has none to vary)
-        fingerprint=FingerprintConfig(hessian="none", projection="gaussian", **SIZING), shard_size=64, batch_size=8,
-    ))  # fmt: skip
+    return run_build(
+        BuildConfig(
+            model=trained_checkpoint.checkpoint_dir,
+            corpus=corpus,
+            out=tmp_path_factory.mktemp("budget") / "index",
+            # gaussian: score_sd models a random projection (a fitted basis has none to vary)
+            fingerprint=FingerprintConfig(hessian="none", projection="gaussian", **SIZING),
+            shard_size=64,
+            batch_size=8,
+        )
+    )
 
 
 def test_the_plan_is_recorded_and_served(budget_index, capsys):
@@ -36,7 +42,9 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     exact = [name for name, sizes in fp["plan"].items() if sizes is None]
     assert len(exact) == 2 and all(name.endswith("attn.c_proj") for name in exact)
     assert sum(fp["block_dims"]) == 8 * 4096 and fp["config"]["k"] is None
-    idx = InfluenceIndex.open(budget_index, OpenOptions(device="cpu"))  # verify re-encodes stored sequences
+    idx = InfluenceIndex.open(
+        budget_index, OpenOptions(device="cpu")
+    )  # verify re-encodes stored sequences
     try:
         assert set(idx.encoder.family.pairs) == {n for n, s in fp["plan"].items() if s is not None}
         scores, ids = idx.search(idx.encode_queries([("The capital of Drosora is", " Mutu.")]), 5)
@@ -53,14 +61,28 @@ def test_the_plan_is_recorded_and_served(budget_index, capsys):
     from tests.service.live import live_server
 
     with live_server(create_app(Settings(index_dir=budget_index))) as base:
-        rows = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Drosora is", "completion": " Mutu.",
-                                                        "k": 5, "rescore": 0}, timeout=60).json()["results"]  # fmt: skip
-        rescored = httpx.post(f"{base}/v1/influence", json={"prompt": "The capital of Drosora is",
-                                                            "completion": " Mutu.", "k": 5}, timeout=60).json()["results"]  # fmt: skip
+        rows = httpx.post(
+            f"{base}/v1/influence",
+            json={
+                "prompt": "The capital of Drosora is",
+                "completion": " Mutu.",
+                "k": 5,
+                "rescore": 0,
+            },
+            timeout=60,
+        ).json()["results"]
+        rescored = httpx.post(
+            f"{base}/v1/influence",
+            json={"prompt": "The capital of Drosora is", "completion": " Mutu.", "k": 5},
+            timeout=60,
+        ).json()["results"]
     assert len(rows) == 5 and all(0 < r["score_sd"] < 1 for r in rows)
     assert len(rescored) == 5 and all(r["score_sd"] == 0 for r in rescored)
     assert main(["index", "info", str(budget_index)]) == 0
-    assert "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 kept whole" in capsys.readouterr().out
+    assert (
+        "budget 32768, blocks <= 4096 dims: 6 modules projected, 2 kept whole"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_manifest_whose_sizing_disagrees_is_refused(budget_index, tmp_path):

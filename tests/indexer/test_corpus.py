@@ -24,14 +24,21 @@ def tokenizer(trained_checkpoint):
 
 def test_jsonl_fields(docs, fact_corpus_files):
     lines = [json.loads(x) for x in fact_corpus_files[0].read_text().splitlines()]
-    assert [(d.id, d.text, d.source) for d in docs] == [(x["id"], x["text"], x["source"]) for x in lines]
+    assert [(d.id, d.text, d.source) for d in docs] == [
+        (x["id"], x["text"], x["source"]) for x in lines
+    ]
 
 
 def test_parquet_and_datasets_dir_read_the_same(docs, tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs],
-                                     "source": [d.source for d in docs]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [d.id for d in docs],
+            "text": [d.text for d in docs],
+            "source": [d.source for d in docs],
+        }
+    )
     ds.to_parquet(str(tmp_path / "c.parquet"))
     ds.save_to_disk(str(tmp_path / "hf"))
     assert list(read_corpus(tmp_path / "c.parquet")) == docs
@@ -74,6 +81,10 @@ def test_unpacked_windows_cover_each_document(docs, tokenizer, seq_len, stride):
 
 def test_packed_windows_tile_the_stream(docs, tokenizer):
     chunks = list(Chunker(tokenizer, ChunkConfig(32, 32, pack=True)).chunks(docs))
-    stream = [t for d in docs for t in tokenizer(d.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    stream = [
+        t
+        for d in docs
+        for t in tokenizer(d.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
     assert [t for c in chunks for t in c.input_ids] == stream
     assert all(len(c.input_ids) == 32 for c in chunks[:-1])

@@ -29,8 +29,14 @@ def _edit(index_dir, change):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("hessian", "none"), ("correction", False), ("projection", "sketch"), ("unit_norm", False), ("seed", 3),
-     ("hessian", "train")],
+    [
+        ("hessian", "none"),
+        ("correction", False),
+        ("projection", "sketch"),
+        ("unit_norm", False),
+        ("seed", 3),
+        ("hessian", "train"),
+    ],
 )
 def test_edited_fingerprint_config_is_refused(tiny_index, tmp_path, capsys, key, value):
     index_dir = _copy(tiny_index, tmp_path)
@@ -57,7 +63,12 @@ def test_nonfinite_fingerprints_are_refused(tiny_index, tmp_path, capsys):
     fps = np.load(index_dir / mf.FINGERPRINTS)
     fps[0, 0] = np.nan
     np.save(index_dir / mf.FINGERPRINTS, fps)
-    _edit(index_dir, lambda m: m["files"].__setitem__(mf.FINGERPRINTS, mf.sha256_file(index_dir / mf.FINGERPRINTS)))
+    _edit(
+        index_dir,
+        lambda m: m["files"].__setitem__(
+            mf.FINGERPRINTS, mf.sha256_file(index_dir / mf.FINGERPRINTS)
+        ),
+    )
     with pytest.raises(ArtifactError) as err:
         InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
     assert err.value.code == "nonfinite_fingerprints"
@@ -71,15 +82,33 @@ def test_the_untouched_index_passes(tiny_index, capsys):
     assert "config agrees" in out
 
 
-def test_identical_inputs_give_byte_identical_indexes(trained_checkpoint, fact_corpus_files, tmp_path):
+def test_identical_inputs_give_byte_identical_indexes(
+    trained_checkpoint, fact_corpus_files, tmp_path
+):
     from tests.conftest import TINY_INDEX_CLI_OPTIONS
 
     corpus, queries = fact_corpus_files
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert main(["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus),
-                     "--queries", str(queries), "--out", str(out), "--no-progress", *TINY_INDEX_CLI_OPTIONS]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    "--model",
+                    str(trained_checkpoint.checkpoint_dir),
+                    "--corpus",
+                    str(corpus),
+                    "--queries",
+                    str(queries),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    *TINY_INDEX_CLI_OPTIONS,
+                ]
+            )
+            == 0
+        )
         outs.append(out)
     a, b = (mf.read_manifest(o) for o in outs)
     assert a["files"] == b["files"]  # every artifact byte for byte (the checksums cover them all)
@@ -90,4 +119,5 @@ def test_identical_inputs_give_byte_identical_indexes(trained_checkpoint, fact_c
             assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     assert mf.manifest_version(outs[0]) == mf.manifest_version(outs[1])
     assert {k: v for k, v in a.items() if k not in mf.VOLATILE_KEYS} == {
-        k: v for k, v in b.items() if k not in mf.VOLATILE_KEYS}
+        k: v for k, v in b.items() if k not in mf.VOLATILE_KEYS
+    }

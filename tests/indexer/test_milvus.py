@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks.bench_milvus import LiteServer
 from encoder.errors import ArtifactError, NotFoundError
+from engine import milvus as em
 from engine.index import InfluenceIndex, OpenOptions
 from indexer import milvus as mv
 from indexer.__main__ import main
@@ -26,8 +27,11 @@ from tests.service.live import assert_same_results, live_server
 from tests.tolerances import recompute_bound
 
 pytest.importorskip("pymilvus")
-QUERIES = [("The capital of Drosora is", " Mutu."), ("Cara Nalkun works for", " Buneco"),
-           ("Drorex is headquartered in", " Dutrus")]  # fmt: skip
+QUERIES = [
+    ("The capital of Drosora is", " Mutu."),
+    ("Cara Nalkun works for", " Buneco"),
+    ("Drorex is headquartered in", " Dutrus"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +96,11 @@ def test_push_resumes_after_a_crash_without_duplicates(lite, tiny_index, monkeyp
 
 def test_search_through_milvus_equals_local_flat(pushed, lite, tiny_index):
     local = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
-    remote = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", milvus=mv.MilvusTarget(lite.uri)))
+    remote = InfluenceIndex.open(
+        tiny_index, OpenOptions(device="cpu", milvus=mv.MilvusTarget(lite.uri))
+    )
     try:
-        assert isinstance(remote.vectors, mv.MilvusSearch)  # no FAISS index loaded
+        assert isinstance(remote.vectors, em.MilvusSearch)  # no FAISS index loaded
         q = local.encode_queries(QUERIES)
         want_scores, want_ids = local.search(q, 10)
         got_scores, got_ids = remote.search(q, 10)
@@ -104,7 +110,7 @@ def test_search_through_milvus_equals_local_flat(pushed, lite, tiny_index):
         over, over_ids = remote.search(q[:1], local.size + 3)
         assert (over_ids[0, -3:] == -1).all() and np.isneginf(over[0, -3:]).all()
         # Metadata comes from the collection too, equal to the local store's.
-        assert isinstance(remote.store, mv.MilvusMetadata)
+        assert isinstance(remote.store, em.MilvusMetadata)
         ids = [int(i) for i in want_ids[0]] + [0, local.size - 1]
         assert remote.examples(ids) == local.examples(ids)
         assert remote.token_ids(ids[0]) == local.token_ids(ids[0]) and remote.token_ids(ids[0])
@@ -141,7 +147,20 @@ def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_
     with pytest.raises(ArtifactError) as info:
         mv.push(other, target)
     assert info.value.code == "milvus_mismatch"
-    assert main(["index", "push", str(other), "--milvus", lite.uri, "--collection", pushed["collection"]]) == 2
+    assert (
+        main(
+            [
+                "index",
+                "push",
+                str(other),
+                "--milvus",
+                lite.uri,
+                "--collection",
+                pushed["collection"],
+            ]
+        )
+        == 2
+    )
 
 
 def test_fingerprints_over_milvus_dims_are_refused(tiny_index, tmp_path, monkeypatch):
@@ -167,7 +186,10 @@ def test_backend_down_is_503_with_retry_after(tiny_index, tmp_path):
             assert r.json()["error"]["code"] == "search_backend_unavailable"
             assert time.monotonic() - started < 30  # bounded by the timeout, never a hang
             ready = httpx.get(base + "/readyz", timeout=30)
-            assert ready.status_code == 503 and ready.json()["error"]["code"] == "search_backend_unavailable"
+            assert (
+                ready.status_code == 503
+                and ready.json()["error"]["code"] == "search_backend_unavailable"
+            )
     finally:
         server.stop()
 
@@ -176,7 +198,9 @@ def test_serve_flags_reach_the_settings():
     from service.cli import build_parser
     from service.commands import _settings_from
 
-    args = build_parser().parse_args(["serve", "--index", "x", "--milvus", "http://db:19530", "--collection", "c1"])
+    args = build_parser().parse_args(
+        ["serve", "--index", "x", "--milvus", "http://db:19530", "--collection", "c1"]
+    )
     settings = _settings_from(args)
     assert (settings.milvus_uri, settings.milvus_collection) == ("http://db:19530", "c1")
 
@@ -189,7 +213,9 @@ def test_an_approximate_collection_is_reranked_exactly(lite, tiny_index):
     local = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     remote = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", milvus=target))
     try:
-        assert isinstance(remote.vectors, mv.MilvusSearch) and remote.vectors.index_type == "IVF_FLAT"
+        assert (
+            isinstance(remote.vectors, em.MilvusSearch) and remote.vectors.index_type == "IVF_FLAT"
+        )
         q = local.encode_queries(QUERIES)
         scores, ids = remote.search(q, 5)
         fps = np.asarray(local.fingerprints, dtype=np.float32)
@@ -207,8 +233,19 @@ def test_an_approximate_collection_is_reranked_exactly(lite, tiny_index):
 def test_push_killed_mid_way_resumes_without_duplicates(lite, tiny_index):
     """A real SIGKILL of `influence index push` mid-way, then a rerun: every id once."""
     exe = Path(sys.executable).with_name("influence")
-    cmd = [str(exe), "index", "push", str(tiny_index), "--milvus", lite.uri, "--collection", "killed",
-           "--batch-size", "1", "--no-progress"]  # fmt: skip
+    cmd = [
+        str(exe),
+        "index",
+        "push",
+        str(tiny_index),
+        "--milvus",
+        lite.uri,
+        "--collection",
+        "killed",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n = json.loads((tiny_index / "manifest.json").read_text())["counts"]["sequences"]
     deadline = time.monotonic() + 120
@@ -235,7 +272,11 @@ def test_a_stale_presence_check_still_writes_no_duplicates(pushed, lite, tiny_in
     from pymilvus import MilvusClient
 
     real_query = MilvusClient.query
-    monkeypatch.setattr(MilvusClient, "query", lambda self, name, **kw: [] if "filter" in kw else real_query(self, name, **kw))
+    monkeypatch.setattr(
+        MilvusClient,
+        "query",
+        lambda self, name, **kw: [] if "filter" in kw else real_query(self, name, **kw),
+    )
     report = mv.push(tiny_index, mv.MilvusTarget(lite.uri), batch_size=64)
     monkeypatch.setattr(MilvusClient, "query", real_query)
     n = report["inserted"]
@@ -256,6 +297,9 @@ def test_a_milvus_lite_file_serves_in_process_and_says_so(tiny_index, tmp_path, 
     index = InfluenceIndex.open(tiny_index, OpenOptions(milvus=mv.MilvusTarget(str(db))))
     try:
         backend = index.summary().backend
-        assert backend.startswith(f"Milvus Lite in this process ({db})") and "collection influence_" in backend
+        assert (
+            backend.startswith(f"Milvus Lite in this process ({db})")
+            and "collection influence_" in backend
+        )
     finally:
         index.close()

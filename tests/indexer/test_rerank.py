@@ -35,7 +35,12 @@ def test_rerank_matches_per_query_reference_with_padding_and_duplicates():
     ref_scores, ref_ids = _reference(queries, candidates, fingerprints, 10)
     np.testing.assert_array_equal(ids, ref_ids)
     found = ids >= 0
-    bound = np.stack([dot_bound(queries[q : q + 1], fingerprints[np.maximum(ids[q], 0)].astype(np.float32))[0] for q in range(6)])
+    bound = np.stack(
+        [
+            dot_bound(queries[q : q + 1], fingerprints[np.maximum(ids[q], 0)].astype(np.float32))[0]
+            for q in range(6)
+        ]
+    )
     assert_within(scores[found], ref_scores[found], bound[found], "re-ranked scores")
     assert np.isneginf(ref_scores[~found]).all() and np.isneginf(scores[~found]).all()
     assert sorted(ids[2, :2].tolist()) == [5, 7]  # the duplicate 7 counts once
@@ -51,7 +56,12 @@ def test_rerank_bounded_memory_blocks_agree(monkeypatch):
     monkeypatch.setattr(exact, "RERANK_GATHER_BYTES", 30 * 16 * 4 * 2)  # 2 queries a block
     blocked = rerank_exact(queries, candidates, fingerprints, k=5)
     np.testing.assert_array_equal(whole[1], blocked[1])
-    bound = np.stack([dot_bound(queries[q : q + 1], fingerprints[whole[1][q]].astype(np.float32))[0] for q in range(9)])
+    bound = np.stack(
+        [
+            dot_bound(queries[q : q + 1], fingerprints[whole[1][q]].astype(np.float32))[0]
+            for q in range(9)
+        ]
+    )
     assert_within(blocked[0], whole[0], bound, "blocked re-rank")  # BLAS sums in another order
 
 
@@ -90,5 +100,7 @@ def test_dot_rows_blocks_equal_one_float32_product(monkeypatch, tmp_path):
     np.save(tmp_path / "fp.npy", fingerprints)
     mapped = np.load(tmp_path / "fp.npy", mmap_mode="r")
     np.testing.assert_array_equal(exact.dot_rows(queries, mapped, ids), got)
-    assert_within(exact.dot_rows(queries, fingerprints.astype(np.float32), ids), want, bound, "float32 store")
+    assert_within(
+        exact.dot_rows(queries, fingerprints.astype(np.float32), ids), want, bound, "float32 store"
+    )
     assert exact.dot_rows(queries, fingerprints, ids[:0]).shape == (3, 0)

@@ -26,8 +26,19 @@ from tests.indexer.helpers import REPO
 
 def _args(trained_checkpoint, fact_corpus_files, out: Path) -> list[str]:
     corpus, queries = fact_corpus_files
-    return ["build", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus),
-            "--queries", str(queries), "--out", str(out), "--no-progress", *TINY_INDEX_CLI_OPTIONS]
+    return [
+        "build",
+        "--model",
+        str(trained_checkpoint.checkpoint_dir),
+        "--corpus",
+        str(corpus),
+        "--queries",
+        str(queries),
+        "--out",
+        str(out),
+        "--no-progress",
+        *TINY_INDEX_CLI_OPTIONS,
+    ]
 
 
 def _rows(index_dir: Path) -> list[tuple]:
@@ -53,12 +64,19 @@ def assert_same_index(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_build_then_resume(tiny_index, trained_checkpoint, fact_corpus_files, tmp_path, caplog):
+def test_sigkill_mid_build_then_resume(
+    tiny_index, trained_checkpoint, fact_corpus_files, tmp_path, caplog
+):
     out = tmp_path / "index"
     work = tmp_path / ".index.build"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "indexer", *_args(trained_checkpoint, fact_corpus_files, out)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "indexer", *_args(trained_checkpoint, fact_corpus_files, out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     try:
         # Kill once pass 1 has finished two of its nine shards: mid-build, mid-pass.
@@ -80,18 +98,33 @@ def test_sigkill_mid_build_then_resume(tiny_index, trained_checkpoint, fact_corp
     assert not work.exists()
     assert_same_index(out, tiny_index)
     m = mf.read_manifest(out)
-    assert m["build"]["statistics_sequences"] < m["counts"]["sequences"]  # finished shards were skipped
+    assert (
+        m["build"]["statistics_sequences"] < m["counts"]["sequences"]
+    )  # finished shards were skipped
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_single_process(tiny_index, trained_checkpoint, fact_corpus_files, tmp_path):
+def test_torchrun_two_processes_equal_single_process(
+    tiny_index, trained_checkpoint, fact_corpus_files, tmp_path
+):
     out = tmp_path / "index"
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "indexer",
-         *_args(trained_checkpoint, fact_corpus_files, out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "indexer",
+            *_args(trained_checkpoint, fact_corpus_files, out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1 of 2" in proc.stderr

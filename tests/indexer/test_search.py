@@ -37,24 +37,32 @@ def test_stored_fingerprints_are_the_encoders(opened, fact_corpus_files):
     pad = int(opened.tokenizer.pad_token_id)
     bs, shard_size = opened.manifest.build["batch_size"], opened.manifest.build["shard_size"]
     enc = np.empty((len(seqs), opened.encoder.dim), dtype=np.float32)
-    for start, stop in shard_ranges(len(seqs), shard_size):  # the build's batches: by length per shard
+    for start, stop in shard_ranges(
+        len(seqs), shard_size
+    ):  # the build's batches: by length per shard
         order = start + length_order(np.array([len(s) for s in seqs[start:stop]]))
         for i in range(0, len(order), bs):
             rows = order[i : i + bs]
-            enc[rows] = opened.encoder.encode(collate([sequence_example(seqs[r]) for r in rows], pad)).numpy()
+            enc[rows] = opened.encoder.encode(
+                collate([sequence_example(seqs[r]) for r in rows], pad)
+            ).numpy()
     stored = np.asarray(opened.fingerprints, dtype=np.float32)
     # Unit norm up to the float32 sum of squares and the square root (d + 1 roundings).
     assert_within(np.linalg.norm(enc, axis=1), 1.0, gamma(enc.shape[1] + 1), "norms")
     assert_within(stored, enc, rounding_bound(enc), "float16 storage")
     # Flat search scores are the dot products of the query with the encoder's fingerprints.
-    q = opened.encode_queries([("Drorex is headquartered in", " Dutrus"), ("Cara Nalkun works for", " Buneco")])
+    q = opened.encode_queries(
+        [("Drorex is headquartered in", " Dutrus"), ("Cara Nalkun works for", " Buneco")]
+    )
     scores, ids = opened.search(q, 10)
     take = lambda m: np.take_along_axis(m, ids, axis=1)  # noqa: E731
     exact_bound = take(dot_bound(q, stored))
     assert_within(scores, take(q @ enc.T), exact_bound + take(storage_bound(q, enc)), "vs encoder")
     assert_within(scores, take(q @ stored.T), exact_bound, "vs stored")
     brute = np.argsort(-(q @ stored.T), axis=1, kind="stable")[:, :10]
-    assert_within(scores, np.take_along_axis(q @ stored.T, brute, axis=1), exact_bound, "vs brute force")
+    assert_within(
+        scores, np.take_along_axis(q @ stored.T, brute, axis=1), exact_bound, "vs brute force"
+    )
 
 
 def test_search_pads_and_examples(opened):
@@ -70,8 +78,22 @@ def test_search_pads_and_examples(opened):
 
 def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     prompt, completion = "Cara Nalkun works for", " Buneco"
-    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", prompt, "--completion", completion,
-               "-k", "7", "--json", "--device", "cpu"])
+    rc = influence_main(
+        [
+            "query",
+            "--index",
+            str(tiny_index),
+            "--prompt",
+            prompt,
+            "--completion",
+            completion,
+            "-k",
+            "7",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     rows = json.loads(out.out)["results"]
@@ -81,7 +103,9 @@ def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
     assert [r["rank"] for r in rows] == list(range(1, 8))
     assert [r["id"] for r in rows] == order.tolist()
     stored = np.asarray(opened.fingerprints, dtype=np.float32)[order]
-    assert_within([r["score"] for r in rows], brute[order], dot_bound(q[None], stored)[0], "CLI scores")
+    assert_within(
+        [r["score"] for r in rows], brute[order], dot_bound(q[None], stored)[0], "CLI scores"
+    )
     recs = opened.examples(order.tolist())
     assert [r["text"] for r in rows] == [x.text for x in recs]
     assert {"source", "document_id"} <= set(rows[0])
@@ -129,9 +153,17 @@ def test_vectors_do_not_depend_on_the_batching(opened, fact_corpus_files):
     pad = int(opened.tokenizer.pad_token_id)
     stored = np.asarray(opened.fingerprints[: len(seqs)], dtype=np.float32)
     for bs in (1, 3):
-        enc = np.concatenate([opened.encoder.encode(collate([sequence_example(s) for s in seqs[i : i + bs]], pad)).numpy()
-                              for i in range(0, len(seqs), bs)])  # fmt: skip
-        bound = rounding_bound(enc) + recompute_bound()  # |e| = 1 bounds each entry's share of the noise
+        enc = np.concatenate(
+            [
+                opened.encoder.encode(
+                    collate([sequence_example(s) for s in seqs[i : i + bs]], pad)
+                ).numpy()
+                for i in range(0, len(seqs), bs)
+            ]
+        )
+        bound = (
+            rounding_bound(enc) + recompute_bound()
+        )  # |e| = 1 bounds each entry's share of the noise
         assert_within(stored, enc, bound, f"batches of {bs}")
 
 
@@ -139,7 +171,9 @@ def test_length_batching_removes_padding():
     from indexer.passes import padded_tokens
 
     rng = np.random.default_rng(0)
-    lengths = np.concatenate([rng.integers(8, 512, 300), np.full(100, 512)])  # mixed, like real corpora
+    lengths = np.concatenate(
+        [rng.integers(8, 512, 300), np.full(100, 512)]
+    )  # mixed, like real corpora
     real = int(lengths.sum())
     assert padded_tokens(lengths, 8, by_length=False) / real > 1.3
     assert padded_tokens(lengths, 8) / real <= 1.05

@@ -10,7 +10,7 @@ import torch
 
 from encoder.errors import ConfigError
 from engine.index import InfluenceIndex, OpenOptions
-from indexer.torch_search import TorchFlatSearch
+from engine.torch_search import TorchFlatSearch
 from tests.tolerances import abs_products, assert_within, dot_bound, rounding_bound
 
 
@@ -52,7 +52,9 @@ def test_matches_faiss_flat(devices, dtype):
     want_s, want_i = _flat(fps).search(q, 20)
     got_s, got_i = TorchFlatSearch(fps, devices=devices, dtype=dtype).search(q, 20)
     np.testing.assert_array_equal(got_i, want_i)
-    assert_within(got_s, want_s, _score_bound(q, fps, want_i, split_query=dtype is not None), "scores")
+    assert_within(
+        got_s, want_s, _score_bound(q, fps, want_i, split_query=dtype is not None), "scores"
+    )
     assert got_s.dtype == np.float32 and got_i.dtype == np.int64
 
 
@@ -102,13 +104,17 @@ def test_index_opened_with_torch_placement_answers_like_flat(tiny_index):
     flat = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
     brute = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", placement="torch"))
     try:
-        assert isinstance(brute.vectors, TorchFlatSearch)  # the FAISS index is not loaded: no second copy in RAM
+        assert isinstance(
+            brute.vectors, TorchFlatSearch
+        )  # the FAISS index is not loaded: no second copy in RAM
         assert brute.size == flat.size == flat.vectors.index.ntotal
         q = flat.encode_queries([(f"Query {i} about", f" thing {i}") for i in range(6)])
         want_s, want_i = flat.search(q, 10)
         got_s, got_i = brute.search(q, 10)
         np.testing.assert_array_equal(got_i, want_i)
-        assert_within(got_s, want_s, _score_bound(q, np.asarray(flat.fingerprints), want_i), "scores")
+        assert_within(
+            got_s, want_s, _score_bound(q, np.asarray(flat.fingerprints), want_i), "scores"
+        )
     finally:
         flat.close()
         brute.close()
@@ -127,10 +133,15 @@ def test_placement_choices_agree_everywhere():
     from service.settings import Settings
 
     assert get_args(Settings.model_fields["search_placement"].annotation) == SEARCH_PLACEMENTS
-    for register, argv in ((register_query, ["query", "--index", "x", "--prompt", "p", "--completion", "c"]),
-                           (register_service, ["serve"])):  # fmt: skip
+    for register, argv in (
+        (register_query, ["query", "--index", "x", "--prompt", "p", "--completion", "c"]),
+        (register_service, ["serve"]),
+    ):
         parser = argparse.ArgumentParser()
         register(parser.add_subparsers())
-        action = next(a for a in parser._subparsers._group_actions[0].choices[argv[0]]._actions
-                      if a.dest == "search_placement")  # fmt: skip
+        action = next(
+            a
+            for a in parser._subparsers._group_actions[0].choices[argv[0]]._actions
+            if a.dest == "search_placement"
+        )
         assert tuple(action.choices) == SEARCH_PLACEMENTS

@@ -62,8 +62,12 @@ def _imported_packages(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", LIBRARY)
 def test_imports_go_one_way(package):
-    wrong = {str(f.relative_to(ROOT)): sorted(_imported_packages(f) - ALLOWED_IMPORTS[package] - {package})
-             for f in _sources(package)}  # fmt: skip
+    wrong = {
+        str(f.relative_to(ROOT)): sorted(
+            _imported_packages(f) - ALLOWED_IMPORTS[package] - {package}
+        )
+        for f in _sources(package)
+    }
     assert not {f: w for f, w in wrong.items() if w}
 
 
@@ -77,7 +81,9 @@ def test_the_read_side_is_typed_and_never_probes_the_index():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 for arg in node.args.args + node.args.kwonlyargs:
-                    if arg.arg == "index" and (arg.annotation is None or ast.unparse(arg.annotation) == "Any"):
+                    if arg.arg == "index" and (
+                        arg.annotation is None or ast.unparse(arg.annotation) == "Any"
+                    ):
                         untyped.append(f"{rel}:{node.lineno} {node.name}")
         if rel != "service/deps.py" and "app.state" in text:
             state.append(rel)

@@ -43,13 +43,18 @@ def test_every_number_the_readme_cites_is_in_the_file_it_cites():
         if not stems:
             continue
         sources = "".join(
-            p.read_text() for s in stems for p in (ROOT / "benchmarks/results").glob(f"{s}.*") if p.suffix in (".md", ".json")
+            p.read_text()
+            for s in stems
+            for p in (ROOT / "benchmarks/results").glob(f"{s}.*")
+            if p.suffix in (".md", ".json")
         )
         assert sources, f"cites a results file that does not exist: {stems}"
         for number in DECIMAL.findall(CITED.sub("", block)):
             # A whole number of the file, not a prefix of a longer one (0.98 is not in 0.986).
             found = re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", sources)
-            assert found, f"{number} is in no file this block cites ({sorted(stems)}): {block[:120]}"
+            assert found, (
+                f"{number} is in no file this block cites ({sorted(stems)}): {block[:120]}"
+            )
             checked += 1
     assert checked >= 10  # the "how well it works" table at least
 

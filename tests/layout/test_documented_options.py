@@ -29,9 +29,18 @@ def _subparser(*path: str) -> argparse.ArgumentParser:
 def test_every_build_flag_is_in_the_readme_table_and_back():
     table = _section("Index build (`influence index build --help`):")
     cells = re.findall(r"^\| ([^|]+) \|", table, re.M)
-    documented = {flag for cell in cells for flag in re.findall(r"`(--?[\w-]+)", cell) + re.findall(r"/(--?[\w-]+)", cell)}
+    documented = {
+        flag
+        for cell in cells
+        for flag in re.findall(r"`(--?[\w-]+)", cell) + re.findall(r"/(--?[\w-]+)", cell)
+    }
     parser = _subparser("index", "build")
-    flags = {s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help", "-v", "--verbose")}
+    flags = {
+        s
+        for a in parser._actions
+        for s in a.option_strings
+        if s not in ("-h", "--help", "-v", "--verbose")
+    }
     required = {s for a in parser._actions if a.required for s in a.option_strings}
     assert flags - required - documented == set(), "build flags missing from the README table"
     assert documented - flags == set(), "README documents build flags that do not exist"

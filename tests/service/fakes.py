@@ -43,7 +43,9 @@ class CharTokenizer:
     pad_token_id: int | None = None
     eos_token_id: int | None = None
 
-    def __call__(self, text: str, add_special_tokens: bool = False, **kwargs: Any) -> dict[str, Any]:
+    def __call__(
+        self, text: str, add_special_tokens: bool = False, **kwargs: Any
+    ) -> dict[str, Any]:
         return {"input_ids": [1 + (ord(c) % 97) for c in text]}
 
     def decode(self, token_ids: list[int], **kwargs: Any) -> str:
@@ -58,7 +60,15 @@ class FakeIndex:
         encode_delay_s: sleep per encode call (to make batches and queues observable).
     """
 
-    def __init__(self, index_dir: Path, *, n: int = 200, d: int = 16, seed: int = 0, encode_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        index_dir: Path,
+        *,
+        n: int = 200,
+        d: int = 16,
+        seed: int = 0,
+        encode_delay_s: float = 0.0,
+    ) -> None:
         rng = np.random.default_rng(seed)
         vectors = rng.standard_normal((n, d)).astype(np.float32)
         self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -103,12 +113,25 @@ class FakeIndex:
         return float("inf")
 
     def summary(self) -> Summary:
-        return Summary(model="fake-model", model_hash="0" * 8, index_version=self.version, index_dir=self.index_dir,
-                       size=self.size, counts={"sequences": self.size}, fingerprint={"k": 0, "seed": self.seed},
-                       faiss="Flat", built_at=None, backend="fake exact inner product")  # fmt: skip
+        return Summary(
+            model="fake-model",
+            model_hash="0" * 8,
+            index_version=self.version,
+            index_dir=self.index_dir,
+            size=self.size,
+            counts={"sequences": self.size},
+            fingerprint={"k": 0, "seed": self.seed},
+            faiss="Flat",
+            built_at=None,
+            backend="fake exact inner product",
+        )
 
-    def encode_queries(self, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> np.ndarray:
-        return self.encode_examples([tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs])
+    def encode_queries(
+        self, pairs: list[tuple[str, str]], max_tokens: int | None = None
+    ) -> np.ndarray:
+        return self.encode_examples(
+            [tokenize_query(self.tokenizer, p, c, max_tokens=max_tokens) for p, c in pairs]
+        )
 
     def encode_examples(self, examples: list[Example]) -> np.ndarray:
         if self.closed:
@@ -127,7 +150,9 @@ class FakeIndex:
     def generate(self, prompt_ids: list[int], options: Generation) -> Generated:
         """Deterministic "generation": tokens 1, 2, 3, ... up to ``max_new_tokens``."""
         ids = tuple(1 + t % 26 for t in range(options.max_new_tokens))
-        return Generated(ids=ids, finish_reason="length", seed=options.seed, prompt_ids=tuple(prompt_ids))
+        return Generated(
+            ids=ids, finish_reason="length", seed=options.seed, prompt_ids=tuple(prompt_ids)
+        )
 
     @property
     def default_rescore(self) -> int:
@@ -172,7 +197,13 @@ class FakeIndex:
         return list(self.tokenizer(self.example(id).text)["input_ids"])
 
     def attribute(
-        self, query: Example, id: int, input_ids: list[int], *, busy: bool, exact: bool = False  # noqa: A002
+        self,
+        query: Example,
+        id: int,
+        input_ids: list[int],
+        *,
+        busy: bool,
+        exact: bool = False,  # noqa: A002
     ) -> Attribution:
         raise InputError("the fake index has no model to explain with", code="explain_unavailable")
 

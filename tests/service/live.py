@@ -18,7 +18,9 @@ from tests.tolerances import recompute_bound
 def live_server(app, *, ready_path: str = "/readyz", timeout_s: float = 120.0) -> Iterator[str]:
     """Serve ``app`` until the context exits; yields the base URL once ``ready_path`` is 200."""
     # The HTTP parser and event loop ``influence serve`` runs with.
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **UVICORN_OPTIONS)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **UVICORN_OPTIONS
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -26,8 +26,9 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(index_dir):
-    settings = Settings(index_dir=index_dir, max_prompt_tokens=40, max_completion_tokens=20,
-                        max_batch_queries=4)
+    settings = Settings(
+        index_dir=index_dir, max_prompt_tokens=40, max_completion_tokens=20, max_batch_queries=4
+    )
     with live_server(create_app(settings, opener=FakeOpener())) as base:
         yield base
 
@@ -97,7 +98,9 @@ def test_k_larger_than_index_returns_all(server):
 
 
 def test_batch_equals_singles(server):
-    queries = [{"prompt": f"prompt {i}", "completion": f" answer {i}", "k": 3 + i} for i in range(4)]
+    queries = [
+        {"prompt": f"prompt {i}", "completion": f" answer {i}", "k": 3 + i} for i in range(4)
+    ]
     r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": queries}, timeout=30)
     assert r.status_code == 200, r.text
     for q, got in zip(queries, r.json()["responses"], strict=True):
@@ -127,7 +130,9 @@ def test_schema_violation_is_422_naming_the_field(server, body, field):
 
 
 def test_malformed_json_is_422(server):
-    r = HTTP.post(f"{server}/v1/influence", content=b"{not json", headers={"content-type": "application/json"})
+    r = HTTP.post(
+        f"{server}/v1/influence", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
@@ -151,13 +156,19 @@ def test_batch_limits_and_errors(server):
     r = HTTP.post(f"{server}/v1/influence/batch", json={"queries": [q, bad, q, long_completion]})
     assert r.status_code == 200, r.text
     body = r.json()
-    single_ok, single_bad, single_long_completion = (query(server, **x) for x in (q, bad, long_completion))
+    single_ok, single_bad, single_long_completion = (
+        query(server, **x) for x in (q, bad, long_completion)
+    )
     assert [x is None for x in body["responses"]] == [False, True, False, True]
     for got in (body["responses"][0], body["responses"][2]):
         assert [h["id"] for h in got["results"]] == [h["id"] for h in single_ok.json()["results"]]
     assert body["errors"] == [
         {"query_index": 1, "status": single_bad.status_code, "error": single_bad.json()["error"]},
-        {"query_index": 3, "status": single_long_completion.status_code, "error": single_long_completion.json()["error"]},
+        {
+            "query_index": 3,
+            "status": single_long_completion.status_code,
+            "error": single_long_completion.json()["error"],
+        },
     ]
     assert single_bad.status_code == single_long_completion.status_code == 413
     assert single_long_completion.json()["error"]["details"]["field"] == "completion"
@@ -215,11 +226,19 @@ def test_metrics_move(server):
     route = {"route": "/v1/influence", "method": "POST"}
     for status, n in (("200", 3), ("422", 1)):
         delta = _metric(after, "influence_http_requests_total", status=status, **route) - _metric(
-            before, "influence_http_requests_total", status=status, **route)
+            before, "influence_http_requests_total", status=status, **route
+        )
         assert delta == n
-    assert _metric(after, "influence_http_request_duration_seconds_count", status="200", **route) >= 3
-    assert _metric(after, "influence_batch_size_count") >= _metric(before, "influence_batch_size_count") + 1
-    assert _metric(after, "influence_encode_seconds_count") > _metric(before, "influence_encode_seconds_count")
+    assert (
+        _metric(after, "influence_http_request_duration_seconds_count", status="200", **route) >= 3
+    )
+    assert (
+        _metric(after, "influence_batch_size_count")
+        >= _metric(before, "influence_batch_size_count") + 1
+    )
+    assert _metric(after, "influence_encode_seconds_count") > _metric(
+        before, "influence_encode_seconds_count"
+    )
     assert "influence_queue_depth 0.0" in after
     assert _metric(after, "influence_index_size") == 200
 
@@ -238,7 +257,9 @@ def test_auth(auth_server):
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert HTTP.get(auth_server + open_path).status_code == 200
     r = HTTP.post(f"{auth_server}/v1/admin/reload", headers={"X-API-Key": KEY})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"  # query keys are not admin keys
+    assert (
+        r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    )  # query keys are not admin keys
 
 
 def test_admin_reload_disabled_without_keys(server):

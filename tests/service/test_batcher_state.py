@@ -20,8 +20,11 @@ async def _started(tmp_path, *, delay=0.0, **kwargs):
     opener = FakeOpener(encode_delay_s=delay)
     state = IndexState(opener, tmp_path)
     await state.reload()
-    batcher = MicroBatcher(state, LIMITS, **{"max_batch_size": 8, "max_wait_ms": 20,
-                                             "max_queue": 64, "timeout_s": 10, **kwargs})
+    batcher = MicroBatcher(
+        state,
+        LIMITS,
+        **{"max_batch_size": 8, "max_wait_ms": 20, "max_queue": 64, "timeout_s": 10, **kwargs},
+    )
     batcher.start()
     return opener, state, batcher
 
@@ -51,7 +54,9 @@ def test_wait_adapts_to_the_previous_batch(tmp_path):
         # A 3 s wait against a 1.5 s timeout: any query that sat out the full wait would fail.
         opener, _, batcher = await _started(tmp_path, max_wait_ms=3000, timeout_s=1.5)
         lone = [await batcher.submit([Query(f"lone {i}", "c", k=2)]) for i in range(3)]
-        first = await asyncio.gather(*(batcher.submit([Query(f"a {i}", "c", k=2)]) for i in range(4)))
+        first = await asyncio.gather(
+            *(batcher.submit([Query(f"a {i}", "c", k=2)]) for i in range(4))
+        )
 
         async def late(i):  # the same 4 clients, back 50 ms apart
             await asyncio.sleep(0.05 * i)
@@ -77,8 +82,9 @@ def test_groups_out_of_step_are_merged_into_one_pass(tmp_path):
             await asyncio.sleep(start)
             return [await batcher.submit([Query(f"{name} {j}", "c", k=2)]) for j in range(2)]
 
-        runs = await asyncio.gather(*(client(f"a{i}", 0.0) for i in range(4)),
-                                    *(client(f"b{i}", 0.02) for i in range(4)))
+        runs = await asyncio.gather(
+            *(client(f"a{i}", 0.0) for i in range(4)), *(client(f"b{i}", 0.02) for i in range(4))
+        )
         await batcher.stop()
         return opener, runs
 
@@ -103,8 +109,9 @@ def test_a_bad_query_does_not_fail_its_batch_mates(tmp_path):
 
 def test_full_queue_refuses_at_once_and_timeout_is_bounded(tmp_path):
     async def scenario():
-        _, _, batcher = await _started(tmp_path, delay=0.3, max_batch_size=1, max_queue=2,
-                                       timeout_s=0.5)
+        _, _, batcher = await _started(
+            tmp_path, delay=0.3, max_batch_size=1, max_queue=2, timeout_s=0.5
+        )
         tasks = [asyncio.create_task(batcher.submit([Query(f"p{i}", "c", k=1)])) for i in range(6)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.stop()
@@ -176,10 +183,16 @@ def test_search_knobs_reach_the_opened_index(monkeypatch, tmp_path):
     monkeypatch.setenv("INFLUENCE_EF_SEARCH", "300")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--index", str(tmp_path), "--nprobe", "64", "--rerank-candidates", "512"])
+    args = parser.parse_args(
+        ["serve", "--index", str(tmp_path), "--nprobe", "64", "--rerank-candidates", "512"]
+    )
     settings = _settings_from(args)
     seen = {}
-    monkeypatch.setattr(engine_index.InfluenceIndex, "open", classmethod(lambda cls, d, opts: seen.update(opts=opts)))
+    monkeypatch.setattr(
+        engine_index.InfluenceIndex,
+        "open",
+        classmethod(lambda cls, d, opts: seen.update(opts=opts)),
+    )
     default_opener(settings)(tmp_path)
     assert seen["opts"].search_params == SearchParams(nprobe=64, ef_search=300, candidates=512)
     assert default_opener(Settings(index_dir=tmp_path)) and Settings().rerank_candidates is None

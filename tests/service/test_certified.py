@@ -23,14 +23,21 @@ def test_the_bound_is_the_union_of_normal_tails():
     from scipy.stats import norm
 
     first, sd = np.array([0.30, 0.25, 0.10]), np.array([0.05, 0.02, 0.04])
-    want = sum(norm.sf((0.4 - f) / s) for f, s in zip(first, sd, strict=True)) + 7 * norm.sf((0.4 - 0.05) / 0.06)
+    want = sum(norm.sf((0.4 - f) / s) for f, s in zip(first, sd, strict=True)) + 7 * norm.sf(
+        (0.4 - 0.05) / 0.06
+    )
     got = miss_probability(0.4, first, sd, n_rest=7, rest_first=0.05, rest_sd=0.06)
     assert abs(got - want) <= 1e-12 * max(1.0, want)
     # No noise: a candidate below the bar cannot clear it, one above it surely does.
     assert miss_probability(0.4, np.array([0.39]), np.array([0.0])) == 0.0
     assert miss_probability(0.4, np.array([0.41]), np.array([0.0])) == 1.0
     assert miss_probability(0.4, np.array([]), np.array([])) == 0.0  # nothing left unscored
-    assert miss_probability(0.4, np.array([0.3]), np.array([0.2]), n_rest=10**6, rest_first=0.3, rest_sd=0.2) == 1.0
+    assert (
+        miss_probability(
+            0.4, np.array([0.3]), np.array([0.2]), n_rest=10**6, rest_first=0.3, rest_sd=0.2
+        )
+        == 1.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,9 @@ def sketch_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     """A sketch index with 32 x 32 blocks: its first stage is noisy enough that near-ties
     need the exact stage, and its calibrated uncertainty small enough to certify."""
     out = tmp_path_factory.mktemp("certified") / "index"
-    index = InfluenceIndex.open(build(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], out, 32, "sketch"))
+    index = InfluenceIndex.open(
+        build(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], out, 32, "sketch")
+    )
     yield index
     index.close()
 
@@ -68,7 +77,11 @@ def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
     cap = n // 2
     certified = equal = scored = 0
     for q in fact_corpus.queries[:QUERIES]:
-        (outcome,) = run_batch(sketch_index, [Query(q.prompt, q.completion, k, rescore=cap, confidence=confidence)], LIMITS)
+        (outcome,) = run_batch(
+            sketch_index,
+            [Query(q.prompt, q.completion, k, rescore=cap, confidence=confidence)],
+            LIMITS,
+        )
         assert outcome.error is None, outcome.error
         certificate = outcome.certificate
         assert certificate is not None and certificate.confidence == confidence
@@ -80,8 +93,10 @@ def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
             equal += [h.id for h in outcome.hits] == want
             assert certificate.rescored <= cap
     queries = QUERIES
-    print(f"k={k} @ {confidence}: {certified}/{queries} certified, {equal} equal to exhaustive, "
-          f"{scored / queries:.1f} of {cap} candidates scored on average")  # fmt: skip
+    print(
+        f"k={k} @ {confidence}: {certified}/{queries} certified, {equal} equal to exhaustive, "
+        f"{scored / queries:.1f} of {cap} candidates scored on average"
+    )
     assert certified >= at_least * queries, "the stage rarely certifies: the test would say little"
     assert scored < 0.8 * queries * cap, "the stage does not stop early"
     assert equal / certified >= confidence
@@ -89,7 +104,9 @@ def test_a_certified_top_k_is_the_exhaustive_one_at_the_stated_confidence(
 
 def test_scoring_every_sequence_is_certified_outright(sketch_index, fact_corpus):
     q = fact_corpus.queries[0]
-    (outcome,) = run_batch(sketch_index, [Query(q.prompt, q.completion, 5, rescore=sketch_index.size)], LIMITS)
+    (outcome,) = run_batch(
+        sketch_index, [Query(q.prompt, q.completion, 5, rescore=sketch_index.size)], LIMITS
+    )
     c = outcome.certificate
     assert c is not None and c.certified and c.rescored <= sketch_index.size
     if c.rescored == sketch_index.size:

@@ -19,18 +19,34 @@ def _modules_after(code: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["index", "--help"], ["index", "build", "--help"], ["query", "--help"],
-                                  ["serve", "--help"], ["eval", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["index", "--help"],
+        ["index", "build", "--help"],
+        ["query", "--help"],
+        ["serve", "--help"],
+        ["eval", "--help"],
+        ["demo", "--help"],
+    ],
+)
 def test_help_imports_no_model_stack(argv):
-    code = ("import contextlib, io\nfrom service.cli import main\n"
-            f"with contextlib.redirect_stdout(io.StringIO()):\n"
-            f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass")
+    code = (
+        "import contextlib, io\nfrom service.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass"
+    )
     loaded = _modules_after(code)
-    assert not {m for m in loaded if m.split(".")[0] in HEAVY}, sorted(m for m in loaded if m.split(".")[0] in HEAVY)[:5]
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}, sorted(
+        m for m in loaded if m.split(".")[0] in HEAVY
+    )[:5]
 
 
 def test_index_info_imports_no_model_stack(tiny_index):
-    code = ("import contextlib, io\nfrom service.cli import main\n"
-            f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['index', 'info', {str(tiny_index)!r}]) == 0")
+    code = (
+        "import contextlib, io\nfrom service.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['index', 'info', {str(tiny_index)!r}]) == 0"
+    )
     loaded = _modules_after(code)
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}

@@ -33,12 +33,30 @@ def _refused(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        (["--generate", "4", "--temperature", "nan"], "--temperature: Input should be a finite number"),
-        (["--generate", "4", "--temperature", "inf"], "--temperature: Input should be a finite number"),
-        (["--generate", "4", "--temperature", "1e30"], "--temperature: Input should be less than or equal to 10"),
-        (["--generate", "4", "--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
-        (["--generate", "4", "--temperature", "1", "--gen-seed", "-1"], "--gen-seed: Input should be greater"),
-        (["--generate", "4", "--temperature", "1", "--gen-seed", str(2**40)], "--gen-seed: Input should be less"),
+        (
+            ["--generate", "4", "--temperature", "nan"],
+            "--temperature: Input should be a finite number",
+        ),
+        (
+            ["--generate", "4", "--temperature", "inf"],
+            "--temperature: Input should be a finite number",
+        ),
+        (
+            ["--generate", "4", "--temperature", "1e30"],
+            "--temperature: Input should be less than or equal to 10",
+        ),
+        (
+            ["--generate", "4", "--temperature", "-1"],
+            "--temperature: Input should be greater than or equal to 0",
+        ),
+        (
+            ["--generate", "4", "--temperature", "1", "--gen-seed", "-1"],
+            "--gen-seed: Input should be greater",
+        ),
+        (
+            ["--generate", "4", "--temperature", "1", "--gen-seed", str(2**40)],
+            "--gen-seed: Input should be less",
+        ),
         (["--completion", " x", "--temperature", "0.5"], "apply to --generate N only"),
         (["--generate", "0"], "--generate: Input should be greater than or equal to 1"),
         (["--generate", "4", "--completion", " x"], "--completion / --generate"),
@@ -46,9 +64,18 @@ def _refused(capsys, argv: list[str]) -> str:
         (["--completion", ""], "--completion: Value should have at least 1 item"),
         (["--completion", " x", "-k", "0"], "-k: Input should be greater than or equal to 1"),
         (["--completion", " x", "-k", "1001"], "-k: Input should be less than or equal to 1000"),
-        (["--completion", " x", "--rescore", "-1"], "--rescore: Input should be greater than or equal to 0"),
-        (["--completion", " x", "--rescore", "5000"], "--rescore: Input should be less than or equal to 1000"),
-        (["--completion", " x", "--span", "3:3"], "--span: Value error, span end 3 must be greater"),
+        (
+            ["--completion", " x", "--rescore", "-1"],
+            "--rescore: Input should be greater than or equal to 0",
+        ),
+        (
+            ["--completion", " x", "--rescore", "5000"],
+            "--rescore: Input should be less than or equal to 1000",
+        ),
+        (
+            ["--completion", " x", "--span", "3:3"],
+            "--span: Value error, span end 3 must be greater",
+        ),
         (["--completion", " x", "--device", "bogus"], "[invalid_device]"),
         (["--completion", " x", "--device", "cuda:7"], "[invalid_device]"),
         (["--completion", "\udcff\udcfe"], "--completion: "),  # argv bytes 0xff 0xfe
@@ -62,15 +89,28 @@ def test_query_flags_are_validated_as_the_api_validates(capsys, extra, says):
 def test_the_cli_and_the_api_refuse_the_same_temperatures():
     for value in (float("nan"), float("inf"), 1e30, -1.0):
         with pytest.raises(ValidationError):
-            InfluenceQuery.model_validate({"prompt": "a", "generate": {"max_new_tokens": 1, "temperature": value}})
+            InfluenceQuery.model_validate(
+                {"prompt": "a", "generate": {"max_new_tokens": 1, "temperature": value}}
+            )
 
 
 def test_invalid_utf8_in_argv_is_one_line_and_exit_2():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-m", "service.cli", *QUERY[:3], "--prompt", b"\xff\xfe", "--completion", "x"]
+    argv = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        *QUERY[:3],
+        "--prompt",
+        b"\xff\xfe",
+        "--completion",
+        "x",
+    ]
     done = subprocess.run(argv, capture_output=True, env=env, cwd=REPO, timeout=120)
     err = done.stderr.decode(errors="replace")
-    assert done.returncode == 2 and "Traceback" not in err and err.startswith("influence: error"), err
+    assert done.returncode == 2 and "Traceback" not in err and err.startswith("influence: error"), (
+        err
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,7 +120,10 @@ def test_invalid_utf8_in_argv_is_one_line_and_exit_2():
         (["--seq-len", "-5"], "--seq-len must be >= 2, got -5"),
         (["--stride", "0"], "--stride must be >= 1, got 0"),
         (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
-        (["--optimizer-state", "/x/optimizer.pt"], "--optimizer-state is read only by the optimizer correction"),
+        (
+            ["--optimizer-state", "/x/optimizer.pt"],
+            "--optimizer-state is read only by the optimizer correction",
+        ),
         (["--device", "bogus"], "[invalid_device]"),
     ],
 )

@@ -32,22 +32,35 @@ from tests.tolerances import FLOAT16_SCORE, assert_within, gamma, recompute_boun
 def _random_ids(seed: int, n: int, lo: int, hi: int, vocab: int = 40) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [
-        torch.randint(1, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+        torch.randint(
+            1, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g
+        ).tolist()
         for _ in range(n)
     ]
 
 
-def _encoder(model, hessian: str, unit_norm: bool = True, projection: str = "gaussian") -> TrackStarEncoder:
+def _encoder(
+    model, hessian: str, unit_norm: bool = True, projection: str = "gaussian"
+) -> TrackStarEncoder:
     g = torch.Generator().manual_seed(2)
-    v = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
-    cfg = FingerprintConfig(k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, projection=projection)
-    enc = TrackStarEncoder(model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test"))
+    v = {
+        n: torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-2 + 1e-4
+        for n, p in model.named_parameters()
+    }
+    cfg = FingerprintConfig(
+        k=3, seed=7, correction=True, hessian=hessian, unit_norm=unit_norm, projection=projection
+    )
+    enc = TrackStarEncoder(
+        model, cfg, second_moments=SecondMoments(v_hat=v, eps=1e-6, source="test")
+    )
     if enc.needs_fit:
         enc.fit_basis([collate([sequence_example(x) for x in _random_ids(4, 12, 4, 12)])])
     if hessian != "none":
         stats = enc.new_statistics()
         stats.update(enc.project(collate([sequence_example(x) for x in _random_ids(3, 12, 4, 12)])))
-        enc.set_whitener(Whitener.from_statistics(stats, None, lambda_=None, lambda_component=1 / 64, delta=1e-3))
+        enc.set_whitener(
+            Whitener.from_statistics(stats, None, lambda_=None, lambda_component=1 / 64, delta=1e-3)
+        )
     return enc
 
 
@@ -58,7 +71,8 @@ def _query(enc: TrackStarEncoder, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "hessian,unit_norm,projection", [("none", True, "gaussian"), ("train", False, "gaussian"), ("train", True, "sketch")]
+    "hessian,unit_norm,projection",
+    [("none", True, "gaussian"), ("train", False, "gaussian"), ("train", True, "sketch")],
 )
 def test_contributions_sum_to_score(hessian, unit_norm, projection):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
@@ -66,7 +80,9 @@ def test_contributions_sum_to_score(hessian, unit_norm, projection):
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)  # chunk < n_targets: several passes
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
+    assert att.score == pytest.approx(
+        float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64)
+    )
     assert att.contributions[0] == 0.0
     assert torch.count_nonzero(att.contributions[1:]) == len(example.input_ids) - 1
 
@@ -75,11 +91,15 @@ def test_contributions_sum_to_score_with_a_sketch():
     """The sketch's weight direction (W_out (S^T u) W_in, times C) carries its score too."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     enc = _encoder(model, "none", True, projection="sketch")
-    assert any(not enc.family.whole(m) for m in enc.modules)  # some modules are hashed, not kept whole
+    assert any(
+        not enc.family.whole(m) for m in enc.modules
+    )  # some modules are hashed, not kept whole
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 9, 9)[0])
     att = attribute_tokens(enc, example, e_q, chunk=3)
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
+    assert att.score == pytest.approx(
+        float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64)
+    )
 
 
 @pytest.mark.parametrize("projection", ["gaussian", "sketch"])
@@ -90,7 +110,9 @@ def test_contributions_match_brute_force(projection):
     e_q = _query(enc, 11)
     example = sequence_example(_random_ids(5, 1, 7, 7)[0])
     att = attribute_tokens(enc, example, e_q, chunk=4)
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64))
+    assert att.score == pytest.approx(
+        float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound(stages=64)
+    )
 
     sm = enc.second_moments
     n = len(example.input_ids)
@@ -100,16 +122,31 @@ def test_contributions_match_brute_force(projection):
     else:
         kw, phi = dict(k=3, seed=7, v_hat=sm.v_hat, eps=sm.eps), ref.reference_phi
     parts = np.stack(
-        [phi(model, enc.modules, Example(example.input_ids, tuple(i == t for i in range(n))), **kw) for t in range(1, n)]
+        [
+            phi(
+                model,
+                enc.modules,
+                Example(example.input_ids, tuple(i == t for i in range(n))),
+                **kw,
+            )
+            for t in range(1, n)
+        ]
     )
     starts = np.cumsum([0, *enc.block_dims[:-1]])
-    parts = np.concatenate([parts[:, s : s + d] @ w.numpy() for s, d, w in
-                            zip(starts, enc.block_dims, enc.whitener.matrices, strict=True)], axis=1)
+    parts = np.concatenate(
+        [
+            parts[:, s : s + d] @ w.numpy()
+            for s, d, w in zip(starts, enc.block_dims, enc.whitener.matrices, strict=True)
+        ],
+        axis=1,
+    )
     brute = parts @ e_q.numpy() / np.linalg.norm(parts.sum(0))
     # float64 weights, softmax in float32 (transformers): the reference runs each target alone.
     scale = np.abs(parts).sum(0) @ np.abs(e_q.numpy()) / np.linalg.norm(parts.sum(0))
     assert np.abs(att.contributions[1:].numpy() - brute).max() <= recompute_bound(stages=64) * scale
-    assert att.contributions.sum() == pytest.approx(brute.sum(), abs=recompute_bound(stages=64) * scale)
+    assert att.contributions.sum() == pytest.approx(
+        brute.sum(), abs=recompute_bound(stages=64) * scale
+    )
 
 
 def test_float32_parts_sum_to_projection():
@@ -125,8 +162,12 @@ def test_float32_parts_sum_to_projection():
     assert_within(parts.sum(0), phi, bound, "parts")
     e_q = _query(enc, 12)
     att = attribute_tokens(enc, example, e_q)
-    assert att.score == pytest.approx(float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound())
-    assert_within(att.fingerprint.float(), enc.encode(collate([example]))[0], recompute_bound(), "fingerprint")
+    assert att.score == pytest.approx(
+        float(enc.encode(collate([example]))[0] @ e_q), abs=recompute_bound()
+    )
+    assert_within(
+        att.fingerprint.float(), enc.encode(collate([example]))[0], recompute_bound(), "fingerprint"
+    )
 
 
 # -- the endpoint, over real HTTP on the trained test index ----------------------------------
@@ -134,7 +175,9 @@ def test_float32_parts_sum_to_projection():
 
 @pytest.fixture(scope="module")
 def server(tiny_index):
-    settings = Settings(index_dir=tiny_index, max_completion_tokens=16)  # as test_explain_schemathesis's
+    settings = Settings(
+        index_dir=tiny_index, max_completion_tokens=16
+    )  # as test_explain_schemathesis's
     with live_server(create_app(settings)) as base:
         yield httpx.Client(base_url=base, timeout=120)
 
@@ -152,7 +195,10 @@ def test_explain_endpoint_splits_the_result_score(server, query):
         assert r.status_code == 200, r.text
         body = r.json()
         contributions = [t["contribution"] for t in body["tokens"]]
-        assert sum(contributions) == pytest.approx(body["score"], abs=gamma(len(contributions), np.float64) * sum(map(abs, contributions)) + 1e-15)
+        assert sum(contributions) == pytest.approx(
+            body["score"],
+            abs=gamma(len(contributions), np.float64) * sum(map(abs, contributions)) + 1e-15,
+        )
         # The recomputed example is the indexed one: same fingerprint, same score.
         assert body["fingerprint_agreement"] > 0.9999
         assert body["score"] == pytest.approx(hit["score"], abs=FLOAT16_SCORE + recompute_bound())
@@ -192,8 +238,16 @@ def test_explain_schemathesis(server, tiny_index):
     responses match the documented schema, valid input accepted and invalid input refused;
     bounded examples."""
     settings = Settings(index_dir=tiny_index, max_completion_tokens=16)  # the server's
-    run_schemathesis(str(server.base_url), settings, "--phases", "examples,coverage",
-                     "--include-path", "/v1/influence/explain", max_examples=5, timeout=240)  # fmt: skip
+    run_schemathesis(
+        str(server.base_url),
+        settings,
+        "--phases",
+        "examples,coverage",
+        "--include-path",
+        "/v1/influence/explain",
+        max_examples=5,
+        timeout=240,
+    )
 
 
 def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
@@ -214,8 +268,12 @@ def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
         rows = [index.example(i) for i in range(index.size)]
         assert [len(x) for x in ids] == [r.token_end - r.token_start for r in rows]
         pad = int(index.tokenizer.pad_token_id or 0)
-        rebuilt = torch.cat([index.encoder.encode(collate([sequence_example(x) for x in ids[s : s + 16]], pad))
-                             for s in range(0, len(ids), 16)]).double()  # fmt: skip
+        rebuilt = torch.cat(
+            [
+                index.encoder.encode(collate([sequence_example(x) for x in ids[s : s + 16]], pad))
+                for s in range(0, len(ids), 16)
+            ]
+        ).double()
         stored = torch.from_numpy(np.asarray(index.fingerprints, dtype=np.float64))
         cos = (rebuilt * stored).sum(1) / (rebuilt.norm(dim=1) * stored.norm(dim=1))
         assert cos.min().item() > 0.9999
@@ -246,7 +304,11 @@ def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_in
         tok = index.tokenizer
         record = index.example(0)
         text_ids = tok(record.text, add_special_tokens=False)["input_ids"]
-        split = [i for i in text_ids[:1]] + tok(" ", add_special_tokens=False)["input_ids"] + list(text_ids[1:])
+        split = (
+            [i for i in text_ids[:1]]
+            + tok(" ", add_special_tokens=False)["input_ids"]
+            + list(text_ids[1:])
+        )
         record = replace(record, token_start=0, token_end=len(split))
         seq = sequence_tokens(tok, record, split)
         assert seq.input_ids == split != list(text_ids)
@@ -280,7 +342,9 @@ def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
 
         def call():
             r = httpx.post(f"{base}/v1/influence/explain", json={**query, "id": 0}, timeout=60)
-            statuses.append((r.status_code, r.headers.get("retry-after"), r.json().get("error", {}).get("code")))
+            statuses.append(
+                (r.status_code, r.headers.get("retry-after"), r.json().get("error", {}).get("code"))
+            )
 
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
@@ -288,7 +352,9 @@ def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
         for t in threads:
             t.join()
     assert sorted(s for s, _, _ in statuses) == [200] + [503] * 5, statuses
-    assert all(ra is not None and code == "explain_overloaded" for s, ra, code in statuses if s == 503)
+    assert all(
+        ra is not None and code == "explain_overloaded" for s, ra, code in statuses if s == 503
+    )
 
 
 class RecordingLock:
@@ -341,9 +407,15 @@ def test_queries_interleave_with_an_explanation(tiny_index, query):
         thread.join()
     assert result and result[0].status_code == 200, result
     events = list(lock.events)
-    explainer = {name for what, name in events if what == "got" and not name.startswith("influence-batch")}
+    explainer = {
+        name for what, name in events if what == "got" and not name.startswith("influence-batch")
+    }
     passes = [i for i, (what, name) in enumerate(events) if what == "got" and name in explainer]
-    queries = [i for i, (what, name) in enumerate(events) if what == "got" and name.startswith("influence-batch")]
+    queries = [
+        i
+        for i, (what, name) in enumerate(events)
+        if what == "got" and name.startswith("influence-batch")
+    ]
     assert len(passes) > 2, "the explanation held the model in one piece"
     between = [i for i in queries if passes[0] < i < passes[-1]]
     assert between, f"no query ran during the explanation's {len(passes)} passes ({n} queries sent)"
@@ -361,12 +433,18 @@ def test_queries_interleave_with_an_explanation(tiny_index, query):
 
 @pytest.mark.parametrize(
     "hessian,unit_norm,projection,correction",
-    [("none", True, "gaussian", True), ("train", True, "gaussian", True), ("train", False, "gaussian", False),
-     ("train", True, "sketch", True), ("none", True, "sketch", False)],
+    [
+        ("none", True, "gaussian", True),
+        ("train", True, "gaussian", True),
+        ("train", False, "gaussian", False),
+        ("train", True, "sketch", True),
+        ("none", True, "sketch", False),
+    ],
 )
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm, projection, correction, attention,
-                                                             monkeypatch):
+def test_forward_mode_attribution_equals_one_pass_per_target(
+    hessian, unit_norm, projection, correction, attention, monkeypatch
+):
     """c_t from one JVP along the weight direction of R^-1/2 e_q equals phi of each target's
     own backward pass dotted with e_q (float64 weights; softmax in float32 on both sides)."""
     from encoder import token_attribution
@@ -375,8 +453,14 @@ def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm,
     model.config._attn_implementation = attention
     enc = _encoder(model, hessian, unit_norm, projection)
     if not correction:
-        config = FingerprintConfig(k=3, seed=7, hessian=hessian, unit_norm=unit_norm, correction=False,
-                                   projection=projection)  # fmt: skip
+        config = FingerprintConfig(
+            k=3,
+            seed=7,
+            hessian=hessian,
+            unit_norm=unit_norm,
+            correction=False,
+            projection=projection,
+        )
         uncorrected = TrackStarEncoder(model, config, whitener=enc.whitener)
         uncorrected.family.restore(enc.family.tensors())
         enc = uncorrected
@@ -387,6 +471,8 @@ def test_forward_mode_attribution_equals_one_pass_per_target(hessian, unit_norm,
         fast = attribute_tokens(enc, example, e_q, method="jvp")
     slow = attribute_tokens(enc, example, e_q, method="copies", chunk=4)
     scale = float(slow.contributions.abs().sum())
-    assert_within(fast.contributions, slow.contributions, recompute_bound(stages=64) * scale, "contributions")
+    assert_within(
+        fast.contributions, slow.contributions, recompute_bound(stages=64) * scale, "contributions"
+    )
     assert fast.score == pytest.approx(slow.score, abs=recompute_bound(stages=64) * scale)
     assert_within(fast.fingerprint, slow.fingerprint, recompute_bound(stages=64), "fingerprint")

@@ -28,7 +28,9 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_index):
-    settings = Settings(index_dir=tiny_index, max_new_tokens=MAX_NEW, max_batch_size=8, max_wait_ms=10)
+    settings = Settings(
+        index_dir=tiny_index, max_new_tokens=MAX_NEW, max_batch_size=8, max_wait_ms=10
+    )
     with live_server(create_app(settings)) as base:
         with httpx.Client(base_url=base, timeout=120) as client:
             yield client
@@ -47,8 +49,13 @@ def reference(tiny_index, opened):
     model_dir = opened.manifest.model.path
     model, tokenizer = load_model(model_dir, device="cpu"), load_tokenizer(model_dir)
     ids = torch.tensor([tokenize_prompt(tokenizer, PROMPT)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     new = out[0, ids.shape[1] :].tolist()
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
@@ -79,7 +86,9 @@ def test_greedy_generation_is_the_models_and_its_examples_are_ranked(server, ope
     # The generated token ids themselves are traced.
     ids = tuple(reference["prompt_ids"] + reference["ids"])
     n_prompt = len(reference["prompt_ids"])
-    want, scores = brute_force(opened, Example(ids, (False,) * n_prompt + (True,) * len(reference["ids"])), 5)
+    want, scores = brute_force(
+        opened, Example(ids, (False,) * n_prompt + (True,) * len(reference["ids"])), 5
+    )
     assert [x["id"] for x in body["results"]] == want
     gaps = np.abs(np.array([x["score"] for x in body["results"]]) - scores)
     assert gaps.max() <= FLOAT16_SCORE + recompute_bound(), gaps
@@ -148,7 +157,9 @@ def test_a_span_traces_only_its_tokens(server, opened):
     want, _ = brute_force(opened, Example(ids, mask), 5)
     assert [x["id"] for x in body["results"]] == want
     whole = ask(server, completion=completion).json()
-    assert [x["id"] for x in whole["results"]] != want, "the span changed nothing: this test could not fail"
+    assert [x["id"] for x in whole["results"]] != want, (
+        "the span changed nothing: this test could not fail"
+    )
     # An end past the completion's end: to its end. A start past it; an empty span.
     tail = ask(server, completion=completion, span={"start": 3, "end": 10**5}).json()
     assert tail["span"]["end"] == len(completion)
@@ -164,13 +175,16 @@ def test_generate_with_a_span(server, reference):
     assert body["span"]["start"] == 0 and body["span"]["end"] <= len(reference["text"])
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"generate": {"max_new_tokens": MAX_NEW + 1}}, 413, "input_too_long"),
-    ({"generate": {"max_new_tokens": 0}}, 422, "validation_error"),
-    ({"generate": {"max_new_tokens": 4, "temperature": -1}}, 422, "validation_error"),
-    ({"generate": {"max_new_tokens": 4}, "completion": " x"}, 422, "validation_error"),
-    ({}, 422, "validation_error"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"generate": {"max_new_tokens": MAX_NEW + 1}}, 413, "input_too_long"),
+        ({"generate": {"max_new_tokens": 0}}, 422, "validation_error"),
+        ({"generate": {"max_new_tokens": 4, "temperature": -1}}, 422, "validation_error"),
+        ({"generate": {"max_new_tokens": 4}, "completion": " x"}, 422, "validation_error"),
+        ({}, 422, "validation_error"),
+    ],
+)
 def test_bad_generate_requests(server, body, status, code):
     r = ask(server, **body)
     assert r.status_code == status, r.text
@@ -192,7 +206,9 @@ def test_batch_generates_and_validates_per_query(server):
     assert [e["status"] for e in out["errors"]] == [422, 413, 422]
     assert out["errors"][0]["error"]["details"]["field"] == "completion"
     assert out["errors"][2]["error"]["details"]["field"] == "unknown"
-    assert out["responses"][1] is None and out["responses"][3] is None and out["responses"][4] is None
+    assert (
+        out["responses"][1] is None and out["responses"][3] is None and out["responses"][4] is None
+    )
     single = ask(server, generate={"max_new_tokens": MAX_NEW}, k=3).json()
     assert out["responses"][0]["completion"] == single["completion"]
     assert [x["id"] for x in out["responses"][0]["results"]] == [x["id"] for x in single["results"]]
@@ -202,8 +218,20 @@ def test_batch_generates_and_validates_per_query(server):
 
 
 def test_cli_generate_answers_what_the_service_answers(server, tiny_index, capsys):
-    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", PROMPT, "--generate", str(MAX_NEW),
-                         "-k", "5", "--json"])  # fmt: skip
+    rc = influence_main(
+        [
+            "query",
+            "--index",
+            str(tiny_index),
+            "--prompt",
+            PROMPT,
+            "--generate",
+            str(MAX_NEW),
+            "-k",
+            "5",
+            "--json",
+        ]
+    )
     assert rc == 0
     cli = json.loads(capsys.readouterr().out)
     body = ask(server, generate={"max_new_tokens": MAX_NEW}).json()
@@ -215,8 +243,13 @@ def test_cli_generate_answers_what_the_service_answers(server, tiny_index, capsy
 
 def test_generate_leaves_the_global_rng_alone(opened):
     state = torch.get_rng_state()
-    generate(opened.encoder.model, tokenize_prompt(opened.tokenizer, PROMPT),
-             Generation(4, temperature=1.0, seed=3), eos_token_id=None, pad_token_id=0)  # fmt: skip
+    generate(
+        opened.encoder.model,
+        tokenize_prompt(opened.tokenizer, PROMPT),
+        Generation(4, temperature=1.0, seed=3),
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(state, torch.get_rng_state())
 
 
@@ -229,19 +262,34 @@ def test_token_spans_without_a_fast_tokenizer_follow_the_decoded_prefixes(opened
         ids = opened.tokenizer(text, add_special_tokens=False)["input_ids"]
         slow = token_spans(Slow(), text, ids)
         assert len(slow) == len(ids) and slow[0][0] == 0 and slow[-1][1] == len(text)
-        assert all(a[1] == b[0] for a, b in zip(slow, slow[1:], strict=False))  # contiguous, monotone
-        if text.isascii():  # every token is whole characters: the fast offsets, up to trimmed spaces
+        assert all(
+            a[1] == b[0] for a, b in zip(slow, slow[1:], strict=False)
+        )  # contiguous, monotone
+        if (
+            text.isascii()
+        ):  # every token is whole characters: the fast offsets, up to trimmed spaces
             fast = token_spans(opened.tokenizer, text, ids)
-            assert all(fs <= fe and s <= fs and fe <= e for (s, e), (fs, fe) in zip(slow, fast, strict=True))
+            assert all(
+                fs <= fe and s <= fs and fe <= e
+                for (s, e), (fs, fe) in zip(slow, fast, strict=True)
+            )
 
 
 def test_traced_example_marks_the_span():
     spans = [(0, 3), (3, 5), (5, 9)]
     example, snapped = traced_example([7, 8], [1, 2, 3], spans, (4, 6))
-    assert example.input_ids == (7, 8, 1, 2, 3) and example.target_mask == (False, False, False, True, True)
+    assert example.input_ids == (7, 8, 1, 2, 3) and example.target_mask == (
+        False,
+        False,
+        False,
+        True,
+        True,
+    )
     assert snapped == (3, 9)
     example, snapped = traced_example([7], [1, 2, 3], spans, (0, 1))
-    assert example.input_ids == (7, 1) and example.target_mask == (False, True) and snapped == (0, 3)
+    assert (
+        example.input_ids == (7, 1) and example.target_mask == (False, True) and snapped == (0, 3)
+    )
     example, snapped = traced_example([7], [1, 2, 3], spans, None)
     assert example.target_mask == (False, True, True, True)
 
@@ -251,10 +299,14 @@ def test_explain_with_the_querys_span_splits_the_spans_score(server):
     span = {"start": 0, "end": 8}
     body = ask(server, completion=completion, span=span).json()
     top = body["results"][0]
-    r = server.post("/v1/influence/explain", json={"prompt": PROMPT, "completion": completion, "id": top["id"],
-                                                   "span": span})  # fmt: skip
+    r = server.post(
+        "/v1/influence/explain",
+        json={"prompt": PROMPT, "completion": completion, "id": top["id"], "span": span},
+    )
     assert r.status_code == 200, r.text
     explained = r.json()
     assert abs(explained["index_score"] - top["score"]) <= FLOAT16_SCORE + recompute_bound()
-    whole = server.post("/v1/influence/explain", json={"prompt": PROMPT, "completion": completion, "id": top["id"]}).json()
+    whole = server.post(
+        "/v1/influence/explain", json={"prompt": PROMPT, "completion": completion, "id": top["id"]}
+    ).json()
     assert abs(whole["index_score"] - explained["index_score"]) > FLOAT16_SCORE + recompute_bound()

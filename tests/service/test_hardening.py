@@ -28,8 +28,13 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(index_dir):
-    settings = Settings(index_dir=index_dir, api_keys=[KEY], admin_keys=[ADMIN], max_body_bytes=4096,
-                        reload_root=index_dir.parent / "published")  # fmt: skip
+    settings = Settings(
+        index_dir=index_dir,
+        api_keys=[KEY],
+        admin_keys=[ADMIN],
+        max_body_bytes=4096,
+        reload_root=index_dir.parent / "published",
+    )
     with live_server(create_app(settings, opener=FakeOpener())) as base:
         yield base
 
@@ -65,7 +70,10 @@ def test_admin_has_its_own_key_and_reloads_stay_under_the_root(keyed, index_dir)
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"  # a query key
     for target in (outside, root / "escape", root / ".." / "elsewhere", "/etc"):
         r = reload(ADMIN, target)
-        assert r.status_code == 403 and r.json()["error"]["code"] == "reload_outside_root", (target, r.text)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "reload_outside_root", (
+            target,
+            r.text,
+        )
     r = reload(ADMIN, "/tmp/a\u0000b".encode().decode("unicode_escape"))
     assert r.status_code == 422, r.text
     assert reload(ADMIN, root / "v2").status_code == 200
@@ -95,9 +103,15 @@ def test_errors_escape_and_truncate_client_text():
 
 
 def test_auth_comes_before_the_body(keyed):
-    r = httpx.post(f"{keyed}/v1/influence", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        f"{keyed}/v1/influence", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-    r = httpx.post(f"{keyed}/v1/influence", content=b"{not json", headers={**_auth(), "Authorization": "Bearer no"})
+    r = httpx.post(
+        f"{keyed}/v1/influence",
+        content=b"{not json",
+        headers={**_auth(), "Authorization": "Bearer no"},
+    )
     assert r.status_code == 403
     r = httpx.post(f"{keyed}/v1/influence", content=b"{not json", headers=_auth())
     assert r.status_code == 422  # with a key, the body is read and refused
@@ -123,18 +137,24 @@ def test_body_limit_without_a_key_is_401_not_buffered(keyed):
     """A huge anonymous body is refused from the headers; the server never reads it."""
     host, port = keyed.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/influence HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000000\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/influence HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n{"
+        )
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 401")
 
 
 def test_integral_floats_everywhere(open_server):
-    r = httpx.post(f"{open_server}/v1/influence", json={"prompt": "a", "completion": " b", "k": 5.0})
+    r = httpx.post(
+        f"{open_server}/v1/influence", json={"prompt": "a", "completion": " b", "k": 5.0}
+    )
     assert r.status_code == 200 and len(r.json()["results"]) == 5
-    r = httpx.post(f"{open_server}/v1/influence", json={"prompt": "a", "completion": " b", "k": 5.5})
+    r = httpx.post(
+        f"{open_server}/v1/influence", json={"prompt": "a", "completion": " b", "k": 5.5}
+    )
     assert r.status_code == 422
-    from api.models import ExplainRequest
+    from api.explain_models import ExplainRequest
 
     assert ExplainRequest.model_validate({"prompt": "a", "completion": " b", "id": 3.0}).id == 3
     with pytest.raises(ValidationError):
@@ -145,7 +165,9 @@ def test_openapi_states_security_and_token_limits(index_dir):
     settings = Settings(index_dir=index_dir, max_prompt_tokens=40, max_completion_tokens=20)
     schema = create_app(settings, opener=FakeOpener()).openapi()
     assert set(schema["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
-    assert schema["paths"]["/v1/influence"]["post"]["security"][-1] == {}  # optional while auth is off
+    assert (
+        schema["paths"]["/v1/influence"]["post"]["security"][-1] == {}
+    )  # optional while auth is off
     assert {} not in schema["paths"]["/v1/admin/reload"]["post"]["security"]
     props = schema["components"]["schemas"]["InfluenceQuery"]["properties"]
     assert props["prompt"]["x-max-tokens"] == 40 and props["completion"]["x-max-tokens"] == 20
@@ -187,9 +209,13 @@ def test_every_process_logs_through_the_safe_formatter():
     import subprocess
     import sys
 
-    code = ("import logging; from service.logs import configure_logging; configure_logging(); "
-            "logging.getLogger('influence.access').info('GET /v1/examples/%s', '\\nFORGED\\x00')")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    code = (
+        "import logging; from service.logs import configure_logging; configure_logging(); "
+        "logging.getLogger('influence.access').info('GET /v1/examples/%s', '\\nFORGED\\x00')"
+    )
+    err = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    ).stderr
     assert err.count("\n") == 1 and "\\x0aFORGED\\x00" in err, err
 
 

@@ -41,7 +41,11 @@ class BrokenIndex(FakeIndex):
 
     def encode_examples(self, examples: list[Example]) -> np.ndarray:
         n = len(self.poison_ids)
-        if any(tuple(e.input_ids[i : i + n]) == self.poison_ids for e in examples for i in range(len(e.input_ids))):
+        if any(
+            tuple(e.input_ids[i : i + n]) == self.poison_ids
+            for e in examples
+            for i in range(len(e.input_ids))
+        ):
             raise RuntimeError("shape mismatch in a kernel")
         return super().encode_examples(examples)
 
@@ -66,7 +70,11 @@ def base(tmp_path_factory):
 
 
 VALID = {"prompt": "what is", "completion": " this", "k": 3}
-HOT = {"prompt": "sample", "generate": {"max_new_tokens": 4, "temperature": 1e-44, "seed": 1}, "k": 3}
+HOT = {
+    "prompt": "sample",
+    "generate": {"max_new_tokens": 4, "temperature": 1e-44, "seed": 1},
+    "k": 3,
+}
 
 
 def _post(base: str, body: dict) -> httpx.Response:
@@ -74,8 +82,11 @@ def _post(base: str, body: dict) -> httpx.Response:
         return client.post("/v1/influence", json=body)
 
 
-@pytest.mark.parametrize("poison", [HOT, {"prompt": POISON_PROMPT, "completion": " x", "k": 3}],
-                         ids=["generation", "shared-encode"])  # fmt: skip
+@pytest.mark.parametrize(
+    "poison",
+    [HOT, {"prompt": POISON_PROMPT, "completion": " x", "k": 3}],
+    ids=["generation", "shared-encode"],
+)
 def test_a_failing_query_fails_alone_among_concurrent_clients(base, poison):
     valid = [{**VALID, "prompt": f"what is {i}"} for i in range(12)]
     with ThreadPoolExecutor(len(valid) + 1) as pool:
@@ -83,7 +94,9 @@ def test_a_failing_query_fails_alone_among_concurrent_clients(base, poison):
         good = [pool.submit(_post, base, body) for body in valid]
         responses = [f.result() for f in good]
         failed = bad.result()
-    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error", failed.text
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error", (
+        failed.text
+    )
     assert "probability" not in failed.text and "kernel" not in failed.text  # never echoed
     assert [r.status_code for r in responses] == [200] * len(valid), [r.text for r in responses]
     for body, response in zip(valid, responses, strict=True):
@@ -99,7 +112,11 @@ def test_a_batch_call_answers_its_valid_queries_beside_a_failing_one(base):
     body = r.json()
     assert [resp is None for resp in body["responses"]] == [i == 3 for i in range(8)]
     (error,) = body["errors"]
-    assert (error["query_index"], error["status"], error["error"]["code"]) == (3, 500, "internal_error")
+    assert (error["query_index"], error["status"], error["error"]["code"]) == (
+        3,
+        500,
+        "internal_error",
+    )
 
 
 def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None):
@@ -109,8 +126,11 @@ def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: di
     return response.status, response.getheader("connection"), json.loads(response.read())
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [("POST", "/v1/influence", HOT), ("GET", "/v1/examples/13", None)],
-                         ids=["query", "unexpected-exception-in-a-route"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("POST", "/v1/influence", HOT), ("GET", "/v1/examples/13", None)],
+    ids=["query", "unexpected-exception-in-a-route"],
+)
 def test_a_500_keeps_the_connection_for_the_next_request(base, method, path, body):
     url = urlsplit(base)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
@@ -164,6 +184,8 @@ def test_a_timed_out_query_stops_consuming_the_model(tmp_path):
             assert r.status_code == 503 and r.json()["error"]["code"] == "timeout", r.text
             assert index.waiting.is_set()  # it timed out while the second chunk was held
             index.release.set()
-            after = client.post("/v1/influence", json={**VALID, "k": 5, "rescore": 0})  # queued behind it
+            after = client.post(
+                "/v1/influence", json={**VALID, "k": 5, "rescore": 0}
+            )  # queued behind it
             assert after.status_code == 200
     assert index.chunks == [5, 8], index.chunks  # the first k, the chunk in flight; not 100

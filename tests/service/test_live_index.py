@@ -40,8 +40,14 @@ def republish(src, dst, note: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_index, tmp_path_factory):
-    settings = Settings(index_dir=tiny_index, api_keys=[KEY], admin_keys=[KEY], max_batch_size=8, max_wait_ms=10,
-                        reload_root=tmp_path_factory.getbasetemp())  # fmt: skip
+    settings = Settings(
+        index_dir=tiny_index,
+        api_keys=[KEY],
+        admin_keys=[KEY],
+        max_batch_size=8,
+        max_wait_ms=10,
+        reload_root=tmp_path_factory.getbasetemp(),
+    )
     with live_server(create_app(settings)) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         yield client
@@ -49,15 +55,29 @@ def server(tiny_index, tmp_path_factory):
 
 
 def influence(client, prompt, completion, k=10, **extra):
-    r = client.post("/v1/influence", json={"prompt": prompt, "completion": completion, "k": k, **extra})
+    r = client.post(
+        "/v1/influence", json={"prompt": prompt, "completion": completion, "k": k, **extra}
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def test_results_equal_influence_query(server, tiny_index, capsys):
     prompt, completion = PROMPTS[0]
-    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", prompt,
-                         "--completion", completion, "-k", "10", "--json"])
+    rc = influence_main(
+        [
+            "query",
+            "--index",
+            str(tiny_index),
+            "--prompt",
+            prompt,
+            "--completion",
+            completion,
+            "-k",
+            "10",
+            "--json",
+        ]
+    )
     assert rc == 0
     cli_rows = json.loads(capsys.readouterr().out)["results"]
     body = influence(server, prompt, completion, k=10)
@@ -91,7 +111,9 @@ def test_concurrent_clients_get_their_own_results(server):
         assert_same_results(body["results"], singles[pc])
     after = server.get("/metrics").text
     # Batching happened: fewer encode passes than queries.
-    passes = _value(after, "influence_batch_size_count") - _value(before, "influence_batch_size_count")
+    passes = _value(after, "influence_batch_size_count") - _value(
+        before, "influence_batch_size_count"
+    )
     queries = _value(after, "influence_batch_size_sum") - _value(before, "influence_batch_size_sum")
     assert queries == len(jobs) and passes < len(jobs)
 
@@ -121,9 +143,14 @@ def test_reload_under_load_fails_no_request(server, tiny_index, tmp_path):
     served = [0]
 
     def client_loop():
-        with httpx.Client(base_url=str(server.base_url), timeout=60, headers={"X-API-Key": KEY}) as c:
+        with httpx.Client(
+            base_url=str(server.base_url), timeout=60, headers={"X-API-Key": KEY}
+        ) as c:
             while not stop.is_set():
-                r = c.post("/v1/influence", json={"prompt": PROMPTS[1][0], "completion": PROMPTS[1][1], "k": 5})
+                r = c.post(
+                    "/v1/influence",
+                    json={"prompt": PROMPTS[1][0], "completion": PROMPTS[1][1], "k": 5},
+                )
                 if r.status_code != 200:
                     failures.append(f"{r.status_code} {r.text}")
                     continue
@@ -146,7 +173,10 @@ def test_reload_under_load_fails_no_request(server, tiny_index, tmp_path):
         v1 = r.json()["index_version"]
         time.sleep(0.5)
         r = server.post("/v1/admin/reload", json={"index_dir": str(bad)})
-        assert r.status_code == 422 and r.json()["error"]["code"] in ("checksum_mismatch", "artifact_error")
+        assert r.status_code == 422 and r.json()["error"]["code"] in (
+            "checksum_mismatch",
+            "artifact_error",
+        )
         assert server.get("/v1/index").json()["index_version"] == v1  # the old one serves on
         time.sleep(0.3)
         r = server.post("/v1/admin/reload", json={"index_dir": str(tiny_index)})
@@ -163,13 +193,18 @@ def test_reload_under_load_fails_no_request(server, tiny_index, tmp_path):
 
 
 def test_overload_is_prompt_503_with_retry_after(tiny_index):
-    settings = Settings(index_dir=tiny_index, max_batch_size=1, max_wait_ms=0, max_queue=2,
-                        retry_after_s=2)
+    settings = Settings(
+        index_dir=tiny_index, max_batch_size=1, max_wait_ms=0, max_queue=2, retry_after_s=2
+    )
     with live_server(create_app(settings)) as base:
+
         def one(i):
             with httpx.Client(timeout=60) as c:
                 t0 = time.perf_counter()
-                r = c.post(f"{base}/v1/influence", json={"prompt": f"Query {i} is", "completion": " long" * 20})
+                r = c.post(
+                    f"{base}/v1/influence",
+                    json={"prompt": f"Query {i} is", "completion": " long" * 20},
+                )
                 return r, time.perf_counter() - t0
 
         with ThreadPoolExecutor(max_workers=24) as pool:
@@ -188,7 +223,9 @@ def test_overload_is_prompt_503_with_retry_after(tiny_index):
 def _value(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if line.startswith((name + "{", name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -208,8 +245,11 @@ def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
     served = republish(tiny_index, tmp_path / "served", "a")
     port = free_port()
     exe = Path(sys.executable).parent / "influence"
-    proc = subprocess.Popen([str(exe), "serve", "--index", str(served), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--index", str(served), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def wait_for(predicate, seconds=90):
@@ -234,12 +274,19 @@ def test_serve_command_reloads_on_sighup(tiny_index, tmp_path):
         proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: httpx.get(f"{base}/v1/index").json()["index_version"] != v_a)
         v_b = httpx.get(f"{base}/v1/index").json()["index_version"]
-        assert influence(httpx.Client(base_url=base, timeout=60), *PROMPTS[0], k=3)["index_version"] == v_b
+        assert (
+            influence(httpx.Client(base_url=base, timeout=60), *PROMPTS[0], k=3)["index_version"]
+            == v_b
+        )
 
         (served / "index.faiss").write_bytes(b"corrupt")
         proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: "influence_index_reloads_total{outcome=\"refused\"} 1.0"
-                        in httpx.get(f"{base}/metrics").text)
+        assert wait_for(
+            lambda: (
+                'influence_index_reloads_total{outcome="refused"} 1.0'
+                in httpx.get(f"{base}/metrics").text
+            )
+        )
         assert httpx.get(f"{base}/v1/index").json()["index_version"] == v_b
         assert httpx.get(f"{base}/readyz").status_code == 200
     finally:
@@ -261,17 +308,35 @@ def test_serve_command_with_several_workers(server, tiny_index):
 
     port = free_port()
     exe = Path(sys.executable).parent / "influence"
-    proc = subprocess.Popen([str(exe), "serve", "--index", str(tiny_index), "--port", str(port),
-                             "--workers", "2", "--torch-threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            "--index",
+            str(tiny_index),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--torch-threads",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         try:  # 20 fresh connections in a row: every worker is ready
             wait_http(f"{base}/readyz", 120, proc, streak=20)
         except RuntimeError as exc:
-            raise AssertionError(f"{exc}: {proc.stderr.read().decode()[-3000:] if proc.poll() is not None else ''}") from exc
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()
-                   or "influence" in " ".join(c.cmdline())]  # fmt: skip
+            raise AssertionError(
+                f"{exc}: {proc.stderr.read().decode()[-3000:] if proc.poll() is not None else ''}"
+            ) from exc
+        workers = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "python" in c.name().lower() or "influence" in " ".join(c.cmdline())
+        ]
         assert len(workers) >= 2
         want = influence(server, *PROMPTS[1], k=5)["results"]  # the one-process server
         for _ in range(6):
@@ -282,7 +347,9 @@ def test_serve_command_with_several_workers(server, tiny_index):
         proc.wait(timeout=30)
 
 
-def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(server, tiny_index, tmp_path):
+def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(
+    server, tiny_index, tmp_path
+):
     """BM25 is opened with the index, not read from its path on the first bm25 query: after
     the directory behind the path is replaced, and after a refused reload, bm25 and hybrid
     answer from the index being served (the module's server, on the same content, says what)."""
@@ -290,7 +357,11 @@ def test_lexical_index_is_held_across_replaced_paths_and_refused_reloads(server,
 
     served = republish(tiny_index, tmp_path / "served", "bm25-held")
     prompt, completion = PROMPTS[0]
-    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path))) as base:
+    with live_server(
+        create_app(
+            Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path)
+        )
+    ) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         shutil.move(served, tmp_path / "moved-away")
         shutil.copytree(tiny_index, served)
@@ -315,7 +386,11 @@ def test_in_place_edits_are_503_and_readyz_says_so(tiny_index, tmp_path, victim)
     served = republish(tiny_index, tmp_path / "served", "in-place")
     fresh = republish(tiny_index, tmp_path / "fresh", "fresh")
     prompt, completion = PROMPTS[0]
-    with live_server(create_app(Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path))) as base:
+    with live_server(
+        create_app(
+            Settings(index_dir=served, api_keys=[KEY], admin_keys=[KEY], reload_root=tmp_path)
+        )
+    ) as base:
         client = httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": KEY})
         influence(client, prompt, completion)
         path = served / victim

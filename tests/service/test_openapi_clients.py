@@ -29,11 +29,17 @@ def test_committed_openapi_matches_the_app():
 
 def test_operation_ids_and_tags_read_well():
     schema = json.loads(OPENAPI_PATH.read_text())
-    ops = {
-        op["operationId"]: op for path in schema["paths"].values() for op in path.values()
-    }
-    for name in ("query_influence", "query_influence_batch", "get_example", "get_index",
-                 "reload_index", "healthz", "readyz", "metrics"):
+    ops = {op["operationId"]: op for path in schema["paths"].values() for op in path.values()}
+    for name in (
+        "query_influence",
+        "query_influence_batch",
+        "get_example",
+        "get_index",
+        "reload_index",
+        "healthz",
+        "readyz",
+        "metrics",
+    ):
         assert name in ops and ops[name]["tags"] and ops[name].get("description")
     for status in ("401", "403", "413", "422", "503"):
         assert status in ops["query_influence"]["responses"]
@@ -54,24 +60,53 @@ SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
 SCHEMATHESIS_KEY = "schemathesis-key"
 
 
-def run_schemathesis(base: str, settings: Settings, *options: str, max_examples: int = 8, timeout: int = 300) -> None:
+def run_schemathesis(
+    base: str, settings: Settings, *options: str, max_examples: int = 8, timeout: int = 300
+) -> None:
     """schemathesis (all checks, every phase unless ``options`` say, a bounded number of
     examples per operation, deterministic) against a live server run with ``settings``; its
     hooks filter the rules no schema can state (schemathesis_hooks.py)."""
     from indexer.manifest import Manifest
 
     assert settings.index_dir is not None
-    config = json.loads((Path(Manifest.read(settings.index_dir).model.path) / "config.json").read_text())
-    limits = {"prompt": settings.max_prompt_tokens, "completion": settings.max_completion_tokens,
-              "context": config["n_positions"]}  # fmt: skip
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
-           "INFLUENCE_ST_LIMITS": json.dumps(limits), "PYTHONPATH": str(REPO)}  # fmt: skip
+    config = json.loads(
+        (Path(Manifest.read(settings.index_dir).model.path) / "config.json").read_text()
+    )
+    limits = {
+        "prompt": settings.max_prompt_tokens,
+        "completion": settings.max_completion_tokens,
+        "context": config["n_positions"],
+    }
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
+        "INFLUENCE_ST_LIMITS": json.dumps(limits),
+        "PYTHONPATH": str(REPO),
+    }
     result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{base}/openapi.json",
-         "--checks", "all", "--max-examples", str(max_examples), "--generation-deterministic", "--workers", "1",
-         "--request-timeout", "60", *options],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "schemathesis"),
+            "--config-file",
+            str(SCHEMATHESIS_CONFIG),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            str(max_examples),
+            "--generation-deterministic",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "60",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     failures = result.stdout[result.stdout.find("FAILURES") : result.stdout.find("SUMMARY")]
     assert result.returncode == 0, failures[:6000] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
@@ -83,12 +118,21 @@ def test_schemathesis_no_server_errors_no_schema_violations(server, settings):
     schema, schema-valid input is accepted and invalid input refused, with no exemption per
     operation. Reload is left out (it needs an API key; the keyed run and the reload tests
     cover it), and so is explain (test_explain.py runs it)."""
-    run_schemathesis(server, settings, "--exclude-path", "/v1/admin/reload", "--exclude-path", "/v1/influence/explain")
+    run_schemathesis(
+        server,
+        settings,
+        "--exclude-path",
+        "/v1/admin/reload",
+        "--exclude-path",
+        "/v1/influence/explain",
+    )
 
 
 @pytest.fixture(scope="module")
 def keyed_settings(settings):
-    return settings.model_copy(update={"api_keys": [SCHEMATHESIS_KEY], "admin_keys": [SCHEMATHESIS_KEY]})
+    return settings.model_copy(
+        update={"api_keys": [SCHEMATHESIS_KEY], "admin_keys": [SCHEMATHESIS_KEY]}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +146,14 @@ def test_schemathesis_with_api_keys(keyed_server, keyed_settings):
     """The same run with auth on and the key sent, reload included (fuzzed index
     directories must be refused with a 4xx, never a 500; a reload of the configured index
     swaps it for itself)."""
-    run_schemathesis(keyed_server, keyed_settings, "-H", f"Authorization: Bearer {SCHEMATHESIS_KEY}",
-                     "--exclude-path", "/v1/influence/explain")  # fmt: skip
+    run_schemathesis(
+        keyed_server,
+        keyed_settings,
+        "-H",
+        f"Authorization: Bearer {SCHEMATHESIS_KEY}",
+        "--exclude-path",
+        "/v1/influence/explain",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +163,33 @@ def generated_client(tmp_path_factory):
     out = tmp_path_factory.mktemp("generated") / "influence-client"
     # README's command, `make client`, from a shell without the venv on PATH: no warning
     # that ruff is missing (the generator formats its output with it).
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if ".venv" not in p
+    )
     env = {**os.environ, "PATH": path or "/usr/bin:/bin"}
     env.pop("VIRTUAL_ENV", None)
-    result = subprocess.run(["make", "-s", "client", f"CLIENT_OUT={out}"], cwd=OPENAPI_PATH.parent.parent,
-                            env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    result = subprocess.run(
+        ["make", "-s", "client", f"CLIENT_OUT={out}"],
+        cwd=OPENAPI_PATH.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ruff" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
     site = out.parent / "site"
-    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(out)]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--target",
+        str(site),
+        str(out),
+    ]
     result = subprocess.run(install, capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sys.path.insert(0, str(site))
@@ -179,11 +247,16 @@ def test_the_schema_states_what_the_server_enforces(body, valid):
 
     settings = Settings(max_new_tokens=64)
     document = create_app(settings).openapi()
-    schema = {**document["components"]["schemas"]["InfluenceQuery"], "components": document["components"]}
+    schema = {
+        **document["components"]["schemas"]["InfluenceQuery"],
+        "components": document["components"],
+    }
     assert jsonschema_rs.validator_for(schema).is_valid(body) == valid
     try:
         query = InfluenceQuery.model_validate(body)
-        accepted = query.generate is None or query.generate.max_new_tokens <= settings.max_new_tokens
+        accepted = (
+            query.generate is None or query.generate.max_new_tokens <= settings.max_new_tokens
+        )
     except ValidationError:
         accepted = False
     assert accepted == valid

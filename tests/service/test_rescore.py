@@ -28,11 +28,18 @@ def exact_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
     from indexer.build import BuildConfig, run_build
 
     corpus, _ = fact_corpus_files
-    return run_build(BuildConfig(
-        model=trained_checkpoint.checkpoint_dir, corpus=corpus,
-        out=tmp_path_factory.mktemp("exact_index") / "index",
-        fingerprint=FingerprintConfig(k=0, hessian="none", projection="gaussian", correction=True), shard_size=16, batch_size=8,
-    ))  # fmt: skip
+    return run_build(
+        BuildConfig(
+            model=trained_checkpoint.checkpoint_dir,
+            corpus=corpus,
+            out=tmp_path_factory.mktemp("exact_index") / "index",
+            fingerprint=FingerprintConfig(
+                k=0, hessian="none", projection="gaussian", correction=True
+            ),
+            shard_size=16,
+            batch_size=8,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +56,27 @@ def _query(client, **extra):
 
 
 def _exact_rows(exact_index, k, capsys):
-    rc = influence_main(["query", "--index", str(exact_index), "--prompt", PROMPT,
-                         "--completion", COMPLETION, "-k", str(k), "--json"])  # fmt: skip
+    rc = influence_main(
+        [
+            "query",
+            "--index",
+            str(exact_index),
+            "--prompt",
+            PROMPT,
+            "--completion",
+            COMPLETION,
+            "-k",
+            str(k),
+            "--json",
+        ]
+    )
     assert rc == 0
     return json.loads(capsys.readouterr().out)["results"]
 
 
-def test_rescoring_every_candidate_gives_the_unprojected_ranking(client, tiny_index, exact_index, capsys):
+def test_rescoring_every_candidate_gives_the_unprojected_ranking(
+    client, tiny_index, exact_index, capsys
+):
     size = client.get("/v1/index").json()["size"]
     got = _query(client, k=10, rescore=size)
     want = _exact_rows(exact_index, 10, capsys)
@@ -66,12 +87,28 @@ def test_rescoring_every_candidate_gives_the_unprojected_ranking(client, tiny_in
     first = _query(client, k=10)
     assert [r["id"] for r in first] != [r["id"] for r in want]
     # influence query --rescore answers the same.
-    rc = influence_main(["query", "--index", str(tiny_index), "--prompt", PROMPT, "--completion", COMPLETION,
-                         "-k", "10", "--rescore", str(size), "--json"])  # fmt: skip
+    rc = influence_main(
+        [
+            "query",
+            "--index",
+            str(tiny_index),
+            "--prompt",
+            PROMPT,
+            "--completion",
+            COMPLETION,
+            "-k",
+            "10",
+            "--rescore",
+            str(size),
+            "--json",
+        ]
+    )
     assert rc == 0
     cli = json.loads(capsys.readouterr().out)["results"]
     assert [r["id"] for r in cli] == [r["id"] for r in got]
-    assert np.abs(np.array([r["score"] for r in cli]) - np.array([r["score"] for r in got])).max() <= 2 * recompute_bound(np.float32)
+    assert np.abs(
+        np.array([r["score"] for r in cli]) - np.array([r["score"] for r in got])
+    ).max() <= 2 * recompute_bound(np.float32)
 
 
 def test_rescore_below_k_reorders_the_first_stage_top_k(client):
@@ -92,7 +129,9 @@ def test_other_modes_ignore_rescore(client):
     assert _query(client, k=5, mode="bm25", rescore=50) == _query(client, k=5, mode="bm25")
 
 
-@pytest.mark.parametrize("extra", [{"rescore": -1}, {"rescore": 10**6}, {"rescore": "5"}, {"rescore": 2.5}])
+@pytest.mark.parametrize(
+    "extra", [{"rescore": -1}, {"rescore": 10**6}, {"rescore": "5"}, {"rescore": 2.5}]
+)
 def test_bad_rescore_requests_are_422(client, extra):
     r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, **extra})
     assert r.status_code == 422, r.text
@@ -124,22 +163,38 @@ def test_the_response_says_how_the_second_stage_ended(client):
     size = client.get("/v1/index").json()["size"]
 
     def ask(**extra):
-        r = client.post("/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, "k": 3, **extra})
+        r = client.post(
+            "/v1/influence", json={"prompt": PROMPT, "completion": COMPLETION, "k": 3, **extra}
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
     whole = ask(rescore=size, confidence=0.9)
-    assert whole["rescore"] == {"candidates": size, "certified": True, "confidence": 0.9, "miss_probability": 0.0}
+    assert whole["rescore"] == {
+        "candidates": size,
+        "certified": True,
+        "confidence": 0.9,
+        "miss_probability": 0.0,
+    }
     t = whole["timings_ms"]
-    assert 0 < t["rescore"] <= t["total"] and 0 <= t["search"] < t["rescore"]  # the split is not double-counted
+    assert (
+        0 < t["rescore"] <= t["total"] and 0 <= t["search"] < t["rescore"]
+    )  # the split is not double-counted
     capped = ask(rescore=20)
-    assert capped["rescore"] == {"candidates": 20, "certified": False, "confidence": 0.95, "miss_probability": 1.0}
+    assert capped["rescore"] == {
+        "candidates": 20,
+        "certified": False,
+        "confidence": 0.95,
+        "miss_probability": 1.0,
+    }
     off = ask(rescore=0)
     assert off["rescore"] is None and off["timings_ms"]["rescore"] == 0
 
 
 @pytest.mark.parametrize("confidence", [0, 1, 1.5, -0.1, "0.9", float("nan")])
 def test_bad_confidence_is_422(client, confidence):
-    body = json.dumps({"prompt": PROMPT, "completion": COMPLETION, "confidence": confidence}, allow_nan=True)
+    body = json.dumps(
+        {"prompt": PROMPT, "completion": COMPLETION, "confidence": confidence}, allow_nan=True
+    )
     r = client.post("/v1/influence", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text

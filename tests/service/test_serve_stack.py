@@ -12,7 +12,9 @@ from service.commands import listen
 
 
 def test_the_listener_gives_accepted_connections_tcp_nodelay():
-    config = uvicorn.Config("service.commands:worker_app", factory=True, workers=2, host="127.0.0.1", port=0)
+    config = uvicorn.Config(
+        "service.commands:worker_app", factory=True, workers=2, host="127.0.0.1", port=0
+    )
     # What uvicorn binds on its own (proto 0): asyncio would leave Nagle on for its connections.
     plain = config.bind_socket()
     assert plain.proto == 0

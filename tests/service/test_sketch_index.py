@@ -24,13 +24,23 @@ from tests.service.whitened import (
 
 @pytest.fixture(scope="module")
 def sketch_indexes(trained_checkpoint, fact_corpus_files, tmp_path_factory):
-    return projected_and_exact(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], tmp_path_factory.mktemp("sketch"), "sketch")
+    return projected_and_exact(
+        trained_checkpoint.checkpoint_dir,
+        fact_corpus_files[0],
+        tmp_path_factory.mktemp("sketch"),
+        "sketch",
+    )
 
 
 def test_the_saved_whitening_is_the_unprojected_one(sketch_indexes):
     sketched, exact = sketch_indexes
-    saved, exact_saved = load_tensors(sketched / mf.PROJECTIONS), load_tensors(exact / mf.PROJECTIONS)
-    assert {key.rsplit(".", 1)[1] for key in saved} == {"W_out", "W_in"} and set(saved) == set(exact_saved)
+    saved, exact_saved = (
+        load_tensors(sketched / mf.PROJECTIONS),
+        load_tensors(exact / mf.PROJECTIONS),
+    )
+    assert {key.rsplit(".", 1)[1] for key in saved} == {"W_out", "W_in"} and set(saved) == set(
+        exact_saved
+    )
     for key, w in saved.items():
         # The same sample's sums, eigendecomposed the same way: the same float32 matrices.
         assert torch.equal(w, exact_saved[key]), key
@@ -40,7 +50,9 @@ def test_the_saved_whitening_is_the_unprojected_one(sketch_indexes):
 
 def test_rescoring_every_candidate_gives_the_unprojected_ranking(sketch_indexes):
     first = assert_rescoring_every_candidate_gives_the_unprojected_ranking(*sketch_indexes)
-    assert all(h.score_sd is not None and h.score_sd > 0 for h in first)  # it says how far scores could move
+    assert all(
+        h.score_sd is not None and h.score_sd > 0 for h in first
+    )  # it says how far scores could move
 
 
 def test_a_sketch_index_without_its_whitening_is_refused(sketch_indexes, tmp_path):
@@ -72,7 +84,9 @@ def test_a_query_that_does_not_say_is_rescored_by_the_index_default(sketch_index
     default = answer(sketched, Query(PROMPT, COMPLETION, 10))
     explicit = answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=DEFAULT_RESCORE))
     assert [(h.id, h.score) for h in default] == [(h.id, h.score) for h in explicit]
-    assert [h.id for h in answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))] != [h.id for h in default]
+    assert [h.id for h in answer(sketched, Query(PROMPT, COMPLETION, 10, rescore=0))] != [
+        h.id for h in default
+    ]
     assert all(h.score_sd == 0.0 for h in default)  # re-scored exactly
 
 
@@ -94,7 +108,9 @@ def _edited(index, tmp_path, **config):
     [(0, {"delta": 0.5}), (1, {"seed": 7}), (1, {"delta": 0.5})],
     ids=["delta-sketched", "seed-where-nothing-is-sketched", "delta-unprojected"],
 )
-def test_a_manifest_the_fitted_artifacts_contradict_is_refused(sketch_indexes, tmp_path, which, edit):
+def test_a_manifest_the_fitted_artifacts_contradict_is_refused(
+    sketch_indexes, tmp_path, which, edit
+):
     """delta only acts when the whitening is fitted, and the seed not at all where nothing is
     sketched: re-encoding cannot see such an edit, the fitted artifact's record does."""
     from encoder.errors import ArtifactError
@@ -120,7 +136,10 @@ def test_the_summary_states_only_what_the_index_is(sketch_indexes):
     (projection,) = [line for line in whole if line.strip().startswith("projection:")]
     assert projection.split(": ", 1)[1] == f"none: all {n} modules kept whole; K-FAC whitened"
     (projection,) = [line for line in sketched if line.strip().startswith("projection:")]
-    assert projection.split(": ", 1)[1] == "k = 4 per side, 16 dims per module; K-FAC whitened, CountSketch seed 0 (sketch)"
+    assert (
+        projection.split(": ", 1)[1]
+        == "k = 4 per side, 16 dims per module; K-FAC whitened, CountSketch seed 0 (sketch)"
+    )
     for line in sketched + whole:
         assert "None" not in line, line
 
@@ -140,19 +159,25 @@ def test_explain_splits_the_score_the_card_shows(sketch_indexes, fact_corpus):
     try:
         q = fact_corpus.queries[0]
         query, limits = Query(q.prompt, q.completion, 1), Limits(256, 256)
-        hit = answer(sketch_indexes[0], Query(q.prompt, q.completion, 1))[0]  # the card: the exact stage's
+        hit = answer(sketch_indexes[0], Query(q.prompt, q.completion, 1))[
+            0
+        ]  # the card: the exact stage's
         shown = explain(sketched, query, hit.id, limits)
         assert shown.exact and sketched.default_rescore > 0
         contributions = np.array([t.contribution for t in shown.tokens])
         assert abs(contributions.sum() - shown.score) <= 1e-12
         bound = 2 * recompute_bound(np.float32)  # two float32 recomputations of unit-norm scores
         assert abs(shown.score - hit.score) <= bound, (shown.score, hit.score)
-        reference = explain(unprojected, query, hit.id, limits)  # first stage = exact whitened there
+        reference = explain(
+            unprojected, query, hit.id, limits
+        )  # first stage = exact whitened there
         assert not reference.exact
         want = np.array([t.contribution for t in reference.tokens])
         assert np.abs(contributions - want).max() <= bound, np.abs(contributions - want).max()
         first = explain(sketched, query, hit.id, limits, exact=False)
-        assert not first.exact and abs(first.score - shown.score) > bound  # another score: the test can fail
+        assert (
+            not first.exact and abs(first.score - shown.score) > bound
+        )  # another score: the test can fail
     finally:
         sketched.close()
         unprojected.close()

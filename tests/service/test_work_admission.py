@@ -23,7 +23,12 @@ from tests.service.live import live_server
 
 def _batch(encode_ms: float, rescored: list[int], rescore_ms: list[float]) -> list[Outcome]:
     return [
-        Outcome(encode_ms=encode_ms, search_ms=0.0, rescore_ms=ms, certificate=Certificate(n, False, 0.95, 1.0))
+        Outcome(
+            encode_ms=encode_ms,
+            search_ms=0.0,
+            rescore_ms=ms,
+            certificate=Certificate(n, False, 0.95, 1.0),
+        )
         for n, ms in zip(rescored, rescore_ms, strict=True)
     ]
 
@@ -32,7 +37,9 @@ def test_the_meter_learns_both_costs_and_refuses_what_cannot_fit():
     meter = WorkMeter(timeout_s=1.0)
     assert meter.admit(1000, 10**6) == 0.0  # nothing measured yet: admitted
     meter.release(0.0)
-    meter.observe(_batch(100.0, [40, 0, 0, 0], [80.0, 0.0, 0.0, 0.0]))  # 4 queries share 100 ms; 40 candidates 80 ms
+    meter.observe(
+        _batch(100.0, [40, 0, 0, 0], [80.0, 0.0, 0.0, 0.0])
+    )  # 4 queries share 100 ms; 40 candidates 80 ms
     assert meter.encode_s == pytest.approx(0.025) and meter.candidate_s == pytest.approx(0.002)
     assert meter.estimate(2, 100) == pytest.approx(2 * 0.025 + 100 * 0.002)
     with pytest.raises(WorkOverBudgetError) as over:
@@ -73,8 +80,13 @@ def test_a_request_that_cannot_finish_in_time_is_refused_up_front(tmp_path):
 
     settings = Settings(index_dir=tmp_path, request_timeout_s=5.0, max_batch_queries=64)
     query = {"prompt": "what is", "completion": " this", "k": 5}
-    with live_server(create_app(settings, opener=opener)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        warm = client.post("/v1/influence", json={**query, "rescore": 40})  # learns what a candidate costs
+    with (
+        live_server(create_app(settings, opener=opener)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        warm = client.post(
+            "/v1/influence", json={**query, "rescore": 40}
+        )  # learns what a candidate costs
         assert warm.status_code == 200 and warm.json()["rescore"]["candidates"] == 40
         chunks = opened[0].chunks
         # 64 queries x 200 candidates (the whole index) at >= 2.5 ms each (20 ms per 8) is >= 32 s:
@@ -88,5 +100,7 @@ def test_a_request_that_cannot_finish_in_time_is_refused_up_front(tmp_path):
         assert r.status_code == 200  # 200 candidates x ~2.5 ms = 0.5 s fits in 5 s
         assert opened[0].chunks > chunks
         refused_then = opened[0].chunks
-        r = client.post("/v1/influence/batch", json={"queries": [{**query, "rescore": 1000}] * 16})  # >= 8 s
+        r = client.post(
+            "/v1/influence/batch", json={"queries": [{**query, "rescore": 1000}] * 16}
+        )  # >= 8 s
         assert r.status_code == 413 and opened[0].chunks == refused_then  # nothing of it ran

@@ -13,8 +13,17 @@ PROMPT, COMPLETION = "The capital of Drosora is", " Mutu."
 def build(ckpt, corpus, out, k: int, projection: str):
     from indexer.build import BuildConfig, run_build
 
-    return run_build(BuildConfig(model=ckpt, corpus=corpus, out=out, shard_size=16, batch_size=8, basis_sample=0,
-                                 fingerprint=FingerprintConfig(k=k, hessian="none", projection=projection)))  # fmt: skip
+    return run_build(
+        BuildConfig(
+            model=ckpt,
+            corpus=corpus,
+            out=out,
+            shard_size=16,
+            batch_size=8,
+            basis_sample=0,
+            fingerprint=FingerprintConfig(k=k, hessian="none", projection=projection),
+        )
+    )
 
 
 def answer(index_dir, query: Query) -> list[Hit]:
@@ -22,7 +31,9 @@ def answer(index_dir, query: Query) -> list[Hit]:
 
     index = InfluenceIndex.open(index_dir, OpenOptions())
     try:
-        (outcome,) = run_batch(index, [query], Limits(max_prompt_tokens=256, max_completion_tokens=256))
+        (outcome,) = run_batch(
+            index, [query], Limits(max_prompt_tokens=256, max_completion_tokens=256)
+        )
     finally:
         index.close()
     assert outcome.error is None, outcome.error
@@ -32,7 +43,9 @@ def answer(index_dir, query: Query) -> list[Hit]:
 def projected_and_exact(checkpoint_dir, corpus, root, projection: str):
     """(k = 4 index of ``projection``, k = 0 sketch index): the same K-FAC whitening, one
     projected and one not (every module kept whole: the whitened gradient itself)."""
-    return build(checkpoint_dir, corpus, root / "k4", 4, projection), build(checkpoint_dir, corpus, root / "k0", 0, "sketch")
+    return build(checkpoint_dir, corpus, root / "k4", 4, projection), build(
+        checkpoint_dir, corpus, root / "k0", 0, "sketch"
+    )
 
 
 def assert_rescoring_every_candidate_gives_the_unprojected_ranking(projected, exact) -> list[Hit]:

@@ -33,8 +33,12 @@ def expected(ui_index_dir, fact_query):
         scores = np.asarray(index.fingerprints, dtype=np.float32) @ q
         order = np.argsort(-scores, kind="stable")[:5]
         n_long = len(index.tokenizer(" x" * 40, add_special_tokens=False)["input_ids"])
-        return {"ids": [int(i) for i in order], "scores": scores[order].tolist(), "n_long": n_long,
-                "model": index.manifest.to_dict()["model"]}
+        return {
+            "ids": [int(i) for i in order],
+            "scores": scores[order].tolist(),
+            "n_long": n_long,
+            "model": index.manifest.to_dict()["model"],
+        }
     finally:
         index.close()
 
@@ -59,16 +63,27 @@ def _search(page, base, prompt, completion, k=5):
 def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     _search(page, ui_server, fact_query.prompt, fact_query.completion)
     page.wait_for_selector("#results .card")
-    ids = [int(x) for x in page.eval_on_selector_all("#results .card", "els => els.map(e => e.dataset.id)")]
+    ids = [
+        int(x)
+        for x in page.eval_on_selector_all("#results .card", "els => els.map(e => e.dataset.id)")
+    ]
     assert ids == expected["ids"]
     shown = [float(s) for s in page.locator("#results .score").all_inner_texts()]
-    assert np.allclose(shown, expected["scores"], rtol=0, atol=5e-4 + 1e-12)  # toFixed(3) rounds by <= 5e-4
+    assert np.allclose(
+        shown, expected["scores"], rtol=0, atol=5e-4 + 1e-12
+    )  # toFixed(3) rounds by <= 5e-4
     # Bars are relative to the best result: the top one is full, the others its share.
-    widths = page.eval_on_selector_all("#results .fill", "els => els.map(e => parseFloat(e.style.width))")
+    widths = page.eval_on_selector_all(
+        "#results .fill", "els => els.map(e => parseFloat(e.style.width))"
+    )
     top = max(abs(x) for x in expected["scores"])
     assert widths[0] == 100.0
-    assert np.allclose(widths, [abs(x) / top * 100 for x in expected["scores"]], rtol=0, atol=0.05 + 0.1)  # toFixed(1), float16
-    assert [r.strip() for r in page.locator("#results .rank").all_inner_texts()] == [f"#{i}" for i in range(1, 6)]
+    assert np.allclose(
+        widths, [abs(x) / top * 100 for x in expected["scores"]], rtol=0, atol=0.05 + 0.1
+    )  # toFixed(1), float16
+    assert [r.strip() for r in page.locator("#results .rank").all_inner_texts()] == [
+        f"#{i}" for i in range(1, 6)
+    ]
     # The serving panel shows /v1/index; the status line the query's timing.
     info = httpx.get(ui_server + "/v1/index").json()
     assert page.locator("#serving-model").inner_text() == info["model"]
@@ -78,7 +93,9 @@ def test_query_renders_ranked_cards(page, ui_server, fact_query, expected):
     assert info["index_version"].startswith(page.locator("#serving-index").inner_text()[:12])
     assert page.locator("#serving-size").inner_text() == str(info["size"])
     # The mode menu offers exactly the modes the server's schema accepts.
-    mode = httpx.get(ui_server + "/openapi.json").json()["components"]["schemas"]["InfluenceQuery"]["properties"]["mode"]
+    mode = httpx.get(ui_server + "/openapi.json").json()["components"]["schemas"]["InfluenceQuery"][
+        "properties"
+    ]["mode"]
     options = page.eval_on_selector_all("#mode option", "els => els.map(e => e.value)")
     assert options == [*(mode.get("enum") or [mode["const"]]), "compare"]
     status = page.locator("#status").inner_text()
@@ -102,16 +119,23 @@ def test_detail_and_token_heatmap_by_keyboard(page, ui_server, fact_query, expec
     top_id = expected["ids"][0]
     example = httpx.get(f"{ui_server}/v1/examples/{top_id}").json()
     page.wait_for_function(
-        "t => document.getElementById('detail-text').textContent === t", arg=example["text"])
+        "t => document.getElementById('detail-text').textContent === t", arg=example["text"]
+    )
     assert f"Training example {top_id}" in page.locator("#detail-title").inner_text()
 
     page.get_by_role("button", name="Explain tokens").click()
     page.wait_for_selector("#heatmap .tok")
-    contributions = [float(x) for x in page.eval_on_selector_all(
-        "#heatmap .tok", "els => els.map(e => e.dataset.contribution)")]
+    contributions = [
+        float(x)
+        for x in page.eval_on_selector_all(
+            "#heatmap .tok", "els => els.map(e => e.dataset.contribution)"
+        )
+    ]
     # The heat map's contributions sum to the result's score.
     # The recomputed score vs the float16-stored one the search ranked by.
-    assert sum(contributions) == pytest.approx(expected["scores"][0], abs=FLOAT16_SCORE + recompute_bound())
+    assert sum(contributions) == pytest.approx(
+        expected["scores"][0], abs=FLOAT16_SCORE + recompute_bound()
+    )
     assert contributions[0] == 0.0 and any(c != 0.0 for c in contributions)
     tops = page.locator("#top-tokens li").all_inner_texts()
     assert len(tops) == min(8, len(contributions))
@@ -122,7 +146,9 @@ def test_detail_and_token_heatmap_by_keyboard(page, ui_server, fact_query, expec
     # The example ends with the end-of-sequence token it was indexed with: a marker, not "</s>".
     heat = page.locator("#heatmap").inner_text()
     assert "</s>" not in heat and "<|endoftext|>" not in heat
-    special = page.eval_on_selector_all("#heatmap .tok.special", "els => els.map(e => e.dataset.position)")
+    special = page.eval_on_selector_all(
+        "#heatmap .tok.special", "els => els.map(e => e.dataset.position)"
+    )
     assert special == [str(len(contributions) - 1)], special
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
@@ -134,12 +160,15 @@ def test_api_errors_in_plain_words(page, ui_server, expected):
     error = page.locator("#error")
     error.wait_for(state="visible")
     assert error.inner_text() == (
-        f"completion too long: {expected['n_long']} tokens, limit {MAX_COMPLETION_TOKENS}")
+        f"completion too long: {expected['n_long']} tokens, limit {MAX_COMPLETION_TOKENS}"
+    )
     assert page.locator("#results .card").count() == 0
 
     page.get_by_label("Completion").fill("")
     page.get_by_role("button", name="Search").click()
-    page.wait_for_function("() => document.getElementById('error').textContent.includes('completion')")
+    page.wait_for_function(
+        "() => document.getElementById('error').textContent.includes('completion')"
+    )
     assert error.inner_text().startswith("Invalid input: completion")
 
 
@@ -157,7 +186,8 @@ def test_phone_width_and_screenshot(browser, ui_server, fact_query):
         _compare(page, ui_server, fact_query.prompt, fact_query.completion, 5)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         labels = page.eval_on_selector_all(
-            "input, textarea, select", "els => els.map(e => e.labels.length)")
+            "input, textarea, select", "els => els.map(e => e.labels.length)"
+        )
         assert labels and all(n == 1 for n in labels)
     finally:
         context.close()
@@ -198,7 +228,8 @@ def test_api_key_prompt_and_use(browser, ui_index_dir, fact_query):
             page.get_by_label("API key").fill("wrong-key")
             page.get_by_role("button", name="Search").click()
             page.wait_for_function(
-                "() => document.getElementById('error').textContent.includes('not accepted')")
+                "() => document.getElementById('error').textContent.includes('not accepted')"
+            )
             page.get_by_label("API key").fill("ui-test-key")
             page.get_by_role("button", name="Search").click()
             page.wait_for_selector("#results .card")
@@ -253,13 +284,22 @@ def test_compare_view_marks_the_passages_both_rankings_share(page, ui_server, fa
     k = 10
     _compare(page, ui_server, fact_query.prompt, fact_query.completion, k)
     influence = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k)
-    lexical = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k, mode="bm25")
-    ids = lambda sel: [int(x) for x in page.eval_on_selector_all(sel, "els => els.map(e => e.dataset.id)")]  # noqa: E731
+    lexical = _api(
+        ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k, mode="bm25"
+    )
+
+    def ids(sel: str) -> list[int]:
+        return [int(x) for x in page.eval_on_selector_all(sel, "els => els.map(e => e.dataset.id)")]
+
     assert ids("#compare-influence .card") == [r["id"] for r in influence["results"]]
     assert ids("#compare-bm25 .card") == [r["id"] for r in lexical["results"]]
     shared = {r["id"] for r in influence["results"]} & {r["id"] for r in lexical["results"]}
     assert shared, "the fact query's own passage should rank in both top-10s"
-    assert set(ids("#compare-influence .card.shared")) == shared == set(ids("#compare-bm25 .card.shared"))
+    assert (
+        set(ids("#compare-influence .card.shared"))
+        == shared
+        == set(ids("#compare-bm25 .card.shared"))
+    )
     assert f"share {len(shared)} of their top {k}" in page.locator("#compare-summary").inner_text()
     assert page.locator("#results .card").count() == 0
     # Back to one ranking: the compare view goes away.
@@ -281,7 +321,10 @@ def test_generate_button_traces_the_models_completion(page, ui_server, fact_quer
     assert page.locator("#generated").is_visible()
     assert page.eval_on_selector("#generated-text", "e => e.textContent") == want["completion"]
     assert page.get_by_label("Completion").input_value() == want["completion"]
-    ids = [int(x) for x in page.eval_on_selector_all("#results .card", "els => els.map(e => e.dataset.id)")]
+    ids = [
+        int(x)
+        for x in page.eval_on_selector_all("#results .card", "els => els.map(e => e.dataset.id)")
+    ]
     assert ids == [r["id"] for r in want["results"]]
     n = want["generation"]["n_tokens"]
     assert f"({n} tokens" in page.locator("#generated-info").inner_text()
@@ -311,7 +354,9 @@ def test_the_api_docs_render_without_internet(page, ui_server):
     assert "Influence search" in title.inner_text()
     page.get_by_text("/v1/influence/batch").first.wait_for(state="visible")
     assert off_machine == []
-    assert httpx.get(ui_server + "/redoc").status_code == 404  # not served: Redoc fetches from a CDN
+    assert (
+        httpx.get(ui_server + "/redoc").status_code == 404
+    )  # not served: Redoc fetches from a CDN
 
 
 def test_the_second_stage_control_and_its_report(page, ui_server, fact_query):
@@ -330,7 +375,9 @@ def test_the_second_stage_control_and_its_report(page, ui_server, fact_query):
     assert "first stage only" in page.locator("#status").inner_text()
     page.get_by_label("Exact second stage").select_option("off")
     page.get_by_role("button", name="Search").click()
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('results')")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.includes('results')"
+    )
     assert bodies[-1]["rescore"] == 0
     # A certified answer's report, as the server words it for a sketch index.
     real = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=5)
@@ -339,6 +386,8 @@ def test_the_second_stage_control_and_its_report(page, ui_server, fact_query):
     page.route("**/v1/influence", lambda route: route.fulfill(json=fake))
     page.get_by_label("Exact second stage").select_option("certified")
     page.get_by_role("button", name="Search").click()
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('certain')")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.includes('certain')"
+    )
     status = page.locator("#status").inner_text()
     assert "re-score 42 ms; 17 candidates re-scored exactly, top results certain at 0.95" in status

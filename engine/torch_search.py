@@ -61,7 +61,9 @@ class TorchFlatSearch:
             block = torch.empty((int(stop - start), self.d), dtype=block_dtype, device=dev)
             for s in range(int(start), int(stop), LOAD_ROWS):
                 e = min(int(stop), s + LOAD_ROWS)
-                rows = torch.from_numpy(np.array(fingerprints[s:e], dtype=np.float16))  # a writable copy
+                rows = torch.from_numpy(
+                    np.array(fingerprints[s:e], dtype=np.float16)
+                )  # a writable copy
                 block[s - int(start) : e - int(start)] = rows.to(dev).to(block_dtype)
             self.blocks.append((int(start), block))
         log.info("torch exact search: %d x %d over %s", self.n, self.d, [str(d) for d in devices])
@@ -93,7 +95,10 @@ class TorchFlatSearch:
             both = _mm_f32(torch.cat([head, tail]), block.T)  # [2Q, n_b]
             return both[: q32.shape[0]] + both[q32.shape[0] :]
         except (RuntimeError, TypeError, NotImplementedError):
-            parts = [q32 @ block[s : s + LOAD_ROWS].float().T for s in range(0, block.shape[0], LOAD_ROWS)]
+            parts = [
+                q32 @ block[s : s + LOAD_ROWS].float().T
+                for s in range(0, block.shape[0], LOAD_ROWS)
+            ]
             return torch.cat(parts, dim=1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
