@@ -13,8 +13,8 @@ HessianMode = Literal["none", "train", "mixed"]
 
 MAX_BLOCK = 1024
 """Default cap of one module's block where a projected R whitens it: its float64 Hessian sums
-take 8 MiB (16 MiB with R_eval), its R^-1/2 as much again, and its eigendecomposition ~0.3 s
-on one core (4096 dims: ~16 s)."""
+take 8 MiB (16 MiB with R_eval), its R^-1/2 as much again, and its eigendecomposition grows
+with the cube of the block."""
 SKETCH_MAX_BLOCK = 4096
 """Default cap of a sketch's block without a projected R: the paper's 2^16 dims in all reach
 models of 16+ modules (the demo's 8 get 32,768)."""
@@ -36,9 +36,9 @@ class FingerprintConfig:
             (the paper's 2^16 in all); a module whose gradient fits its share is stored
             exactly and leaves the rest to the others (``encoder.projection.plan_projection``).
         max_block: the most dims one module's block may take under the budget rule (bounds
-            each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums, one eigendecomposition
-            ~0.3 s on one core; 4096 dims take ~16 s each). Default (None): 4096 for a sketch
-            without a projected R, else 1024 (``block_cap``).
+            each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums; its
+            eigendecomposition grows with d_W^3). Default (None): 4096 for a sketch without a
+            projected R, else 1024 (``block_cap``).
         projection: the fingerprint family (``encoder.families``): ``sketch`` (default), the
             K-FAC whitening of each module's gradient, fitted on a sample of the corpus, then
             a seeded CountSketch; ``gaussian``, the paper's seeded Gaussian Kronecker pairs.
@@ -55,19 +55,58 @@ class FingerprintConfig:
         unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
     """
 
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    track_lm_head: bool = False
-    k: int | None = field(default=None, metadata={"cli": ("-k", "--proj-dim")})
-    budget: int = 1 << 16
-    max_block: int | None = None
-    projection: str = field(default="sketch", metadata={"argparse": {"choices": FAMILY_NAMES}})
-    seed: int = 0
-    correction: bool = False
-    hessian: HessianMode = "none"
-    lambda_: float | None = None
+    include: tuple[str, ...] = field(
+        default=("*",),
+        metadata={
+            "help": "module name globs to track (default: every Linear/Conv1D in the blocks)"
+        },
+    )
+    exclude: tuple[str, ...] = field(
+        default=(), metadata={"help": "module name globs to leave out"}
+    )
+    track_lm_head: bool = field(default=False, metadata={"help": "also track the output embedding"})
+    k: int | None = field(
+        default=None,
+        metadata={
+            "help": "a fixed projection size per side instead of the budget (0: no projection)",
+            "cli": ("-k", "--proj-dim"),
+        },
+    )
+    budget: int = field(
+        default=1 << 16, metadata={"help": "total fingerprint dims, shared by the tracked modules"}
+    )
+    max_block: int | None = field(
+        default=None,
+        metadata={
+            "help": "the most dims one module's block takes (default: 4096 for a sketch without R, else 1024)"
+        },
+    )
+    projection: str = field(
+        default="sketch",
+        metadata={
+            "help": "fingerprint family: sketch (the default) or gaussian (the paper's)",
+            "argparse": {"choices": FAMILY_NAMES},
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the sketch's hash and of the Gaussian pairs"}
+    )
+    correction: bool = field(
+        default=False,
+        metadata={
+            "help": "divide by sqrt(v_hat) + eps, the optimizer correction (the paper's TrackStar)"
+        },
+    )
+    hessian: HessianMode = field(
+        default="none", metadata={"help": "a projected R on top: train, or mixed (with --queries)"}
+    )
+    lambda_: float | None = field(
+        default=None, metadata={"help": "weight of R_eval (default: the paper's eigenvalue rule)"}
+    )
     lambda_component: float = field(default=1.0 / 64.0, metadata={"cli": None})
-    delta: float = 1e-3
+    delta: float = field(
+        default=1e-3, metadata={"help": "damping of R and of the sketch's whitening"}
+    )
     unit_norm: bool = field(default=True, metadata={"cli": None})
 
     def __post_init__(self) -> None:

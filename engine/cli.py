@@ -187,8 +187,7 @@ def _add_query_flags(q: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="generate and trace: the model continues the prompt (at most N tokens, greedy "
-        "unless --temperature) and its own tokens are traced",
+        help="the model continues the prompt (at most N tokens) and its own tokens are traced",
     )
     q.add_argument(
         "--temperature",
@@ -220,9 +219,7 @@ def _add_search_flags(q: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="C",
-        help="exact second stage: re-score at most the top max(C, k) candidates by their "
-        "unprojected gradients, as the index forms them, stopping once the top-k is certified "
-        "(one backward pass each; 0 = off; default: the index's, 200 without a projected R)",
+        help="candidates the exact second stage re-scores at most (0: off; default: the index's)",
     )
     q.add_argument(
         "--confidence",

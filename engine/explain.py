@@ -22,8 +22,8 @@ MAX_EXPLAIN_TOKENS = 512
 """Longest example explained (one encode pass and one forward-mode pass over it)."""
 
 QUERIES_ACTIVE_S = 1.0
-"""An explanation takes the fast path (one forward-mode pass, ~2x a forward over the example,
-held at once) unless a query was encoded this recently; then short passes, so plain queries
+"""An explanation takes the fast path (one forward-mode pass over the example, held
+at once) unless a query was encoded this recently; then short passes, so plain queries
 stay fast beside it."""
 
 AGREEMENT_WARN = 0.999

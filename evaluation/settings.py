@@ -116,13 +116,34 @@ class EvalSettings:
         max_queries: evaluate only the first n queries (None: all).
     """
 
-    k: int | None = None
-    projection: str = field(default="gaussian", metadata={"argparse": {"choices": FAMILY_NAMES}})
+    k: int | None = field(
+        default=None,
+        metadata={"help": "a fixed projection size per side (default: the budget sizing)"},
+    )
+    projection: str = field(
+        default="gaussian",
+        metadata={
+            "help": "family of the paper's method and its ablations (default gaussian)",
+            "argparse": {"choices": FAMILY_NAMES},
+        },
+    )
     seed: int = 0
     batch_size: int = 16
     tailpatch_lr: float = 1e-4
-    tailpatch_optimizer: Literal["adam", "sgd"] = "adam"
-    methods: tuple[str, ...] = field(
-        default=METHOD_NAMES, metadata={"argparse": {"nargs": "+", "choices": METHOD_NAMES}}
+    tailpatch_optimizer: Literal["adam", "sgd"] = field(
+        default="adam",
+        metadata={
+            "help": "optimizer of the tail-patch step: adam (the checkpoint's moments) or sgd"
+        },
     )
-    max_queries: int | None = None
+    methods: tuple[str, ...] = field(
+        default=METHOD_NAMES,
+        metadata={
+            "help": "methods to compare (default: all)",
+            "argparse": {"nargs": "+", "choices": METHOD_NAMES},
+        },
+    )
+
+    max_queries: int | None = field(
+        default=None, metadata={"help": "evaluate only the first N queries (default: all)"}
+    )

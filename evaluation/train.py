@@ -56,8 +56,8 @@ class TrainSpec:
     learning_rate: float
     warmup_ratio: float = 0.05
     # Intra-op threads on CPU. Matmuls this small gain little from a second thread, and
-    # OpenMP threads collapse when another process holds a core (measured 50x slower
-    # with 2 threads on a busy 2-core machine), so tiny models use one.
+    # OpenMP threads collapse when another process holds a core (a busy 2-core machine), so
+    # tiny models use one.
     num_threads: int = 1
 
 

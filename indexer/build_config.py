@@ -59,26 +59,68 @@ class BuildConfig:
             Trainer checkpoint, else the model directory's name.
     """
 
-    model: Path
-    corpus: Path
-    out: Path
+    model: Path = field(metadata={"help": "model or HF Trainer checkpoint directory"})
+    corpus: Path = field(
+        metadata={"help": "JSONL, Parquet, a datasets directory or a folder of .txt"}
+    )
+    out: Path = field(metadata={"help": "index directory to publish"})
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
-    seq_len: int | None = None
-    stride: int | None = None
-    pack: bool = False
-    append_eos: bool = field(default=True, metadata={"cli": "--no-eos"})
-    queries: Path | None = None
-    optimizer_state: Path | None = None
-    v_sample: int = 256
-    hessian_sample: int | None = None
-    basis_sample: int = 1024
-    faiss: str = "Flat"
-    faiss_train_sample: int = 65536
-    batch_size: int = field(default=8, metadata={"parse": batch_size_flag})
-    shard_size: int = 256
-    device: str | None = None
-    threads: int | None = None
-    name: str | None = None
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per sequence (default: the model's context)"}
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "window step (default: the sequence length, no overlap)"}
+    )
+    pack: bool = field(default=False, metadata={"help": "pack documents into sequences"})
+    append_eos: bool = field(
+        default=True, metadata={"help": "do not end each document with EOS", "cli": "--no-eos"}
+    )
+    queries: Path | None = field(
+        default=None, metadata={"help": "JSONL of {prompt, completion} whose gradients make R_eval"}
+    )
+    optimizer_state: Path | None = field(
+        default=None,
+        metadata={
+            "help": "second moments: optimizer.pt, a checkpoint directory or safetensors (default: the checkpoint's)"
+        },
+    )
+    v_sample: int = field(
+        default=256,
+        metadata={
+            "help": "sequences second moments are estimated from when there is no optimizer state"
+        },
+    )
+    hessian_sample: int | None = field(
+        default=None, metadata={"help": "sequences R_train is summed over (default: all)"}
+    )
+    basis_sample: int = field(
+        default=1024, metadata={"help": "sequences the sketch's whitening is fitted on (0: all)"}
+    )
+    faiss: str = field(
+        default="Flat", metadata={"help": "FAISS factory, e.g. IVF1024,PQ64 (re-ranked exactly)"}
+    )
+    faiss_train_sample: int = field(
+        default=65536, metadata={"help": "vectors an approximate FAISS index is trained on"}
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "sequences per backward pass, or auto (from free memory)",
+            "parse": batch_size_flag,
+        },
+    )
+    shard_size: int = field(default=256, metadata={"help": "sequences per resumable shard"})
+    device: str | None = field(
+        default=None, metadata={"help": "torch device (default: CUDA if present, else the CPU)"}
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads (default: 1 for a model under 50M parameters on the CPU)"},
+    )
+    name: str | None = field(
+        default=None,
+        metadata={"help": "the model's display name (default: its run and checkpoint)"},
+    )
 
     def __post_init__(self) -> None:
         least = {

@@ -121,9 +121,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+BUILD_EXAMPLES = """examples:
+  the default (sketch):  influence index build --model CKPT --corpus train.jsonl --out ix
+  the paper's TrackStar: influence index build --model CKPT --corpus train.jsonl --out ix \\
+                           --projection gaussian --correction --hessian mixed --queries q.jsonl
+  many GPUs:             torchrun --nproc-per-node 8 -m indexer build --model CKPT ...
+"""
+
+
 def _add_build(sub) -> None:
-    p = sub.add_parser("build", help="build an index from a corpus")
-    add_flags(p, BuildConfig)  # every BuildConfig / FingerprintConfig field, from its docstring
+    p = sub.add_parser(
+        "build",
+        help="build an index from a corpus",
+        epilog=BUILD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_flags(p, BuildConfig)  # every BuildConfig / FingerprintConfig field
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 

@@ -16,10 +16,9 @@ def dot_rows(queries: np.ndarray, fingerprints: np.ndarray, ids: np.ndarray) -> 
 
     Rows are read (one read per id, ``ids`` ascending for sequential access) and widened
     to float32 in blocks of ``RERANK_BLOCK_ROWS`` that stay in cache, with torch: numpy's
-    float16 -> float32 conversion is a scalar loop (~10 us per 4096-dim row on the 2-core
-    box, 55 ms for 4,096 candidates, more than the PQ scan that found them), torch's is
-    vectorized (~1 us per row); widening all U rows at once page-faults a fresh U x d x 4
-    buffer instead.
+    float16 -> float32 conversion is a scalar loop (slower than the PQ scan that found the
+    candidates), torch's is vectorized; widening all U rows at once page-faults a fresh
+    U x d x 4 buffer instead.
     """
     import torch
 

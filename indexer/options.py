@@ -7,8 +7,9 @@ field's, its help the field's entry in the class docstring's ``Args:`` (or
 that defaults to True gets ``--no-field-name``; a ``tuple[str, ...]`` is a repeatable flag;
 a ``Literal`` offers its choices; a nested config dataclass adds its own fields. A field's
 ``metadata`` may rename the flag (``{"cli": ("-k", "--proj-dim")}``), hide it (``{"cli":
-None}``), parse its text (``{"parse": function}``) or add argparse options
-(``{"argparse": {"nargs": "+"}}``). Only light modules may define such a
+None}``), parse its text (``{"parse": function}``), add argparse options
+(``{"argparse": {"nargs": "+"}}``) or give its one-line help (``{"help": "..."}``, for
+people at a shell: the docstring entry is for people reading the code). Only light modules may define such a
 class: the CLI imports it to print ``--help``.
 """
 
@@ -79,14 +80,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if names is None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = docs.get(f.name, f.name)
+        text = f.metadata.get("help") or docs.get(f.name, f.name)
         options: dict[str, Any] = {"dest": f.name, "default": None}
-        if hint is not bool and get_origin(hint) is not Literal:
+        extra = dict(f.metadata.get("argparse", {}))
+        if hint is not bool and get_origin(hint) is not Literal and "choices" not in extra:
             options["metavar"] = names[-1].lstrip("-").upper().replace("-", "_")
         if hint is bool:
             options["action"] = "store_false" if default is True else "store_true"
             options["default"] = default
-            text = f"turn off: {text}" if default is True else text
+            text = f"turn off: {text}" if default is True and "help" not in f.metadata else text
         elif get_origin(hint) is tuple:
             options["action"] = "append"
         elif get_origin(hint) is Literal:
@@ -95,9 +97,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             options["type"] = f.metadata.get("parse", hint if hint in (int, float, Path) else str)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             options["required"] = True
-        elif hint is not bool and default is not None:
+        elif hint is not bool and default is not None and "default" not in text:
             text += f" (default {_default_text(default)})"
-        extra = dict(f.metadata.get("argparse", {}))
         if "nargs" in extra:
             options.pop("action", None)
         parser.add_argument(*names, help=text.replace("%", "%%"), **{**options, **extra})

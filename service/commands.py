@@ -23,8 +23,8 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "api" / "openapi.json"
 
 # How ``serve`` runs uvicorn, one process or several. httptools and uvloop are pinned
 # dependencies: with uvicorn's pure-Python h11 parser and the stock asyncio loop, HTTP work
-# held the GIL ~1.9 ms per request, time the encoder thread waited for (bench_service on
-# 2 cores: QPS@16 309 -> 339-395, p99@16 71 -> 52-66 ms across runs). uvicorn's own access
+# held the GIL for longer per request, time the encoder thread waited for (bench_service).
+# uvicorn's own access
 # line is off: the request-id middleware already logs one line per request, with its id.
 UVICORN_OPTIONS: dict[str, Any] = {
     "http": "httptools",
@@ -57,7 +57,7 @@ SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "milvus_uri",
         {
             "metavar": "URI",
-            "help": "search through a Milvus collection pushed with `influence index push` (a pymilvus URI)",
+            "help": "search through a Milvus collection pushed by influence index push (a pymilvus URI)",
         },
     ),
     (
@@ -92,8 +92,8 @@ SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {
             "type": int,
             "metavar": "C",
-            "help": "default exact second stage: re-score the top max(C, k) candidates per query (one backward pass "
-            "each; requests may override; 0 = off; default: the index's, 200 without a projected R, 0 with one)",
+            "help": "candidates the exact second stage re-scores at most, unless a request says (0: off; "
+            "default: the index's)",
         },
     ),
     (
@@ -147,7 +147,7 @@ def register(subparsers) -> None:
 
     openapi = subparsers.add_parser("openapi", help="export the API's OpenAPI schema")
     openapi.add_argument(
-        "--out", type=Path, default=None, help="output file (default: stdout; `-` also stdout)"
+        "--out", type=Path, default=None, help="output file (default: stdout; - also stdout)"
     )
     openapi.set_defaults(func=run_openapi)
 

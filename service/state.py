@@ -37,9 +37,9 @@ def freeze_heap() -> None:
     """Take everything alive now (model, tokenizer, FAISS, the imported libraries: ~400k
     objects) out of the cyclic garbage collector's generations.
 
-    Otherwise every full collection scans them all, 0.2-0.35 s with the GIL held, at moments
-    set by allocation counts: under load that stalls every in-flight request at once and was
-    the p99 tail of benchmarks/bench_service (/healthz p99 > 250 ms at p50 30 ms). Frozen
+    Otherwise every full collection scans them all with the GIL held, at moments set by
+    allocation counts: under load that stalls every in-flight request at once and was the p99
+    tail of benchmarks/bench_service. Frozen
     objects are still freed by reference counting; cycles among a replaced index's objects
     are collected at the next reload (unfreeze, collect, freeze again).
     """
