@@ -30,6 +30,14 @@ def _log_lines(gw: Gateway) -> list[dict]:
     return [json.loads(line) for line in gw.access_log.read_text().splitlines() if line]
 
 
+def _until(condition, seconds: float = 30.0) -> None:
+    """Poll until ``condition()`` holds: an ordering point on what was logged, not a delay."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)
+
+
 def test_queries_are_answered_and_balanced(gateway, replicas, query_body):
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         for _ in range(8):
@@ -39,9 +47,13 @@ def test_queries_are_answered_and_balanced(gateway, replicas, query_body):
             assert 0 < len(results) <= query_body["k"]
             scores = [r["score"] for r in results]
             assert scores == sorted(scores, reverse=True)
-    time.sleep(0.2)  # nginx writes the access line after the response
-    served_by = {line["upstream"] for line in _log_lines(gateway) if line["uri"] == "/v1/influence"}
-    assert served_by == {r.address for r in replicas}
+    addresses = {r.address for r in replicas}
+
+    def served_by() -> set[str]:  # nginx writes the access line after the response
+        return {line["upstream"] for line in _log_lines(gateway) if line["uri"] == "/v1/influence"}
+
+    _until(lambda: served_by() >= addresses)
+    assert served_by() == addresses
 
 
 def test_request_id_passes_through_and_is_logged(gateway, replicas, query_body):
@@ -56,11 +68,9 @@ def test_request_id_passes_through_and_is_logged(gateway, replicas, query_body):
     assert minted.status_code == 200
     new_id = minted.headers["x-request-id"]
     assert new_id and new_id != rid
-    time.sleep(0.3)
-    assert any(line["request_id"] == rid for line in _log_lines(gateway))
-    replica_logs = "".join(r.log_text() for r in replicas)
-    assert f"request_id={rid}" in replica_logs
-    assert f"request_id={new_id}" in replica_logs
+    _until(lambda: any(line["request_id"] == rid for line in _log_lines(gateway)))
+    _until(lambda: f"request_id={new_id}" in "".join(r.log_text() for r in replicas))
+    assert f"request_id={rid}" in "".join(r.log_text() for r in replicas)
 
 
 def test_json_is_gzipped_when_asked(gateway, query_body):
@@ -90,7 +100,12 @@ def test_body_over_limit_is_413_at_the_gateway(gateway, replicas):
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "request_too_large"
     assert resp.headers.get("x-request-id")
-    time.sleep(0.2)
+    # A request sent to each replica after it, once logged there, orders the check: had the
+    # over-limit body been passed on, its line would be there first.
+    marker = f"after-413-{uuid.uuid4().hex[:8]}"
+    for r in replicas:
+        httpx.get(f"http://{r.address}/v1/index", headers={"X-Request-ID": marker}, timeout=30)
+    _until(lambda: all(f"request_id={marker}" in r.log_text() for r in replicas))
     after = sum(r.log_text().count("/v1/influence") for r in replicas)
     assert after == before, "an over-limit body must not reach a replica"
 

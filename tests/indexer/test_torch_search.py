@@ -61,7 +61,7 @@ def test_matches_faiss_flat(devices, dtype):
 def test_float16_product_with_a_two_part_query_matches_faiss_flat(monkeypatch):
     """The CUDA branch (float16 products, float32 accumulation, query split into a float16
     head and tail), run on the CPU with an emulated float32-accumulating product."""
-    from indexer import torch_search
+    from engine import torch_search
 
     calls = []
 

@@ -58,6 +58,8 @@ class FakeIndex:
     Args:
         index_dir: reported directory; ``seed`` makes a different "build".
         encode_delay_s: sleep per encode call (to make batches and queues observable).
+        encode_gate: called with the call's batch size inside each encode call, before it
+            returns (a test blocks there on an event to order what happens meanwhile).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class FakeIndex:
         d: int = 16,
         seed: int = 0,
         encode_delay_s: float = 0.0,
+        encode_gate: Callable[[int], None] | None = None,
     ) -> None:
         rng = np.random.default_rng(seed)
         vectors = rng.standard_normal((n, d)).astype(np.float32)
@@ -80,6 +83,7 @@ class FakeIndex:
         self._tokenizer = CharTokenizer()
         self._lexical = BM25Index.build([self._record(i).text for i in range(n)])
         self.encode_delay_s = encode_delay_s
+        self.encode_gate = encode_gate
         self.encode_calls: list[int] = []
         self.closed = False
         self._lock = threading.Lock()
@@ -139,6 +143,8 @@ class FakeIndex:
         with self._lock:
             self.encode_calls.append(len(examples))
         time.sleep(self.encode_delay_s)
+        if self.encode_gate is not None:
+            self.encode_gate(len(examples))
         out = np.empty((len(examples), self.d), dtype=np.float32)
         for i, example in enumerate(examples):
             key = repr((example.input_ids, example.target_mask)).encode()

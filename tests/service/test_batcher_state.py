@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -16,8 +17,15 @@ from tests.service.fakes import FakeOpener
 LIMITS = Limits(max_prompt_tokens=50, max_completion_tokens=50)
 
 
-async def _started(tmp_path, *, delay=0.0, **kwargs):
-    opener = FakeOpener(encode_delay_s=delay)
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Yield to the event loop until ``condition()`` holds (an ordering point, not a delay)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def _started(tmp_path, *, delay=0.0, encode_gate=None, **kwargs):
+    opener = FakeOpener(encode_delay_s=delay, encode_gate=encode_gate)
     state = IndexState(opener, tmp_path)
     await state.reload()
     batcher = MicroBatcher(
@@ -58,8 +66,8 @@ def test_wait_adapts_to_the_previous_batch(tmp_path):
             *(batcher.submit([Query(f"a {i}", "c", k=2)]) for i in range(4))
         )
 
-        async def late(i):  # the same 4 clients, back 50 ms apart
-            await asyncio.sleep(0.05 * i)
+        async def late(i):  # the same 4 clients, back one after another
+            await _until(lambda: batcher.depth >= i)  # the ones before it are waiting
             return await batcher.submit([Query(f"b {i}", "c", k=2)])
 
         second = await asyncio.gather(*(late(i) for i in range(4)))
@@ -75,15 +83,34 @@ def test_groups_out_of_step_are_merged_into_one_pass(tmp_path):
     """Clients that queued while another group's pass ran are counted as active: the next
     pass waits for the running group to come back instead of alternating half-size passes."""
 
-    async def scenario():
-        opener, _, batcher = await _started(tmp_path, delay=0.1, max_wait_ms=300, timeout_s=5)
+    first_pass, release = threading.Event(), threading.Event()
 
-        async def client(name, start):
-            await asyncio.sleep(start)
+    def gate(_: int) -> None:  # the first pass runs until every b query is queued behind it
+        if not first_pass.is_set():
+            first_pass.set()
+            assert release.wait(10)
+
+    async def scenario():
+        # b's second queries wait out max_wait for mates that are done: keep it short.
+        opener, _, batcher = await _started(
+            tmp_path, max_wait_ms=1000, timeout_s=10, encode_gate=gate
+        )
+
+        async def client(name, after_first_pass):
+            if after_first_pass:
+                await asyncio.to_thread(first_pass.wait, 10)
             return [await batcher.submit([Query(f"{name} {j}", "c", k=2)]) for j in range(2)]
 
-        runs = await asyncio.gather(
-            *(client(f"a{i}", 0.0) for i in range(4)), *(client(f"b{i}", 0.02) for i in range(4))
+        async def release_when_b_waits():
+            await _until(lambda: batcher.depth >= 4)
+            release.set()
+
+        runs, _ = await asyncio.gather(
+            asyncio.gather(
+                *(client(f"a{i}", False) for i in range(4)),
+                *(client(f"b{i}", True) for i in range(4)),
+            ),
+            release_when_b_waits(),
         )
         await batcher.stop()
         return opener, runs

@@ -325,17 +325,18 @@ def test_explain_uses_the_indexed_ids_where_the_text_tokenizes_otherwise(tiny_in
 def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
     """Explanations beyond ``max_explains`` are refused at once with 503 + Retry-After."""
     import threading
-    import time as _time
 
     import service.routes.explain
 
     real = service.routes.explain.explain
+    entered, release = threading.Event(), threading.Event()
 
-    def slow(*args, **kwargs):
-        _time.sleep(0.5)
+    def held(*args, **kwargs):  # the admitted explanation runs until the others were answered
+        entered.set()
+        assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service.routes.explain, "explain", slow)
+    monkeypatch.setattr(service.routes.explain, "explain", held)
     settings = Settings(index_dir=tiny_index, max_explains=1)
     with live_server(create_app(settings)) as base:
         statuses = []
@@ -346,11 +347,18 @@ def test_explain_is_admitted_boundedly(tiny_index, query, monkeypatch):
                 (r.status_code, r.headers.get("retry-after"), r.json().get("error", {}).get("code"))
             )
 
-        threads = [threading.Thread(target=call) for _ in range(6)]
-        for t in threads:
+        first = threading.Thread(target=call)
+        first.start()
+        assert entered.wait(30)
+        others = [threading.Thread(target=call) for _ in range(5)]
+        for t in others:
             t.start()
-        for t in threads:
+        for t in others:
             t.join()
+        refused_while_held = len(statuses)
+        release.set()
+        first.join()
+    assert refused_while_held == 5  # answered at once, while the admitted one was still held
     assert sorted(s for s, _, _ in statuses) == [200] + [503] * 5, statuses
     assert all(
         ra is not None and code == "explain_overloaded" for s, ra, code in statuses if s == 503

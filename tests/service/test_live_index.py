@@ -165,29 +165,40 @@ def test_reload_under_load_fails_no_request(server, tiny_index, tmp_path):
     threads = [threading.Thread(target=client_loop) for _ in range(4)]
     for t in threads:
         t.start()
+
+    def until(condition, seconds=120.0):  # an ordering point on what the clients saw
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline and not failures, failures
+            time.sleep(0.01)
+
+    def more_served(n=2):
+        start = served[0]
+        until(lambda: served[0] >= start + n)
+
     try:
-        time.sleep(0.5)
+        more_served()  # clients are flowing on the first index
         r = server.post("/v1/admin/reload", json={"index_dir": str(new)})
         assert r.status_code == 200, r.text
         assert r.json()["previous_version"] == v0 and r.json()["index_version"] != v0
         v1 = r.json()["index_version"]
-        time.sleep(0.5)
+        until(lambda: v1 in versions)
         r = server.post("/v1/admin/reload", json={"index_dir": str(bad)})
         assert r.status_code == 422 and r.json()["error"]["code"] in (
             "checksum_mismatch",
             "artifact_error",
         )
         assert server.get("/v1/index").json()["index_version"] == v1  # the old one serves on
-        time.sleep(0.3)
+        more_served()
         r = server.post("/v1/admin/reload", json={"index_dir": str(tiny_index)})
         assert r.status_code == 200 and r.json()["index_version"] == v0
-        time.sleep(0.3)
+        more_served()
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
     assert failures == []
-    assert served[0] >= 8 and v0 in versions and v1 in versions
+    assert v0 in versions and v1 in versions
     metrics = server.get("/metrics").text
     assert _value(metrics, "influence_index_reloads_total", outcome="refused") >= 1
 
