@@ -50,6 +50,11 @@ class Family(ABC):
             modules, k=config.k, budget=config.budget, max_block=config.block_cap
         )
         self.plan: Plan = self.shape_plan(base)
+        self.setup()
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Make what the seed determines (called once the plan is set)."""
 
     def shape_plan(self, plan: Plan) -> Plan:
         """This family's plan from the budget rule's (``encoder.projection.plan_projection``)."""

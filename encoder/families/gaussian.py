@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from encoder.blocks import Block, Precision, dense_block
-from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.families.base import Family, pair_tensors, pairs_from
 from encoder.modules import TrackedModule
@@ -26,17 +25,11 @@ class Gaussian(Family):
 
     name = "gaussian"
 
-    def __init__(
-        self,
-        config: FingerprintConfig,
-        modules: list[TrackedModule],
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(config, modules, device, dtype)
+    def setup(self) -> None:
+        """Draw the pair of every projected module from (seed, module name)."""
         self.drawn = {
-            m.name: projection_pair(config.seed, m, *sizes)
-            for m in modules
+            m.name: projection_pair(self.config.seed, m, *sizes)
+            for m in self.modules
             if (sizes := self.plan[m.name]) is not None
         }
         self.pairs = {

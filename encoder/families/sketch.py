@@ -16,7 +16,6 @@ import torch
 
 from encoder.basis import BasisStatistics, Pairs, whole_side
 from encoder.blocks import Block, Precision, Sketched, dense_block
-from encoder.config import FingerprintConfig
 from encoder.errors import ConfigError
 from encoder.families.base import Family, pair_tensors, pairs_from
 from encoder.modules import TrackedModule
@@ -29,21 +28,15 @@ class Sketch(Family):
 
     name = "sketch"
 
-    def __init__(
-        self,
-        config: FingerprintConfig,
-        modules: list[TrackedModule],
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(config, modules, device, dtype)
+    def setup(self) -> None:
+        """The seeded hash of every module not kept whole; the whitening is fitted later."""
         self.roots: Pairs = {}
         self.hashes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for m in modules:
+        for m in self.modules:
             if not self.whole(m):
                 sizes = self.plan[m.name] or (0, 0)
-                idx, sign = sketch_hash(config.seed, m, sizes[0] * sizes[1])
-                self.hashes[m.name] = (idx.to(device), sign.to(device))
+                idx, sign = sketch_hash(self.config.seed, m, sizes[0] * sizes[1])
+                self.hashes[m.name] = (idx.to(self.device), sign.to(self.device))
 
     def shape_plan(self, plan: Plan) -> Plan:
         """Every module is whitened, so one kept whole gets the square pair (out, in)."""
