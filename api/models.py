@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from api.errors import ErrorBody
+from api.error_models import ErrorBody
 
 MAX_K = 1000
 """The largest ``k`` a query may ask for."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from encoder.modules import TrackedModule
 from encoder.projection import Plan
 from encoder.whitening import inverse_sqrt

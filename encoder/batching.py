@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from encoder.errors import InputError, InputTooLongError
+from api.errors import InputError, InputTooLongError
 
 
 class Tokenizer(Protocol):

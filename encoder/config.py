@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from encoder.families import FAMILY_NAMES
 
 HessianMode = Literal["none", "train", "mixed"]

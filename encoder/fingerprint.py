@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from api.errors import ConfigError
 from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch
 from encoder.blocks import Block, Precision
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.families import family_class
 from encoder.families.base import Family
 from encoder.hooks import GradientCapture, make_inputs_differentiable

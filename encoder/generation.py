@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from api.errors import InputError
 from encoder.batching import Example, Tokenizer
-from encoder.errors import InputError
 
 
 @dataclass(frozen=True)

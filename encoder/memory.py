@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from api.errors import ConfigError
 from encoder.batching import TokenBatch, collate, sequence_example
-from encoder.errors import ConfigError
 
 if TYPE_CHECKING:
     from encoder.fingerprint import TrackStarEncoder

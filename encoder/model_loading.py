@@ -13,8 +13,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from api.errors import ConfigError, ModelLoadError
 from encoder.batching import Tokenizer
-from encoder.errors import ConfigError, ModelLoadError
 from encoder.hashing import sha256_named_files
 
 log = logging.getLogger(__name__)

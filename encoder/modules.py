@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from api.errors import ConfigError
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from encoder.errors import OptimizerStateError
+from api.errors import OptimizerStateError
 from encoder.modules import TrackedModule
 from encoder.tensor_files import save_tensors
 

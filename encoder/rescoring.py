@@ -27,10 +27,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from api.errors import ConfigError
 from encoder.basis import Pairs
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 

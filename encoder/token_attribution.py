@@ -37,8 +37,8 @@ import torch
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from api.errors import ConfigError, InputError
 from encoder.batching import Example, collate
-from encoder.errors import ConfigError, InputError
 from encoder.fingerprint import TrackStarEncoder
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from encoder.errors import ArtifactError, ConfigError
+from api.errors import ArtifactError, ConfigError
 from encoder.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from typing import TypeVar
 
 import numpy as np
 
+from api.errors import InfluenceError, InternalError, QueryAbandonedError
 from encoder.batching import Example
-from encoder.errors import InfluenceError, InternalError
 from engine import retrieval
 from engine.protocols import Index
-from engine.query import Limits, Outcome, Query, QueryAbandonedError, Traced, trace
+from engine.query import Limits, Outcome, Query, Traced, trace
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.errors import ConfigError
 from api.models import COMPLETION_OR_GENERATE, InfluenceQuery
-from encoder.errors import ConfigError
 from engine.choices import SEARCH_PLACEMENTS
 
 FLAGS = {

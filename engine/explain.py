@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from api.errors import InputError, InputTooLongError
 from encoder.batching import Tokenizer
-from encoder.errors import InputError, InputTooLongError
 from engine.protocols import Index, Record
 from engine.query import Limits, Query, validate
 

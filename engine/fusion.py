@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from encoder.errors import InputError
+from api.errors import InputError
 
 RRF_C = 60
 

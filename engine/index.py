@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from api.errors import ArtifactError
 from encoder.batching import Example, Tokenizer, collate, sequence_example, tokenize_query
-from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.errors import ArtifactError, InfluenceError
+from api.errors import ArtifactError, InfluenceError
 from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, in_order, records_in_order, unpack_token_ids
 from indexer.milvus import (

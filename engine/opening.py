@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from encoder.errors import IndexChangedError
+from api.errors import IndexChangedError
 from indexer import integrity
 from indexer import manifest as mf
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from encoder.model_loading import resolve_device
 from engine.choices import SEARCH_PLACEMENTS, Placement
 from indexer import faiss_index

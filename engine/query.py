@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from api.errors import InfluenceError, InputError, InputTooLongError
 from api.models import InfluenceQuery, Mode
 from encoder.batching import Example, Tokenizer, tokenize_prompt
-from encoder.errors import InfluenceError, InputError, InputTooLongError
 from encoder.generation import Generated, Generation, token_spans, traced_example
 from engine.certify import DEFAULT_CONFIDENCE, Certificate
 from engine.protocols import Index, Record
@@ -72,13 +72,6 @@ the next chunk boundary."""
 def never() -> bool:
     """An ``Abandoned`` for queries nobody abandons (the CLI, the evaluation)."""
     return False
-
-
-class QueryAbandonedError(InfluenceError):
-    """A query's client gave up before it was answered; its remaining work was dropped."""
-
-    code = "abandoned"
-    http_status = 503
 
 
 @dataclass(frozen=True)

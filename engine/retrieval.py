@@ -12,13 +12,13 @@ from typing import get_args
 
 import numpy as np
 
+from api.errors import InputError, QueryAbandonedError
 from api.models import Mode
 from encoder.batching import Example
-from encoder.errors import InputError
 from engine.certify import RESCORE_CHUNK, Certificate, miss_probability
 from engine.fusion import reciprocal_rank_fusion
 from engine.protocols import Index
-from engine.query import Abandoned, Hit, Query, QueryAbandonedError, never
+from engine.query import Abandoned, Hit, Query, never
 
 MODES: tuple[str, ...] = get_args(Mode)
 

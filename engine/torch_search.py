@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from encoder.errors import ArtifactError
+from api.errors import ArtifactError
 from engine.choices import Placement
 from engine.milvus import MilvusSearch
 from engine.protocols import VectorSearch

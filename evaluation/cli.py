@@ -172,7 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train on the corpus, print the checkpoint and the fact accuracy; returns the exit code."""
     import json
 
-    from encoder.errors import InputError
+    from api.errors import InputError
     from evaluation.corpus import FactCorpus, Passage, load_queries
     from evaluation.inputs import read_corpus
 

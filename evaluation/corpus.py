@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from encoder.errors import InputError
+from api.errors import InputError
 from evaluation.world import CODAS, FILLERS, FIRST_NAMES, ONSETS, RELATIONS, SUFFIX, VOWELS
 
 FACT_SOURCE = "synthetic/facts"

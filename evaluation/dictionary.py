@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder.errors import InputError
+from api.errors import InputError
 
 DICTD_DIR = Path("/usr/share/dictd")
 NAME = "freedict-eng-deu"

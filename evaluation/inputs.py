@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from api.errors import InputError, OptimizerStateError
 from encoder.batching import Example, Tokenizer, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
-from encoder.errors import InputError, OptimizerStateError
 from encoder.model_loading import load_model, load_tokenizer
 from encoder.optimizer_state import SecondMoments, load_second_moments
 from evaluation.corpus import FactQuery, load_queries

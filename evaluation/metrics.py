@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from encoder.errors import InputError
+from api.errors import InputError
 
 MRR_CUTOFF = 10
 RECALL_CUTOFF = 10

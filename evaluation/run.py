@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from api.errors import InputError
 from encoder.batching import collate
-from encoder.errors import InputError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash
 from encoder.optimizer_state import SecondMoments

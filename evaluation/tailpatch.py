@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from api.errors import ConfigError, OptimizerStateError
 from encoder.batching import Example, collate
-from encoder.errors import ConfigError, OptimizerStateError
 from encoder.optimizer_state import SecondMoments
 
 log = logging.getLogger(__name__)

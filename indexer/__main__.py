@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from encoder.errors import InfluenceError
+from api.errors import InfluenceError
 from indexer.cli import register
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from encoder.errors import ArtifactError, InputError
+from api.errors import ArtifactError, InputError
 from indexer import manifest as mf
 
 log = logging.getLogger(__name__)

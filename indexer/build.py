@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from api.errors import ConfigError, InputError, OptimizerStateError
 from encoder.batching import Tokenizer
-from encoder.errors import ConfigError, InputError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import (
     load_model,

@@ -7,8 +7,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.errors import ConfigError
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 
 
 def batch_size_flag(text: str) -> int:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from indexer.corpus import Document
 from indexer.metadata import ExampleRecord
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from indexer.build_config import BuildConfig
 from indexer.options import add_flags, from_flags
 from indexer.summary import print_summary, summary

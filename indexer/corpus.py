@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder.errors import InputError, safe_text
+from api.errors import InputError, safe_text
 from encoder.hashing import sha256_named_files
 
 log = logging.getLogger(__name__)

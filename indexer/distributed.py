@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from encoder.errors import InfluenceError
+from api.errors import InfluenceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from indexer.exact import exact_top_k, rerank_exact
 
 log = logging.getLogger(__name__)

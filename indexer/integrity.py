@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from api.errors import ArtifactError
 from encoder.batching import collate, sequence_example
 from encoder.config import FingerprintConfig
-from encoder.errors import ArtifactError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import model_hash, tokenizer_hash
 from encoder.tensor_files import FITTED_WITH, read_metadata

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encoder.errors import ArtifactError
+from api.errors import ArtifactError
 from encoder.hashing import sha256_file
 from indexer.files import write_atomic
 

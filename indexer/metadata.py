@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from encoder.errors import ArtifactError, NotFoundError
+from api.errors import ArtifactError, NotFoundError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (

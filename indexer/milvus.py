@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.errors import ArtifactError, ConfigError, InfluenceError
+from api.errors import ArtifactError, ConfigError, InfluenceError, SearchBackendUnavailable
 from indexer import manifest as mf
 from indexer.metadata import (
     MetadataStore,
@@ -49,13 +49,6 @@ VECTOR_TYPE_KEY, INDEX_TYPE_KEY = "influence.vector_type", "influence.index_type
 OFFSET_FIELDS = ("token_start", "token_end", "char_start", "char_end")
 RECORD_FIELDS = ("id", "text", "source", "document_id", *OFFSET_FIELDS)
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_PQ", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
-
-
-class SearchBackendUnavailable(InfluenceError):
-    """The vector search backend (Milvus) is down or too slow: retry later (503)."""
-
-    code = "search_backend_unavailable"
-    http_status = 503
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from api.errors import InputError
 from encoder.basis import BasisStatistics
 from encoder.batching import TokenBatch, collate, sequence_example, tokenize_query
-from encoder.errors import InputError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.whitening import RStatistics
 from indexer.chunking import ChunkConfig, Chunker

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from api.errors import ConfigError
 from encoder.basis import basis_bytes
-from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import free_memory, hessian_bytes
 from indexer import faiss_index

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from api.errors import ArtifactError, ConfigError
 from encoder.config import FingerprintConfig
-from encoder.errors import ArtifactError, ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import load_second_moments
 from encoder.tensor_files import load_tensors

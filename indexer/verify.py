@@ -7,7 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from encoder.errors import ArtifactError
+from api.errors import ArtifactError
 from encoder.model_loading import load_model, load_tokenizer
 from indexer import integrity
 from indexer import manifest as mf

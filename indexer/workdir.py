@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from indexer.files import write_atomic
 
 

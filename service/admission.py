@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from service.batcher import OverloadedError
+from api.errors import OverloadedError
 
 
 class Admission:

@@ -21,7 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from encoder.errors import InfluenceError
+from api.errors import InfluenceError
 from engine.protocols import Index
 from engine.query import Limits
 from service.admission import Admission

@@ -12,23 +12,9 @@ from collections.abc import Mapping
 
 from fastapi import APIRouter, Depends, Request
 
-from encoder.errors import InfluenceError
+from api.errors import ForbiddenError, UnauthorizedError
 from service.deps import services
 from service.errors import ERROR_RESPONSES
-
-
-class UnauthorizedError(InfluenceError):
-    """No API key was sent."""
-
-    code = "unauthorized"
-    http_status = 401
-
-
-class ForbiddenError(InfluenceError):
-    """The API key sent is not accepted."""
-
-    code = "forbidden"
-    http_status = 403
 
 
 def presented_key(request: Request) -> str | None:

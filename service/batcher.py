@@ -18,27 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from encoder.errors import InfluenceError
+from api.errors import InfluenceError, OverloadedError, QueryTimeoutError
 from engine.batch import failure, run_batch
 from engine.query import Limits, Outcome, Query
 from service.state import IndexState
 from service.work import WorkMeter, candidates
 
 log = logging.getLogger(__name__)
-
-
-class OverloadedError(InfluenceError):
-    """The query queue is full: retry later (503 + Retry-After)."""
-
-    code = "overloaded"
-    http_status = 503
-
-
-class QueryTimeoutError(InfluenceError):
-    """A query waited and ran longer than the request timeout (503 + Retry-After)."""
-
-    code = "timeout"
-    http_status = 503
 
 
 @dataclass

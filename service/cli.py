@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from encoder.errors import InfluenceError, safe_text
+from api.errors import InfluenceError, safe_text
 from service.logs import configure_logging
 
 log = logging.getLogger("influence")

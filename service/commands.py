@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encoder.errors import ConfigError, InfluenceError
+from api.errors import ConfigError, InfluenceError
 from engine.choices import SEARCH_PLACEMENTS
 from service.logs import WORKER_FORMAT, configure_logging, uvicorn_log_config
 

@@ -16,9 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import ErrorBody, ErrorResponse
+from api.error_models import ErrorBody, ErrorResponse
+from api.errors import InfluenceError, safe_text
 from api.models import COMPLETION_OR_GENERATE
-from encoder.errors import InfluenceError, safe_text
 from service.deps import services
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from encoder.errors import InfluenceError
+from api.errors import InfluenceError
 from service.auth import check_admin, check_key, key_in
 from service.errors import error_response
 from service.settings import Settings

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from encoder.errors import safe_text
+from api.errors import safe_text
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"

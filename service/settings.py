@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_exists(cls, value: str | None) -> str | None:
-        from encoder.errors import ConfigError
+        from api.errors import ConfigError
         from encoder.model_loading import resolve_device  # torch: only when a device is named
 
         if value is not None:

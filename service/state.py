@@ -17,20 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from encoder.errors import ArtifactError, InfluenceError, NotFoundError, safe_text
+from api.errors import ArtifactError, InfluenceError, NotFoundError, NotReadyError, safe_text
 from engine.protocols import Index
 
 log = logging.getLogger(__name__)
 
 IndexOpener = Callable[[Path], Index]
 """Opens an index directory (blocking; ``engine.index.InfluenceIndex.open`` in service)."""
-
-
-class NotReadyError(InfluenceError):
-    """No index is loaded (yet): the service answers 503."""
-
-    code = "not_ready"
-    http_status = 503
 
 
 def freeze_heap() -> None:

@@ -13,22 +13,8 @@ from __future__ import annotations
 
 import math
 
-from encoder.errors import InfluenceError
+from api.errors import BacklogError, WorkOverBudgetError
 from engine.query import Outcome, Query
-
-
-class WorkOverBudgetError(InfluenceError):
-    """A request's estimated work does not fit in the request timeout (413)."""
-
-    code = "work_over_budget"
-    http_status = 413
-
-
-class BacklogError(InfluenceError):
-    """The work ahead of a request would outlast its timeout: retry after the backlog (503)."""
-
-    code = "overloaded"
-    http_status = 503
 
 
 def candidates(query: Query, default_rescore: int, size: int) -> int:

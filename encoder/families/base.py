@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from api.errors import ConfigError
 from encoder.basis import BasisStatistics, Pairs
 from encoder.blocks import Block, Precision
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.modules import TrackedModule
 from encoder.projection import Plan, plan_projection
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from api.errors import ConfigError
 from encoder.blocks import Block, Precision, dense_block
-from encoder.errors import ConfigError
 from encoder.families.base import Family, pair_tensors, pairs_from
 from encoder.modules import TrackedModule
 from encoder.projection import projection_pair

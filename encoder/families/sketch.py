@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from api.errors import ConfigError
 from encoder.basis import BasisStatistics, Pairs, whole_side
 from encoder.blocks import Block, Precision, Sketched, dense_block
-from encoder.errors import ConfigError
 from encoder.families.base import Family, pair_tensors, pairs_from
 from encoder.modules import TrackedModule
 from encoder.projection import Plan, sketch_hash

@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import Path
 
-from api.errors import ErrorResponse
+from api.error_models import ErrorResponse
 from api.index_models import Example
 from engine.protocols import Record
 from service.auth import v1_router

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from api.errors import ErrorResponse
+from api.error_models import ErrorResponse
 from api.explain_models import ExplainRequest, ExplainResponse, TokenContribution
 from engine import explain as engine_explain
 from engine.query import Limits, Query

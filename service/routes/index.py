@@ -6,11 +6,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends
 
-from api.errors import ErrorResponse
+from api.error_models import ErrorResponse
+from api.errors import ForbiddenError, InfluenceError, InputError, safe_text
 from api.index_models import IndexSummary, ReloadRequest, ReloadResponse
-from encoder.errors import InfluenceError, InputError, safe_text
 from engine.protocols import Index
-from service.auth import ForbiddenError, require_admin, v1_router
+from service.auth import require_admin, v1_router
 from service.deps import MetricsDep, SettingsDep, StateDep
 from service.errors import ERROR_RESPONSES
 from service.settings import Settings

@@ -6,6 +6,7 @@ import time
 
 from pydantic import ValidationError
 
+from api.errors import InputError
 from api.models import (
     BatchInfluenceRequest,
     BatchInfluenceResponse,
@@ -16,7 +17,6 @@ from api.models import (
     RescoreReport,
     Timings,
 )
-from encoder.errors import InputError
 from engine.query import Outcome, Query, certificate_fields, traced_fields
 from service.auth import v1_router
 from service.deps import BatcherDep, SettingsDep

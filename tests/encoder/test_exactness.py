@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from api.errors import ConfigError
 from encoder.batching import Example, collate, sequence_example
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.optimizer_state import SecondMoments
 from encoder.whitening import Whitener

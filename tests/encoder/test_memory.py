@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from api.errors import ConfigError
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.memory import auto_batch_size, estimate_memory, free_memory
 from tests.conftest import tiny_gpt2

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from api.errors import ConfigError
 from encoder.batching import Example, sequence_example
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.modules import select_modules
 from encoder.optimizer_state import SecondMoments

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from api.errors import ConfigError, InputError, InputTooLongError, OptimizerStateError
 from encoder.batching import collate, sequence_example, tokenize_query
 from encoder.config import FingerprintConfig
-from encoder.errors import ConfigError, InputError, InputTooLongError, OptimizerStateError
 from encoder.fingerprint import TrackStarEncoder
 from encoder.model_loading import load_model, load_tokenizer
 from encoder.optimizer_state import load_second_moments
@@ -173,7 +173,7 @@ def test_query_errors(trained_checkpoint):
 
 
 def test_model_dir_without_tokenizer(tmp_path):
-    from encoder.errors import ModelLoadError
+    from api.errors import ModelLoadError
 
     tiny_gpt2().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as exc:

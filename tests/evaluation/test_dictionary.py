@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from encoder.errors import InputError
+from api.errors import InputError
 from evaluation import dictionary as fd
 from evaluation.corpus import load_queries
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoder.errors import ArtifactError, InputError
+from api.errors import ArtifactError, InputError
 from engine.fusion import reciprocal_rank_fusion
 from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
 from indexer.bm25 import BM25Index

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from api.errors import ConfigError
 from encoder.batching import tokenize_query
-from encoder.errors import ConfigError
 from encoder.model_loading import load_tokenizer
 from encoder.optimizer_state import load_second_moments
 from evaluation.inputs import training_sequences

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from api.errors import ArtifactError
 from encoder.config import FingerprintConfig
-from encoder.errors import ArtifactError
 from engine.index import InfluenceIndex, OpenOptions
 from indexer import manifest as mf
 from service.cli import main

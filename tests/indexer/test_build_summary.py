@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from encoder.errors import ArtifactError
+from api.errors import ArtifactError
 from indexer import manifest as mf
 from indexer.__main__ import main
 from tests.conftest import TINY_INDEX_CLI_OPTIONS

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from encoder.errors import InputError
+from api.errors import InputError
 from encoder.model_loading import load_tokenizer
 from indexer.chunking import ChunkConfig, Chunker
 from indexer.corpus import read_corpus

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from encoder.errors import ArtifactError
+from api.errors import ArtifactError
 from engine.index import InfluenceIndex, OpenOptions
 from indexer import manifest as mf
 from indexer.__main__ import main

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from api.errors import ArtifactError, NotFoundError
 from benchmarks.bench_milvus import LiteServer
-from encoder.errors import ArtifactError, NotFoundError
 from engine import milvus as em
 from engine.index import InfluenceIndex, OpenOptions
 from indexer import milvus as mv

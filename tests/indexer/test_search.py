@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from api.errors import NotFoundError
 from encoder.batching import collate, sequence_example
-from encoder.errors import NotFoundError
 from engine.index import InfluenceIndex, OpenOptions
 from indexer.__main__ import main
 from indexer.passes import length_order, shard_ranges

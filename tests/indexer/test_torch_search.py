@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.errors import ConfigError
+from api.errors import ConfigError
 from engine.index import InfluenceIndex, OpenOptions
 from engine.torch_search import TorchFlatSearch
 from tests.tolerances import abs_products, assert_within, dot_bound, rounding_bound

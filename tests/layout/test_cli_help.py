@@ -37,5 +37,7 @@ def test_each_option_has_one_short_plain_line(command):
         flag = "/".join(action.option_strings) or action.dest
         assert text, f"{command} {flag}: no help"
         assert len(text) <= MAX_HELP_CHARS, f"{command} {flag}: {len(text)} characters"
-        assert "None" not in text and "``" not in text and "`" not in text, f"{command} {flag}: {text}"
+        assert "None" not in text and "``" not in text and "`" not in text, (
+            f"{command} {flag}: {text}"
+        )
         assert not MODULE_PATH.search(text), f"{command} {flag}: names a module: {text}"

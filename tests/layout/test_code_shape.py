@@ -16,14 +16,19 @@ MAX_FILE_LINES = 400
 
 ALLOWED_IMPORTS = {
     "api": set(),
-    "encoder": set(),
-    "indexer": {"encoder"},
+    # the wire contract's errors (api.errors, plain Python) are what every layer raises
+    "encoder": {"api"},
+    "indexer": {"encoder", "api"},
     "engine": {"encoder", "indexer", "api"},
     "service": {"encoder", "indexer", "engine", "api"},
     # the demo serves what it built, and tries the API's example query (api imports nothing)
     "evaluation": {"encoder", "indexer", "engine", "service", "api"},
 }
-"""Project packages each library package may import: one direction, encoder at the bottom."""
+"""Project packages each library package may import: one direction, the wire contract (api)
+at the bottom, then the encoder."""
+
+ERRORS_ONLY = ("encoder", "indexer")
+"""Packages that may import from api its errors (``api.errors``) and nothing else."""
 
 
 def _sources(package: str) -> list[Path]:
@@ -69,6 +74,27 @@ def test_imports_go_one_way(package):
         for f in _sources(package)
     }
     assert not {f: w for f, w in wrong.items() if w}
+
+
+@pytest.mark.parametrize("package", ERRORS_ONLY)
+def test_the_lower_layers_take_only_the_errors_from_the_contract(package):
+    wrong = []
+    for path in _sources(package):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] == "api"
+            ):
+                if node.module != "api.errors":
+                    wrong.append(f"{path.relative_to(ROOT)}: {node.module}")
+            elif isinstance(node, ast.Import):
+                wrong += [
+                    f"{path.relative_to(ROOT)}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("api")
+                ]
+    assert not wrong, wrong
 
 
 def test_the_read_side_is_typed_and_never_probes_the_index():

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from api.errors import ArtifactError, InputError, NotFoundError
 from encoder.batching import Example, tokenize_query
-from encoder.errors import ArtifactError, InputError, NotFoundError
 from encoder.generation import Generated, Generation
 from engine.protocols import Attribution, Index, Summary
 from indexer.bm25 import BM25Index

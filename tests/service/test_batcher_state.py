@@ -7,11 +7,12 @@ import threading
 
 import pytest
 
+from api.errors import NotReadyError, OverloadedError, QueryTimeoutError
 from engine.query import Limits, Query
-from service.batcher import MicroBatcher, OverloadedError, QueryTimeoutError
+from service.batcher import MicroBatcher
 from service.commands import _settings_from, register
 from service.settings import Settings
-from service.state import IndexState, NotReadyError
+from service.state import IndexState
 from tests.service.fakes import FakeOpener
 
 LIMITS = Limits(max_prompt_tokens=50, max_completion_tokens=50)

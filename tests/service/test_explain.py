@@ -256,7 +256,7 @@ def test_metadata_keeps_the_indexed_token_ids(tiny_index, tmp_path):
     import shutil
     import sqlite3
 
-    from encoder.errors import ArtifactError, NotFoundError
+    from api.errors import ArtifactError, NotFoundError
     from engine.index import InfluenceIndex, OpenOptions
     from indexer import manifest as mf
     from indexer.metadata import MetadataStore

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from encoder.errors import safe_text
+from api.errors import safe_text
 from service.app import create_app
 from service.logs import SafeFormatter
 from service.settings import Settings

@@ -58,7 +58,7 @@ def test_rescoring_every_candidate_gives_the_unprojected_ranking(sketch_indexes)
 def test_a_sketch_index_without_its_whitening_is_refused(sketch_indexes, tmp_path):
     import shutil
 
-    from encoder.errors import ArtifactError
+    from api.errors import ArtifactError
     from encoder.tensor_files import save_tensors
 
     sketched, _ = sketch_indexes
@@ -113,7 +113,7 @@ def test_a_manifest_the_fitted_artifacts_contradict_is_refused(
 ):
     """delta only acts when the whitening is fitted, and the seed not at all where nothing is
     sketched: re-encoding cannot see such an edit, the fitted artifact's record does."""
-    from encoder.errors import ArtifactError
+    from api.errors import ArtifactError
     from indexer.verify import verify_index
 
     edited = _edited(sketch_indexes[which], tmp_path, **edit)

@@ -12,11 +12,12 @@ import time
 import httpx
 import pytest
 
+from api.errors import BacklogError, WorkOverBudgetError
 from engine.certify import Certificate
 from engine.query import Outcome
 from service.app import create_app
 from service.settings import Settings
-from service.work import BacklogError, WorkMeter, WorkOverBudgetError
+from service.work import WorkMeter
 from tests.service.fakes import FakeIndex
 from tests.service.live import live_server
 
