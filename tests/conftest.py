@@ -63,40 +63,63 @@ def trained_checkpoint(fact_corpus, tmp_path_factory):
 
 
 PAPER_TRACKSTAR = {"projection": "gaussian", "correction": True, "hessian": "mixed"}
-"""The paper's TrackStar (Gaussian projection, optimizer correction, mixed R): the whitened
-path the tiny index exercises (the product default, the sketch, has its own tests)."""
+"""The paper's TrackStar (Gaussian projection, optimizer correction, mixed R): the reference
+path ``paper_index`` exercises."""
 
-TINY_INDEX_CLI_OPTIONS = (
+TINY_INDEX_CLI_OPTIONS = ("--shard-size", "16", "--batch-size", "8")
+"""`influence index build` options that reproduce `tiny_index` (the default fingerprint)."""
+
+PAPER_INDEX_CLI_OPTIONS = (
     "-k",
     "8",
-    "--shard-size",
-    "16",
-    "--batch-size",
-    "8",
+    *TINY_INDEX_CLI_OPTIONS,
     "--projection",
     "gaussian",
     "--correction",
     "--hessian",
     "mixed",
 )
-"""`influence index build` options that reproduce `tiny_index` (with its --queries file)."""
+"""`influence index build` options that reproduce `paper_index` (with its --queries file)."""
 
 
-@pytest.fixture(scope="session")
-def tiny_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
-    """A built exact (Flat) index on the trained test model and the fact corpus, with
-    k=8 and hessian 'mixed' (R_eval from the query file): the index directory Path."""
-    from encoder.config import FingerprintConfig
+def _build(checkpoint, corpus, out, fingerprint, queries=None):
     from indexer.build import BuildConfig, run_build
 
-    corpus, queries = fact_corpus_files
     cfg = BuildConfig(
-        model=trained_checkpoint.checkpoint_dir,
+        model=checkpoint,
         corpus=corpus,
         queries=queries,
-        out=tmp_path_factory.mktemp("tiny_index") / "index",
-        fingerprint=FingerprintConfig(k=8, **PAPER_TRACKSTAR),
+        out=out,
+        fingerprint=fingerprint,
         shard_size=16,
         batch_size=8,
     )
     return run_build(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
+    """The product as shipped: a built exact (Flat) index of the default fingerprint (the
+    sketch, its whitening fitted on the corpus, the exact second stage on by default) on the
+    trained test model and the fact corpus: the index directory Path."""
+    from encoder.config import FingerprintConfig
+
+    out = tmp_path_factory.mktemp("tiny_index") / "index"
+    return _build(trained_checkpoint.checkpoint_dir, fact_corpus_files[0], out, FingerprintConfig())
+
+
+@pytest.fixture(scope="session")
+def paper_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
+    """The paper's TrackStar as the reference path: k=8 Gaussian pairs, the optimizer
+    correction and mixed R (R_eval from the query file): the index directory Path."""
+    from encoder.config import FingerprintConfig
+
+    corpus, queries = fact_corpus_files
+    out = tmp_path_factory.mktemp("paper_index") / "index"
+    return _build(
+        trained_checkpoint.checkpoint_dir,
+        corpus,
+        out,
+        FingerprintConfig(k=8, **PAPER_TRACKSTAR),
+        queries,
+    )

@@ -129,8 +129,9 @@ def test_service_modes_bm25_and_hybrid_over_http(mode_server, tiny_index, fact_c
     influence = _ask(mode_server, query, k=100)
     assert influence == _ask(mode_server, query, k=100, mode="influence")  # default unchanged
     hybrid = _ask(mode_server, query, k=5, mode="hybrid")
+    first_stage = _ask(mode_server, query, k=100, rescore=0)  # what the hybrid fuses
     fused_scores, fused_ids = reciprocal_rank_fusion(
-        [reference.search([text], 100)[1][0], [r["id"] for r in influence]], 5
+        [reference.search([text], 100)[1][0], [r["id"] for r in first_stage]], 5
     )
     assert [r["id"] for r in hybrid] == fused_ids.tolist()
     np.testing.assert_allclose([r["score"] for r in hybrid], fused_scores, rtol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 from api.errors import ArtifactError
 from indexer import manifest as mf
 from indexer.__main__ import main
-from tests.conftest import TINY_INDEX_CLI_OPTIONS
+from tests.conftest import PAPER_INDEX_CLI_OPTIONS
 
 
 def test_build_ends_with_the_index_info_summary(
@@ -35,7 +35,7 @@ def test_build_ends_with_the_index_info_summary(
                 "--no-progress",
                 "--name",
                 "facts-gpt2 v1",
-                *TINY_INDEX_CLI_OPTIONS,
+                *PAPER_INDEX_CLI_OPTIONS,
             ]
         )
         == 0

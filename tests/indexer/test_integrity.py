@@ -15,9 +15,9 @@ from indexer import manifest as mf
 from indexer.__main__ import main
 
 
-def _copy(tiny_index, tmp_path, name="copy"):
+def _copy(paper_index, tmp_path, name="copy"):
     out = tmp_path / name
-    shutil.copytree(tiny_index, out)
+    shutil.copytree(paper_index, out)
     return out
 
 
@@ -38,8 +38,8 @@ def _edit(index_dir, change):
         ("hessian", "train"),
     ],
 )
-def test_edited_fingerprint_config_is_refused(tiny_index, tmp_path, capsys, key, value):
-    index_dir = _copy(tiny_index, tmp_path)
+def test_edited_fingerprint_config_is_refused(paper_index, tmp_path, capsys, key, value):
+    index_dir = _copy(paper_index, tmp_path)
     _edit(index_dir, lambda m: m["fingerprint"]["config"].__setitem__(key, value))
     with pytest.raises(ArtifactError) as err:
         InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
@@ -48,8 +48,8 @@ def test_edited_fingerprint_config_is_refused(tiny_index, tmp_path, capsys, key,
     assert "manifest" in capsys.readouterr().err
 
 
-def test_unlisted_file_is_refused(tiny_index, tmp_path, capsys):
-    index_dir = _copy(tiny_index, tmp_path)
+def test_unlisted_file_is_refused(paper_index, tmp_path, capsys):
+    index_dir = _copy(paper_index, tmp_path)
     _edit(index_dir, lambda m: m["files"].pop(mf.WHITENER))
     with pytest.raises(ArtifactError, match="does not list whitener") as err:
         InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
@@ -58,8 +58,8 @@ def test_unlisted_file_is_refused(tiny_index, tmp_path, capsys):
     assert "whitener" in capsys.readouterr().err
 
 
-def test_nonfinite_fingerprints_are_refused(tiny_index, tmp_path, capsys):
-    index_dir = _copy(tiny_index, tmp_path)
+def test_nonfinite_fingerprints_are_refused(paper_index, tmp_path, capsys):
+    index_dir = _copy(paper_index, tmp_path)
     fps = np.load(index_dir / mf.FINGERPRINTS)
     fps[0, 0] = np.nan
     np.save(index_dir / mf.FINGERPRINTS, fps)
@@ -76,8 +76,8 @@ def test_nonfinite_fingerprints_are_refused(tiny_index, tmp_path, capsys):
     assert "non-finite" in capsys.readouterr().err
 
 
-def test_the_untouched_index_passes(tiny_index, capsys):
-    assert main(["verify", str(tiny_index)]) == 0
+def test_the_untouched_index_passes(paper_index, capsys):
+    assert main(["verify", str(paper_index)]) == 0
     out = capsys.readouterr().out
     assert "config agrees" in out
 
@@ -85,7 +85,7 @@ def test_the_untouched_index_passes(tiny_index, capsys):
 def test_identical_inputs_give_byte_identical_indexes(
     trained_checkpoint, fact_corpus_files, tmp_path
 ):
-    from tests.conftest import TINY_INDEX_CLI_OPTIONS
+    from tests.conftest import PAPER_INDEX_CLI_OPTIONS
 
     corpus, queries = fact_corpus_files
     outs = []
@@ -104,7 +104,7 @@ def test_identical_inputs_give_byte_identical_indexes(
                     "--out",
                     str(out),
                     "--no-progress",
-                    *TINY_INDEX_CLI_OPTIONS,
+                    *PAPER_INDEX_CLI_OPTIONS,
                 ]
             )
             == 0

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from indexer import manifest as mf
 from indexer.__main__ import main
-from tests.conftest import TINY_INDEX_CLI_OPTIONS
+from tests.conftest import PAPER_INDEX_CLI_OPTIONS
 from tests.indexer.helpers import REPO
 
 
@@ -37,7 +37,7 @@ def _args(trained_checkpoint, fact_corpus_files, out: Path) -> list[str]:
         "--out",
         str(out),
         "--no-progress",
-        *TINY_INDEX_CLI_OPTIONS,
+        *PAPER_INDEX_CLI_OPTIONS,
     ]
 
 
@@ -65,7 +65,7 @@ def assert_same_index(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_build_then_resume(
-    tiny_index, trained_checkpoint, fact_corpus_files, tmp_path, caplog
+    paper_index, trained_checkpoint, fact_corpus_files, tmp_path, caplog
 ):
     out = tmp_path / "index"
     work = tmp_path / ".index.build"
@@ -96,7 +96,7 @@ def test_sigkill_mid_build_then_resume(
         assert main(_args(trained_checkpoint, fact_corpus_files, out)) == 0
     assert "resuming the build" in caplog.text
     assert not work.exists()
-    assert_same_index(out, tiny_index)
+    assert_same_index(out, paper_index)
     m = mf.read_manifest(out)
     assert (
         m["build"]["statistics_sequences"] < m["counts"]["sequences"]
@@ -105,7 +105,7 @@ def test_sigkill_mid_build_then_resume(
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(
-    tiny_index, trained_checkpoint, fact_corpus_files, tmp_path
+    paper_index, trained_checkpoint, fact_corpus_files, tmp_path
 ):
     out = tmp_path / "index"
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -130,4 +130,4 @@ def test_torchrun_two_processes_equal_single_process(
     assert "rank 1 of 2" in proc.stderr
     assert proc.stdout.count("index published:") == 1  # rank 0 only, flushed before os._exit
     assert mf.read_manifest(out)["build"]["world_size"] == 2
-    assert_same_index(out, tiny_index)
+    assert_same_index(out, paper_index)

@@ -92,6 +92,8 @@ def test_query_cli_json_matches_brute_force(opened, tiny_index, capsys):
             "--json",
             "--device",
             "cpu",
+            "--rescore",
+            "0",  # the first stage against brute force (the second stage: test_certified)
         ]
     )
     out = capsys.readouterr()

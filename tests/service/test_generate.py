@@ -28,8 +28,10 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_index):
+    # Generation and span tracing are checked against the first stage's brute force; the
+    # second stage over such queries is test_certified's and test_rescore's.
     settings = Settings(
-        index_dir=tiny_index, max_new_tokens=MAX_NEW, max_batch_size=8, max_wait_ms=10
+        index_dir=tiny_index, max_new_tokens=MAX_NEW, max_batch_size=8, max_wait_ms=10, rescore=0
     )
     with live_server(create_app(settings)) as base:
         with httpx.Client(base_url=base, timeout=120) as client:
@@ -230,6 +232,8 @@ def test_cli_generate_answers_what_the_service_answers(server, tiny_index, capsy
             "-k",
             "5",
             "--json",
+            "--rescore",
+            "0",  # as this module's server is configured
         ]
     )
     assert rc == 0

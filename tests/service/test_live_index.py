@@ -90,7 +90,7 @@ def test_results_equal_influence_query(server, tiny_index, capsys):
     assert info in server.get("/metrics").text
     assert body["index_version"] == summary["index_version"]
     assert summary["size"] == summary["counts"]["sequences"] > 0
-    assert summary["faiss"] == "Flat" and summary["fingerprint"]["config"]["k"] == 8
+    assert summary["faiss"] == "Flat" and summary["fingerprint"]["config"]["projection"] == "sketch"
 
 
 def test_batch_equals_singles(server):

@@ -43,8 +43,8 @@ def exact_index(trained_checkpoint, fact_corpus_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(tiny_index):
-    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+def client(paper_index):
+    with live_server(create_app(Settings(index_dir=paper_index))) as base:
         with httpx.Client(base_url=base, timeout=120) as c:
             yield c
 
@@ -75,7 +75,7 @@ def _exact_rows(exact_index, k, capsys):
 
 
 def test_rescoring_every_candidate_gives_the_unprojected_ranking(
-    client, tiny_index, exact_index, capsys
+    client, paper_index, exact_index, capsys
 ):
     size = client.get("/v1/index").json()["size"]
     got = _query(client, k=10, rescore=size)
@@ -91,7 +91,7 @@ def test_rescoring_every_candidate_gives_the_unprojected_ranking(
         [
             "query",
             "--index",
-            str(tiny_index),
+            str(paper_index),
             "--prompt",
             PROMPT,
             "--completion",
@@ -138,14 +138,14 @@ def test_bad_rescore_requests_are_422(client, extra):
     assert r.json()["error"]["code"] == "validation_error"
 
 
-def test_server_default_rescore_and_its_override(tiny_index, exact_index, capsys):
+def test_server_default_rescore_and_its_override(paper_index, exact_index, capsys):
     want = [r["id"] for r in _exact_rows(exact_index, 5, capsys)]
-    with live_server(create_app(Settings(index_dir=tiny_index, rescore=1000))) as base:
+    with live_server(create_app(Settings(index_dir=paper_index, rescore=1000))) as base:
         with httpx.Client(base_url=base, timeout=120) as c:
             assert [r["id"] for r in _query(c, k=5)] == want  # the server's default applies
             off = _query(c, k=5, rescore=0)  # the request turns it off
             hybrid = _query(c, k=5, mode="hybrid")  # other modes ignore the default
-    with live_server(create_app(Settings(index_dir=tiny_index))) as base:
+    with live_server(create_app(Settings(index_dir=paper_index))) as base:
         with httpx.Client(base_url=base, timeout=120) as c:
             assert _query(c, k=5) == off
             assert _query(c, k=5, mode="hybrid") == hybrid
@@ -158,7 +158,7 @@ def test_score_sd_is_null_when_whitened_and_zero_when_rescored(client):
 
 
 def test_the_response_says_how_the_second_stage_ended(client):
-    """tiny_index has a projected R: no first-stage uncertainty model, so the stage scores
+    """paper_index has a projected R: no first-stage uncertainty model, so the stage scores
     to its cap and certifies only when that cap is the whole index."""
     size = client.get("/v1/index").json()["size"]
 

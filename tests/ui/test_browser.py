@@ -26,16 +26,20 @@ def fact_query(fact_corpus):
 
 @pytest.fixture(scope="module")
 def expected(ui_index_dir, fact_query):
-    """The exact ranking, brute force over the stored fingerprints (not the service)."""
+    """The ranking the engine gives at the index's defaults (the exact second stage included),
+    computed in this process, not by the service the page talks to."""
+    from engine.batch import run_batch
+    from engine.query import Limits, Query
+
     index = InfluenceIndex.open(ui_index_dir)
     try:
-        q = index.encode_queries([(fact_query.prompt, fact_query.completion)])[0]
-        scores = np.asarray(index.fingerprints, dtype=np.float32) @ q
-        order = np.argsort(-scores, kind="stable")[:5]
+        limits = Limits(max_prompt_tokens=512, max_completion_tokens=MAX_COMPLETION_TOKENS)
+        query = Query(fact_query.prompt, fact_query.completion, 5)
+        (outcome,) = run_batch(index, [query], limits)
         n_long = len(index.tokenizer(" x" * 40, add_special_tokens=False)["input_ids"])
         return {
-            "ids": [int(i) for i in order],
-            "scores": scores[order].tolist(),
+            "ids": [h.id for h in outcome.hits],
+            "scores": [h.score for h in outcome.hits],
             "n_long": n_long,
             "model": index.manifest.to_dict()["model"],
         }
@@ -371,12 +375,12 @@ def test_the_second_stage_control_and_its_report(page, ui_server, fact_query):
     page.on("request", record)
     _search(page, ui_server, fact_query.prompt, fact_query.completion)
     page.wait_for_selector("#results .card")
-    assert "rescore" not in bodies[-1]  # on: the server's default (none for this index with R)
-    assert "first stage only" in page.locator("#status").inner_text()
+    assert "rescore" not in bodies[-1]  # on: the server's default (the exact stage, here)
+    assert "candidates re-scored exactly" in page.locator("#status").inner_text()
     page.get_by_label("Exact second stage").select_option("off")
     page.get_by_role("button", name="Search").click()
     page.wait_for_function(
-        "() => document.querySelector('#status').textContent.includes('results')"
+        "() => document.querySelector('#status').textContent.includes('first stage only')"
     )
     assert bodies[-1]["rescore"] == 0
     # A certified answer's report, as the server words it for a sketch index.
