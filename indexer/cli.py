@@ -7,11 +7,13 @@ callback. Project errors propagate to the dispatcher, which prints them and exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from api.errors import ConfigError
+from encoder.config import FingerprintConfig
 from indexer.build_config import BuildConfig
 from indexer.options import add_flags, from_flags
 from indexer.summary import print_summary, summary
@@ -82,6 +84,66 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from indexer.plan import build_plan, parse_size, plan_lines
+
+    fp = from_flags(FingerprintConfig, args)
+    if min(args.seq_len, args.batch_size, args.sequences) < 1:
+        raise ConfigError("--seq-len, --batch-size and --sequences must be >= 1")
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    memory = parse_size(args.memory) if args.memory else None
+    sizes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "sequences": args.sequences}
+    plan = build_plan(Path(args.model), fp, dtype=dtype, device=args.device, memory=memory, **sizes)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(plan), indent=2))
+    else:
+        print("\n".join(plan_lines(plan)))
+    return 0
+
+
+def _add_plan(isub) -> None:
+    p = isub.add_parser(
+        "plan",
+        help="the memory a build and a server will take, term by term, from a model's config",
+    )
+    p.add_argument(
+        "--model", required=True, help="a model directory or its config.json (no weights needed)"
+    )
+    add_flags(p, FingerprintConfig)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda: where the build and the server run (default cpu)",
+    )
+    p.add_argument(
+        "--memory",
+        default=None,
+        metavar="SIZE",
+        help="the device's memory, e.g. 80GB: say whether it fits",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="the weights' dtype (default bfloat16 on cuda, else float32)",
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per backward pass of the build (default 8)",
+    )
+    p.add_argument(
+        "--sequences", type=int, default=1_000_000, help="sequences in the index (default 1000000)"
+    )
+    p.add_argument("--json", action="store_true", help="print every term as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from indexer.milvus import MilvusTarget, push
 
@@ -142,10 +204,11 @@ def _add_build(sub) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``index`` (build/info/push/verify) to the influence CLI."""
+    """Add ``index`` (build/plan/info/push/verify) to the influence CLI."""
     index = subparsers.add_parser("index", help="build and inspect influence indexes")
     isub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     _add_build(isub)
+    _add_plan(isub)
     info = isub.add_parser("info", help="manifest summary")
     info.add_argument("index_dir", help="a published index directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -46,17 +46,24 @@ class Family(ABC):
         self.modules = modules
         self.device = device
         self.dtype = dtype
-        base = plan_projection(
-            modules, k=config.k, budget=config.budget, max_block=config.block_cap
-        )
-        self.plan: Plan = self.shape_plan(base)
+        self.plan: Plan = self.plan_for(config, modules)
         self.setup()
 
     @abstractmethod
     def setup(self) -> None:
         """Make what the seed determines (called once the plan is set)."""
 
-    def shape_plan(self, plan: Plan) -> Plan:
+    @classmethod
+    def plan_for(cls, config: FingerprintConfig, modules: list[TrackedModule]) -> Plan:
+        """The block sizes of ``modules`` under ``config`` (no state is made: a memory plan
+        asks this of a model on the meta device)."""
+        base = plan_projection(
+            modules, k=config.k, budget=config.budget, max_block=config.block_cap
+        )
+        return cls.shape_plan(base, modules)
+
+    @classmethod
+    def shape_plan(cls, plan: Plan, modules: list[TrackedModule]) -> Plan:
         """This family's plan from the budget rule's (``encoder.projection.plan_projection``)."""
         return plan
 

@@ -38,9 +38,10 @@ class Sketch(Family):
                 idx, sign = sketch_hash(self.config.seed, m, sizes[0] * sizes[1])
                 self.hashes[m.name] = (idx.to(self.device), sign.to(self.device))
 
-    def shape_plan(self, plan: Plan) -> Plan:
+    @classmethod
+    def shape_plan(cls, plan: Plan, modules: list[TrackedModule]) -> Plan:
         """Every module is whitened, so one kept whole gets the square pair (out, in)."""
-        return {m.name: plan[m.name] or (m.out_features, m.in_features) for m in self.modules}
+        return {m.name: plan[m.name] or (m.out_features, m.in_features) for m in modules}
 
     @property
     def needs_fit(self) -> bool:

@@ -307,3 +307,17 @@ def test_bench_peer_feeds_the_peer_our_ids_targets_and_second_moments(tmp_path):
         got[:, : sizes[first]], flat[:, starts[first] : starts[first] + sizes[first]]
     )
     assert got.shape == (2, sum(sizes.values()))
+
+
+def test_bench_plan_without_measuring(tmp_path):
+    """The plans at real model sizes come from configs alone (meta device): every shape and
+    both fingerprints, the 80 GB verdicts stated for the GPU shapes."""
+    from benchmarks import bench_plan
+
+    assert bench_plan.main(["--no-measure", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_plan.json").read_text())
+    assert {(r["shape"], r["config"]) for r in data["rows"]} == {
+        (shape, config) for shape in bench_plan.SHAPES for config in bench_plan.CONFIGS
+    }
+    for row in data["rows"]:
+        assert row["build_GiB"] > 0 and (row["fits_build"] is None) == (row["device"] == "cpu")

@@ -1,0 +1,261 @@
+"""``influence index plan``: the memory a build and a server of a model will take, term by
+term, and the arithmetic per token, from the model's transformers config alone (no weights
+are read or allocated: the model is made on PyTorch's ``meta`` device).
+
+The terms are the encoder's own arithmetic (the family's plan, its saved state, the
+per-example gradient chunk, the second stage's query gradient) plus an estimate of the
+activations a backward pass keeps (Korthikanti et al. 2022's 34 h + 5 a T bytes per token and
+layer at 16 bits, scaled to the weights' dtype, plus the tracked modules' captured inputs and
+output gradients and the float32 logits). A test checks each state term against the bytes a
+real encoder holds; ``benchmarks/bench_scale.py`` checks the total against a measured peak.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from api.errors import ConfigError
+from encoder.basis import MAX_SIDE, basis_bytes
+from encoder.config import FingerprintConfig
+from encoder.families import family_class
+from encoder.memory import hessian_bytes
+from encoder.modules import TrackedModule, select_modules
+from encoder.products import CUDA_GRADIENT_BUDGET_BYTES, GRADIENT_BUDGET_BYTES
+from encoder.projection import Plan, plan_dims
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like ``80GB``, ``80 GiB``, ``512M`` or ``1048576`` (binary units).
+
+    Raises:
+        ConfigError: text that is no size.
+    """
+    m = SIZE.match(text)
+    if m is None:
+        raise ConfigError(f"--memory takes a size like 80GB or 512M, got {text!r}")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of the plan: ``bytes`` held by ``phase`` (build, serve or both) on ``where``
+    (device, host or disk), and what it is."""
+
+    name: str
+    phase: str
+    where: str
+    bytes: int
+    what: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Every term of a build and a server of one model, and its arithmetic per token."""
+
+    model: str
+    params: int
+    tracked_params: int
+    dim: int
+    terms: list[Term]
+    flops_plain: float
+    flops_encode: float
+    device: str
+    memory: int | None
+
+    def total(self, phase: str, where: str = "device") -> int:
+        return sum(t.bytes for t in self.terms if t.where == where and t.phase in (phase, "both"))
+
+    def fits(self, phase: str) -> bool | None:
+        """Whether ``phase``'s device terms fit ``memory`` (None: no memory given)."""
+        return None if self.memory is None else self.total(phase) <= self.memory
+
+
+def meta_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM a config (a model directory or its ``config.json``) describes, on the
+    ``meta`` device: its modules and shapes, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model {path}: no transformers config there ({exc})") from None
+    with torch.device("meta"):
+        model: torch.nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _family_terms(modules: list[TrackedModule], plan: Plan, fp: FingerprintConfig) -> list[Term]:
+    """What the family keeps on the device: the sketch's hash and whitening, or the pairs."""
+    if fp.projection == "sketch":
+        hashed = [m for m in modules if plan[m.name] != (m.out_features, m.in_features)]
+        sides = [n for m in modules for n in (m.out_features, m.in_features)]
+        return [
+            Term(
+                "sketch hash",
+                "both",
+                "device",
+                9 * sum(m.out_features * m.in_features for m in hashed),
+                "bucket (int64) and sign (int8) of every hashed weight",
+            ),
+            Term(
+                "whitening",
+                "both",
+                "device",
+                sum(4 * n * n for n in sides if n <= MAX_SIDE),
+                f"float32 inverse square root of each side up to {MAX_SIDE}",
+            ),
+            Term(
+                "whitening statistics",
+                "build",
+                "host",
+                basis_bytes(modules, plan),
+                "float64 side covariance sums of the fit",
+            ),
+        ]
+    pairs = sum(
+        4 * (sizes[0] * m.out_features + sizes[1] * m.in_features)
+        for m in modules
+        if (sizes := plan[m.name]) is not None
+    )
+    return [Term("projection pairs", "both", "device", pairs, "float32 Gaussian A, B per module")]
+
+
+def _activation_bytes(
+    model: torch.nn.Module,
+    modules: list[TrackedModule],
+    tokens: int,
+    seq_len: int,
+    elem: int,
+    fused_attention: bool,
+) -> int:
+    """What one backward pass over ``tokens`` tokens (sequences of ``seq_len``) keeps: the
+    layers' saved activations (the attention probabilities too, unless a fused attention
+    kernel recomputes them: CUDA's), the tracked modules' captured inputs and output
+    gradients, and the float32 logits with their gradient."""
+    config: Any = model.config  # transformers maps these names for every architecture
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    heads, vocab = int(config.num_attention_heads), int(config.vocab_size)
+    per_layer = (34 * hidden + (0 if fused_attention else 5 * heads * seq_len)) * elem // 2
+    captured = sum(m.in_features + m.out_features for m in modules) * elem
+    return tokens * (layers * per_layer + captured + 8 * vocab)
+
+
+def _terms(
+    model: torch.nn.Module,
+    modules: list[TrackedModule],
+    fp: FingerprintConfig,
+    plan: Plan,
+    *,
+    dtype: torch.dtype,
+    seq_len: int,
+    batch_size: int,
+    sequences: int,
+    device: str,
+) -> list[Term]:
+    dim = sum(plan_dims(modules, plan))
+    elem = torch.empty((), dtype=dtype).element_size()
+    params = sum(p.numel() for p in model.parameters())
+    tracked = sum(m.out_features * m.in_features for m in modules)
+    cuda = device.startswith("cuda")
+    chunk = CUDA_GRADIENT_BUDGET_BYTES if cuda else GRADIENT_BUDGET_BYTES
+    build_act = _activation_bytes(model, modules, batch_size * seq_len, seq_len, elem, cuda)
+    serve_act = _activation_bytes(model, modules, 8 * seq_len, seq_len, elem, cuda)
+    name = str(dtype).replace("torch.", "")
+    terms = [
+        Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
+        *_family_terms(modules, plan, fp),
+        Term("gradient chunk", "both", "device", 2 * chunk, "per-example gradients at once, x2"),
+        Term(
+            "activations",
+            "build",
+            "device",
+            build_act,
+            f"a backward pass, {batch_size} x {seq_len}",
+        ),
+        Term("activations", "serve", "device", serve_act, f"8 candidates of {seq_len} tokens"),
+        Term("query gradient", "serve", "device", 4 * tracked, "the second stage's float32 query"),
+        Term("fingerprints", "both", "disk", 2 * dim * sequences, f"float16, d = {dim:,}"),
+        Term("FAISS Flat", "serve", "host", 4 * dim * sequences, "float32 vectors in RAM"),
+    ]
+    if fp.correction:
+        terms.append(Term("correction", "both", "device", 4 * tracked, "1 / (sqrt(v_hat) + eps)"))
+    if fp.projection == "sketch":
+        wide = [n for m in modules for n in (m.out_features, m.in_features) if n > MAX_SIDE]
+        what = f"dense identity of each side over {MAX_SIDE} (second stage)"
+        terms.append(
+            Term("unwhitened sides", "serve", "device", sum(4 * n * n for n in wide), what)
+        )
+    if fp.hessian != "none":
+        r = hessian_bytes(plan_dims(modules, plan), with_eval=fp.hessian == "mixed")
+        terms.append(Term("Hessian statistics", "build", "host", r, "float64 R sums, eigh"))
+    return terms
+
+
+def build_plan(
+    path: Path,
+    fp: FingerprintConfig,
+    *,
+    dtype: torch.dtype,
+    seq_len: int,
+    batch_size: int,
+    sequences: int,
+    device: str,
+    memory: int | None,
+) -> MemoryPlan:
+    """Every term of building an index of ``sequences`` sequences and of serving it."""
+    model = meta_model(path, dtype)
+    modules = select_modules(model, fp)
+    plan = family_class(fp.projection).plan_for(fp, modules)
+    sizes = {"seq_len": seq_len, "batch_size": batch_size, "sequences": sequences}
+    terms = _terms(model, modules, fp, plan, dtype=dtype, device=device, **sizes)
+    params = sum(p.numel() for p in model.parameters())
+    tracked = sum(m.out_features * m.in_features for m in modules)
+    # Per token: a plain step is ~6 flops per parameter; the encode is the frozen forward and
+    # input backward (4 per parameter), each example's weight gradients (2 per tracked weight),
+    # and the sketch's whitening of the per-token factors (2 (out^2 + in^2) per module).
+    whiten = sum(2 * (m.out_features**2 + m.in_features**2) for m in modules)
+    return MemoryPlan(
+        model=str(path),
+        params=params,
+        tracked_params=tracked,
+        dim=sum(plan_dims(modules, plan)),
+        terms=terms,
+        flops_plain=6.0 * params,
+        flops_encode=4.0 * params + 2.0 * tracked + (whiten if fp.projection == "sketch" else 0),
+        device=device,
+        memory=memory,
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def plan_lines(p: MemoryPlan) -> list[str]:
+    """The plan as ``influence index plan`` prints it."""
+    lines = [
+        f"model: {p.model}: {p.params:,} parameters, {p.tracked_params:,} tracked; d = {p.dim:,}"
+    ]
+    lines.append(f"{'term':<22} {'phase':<6} {'where':<7} {'size':>13}  what")
+    for t in p.terms:
+        lines.append(f"{t.name:<22} {t.phase:<6} {t.where:<7} {_gib(t.bytes):>13}  {t.what}")
+    for phase in ("build", "serve"):
+        total = p.total(phase)
+        verdict = {None: "", True: " (fits)", False: " (does NOT fit)"}[p.fits(phase)]
+        memory = "" if p.memory is None else f" of {_gib(p.memory)}"
+        lines.append(
+            f"{phase} on the {p.device}: {_gib(total)}{memory}{verdict}; host {_gib(p.total(phase, 'host'))}"
+        )
+    ratio = p.flops_encode / p.flops_plain
+    lines.append(
+        f"flops per token: plain training step {p.flops_plain:.3g}, encode {p.flops_encode:.3g} ({ratio:.2f}x)"
+    )
+    return lines

@@ -1,0 +1,82 @@
+"""``influence index plan``: each term of the estimate against the bytes a real encoder holds
+(the family's state, the statistics, the dims), from the config alone; and the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from encoder.basis import basis_bytes
+from encoder.config import FingerprintConfig
+from encoder.fingerprint import TrackStarEncoder
+from indexer.plan import build_plan, parse_size
+from service.cli import main
+from tests.conftest import tiny_gpt2
+
+
+def _terms(plan) -> dict[str, int]:
+    return {(t.name, t.phase): t.bytes for t in plan.terms}
+
+
+@pytest.mark.parametrize(
+    "fp",
+    [
+        FingerprintConfig(budget=1200, max_block=200),
+        FingerprintConfig(k=3, projection="gaussian", correction=True),
+    ],
+    ids=["sketch-budget", "gaussian-k3"],
+)
+def test_the_state_terms_are_what_a_real_encoder_holds(fp, tmp_path):
+    model = tiny_gpt2(seed=1)
+    model.config.save_pretrained(tmp_path)
+    sizes = {"seq_len": 16, "batch_size": 2, "sequences": 10}
+    plan = build_plan(tmp_path, fp, dtype=torch.float32, device="cpu", memory=None, **sizes)
+    enc = TrackStarEncoder(model, fp)
+    terms = _terms(plan)
+    assert plan.dim == enc.dim and plan.params == sum(p.numel() for p in model.parameters())
+    assert terms[("weights", "both")] == sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
+    assert terms[("fingerprints", "both")] == 2 * enc.dim * 10
+    if fp.projection == "sketch":
+        hashes = enc.family.hashes.values()  # a sketch with some modules kept whole
+        assert 0 < len(hashes) < len(enc.modules)
+        assert terms[("sketch hash", "both")] == sum(i.nbytes + s.nbytes for i, s in hashes)
+        enc.family.placeholder()  # a whitening of the fitted one's shapes
+        roots = enc.family.whitening() or {}
+        assert terms[("whitening", "both")] == sum(a.nbytes + b.nbytes for a, b in roots.values())
+        assert terms[("whitening statistics", "build")] == basis_bytes(enc.modules, enc.plan)
+    else:
+        pairs = enc.family.pairs.values()
+        assert terms[("projection pairs", "both")] == sum(a.nbytes + b.nbytes for a, b in pairs)
+        tracked = sum(m.out_features * m.in_features for m in enc.modules)
+        assert terms[("correction", "both")] == 4 * tracked
+
+
+def test_the_command_says_whether_it_fits(tmp_path, capsys):
+    tiny_gpt2(seed=1).config.save_pretrained(tmp_path)
+    argv = ["index", "plan", "--model", str(tmp_path), "--seq-len", "16", "--sequences", "100"]
+    assert main([*argv, "--memory", "1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "build on the cpu" in out and "(fits)" in out and "flops per token" in out
+    assert main([*argv, "--memory", "1KB"]) == 0
+    assert "(does NOT fit)" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {t["name"] for t in data["terms"]} >= {
+        "weights",
+        "sketch hash",
+        "whitening",
+        "activations",
+    }
+    assert main([*argv, "--memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory" in err and len(err.strip().splitlines()) == 1
+    assert main(["index", "plan", "--model", str(tmp_path / "nothing")]) == 2
+
+
+def test_sizes_parse_in_binary_units():
+    assert parse_size("80GB") == parse_size("80 GiB") == 80 * 2**30
+    assert parse_size("512M") == 512 * 2**20 and parse_size("1048576") == 2**20
