@@ -199,6 +199,25 @@ def _terms(
     return terms
 
 
+def build_device_terms(
+    encoder_model: torch.nn.Module,
+    modules: list[TrackedModule],
+    fp: FingerprintConfig,
+    plan: Plan,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+) -> list[Term]:
+    """What a build holds on its device (the preflight's check): every build or both-phase
+    device term; the activations only for a fixed batch (auto batches are sized to fit)."""
+    dtype = next(encoder_model.parameters()).dtype
+    sizes = {"seq_len": seq_len, "batch_size": max(batch_size, 1), "sequences": 0}
+    terms = _terms(encoder_model, modules, fp, plan, dtype=dtype, device=device, **sizes)
+    keep = [t for t in terms if t.where == "device" and t.phase in ("build", "both")]
+    return [t for t in keep if batch_size > 0 or t.name != "activations"]
+
+
 def build_plan(
     path: Path,
     fp: FingerprintConfig,

@@ -48,6 +48,7 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
     """Before the expensive passes: the FAISS factory can be built and trained on this data,
     and the fingerprint store and the Hessian statistics fit (refused with the estimate)."""
     faiss_index.check_trainable(cfg.faiss, encoder.dim, min(n, cfg.faiss_train_sample))
+    check_device(cfg, encoder)
     free = free_memory(torch.device("cpu"))
     _check_store(cfg, n, encoder.dim, out, free)
     if encoder.needs_fit:
@@ -76,6 +77,48 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
             needed_bytes=need,
             free_bytes=free,
         )
+
+
+FIXES = {
+    "sketch hash": "--projection gaussian, or fewer tracked modules (--include)",
+    "whitening": "--projection gaussian, or fewer tracked modules (--include)",
+    "activations": "a smaller --batch-size or --seq-len, or --batch-size auto",
+    "weights": "a device with more memory",
+}
+"""What to change when a term is the largest of a build that does not fit its device."""
+
+
+def check_device(cfg: BuildConfig, encoder: TrackStarEncoder, free: int | None = None) -> None:
+    """On a GPU, before any pass: the build's device terms (``indexer.plan``: weights, the
+    family's state, the correction, the gradient chunk, a fixed batch's activations) fit its
+    free memory; refused with the largest terms and what to change. On the CPU the host
+    checks hold the large terms and an auto batch is sized to fit."""
+    from indexer.plan import build_device_terms
+
+    device = encoder.device
+    if device.type != "cuda":
+        return
+    context = getattr(encoder.model.config, "max_position_embeddings", None) or 1024
+    sizes = {"seq_len": cfg.seq_len or int(context), "batch_size": cfg.batch_size}
+    fp, plan = cfg.fingerprint, encoder.plan
+    terms = build_device_terms(
+        encoder.model, encoder.modules, fp, plan, device=str(device), **sizes
+    )
+    need = sum(t.bytes for t in terms)
+    free = free_memory(device) if free is None else free
+    log.info("device memory: ~%.2f GiB of %.1f GiB free", need / 2**30, free / 2**30)
+    if need <= MEMORY_FRACTION * free:
+        return
+    largest = sorted(terms, key=lambda t: -t.bytes)[:3]
+    parts = ", ".join(f"{t.name} {t.bytes / 2**30:.1f} GiB" for t in largest)
+    raise ConfigError(
+        f"the build needs ~{need / 2**30:.1f} GiB on {device} ({parts}), {free / 2**30:.1f} GiB "
+        f"are free: use {FIXES.get(largest[0].name, 'a smaller model or device')} "
+        "(influence index plan shows every term)",
+        code="insufficient_memory",
+        needed_bytes=need,
+        free_bytes=free,
+    )
 
 
 def _check_basis(encoder: TrackStarEncoder, free: int) -> None:

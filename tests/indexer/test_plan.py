@@ -80,3 +80,43 @@ def test_the_command_says_whether_it_fits(tmp_path, capsys):
 def test_sizes_parse_in_binary_units():
     assert parse_size("80GB") == parse_size("80 GiB") == 80 * 2**30
     assert parse_size("512M") == 512 * 2**20 and parse_size("1048576") == 2**20
+
+
+def test_a_gpu_build_that_does_not_fit_is_refused_before_any_pass(tmp_path):
+    """The preflight's device check sums the plan's build terms; what does not fit is refused
+    naming its largest terms and the change to make (the encoder is told it is on a GPU)."""
+    from api.errors import ConfigError
+    from indexer import preflight
+    from indexer.build_config import BuildConfig
+
+    model = tiny_gpt2(seed=1)
+    enc = TrackStarEncoder(model, FingerprintConfig())
+    enc.device = torch.device("cuda", 0)
+    cfg = BuildConfig(
+        model=tmp_path, corpus=tmp_path, out=tmp_path / "ix", seq_len=32, batch_size=4
+    )
+    terms = {t.name: t.bytes for t in preflight_terms(enc, cfg)}
+    need = sum(terms.values())
+    preflight.check_device(cfg, enc, free=int(need / preflight.MEMORY_FRACTION) + 1)  # fits
+    with pytest.raises(ConfigError) as err:
+        preflight.check_device(cfg, enc, free=need // 2)
+    assert err.value.code == "insufficient_memory"
+    largest = max(terms, key=terms.__getitem__)
+    assert largest in err.value.message and "influence index plan" in err.value.message
+    auto = BuildConfig(
+        model=tmp_path, corpus=tmp_path, out=tmp_path / "ix", seq_len=32, batch_size=0
+    )
+    assert "activations" in terms and "activations" not in {
+        t.name for t in preflight_terms(enc, auto)
+    }
+    enc.device = torch.device("cpu")  # the CPU's host checks hold the large terms
+    preflight.check_device(cfg, enc, free=1)
+
+
+def preflight_terms(enc, cfg):
+    from indexer.plan import build_device_terms
+
+    sizes = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
+    return build_device_terms(
+        enc.model, enc.modules, cfg.fingerprint, enc.plan, device="cuda", **sizes
+    )
