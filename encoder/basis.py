@@ -70,7 +70,7 @@ class BasisStatistics:
         against tr R = tr C), so a module's whitened gradient has covariance ~I like a full
         R^-1/2 and the modules keep their relative weight; with one side fitted, s = sqrt(the
         other side), the same energy per dim. A side not fitted (``MAX_SIDE``) is s I, held
-        as the [1] tensor s (``whole_side``); a module not fitted at all stays unwhitened.
+        as the [1] tensor s (never made dense); a module not fitted at all stays unwhitened.
         """
         if self.count == 0:
             raise ConfigError("no sequences to fit the K-FAC whitening from")
@@ -93,11 +93,6 @@ class BasisStatistics:
             w_in = torch.ones(1) if c_in is None else inverse_sqrt(c_in / self.count, delta).float()
             out[m.name] = (w_out.contiguous(), w_in.contiguous())
         return out
-
-
-def whole_side(w: torch.Tensor, n: int) -> torch.Tensor:
-    """A whitening side as its [n, n] matrix (a [1] tensor s stands for s I)."""
-    return torch.eye(n, dtype=w.dtype, device=w.device) * w if w.numel() == 1 else w
 
 
 def basis_bytes(modules: list[TrackedModule], plan: Plan) -> int:

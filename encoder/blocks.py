@@ -46,12 +46,32 @@ class Precision:
         return cls(tf32=half, low_precision_products=half and out_dtype_products(device))
 
 
+def _left(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a @ x, or s x for a [1] side s (s I, never made dense)."""
+    return x * a.to(x.dtype) if a.numel() == 1 else a @ x
+
+
+def _right_t(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ b^T, or s x for a [1] side s."""
+    return x * b.to(x.dtype) if b.numel() == 1 else x @ b.T
+
+
+def _pair_dims(m: TrackedModule, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+    """(k_out, k_in) of a pair whose [1] sides keep the module's own size."""
+    a, b = pair
+    return (
+        m.out_features if a.numel() == 1 else a.shape[0],
+        m.in_features if b.numel() == 1 else b.shape[0],
+    )
+
+
 @dataclass(frozen=True)
 class Factored:
-    """phi_W = sum_t (A g_t)(B a_t)^T, G_W never formed."""
+    """phi_W = sum_t (A g_t)(B a_t)^T, G_W never formed; a [1] side s stands for s I."""
 
     a: torch.Tensor
     b: torch.Tensor
+    dims: tuple[int, int]
     low_precision: bool
 
     def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -59,8 +79,10 @@ class Factored:
 
     def direction(self, u: torch.Tensor) -> torch.Tensor:
         """V_W = A^T U_W B for the block u of a fingerprint-space vector."""
-        v: torch.Tensor = self.a.T @ u.view(self.a.shape[0], self.b.shape[0]) @ self.b
-        return v
+        return _left(
+            self.a.T if self.a.numel() > 1 else self.a,
+            _right_t(u.view(self.dims), self.b.T if self.b.numel() > 1 else self.b),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,7 @@ class Exact:
             if self.inv is not None:
                 g.mul_(self.inv)
             if self.proj is not None:
-                g = self.proj[0] @ g @ self.proj[1].T
+                g = _right_t(_left(self.proj[0], g), self.proj[1])
             parts.append(g.flatten(1))
         return torch.cat(parts)
 
@@ -96,7 +118,11 @@ class Exact:
     def direction(self, u: torch.Tensor) -> torch.Tensor:
         """V_W = C o (A^T U_W B) (C o U_W without projection)."""
         if self.proj is not None:
-            v = self.proj[0].T @ u.view(self.proj[0].shape[0], self.proj[1].shape[0]) @ self.proj[1]
+            a, b = self.proj
+            dims = _pair_dims(self.module, self.proj)
+            v = _left(
+                a.T if a.numel() > 1 else a, _right_t(u.view(dims), b.T if b.numel() > 1 else b)
+            )
         else:
             v = u.view(self.module.out_features, self.module.in_features)
         return v * self.inv if self.inv is not None else v
@@ -104,7 +130,7 @@ class Exact:
 
 def _side(w: torch.Tensor, x: torch.Tensor, left: bool) -> torch.Tensor:
     """w x (left) or x w for a whitening side w: a symmetric matrix, or the [1] tensor s
-    standing for s I (``encoder.basis.whole_side``)."""
+    standing for s I (never made dense)."""
     if w.numel() == 1:
         return x * w.to(x.dtype)
     return w.to(x.dtype) @ x if left else x @ w.to(x.dtype)
@@ -163,5 +189,5 @@ def dense_block(
     """The block of A (C o G_W) B^T, C = ``inv`` (None: no correction), (A, B) = ``pair`` (None:
     the gradient itself): factored over tokens when nothing breaks G_W = sum_t g_t a_t^T."""
     if inv is None and pair is not None:
-        return Factored(*pair, precision.low_precision_products)
+        return Factored(*pair, _pair_dims(m, pair), precision.low_precision_products)
     return Exact(m, inv, pair, precision)

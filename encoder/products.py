@@ -58,14 +58,20 @@ def example_gradients(
         yield torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
 
 
+def thin(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x @ m^T over the last axis, or x * s for a [1] tensor s standing for s I (a side too
+    long to whiten: never made dense)."""
+    return x * m.to(x.dtype) if m.numel() == 1 else x @ m.T
+
+
 def factored_phi(
     acts: torch.Tensor, grads: torch.Tensor, a_mat: torch.Tensor, b_mat: torch.Tensor
 ) -> torch.Tensor:
     """phi_W = sum_t (A g_t)(B a_t)^T = A G_W B^T per example, without forming any [out, in]
     gradient: acts [B, T, in], grads [B, T, out], A [k_out, out], B [k_in, in] -> [B, k_out*k_in]
-    (row-major vec of A G B^T)."""
-    left = grads @ a_mat.T  # [B, T, k_out]
-    right = acts @ b_mat.T  # [B, T, k_in]
+    (row-major vec of A G B^T); a [1] side s stands for s I."""
+    left = thin(grads, a_mat)  # [B, T, k_out]
+    right = thin(acts, b_mat)  # [B, T, k_in]
     return torch.bmm(left.transpose(1, 2), right).flatten(1)
 
 
@@ -77,8 +83,13 @@ def factored_products(
     if not lowp:
         return factored_phi(acts, grads, a_mat, b_mat)
     bsz, t = acts.shape[:2]
-    left = torch.mm(grads.reshape(bsz * t, -1), a_mat.to(grads.dtype).T, out_dtype=torch.float32)
-    right = torch.mm(acts.reshape(bsz * t, -1), b_mat.to(acts.dtype).T, out_dtype=torch.float32)
+
+    def narrow(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if m.numel() == 1:
+            return (x.float() * m.float()).reshape(bsz * t, -1)
+        return torch.mm(x.reshape(bsz * t, -1), m.to(x.dtype).T, out_dtype=torch.float32)
+
+    left, right = narrow(grads, a_mat), narrow(acts, b_mat)
     return torch.bmm(left.view(bsz, t, -1).transpose(1, 2), right.view(bsz, t, -1)).flatten(1)
 
 

@@ -3,7 +3,8 @@ term, and the arithmetic per token, from the model's transformers config alone (
 are read or allocated: the model is made on PyTorch's ``meta`` device).
 
 The terms are the encoder's own arithmetic (the family's plan, its saved state, the
-per-example gradient chunk, the second stage's query gradient) plus an estimate of the
+per-example gradient chunk, the second stage's query gradient; a side too long to whiten
+is a scalar, never a dense identity) plus an estimate of the
 activations a backward pass keeps (Korthikanti et al. 2022's 34 h + 5 a T bytes per token and
 layer at 16 bits, scaled to the weights' dtype, plus the tracked modules' captured inputs and
 output gradients and the float32 logits). A test checks each state term against the bytes a
@@ -187,12 +188,6 @@ def _terms(
     ]
     if fp.correction:
         terms.append(Term("correction", "both", "device", 4 * tracked, "1 / (sqrt(v_hat) + eps)"))
-    if fp.projection == "sketch":
-        wide = [n for m in modules for n in (m.out_features, m.in_features) if n > MAX_SIDE]
-        what = f"dense identity of each side over {MAX_SIDE} (second stage)"
-        terms.append(
-            Term("unwhitened sides", "serve", "device", sum(4 * n * n for n in wide), what)
-        )
     if fp.hessian != "none":
         r = hessian_bytes(plan_dims(modules, plan), with_eval=fp.hessian == "mixed")
         terms.append(Term("Hessian statistics", "build", "host", r, "float64 R sums, eigh"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from api.errors import ConfigError
-from encoder.basis import BasisStatistics, Pairs, whole_side
+from encoder.basis import BasisStatistics, Pairs
 from encoder.blocks import Block, Precision, Sketched, dense_block
 from encoder.families.base import Family, pair_tensors, pairs_from
 from encoder.modules import TrackedModule
@@ -83,8 +83,7 @@ class Sketch(Family):
             return Sketched(
                 m, w_out, w_in, *self.hashes[m.name], sizes[0] * sizes[1], inv, precision
             )
-        whole = (whole_side(w_out, m.out_features), whole_side(w_in, m.in_features))
-        return dense_block(m, inv, whole, precision)
+        return dense_block(m, inv, (w_out, w_in), precision)  # kept whole: W_out G~ W_in
 
     def score_variance(
         self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]

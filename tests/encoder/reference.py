@@ -14,7 +14,6 @@ import scipy.linalg
 import torch
 from torch.func import functional_call, grad
 
-from encoder.basis import whole_side
 from encoder.batching import Example
 from encoder.projection import projection_pair, sketch_hash
 
@@ -45,6 +44,11 @@ def corrected_grads(model, modules, example, v_hat=None, eps=1e-8) -> dict[str, 
             g = g / (v_hat[m.param_name].double().sqrt() + eps)
         out[m.name] = g.T if m.transposed else g  # Conv1D stores [in, out]
     return out
+
+
+def whole_side(w: torch.Tensor, n: int) -> torch.Tensor:
+    """A whitening side as its dense [n, n] matrix (a [1] tensor s stands for s I)."""
+    return torch.eye(n, dtype=w.dtype, device=w.device) * w if w.numel() == 1 else w
 
 
 def reference_kfac_roots(model, modules, examples, delta, v_hat=None, eps=1e-8, rel=1e-9) -> dict:

@@ -204,6 +204,48 @@ def test_sketch_leaves_a_long_side_unwhitened(monkeypatch):
         assert (w_in.numel() == 1) == (m.in_features > 16)
 
 
+@pytest.mark.parametrize("correction", [False, True])
+@pytest.mark.parametrize("k", [0, 3])
+def test_a_long_unwhitened_side_is_never_made_dense(monkeypatch, k, correction):
+    """A side over MAX_SIDE is the [1] scale s; every block takes it as s I without forming the
+    dense identity (the second stage of a model with sides over 4096), and gives the dense
+    reference's phi and weight directions (u . phi(G) = sum_W <V_W, G_W>)."""
+    from encoder import basis
+
+    monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    sm = _random_second_moments(model, seed=2) if correction else None
+    cfg = FingerprintConfig(k=k, seed=5, hessian="none", correction=correction)
+    enc = TrackStarEncoder(model, cfg, second_moments=sm)
+    train = _examples(3, 8, 3, 12, 40)
+    enc.fit_basis([collate(train)])
+    roots = enc.family.whitening()
+    assert any(w.numel() == 1 for pair in roots.values() for w in pair)
+    u = torch.randn(enc.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with monkeypatch.context() as mp:  # the encoder's paths; the dense reference makes its own
+        mp.setattr(torch, "eye", lambda *a, **k: pytest.fail("a dense identity was made"))
+        got = enc.project(collate(train[:3])).numpy()
+        v = enc.weight_directions(u)
+        first = float(u @ enc.project(collate(train[:1]))[0])
+    kw = dict(
+        plan=enc.plan,
+        roots=roots,
+        seed=5,
+        v_hat=sm.v_hat if sm else None,
+        eps=sm.eps if sm else 1e-8,
+    )
+    want = np.stack([ref.reference_sketch_phi(model, enc.modules, e, **kw) for e in train[:3]])
+    assert np.abs(got - want).max() <= TOL * max(np.abs(want).max(), 1.0)
+    grads = ref.corrected_grads(model, enc.modules, train[0])  # uncorrected G: V carries C
+    dot = sum(
+        float((v[m.param_name].T if m.transposed else v[m.param_name]).mul(grads[m.name]).sum())
+        for m in enc.modules
+    )
+    # The reference's per-example gradients and the batched pass differ by the float32 softmax
+    # of transformers' attention, as in the phi comparison above (TOL).
+    assert dot == pytest.approx(first, rel=TOL)
+
+
 @pytest.mark.parametrize("sizing", [{"k": 0}, {"k": 3}, BUDGET])
 def test_sketch_whitening_matches_reference(sizing):
     """The sketch's whitening: W_out = s L_out, W_in = L_in with L the damped inverse square
