@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from api.errors import ConfigError
+from encoder import basis
 from encoder.basis import BasisStatistics, Pairs
 from encoder.blocks import Block, Precision, Sketched, dense_block
 from encoder.families.base import Family, pair_tensors, pairs_from
@@ -51,8 +52,14 @@ class Sketch(Family):
         self.set_whitening(stats.kfac_roots(self.modules, self.config.delta))
 
     def placeholder(self) -> None:
+        """The identity whitening in the fitted one's shapes: [n, n] up to ``MAX_SIDE``, the
+        [1] scale beyond (a dense identity of a long side would cost what the fit never does)."""
+
+        def side(n: int) -> torch.Tensor:
+            return torch.eye(n) if n <= basis.MAX_SIDE else torch.ones(1)
+
         self.set_whitening(
-            {m.name: (torch.eye(m.out_features), torch.eye(m.in_features)) for m in self.modules}
+            {m.name: (side(m.out_features), side(m.in_features)) for m in self.modules}
         )
 
     def whitening(self) -> Pairs | None:

@@ -198,10 +198,14 @@ def test_sketch_leaves_a_long_side_unwhitened(monkeypatch):
         enc.project(collate(_examples(3, 2, 3, 12, 40)))
     enc.fit_basis([collate(_examples(3, 6, 3, 12, 40))])
     roots = enc.family.whitening()
+    probe = TrackStarEncoder(model, enc.config)
+    probe.family.placeholder()  # the memory probe's stand-in has the fitted shapes
     for m in enc.modules:
         w_out, w_in = roots[m.name]
         assert (w_out.numel() == 1) == (m.out_features > 16)
         assert (w_in.numel() == 1) == (m.in_features > 16)
+        shapes = [tuple(w.shape) for w in probe.family.whitening()[m.name]]
+        assert shapes == [tuple(w_out.shape), tuple(w_in.shape)]
 
 
 @pytest.mark.parametrize("correction", [False, True])
