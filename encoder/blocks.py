@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from encoder.modules import TrackedModule
-from encoder.products import factored_products, gradient_chunk, out_dtype_products, tf32
+from encoder.products import factored_products, gradient_chunk, out_dtype_products, tf32, thin
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,11 @@ class Precision:
         return cls(tf32=half, low_precision_products=half and out_dtype_products(device))
 
 
-def _left(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a @ x, or s x for a [1] side s (s I, never made dense)."""
-    return x * a.to(x.dtype) if a.numel() == 1 else a @ x
-
-
-def _right_t(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ b^T, or s x for a [1] side s."""
-    return x * b.to(x.dtype) if b.numel() == 1 else x @ b.T
+def _pull_back(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A^T U B: the weight-space direction of a block U [k_out, k_in] of a pair (A, B), a [1]
+    side s standing for s I."""
+    left = u * a.to(u.dtype) if a.numel() == 1 else a.T @ u
+    return _side(b, left, left=False)
 
 
 def _pair_dims(m: TrackedModule, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
@@ -79,10 +76,7 @@ class Factored:
 
     def direction(self, u: torch.Tensor) -> torch.Tensor:
         """V_W = A^T U_W B for the block u of a fingerprint-space vector."""
-        return _left(
-            self.a.T if self.a.numel() > 1 else self.a,
-            _right_t(u.view(self.dims), self.b.T if self.b.numel() > 1 else self.b),
-        )
+        return _pull_back(self.a, self.b, u.view(self.dims))
 
 
 @dataclass(frozen=True)
@@ -104,7 +98,7 @@ class Exact:
             if self.inv is not None:
                 g.mul_(self.inv)
             if self.proj is not None:
-                g = _right_t(_left(self.proj[0], g), self.proj[1])
+                g = thin(_side(self.proj[0], g, left=True), self.proj[1])  # A G B^T
             parts.append(g.flatten(1))
         return torch.cat(parts)
 
@@ -120,9 +114,7 @@ class Exact:
         if self.proj is not None:
             a, b = self.proj
             dims = _pair_dims(self.module, self.proj)
-            v = _left(
-                a.T if a.numel() > 1 else a, _right_t(u.view(dims), b.T if b.numel() > 1 else b)
-            )
+            v = _pull_back(a, b, u.view(dims))
         else:
             v = u.view(self.module.out_features, self.module.in_features)
         return v * self.inv if self.inv is not None else v
