@@ -11,6 +11,11 @@ set; ``dense_block`` picks between the first two:
               into d_W buckets by a CountSketch (``encoder.projection.sketch_hash``).
 
 ``Precision`` (how the products run on the device) is chosen once per encoder too.
+
+Every block takes an optional ``sq`` [B] to which it adds each example's squared norm of its
+unsketched block (Factored, Exact: of phi_W itself; Sketched: of the whitened gradient before
+the hash): where the pair is the family's whitening, the exact second stage's norm
+(``encoder.rescoring``), which a build stores so that the second stage never recomputes it.
 """
 
 from __future__ import annotations
@@ -71,8 +76,11 @@ class Factored:
     dims: tuple[int, int]
     low_precision: bool
 
-    def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        return factored_products(acts, grads, self.a, self.b, self.low_precision)
+    def __call__(
+        self, acts: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        phi = factored_products(acts, grads, self.a, self.b, self.low_precision)
+        return _add_norms(phi, sq)
 
     def direction(self, u: torch.Tensor) -> torch.Tensor:
         """V_W = A^T U_W B for the block u of a fingerprint-space vector."""
@@ -89,7 +97,9 @@ class Exact:
     proj: tuple[torch.Tensor, torch.Tensor] | None
     precision: Precision
 
-    def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, acts: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         lowp = self.precision.low_precision_products
         chunk = gradient_chunk(self.module, acts, 4 if lowp else None)
         parts = []
@@ -100,7 +110,7 @@ class Exact:
             if self.proj is not None:
                 g = thin(_side(self.proj[0], g, left=True), self.proj[1])  # A G B^T
             parts.append(g.flatten(1))
-        return torch.cat(parts)
+        return _add_norms(torch.cat(parts), sq)
 
     def _gradients(self, acts: torch.Tensor, grads: torch.Tensor, lowp: bool) -> torch.Tensor:
         """Per-example G [b, out, in]: exact bf16 products into float32 on the fast path."""
@@ -118,6 +128,13 @@ class Exact:
         else:
             v = u.view(self.module.out_features, self.module.in_features)
         return v * self.inv if self.inv is not None else v
+
+
+def _add_norms(phi: torch.Tensor, sq: torch.Tensor | None) -> torch.Tensor:
+    """phi [B, d_W], its rows' squared norms added to ``sq`` [B] when given."""
+    if sq is not None:
+        sq += phi.square().sum(1).to(sq.dtype)
+    return phi
 
 
 def _side(w: torch.Tensor, x: torch.Tensor, left: bool) -> torch.Tensor:
@@ -147,7 +164,9 @@ class Sketched:
     inv: torch.Tensor | None
     precision: Precision
 
-    def __call__(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, acts: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         acc = self.w_out.dtype
         acts, grads = acts.to(acc), grads.to(acc)
         if self.inv is None:  # W_out (sum_t g_t a_t^T) W_in = sum_t (W_out g_t)(W_in a_t)^T
@@ -159,6 +178,8 @@ class Sketched:
                 g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
             if self.inv is not None:
                 g = _side(self.w_in, _side(self.w_out, g.mul_(self.inv), left=True), left=False)
+            if sq is not None:
+                sq[s : s + chunk] += g.square().sum((1, 2)).to(sq.dtype)
             out[s : s + chunk].index_add_(1, self.idx, g.flatten(1) * self.sign)
         return out
 

@@ -30,7 +30,7 @@ from encoder.blocks import Block, Precision
 from encoder.config import FingerprintConfig
 from encoder.families import family_class
 from encoder.families.base import Family
-from encoder.hooks import GradientCapture, make_inputs_differentiable
+from encoder.hooks import GradientCapture, Sink, make_inputs_differentiable
 from encoder.modules import TrackedModule, select_modules
 from encoder.optimizer_state import DEFAULT_EPS, SecondMoments
 from encoder.products import example_gradients
@@ -131,7 +131,7 @@ class TrackStarEncoder:
                 stats.add(m.name, g if scale is None else g.mul_(scale))
 
         for batch in batches:
-            self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
+            self.stream_factors(batch, sink)
             stats.count += len(batch)
         return stats
 
@@ -178,11 +178,14 @@ class TrackStarEncoder:
         finally:
             handle.remove()
 
-    def project(self, batch: TokenBatch) -> torch.Tensor:
+    def project(self, batch: TokenBatch, sq: torch.Tensor | None = None) -> torch.Tensor:
         """phi for a batch: corrected, projected, not whitened.
 
         Args:
             batch: [B, T] token batch.
+            sq: [B] (on the device) to which each example's squared norm of its unsketched
+                blocks is added (``encoder.blocks``; the exact stage's norm where
+                ``Family.exact_norms``).
         Returns:
             phi [B, d] in the accumulation dtype (float32; float64 for a float64 model).
         """
@@ -192,22 +195,33 @@ class TrackStarEncoder:
             start, stop = self._spans[name]
             out[:, start:stop] = phi_w
 
-        self.stream_blocks(batch, put)
+        self.stream_blocks(batch, put, sq)
         return out
 
-    def stream_blocks(self, batch: TokenBatch, fn: Callable[[str, torch.Tensor], None]) -> None:
+    def stream_blocks(
+        self,
+        batch: TokenBatch,
+        fn: Callable[[str, torch.Tensor], None],
+        sq: torch.Tensor | None = None,
+    ) -> None:
         """One backward pass calling ``fn(module name, phi_W [B, d_W])`` as each module's
         block is formed, so a caller can reduce blocks without keeping the full phi
-        (``encoder.rescoring`` with no projection: phi_W is the whole corrected gradient)."""
+        (``encoder.rescoring`` with correction: phi_W is the whole corrected gradient)."""
         if self.config.correction and self.second_moments is None:
             raise ConfigError("optimizer correction is on but no second moments were given")
         blocks = self._blocks()
 
         def sink(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            fn(m.name, blocks[m.name](acts, grads))
+            fn(m.name, blocks[m.name](acts, grads, sq))
 
         accum = None if self.low_precision_products else self.accum_dtype
         self._backward(batch, GradientCapture(self.modules, sink, accum))
+
+    def stream_factors(self, batch: TokenBatch, sink: Sink) -> None:
+        """One backward pass handing each module's token factors to ``sink(module, acts
+        [B, T, in], grads [B, T, out])`` in the accumulation dtype, padding zeroed: what
+        every block is made from (``encoder.rescoring`` scores from them directly)."""
+        self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
 
     def _blocks(self) -> dict[str, Block]:
         """Each module's block (``encoder.blocks``), from the family's state and the correction."""
@@ -250,9 +264,10 @@ class TrackStarEncoder:
             phi = phi / phi.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(phi.dtype).tiny)
         return phi
 
-    def encode(self, batch: TokenBatch) -> torch.Tensor:
-        """Fingerprints e [B, d] (float32 unless the model is float64), on the model's device."""
-        return self.finalize(self.project(batch))
+    def encode(self, batch: TokenBatch, sq: torch.Tensor | None = None) -> torch.Tensor:
+        """Fingerprints e [B, d] (float32 unless the model is float64), on the model's device;
+        ``sq`` as in ``project``."""
+        return self.finalize(self.project(batch, sq))
 
     def estimate_second_moments(self, batches: Iterable[TokenBatch]) -> SecondMoments:
         """v as the mean squared per-example gradient over the given batches (no optimizer
@@ -272,7 +287,7 @@ class TrackStarEncoder:
             sums[m.name] += total.cpu()
 
         for batch in batches:
-            self._backward(batch, GradientCapture(self.modules, sink, self.accum_dtype))
+            self.stream_factors(batch, sink)
             count += len(batch)
         if count == 0:
             raise ConfigError("no sequences to estimate the second moments from")

@@ -1,25 +1,33 @@
 """The exact second stage of a search: re-score a query's candidates without projection noise.
 
 The first stage ranks by e_q . e_t, whose random projection decides much of a small-d
-top-10 (``benchmarks/bench_fidelity.py``). The second stage recomputes the corrected
-gradients G~ = G / (sqrt(v_hat) + eps) of the query and of its top-C candidates and scores
-them with no projection at all:
+top-10 (``benchmarks/bench_fidelity.py``). The second stage scores the query against each of
+its top-C candidates by their unprojected gradients:
 
-    s(q, t) = sum_W <G~_q,W, G~_t,W> / (||G~_q|| ||G~_t||)     (unit norm; the dot without)
+    s(q, t) = sum_W <X_q,W, X_t,W> / (||X_q|| ||X_t||)     (unit norm; the dot without)
 
-which is the score of the unprojected configuration (k = 0, hessian none): the re-ranked
-top-10 equals that configuration's top-10 whenever its members are among the C candidates.
-No projected R: it lives in the projected space, and an unprojected R (d_W x d_W per
-module) is what the projection exists to avoid. A family that whitens before projecting (the
-sketch) has its second stage score the whitened gradients W_out G~ W_in of every module
-(``Family.whitening``, saved with the index): the score its projection estimates.
-Per-module dot products are accumulated while the backward pass runs
-(``encoder.hooks.GradientCapture``), so no full-size gradient of a candidate is ever kept:
-memory is one full-size query gradient plus one module's batch.
+with X_W = G~_W = G_W / (sqrt(v_hat) + eps) (the paper's configuration with k = 0, hessian
+none: the re-ranked top-10 equals that configuration's whenever its members are among the C
+candidates), or, for a family that whitens before projecting (the sketch), X_W = W_out G~_W
+W_in (``Family.whitening``, saved with the index): the score its projection estimates. No
+projected R: it lives in the projected space.
+
+Without the optimizer correction, G_W = sum_t g_t a_t^T over the tokens and
+
+    <W_out G_q W_in, W_out G_t W_in> = sum_{s,t} (g'_s^T M_out g_t) (a'_s^T M_in a_t),
+
+M = W^2, so ``FactorScorer`` keeps the query's M_out g'_s and M_in a'_s and scores a candidate
+from its own token factors (``TrackStarEncoder.stream_factors``): T T' (out + in) per module,
+no [out, in] tensor of the query or of a candidate, no whitening of a candidate. A candidate's
+norm comes from the index (the build's ``Family.exact_norms``) or from its whitened factors'
+Gram matrices. With the correction (elementwise on G_W) ``GradientScorer`` forms each
+candidate's corrected gradient one module at a time inside the backward pass and dots it
+with the query's (one full-size query gradient).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -32,7 +40,9 @@ from encoder.basis import Pairs
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
+from encoder.modules import TrackedModule
 from encoder.optimizer_state import SecondMoments
+from encoder.products import thin
 
 CANDIDATE_BATCH = 8
 """Candidates per backward pass."""
@@ -44,7 +54,7 @@ def exact_config(config: FingerprintConfig) -> FingerprintConfig:
 
 
 class ExactRescorer:
-    """Scores candidates against a query by their unprojected corrected gradients.
+    """Scores candidates against a query by their unprojected (whitened) corrected gradients.
 
     Args:
         model: the frozen model of the index.
@@ -62,6 +72,7 @@ class ExactRescorer:
         whitening: Pairs | None = None,
     ) -> None:
         self.unit_norm = config.unit_norm
+        self.correction = config.correction
         self.encoder = TrackStarEncoder(
             model,
             exact_config(config),
@@ -71,45 +82,70 @@ class ExactRescorer:
             self.encoder.family.set_whitening(whitening)
         if self.encoder.needs_fit:
             raise ConfigError(f"the exact stage of a {config.projection} index needs its whitening")
+        pairs, enc = self.encoder.family.whitening(), self.encoder
+        self.sides: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {
+            m.name: None for m in enc.modules
+        }
+        for name, (w_out, w_in) in (pairs or {}).items():
+            self.sides[name] = (
+                w_out.to(enc.device, enc.accum_dtype),
+                w_in.to(enc.device, enc.accum_dtype),
+            )
 
-    def _blocks(
-        self, examples: Sequence[Example], pad_id: int, fn: Callable[[str, torch.Tensor], None]
-    ) -> None:
-        self.encoder.stream_blocks(collate(list(examples), pad_id), fn)
-
-    def scores(self, query: Example, candidates: Sequence[Example], pad_id: int) -> torch.Tensor:
-        """s(query, candidate) for each candidate; [C] float64 on the CPU."""
-        return self.for_query(query, pad_id)(candidates)
+    def scores(
+        self,
+        query: Example,
+        candidates: Sequence[Example],
+        pad_id: int,
+        sq: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """s(query, candidate) for each candidate; [C] float64 on the CPU (``sq``: their
+        known squared norms, as ``QueryScorer.__call__``)."""
+        return self.for_query(query, pad_id)(candidates, sq)
 
     def for_query(self, query: Example, pad_id: int) -> QueryScorer:
-        """A scorer of candidates against ``query`` whose gradient is computed once, here,
-        so that candidates can be scored a chunk at a time (the certified second stage)."""
-        return QueryScorer(self, query, pad_id)
+        """A scorer of candidates against ``query`` whose side is computed once, here, so
+        that candidates can be scored a chunk at a time (the certified second stage)."""
+        if self.correction:
+            return GradientScorer(self, query, pad_id)
+        return FactorScorer(self, query, pad_id)
 
 
-class QueryScorer:
-    """Scores candidates against one query (``ExactRescorer.for_query``): the query's
-    per-module blocks are kept (one full-size gradient), each call runs the candidates'
-    backward passes."""
+Hold = Callable[[], AbstractContextManager[object]]
+
+
+class QueryScorer(ABC):
+    """Scores candidates against one query (``ExactRescorer.for_query``)."""
 
     def __init__(self, rescorer: ExactRescorer, query: Example, pad_id: int) -> None:
         self.rescorer = rescorer
         self.pad_id = pad_id
-        self.q_blocks: dict[str, torch.Tensor] = {}
-        rescorer._blocks([query], pad_id, lambda name, g: self.q_blocks.__setitem__(name, g[0]))
-        self.q_norm = sum(float(b.double().square().sum()) for b in self.q_blocks.values()) ** 0.5
+        self.q_norm = self._prepare(query) ** 0.5
 
-    def __call__(self, candidates: Sequence[Example]) -> torch.Tensor:
-        """s(query, candidate) for each candidate; [C] float64 on the CPU."""
-        dots, sq = self.dots(candidates)
+    @abstractmethod
+    def _prepare(self, query: Example) -> float:
+        """Keep what scoring needs of the query; its squared norm."""
+
+    @abstractmethod
+    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
+        """One backward pass over ``batch``: adds each candidate's <query, candidate> to
+        ``dots`` [b] and, when given, its squared norm to ``sq`` [b] (float64, CPU)."""
+
+    def __call__(
+        self, candidates: Sequence[Example], sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """s(query, candidate) for each candidate; [C] float64 on the CPU. ``sq``: the
+        candidates' squared norms where the index stores them (not recomputed then)."""
+        dots, own = self.dots(candidates, need_sq=sq is None and self.rescorer.unit_norm)
         if not self.rescorer.unit_norm:
             return dots
+        norms = (own if sq is None else sq.double()).sqrt()
         tiny = torch.finfo(torch.float64).tiny
-        cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
+        cosines: torch.Tensor = dots / (norms * self.q_norm).clamp_min(tiny)
         return cosines
 
     def token_contributions(
-        self, sequence: Example, hold: Callable[[], AbstractContextManager[object]] = nullcontext
+        self, sequence: Example, hold: Hold = nullcontext
     ) -> tuple[torch.Tensor, float]:
         """The exact score of ``sequence`` split over its target tokens' loss terms.
 
@@ -138,23 +174,92 @@ class QueryScorer:
         return contributions, float(contributions.sum())
 
     def dots(
-        self,
-        candidates: Sequence[Example],
-        hold: Callable[[], AbstractContextManager[object]] = nullcontext,
+        self, candidates: Sequence[Example], hold: Hold = nullcontext, need_sq: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """<q, candidate> and ||candidate||^2 of each candidate's gradient blocks; [C] float64.
-        ``hold()`` is entered around each backward pass."""
+        """<q, candidate> and (with ``need_sq``; zeros without) ||candidate||^2 of each
+        candidate; [C] float64. Candidates run ``CANDIDATE_BATCH`` per backward pass, longest
+        first (a batch pads to its own longest member); ``hold()`` is entered around each."""
         dots = torch.zeros(len(candidates), dtype=torch.float64)
         sq = torch.zeros(len(candidates), dtype=torch.float64)
-        for s in range(0, len(candidates), CANDIDATE_BATCH):
-            rows = slice(s, min(s + CANDIDATE_BATCH, len(candidates)))
-
-            def add(name: str, g: torch.Tensor, rows: slice = rows) -> None:
-                # Per module in the gradient's own dtype (no float64 copy of a [B, out*in]
-                # block), summed over modules in float64.
-                dots[rows] += (g @ self.q_blocks[name]).double().cpu()
-                sq[rows] += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
-
+        order = sorted(range(len(candidates)), key=lambda i: (-len(candidates[i].input_ids), i))
+        for s in range(0, len(order), CANDIDATE_BATCH):
+            rows = torch.tensor(order[s : s + CANDIDATE_BATCH])
+            part, part_sq = torch.zeros(len(rows), dtype=torch.float64), None
+            if need_sq:
+                part_sq = torch.zeros(len(rows), dtype=torch.float64)
             with hold():
-                self.rescorer._blocks(candidates[rows], self.pad_id, add)
+                self._pass([candidates[i] for i in rows], part, part_sq)
+            dots[rows] = part
+            if part_sq is not None:
+                sq[rows] = part_sq
         return dots, sq
+
+
+class FactorScorer(QueryScorer):
+    """The uncorrected exact stage from token factors (the module docstring): the query's
+    M_out g'_s [T', out] and M_in a'_s [T', in] per module are kept."""
+
+    def _prepare(self, query: Example) -> float:
+        self.q_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        total = 0.0
+
+        def keep(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            nonlocal total
+            x, y = self._whitened(m, acts[0], grads[0])
+            total += float(((x @ x.T) * (y @ y.T)).double().sum())
+            w_out, w_in = self._sides(m)
+            self.q_factors[m.name] = (_apply(w_out, x), _apply(w_in, y))
+
+        encoder = self.rescorer.encoder
+        encoder.stream_factors(collate([query], self.pad_id), keep)
+        return total
+
+    def _sides(self, m: TrackedModule) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        pair = self.rescorer.sides[m.name]
+        return (None, None) if pair is None else pair
+
+    def _whitened(
+        self, m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_out g_t, W_in a_t) over the last axis of grads and acts."""
+        w_out, w_in = self._sides(m)
+        return _apply(w_out, grads), _apply(w_in, acts)
+
+    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
+        def add(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
+            p, q = self.q_factors[m.name]
+            dots.add_(((grads @ p.T) * (acts @ q.T)).sum((1, 2)).double().cpu())
+            if sq is not None:
+                x, y = self._whitened(m, acts, grads)
+                gram = (x @ x.transpose(1, 2)) * (y @ y.transpose(1, 2))
+                sq.add_(gram.sum((1, 2)).double().cpu())
+
+        self.rescorer.encoder.stream_factors(collate(list(batch), self.pad_id), add)
+
+
+def _apply(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x w over the last axis for a symmetric side w (x W^T = x W), the [1] scale s of s I, or
+    None (no whitening)."""
+    return x if w is None else thin(x, w)
+
+
+class GradientScorer(QueryScorer):
+    """The corrected exact stage: the query's per-module corrected (whitened) gradient blocks
+    are kept (one full-size gradient); each candidate's are formed and dotted in the pass."""
+
+    def _prepare(self, query: Example) -> float:
+        self.q_blocks: dict[str, torch.Tensor] = {}
+        self.rescorer.encoder.stream_blocks(
+            collate([query], self.pad_id), lambda name, g: self.q_blocks.__setitem__(name, g[0])
+        )
+        return sum(float(b.double().square().sum()) for b in self.q_blocks.values())
+
+    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
+        def add(name: str, g: torch.Tensor) -> None:
+            # Per module in the gradient's own dtype (no float64 copy of a [B, out*in]
+            # block), summed over modules in float64.
+            dots.add_((g @ self.q_blocks[name]).double().cpu())
+            if sq is not None:
+                sq.add_(torch.linalg.vector_norm(g, dim=1).double().square().cpu())
+
+        self.rescorer.encoder.stream_blocks(collate(list(batch), self.pad_id), add)

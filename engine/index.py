@@ -24,7 +24,7 @@ from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer, QueryScorer
 from encoder.token_attribution import attribute_tokens
 from engine.milvus import MilvusMetadata, MilvusSearch
-from engine.opening import HeldFiles, verify_model
+from engine.opening import HeldFiles, load_exact_norms, verify_model
 from engine.options import FairLock, OpenOptions
 from engine.protocols import Attribution, Record, Summary, VectorSearch
 from engine.vectors import open_vectors
@@ -97,6 +97,8 @@ class InfluenceIndex:
         self._held = HeldFiles(index_dir)
         self.last_query_at = -float("inf")
         """``time.monotonic()`` of the last query's model pass (explain yields to queries)."""
+        self.exact_sq = load_exact_norms(index_dir, manifest)
+        """Each sequence's squared norm in the exact second stage (None: not stored)."""
         self._rescorer: ExactRescorer | None = None
         """The exact second stage: a second encoder on the loaded model, made on first use."""
         self.encode_lock = FairLock()
@@ -274,9 +276,10 @@ class InfluenceIndex:
         def score(ids: list[int]) -> np.ndarray:
             self._held.check()
             sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
+            sq = None if self.exact_sq is None else torch.from_numpy(self.exact_sq[ids])
             self.last_query_at = time.monotonic()
             with self.encode_lock:
-                scores = scorer(sequences)
+                scores = scorer(sequences, sq)
             return scores.float().numpy()
 
         return score

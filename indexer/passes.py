@@ -171,13 +171,19 @@ def statistics_shard(
     sample is the whole shard."""
     stats = encoder.new_statistics()
     cache = np.empty((len(ids), encoder.dim), dtype=np.float32) if len(ids) == shard_len else None
+    norms = _norms(encoder, len(ids)) if cache is not None else None
     for rows, batch in batches(store, ids, batch_size, pad_id):
-        phi = encoder.project(batch)
+        sq = _norms(encoder, len(rows), encoder.device) if norms is not None else None
+        phi = encoder.project(batch, sq)
         stats.update(phi)
         if cache is not None:
             cache[rows] = phi.float().cpu().numpy()
+        if norms is not None and sq is not None:
+            norms[rows] = sq.cpu()
         progress("statistics", len(rows), total)
     if cache is not None and len(ids):
+        if norms is not None:  # before the phi: a shard with phi has its norms
+            save_npy_atomic(work.norms_path(shard), norms.numpy())
         save_npy_atomic(work.phi_path(shard), cache)
     write_atomic(work.stats_path(shard), stats.save)
 
@@ -218,6 +224,16 @@ def query_statistics(
     return stats
 
 
+def _norms(
+    encoder: TrackStarEncoder, n: int, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """[n] float64 zeros to add the exact stage's squared norms to, where the family has
+    them (``Family.exact_norms``); None where it does not."""
+    if not encoder.family.exact_norms:
+        return None
+    return torch.zeros(n, dtype=torch.float64, device=device)
+
+
 def encode_shard(
     encoder: TrackStarEncoder,
     store: TokenStore,
@@ -243,9 +259,15 @@ def encode_shard(
             progress("encode", len(phi), total)
     else:
         ids = np.arange(start, stop, dtype=np.int64)
+        norms = _norms(encoder, stop - start)
         for rows, batch in batches(store, ids, batch_size, pad_id):
-            out[rows] = encoder.encode(batch).float().cpu().numpy().astype(np.float16)
+            sq = _norms(encoder, len(rows), encoder.device)
+            out[rows] = encoder.encode(batch, sq).float().cpu().numpy().astype(np.float16)
+            if norms is not None and sq is not None:
+                norms[rows] = sq.cpu()
             progress("encode", len(rows), total)
+        if norms is not None:  # before the fingerprints: a shard with them has its norms
+            save_npy_atomic(work.norms_path(shard), norms.numpy())
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         raise InputError(

@@ -90,6 +90,21 @@ def _write_fingerprints(b: BuildOutputs) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def _write_norms(b: BuildOutputs) -> None:
+    """The shards' exact-stage squared norms in id order into ``exact_norms.f64.npy``, where
+    the family has them (``Family.exact_norms``)."""
+    paths = [b.work.norms_path(s) for s in range(len(b.shards))]
+    if not b.encoder.family.exact_norms:
+        return
+    if not all(p.is_file() for p in paths):  # shards encoded by a build before the norms
+        log.info("some shards have no exact norms: the second stage will compute them")
+        return
+    norms = np.concatenate([np.load(p) for p in paths])
+    if norms.shape != (b.counts["sequences"],):
+        raise RuntimeError(f"the shards hold {norms.shape[0]} norms for {b.counts['sequences']}")
+    np.save(b.work.staging / mf.EXACT_NORMS, norms.astype(np.float64))
+
+
 def _write_faiss(b: BuildOutputs, fps: np.ndarray) -> dict[str, Any]:
     """The FAISS index over the fingerprints; its manifest entry (recall of an approximate one)."""
     cfg, n = b.cfg, b.counts["sequences"]
@@ -173,6 +188,7 @@ def publish(b: BuildOutputs) -> None:
     t0 = time.perf_counter()
     staging, n = b.work.staging, b.counts["sequences"]
     faiss_entry = _write_faiss(b, _write_fingerprints(b))
+    _write_norms(b)
     state = b.encoder.family.tensors()
     if state:
         save_tensors(

@@ -53,6 +53,11 @@ class WorkDir:
     def fp_path(self, shard: int) -> Path:
         return self.root / "fp" / f"{shard:05d}.npy"
 
+    def norms_path(self, shard: int) -> Path:
+        """The exact stage's squared norms of a shard (``Family.exact_norms``), written
+        before its fingerprints (pass 2) or its cached phi (pass 1)."""
+        return self.root / "norms" / f"{shard:05d}.npy"
+
     def prepare(self, build_key: str) -> bool:
         """Create (or reuse) the work directory for ``build_key``.
 
@@ -69,7 +74,7 @@ class WorkDir:
             shutil.rmtree(self.root)
         elif self.root.exists():
             shutil.rmtree(self.root)
-        for sub in ("stats", "phi", "fp", "staging"):
+        for sub in ("stats", "phi", "fp", "norms", "staging"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         write_atomic(plan, lambda p: p.write_text(json.dumps({"build_key": build_key})))
         return False
@@ -108,6 +113,8 @@ class WorkDir:
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a work dir resumed from an older build
+
     def _save(tmp: Path) -> None:
         with tmp.open("wb") as fh:
             np.save(fh, array)

@@ -34,6 +34,9 @@ class Family(ABC):
     """
 
     name: ClassVar[str]
+    exact_norms: ClassVar[bool] = False
+    """Whether the blocks' unsketched norms (``encoder.blocks``, ``sq``) are the exact second
+    stage's: the build then stores them with the index."""
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ class Sketch(Family):
     """The whitened, CountSketched gradient (``encoder.families.sketch``)."""
 
     name = "sketch"
+    exact_norms = True  # every block's pair is the whitening: its norm is W_out G~ W_in's
 
     def setup(self) -> None:
         """The seeded hash of every module not kept whole; the whitening is fitted later."""
