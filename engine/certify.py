@@ -26,9 +26,10 @@ from scipy.special import ndtr
 DEFAULT_CONFIDENCE = 0.95
 """The confidence a certificate is given at unless a query asks another."""
 
-RESCORE_CHUNK = 8
-"""Candidates re-scored between two checks of the certificate (after the first k): one
-backward pass of the exact stage (``encoder.rescoring.CANDIDATE_BATCH``)."""
+RESCORE_CHUNK = 32
+"""Candidates re-scored between two checks of the certificate (after the first k): a few
+backward passes of the exact stage (``encoder.rescoring.CANDIDATE_BATCH``), whose batches
+are formed by length within the chunk (less padding than batches in first-stage order)."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_examples``."""
 
-DEFAULT_RESCORE = 200
+DEFAULT_RESCORE = 150
 """Candidates a hessian-none index re-scores exactly by default (``default_rescore``), at
 most: the certified second stage stops earlier once its top-k is certain. Chosen by the
 overlap with the unprojected ranking and between seeds (benchmarks/results/bench_rescore_depth.md)."""

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         ge=0,
         le=MAX_RESCORE,
         description="Default of the request's `rescore` (exact second stage over the top max(rescore, k) "
-        "candidates, one backward pass each); 0 = off. Unset: the index's default, 200 for an index "
+        "candidates, a certified stop before); 0 = off. Unset: the index's default, 150 for an index "
         "without a projected R (the default sketch index: its top-10 then barely depends on the "
         "projection seed, benchmarks/results/bench_rescore_depth.md), 0 for one with R.",
     )

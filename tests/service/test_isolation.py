@@ -21,6 +21,7 @@ import pytest
 
 from encoder.batching import Example
 from encoder.generation import Generated, Generation
+from engine.certify import RESCORE_CHUNK
 from service.app import create_app
 from service.settings import Settings
 from tests.service.fakes import FakeIndex, Record
@@ -188,4 +189,5 @@ def test_a_timed_out_query_stops_consuming_the_model(tmp_path):
                 "/v1/influence", json={**VALID, "k": 5, "rescore": 0}
             )  # queued behind it
             assert after.status_code == 200
-    assert index.chunks == [5, 8], index.chunks  # the first k, the chunk in flight; not 100
+    # The first k, the chunk in flight; not the other 63 candidates.
+    assert index.chunks == [5, RESCORE_CHUNK], index.chunks
