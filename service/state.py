@@ -19,6 +19,7 @@ from pathlib import Path
 
 from api.errors import ArtifactError, InfluenceError, NotFoundError, NotReadyError, safe_text
 from engine.protocols import Index
+from service.threads import in_passing_thread
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,6 @@ class IndexState:
         if target is None:
             raise NotReadyError("no index directory configured")
         async with self._reload_lock:
-            loop = asyncio.get_running_loop()
             try:
                 if not _is_dir(target):
                     raise NotFoundError(
@@ -170,7 +170,7 @@ class IndexState:
                         code="index_not_found",
                     )
                 try:
-                    index = await loop.run_in_executor(None, self._opener, target)
+                    index = await in_passing_thread(self._opener, target)
                 except InfluenceError:
                     raise
                 except Exception as exc:  # a corrupt file surfaces as OSError, RuntimeError...

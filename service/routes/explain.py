@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from api.error_models import ErrorResponse
@@ -13,6 +12,7 @@ from engine.query import Limits, Query
 from service.auth import v1_router
 from service.deps import AdmissionDep, LimitsDep, StateDep
 from service.state import IndexState
+from service.threads import in_passing_thread
 
 router = v1_router()
 
@@ -59,4 +59,4 @@ async def explain_influence(
     On an idle server one encode pass and one forward-mode pass over the example; while
     queries are flowing, short backward passes that let them run in between."""
     with admission.slot():
-        return await asyncio.get_running_loop().run_in_executor(None, explain, state, body, limits)
+        return await in_passing_thread(explain, state, body, limits)
