@@ -90,6 +90,7 @@ class Run:
 
     settings: EvalSettings
     model_dir: Path
+    corpus_path: Path
     model: torch.nn.Module
     tokenizer: Tokenizer
     pad_id: int
@@ -134,6 +135,7 @@ def load_run(
     return Run(
         settings=settings,
         model_dir=Path(model_dir),
+        corpus_path=Path(corpus_path),
         model=model,
         tokenizer=tokenizer,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

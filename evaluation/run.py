@@ -144,6 +144,12 @@ def _rankings(
                 FUSION_DEPTH,
             )
             rankings["hybrid"] = rank_hybrid(bm25_deep, ts_deep, depth)
+    if "shipped" in chosen:
+        from evaluation.shipped import rank_shipped
+
+        start_shipped = time.perf_counter()
+        rankings["shipped"] = rank_shipped(run, depth)
+        run.timings["shipped_s"] = time.perf_counter() - start_shipped
     if "random" in chosen:
         rankings["random"] = rank_random(len(run.queries), len(run.texts), depth, run.settings.seed)
     run.timings["ranking_s"] = time.perf_counter() - start
@@ -159,7 +165,8 @@ def _tailpatch(
     for ranking in rankings.values():
         for qi, ranked in enumerate(ranking):
             for sid in ranked[: max(TAILPATCH_CUTOFFS)].tolist():
-                pairs.setdefault(int(sid), set()).add(qi)
+                if sid >= 0:  # -1: a ranking shorter than the cutoff (``shipped``)
+                    pairs.setdefault(int(sid), set()).add(qi)
     for qi, rel in enumerate(run.relevant):
         for sid in rel:
             pairs.setdefault(sid, set()).add(qi)
@@ -208,7 +215,8 @@ def _scored(
         }
         for c in TAILPATCH_CUTOFFS:
             tps = [
-                float(np.mean([tp[(qi, int(s))] for s in r[:c]])) for qi, r in enumerate(ranking)
+                float(np.mean([tp[(qi, int(s))] if s >= 0 else 0.0 for s in r[:c]]))
+                for qi, r in enumerate(ranking)
             ]
             values[f"tailpatch_top{c}"] = tps
             row[f"tailpatch_top{c}"] = float(np.mean(tps))

@@ -17,7 +17,8 @@ class Method:
     Attributes:
         name: short id used in tables and JSON.
         description: one line for the report.
-        kind: ``gradient``, ``bm25``, ``hybrid`` or ``random``.
+        kind: ``gradient``, ``shipped`` (``evaluation.shipped``), ``bm25``, ``hybrid`` or
+            ``random``.
         correction, hessian, unit_norm: the fingerprint settings (gradient methods only).
         projection: the projection family; None: the run's (``EvalSettings.projection``).
         max_block: the most dims one module's block may take (``FingerprintConfig.max_block``);
@@ -89,6 +90,12 @@ METHODS: tuple[Method, ...] = (
         hessian="none",
         projection="sketch",
         max_block=1024,
+    ),
+    Method(
+        "shipped",
+        "the product as served: index build at its defaults, then the engine (first stage, "
+        "certified exact second stage)",
+        "shipped",
     ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),

@@ -9,7 +9,7 @@ import pytest
 
 from service.cli import main
 
-METHODS = ["trackstar", "no_hessian", "sketch", "bm25", "hybrid", "random"]
+METHODS = ["trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid", "random"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_eval_writes_table_json_and_plot(eval_run):
     assert dims["sketch"] == data["context"]["fingerprint_dim"] and dims["sketch"] % 64 == 0
     # Every method that looks at the data beats a random ranking on attribution, and the
     # passages retrieved by TrackStar move the completion more than random ones.
-    for name in ("trackstar", "no_hessian", "sketch", "bm25", "hybrid"):
+    for name in ("trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid"):
         assert rows[name]["mrr"] > rows["random"]["mrr"] + 0.2, name
     assert rows["trackstar"]["tailpatch_top10"] > rows["random"]["tailpatch_top10"]
     assert data["context"]["oracle_tailpatch_relevant"] > 0
@@ -95,6 +95,31 @@ def test_eval_writes_table_json_and_plot(eval_run):
     )
     assert all(f"| {name} |" in md for name in METHODS)
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_shipped_row_is_what_the_engine_answers(eval_run, tiny_index, fact_corpus_files):
+    """The eval's ``shipped`` rankings are the answers of an index built on its own at the
+    defaults (``tiny_index``) for the same queries, second stage included."""
+    from engine.batch import run_batch
+    from engine.index import InfluenceIndex
+    from engine.query import Limits, Query
+
+    rc, out = eval_run
+    assert rc == 0
+    got = json.loads((out / "eval.json").read_text())["per_query"]["shipped"]["top10"]
+    corpus, queries = fact_corpus_files
+    row_of = {json.loads(line)["id"]: i for i, line in enumerate(corpus.read_text().splitlines())}
+    asked = [json.loads(line) for line in queries.read_text().splitlines()][:16]
+    index = InfluenceIndex.open(tiny_index)
+    try:
+        outcomes = run_batch(
+            index, [Query(q["prompt"], q["completion"], 10) for q in asked], Limits(4096, 4096)
+        )
+    finally:
+        index.close()
+    assert all(o.certificate is not None and o.certificate.rescored >= 10 for o in outcomes)
+    assert got == [[row_of[h.record.document_id] for h in o.hits] for o in outcomes]
 
 
 def test_eval_rejects_queries_that_name_unknown_passages(trained_checkpoint, tmp_path, capsys):
