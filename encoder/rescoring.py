@@ -196,11 +196,15 @@ class QueryScorer(ABC):
 
 
 class FactorScorer(QueryScorer):
-    """The uncorrected exact stage from token factors (the module docstring): the query's
-    M_out g'_s [T', out] and M_in a'_s [T', in] per module are kept."""
+    """The uncorrected exact stage from token factors (the module docstring). Per module the
+    query keeps M_out g'_s [T', out] and M_in a'_s [T', in], or, where that is more than the
+    module's size (a query longer than out in / (out + in) tokens), their product
+    H = sum_s M_out g'_s (M_in a'_s)^T [out, in], which scores a candidate as
+    sum_t g_t^T H a_t: the cheaper of T T' (out + in) and T out in per candidate, and never
+    more than T' (out + in) floats kept."""
 
     def _prepare(self, query: Example) -> float:
-        self.q_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.q_factors: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
         total = 0.0
 
         def keep(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
@@ -208,7 +212,9 @@ class FactorScorer(QueryScorer):
             x, y = self._whitened(m, acts[0], grads[0])
             total += float(((x @ x.T) * (y @ y.T)).double().sum())
             w_out, w_in = self._sides(m)
-            self.q_factors[m.name] = (_apply(w_out, x), _apply(w_in, y))
+            p, q = _apply(w_out, x), _apply(w_in, y)
+            wide = p.shape[0] * (m.out_features + m.in_features) > m.out_features * m.in_features
+            self.q_factors[m.name] = p.T @ q if wide else (p, q)
 
         encoder = self.rescorer.encoder
         encoder.stream_factors(collate([query], self.pad_id), keep)
@@ -227,8 +233,13 @@ class FactorScorer(QueryScorer):
 
     def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
         def add(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            p, q = self.q_factors[m.name]
-            dots.add_(((grads @ p.T) * (acts @ q.T)).sum((1, 2)).double().cpu())
+            kept = self.q_factors[m.name]
+            if isinstance(kept, torch.Tensor):  # H [out, in]
+                dot = ((grads @ kept) * acts).sum((1, 2))
+            else:
+                p, q = kept
+                dot = ((grads @ p.T) * (acts @ q.T)).sum((1, 2))
+            dots.add_(dot.double().cpu())
             if sq is not None:
                 x, y = self._whitened(m, acts, grads)
                 gram = (x @ x.transpose(1, 2)) * (y @ y.transpose(1, 2))

@@ -3,7 +3,7 @@ term, and the arithmetic per token, from the model's transformers config alone (
 are read or allocated: the model is made on PyTorch's ``meta`` device).
 
 The terms are the encoder's own arithmetic (the family's plan, its saved state, the
-per-example gradient chunk, the second stage's query gradient; a side too long to whiten
+per-example gradient chunk, what the second stage keeps of a query; a side too long to whiten
 is a scalar, never a dense identity) plus an estimate of the
 activations a backward pass keeps (Korthikanti et al. 2022's 34 h + 5 a T bytes per token and
 layer at 16 bits, scaled to the weights' dtype, plus the tracked modules' captured inputs and
@@ -182,16 +182,35 @@ def _terms(
             f"a backward pass, {batch_size} x {seq_len}",
         ),
         Term("activations", "serve", "device", serve_act, f"8 candidates of {seq_len} tokens"),
-        Term("query gradient", "serve", "device", 4 * tracked, "the second stage's float32 query"),
+        _query_term(modules, fp, seq_len, tracked),
         Term("fingerprints", "both", "disk", 2 * dim * sequences, f"float16, d = {dim:,}"),
         Term("FAISS Flat", "serve", "host", 4 * dim * sequences, "float32 vectors in RAM"),
     ]
+    if family_class(fp.projection).exact_norms:
+        terms.append(
+            Term("exact norms", "both", "disk", 8 * sequences, "float64, one per sequence")
+        )
     if fp.correction:
         terms.append(Term("correction", "both", "device", 4 * tracked, "1 / (sqrt(v_hat) + eps)"))
     if fp.hessian != "none":
         r = hessian_bytes(plan_dims(modules, plan), with_eval=fp.hessian == "mixed")
         terms.append(Term("Hessian statistics", "build", "host", r, "float64 R sums, eigh"))
     return terms
+
+
+def _query_term(
+    modules: list[TrackedModule], fp: FingerprintConfig, seq_len: int, tracked: int
+) -> Term:
+    """What the second stage keeps of a query: its corrected gradient (with the correction),
+    else its whitened token factors M_out g', M_in a' (``encoder.rescoring.FactorScorer``)."""
+    if fp.correction:
+        return Term(
+            "query gradient", "serve", "device", 4 * tracked, "the second stage's float32 query"
+        )
+    sides = sum(m.out_features + m.in_features for m in modules)
+    return Term(
+        "query factors", "serve", "device", 4 * seq_len * sides, f"float32, a {seq_len}-token query"
+    )
 
 
 def build_device_terms(

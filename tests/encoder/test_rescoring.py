@@ -52,7 +52,7 @@ def test_the_factor_scorer_gives_the_whitened_gradients_cosines(
 ):
     """Scores from token factors equal the cosines (or dots) of the dense whitened gradients,
     with the candidates' norms computed or given as the build stores them; no dense identity
-    and no [out, in] tensor is made for a [1] side."""
+    is made for a [1] side."""
     model, enc = fitted
     config = FingerprintConfig(k=3, seed=5, hessian="none", unit_norm=unit_norm)
     rescorer = ExactRescorer(model, config, None, enc.family.whitening())
@@ -64,6 +64,10 @@ def test_the_factor_scorer_gives_the_whitened_gradients_cosines(
         enc.project(collate(candidates), sq)
     scorer = rescorer.for_query(query, pad_id=0)
     assert isinstance(scorer, FactorScorer)
+    # Both ways of keeping the query: its factors, and (a module smaller than T' (out + in))
+    # their product H.
+    kinds = {isinstance(kept, torch.Tensor) for kept in scorer.q_factors.values()}
+    assert kinds == {True, False}
     with monkeypatch.context() as mp:
         mp.setattr(torch, "eye", lambda *a, **k: pytest.fail("a dense identity was made"))
         got = scorer(candidates, sq).numpy()
