@@ -26,6 +26,7 @@ import torch
 
 from encoder.modules import TrackedModule
 from encoder.products import factored_products, gradient_chunk, out_dtype_products, tf32, thin
+from encoder.projection import sketch_hash
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def _side(w: torch.Tensor, x: torch.Tensor, left: bool) -> torch.Tensor:
 @dataclass(frozen=True)
 class Sketched:
     """phi_W = S vec(W_out G~_W W_in): the K-FAC-whitened (optionally corrected) per-example
-    gradient, CountSketched into ``dims`` buckets (``idx``, ``sign``: ``sketch_hash``).
+    gradient, CountSketched into ``dims`` buckets by ``sketch_hash(seed, module, dims)``:
+    ``resident`` (idx, sign) where the family keeps it, else made where it is used.
 
     Without correction the whitening is applied to the factors (W_out g_t, W_in a_t) before
     G is formed (T (out^2 + in^2) per example instead of out in (out + in)); with it, C o G
@@ -158,11 +160,16 @@ class Sketched:
     module: TrackedModule
     w_out: torch.Tensor
     w_in: torch.Tensor
-    idx: torch.Tensor
-    sign: torch.Tensor
+    seed: int
+    resident: tuple[torch.Tensor, torch.Tensor] | None
     dims: int
     inv: torch.Tensor | None
     precision: Precision
+
+    def _hash(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident is not None:
+            return self.resident
+        return sketch_hash(self.seed, self.module, self.dims, device)
 
     def __call__(
         self, acts: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor | None = None
@@ -173,6 +180,8 @@ class Sketched:
             grads, acts = _side(self.w_out, grads, left=False), _side(self.w_in, acts, left=False)
         chunk = gradient_chunk(self.module, acts)
         out = torch.zeros(acts.shape[0], self.dims, dtype=acc, device=acts.device)
+        idx, sign = self._hash(acts.device)
+        signs = sign.view(self.module.out_features, self.module.in_features)
         for s in range(0, acts.shape[0], chunk):
             with tf32(self.precision.tf32):
                 g = torch.einsum("bto,bti->boi", grads[s : s + chunk], acts[s : s + chunk])
@@ -180,12 +189,13 @@ class Sketched:
                 g = _side(self.w_in, _side(self.w_out, g.mul_(self.inv), left=True), left=False)
             if sq is not None:
                 sq[s : s + chunk] += g.square().sum((1, 2)).to(sq.dtype)
-            out[s : s + chunk].index_add_(1, self.idx, g.flatten(1) * self.sign)
+            out[s : s + chunk].index_add_(1, idx, g.mul_(signs).flatten(1))  # g is ours
         return out
 
     def direction(self, u: torch.Tensor) -> torch.Tensor:
         """V_W = C o (W_out U' W_in), U' = S^T u as [out, in] (u . S x = S^T u . x)."""
-        back = (u[self.idx] * self.sign).view(self.module.out_features, self.module.in_features)
+        idx, sign = self._hash(u.device)
+        back = (u[idx] * sign).view(self.module.out_features, self.module.in_features)
         v = _side(self.w_in, _side(self.w_out, back, left=True), left=False)
         return v * self.inv if self.inv is not None else v
 

@@ -105,21 +105,58 @@ def make_projections(
     return out
 
 
-def sketch_hash(seed: int, module: TrackedModule, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The logical right shift of int64 bits (torch's is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function of int64 states (Steele et al. 2014), on any device:
+    int64 products wrap modulo 2^64, as the generator's unsigned arithmetic does."""
+    z = x ^ _shr(x, 30)
+    z.mul_(_signed(_MIX1))
+    z ^= _shr(z, 27)
+    z.mul_(_signed(_MIX2))
+    z ^= _shr(z, 31)
+    return z
+
+
+def sketch_hash(
+    seed: int,
+    module: TrackedModule,
+    dims: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The CountSketch of one module (``projection: sketch``): entry i of the row-major
     vec(G~_W) [out*in] goes to bucket ``idx[i]`` of the module's ``dims`` with sign ``sign[i]``.
 
-    Generated on the CPU from (seed, module name) like ``projection_pair``, so the indexer and
-    the service hash alike on any device. phi = S vec(G~) is unbiased for inner products,
-    E <S x, S y> = <x, y>, with variance (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / dims
-    (Charikar et al. 2002; Weinberger et al. 2009): a dense Gaussian projection's, whatever
-    the rank of G~, where a Kronecker pair's grows with 1 / k of each side for a low-rank G~.
+    Counter-based: entry i's 64 bits are SplitMix64 of the state key + (i + 1) * golden, the
+    key drawn from (seed, module name) like ``projection_pair``'s seed; the bucket is the low
+    63 bits modulo ``dims``, the sign the top bit. Nothing needs storing: any device makes
+    the same hash, at once and where it is used (``encoder.families.sketch`` keeps it only on
+    the CPU). phi = S vec(G~) is unbiased for inner products, E <S x, S y> = <x, y>, with
+    variance (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / dims (Charikar et al. 2002;
+    Weinberger et al. 2009): a dense Gaussian projection's, whatever the rank of G~, where a
+    Kronecker pair's grows with 1 / k of each side for a low-rank G~.
 
     Returns:
         idx: [out*in] int64 in [0, dims); sign: [out*in] int8, +-1.
     """
-    gen = torch.Generator(device="cpu").manual_seed(module_seed(seed, f"sketch:{module.name}"))
+    key = module_seed(seed, f"sketch:{module.name}")
     n = module.out_features * module.in_features
-    idx = torch.randint(0, dims, (n,), generator=gen, dtype=torch.int64)
-    sign = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    state = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    state.mul_(_signed(_GOLDEN)).add_(key)
+    h = splitmix64(state)
+    sign = (1 - 2 * (h < 0).to(torch.int8)).to(torch.int8)
+    idx = (h & ((1 << 63) - 1)).remainder_(dims)
     return idx, sign

@@ -127,9 +127,17 @@ class QueryScorer(ABC):
         """Keep what scoring needs of the query; its squared norm."""
 
     @abstractmethod
-    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
-        """One backward pass over ``batch``: adds each candidate's <query, candidate> to
-        ``dots`` [b] and, when given, its squared norm to ``sq`` [b] (float64, CPU)."""
+    def _stream(self, batch: Sequence[Example], sink: Callable[..., None]) -> None:
+        """One backward pass over ``batch`` calling ``sink(*per-module arguments)``."""
+
+    @abstractmethod
+    def _dot(self, rows: torch.Tensor | None, *args: object) -> torch.Tensor:
+        """<query, candidate> of one module for the batch rows ``rows`` (None: all) from a
+        sink's arguments; [rows] float64 on the CPU."""
+
+    @abstractmethod
+    def _sq(self, *args: object) -> torch.Tensor:
+        """||candidate||^2 of one module for every batch row; [b] float64 on the CPU."""
 
     def __call__(
         self, candidates: Sequence[Example], sq: torch.Tensor | None = None
@@ -177,22 +185,60 @@ class QueryScorer(ABC):
         self, candidates: Sequence[Example], hold: Hold = nullcontext, need_sq: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """<q, candidate> and (with ``need_sq``; zeros without) ||candidate||^2 of each
-        candidate; [C] float64. Candidates run ``CANDIDATE_BATCH`` per backward pass, longest
-        first (a batch pads to its own longest member); ``hold()`` is entered around each."""
-        dots = torch.zeros(len(candidates), dtype=torch.float64)
-        sq = torch.zeros(len(candidates), dtype=torch.float64)
-        order = sorted(range(len(candidates)), key=lambda i: (-len(candidates[i].input_ids), i))
-        for s in range(0, len(order), CANDIDATE_BATCH):
-            rows = torch.tensor(order[s : s + CANDIDATE_BATCH])
-            part, part_sq = torch.zeros(len(rows), dtype=torch.float64), None
+        candidate; [C] float64 (``passes``)."""
+        wanted = [torch.ones(len(candidates), dtype=torch.bool)]
+        dots, sq = passes([self], candidates, wanted, hold, need_sq)
+        return dots[0], sq
+
+
+def passes(
+    scorers: Sequence[QueryScorer],
+    candidates: Sequence[Example],
+    wanted: Sequence[torch.Tensor],
+    hold: Hold = nullcontext,
+    need_sq: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of candidates for several queries of one rescorer from one backward pass per
+    batch: query k's dot is formed only for the candidates ``wanted[k]`` ([C] bool) asks.
+
+    Candidates run ``CANDIDATE_BATCH`` per pass, longest first (a batch pads to its own
+    longest member); ``hold()`` is entered around each pass.
+
+    Returns:
+        dots [K, C] float64 (0 where not wanted) and, with ``need_sq``, ||candidate||^2 [C]
+        (zeros without).
+    """
+    dots = torch.zeros(len(scorers), len(candidates), dtype=torch.float64)
+    sq = torch.zeros(len(candidates), dtype=torch.float64)
+    order = sorted(range(len(candidates)), key=lambda i: (-len(candidates[i].input_ids), i))
+    for s in range(0, len(order), CANDIDATE_BATCH):
+        rows = torch.tensor(order[s : s + CANDIDATE_BATCH])
+        subsets: list[tuple[int, torch.Tensor | None]] = []
+        for k, want in enumerate(wanted):
+            sub = torch.nonzero(want[rows]).flatten()
+            if len(sub):
+                subsets.append((k, None if len(sub) == len(rows) else sub))
+        if not subsets and not need_sq:
+            continue
+        part = torch.zeros(len(scorers), len(rows), dtype=torch.float64)
+        part_sq = torch.zeros(len(rows), dtype=torch.float64)
+
+        def sink(
+            *args: object,
+            subsets: list[tuple[int, torch.Tensor | None]] = subsets,
+            part: torch.Tensor = part,
+            part_sq: torch.Tensor = part_sq,
+        ) -> None:
+            for k, sub in subsets:
+                part[k, slice(None) if sub is None else sub] += scorers[k]._dot(sub, *args)
             if need_sq:
-                part_sq = torch.zeros(len(rows), dtype=torch.float64)
-            with hold():
-                self._pass([candidates[i] for i in rows], part, part_sq)
-            dots[rows] = part
-            if part_sq is not None:
-                sq[rows] = part_sq
-        return dots, sq
+                part_sq.add_(scorers[0]._sq(*args))
+
+        with hold():
+            scorers[0]._stream([candidates[i] for i in rows], sink)
+        dots[:, rows] = part
+        sq[rows] = part_sq
+    return dots, sq
 
 
 class FactorScorer(QueryScorer):
@@ -231,21 +277,30 @@ class FactorScorer(QueryScorer):
         w_out, w_in = self._sides(m)
         return _apply(w_out, grads), _apply(w_in, acts)
 
-    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
-        def add(m: TrackedModule, acts: torch.Tensor, grads: torch.Tensor) -> None:
-            kept = self.q_factors[m.name]
-            if isinstance(kept, torch.Tensor):  # H [out, in]
-                dot = ((grads @ kept) * acts).sum((1, 2))
-            else:
-                p, q = kept
-                dot = ((grads @ p.T) * (acts @ q.T)).sum((1, 2))
-            dots.add_(dot.double().cpu())
-            if sq is not None:
-                x, y = self._whitened(m, acts, grads)
-                gram = (x @ x.transpose(1, 2)) * (y @ y.transpose(1, 2))
-                sq.add_(gram.sum((1, 2)).double().cpu())
+    def _stream(self, batch: Sequence[Example], sink: Callable[..., None]) -> None:
+        self.rescorer.encoder.stream_factors(collate(list(batch), self.pad_id), sink)
 
-        self.rescorer.encoder.stream_factors(collate(list(batch), self.pad_id), add)
+    def _dot(self, rows: torch.Tensor | None, *args: object) -> torch.Tensor:
+        m, acts, grads = args
+        assert isinstance(m, TrackedModule)
+        assert isinstance(acts, torch.Tensor) and isinstance(grads, torch.Tensor)
+        if rows is not None:
+            acts, grads = acts[rows], grads[rows]
+        kept = self.q_factors[m.name]
+        if isinstance(kept, torch.Tensor):  # H [out, in]
+            dot = ((grads @ kept) * acts).sum((1, 2))
+        else:
+            p, q = kept
+            dot = ((grads @ p.T) * (acts @ q.T)).sum((1, 2))
+        return dot.double().cpu()
+
+    def _sq(self, *args: object) -> torch.Tensor:
+        m, acts, grads = args
+        assert isinstance(m, TrackedModule)
+        assert isinstance(acts, torch.Tensor) and isinstance(grads, torch.Tensor)
+        x, y = self._whitened(m, acts, grads)
+        gram = (x @ x.transpose(1, 2)) * (y @ y.transpose(1, 2))
+        return gram.sum((1, 2)).double().cpu()
 
 
 def _apply(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -265,12 +320,19 @@ class GradientScorer(QueryScorer):
         )
         return sum(float(b.double().square().sum()) for b in self.q_blocks.values())
 
-    def _pass(self, batch: Sequence[Example], dots: torch.Tensor, sq: torch.Tensor | None) -> None:
-        def add(name: str, g: torch.Tensor) -> None:
-            # Per module in the gradient's own dtype (no float64 copy of a [B, out*in]
-            # block), summed over modules in float64.
-            dots.add_((g @ self.q_blocks[name]).double().cpu())
-            if sq is not None:
-                sq.add_(torch.linalg.vector_norm(g, dim=1).double().square().cpu())
+    def _stream(self, batch: Sequence[Example], sink: Callable[..., None]) -> None:
+        self.rescorer.encoder.stream_blocks(collate(list(batch), self.pad_id), sink)
 
-        self.rescorer.encoder.stream_blocks(collate(list(batch), self.pad_id), add)
+    def _dot(self, rows: torch.Tensor | None, *args: object) -> torch.Tensor:
+        # Per module in the gradient's own dtype (no float64 copy of a [B, out*in] block),
+        # summed over modules in float64.
+        name, g = args
+        assert isinstance(name, str) and isinstance(g, torch.Tensor)
+        dot: torch.Tensor = (g if rows is None else g[rows]) @ self.q_blocks[name]
+        return dot.double().cpu()
+
+    def _sq(self, *args: object) -> torch.Tensor:
+        _, g = args
+        assert isinstance(g, torch.Tensor)
+        norms: torch.Tensor = torch.linalg.vector_norm(g, dim=1)
+        return norms.double().square().cpu()

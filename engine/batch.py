@@ -21,7 +21,7 @@ from api.errors import InfluenceError, InternalError, QueryAbandonedError
 from encoder.batching import Example
 from engine import retrieval
 from engine.protocols import Index
-from engine.query import Limits, Outcome, Query, Traced, trace
+from engine.query import Hit, Limits, Outcome, Query, Traced, trace
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,36 @@ def _traced(
     return valid
 
 
+def _staged(
+    index: Index,
+    queries: list[Query],
+    valid: list[tuple[int, Traced]],
+    vectors: np.ndarray,
+    outcomes: list[Outcome],
+) -> dict[int, retrieval.Staged]:
+    """The second stages of the batch made together: each query's pool, and scorers that run
+    a candidate shared by several pools once (``Index.exact_scorers``). A query whose pool
+    fails gets its error; should the scorers fail, each query makes its own."""
+    pools: dict[int, tuple[int, list[Hit]]] = {}
+    for j, (i, _) in enumerate(valid):
+        query = queries[i]
+        if outcomes[i].error is None and query.rescore and query.mode == "influence":
+            try:
+                pools[i] = (j, retrieval.second_stage_pool(index, vectors[j], query))
+            except Exception as exc:
+                outcomes[i].error = failure(exc, "retrieval")
+    shared = [i for i, (_, hits) in pools.items() if hits]
+    if len(shared) < 2:
+        return {}
+    examples = [valid[pools[i][0]][1].example for i in shared]
+    try:
+        scorers = index.exact_scorers(examples, [[h.id for h in pools[i][1]] for i in shared])
+    except Exception:
+        log.exception("shared second-stage scorers failed; each query makes its own")
+        return {}
+    return {i: (pools[i][1], s) for i, s in zip(shared, scorers, strict=True)}
+
+
 def _retrieve(
     index: Index,
     queries: list[Query],
@@ -111,6 +141,7 @@ def _retrieve(
             outcomes[valid[j][0]].error = failure(hits, "search")
         else:
             outcomes[valid[j][0]].hits = hits
+    staged = _staged(index, queries, valid, vectors, outcomes)
     for j, (i, traced) in enumerate(valid):
         query = queries[i]
         if outcomes[i].error is not None:
@@ -121,7 +152,13 @@ def _retrieve(
                 gave_up = functools.partial(abandoned, i)
                 try:
                     answer = retrieval.retrieve_one(
-                        index, query, traced.example, vectors[j], traced.text, gave_up
+                        index,
+                        query,
+                        traced.example,
+                        vectors[j],
+                        traced.text,
+                        gave_up,
+                        staged.get(i),
                     )
                 finally:  # a second stage's time is its own however it ends (search_ms excludes it)
                     if query.rescore:  # retrieve_one's test for the second stage

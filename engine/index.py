@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from encoder.fingerprint import TrackStarEncoder
 from encoder.generation import Generated, Generation, generate
 from encoder.model_loading import load_model, load_tokenizer, model_max_tokens
 from encoder.rescoring import ExactRescorer, QueryScorer
+from encoder.shared_scores import SharedScorers
 from encoder.token_attribution import attribute_tokens
 from engine.milvus import MilvusMetadata, MilvusSearch
 from engine.opening import HeldFiles, load_exact_norms, verify_model
@@ -265,24 +266,37 @@ class InfluenceIndex:
         return self._rescorer.for_query(example, self._pad)
 
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
-        """``rescore`` a chunk at a time: the query's gradient is computed here, once; each
-        call scores sequences ``ids`` under the model lock, which other queries take
-        between chunks."""
+        """``rescore`` a chunk at a time: the query's side is computed here, once; each call
+        scores sequences ``ids`` under the model lock, which other queries take between
+        chunks."""
+        return self.exact_scorers([example], [None])[0]
+
+    def exact_scorers(
+        self, examples: list[Example], pools: Sequence[Collection[int] | None]
+    ) -> list[Callable[[list[int]], np.ndarray]]:
+        """``exact_scorer`` of several queries whose candidates' passes are shared
+        (``encoder.shared_scores``): a chunk scored for one query is scored for every query
+        whose pool (its candidate ids; None: none shared) holds it."""
         self._held.check()
         self.last_query_at = time.monotonic()
         with self.encode_lock:
-            scorer = self._query_scorer(example)
+            group = SharedScorers([self._query_scorer(e) for e in examples], pools)
 
-        def score(ids: list[int]) -> np.ndarray:
-            self._held.check()
-            sequences = [sequence_example(t) for t in self.store.token_ids_many(ids)]
-            sq = None if self.exact_sq is None else torch.from_numpy(self.exact_sq[ids])
-            self.last_query_at = time.monotonic()
-            with self.encode_lock:
-                scores = scorer(sequences, sq)
-            return scores.float().numpy()
+        def scorer(k: int) -> Callable[[list[int]], np.ndarray]:
+            def score(ids: list[int]) -> np.ndarray:
+                self._held.check()
+                todo = group.missing(k, ids)
+                if todo:
+                    sequences = [sequence_example(t) for t in self.store.token_ids_many(todo)]
+                    sq = None if self.exact_sq is None else torch.from_numpy(self.exact_sq[todo])
+                    self.last_query_at = time.monotonic()
+                    with self.encode_lock:
+                        group.run(k, todo, sequences, sq)
+                return group.scores(k, ids).float().numpy()
 
-        return score
+            return score
+
+        return [scorer(k) for k in range(len(examples))]
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         """Per-result standard deviation of the scores of query fingerprint ``vector`` [d]

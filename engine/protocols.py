@@ -9,7 +9,7 @@ its Protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,6 +151,13 @@ class Index(Protocol):
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
         """``rescore`` a chunk at a time: the query's side prepared once, then any number of
         calls with candidate ids, each [len(ids)] float32."""
+        ...
+
+    def exact_scorers(
+        self, examples: list[Example], pools: Sequence[Collection[int] | None]
+    ) -> list[Callable[[list[int]], np.ndarray]]:
+        """``exact_scorer`` of several queries at once: a candidate in several pools (their
+        candidate ids; None: share nothing) runs its backward pass once for all of them."""
         ...
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:

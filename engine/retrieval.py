@@ -7,6 +7,7 @@ is ``engine.fusion.reciprocal_rank_fusion``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import get_args
 
@@ -86,11 +87,30 @@ def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> lis
     return hits[: query.k]
 
 
+def second_stage_pool(index: Index, vector: np.ndarray, query: Query) -> list[Hit]:
+    """The first stage's top max(rescore, k) candidates of a query with a second stage
+    (from ``query.source`` when set), best first."""
+    cap = max(query.rescore or 0, query.k)
+    if query.source is not None:
+        return filtered_search(index, vector, replace(query, k=cap))
+    scores, ids = index.search(vector[None, :], cap)
+    return _hits(index, scores[0], ids[0])
+
+
+Staged = tuple[list[Hit], Callable[[list[int]], np.ndarray]]
+"""A query's second-stage pool and its exact scorer, made with other queries' (``run_batch``)."""
+
+
 def rescored(
-    index: Index, example: Example, vector: np.ndarray, query: Query, abandoned: Abandoned = never
+    index: Index,
+    example: Example,
+    vector: np.ndarray,
+    query: Query,
+    abandoned: Abandoned = never,
+    staged: Staged | None = None,
 ) -> tuple[list[Hit], Certificate]:
-    """The exact second stage: the first stage's top max(rescore, k) candidates (from
-    ``query.source`` when set), re-scored by ``index.exact_scorer`` in first-stage order a
+    """The exact second stage: the candidates of ``second_stage_pool`` (or ``staged``'s),
+    re-scored by ``index.exact_scorer`` (or ``staged``'s scorer) in first-stage order a
     chunk at a time, until the top-k is certified at ``query.confidence``
     (``engine.certify``) or every candidate is scored; the best k, best first.
 
@@ -98,17 +118,15 @@ def rescored(
         QueryAbandonedError: ``abandoned()`` turned true between two chunks (the client
             gave up: its remaining candidates are not scored).
     """
-    cap = max(query.rescore or 0, query.k)
-    if query.source is not None:
-        candidates = filtered_search(index, vector, replace(query, k=cap))
+    if staged is None:
+        candidates = second_stage_pool(index, vector, query)
+        score = index.exact_scorer(example) if candidates else None
     else:
-        scores, ids = index.search(vector[None, :], cap)
-        candidates = _hits(index, scores[0], ids[0])
-    if not candidates:
+        candidates, score = staged
+    if not candidates or score is None:
         return [], Certificate(0, True, query.confidence, 0.0)
     first = np.array([h.score for h in candidates], dtype=np.float64)
     sd = index.score_sd(vector, [h.id for h in candidates])
-    score = index.exact_scorer(example)
     exact = np.full(len(candidates), -np.inf)
     done, miss, n_rest = 0, 1.0, index.size - len(candidates)
     while done < len(candidates):
@@ -148,6 +166,7 @@ def retrieve_one(
     vector: np.ndarray,
     text: str,
     abandoned: Abandoned = never,
+    staged: Staged | None = None,
 ) -> tuple[list[Hit], Certificate | None]:
     """The hits of a query that is not ``is_plain``, best first (at most ``query.k``), and
     how its exact second stage ended (None without one).
@@ -158,9 +177,10 @@ def retrieve_one(
         text: the traced completion text (for the lexical modes).
         abandoned: true once the client has given up (checked between the second
             stage's chunks).
+        staged: the second stage's pool and scorer, made with other queries'.
     """
     if query.rescore:
-        return rescored(index, example, vector, query, abandoned)
+        return rescored(index, example, vector, query, abandoned, staged)
     if query.mode != "influence":
         return _mode_hits(index, vector, query, text), None
     return filtered_search(index, vector, query), None

@@ -18,10 +18,11 @@ from api.errors import ArtifactError
 from encoder.hashing import sha256_file
 from indexer.files import write_atomic
 
-FORMAT_VERSION = 3
-"""3: fitted artifacts record the fingerprint config they were fitted with, and the
-fingerprint entry the tracked modules' shapes; 2 (the token table and ``bm25/`` always
-written) and 1 are refused (rebuild)."""
+FORMAT_VERSION = 4
+"""4: the sketch's hash is counter-based (``encoder.projection.sketch_hash``: made on any
+device, never stored) and a sketch index stores the exact stage's norms; 3 (fitted artifacts
+record the fingerprint config they were fitted with, the fingerprint entry the tracked
+modules' shapes), 2 and 1 are refused (rebuild)."""
 MANIFEST = "manifest.json"
 PROJECTIONS = "projections.safetensors"
 WHITENER = "whitener.safetensors"

@@ -93,19 +93,34 @@ def meta_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def _family_terms(modules: list[TrackedModule], plan: Plan, fp: FingerprintConfig) -> list[Term]:
-    """What the family keeps on the device: the sketch's hash and whitening, or the pairs."""
+def _family_terms(
+    modules: list[TrackedModule], plan: Plan, fp: FingerprintConfig, cuda: bool
+) -> list[Term]:
+    """What the family keeps on the device: the sketch's hash (kept on the CPU, made at each
+    use on an accelerator: its temporaries for the largest module) and whitening, or the
+    pairs."""
     if fp.projection == "sketch":
-        hashed = [m for m in modules if plan[m.name] != (m.out_features, m.in_features)]
+        hashed = [
+            m.out_features * m.in_features for m in modules if m.name in _hashed(modules, plan)
+        ]
         sides = [n for m in modules for n in (m.out_features, m.in_features)]
-        return [
-            Term(
+        hash_term = Term(
+            "sketch hash",
+            "both",
+            "device",
+            9 * sum(hashed),
+            "bucket (int64) and sign (int8) of every hashed weight",
+        )
+        if cuda:
+            hash_term = Term(
                 "sketch hash",
                 "both",
                 "device",
-                9 * sum(m.out_features * m.in_features for m in hashed),
-                "bucket (int64) and sign (int8) of every hashed weight",
-            ),
+                32 * max(hashed, default=0),
+                "made at each use: the largest module's, int64 temporaries",
+            )
+        return [
+            hash_term,
             Term(
                 "whitening",
                 "both",
@@ -172,7 +187,7 @@ def _terms(
     name = str(dtype).replace("torch.", "")
     terms = [
         Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
-        *_family_terms(modules, plan, fp),
+        *_family_terms(modules, plan, fp, cuda),
         Term("gradient chunk", "both", "device", 2 * chunk, "per-example gradients at once, x2"),
         Term(
             "activations",
@@ -196,6 +211,10 @@ def _terms(
         r = hessian_bytes(plan_dims(modules, plan), with_eval=fp.hessian == "mixed")
         terms.append(Term("Hessian statistics", "build", "host", r, "float64 R sums, eigh"))
     return terms
+
+
+def _hashed(modules: list[TrackedModule], plan: Plan) -> set[str]:
+    return {m.name for m in modules if plan[m.name] != (m.out_features, m.in_features)}
 
 
 def _query_term(

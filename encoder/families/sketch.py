@@ -24,6 +24,13 @@ from encoder.projection import Plan, sketch_hash
 from encoder.uncertainty import sketch_score_variance
 
 
+def keeps_hash(device: torch.device) -> bool:
+    """Whether the family keeps each module's hash (9 bytes per hashed weight) instead of
+    making it at every use: on the CPU, whose memory is plentiful and whose arithmetic is
+    not; an accelerator makes it at once where it is used (``sketch_hash``)."""
+    return device.type == "cpu"
+
+
 class Sketch(Family):
     """The whitened, CountSketched gradient (``encoder.families.sketch``)."""
 
@@ -31,14 +38,18 @@ class Sketch(Family):
     exact_norms = True  # every block's pair is the whitening: its norm is W_out G~ W_in's
 
     def setup(self) -> None:
-        """The seeded hash of every module not kept whole; the whitening is fitted later."""
+        """The modules not kept whole, their hash kept where ``keeps_hash``; the whitening is
+        fitted later."""
         self.roots: Pairs = {}
+        self.hashed = {m.name for m in self.modules if not self.whole(m)}
         self.hashes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for m in self.modules:
-            if not self.whole(m):
-                sizes = self.plan[m.name] or (0, 0)
-                idx, sign = sketch_hash(self.config.seed, m, sizes[0] * sizes[1])
-                self.hashes[m.name] = (idx.to(self.device), sign.to(self.device))
+        if keeps_hash(self.device):
+            for m in self.modules:
+                if m.name in self.hashed:
+                    sizes = self.plan[m.name] or (0, 0)
+                    self.hashes[m.name] = sketch_hash(
+                        self.config.seed, m, sizes[0] * sizes[1], self.device
+                    )
 
     @classmethod
     def shape_plan(cls, plan: Plan, modules: list[TrackedModule]) -> Plan:
@@ -86,15 +97,15 @@ class Sketch(Family):
 
     def block(self, m: TrackedModule, inv: torch.Tensor | None, precision: Precision) -> Block:
         w_out, w_in = self.roots[m.name]
-        if m.name in self.hashes:
+        if m.name in self.hashed:
             sizes = self.plan[m.name] or (0, 0)
-            return Sketched(
-                m, w_out, w_in, *self.hashes[m.name], sizes[0] * sizes[1], inv, precision
-            )
+            resident = self.hashes.get(m.name)
+            dims = sizes[0] * sizes[1]
+            return Sketched(m, w_out, w_in, self.config.seed, resident, dims, inv, precision)
         return dense_block(m, inv, (w_out, w_in), precision)  # kept whole: W_out G~ W_in
 
     def score_variance(
         self, query: torch.Tensor, rows: torch.Tensor, block_dims: list[int]
     ) -> torch.Tensor:
-        hashed = [m.name in self.hashes for m in self.modules]
+        hashed = [m.name in self.hashed for m in self.modules]
         return sketch_score_variance(query, rows, hashed, block_dims)

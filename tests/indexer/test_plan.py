@@ -55,6 +55,22 @@ def test_the_state_terms_are_what_a_real_encoder_holds(fp, tmp_path):
         assert terms[("correction", "both")] == 4 * tracked
 
 
+def test_on_an_accelerator_the_hash_is_made_at_each_use(tmp_path):
+    """A CUDA plan counts the temporaries of the largest module's hash, not a kept hash."""
+    model = tiny_gpt2(seed=1)
+    model.config.save_pretrained(tmp_path)
+    fp = FingerprintConfig(budget=1200, max_block=200)
+    sizes = {"seq_len": 16, "batch_size": 2, "sequences": 10}
+    kept, made = (
+        _terms(build_plan(tmp_path, fp, dtype=torch.float32, device=d, memory=None, **sizes))
+        for d in ("cpu", "cuda")
+    )
+    enc = TrackStarEncoder(model, fp)
+    hashed = [m.out_features * m.in_features for m in enc.modules if m.name in enc.family.hashed]
+    assert kept[("sketch hash", "both")] == 9 * sum(hashed)
+    assert made[("sketch hash", "both")] == 32 * max(hashed)
+
+
 def test_the_command_says_whether_it_fits(tmp_path, capsys):
     tiny_gpt2(seed=1).config.save_pretrained(tmp_path)
     argv = ["index", "plan", "--model", str(tmp_path), "--seq-len", "16", "--sequences", "100"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,11 @@ class FakeIndex:
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:
         vector = self.encode_examples([example])[0]
         return lambda ids: self.vectors[np.asarray(ids, dtype=np.int64)] @ vector
+
+    def exact_scorers(
+        self, examples: list[Example], pools: Sequence[Collection[int] | None]
+    ) -> list[Callable[[list[int]], np.ndarray]]:
+        return [self.exact_scorer(e) for e in examples]  # nothing to share: no passes
 
     def score_sd(self, vector: np.ndarray, ids: list[int]) -> np.ndarray | None:
         return None  # like a whitened index: no projection-noise model
