@@ -98,15 +98,21 @@ def _staged(
 ) -> dict[int, retrieval.Staged]:
     """The second stages of the batch made together: each query's pool, and scorers that run
     a candidate shared by several pools once (``Index.exact_scorers``). A query whose pool
-    fails gets its error; should the scorers fail, each query makes its own."""
+    fails gets its error; should the scorers fail, each query makes its own. A lone second
+    stage is left to ``retrieval.rescored``."""
     pools: dict[int, tuple[int, list[Hit]]] = {}
-    for j, (i, _) in enumerate(valid):
-        query = queries[i]
-        if outcomes[i].error is None and query.rescore and query.mode == "influence":
-            try:
-                pools[i] = (j, retrieval.second_stage_pool(index, vectors[j], query))
-            except Exception as exc:
-                outcomes[i].error = failure(exc, "retrieval")
+    second = [
+        (j, i)
+        for j, (i, _) in enumerate(valid)
+        if outcomes[i].error is None and queries[i].rescore and queries[i].mode == "influence"
+    ]
+    if len(second) < 2:
+        return {}
+    for j, i in second:
+        try:
+            pools[i] = (j, retrieval.second_stage_pool(index, vectors[j], queries[i]))
+        except Exception as exc:
+            outcomes[i].error = failure(exc, "retrieval")
     shared = [i for i, (_, hits) in pools.items() if hits]
     if len(shared) < 2:
         return {}
