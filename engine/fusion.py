@@ -1,8 +1,8 @@
-"""Rank fusion of two or more rankings, for the hybrid (BM25 + TrackStar) search.
+"""Rank fusion of two or more rankings, for the hybrid (BM25 + influence) search.
 
 Reciprocal-rank fusion (Cormack et al. 2009): score(d) = sum_r w_r / (c + rank_r(d)), with
 ranks starting at 1 and c = 60, the constant of the original paper. It needs no score
-calibration between BM25 (unbounded) and TrackStar (cosine in [-1, 1]), which is why it is
+calibration between BM25 (unbounded) and the influence score (cosine in [-1, 1]), which is why it is
 the default over a weighted score mix.
 """
 

@@ -13,7 +13,8 @@ all computed with ``encoder.fingerprint.TrackStarEncoder`` and ranked by exact
     grad_cosine     the same with unit norm (TRAK-like, no correction)
 
 Lexical and combined methods: ``bm25`` (bm25s over the sequence texts, query = prompt +
-completion) and ``hybrid`` (reciprocal-rank fusion of bm25 and trackstar, c = 60, over the
+completion) and ``hybrid`` (reciprocal-rank fusion of bm25 and the product's fingerprint,
+``settings.HYBRID_GRADIENT``, as the service's hybrid mode fuses them; c = 60, over the
 top ``FUSION_DEPTH`` of each). ``random`` is the floor: a seeded random ranking per query.
 
 R_eval for the mixed methods comes from the queries themselves, with a 2-fold split: the
@@ -189,10 +190,10 @@ def rank_bm25(index: BM25Index, query_texts: Sequence[str], depth: int) -> np.nd
     return index.search(query_texts, depth)[1]
 
 
-def rank_hybrid(bm25: np.ndarray, trackstar: np.ndarray, depth: int) -> np.ndarray:
+def rank_hybrid(bm25: np.ndarray, gradient: np.ndarray, depth: int) -> np.ndarray:
     """Reciprocal-rank fusion of two [Q, >=depth] rankings; [Q, depth]."""
     return np.stack(
-        [reciprocal_rank_fusion([b, t], depth)[1] for b, t in zip(bm25, trackstar, strict=True)]
+        [reciprocal_rank_fusion([b, t], depth)[1] for b, t in zip(bm25, gradient, strict=True)]
     )
 
 

@@ -37,13 +37,15 @@ def markdown_table(result: EvalResult) -> str:
 
 
 def paired_markdown(result: EvalResult) -> str:
-    """TrackStar minus each method per metric: mean, paired SE, bootstrap 95% interval."""
+    """TrackStar (and the product as served) minus each method per metric: mean, paired SE,
+    bootstrap 95% interval."""
     parts = []
-    for subset, rows in result.paired.items():
+    for key, rows in result.paired.items():
         if not rows:
             continue
+        reference, subset = rows[0].get("reference", "trackstar"), key.rpartition(", ")[2]
         parts += [
-            f"Paired differences, trackstar minus method ({subset} queries, n = {rows[0]['n']}); "
+            f"Paired differences, {reference} minus method ({subset} queries, n = {rows[0]['n']}); "
             "an interval that excludes 0 is a difference the queries support:",
             "",
             "| method | metric | mean | SE | 95% CI |",

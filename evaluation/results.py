@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_table
+from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_tables
 
 SATURATED_P = 0.99
 SATURATED_LOGP = float(np.log(SATURATED_P))
@@ -58,10 +58,7 @@ def combine_seeds(results: list[EvalResult]) -> EvalResult:
     base = np.mean([r.context["base_logprob"] for r in results], axis=0)
     unsaturated = np.flatnonzero(base < SATURATED_LOGP).tolist()
     seed = int(first.settings["seed"])
-    paired = {
-        "all": paired_table(per_query, "trackstar", seed=seed),
-        "unsaturated": paired_table(per_query, "trackstar", rows=unsaturated, seed=seed),
-    }
+    paired = paired_tables(per_query, unsaturated, seed)
     context = dict(first.context)
     context["seeds"] = [r.settings["seed"] for r in results]
     context["by_seed"] = [

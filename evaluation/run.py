@@ -37,8 +37,8 @@ from evaluation.methods import (
 )
 from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
 from evaluation.results import SATURATED_LOGP, SATURATED_P, EvalResult
-from evaluation.settings import METHOD_NAMES, METHODS, EvalSettings, Method
-from evaluation.stats import paired_table
+from evaluation.settings import HYBRID_GRADIENT, METHOD_NAMES, METHODS, EvalSettings, Method
+from evaluation.stats import paired_tables
 from evaluation.tailpatch import (
     TailPatcher,
     completion_logprobs,
@@ -56,6 +56,10 @@ PhiKey = tuple[bool, str, int | None]
 """(correction, projection family, block cap): what a method's phi depends on (``Method.phi_key``)."""
 
 
+def _hybrid_gradient() -> Method:
+    return next(m for m in METHODS if m.name == HYBRID_GRADIENT)
+
+
 def _projected(
     run: Run, methods: list[Method], second_moments: SecondMoments
 ) -> dict[PhiKey, GradientInputs]:
@@ -63,11 +67,8 @@ def _projected(
     (R, whitening and normalization are cheap on top)."""
     settings, phis = run.settings, {}
     keys = {m.phi_key(run.base) for m in methods if m.kind == "gradient"}
-    keys |= (
-        {(True, run.base.projection, run.base.max_block)}
-        if any(m.kind == "hybrid" for m in methods)
-        else set()
-    )
+    if any(m.kind == "hybrid" for m in methods):
+        keys.add(_hybrid_gradient().phi_key(run.base))
     for correction, projection, max_block in sorted(
         keys, key=lambda k: (k[0], k[1], k[2] or 0), reverse=True
     ):
@@ -133,17 +134,17 @@ def _rankings(
         if "bm25" in chosen:
             rankings["bm25"] = bm25_deep[:, :depth]
         if "hybrid" in chosen:
-            trackstar = next(m for m in METHODS if m.name == "trackstar")
-            ts_deep, _ = rank_gradient(
-                trackstar,
+            gradient = _hybrid_gradient()
+            deep, _ = rank_gradient(
+                gradient,
                 run.base,
                 run.model,
                 second_moments,
-                phis[trackstar.phi_key(run.base)],
+                phis[gradient.phi_key(run.base)],
                 folds,
                 FUSION_DEPTH,
             )
-            rankings["hybrid"] = rank_hybrid(bm25_deep, ts_deep, depth)
+            rankings["hybrid"] = rank_hybrid(bm25_deep, deep, depth)
     if "shipped" in chosen:
         from evaluation.shipped import rank_shipped
 
@@ -306,12 +307,7 @@ def run_evaluation(
     base_logp = completion_logprobs(patcher.model, run.query_examples, run.pad_id)
     unsaturated = np.flatnonzero(base_logp < SATURATED_LOGP)
     rows, per_query = _scored(run, methods, rankings, tp, unsaturated)
-    paired = {
-        "all": paired_table(per_query, "trackstar", seed=settings.seed),
-        "unsaturated": paired_table(
-            per_query, "trackstar", rows=unsaturated.tolist(), seed=settings.seed
-        ),
-    }
+    paired = paired_tables(per_query, unsaturated.tolist(), settings.seed)
     oracle = float(
         np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(run.relevant)])
     )

@@ -98,10 +98,17 @@ METHODS: tuple[Method, ...] = (
         "shipped",
     ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
-    Method("hybrid", "reciprocal-rank fusion of bm25 and trackstar (c=60)", "hybrid"),
+    Method(
+        "hybrid",
+        "reciprocal-rank fusion of bm25 and the product's first stage (sketch; c=60), as served",
+        "hybrid",
+    ),
     Method("random", "random training sequences (floor)", "random"),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
+HYBRID_GRADIENT = "sketch"
+"""The gradient method the hybrid fuses with BM25: the product's fingerprint (the service's
+``mode: hybrid`` fuses BM25 with the index's first stage)."""
 
 
 @dataclass(frozen=True)

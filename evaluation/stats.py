@@ -68,7 +68,36 @@ def paired_table(
                 a, b = a[list(rows)], b[list(rows)]
             if a.size == 0:
                 continue
-            out.append({"method": method, "metric": metric, **paired_difference(a, b, seed=seed)})
+            out.append(
+                {
+                    "reference": reference,
+                    "method": method,
+                    "metric": metric,
+                    **paired_difference(a, b, seed=seed),
+                }
+            )
+    return out
+
+
+PAIRED_REFERENCES = ("trackstar", "shipped")
+"""The methods every other is compared with: the paper's and the product as served."""
+
+
+def paired_tables(
+    per_query: Mapping[str, Mapping[str, Sequence[float]]], unsaturated: Sequence[int], seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``paired_table`` of each of ``PAIRED_REFERENCES`` present, on all queries and the
+    unsaturated ones: keys ``all`` / ``unsaturated`` (TrackStar) and ``shipped, all`` /
+    ``shipped, unsaturated``."""
+    out = {}
+    for reference in PAIRED_REFERENCES:
+        if reference not in per_query:
+            continue
+        prefix = "" if reference == "trackstar" else f"{reference}, "
+        out[f"{prefix}all"] = paired_table(per_query, reference, seed=seed)
+        out[f"{prefix}unsaturated"] = paired_table(
+            per_query, reference, rows=unsaturated, seed=seed
+        )
     return out
 
 

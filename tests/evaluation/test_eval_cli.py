@@ -81,6 +81,10 @@ def test_eval_writes_table_json_and_plot(eval_run):
     }
     for r in paired:
         assert r["ci95_low"] <= r["mean"] <= r["ci95_high"] and r["se"] >= 0 and r["n"] == 16
+    # The product as served against every other method too.
+    shipped = data["paired"]["shipped, all"]
+    assert {r["method"] for r in shipped} == set(METHODS) - {"shipped"}
+    assert {r["reference"] for r in shipped} == {"shipped"}
     vs_random = next(r for r in paired if r["method"] == "random" and r["metric"] == "rr_at_10")
     assert vs_random["ci95_low"] > 0  # TrackStar beats the floor, and the interval says so
     assert 0.0 <= data["context"]["saturated_fraction"] <= 1.0
@@ -93,6 +97,7 @@ def test_eval_writes_table_json_and_plot(eval_run):
     assert (
         "MRR@10" in md and "Paired differences, trackstar minus method (all queries, n = 16)" in md
     )
+    assert "Paired differences, shipped minus method (all queries, n = 16)" in md
     assert all(f"| {name} |" in md for name in METHODS)
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -195,3 +200,25 @@ def test_eval_help_documents_the_file_schemas(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "relevant_ids" in out and "fact_id" in out and '"text"' in out
+
+
+@pytest.mark.slow
+def test_the_hybrid_fuses_bm25_with_the_products_fingerprint(
+    trained_checkpoint, fact_corpus_files, tmp_path
+):
+    """The hybrid is BM25 fused with the product's first stage (the sketch, uncorrected), as
+    the service's hybrid mode is: its run fingerprints with that and nothing else."""
+    from evaluation.settings import HYBRID_GRADIENT, METHODS
+
+    corpus, queries = fact_corpus_files
+    argv = ["eval", "--model", str(trained_checkpoint.checkpoint_dir), "--corpus", str(corpus)]
+    argv += ["--queries", str(queries), "--out", str(tmp_path), "--max-queries", "8"]
+    argv += ["--no-progress", "--methods", "hybrid", "bm25", "--seeds", "0"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    product = next(m for m in METHODS if m.name == HYBRID_GRADIENT)
+    assert (product.projection, product.correction, product.hessian) == ("sketch", False, "none")
+    fingerprinted = [k for k in data["context"]["timings"] if k.startswith("fingerprints_")]
+    assert fingerprinted == ["fingerprints_uncorrected_sketch_s"]
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["hybrid"]["mrr"] > 0.5
