@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_tables
+from evaluation.stats import PER_QUERY_METRICS, across_seeds, paired_tables, strata_rows
 
 SATURATED_P = 0.99
 SATURATED_LOGP = float(np.log(SATURATED_P))
@@ -58,7 +58,10 @@ def combine_seeds(results: list[EvalResult]) -> EvalResult:
     base = np.mean([r.context["base_logprob"] for r in results], axis=0)
     unsaturated = np.flatnonzero(base < SATURATED_LOGP).tolist()
     seed = int(first.settings["seed"])
-    paired = paired_tables(per_query, unsaturated, seed)
+    learned = list(first.context.get("learned_queries", []))
+    paired = paired_tables(
+        per_query, {"all": None, "unsaturated": unsaturated, "learned": learned}, seed
+    )
     context = dict(first.context)
     context["seeds"] = [r.settings["seed"] for r in results]
     context["by_seed"] = [
@@ -70,8 +73,10 @@ def combine_seeds(results: list[EvalResult]) -> EvalResult:
         for r in results
     ]
     settings = dict(first.settings, seed=context["seeds"])
+    rows = across_seeds([r.rows for r in results])
+    strata_rows(rows, per_query, learned)
     return EvalResult(
-        rows=across_seeds([r.rows for r in results]),
+        rows=rows,
         settings=settings,
         context=context,
         per_query=per_query,

@@ -38,7 +38,7 @@ from evaluation.methods import (
 from evaluation.metrics import attribution_metrics, hit_at, reciprocal_rank
 from evaluation.results import SATURATED_LOGP, SATURATED_P, EvalResult
 from evaluation.settings import HYBRID_GRADIENT, METHOD_NAMES, METHODS, EvalSettings, Method
-from evaluation.stats import paired_tables
+from evaluation.stats import paired_tables, strata_rows
 from evaluation.tailpatch import (
     TailPatcher,
     completion_logprobs,
@@ -307,7 +307,12 @@ def run_evaluation(
     base_logp = completion_logprobs(patcher.model, run.query_examples, run.pad_id)
     unsaturated = np.flatnonzero(base_logp < SATURATED_LOGP)
     rows, per_query = _scored(run, methods, rankings, tp, unsaturated)
-    paired = paired_tables(per_query, unsaturated.tolist(), settings.seed)
+    from evaluation.train import facts_learned
+
+    learned = np.flatnonzero(facts_learned(run.model, run.tokenizer, run.queries)).tolist()
+    strata_rows(rows, per_query, learned)
+    subsets = {"all": None, "unsaturated": unsaturated.tolist(), "learned": learned}
+    paired = paired_tables(per_query, subsets, settings.seed)
     oracle = float(
         np.mean([np.mean([tp[(qi, s)] for s in rel]) for qi, rel in enumerate(run.relevant)])
     )
@@ -317,6 +322,7 @@ def run_evaluation(
         run, model_dir, second_moments, method_dims, unsaturated, base_logp, len(tp), lambdas
     )
     context["oracle_tailpatch_relevant"] = oracle
+    context["learned_queries"] = learned
     log.info(
         "evaluated %d methods on %d queries in %.1fs",
         len(methods),

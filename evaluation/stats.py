@@ -84,21 +84,39 @@ PAIRED_REFERENCES = ("trackstar", "shipped")
 
 
 def paired_tables(
-    per_query: Mapping[str, Mapping[str, Sequence[float]]], unsaturated: Sequence[int], seed: int
+    per_query: Mapping[str, Mapping[str, Sequence[float]]],
+    subsets: Mapping[str, Sequence[int] | None],
+    seed: int,
 ) -> dict[str, list[dict[str, Any]]]:
-    """``paired_table`` of each of ``PAIRED_REFERENCES`` present, on all queries and the
-    unsaturated ones: keys ``all`` / ``unsaturated`` (TrackStar) and ``shipped, all`` /
-    ``shipped, unsaturated``."""
+    """``paired_table`` of each of ``PAIRED_REFERENCES`` present, on each subset of the
+    queries (name -> query indices, None: all): keys ``{subset}`` (TrackStar) and
+    ``shipped, {subset}``."""
     out = {}
     for reference in PAIRED_REFERENCES:
         if reference not in per_query:
             continue
         prefix = "" if reference == "trackstar" else f"{reference}, "
-        out[f"{prefix}all"] = paired_table(per_query, reference, seed=seed)
-        out[f"{prefix}unsaturated"] = paired_table(
-            per_query, reference, rows=unsaturated, seed=seed
-        )
+        for name, rows in subsets.items():
+            out[f"{prefix}{name}"] = paired_table(per_query, reference, rows=rows, seed=seed)
     return out
+
+
+def strata_rows(
+    rows: list[dict[str, Any]],
+    per_query: Mapping[str, Mapping[str, Sequence[float]]],
+    learned: Sequence[int],
+) -> None:
+    """Add each method's attribution and tail-patch means over the ``learned`` queries (the
+    facts the model completes in the query's wording) to its row: ``*_learned``."""
+    for row in rows:
+        values = per_query[row["method"]]
+        for metric, key in (
+            ("rr_at_10", "mrr_learned"),
+            ("hit_at_10", "recall_at_10_learned"),
+            ("tailpatch_top10", "tailpatch_top10_learned"),
+        ):
+            picked = [values[metric][i] for i in learned]
+            row[key] = float(np.mean(picked)) if picked else float("nan")
 
 
 def across_seeds(rows_by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

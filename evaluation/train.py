@@ -335,35 +335,36 @@ def _training_rows(tokenizer: Any, texts: list[str], max_len: int) -> list[dict[
     return [{"input_ids": ids[:max_len] + [tokenizer.eos_token_id]} for ids in encoded]
 
 
-@torch.no_grad()
 def fact_accuracy(
     model: torch.nn.Module,
     tokenizer: EncoderTokenizer,
     queries: list[FactQuery],
     batch_size: int = 64,
 ) -> float:
-    """Top-1 fact accuracy: greedy decoding after the prompt reproduces the completion.
+    """Top-1 fact accuracy: the share of ``facts_learned`` (0.0 for no queries)."""
+    learned = facts_learned(model, tokenizer, queries, batch_size)
+    return sum(learned) / len(learned) if learned else 0.0
+
+
+@torch.no_grad()
+def facts_learned(
+    model: torch.nn.Module,
+    tokenizer: EncoderTokenizer,
+    queries: list[FactQuery],
+    batch_size: int = 64,
+) -> list[bool]:
+    """Whether greedy decoding after each query's prompt reproduces its completion (the fact
+    is learned in the query's wording).
 
     Prompt and completion are tokenized separately and concatenated, as the encoder does.
     One teacher-forced forward pass suffices: greedy decoding yields the completion iff
     the argmax at every completion position equals the completion's next token.
-
-    Args:
-        model: A causal LM.
-        tokenizer: Its tokenizer.
-        queries: Queries with prompt and completion.
-        batch_size: Queries per forward pass.
-
-    Returns:
-        Fraction of queries answered exactly, in [0, 1] (0.0 for no queries).
     """
-    if not queries:
-        return 0.0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_correct = 0
+    learned: list[bool] = []
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]
         prompts = [list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"]) for q in batch]
@@ -382,6 +383,6 @@ def fact_accuracy(
         predicted = logits.argmax(dim=-1).cpu()  # [B, T]: prediction for position t + 1
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             guess = predicted[i, len(p) - 1 : len(p) + len(a) - 1]
-            n_correct += int(torch.equal(guess, torch.tensor(a)))
+            learned.append(bool(torch.equal(guess, torch.tensor(a))))
     model.train(was_training)
-    return n_correct / len(queries)
+    return learned

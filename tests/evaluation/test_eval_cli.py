@@ -81,6 +81,12 @@ def test_eval_writes_table_json_and_plot(eval_run):
     }
     for r in paired:
         assert r["ci95_low"] <= r["mean"] <= r["ci95_high"] and r["se"] >= 0 and r["n"] == 16
+    # The learned-facts stratum: its rows, its paired table, its count in the report.
+    learned = data["context"]["learned_queries"]
+    assert 0 < len(learned) <= 16 and len(data["paired"]["learned"]) == len(paired)
+    for name in METHODS:
+        want = np.mean([data["per_query"][name]["rr_at_10"][i] for i in learned])
+        assert rows[name]["mrr_learned"] == pytest.approx(want)
     # The product as served against every other method too.
     shipped = data["paired"]["shipped, all"]
     assert {r["method"] for r in shipped} == set(METHODS) - {"shipped"}
@@ -98,6 +104,7 @@ def test_eval_writes_table_json_and_plot(eval_run):
         "MRR@10" in md and "Paired differences, trackstar minus method (all queries, n = 16)" in md
     )
     assert "Paired differences, shipped minus method (all queries, n = 16)" in md
+    assert f"Paired differences, trackstar minus method (learned queries, n = {len(learned)})" in md
     assert all(f"| {name} |" in md for name in METHODS)
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
