@@ -221,15 +221,17 @@ def _query_term(
     modules: list[TrackedModule], fp: FingerprintConfig, seq_len: int, tracked: int
 ) -> Term:
     """What the second stage keeps of a query: its corrected gradient (with the correction),
-    else its whitened token factors M_out g', M_in a' (``encoder.rescoring.FactorScorer``)."""
+    else per module its whitened token factors M_out g', M_in a' or, where smaller, their
+    product (``encoder.rescoring.FactorScorer``)."""
     if fp.correction:
         return Term(
             "query gradient", "serve", "device", 4 * tracked, "the second stage's float32 query"
         )
-    sides = sum(m.out_features + m.in_features for m in modules)
-    return Term(
-        "query factors", "serve", "device", 4 * seq_len * sides, f"float32, a {seq_len}-token query"
+    kept = sum(  # per module its factors, or their [out, in] product where that is smaller
+        min(seq_len * (m.out_features + m.in_features), m.out_features * m.in_features)
+        for m in modules
     )
+    return Term("query factors", "serve", "device", 4 * kept, f"float32, a {seq_len}-token query")
 
 
 def build_device_terms(

@@ -87,7 +87,8 @@ def test_bench_encode_quick(tmp_path):
     row = data["speed"][0]
     assert row["plain_s"] > 0 and row["default_s"] > 0 and row["paper_s"] > 0
     assert row["default_ratio"] == row["default_s"] / row["plain_s"]
-    assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["default", "paper"]
+    assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["default", "paper", "default"]
+    assert row["exact_s"] > 0 and row["exact_ratio"] == row["exact_s"] / row["plain_s"]
 
 
 @pytest.mark.slow
@@ -112,7 +113,7 @@ def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
     )
     data = json.loads((tmp_path / "bench_service_quick.json").read_text())
     for mode in data["modes"]:
-        assert [r["concurrency"] for r in mode["load"]] == [1, 4, 16]
+        assert [r["concurrency"] for r in mode["load"]] == [1, 4, 8, 16]
         assert all(r["requests"] > 0 and r["failures"] == 0 for r in mode["load"])
         (pair,) = mode["pairs"]
         assert pair["p99_16_over_p50_1"] == pytest.approx(
@@ -125,6 +126,8 @@ def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
         goals[("batching_on", "p99@16 / p50@1 <= 3")]["measured"]
         == on["pairs"][0]["p99_16_over_p50_1"]
     )
+    price = goals[("batching_on", "QPS@8 >= 8")]
+    assert price["measured"] == next(r["qps"] for r in on["load"] if r["concurrency"] == 8)
     md = (tmp_path / "bench_service_quick.md").read_text()
     assert "## Paired windows" in md and "## Goals" in md
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from encoder.basis import basis_bytes
+from encoder.batching import sequence_example
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
+from encoder.rescoring import ExactRescorer
 from indexer.plan import build_plan, parse_size
 from service.cli import main
 from tests.conftest import tiny_gpt2
@@ -48,6 +50,12 @@ def test_the_state_terms_are_what_a_real_encoder_holds(fp, tmp_path):
         roots = enc.family.whitening() or {}
         assert terms[("whitening", "both")] == sum(a.nbytes + b.nbytes for a, b in roots.values())
         assert terms[("whitening statistics", "build")] == basis_bytes(enc.modules, enc.plan)
+        # The second stage keeps of a seq_len-token query what the plan says.
+        rescorer = ExactRescorer(model, fp, None, enc.family.whitening())
+        scorer = rescorer.for_query(sequence_example(list(range(1, 17))), pad_id=0)
+        kept = [k if isinstance(k, torch.Tensor) else k[0] for k in scorer.q_factors.values()]
+        kept += [k[1] for k in scorer.q_factors.values() if not isinstance(k, torch.Tensor)]
+        assert terms[("query factors", "serve")] == sum(t.nbytes for t in kept)
     else:
         pairs = enc.family.pairs.values()
         assert terms[("projection pairs", "both")] == sum(a.nbytes + b.nbytes for a, b in pairs)
