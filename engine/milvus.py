@@ -18,6 +18,7 @@ from indexer import manifest as mf
 from indexer.metadata import ExampleRecord, in_order, records_in_order, unpack_token_ids
 from indexer.milvus import (
     COMPLETE_KEY,
+    FOLD_KEY,
     INDEX_TYPE_KEY,
     MAX_TOP_K,
     RECORD_FIELDS,
@@ -26,6 +27,7 @@ from indexer.milvus import (
     SearchBackendUnavailable,
     check_identity,
     client_for,
+    fold,
 )
 
 
@@ -72,6 +74,7 @@ class MilvusSearch:
                 )
             self.vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
             self.index_type = props.get(INDEX_TYPE_KEY, "FLAT")
+            self.fold_width = int(props.get(FOLD_KEY, 0))
             self._client.load_collection(self.name)
         except InfluenceError:
             self._client.close()
@@ -89,25 +92,28 @@ class MilvusSearch:
         self = cls.__new__(cls)
         self.target, self.name, self.n, self.vector_type = target, name, n, vector_type
         self.fingerprints, self.candidates, self.index_type = None, None, "FLAT"
+        self.fold_width = 0
         self._client = client_for(target)
         return self
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """scores [Q, k] float32 descending, ids [Q, k] int64 (-1 and -inf pad). An
-        approximate collection's top ``candidates`` are re-ranked exactly."""
+        approximate or folded collection's top ``candidates`` are re-ranked exactly."""
         from indexer.exact import rerank_exact
 
         q = np.asarray(vectors, dtype=np.float32)
-        stored = self.fingerprints if self.index_type != "FLAT" else None
+        exact = self.index_type == "FLAT" and not self.fold_width
+        stored = None if exact else self.fingerprints
         wanted = (
             max(k, self.candidates if self.candidates is not None else 10 * k)
             if stored is not None
             else k
         )
         limit = min(wanted, self.n, MAX_TOP_K)
+        folded = fold(q, self.fold_width) if self.fold_width else q
         if stored is not None and (self.candidates is None or self.candidates > 0):
-            return rerank_exact(q, self._top(q, limit, limit)[1], stored, k)
-        return self._top(q, min(limit, k), k)
+            return rerank_exact(q, self._top(folded, limit, limit)[1], stored, k)
+        return self._top(folded, min(limit, k), k)
 
     def _top(self, q: np.ndarray, limit: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Milvus's top ``limit`` per query, in arrays ``width`` wide (-1 / -inf padded)."""

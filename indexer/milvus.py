@@ -9,7 +9,10 @@ is inserted, so a rerun after a kill inserts the rest and never an id twice.
 Vectors are float16 where the server takes ``FLOAT16_VECTOR`` (Milvus); Milvus Lite does
 not, and gets the same float16 values widened to float32 (``FLOAT_VECTOR``): the inner
 products are then exactly those FAISS ``Flat`` computes over the stored fingerprints.
-Milvus caps dense vectors at 32,768 dims; larger fingerprints are refused with the reason.
+Milvus caps dense vectors at 32,768 dims; a larger fingerprint (every default index of a
+model with 16 or more tracked modules) is folded into fewer dims (``fold``: a CountSketch of
+the fingerprint, unbiased for inner products), and a folded collection's candidates are
+re-ranked against the stored fingerprints, as an approximate collection's are.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ VERSION_KEY, CONFIG_KEY, COMPLETE_KEY = (
     "influence.complete",
 )
 VECTOR_TYPE_KEY, INDEX_TYPE_KEY = "influence.vector_type", "influence.index_type"
+FOLD_KEY = "influence.fold_width"
+"""The folded width of a collection's vectors (absent: not folded)."""
+FOLD_SEED = 0x5EED_F01D
+"""The key of the fold's signs: one fold for every index, so any server folds its queries
+as the push folded the fingerprints."""
 OFFSET_FIELDS = ("token_start", "token_end", "char_start", "char_end")
 RECORD_FIELDS = ("id", "text", "source", "document_id", *OFFSET_FIELDS)
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_PQ", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
@@ -80,6 +88,40 @@ class _LiteUnimplemented(logging.Filter):
 
 
 _LITE_FILTER = _LiteUnimplemented()
+
+
+def fold_width(dim: int) -> int:
+    """The collection's vector width for ``dim``-dim fingerprints: ``dim`` where Milvus takes
+    it, else ``ceil(dim / parts)`` with ``parts = ceil(dim / MAX_DIM)``."""
+    parts = -(-dim // MAX_DIM)
+    return -(-dim // parts)
+
+
+def fold(vectors: np.ndarray, width: int) -> np.ndarray:
+    """[n, d] -> [n, width] float32: x'_j = sum_r s_rj x_(r width + j) (zero past d), the signs
+    s = +-1 from SplitMix64 of ``FOLD_SEED`` and the position. E <x', y'> = <x, y> over the
+    signs (the cross terms cancel), with the variance of a CountSketch: an estimate, so a
+    folded collection's candidates are re-ranked exactly. ``width >= d``: unchanged."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    if width >= d:
+        return vectors
+    parts = -(-d // width)
+    padded = np.zeros((n, parts * width), dtype=np.float32)
+    padded[:, :d] = vectors
+    return (padded.reshape(n, parts, width) * fold_signs(parts * width).reshape(parts, width)).sum(
+        1
+    )
+
+
+def fold_signs(n: int) -> np.ndarray:
+    """The fold's sign of each of ``n`` positions; [n] float32 +-1."""
+    import torch
+
+    from encoder.projection import splitmix64
+
+    state = torch.arange(1, n + 1, dtype=torch.int64).mul_(0x9E3779B97F4A7C15 - (1 << 64))
+    return (1.0 - 2.0 * (splitmix64(state.add_(FOLD_SEED)) < 0).float()).numpy()
 
 
 def client_for(target: MilvusTarget):
@@ -164,8 +206,7 @@ def push(
     Returns:
         ``{"collection", "inserted", "present", "vector_type"}``.
     Raises:
-        ArtifactError: ``milvus_dim_too_large``; ``milvus_mismatch`` when the collection
-            holds another index. SearchBackendUnavailable: Milvus is unreachable.
+        ArtifactError: ``milvus_mismatch`` when the collection holds another index. SearchBackendUnavailable: Milvus is unreachable.
     """
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"--index-type must be one of {INDEX_TYPES}, got {index_type!r}")
@@ -173,12 +214,9 @@ def push(
     manifest = mf.Manifest.read(index_dir)
     mf.verify_checksums(index_dir, manifest)
     version, n, dim = manifest.version, manifest.sequences, int(manifest.counts["dim"])
-    if dim > MAX_DIM:
-        raise ArtifactError(
-            f"the fingerprints have {dim} dims; Milvus takes at most {MAX_DIM}: rebuild with "
-            f"--budget {MAX_DIM} or less",
-            code="milvus_dim_too_large",
-        )
+    width = fold_width(dim)
+    if width < dim:
+        log.info("%d-dim fingerprints: folded into %d dims for Milvus", dim, width)
     client = client_for(target)
     name = target.name_for(version)
     try:
@@ -186,18 +224,15 @@ def push(
             props = client.describe_collection(name).get("properties", {})
             check_identity(props, version, manifest, name)
             vector_type = props.get(VECTOR_TYPE_KEY, "FLOAT_VECTOR")
+            width = int(props.get(FOLD_KEY, dim))
         else:
-            vector_type = _create(
-                client,
-                name,
-                dim,
-                index_type,
-                index_params or {},
-                {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)},
-            )
+            properties = {VERSION_KEY: version, CONFIG_KEY: _fingerprint_identity(manifest)}
+            if width < dim:
+                properties[FOLD_KEY] = str(width)
+            vector_type = _create(client, name, width, index_type, index_params or {}, properties)
         # Queries need it loaded; a collection may be released after a restart.
         client.load_collection(name)
-        inserted = _upload(client, name, index_dir, n, vector_type, batch_size, progress)
+        inserted = _upload(client, name, index_dir, n, (vector_type, width), batch_size, progress)
         client.flush(name)
         client.alter_collection_properties(name, properties={COMPLETE_KEY: "true"})
     except InfluenceError:
@@ -229,11 +264,12 @@ def _upload(
     name: str,
     index_dir: Path,
     n: int,
-    vector_type: str,
+    vectors: tuple[str, int],
     batch_size: int,
     progress: Callable[[int, int], None] | None,
 ) -> int:
-    """Insert every id of ``[0, n)`` the collection lacks, a batch at a time; the count inserted."""
+    """Insert every id of ``[0, n)`` the collection lacks, a batch at a time, its vector of
+    type and width ``vectors``; the count inserted."""
     fingerprints = np.load(index_dir / mf.FINGERPRINTS, mmap_mode="r")
     store = MetadataStore(index_dir / mf.METADATA)
     inserted = 0
@@ -250,7 +286,7 @@ def _upload(
             present = {int(r["id"]) for r in rows}
             missing = [i for i in range(lo, hi) if i not in present]
             if missing:  # upsert: keyed by id, so even a row the check missed is not doubled
-                client.upsert(name, _rows(fingerprints, store, missing, vector_type))
+                client.upsert(name, _rows(fingerprints, store, missing, *vectors))
                 inserted += len(missing)
             if progress is not None:
                 progress(hi - lo, n)
@@ -260,9 +296,11 @@ def _upload(
 
 
 def _rows(
-    fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector_type: str
+    fingerprints: np.ndarray, store: MetadataStore, ids: list[int], vector_type: str, width: int
 ) -> list[dict[str, Any]]:
     vectors = np.asarray(fingerprints[np.asarray(ids)], dtype=np.float16)
+    if width < vectors.shape[1]:
+        vectors = fold(vectors, width).astype(np.float16)
     if vector_type != "FLOAT16_VECTOR":
         vectors = vectors.astype(np.float32)
     rows, tokens = [], store.token_ids_many(ids)

@@ -24,7 +24,7 @@ from indexer.__main__ import main
 from service.app import create_app
 from service.settings import Settings
 from tests.service.live import assert_same_results, live_server
-from tests.tolerances import recompute_bound
+from tests.tolerances import assert_within, gamma, recompute_bound
 
 pytest.importorskip("pymilvus")
 QUERIES = [
@@ -163,11 +163,47 @@ def test_a_collection_of_another_index_is_refused(pushed, lite, tiny_index, tmp_
     )
 
 
-def test_fingerprints_over_milvus_dims_are_refused(tiny_index, tmp_path, monkeypatch):
-    monkeypatch.setattr(mv, "MAX_DIM", 8)
-    with pytest.raises(ArtifactError) as info:
-        mv.push(tiny_index, mv.MilvusTarget("http://127.0.0.1:9"))
-    assert info.value.code == "milvus_dim_too_large" and "at most 8" in info.value.message
+def test_fingerprints_over_milvus_dims_are_folded_and_reranked(lite, tiny_index, monkeypatch):
+    """A fingerprint wider than Milvus takes is pushed folded (``mv.fold``); the server folds its
+    queries alike and re-ranks the candidates against the stored fingerprints: with every
+    sequence a candidate, the answers are local Flat's, scores exact."""
+    dim = int(json.loads((tiny_index / "manifest.json").read_text())["counts"]["dim"])
+    monkeypatch.setattr(mv, "MAX_DIM", dim // 2)
+    target = mv.MilvusTarget(lite.uri, "fold_test")
+    mv.push(tiny_index, target, batch_size=64)
+    local = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu"))
+    remote = InfluenceIndex.open(tiny_index, OpenOptions(device="cpu", milvus=target))
+    try:
+        assert isinstance(remote.vectors, em.MilvusSearch)
+        width = remote.vectors.fold_width
+        assert width == mv.fold_width(dim) and dim // 3 <= width <= dim // 2
+        q = local.encode_queries(QUERIES)
+        remote.vectors.candidates = local.size
+        scores, ids = remote.search(q, 5)
+        want_scores, want_ids = local.search(q, 5)
+        assert np.array_equal(ids, want_ids)
+        assert np.abs(scores - want_scores).max() <= recompute_bound(np.float32)
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_the_fold_keeps_inner_products_in_expectation():
+    """The fold is linear, an isometry on a vector within one part, and its signs are balanced
+    +-1 (so the cross terms of <x', y'> cancel in expectation)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 1000)).astype(np.float32)
+    fx, fy = mv.fold(np.stack([x, y]), 400)
+    both = mv.fold((x + 2 * y)[None], 400)[0]
+    # Float32 sums of 3 parts and 3 terms: gamma_8 of the summed magnitudes bounds both sides.
+    mag = np.pad(np.abs(x) + 2 * np.abs(y), (0, 200)).reshape(3, 400).sum(0)
+    assert_within(both, fx + 2 * fy, 2 * gamma(8) * mag, "fold of a sum")
+    part = np.zeros(1000, dtype=np.float32)
+    part[400:800] = x[400:800]
+    assert np.linalg.norm(mv.fold(part[None], 400)) == pytest.approx(np.linalg.norm(part))
+    signs = mv.fold_signs(10_000)
+    assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.sum()) < 5 * 100
+    assert np.array_equal(mv.fold(x[None], 1000)[0], x)  # wide enough: unchanged
 
 
 def test_backend_down_is_503_with_retry_after(tiny_index, tmp_path):
