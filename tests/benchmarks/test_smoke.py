@@ -324,3 +324,20 @@ def test_bench_plan_without_measuring(tmp_path):
     }
     for row in data["rows"]:
         assert row["build_GiB"] > 0 and (row["fits_build"] is None) == (row["device"] == "cpu")
+
+
+def test_bench_fold_measures_the_folded_first_stage():
+    """Unfolded, the re-ranked search is Flat's; folded, its scores carry the fold's error."""
+    import numpy as np
+
+    from benchmarks.bench_fold import measure
+
+    rng = np.random.default_rng(0)
+    fps = rng.standard_normal((300, 512)).astype(np.float32)
+    fps /= np.linalg.norm(fps, axis=1, keepdims=True)
+    q = fps[:20] + 0.1 * rng.standard_normal((20, 512)).astype(np.float32)
+    whole = measure(fps, q, 5, 1)
+    assert whole["overlap_with_flat"] == 1 and whole["score_error_sd"] == 0
+    halved = measure(fps, q, 5, 2)
+    assert halved["width"] == 256 and 0 < halved["score_error_sd"]
+    assert 0 < halved["overlap_with_flat"] <= 1
