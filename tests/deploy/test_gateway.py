@@ -93,20 +93,26 @@ def test_json_is_gzipped_when_asked(gateway, query_body):
     assert json.loads(gzip.decompress(wire))["results"] == plain.json()["results"]
 
 
+def _influence_lines_settled(replicas) -> int:
+    """The replicas' /v1/influence log lines once every earlier request is logged: a request
+    sent to each replica now, once logged there, orders the count (a previous test's last
+    line is written after its response reached the client)."""
+    marker = f"settle-{uuid.uuid4().hex[:8]}"
+    for r in replicas:
+        httpx.get(f"http://{r.address}/v1/index", headers={"X-Request-ID": marker}, timeout=30)
+    _until(lambda: all(f"request_id={marker}" in r.log_text() for r in replicas))
+    return sum(r.log_text().count("/v1/influence") for r in replicas)
+
+
 def test_body_over_limit_is_413_at_the_gateway(gateway, replicas):
-    before = sum(r.log_text().count("/v1/influence") for r in replicas)
+    before = _influence_lines_settled(replicas)
     big = {"prompt": "x" * (1536 * 1024), "completion": " y"}
     resp = httpx.post(f"{gateway.url}/v1/influence", json=big, timeout=30)
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "request_too_large"
     assert resp.headers.get("x-request-id")
-    # A request sent to each replica after it, once logged there, orders the check: had the
-    # over-limit body been passed on, its line would be there first.
-    marker = f"after-413-{uuid.uuid4().hex[:8]}"
-    for r in replicas:
-        httpx.get(f"http://{r.address}/v1/index", headers={"X-Request-ID": marker}, timeout=30)
-    _until(lambda: all(f"request_id={marker}" in r.log_text() for r in replicas))
-    after = sum(r.log_text().count("/v1/influence") for r in replicas)
+    # Had the over-limit body been passed on, its line would be logged before the marker's.
+    after = _influence_lines_settled(replicas)
     assert after == before, "an over-limit body must not reach a replica"
 
 
