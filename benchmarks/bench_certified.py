@@ -1,5 +1,5 @@
 """The certified second stage on the demo index (the shipped default: sketch, exact stage
-over at most 200 candidates): per k, how often the top-k is certified at the default
+over at most ``DEFAULT_RESCORE`` candidates): per k, how often the top-k is certified at the default
 confidence, how many candidates that takes (mean, p90), one query's latency in process on
 this machine, and whether the answer equals the one every candidate under the cap gives
 (the previous default, which scored all 200).

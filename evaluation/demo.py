@@ -6,7 +6,7 @@ content hash recorded in the step's ``stamp.json``):
 2. train a GPT-2 on it with HF Trainer + AdamW (``evaluation.train``),
 3. build the index with the default configuration: the K-FAC whitening fitted on the
    corpus, a CountSketch of the whitened gradients, unit norm; queries are re-scored
-   exactly over the top 200 (``influence index build``; README "Which method wins where"),
+   exactly over at most the top 150 (``influence index build``; ``engine.index.DEFAULT_RESCORE``),
 4. serve it as ``influence serve`` does on 127.0.0.1:8000 (``--port``), and once the port
    is bound print what to try: a curl line and the example's answer, as the server gives it.
 """
