@@ -25,7 +25,7 @@ from encoder.rescoring import ExactRescorer, QueryScorer
 from encoder.shared_scores import SharedScorers
 from encoder.token_attribution import attribute_tokens
 from engine.milvus import MilvusMetadata, MilvusSearch
-from engine.opening import HeldFiles, load_exact_norms, verify_model
+from engine.opening import HeldFiles, verify_model
 from engine.options import FairLock, OpenOptions
 from engine.protocols import Attribution, Record, Summary, VectorSearch
 from engine.vectors import open_vectors
@@ -98,7 +98,7 @@ class InfluenceIndex:
         self._held = HeldFiles(index_dir)
         self.last_query_at = -float("inf")
         """``time.monotonic()`` of the last query's model pass (explain yields to queries)."""
-        self.exact_sq = load_exact_norms(index_dir, manifest)
+        self.exact_sq = integrity.load_exact_norms(index_dir, manifest)
         """Each sequence's squared norm in the exact second stage (None: not stored)."""
         self._rescorer: ExactRescorer | None = None
         """The exact second stage: a second encoder on the loaded model, made on first use."""
@@ -135,7 +135,12 @@ class InfluenceIndex:
         try:
             if opts.verify:
                 integrity.check_against_encoder(
-                    encoder, store, fingerprints, manifest, int(tokenizer.pad_token_id or 0)
+                    encoder,
+                    store,
+                    fingerprints,
+                    manifest,
+                    int(tokenizer.pad_token_id or 0),
+                    integrity.load_exact_norms(index_dir, manifest),
                 )
             lexical = open_for_index(index_dir, manifest.sequences)
             vectors = open_vectors(

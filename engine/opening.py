@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
-from api.errors import ArtifactError, IndexChangedError
+from api.errors import IndexChangedError
 from indexer import integrity
 from indexer import manifest as mf
 
@@ -66,22 +64,3 @@ class HeldFiles:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-
-def load_exact_norms(index_dir: Path, manifest: mf.Manifest) -> np.ndarray | None:
-    """The exact second stage's squared norm of every sequence (``mf.EXACT_NORMS``: [n]
-    float64, stored by a build whose family has them), or None for an index without them
-    (the second stage then computes them).
-
-    Raises:
-        ArtifactError: the file does not hold one norm per sequence.
-    """
-    if mf.EXACT_NORMS not in manifest.files:
-        return None
-    sq: np.ndarray = np.load(index_dir / mf.EXACT_NORMS)
-    if sq.shape != (manifest.sequences,) or sq.dtype != np.float64:
-        raise ArtifactError(
-            f"{mf.EXACT_NORMS} holds {sq.dtype} {list(sq.shape)}, not one float64 per sequence "
-            f"({manifest.sequences})"
-        )
-    return sq

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from api.errors import ArtifactError
 from encoder.batching import collate, sequence_example
@@ -29,6 +30,9 @@ NORM_SAMPLE = 256
 """Stored fingerprints whose norms are checked at open and by verify."""
 REENCODE_SAMPLE = 2
 """Indexed sequences re-encoded and compared with their stored fingerprints."""
+REENCODE_MAX_NORM_ERROR = 1e-3
+"""Relative agreement of a re-encoded sequence's exact-stage norm with the stored one (float32
+passes in another batch shape: < 1e-5; another model or whitening: far more)."""
 REENCODE_MIN_COSINE = 0.999
 """Agreement a re-encoded sequence must reach: float16 storage costs < 1e-6 in cosine and the
 build's batch shape < 1e-5; a changed hessian / correction / mode / k / seed costs far more."""
@@ -192,26 +196,37 @@ def check_fingerprints(fingerprints: np.ndarray, manifest: mf.Manifest) -> None:
 
 
 def check_reencoded(
-    encoder: TrackStarEncoder, token_ids: list[list[int]], stored: np.ndarray, pad_id: int
+    encoder: TrackStarEncoder,
+    token_ids: list[list[int]],
+    stored: np.ndarray,
+    pad_id: int,
+    stored_sq: np.ndarray | None = None,
 ) -> None:
-    """Re-encode indexed sequences; each must match its stored fingerprint.
+    """Re-encode indexed sequences; each must match its stored fingerprint (and, given
+    ``stored_sq``, its stored exact-stage norm).
 
     Args:
         encoder: the encoder the manifest describes.
         token_ids: the sequences' indexed token ids.
         stored: [S, d] their stored fingerprints.
         pad_id: the tokenizer's pad id.
+        stored_sq: [S] their stored exact-stage squared norms, or None.
     Raises:
-        ArtifactError: code ``manifest_mismatch`` with the worst cosine.
+        ArtifactError: code ``manifest_mismatch`` with the worst cosine or norm.
     """
     if not token_ids:
         return
-    e = (
-        encoder.encode(collate([sequence_example(ids) for ids in token_ids], pad_id))
-        .float()
-        .cpu()
-        .numpy()
-    )
+    sq = torch.zeros(len(token_ids), dtype=torch.float64, device=encoder.device)
+    batch = collate([sequence_example(ids) for ids in token_ids], pad_id)
+    e = encoder.encode(batch, sq).float().cpu().numpy()
+    if stored_sq is not None:
+        error = np.abs(sq.cpu().numpy() / np.maximum(stored_sq, 1e-300) - 1.0)
+        if not (error <= REENCODE_MAX_NORM_ERROR).all():
+            raise ArtifactError(
+                f"the stored exact-stage norms ({mf.EXACT_NORMS}) are not the re-encoded "
+                f"sequences' (relative error {float(error.max()):.2e}): rebuild the index",
+                code="manifest_mismatch",
+            )
     s = np.asarray(stored, dtype=np.float32)
     cos = np.sum(e * s, axis=1) / np.maximum(
         np.linalg.norm(e, axis=1) * np.linalg.norm(s, axis=1), 1e-30
@@ -236,9 +251,31 @@ def check_against_encoder(
     fingerprints: np.ndarray,
     manifest: mf.Manifest,
     pad_id: int,
+    exact_sq: np.ndarray | None = None,
 ) -> None:
-    """``check_fingerprints`` on a sample, then ``check_reencoded`` on ``reencode_rows``: what
+    """``check_fingerprints`` on a sample, then ``check_reencoded`` on ``reencode_rows`` (with
+    the stored exact-stage norms ``exact_sq`` where the index has them): what
     open and verify both check once the encoder the manifest describes is built."""
     check_fingerprints(fingerprints, manifest)
     rows = reencode_rows(len(fingerprints))
-    check_reencoded(encoder, store.token_ids_many(rows), fingerprints[rows], pad_id)
+    sq = None if exact_sq is None else exact_sq[rows]
+    check_reencoded(encoder, store.token_ids_many(rows), fingerprints[rows], pad_id, sq)
+
+
+def load_exact_norms(index_dir: Path, manifest: mf.Manifest) -> np.ndarray | None:
+    """The exact second stage's squared norm of every sequence (``mf.EXACT_NORMS``: [n]
+    float64, stored by a build whose family has them), or None for an index without them
+    (the second stage then computes them).
+
+    Raises:
+        ArtifactError: the file does not hold one norm per sequence.
+    """
+    if mf.EXACT_NORMS not in manifest.files:
+        return None
+    sq: np.ndarray = np.load(index_dir / mf.EXACT_NORMS)
+    if sq.shape != (manifest.sequences,) or sq.dtype != np.float64:
+        raise ArtifactError(
+            f"{mf.EXACT_NORMS} holds {sq.dtype} {list(sq.shape)}, not one float64 per sequence "
+            f"({manifest.sequences})"
+        )
+    return sq

@@ -75,9 +75,9 @@ def _verify_contents(
                 code="nonfinite_fingerprints",
             )
     encoder = build_encoder(index_dir, m, load_model(mdir, device="cpu"))
-    integrity.check_against_encoder(
-        encoder, store, fps, m, int(load_tokenizer(mdir).pad_token_id or 0)
-    )
+    pad = int(load_tokenizer(mdir).pad_token_id or 0)
+    exact_sq = integrity.load_exact_norms(index_dir, m)
+    integrity.check_against_encoder(encoder, store, fps, m, pad, exact_sq)
     lines.append(
         f"fingerprints: all finite; config agrees with the artifacts "
         f"({len(integrity.reencode_rows(n))} sequences re-encoded)"

@@ -76,6 +76,28 @@ def test_nonfinite_fingerprints_are_refused(paper_index, tmp_path, capsys):
     assert "non-finite" in capsys.readouterr().err
 
 
+def test_exact_norms_that_are_not_the_sequences_are_refused(tiny_index, tmp_path, capsys):
+    """A sketch index stores each sequence's exact-stage norm; norms of another build (here:
+    the first row's scaled, its checksum updated) are refused at open and by verify."""
+    assert main(["verify", str(tiny_index)]) == 0  # the untouched default index passes
+    capsys.readouterr()
+    index_dir = _copy(tiny_index, tmp_path)
+    sq = np.load(index_dir / mf.EXACT_NORMS)
+    sq[0] *= 1.01
+    np.save(index_dir / mf.EXACT_NORMS, sq)
+    _edit(
+        index_dir,
+        lambda m: m["files"].__setitem__(
+            mf.EXACT_NORMS, mf.sha256_file(index_dir / mf.EXACT_NORMS)
+        ),
+    )
+    with pytest.raises(ArtifactError, match="exact-stage norms") as err:
+        InfluenceIndex.open(index_dir, OpenOptions(device="cpu"))
+    assert err.value.code == "manifest_mismatch"
+    assert main(["verify", str(index_dir)]) == 2
+    assert "exact-stage norms" in capsys.readouterr().err
+
+
 def test_the_untouched_index_passes(paper_index, capsys):
     assert main(["verify", str(paper_index)]) == 0
     out = capsys.readouterr().out
