@@ -118,13 +118,10 @@ def rescored(
         QueryAbandonedError: ``abandoned()`` turned true between two chunks (the client
             gave up: its remaining candidates are not scored).
     """
-    if staged is None:
-        candidates = second_stage_pool(index, vector, query)
-        score = index.exact_scorer(example) if candidates else None
-    else:
-        candidates, score = staged
-    if not candidates or score is None:
+    candidates, score = staged or (second_stage_pool(index, vector, query), None)
+    if not candidates:
         return [], Certificate(0, True, query.confidence, 0.0)
+    score = score or index.exact_scorer(example)
     first = np.array([h.score for h in candidates], dtype=np.float64)
     sd = index.score_sd(vector, [h.id for h in candidates])
     exact = np.full(len(candidates), -np.inf)
