@@ -145,11 +145,15 @@ class QueryScorer(ABC):
         """s(query, candidate) for each candidate; [C] float64 on the CPU. ``sq``: the
         candidates' squared norms where the index stores them (not recomputed then)."""
         dots, own = self.dots(candidates, need_sq=sq is None and self.rescorer.unit_norm)
+        return self.scores(dots, own if sq is None else sq.double())
+
+    def scores(self, dots: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        """The candidates' scores from their dots with the query and squared norms (unused
+        without unit norm): cosines, or the dots themselves; [C] float64."""
         if not self.rescorer.unit_norm:
             return dots
-        norms = (own if sq is None else sq.double()).sqrt()
         tiny = torch.finfo(torch.float64).tiny
-        cosines: torch.Tensor = dots / (norms * self.q_norm).clamp_min(tiny)
+        cosines: torch.Tensor = dots / (sq.sqrt() * self.q_norm).clamp_min(tiny)
         return cosines
 
     def token_contributions(

@@ -69,9 +69,5 @@ class SharedScorers:
     def scores(self, k: int, ids: Sequence[int]) -> torch.Tensor:
         """s(query k, candidate) of scored ``ids``; [len(ids)] float64."""
         dots = torch.tensor([self.done[k][i] for i in ids], dtype=torch.float64)
-        if not self.unit_norm:
-            return dots
-        norms = torch.tensor([self.sq[i] for i in ids], dtype=torch.float64).sqrt()
-        tiny = torch.finfo(torch.float64).tiny
-        cosines: torch.Tensor = dots / (norms * self.scorers[k].q_norm).clamp_min(tiny)
-        return cosines
+        sq = torch.tensor([self.sq[i] for i in ids], dtype=torch.float64)
+        return self.scorers[k].scores(dots, sq)
