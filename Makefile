@@ -26,7 +26,9 @@ system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	test -f /usr/share/dictd/freedict-eng-deu.index || missing="$$missing dict-freedict-eng-deu"; \
+	for dict in freedict-eng-deu freedict-eng-fra vera; do \
+	  test -f /usr/share/dictd/$$dict.index || missing="$$missing dict-$$dict"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

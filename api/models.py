@@ -75,8 +75,14 @@ EXAMPLE_QUERY: dict[str, JsonValue] = {
 }
 
 
-Mode = Literal["influence", "bm25", "hybrid"]
-"""Retrieval modes; the engine dispatches on these (``engine.retrieval``)."""
+Mode = Literal["influence", "attribution", "bm25", "hybrid"]
+"""What a query asks: ``influence`` (which training examples moved the model toward this
+output) or ``attribution`` (which passages state it), each answered by the method the
+evaluation picks for it; or one retrieval method by name (``bm25``, ``hybrid``). The engine
+dispatches on these (``engine.retrieval``)."""
+
+AnswerMethod = Literal["gradient", "bm25", "hybrid"]
+"""The method that answered a query (``InfluenceResponse.method``)."""
 
 
 class GenerateOptions(BaseModel):
@@ -199,9 +205,12 @@ class InfluenceQuery(BaseModel):
     )
     mode: Mode = Field(
         "influence",
-        description="Retrieval mode: `influence` is TrackStar gradient search (scores are "
-        "cosines in [-1, 1]); `bm25` is lexical BM25 over the training texts with query = "
-        "prompt + completion (scores are BM25 scores); `hybrid` fuses both rankings by "
+        description="The question asked. `influence`: which training examples moved the model "
+        "toward this output, answered by gradient search (TrackStar: cosines in [-1, 1], with the "
+        "exact second stage). `attribution`: which passages state it, answered by the method the "
+        "evaluation picks for that question (the response's `method` names it). Or one method "
+        "by name: `bm25` is lexical BM25 over the training texts with query = prompt + "
+        "completion (scores are BM25 scores); `hybrid` fuses BM25 and gradient rankings by "
         "reciprocal rank (scores are RRF scores, sum of 1/(60 + rank)).",
     )
     rescore: (
@@ -213,7 +222,7 @@ class InfluenceQuery(BaseModel):
         "the index forms them (K-FAC-whitened for a sketch index; no projection noise, no projected R), "
         "stopping once the top-k is certified at `confidence`, and return the best k; each candidate "
         "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; unset, the "
-        "index's: 200 without a projected R, 0 with one).",
+        "index's: on without a projected R, 0 with one).",
     )
 
     confidence: float = Field(
@@ -315,6 +324,10 @@ class InfluenceResponse(BaseModel):
     )
     generation: GenerationInfo | None = Field(None, description="Set for queries with `generate`.")
     rescore: RescoreReport | None = Field(None, description="Set when the exact second stage ran.")
+    method: AnswerMethod = Field(
+        description="The method that answered: `gradient` (the index's fingerprint search, "
+        "re-scored exactly where `rescore` is set), `bm25` or `hybrid`."
+    )
     model: str = Field(description="The model the index was built on.")
     index_version: str = Field(description="Content hash of the index manifest that answered.")
     timings_ms: Timings

@@ -258,9 +258,11 @@ def measure_model(
         for seed in SEEDS:
             enc, a, b, phi_s = h.phi(FingerprintConfig(seed=seed, hessian="none", **sizing))
             s_none[seed], _ = h.scores(enc.config, a, b)
-            s_mixed[seed], whiten_s = h.scores(
-                FingerprintConfig(seed=seed, hessian="mixed", **sizing), a, b
+            # The same blocks with R (a config's block cap defaults by its hessian).
+            mixed = FingerprintConfig(
+                seed=seed, hessian="mixed", **{"max_block": enc.config.block_cap, **sizing}
             )
+            s_mixed[seed], whiten_s = h.scores(mixed, a, b)
             # A build's passes: the whitening fit (sketch), pass 1 and R^-1/2 only where the config
             # whitens by R (hessian none builds skip them), and the encode pass.
             cost.append(h.basis_s + phi_s + (phi_s + whiten_s if whitens else 0.0))

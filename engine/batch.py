@@ -108,11 +108,17 @@ def _staged(
     ]
     if len(second) < 2:
         return {}
-    for j, i in second:
-        try:
-            pools[i] = (j, retrieval.second_stage_pool(index, vectors[j], queries[i]))
-        except Exception as exc:
-            outcomes[i].error = failure(exc, "retrieval")
+    found = _each_alone(
+        lambda batch: retrieval.second_stage_pools(
+            index, vectors[[j for j, _ in batch]], [queries[i] for _, i in batch]
+        ),
+        second,
+    )
+    for (j, i), hits in zip(second, found, strict=True):
+        if isinstance(hits, Exception):
+            outcomes[i].error = failure(hits, "retrieval")
+        else:
+            pools[i] = (j, hits)
     shared = [i for i, (_, hits) in pools.items() if hits]
     if len(shared) < 2:
         return {}

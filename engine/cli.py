@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from api.errors import ConfigError
-from api.models import COMPLETION_OR_GENERATE, InfluenceQuery
+from api.models import COMPLETION_OR_GENERATE, InfluenceQuery, Mode
 from engine.choices import SEARCH_PLACEMENTS
 
 FLAGS = {
@@ -22,6 +22,7 @@ FLAGS = {
     "generate.temperature": "--temperature",
     "generate.seed": "--gen-seed",
     "span": "--span",
+    "mode": "--mode",
     "k": "-k",
     "rescore": "--rescore",
     "confidence": "--confidence",
@@ -50,6 +51,8 @@ def wire_query(args: argparse.Namespace) -> InfluenceQuery:
         body["generate"] = {key: value for key, value in options.items() if value is not None}
     if args.span is not None:
         body["span"] = {"start": args.span[0], "end": args.span[1]}
+    if args.mode is not None:
+        body["mode"] = args.mode
     if args.rescore is not None:
         body["rescore"] = args.rescore
     if args.confidence is not None:
@@ -77,6 +80,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from engine.batch import run_batch
     from engine.index import InfluenceIndex, OpenOptions
     from engine.query import Limits, Query, certificate_fields, traced_fields
+    from engine.retrieval import method_of
     from indexer.faiss_index import SearchParams
 
     query = Query.from_wire(wire)
@@ -117,14 +121,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     traced = outcome.traced
     assert traced is not None  # a query without error was traced
     c = outcome.certificate
+    method = method_of(wire.mode)
     if args.json:
-        print(
-            json.dumps(
-                {**traced_fields(traced), "rescore": certificate_fields(c), "results": rows},
-                indent=2,
-            )
-        )
+        fields = {**traced_fields(traced), "rescore": certificate_fields(c), "method": method}
+        print(json.dumps({**fields, "results": rows}, indent=2))
         return 0
+    if wire.mode == "attribution":
+        print(f"attribution (the passages that state it), answered by {method}")
     if c is not None:
         verdict = (
             f"top-{args.k} certified at {c.confidence:g}"
@@ -162,7 +165,7 @@ def register(subparsers: Any) -> None:
     q.add_argument(
         "--json",
         action="store_true",
-        help="print {completion, span, generation, results} as JSON (the REST response's fields)",
+        help="print {completion, span, generation, rescore, method, results} as JSON (REST fields)",
     )
     q.add_argument("--model", default=None, help="model directory (default: the manifest's)")
     q.add_argument(
@@ -173,7 +176,13 @@ def register(subparsers: Any) -> None:
 
 
 def _add_query_flags(q: argparse.ArgumentParser) -> None:
-    """What is traced: the prompt, and the completion or a generation."""
+    """What is asked and traced: the question, the prompt, and the completion or a generation."""
+    q.add_argument(
+        "--mode",
+        default=None,
+        choices=get_args(Mode),
+        help="influence (default): examples that moved the model; attribution: passages stating it",
+    )
     q.add_argument(
         "--prompt", required=True, help="context given to the model (its tokens are not attributed)"
     )

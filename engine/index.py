@@ -309,7 +309,8 @@ class InfluenceIndex:
         index with a projected R, where the model of it does not hold."""
         if self.encoder.config.hessian != "none" or not ids:
             return None
-        rows = torch.from_numpy(np.asarray(self.fingerprints[np.asarray(ids)], dtype=np.float32))
+        # Stored rows as they are (float16): torch widens them faster than numpy does.
+        rows = torch.from_numpy(np.ascontiguousarray(self.fingerprints[np.asarray(ids)]))
         query = torch.from_numpy(np.asarray(vector, dtype=np.float32))
         variance = self.encoder.family.score_variance(query, rows, self.encoder.block_dims)
         return variance.clamp_min(0).sqrt().float().numpy()

@@ -9,19 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import get_args
 
 import numpy as np
 
 from api.errors import InputError, QueryAbandonedError
-from api.models import Mode
+from api.models import AnswerMethod, Mode
 from encoder.batching import Example
 from engine.certify import RESCORE_CHUNK, Certificate, miss_probability
 from engine.fusion import reciprocal_rank_fusion
 from engine.protocols import Index
 from engine.query import Abandoned, Hit, Query, never
 
-MODES: tuple[str, ...] = get_args(Mode)
+ATTRIBUTION_METHOD: AnswerMethod = "bm25"
+"""The method ``mode: attribution`` ("which passages state this?") is answered by. Chosen by
+the evaluation's attribution measure (MRR@10) across its sets: BM25 wins it or ties the best
+on every set measured, the hybrid never beats it by a paired interval that excludes zero,
+and the gradient methods lose to it where the model has not learned the fact (README, "Which
+method answers which question"; ``benchmarks/results/eval_*``)."""
+
+
+def method_of(mode: Mode) -> AnswerMethod:
+    """The method that answers ``mode``: ``gradient`` for influence, ``ATTRIBUTION_METHOD``
+    for attribution, the named method otherwise."""
+    if mode == "influence":
+        return "gradient"
+    if mode == "attribution":
+        return ATTRIBUTION_METHOD
+    return mode
+
 
 FUSION_DEPTH = 100
 """Candidates taken from each ranking before fusing (the hybrid's pool)."""
@@ -58,7 +73,7 @@ def filtered_search(index: Index, vector: np.ndarray, query: Query) -> list[Hit]
 
 
 def lexical_search(
-    index: Index, vector: np.ndarray, text: str, mode: str, k: int
+    index: Index, vector: np.ndarray, text: str, method: str, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k for one query by ``bm25`` (BM25 scores of ``text``) or ``hybrid`` (RRF scores
     of bm25 and influence, c = 60, each over its top max(k, FUSION_DEPTH)).
@@ -66,11 +81,11 @@ def lexical_search(
     Returns:
         (scores [k], ids [k]); ids -1 pad when the index has fewer than k sequences.
     """
-    if mode == "bm25":
+    if method == "bm25":
         scores, ids = index.lexical.search([text], k)
         return scores[0], ids[0]
-    if mode != "hybrid":
-        raise InputError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if method != "hybrid":
+        raise InputError(f"unknown method {method!r}; expected bm25 or hybrid")
     depth = max(k, FUSION_DEPTH)
     _, lexical = index.lexical.search([text], depth)
     _, influence = index.search(np.asarray(vector, np.float32)[None, :], depth)
@@ -78,23 +93,40 @@ def lexical_search(
 
 
 def _mode_hits(index: Index, vector: np.ndarray, query: Query, text: str) -> list[Hit]:
-    """``bm25`` / ``hybrid`` hits; a source filter ranks the whole index."""
+    """``bm25`` / ``hybrid`` hits (``method_of`` the query's mode); a source filter ranks the
+    whole index."""
     k = index.size if query.source is not None else query.k
-    scores, ids = lexical_search(index, vector, query.prompt + text, query.mode, k)
+    scores, ids = lexical_search(index, vector, query.prompt + text, method_of(query.mode), k)
     hits = _hits(index, scores, ids)
     if query.source is not None:
         hits = [h for h in hits if h.record.source == query.source]
     return hits[: query.k]
 
 
+def _pool_size(query: Query) -> int:
+    return max(query.rescore or 0, query.k)
+
+
 def second_stage_pool(index: Index, vector: np.ndarray, query: Query) -> list[Hit]:
     """The first stage's top max(rescore, k) candidates of a query with a second stage
     (from ``query.source`` when set), best first."""
-    cap = max(query.rescore or 0, query.k)
-    if query.source is not None:
-        return filtered_search(index, vector, replace(query, k=cap))
-    scores, ids = index.search(vector[None, :], cap)
-    return _hits(index, scores[0], ids[0])
+    return second_stage_pools(index, vector[None, :], [query])[0]
+
+
+def second_stage_pools(index: Index, vectors: np.ndarray, queries: list[Query]) -> list[list[Hit]]:
+    """``second_stage_pool`` of several queries ([Q, d] fingerprints): the unfiltered ones
+    from one search call (one scan of the index for all), the filtered ones each alone."""
+    out: list[list[Hit]] = [[] for _ in queries]
+    whole = [j for j, q in enumerate(queries) if q.source is None]
+    if whole:
+        scores, ids = index.search(vectors[whole], max(_pool_size(queries[j]) for j in whole))
+        rows = hit_rows(index, scores, ids, [_pool_size(queries[j]) for j in whole])
+        for j, hits in zip(whole, rows, strict=True):
+            out[j] = hits
+    for j, q in enumerate(queries):
+        if q.source is not None:
+            out[j] = filtered_search(index, vectors[j], replace(q, k=_pool_size(q)))
+    return out
 
 
 Staged = tuple[list[Hit], Callable[[list[int]], np.ndarray]]

@@ -76,6 +76,14 @@ def markdown_report(result: EvalResult, command: str | None = None) -> str:
     parts += [
         f"- model: `{c.get('model_dir')}` (sha256 {str(c.get('model_hash', ''))[:12]}), "
         f"fact accuracy {c.get('fact_accuracy', float('nan')):.3f}",
+        *(
+            [
+                f"- inputs: corpus sha256 {c['corpus_sha256'][:12]}, "
+                f"queries sha256 {c['queries_sha256'][:12]}"
+            ]
+            if "corpus_sha256" in c
+            else []
+        ),
         f"- {c.get('n_train_sequences')} training sequences, {c.get('n_queries')} queries; "
         f"fingerprint d = {c.get('fingerprint_dim')} (k = {s['k']}), second moments: "
         f"{c.get('second_moments_source')}",

@@ -21,6 +21,7 @@ import numpy as np
 from api.errors import InputError
 from encoder.batching import collate
 from encoder.fingerprint import TrackStarEncoder
+from encoder.hashing import sha256_file
 from encoder.model_loading import model_hash
 from encoder.optimizer_state import SecondMoments
 from evaluation.inputs import ProgressFactory, Run, load_run, second_moments_for, standard_error
@@ -151,6 +152,13 @@ def _rankings(
         start_shipped = time.perf_counter()
         rankings["shipped"] = rank_shipped(run, depth)
         run.timings["shipped_s"] = time.perf_counter() - start_shipped
+    if "dense" in chosen:
+        from evaluation.dense import DenseEncoder, rank_dense
+
+        start_dense = time.perf_counter()
+        query_texts = [q.prompt + q.completion for q in run.queries]
+        rankings["dense"] = rank_dense(DenseEncoder(), run.texts, query_texts, depth)
+        run.timings["dense_s"] = time.perf_counter() - start_dense
     if "random" in chosen:
         rankings["random"] = rank_random(len(run.queries), len(run.texts), depth, run.settings.seed)
     run.timings["ranking_s"] = time.perf_counter() - start
@@ -323,6 +331,9 @@ def run_evaluation(
     )
     context["oracle_tailpatch_relevant"] = oracle
     context["learned_queries"] = learned
+    # The inputs by content: a result names exactly what it was computed from.
+    context["corpus_sha256"] = sha256_file(corpus_path)
+    context["queries_sha256"] = sha256_file(queries_path)
     log.info(
         "evaluated %d methods on %d queries in %.1fs",
         len(methods),

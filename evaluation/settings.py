@@ -103,6 +103,11 @@ METHODS: tuple[Method, ...] = (
         "reciprocal-rank fusion of bm25 and the product's first stage (sketch; c=60), as served",
         "hybrid",
     ),
+    Method(
+        "dense",
+        "dense embeddings: all-MiniLM-L6-v2 cosine, query = prompt + completion (from its package)",
+        "dense",
+    ),
     Method("random", "random training sequences (floor)", "random"),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)

@@ -18,6 +18,7 @@ from api.models import (
     Timings,
 )
 from engine.query import Outcome, Query, certificate_fields, traced_fields
+from engine.retrieval import method_of
 from service.auth import v1_router
 from service.deps import BatcherDep, SettingsDep
 from service.errors import error_body, validation_error_body
@@ -52,6 +53,7 @@ def as_response(q: InfluenceQuery, outcome: Outcome, started: float) -> Influenc
         results=results,
         **traced_fields(outcome.traced),
         rescore=rescore,
+        method=method_of(q.mode),
         model=outcome.model,
         index_version=outcome.index_version,
         timings_ms=Timings(

@@ -88,7 +88,15 @@ async function loadServing() {
   }
 }
 
-// The modes the server accepts, read from its OpenAPI schema (bm25/hybrid when available).
+// The two questions by what they ask; the methods by name.
+const MODE_LABELS = {
+  influence: "influence: which examples moved the model to say this",
+  attribution: "attribution: which passages state this",
+  bm25: "method: bm25 (lexical)",
+  hybrid: "method: hybrid (bm25 + gradient)",
+};
+
+// The modes the server accepts, read from its OpenAPI schema.
 async function loadModes() {
   let modes = ["influence"];
   try {
@@ -98,10 +106,10 @@ async function loadModes() {
     if (found && found.length) modes = found;
   } catch (err) { /* keep the default */ }
   const select = $("mode");
-  const options = modes.map((m) => new Option(m, m));
+  const options = modes.map((m) => new Option(MODE_LABELS[m] || m, m));
   // Influence beside attribution: both rankings side by side (a UI view over two queries).
-  if (modes.includes("influence") && modes.includes("bm25"))
-    options.push(new Option("compare (influence vs BM25)", "compare"));
+  if (modes.includes("influence") && modes.includes("attribution"))
+    options.push(new Option("compare: influence beside attribution", "compare"));
   select.replaceChildren(...options);
 }
 
@@ -248,13 +256,15 @@ async function search(generate) {
     showGenerated(data);
     const terms = highlightTerms(prompt, completion);
     if (mode === "compare") {
-      const lexical = await api("POST", "/v1/influence", { prompt, completion, k, mode: "bm25" });
+      const lexical = await api("POST", "/v1/influence", { prompt, completion, k, mode: "attribution" });
       const roundTrip = performance.now() - started;
       const ids = new Set(data.results.map((r) => r.id));
       const shared = new Set(lexical.results.filter((r) => ids.has(r.id)).map((r) => r.id));
       $("results").replaceChildren();
       renderResults(data, terms, $("compare-influence"), shared);
-      renderResults(lexical, terms, $("compare-bm25"), shared);
+      renderResults(lexical, terms, $("compare-attribution"), shared);
+      $("compare-influence-method").textContent = data.method;
+      $("compare-attribution-method").textContent = lexical.method;
       $("compare-summary").textContent =
         `The two rankings share ${shared.size} of their top ${k} passages (marked "in both").`;
       $("compare").hidden = false;

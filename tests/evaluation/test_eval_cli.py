@@ -9,7 +9,7 @@ import pytest
 
 from service.cli import main
 
-METHODS = ["trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid", "random"]
+METHODS = ["trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid", "dense", "random"]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,17 @@ def eval_run(trained_checkpoint, fact_corpus_files, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_writes_table_json_and_plot(eval_run):
+def test_eval_writes_table_json_and_plot(eval_run, fact_corpus_files):
+    from encoder.hashing import sha256_file
+
     rc, out = eval_run
     assert rc == 0
     data = json.loads((out / "eval.json").read_text())
+    # The result names its inputs by content.
+    corpus, queries = fact_corpus_files
+    assert data["context"]["corpus_sha256"] == sha256_file(corpus)
+    assert data["context"]["queries_sha256"] == sha256_file(queries)
+    assert f"corpus sha256 {sha256_file(corpus)[:12]}" in (out / "eval.md").read_text()
     rows = {r["method"]: r for r in data["rows"]}
     assert list(rows) == METHODS
     for row in rows.values():
@@ -57,7 +64,7 @@ def test_eval_writes_table_json_and_plot(eval_run):
     assert dims["sketch"] == data["context"]["fingerprint_dim"] and dims["sketch"] % 64 == 0
     # Every method that looks at the data beats a random ranking on attribution, and the
     # passages retrieved by TrackStar move the completion more than random ones.
-    for name in ("trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid"):
+    for name in ("trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid", "dense"):
         assert rows[name]["mrr"] > rows["random"]["mrr"] + 0.2, name
     assert rows["trackstar"]["tailpatch_top10"] > rows["random"]["tailpatch_top10"]
     assert data["context"]["oracle_tailpatch_relevant"] > 0

@@ -99,12 +99,35 @@ def mode_server(tiny_index):
             yield client
 
 
-def _ask(client, query, **extra):
+def _answer(client, query, **extra):
     r = client.post(
         "/v1/influence", json={"prompt": query.prompt, "completion": query.completion, **extra}
     )
     assert r.status_code == 200, r.text
-    return r.json()["results"]
+    return r.json()
+
+
+def _ask(client, query, **extra):
+    return _answer(client, query, **extra)["results"]
+
+
+@pytest.mark.slow
+def test_the_two_questions_over_http(mode_server, fact_corpus):
+    """``influence`` is answered by the gradient search with its second stage; ``attribution``
+    by the method the evaluation picks for it, which the response names."""
+    from engine.retrieval import ATTRIBUTION_METHOD
+
+    query = fact_corpus.queries[5]
+    influence = _answer(mode_server, query, k=5, mode="influence")
+    assert influence["method"] == "gradient" and influence["rescore"] is not None
+    assert influence == {**_answer(mode_server, query, k=5), "timings_ms": influence["timings_ms"]}
+    attribution = _answer(mode_server, query, k=5, mode="attribution")
+    assert attribution["method"] == ATTRIBUTION_METHOD and attribution["rescore"] is None
+    assert attribution["results"] == _ask(mode_server, query, k=5, mode=ATTRIBUTION_METHOD)
+    # No second stage in attribution: asking for one changes nothing.
+    assert attribution["results"] == _ask(mode_server, query, k=5, mode="attribution", rescore=50)
+    for method in ("bm25", "hybrid"):
+        assert _answer(mode_server, query, k=3, mode=method)["method"] == method
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ def test_phone_width_and_screenshot(browser, ui_server, fact_query):
         page.keyboard.press("Escape")
         _compare(page, ui_server, fact_query.prompt, fact_query.completion, 5)
         page.screenshot(path=target.replace(".png", "_compare.png"), full_page=False)
-        page.get_by_label("Mode", exact=True).select_option("influence")
+        page.get_by_label("Question", exact=True).select_option("influence")
         page.get_by_label("Completion").fill("")
         page.get_by_role("button", name="Generate").click()
         page.wait_for_selector("#generated:not([hidden])")
@@ -279,9 +279,9 @@ def _compare(page, base, prompt, completion, k):
     page.get_by_label("Completion").fill(completion)
     page.get_by_label("Number of results").fill(str(k))
     page.wait_for_selector("#mode option[value=compare]", state="attached")
-    page.get_by_label("Mode", exact=True).select_option("compare")
+    page.get_by_label("Question", exact=True).select_option("compare")
     page.get_by_role("button", name="Search").click()
-    page.wait_for_selector("#compare-bm25 .card")
+    page.wait_for_selector("#compare-attribution .card")
 
 
 def test_compare_view_marks_the_passages_both_rankings_share(page, ui_server, fact_query):
@@ -289,25 +289,32 @@ def test_compare_view_marks_the_passages_both_rankings_share(page, ui_server, fa
     _compare(page, ui_server, fact_query.prompt, fact_query.completion, k)
     influence = _api(ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k)
     lexical = _api(
-        ui_server, prompt=fact_query.prompt, completion=fact_query.completion, k=k, mode="bm25"
+        ui_server,
+        prompt=fact_query.prompt,
+        completion=fact_query.completion,
+        k=k,
+        mode="attribution",
     )
 
     def ids(sel: str) -> list[int]:
         return [int(x) for x in page.eval_on_selector_all(sel, "els => els.map(e => e.dataset.id)")]
 
     assert ids("#compare-influence .card") == [r["id"] for r in influence["results"]]
-    assert ids("#compare-bm25 .card") == [r["id"] for r in lexical["results"]]
+    assert ids("#compare-attribution .card") == [r["id"] for r in lexical["results"]]
     shared = {r["id"] for r in influence["results"]} & {r["id"] for r in lexical["results"]}
     assert shared, "the fact query's own passage should rank in both top-10s"
     assert (
         set(ids("#compare-influence .card.shared"))
         == shared
-        == set(ids("#compare-bm25 .card.shared"))
+        == set(ids("#compare-attribution .card.shared"))
     )
     assert f"share {len(shared)} of their top {k}" in page.locator("#compare-summary").inner_text()
+    # Each column names the method that answered its question.
+    assert page.locator("#compare-influence-method").inner_text() == influence["method"]
+    assert page.locator("#compare-attribution-method").inner_text() == lexical["method"]
     assert page.locator("#results .card").count() == 0
     # Back to one ranking: the compare view goes away.
-    page.get_by_label("Mode", exact=True).select_option("influence")
+    page.get_by_label("Question", exact=True).select_option("influence")
     page.get_by_role("button", name="Search").click()
     page.wait_for_selector("#results .card")
     assert page.locator("#compare").is_hidden()
