@@ -80,6 +80,54 @@ def section(path: Path) -> list[str]:
     return out
 
 
+def _paired(data: dict[str, Any], method: str, metric: str) -> str:
+    """The product minus ``method`` on ``metric`` over all queries: mean [95% CI]."""
+    for r in data.get("paired", {}).get("shipped, all", []):
+        if r["method"] == method and r["metric"] == metric:
+            return f"{r['mean']:+.4f} [{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}]"
+    return "-"
+
+
+def _best(rows: list[dict[str, Any]], key: str, exclude: str = "") -> dict[str, Any]:
+    return max((r for r in rows if r["method"] != exclude and key in r), key=lambda r: r[key])
+
+
+def _winners(rows: list[dict[str, Any]], key: str, form: str) -> str:
+    """Every method at the best value of ``key`` as its report prints it (ties share it)."""
+    best = form.format(_best(rows, key)[key])
+    tied = [r["method"] for r in rows if key in r and form.format(r[key]) == best]
+    return f"{', '.join(tied)} {best}"
+
+
+def question_rows() -> list[dict[str, Any]]:
+    """Per evaluation that ran the product (``shipped``) beside BM25: which method wins each
+    question, and the product against the strongest other method with its paired interval."""
+    out = []
+    for path in sorted(RESULTS.glob("eval_*.json")):
+        data = json.loads(path.read_text())
+        rows = data.get("rows", [])
+        names = {r["method"] for r in rows}
+        if not {"shipped", "bm25"} <= names or "shipped, all" not in data.get("paired", {}):
+            continue
+        c = data["context"]
+        rival = _best(rows, "tailpatch_top10", exclude="shipped")
+        out.append(
+            {
+                "set": path.stem,
+                "queries (learned)": f"{c['n_queries']} ({len(c.get('learned_queries', []))})",
+                "attribution winner (MRR@10)": _winners(rows, "mrr", "{:.3f}"),
+                "shipped - bm25, MRR@10": _paired(data, "bm25", "rr_at_10"),
+                "influence winner (tail-patch top-10)": _winners(
+                    rows, "tailpatch_top10", "{:+.4f}"
+                ),
+                "shipped - best other, tail-patch top-10": (
+                    f"{_paired(data, rival['method'], 'tailpatch_top10')} vs {rival['method']}"
+                ),
+            }
+        )
+    return out
+
+
 def render() -> str:
     lines = [
         "# Results",
@@ -89,6 +137,18 @@ def render() -> str:
         "its caveats. Numbers from one run on the machine named; compare ratios within a file.",
         "",
     ]
+    questions = question_rows()
+    if questions:
+        lines += [
+            "## Which method answers which question",
+            "",
+            "Per evaluation set: the best method at attribution (MRR@10) and at influence",
+            "(tail-patch top-10), and the product as served (`shipped`) minus BM25 and minus the",
+            "strongest other method, paired over queries (an interval that holds 0 is a tie).",
+            "",
+            *_table(questions, list(questions[0])),
+            "",
+        ]
     for path in sorted(RESULTS.glob("*.json")):
         lines += section(path)
     return "\n".join(lines).rstrip() + "\n"

@@ -61,6 +61,35 @@ class BasisStatistics:
         if c_in is not None:
             c_in += torch.einsum("boi,bok->ik", g, g).double().cpu()
 
+    def factors_pay(self, name: str, t: int, n_out: int, n_in: int) -> bool:
+        """Whether ``add_factors`` costs less than forming the gradients for ``add``: per
+        example of T tokens, T^2 (in + out) + T out^2 and T^2 (out + in) + T in^2
+        multiply-adds (each fitted side) against out in T, plus out^2 in and out in^2,
+        through G (a sequence longer than its module's sides forms G)."""
+        c_out, c_in = self.sums[name]
+        shared = 2 * t * t * (n_out + n_in)
+        factors = (shared + t * n_out * n_out if c_out is not None else 0) + (
+            shared + t * n_in * n_in if c_in is not None else 0
+        )
+        whole = (
+            n_out
+            * n_in
+            * (t + (n_out if c_out is not None else 0) + (n_in if c_in is not None else 0))
+        )
+        return factors < whole
+
+    def add_factors(self, name: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
+        """Add the uncorrected gradients G_b = sum_t g_t a_t^T of one module from their token
+        factors, acts [B, T, in] and grads [B, T, out] (padding zeroed), without forming G:
+        G G^T = g^T (a a^T) g and G^T G = a^T (g g^T) a (``factors_pay`` says when that is
+        cheaper)."""
+        c_out, c_in = self.sums[name]
+        for c, x, y in ((c_out, grads, acts), (c_in, acts, grads)):
+            if c is not None:
+                # sum_b x_b^T (y_b y_b^T) x_b as one [n, B T] x [B T, n] product.
+                m = (y @ y.transpose(1, 2)) @ x
+                c += (x.reshape(-1, x.shape[-1]).T @ m.reshape(-1, x.shape[-1])).double().cpu()
+
     def kfac_roots(self, modules: list[TrackedModule], delta: float) -> Pairs:
         """The K-FAC whitening (W_out, W_in) of every module: W_out = s L_out [out, out],
         W_in = L_in [in, in], so the whitened gradient is W_out G~ W_in.

@@ -127,6 +127,10 @@ class TrackStarEncoder:
             if m.name not in stats.sums:
                 return
             scale = inv.get(m.name)
+            _, t, n_out = grads.shape
+            if scale is None and stats.factors_pay(m.name, t, n_out, acts.shape[-1]):
+                stats.add_factors(m.name, acts, grads)  # uncorrected: G never formed
+                return
             for g in example_gradients(m, acts, grads):
                 stats.add(m.name, g if scale is None else g.mul_(scale))
 

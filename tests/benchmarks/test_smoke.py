@@ -92,6 +92,19 @@ def test_bench_encode_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_fit_quick(tmp_path):
+    from benchmarks import bench_fit
+
+    assert bench_fit.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_fit_quick.json").read_text())
+    (row,) = data["rows"]
+    assert row["sums_s"] > 0 and row["sums_formed_s"] > 0 and row["roots_s"] > 0
+    batches = row["basis_sample"] / row["batch"]
+    want = (batches * row["sums_s"] + row["roots_s"]) / (batches * row["encode_s"])
+    assert row["basis_step_ratio"] == want  # the same arithmetic in the same order
+    assert data["goals"][0]["measured"] == row["basis_step_ratio"]
+
+
 def test_bench_service_quick_on_the_tiny_index(tiny_index, tmp_path):
     """Both modes served over loopback, every level answered, goals computed from the
     measured rows (the paired windows included)."""

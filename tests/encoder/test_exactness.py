@@ -250,14 +250,32 @@ def test_a_long_unwhitened_side_is_never_made_dense(monkeypatch, k, correction):
     assert dot == pytest.approx(first, rel=TOL)
 
 
+@pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("sizing", [{"k": 0}, {"k": 3}, BUDGET])
-def test_sketch_whitening_matches_reference(sizing):
+def test_sketch_whitening_matches_reference(sizing, correction, monkeypatch):
     """The sketch's whitening: W_out = s L_out, W_in = L_in with L the damped inverse square
     roots of the mean corrected-gradient side covariances (reference: torch.func gradients of
-    each example alone, scipy's fractional power), whatever the sizing."""
+    each example alone, scipy's fractional power), whatever the sizing. Uncorrected, a batch's
+    sums come from the token factors (``BasisStatistics.add_factors``) where that is cheaper
+    and through the formed gradients elsewhere: here both, within one module's sums."""
+    from encoder.basis import BasisStatistics
+
+    calls: dict[str, set[str]] = {"add": set(), "add_factors": set()}
+
+    def counting(method):
+        real = getattr(BasisStatistics, method)
+
+        def call(self, name, *args):
+            calls[method].add(name)
+            real(self, name, *args)
+
+        return call
+
+    for method in calls:
+        monkeypatch.setattr(BasisStatistics, method, counting(method))
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=True)
+    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=correction)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     plain = TrackStarEncoder(
         model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm
@@ -265,7 +283,10 @@ def test_sketch_whitening_matches_reference(sizing):
     assert enc.block_dims == plain.block_dims and all(s is not None for s in enc.plan.values())
     train = _examples(3, 10, 3, 12, 40)
     enc.fit_basis(collate(train[i : i + 3]) for i in range(0, len(train), 3))
-    want = ref.reference_kfac_roots(model, enc.modules, train, cfg.delta, sm.v_hat, sm.eps)
+    v_hat = sm.v_hat if correction else None
+    want = ref.reference_kfac_roots(model, enc.modules, train, cfg.delta, v_hat, sm.eps)
+    assert calls["add"] == set(enc.module_names)
+    assert calls["add_factors"] == (set() if correction else set(enc.module_names))
     got = enc.family.whitening()
     assert set(got) == set(want) == set(enc.module_names)
     for name, (a_ref, b_ref, a_tol, b_tol) in want.items():

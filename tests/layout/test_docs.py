@@ -3,6 +3,7 @@ what the results files give."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -69,3 +70,40 @@ def test_the_results_page_is_generated_from_the_results():
     assert (ROOT / "docs" / "results.md").read_text() == results_doc.render(), (
         "docs/results.md is stale: run python -m benchmarks.results_doc"
     )
+
+
+def test_the_question_table_names_ties_and_the_products_paired_intervals(tmp_path, monkeypatch):
+    def row(method, mrr, tp):
+        return {"method": method, "mrr": mrr, "tailpatch_top10": tp}
+
+    def pair(method, metric, mean, low, high):
+        return {
+            "method": method,
+            "metric": metric,
+            "mean": mean,
+            "ci95_low": low,
+            "ci95_high": high,
+        }
+
+    data = {
+        "rows": [row("shipped", 0.9, 0.02), row("bm25", 0.9, 0.01), row("grad_cosine", 0.5, 0.03)],
+        "context": {"n_queries": 4, "learned_queries": [0, 2]},
+        "paired": {
+            "shipped, all": [
+                pair("bm25", "rr_at_10", 0.0, -0.1, 0.1),
+                pair("grad_cosine", "tailpatch_top10", -0.01, -0.02, -0.005),
+            ]
+        },
+    }
+    (tmp_path / "eval_x.json").write_text(json.dumps(data))
+    (tmp_path / "eval_no_product.json").write_text(json.dumps({"rows": [row("bm25", 1.0, 0.0)]}))
+    monkeypatch.setattr(results_doc, "RESULTS", tmp_path)
+    (got,) = results_doc.question_rows()
+    assert got == {
+        "set": "eval_x",
+        "queries (learned)": "4 (2)",
+        "attribution winner (MRR@10)": "shipped, bm25 0.900",
+        "shipped - bm25, MRR@10": "+0.0000 [-0.1000, +0.1000]",
+        "influence winner (tail-patch top-10)": "grad_cosine +0.0300",
+        "shipped - best other, tail-patch top-10": "-0.0100 [-0.0200, -0.0050] vs grad_cosine",
+    }
