@@ -1,7 +1,8 @@
 """How many candidates the exact second stage needs on the default (sketch) index.
 
 For each model of ``bench_fidelity`` (demo 2 x 128, deep 6 x 256; trained and cached the
-same way) and projection seeds 0 and 1 of the default fingerprint (``FingerprintConfig()``,
+same way), or a real-text set built and trained by ``evaluation.real_sets`` (``.eval/NAME``:
+text nobody here wrote, its corpus far larger than the candidates re-scored), and projection seeds 0 and 1 of the default fingerprint (``FingerprintConfig()``,
 hessian none), over the corpus's first 100 queries:
 
 - ``first_vs_own`` / ``first_seed``: top-10 overlap of the first stage with the unprojected
@@ -17,6 +18,7 @@ candidate is in ``bench_fidelity_sketch.md``. Results: benchmarks/results/bench_
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,13 @@ def measure(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
     )
     from encoder.config import FingerprintConfig
 
-    checkpoint, corpus_dir = prepare(MODELS[name], workdir)
+    if name in MODELS:
+        checkpoint, corpus_dir = prepare(MODELS[name], workdir)
+    else:  # a real-text set as ``evaluation.real_sets`` built and trained it
+        corpus_dir = Path(".eval") / name
+        checkpoint = Path(
+            json.loads((corpus_dir / "model" / "train.json").read_text())["checkpoint"]
+        )
     h = Harness(checkpoint, corpus_dir, n_queries)
     own = unprojected(h, "sketch", False)[0]  # the K-FAC-whitened unprojected scores
     own_top = top(own, 10)
@@ -72,7 +80,11 @@ def measure(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--models", default="demo,deep", help="comma-separated: demo, deep, quick")
+    p.add_argument(
+        "--models",
+        default="demo,deep",
+        help="comma-separated: demo, deep, quick, or a real-text set trained by evaluation.real_sets",
+    )
     p.add_argument("--queries", type=int, default=100, help="queries per model (default 100)")
     p.add_argument(
         "--workdir",
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--tag", default=None, help="result file suffix, e.g. real_sets")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [measure(n.strip(), args.workdir, args.queries) for n in args.models.split(",")]
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "depths": list(DEPTHS),
         "rows": rows,
     }
-    write_results("rescore_depth", payload, md, args.out)
+    name = "rescore_depth" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, payload, md, args.out)
     return 0
 
 

@@ -146,12 +146,13 @@ def _rankings(
                 FUSION_DEPTH,
             )
             rankings["hybrid"] = rank_hybrid(bm25_deep, deep, depth)
-    if "shipped" in chosen:
-        from evaluation.shipped import rank_shipped
+    for m in methods:
+        if m.kind == "shipped":
+            from evaluation.shipped import rank_shipped
 
-        start_shipped = time.perf_counter()
-        rankings["shipped"] = rank_shipped(run, depth)
-        run.timings["shipped_s"] = time.perf_counter() - start_shipped
+            start_shipped = time.perf_counter()
+            rankings[m.name] = rank_shipped(run, depth, m.projection)
+            run.timings[f"{m.name}_s"] = time.perf_counter() - start_shipped
     if "dense" in chosen:
         from evaluation.dense import DenseEncoder, rank_dense
 

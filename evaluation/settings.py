@@ -97,6 +97,13 @@ METHODS: tuple[Method, ...] = (
         "certified exact second stage)",
         "shipped",
     ),
+    Method(
+        "shipped_cosine",
+        "the product as served with the Gaussian fingerprint instead (no correction, no R: "
+        "grad_cosine's), then its certified exact stage (the plain gradient cosine)",
+        "shipped",
+        projection="gaussian",
+    ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method(
         "hybrid",

@@ -34,16 +34,18 @@ QUERY_BATCH = 16
 """Queries per ``run_batch`` call (one encode pass)."""
 
 
-def rank_shipped(run: Run, depth: int) -> np.ndarray:
+def rank_shipped(run: Run, depth: int, projection: str | None = None) -> np.ndarray:
     """The served rankings of every query: [Q, depth] passage rows, -1 where the index
-    returned fewer distinct passages."""
+    returned fewer distinct passages. ``projection``: another fingerprint family than the
+    default's, at the build's defaults otherwise (``shipped_cosine``: the Gaussian family
+    without correction or R, whose exact stage is the plain gradient cosine)."""
+    fingerprint = replace(FingerprintConfig(), seed=run.settings.seed)
+    if projection is not None:
+        fingerprint = replace(fingerprint, projection=projection)
     with tempfile.TemporaryDirectory(prefix="influence-eval-") as tmp:
         out = Path(tmp) / "index"
         cfg = BuildConfig(
-            model=run.model_dir,
-            corpus=run.corpus_path,
-            out=out,
-            fingerprint=replace(FingerprintConfig(), seed=run.settings.seed),
+            model=run.model_dir, corpus=run.corpus_path, out=out, fingerprint=fingerprint
         )
         run_build(cfg)
         index = InfluenceIndex.open(out)

@@ -9,7 +9,17 @@ import pytest
 
 from service.cli import main
 
-METHODS = ["trackstar", "no_hessian", "sketch", "shipped", "bm25", "hybrid", "dense", "random"]
+METHODS = [
+    "trackstar",
+    "no_hessian",
+    "sketch",
+    "shipped",
+    "shipped_cosine",
+    "bm25",
+    "hybrid",
+    "dense",
+    "random",
+]
 
 
 @pytest.fixture(scope="module")
