@@ -118,11 +118,26 @@ def _mfu(flops_per_s: float, dev: torch.device) -> float | None:
     return None if peak is None else flops_per_s / (peak * 1e12)
 
 
-def _train_step(model, batch: TokenBatch) -> None:
+def plain_step(model, batch: TokenBatch) -> None:
+    """A training step's forward and backward (weight gradients summed) on a frozen model."""
+    model.requires_grad_(True)
     loss = sequence_loss(model, batch)
     loss.backward()
     for p in model.parameters():
         p.grad = None
+    model.requires_grad_(False)
+
+
+def random_batch(model, seq_len: int, batch_size: int) -> TokenBatch:
+    """``batch_size`` sequences of ``seq_len`` random tokens (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    return collate(
+        [
+            sequence_example(torch.randint(1, vocab, (seq_len,), generator=g).tolist())
+            for _ in range(batch_size)
+        ]
+    )
 
 
 def _encoders(model, sm: SecondMoments, k: int, batch: TokenBatch) -> dict[str, TrackStarEncoder]:
@@ -205,24 +220,10 @@ def speed(
             "per_example_MiB": est.per_example / 2**20,
             "method": est.method,
         }
-    g = torch.Generator().manual_seed(1)
-    batch = collate(
-        [
-            sequence_example(
-                torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist()
-            )
-            for _ in range(batch_size)
-        ]
-    ).to(dev)
+    batch = random_batch(model, seq_len, batch_size).to(dev)
     encoders = _encoders(model, sm, k, batch)
-
-    def plain() -> None:
-        model.requires_grad_(True)
-        _train_step(model, batch)
-        model.requires_grad_(False)
-
     runs = {
-        "plain": plain,
+        "plain": lambda: plain_step(model, batch),
         **{name: (lambda e=enc: e.project(batch)) for name, enc in encoders.items()},
         "exact": _exact_stage(model, encoders["default"], batch),
     }

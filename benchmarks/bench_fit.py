@@ -18,13 +18,13 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from benchmarks.bench_common import machine, md_table, write_results
-from benchmarks.bench_encode import _time_runs, _train_step, build_model
+from benchmarks.bench_encode import _time_runs, build_model, plain_step, random_batch
 from encoder.basis import BasisStatistics
-from encoder.batching import collate, sequence_example
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
 from indexer.build_config import BuildConfig
@@ -38,34 +38,17 @@ GOAL = 1.0
 def measure(model_name: str, seq_len: int, batch_size: int, repeats: int) -> dict[str, Any]:
     """Seconds per batch of each pass, the roots once, and the build's basis-step ratio."""
     model = build_model(model_name, seq_len).requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    batch = collate(
-        [
-            sequence_example(
-                torch.randint(1, model.config.vocab_size, (seq_len,), generator=g).tolist()
-            )
-            for _ in range(batch_size)
-        ]
-    )
+    batch = random_batch(model, seq_len, batch_size)
     enc = TrackStarEncoder(model, FingerprintConfig())
     stats = enc.basis_statistics([batch])
     enc.family.fit(stats)  # encoding needs the whitening; its values do not change the cost
-    real = BasisStatistics.factors_pay
 
     def formed() -> None:
-        BasisStatistics.factors_pay = lambda *a: False  # type: ignore[method-assign]
-        try:
+        with mock.patch.object(BasisStatistics, "factors_pay", lambda *a: False):
             enc.basis_statistics([batch])
-        finally:
-            BasisStatistics.factors_pay = real  # type: ignore[method-assign]
-
-    def plain() -> None:
-        model.requires_grad_(True)
-        _train_step(model, batch)
-        model.requires_grad_(False)
 
     runs = {
-        "plain": plain,
+        "plain": lambda: plain_step(model, batch),
         "encode": lambda: enc.project(batch),
         "sums": lambda: enc.basis_statistics([batch]),
         "sums_formed": formed,

@@ -90,7 +90,9 @@ class BasisStatistics:
                 m = (y @ y.transpose(1, 2)) @ x
                 c += (x.reshape(-1, x.shape[-1]).T @ m.reshape(-1, x.shape[-1])).double().cpu()
 
-    def kfac_roots(self, modules: list[TrackedModule], delta: float) -> Pairs:
+    def kfac_roots(
+        self, modules: list[TrackedModule], delta: float, device: torch.device | None = None
+    ) -> Pairs:
         """The K-FAC whitening (W_out, W_in) of every module: W_out = s L_out [out, out],
         W_in = L_in [in, in], so the whitened gradient is W_out G~ W_in.
 
@@ -100,7 +102,13 @@ class BasisStatistics:
         R^-1/2 and the modules keep their relative weight; with one side fitted, s = sqrt(the
         other side), the same energy per dim. A side not fitted (``MAX_SIDE``) is s I, held
         as the [1] tensor s (never made dense); a module not fitted at all stays unwhitened.
+        The eigendecompositions run on ``device`` (an accelerator's, one side at a time; the
+        sums stay on the host), in float64 either way; the roots come back to the host.
         """
+
+        def root(c: torch.Tensor) -> torch.Tensor:
+            return inverse_sqrt((c / self.count).to(device), delta).float().cpu()
+
         if self.count == 0:
             raise ConfigError("no sequences to fit the K-FAC whitening from")
         out: Pairs = {}
@@ -114,12 +122,8 @@ class BasisStatistics:
                 scale = float(m.in_features if c_in is None else m.out_features) ** 0.5
             else:
                 scale = 1.0
-            w_out = (
-                torch.tensor([scale])
-                if c_out is None
-                else inverse_sqrt(c_out / self.count, delta).float() * scale
-            )
-            w_in = torch.ones(1) if c_in is None else inverse_sqrt(c_in / self.count, delta).float()
+            w_out = torch.tensor([scale]) if c_out is None else root(c_out) * scale
+            w_in = torch.ones(1) if c_in is None else root(c_in)
             out[m.name] = (w_out.contiguous(), w_in.contiguous())
         return out
 

@@ -61,7 +61,7 @@ class Sketch(Family):
         return not self.roots
 
     def fit(self, stats: BasisStatistics) -> None:
-        self.set_whitening(stats.kfac_roots(self.modules, self.config.delta))
+        self.set_whitening(stats.kfac_roots(self.modules, self.config.delta, self.device))
 
     def placeholder(self) -> None:
         """The identity whitening in the fitted one's shapes: [n, n] up to ``MAX_SIDE``, the
