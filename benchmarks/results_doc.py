@@ -128,6 +128,57 @@ def question_rows() -> list[dict[str, Any]]:
     return out
 
 
+FINDINGS = (
+    ("correction helps", "no_correction"),
+    ("R helps", "no_hessian"),
+    ("mixed R beats R_train", "r_train_only"),
+    ("unit norm helps", "no_unit_norm"),
+)
+"""The paper's ablations (TrackStar against it without one component) checked per set."""
+
+
+def _verdict(data: dict[str, Any], method: str, metric: str) -> str:
+    """yes / no / tie: TrackStar minus ``method`` on ``metric``, by its paired interval."""
+    for r in data.get("paired", {}).get("all", []):
+        if r["method"] == method and r["metric"] == metric:
+            return "yes" if r["ci95_low"] > 0 else "no" if r["ci95_high"] < 0 else "tie"
+    return "-"
+
+
+def _best_at(rows: list[dict[str, Any]], name: str, key: str, form: str) -> str:
+    """yes when ``name`` has the best value of ``key`` as printed (a shared best counts)."""
+    mine = next((r for r in rows if r["method"] == name), None)
+    if mine is None:
+        return "-"
+    return "yes" if form.format(mine[key]) == form.format(_best(rows, key)[key]) else "no"
+
+
+def checklist_rows() -> list[dict[str, Any]]:
+    """The paper's findings, per evaluation that ran TrackStar and its ablations: BM25 best at
+    attribution, TrackStar best at influence (of the gradient methods brute-forced, the
+    product rows aside), and each component's help as attribution / influence verdicts."""
+    out = []
+    for path in sorted(RESULTS.glob("eval_*.json")):
+        data = json.loads(path.read_text())
+        rows = data.get("rows", [])
+        if not {m for _, m in FINDINGS} | {"trackstar", "bm25"} <= {r["method"] for r in rows}:
+            continue
+        brute = [r for r in rows if not r["method"].startswith("shipped")]
+        row = {
+            "set": path.stem,
+            "BM25 best at attribution": _best_at(rows, "bm25", "mrr", "{:.3f}"),
+            "TrackStar best at tail-patch": _best_at(
+                brute, "trackstar", "tailpatch_top10", "{:+.4f}"
+            ),
+        }
+        for finding, method in FINDINGS:
+            row[f"{finding} (MRR / tail-patch)"] = (
+                f"{_verdict(data, method, 'rr_at_10')} / {_verdict(data, method, 'tailpatch_top10')}"
+            )
+        out.append(row)
+    return out
+
+
 def render() -> str:
     lines = [
         "# Results",
@@ -147,6 +198,17 @@ def render() -> str:
             "strongest other method, paired over queries (an interval that holds 0 is a tie).",
             "",
             *_table(questions, list(questions[0])),
+            "",
+        ]
+    checklist = checklist_rows()
+    if checklist:
+        lines += [
+            "## The paper's findings, set by set",
+            "",
+            "yes / no / tie: whether the finding holds on the set, each component by TrackStar",
+            "minus TrackStar without it, paired over queries (tie: the interval holds 0).",
+            "",
+            *_table(checklist, list(checklist[0])),
             "",
         ]
     for path in sorted(RESULTS.glob("*.json")):

@@ -107,3 +107,29 @@ def test_the_question_table_names_ties_and_the_products_paired_intervals(tmp_pat
         "influence winner (tail-patch top-10)": "grad_cosine +0.0300",
         "shipped - best other, tail-patch top-10": "-0.0100 [-0.0200, -0.0050] vs grad_cosine",
     }
+
+
+def test_the_findings_checklist_reads_verdicts_from_the_paired_intervals(tmp_path, monkeypatch):
+    methods = ["trackstar", "bm25", "no_correction", "no_hessian", "r_train_only", "no_unit_norm"]
+    rows = [{"method": m, "mrr": 0.5, "tailpatch_top10": 0.01} for m in methods]
+    rows[1]["mrr"] = 0.9  # BM25 best at attribution
+    rows.append(
+        {"method": "shipped_cosine", "mrr": 0.1, "tailpatch_top10": 0.05}
+    )  # not brute force
+
+    def pair(method, metric, low, high):
+        return {"method": method, "metric": metric, "ci95_low": low, "ci95_high": high}
+
+    paired = [
+        pair("no_correction", "rr_at_10", 0.01, 0.02),
+        pair("no_correction", "tailpatch_top10", -0.02, -0.01),
+        pair("no_hessian", "rr_at_10", -0.01, 0.01),
+    ]
+    data = {"rows": rows, "paired": {"all": paired}}
+    (tmp_path / "eval_y.json").write_text(json.dumps(data))
+    monkeypatch.setattr(results_doc, "RESULTS", tmp_path)
+    (got,) = results_doc.checklist_rows()
+    assert got["BM25 best at attribution"] == "yes"
+    assert got["TrackStar best at tail-patch"] == "yes"  # tied at the best of the brute-forced
+    assert got["correction helps (MRR / tail-patch)"] == "yes / no"
+    assert got["R helps (MRR / tail-patch)"] == "tie / -"
