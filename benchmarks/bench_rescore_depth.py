@@ -34,7 +34,9 @@ DEPTHS = (50, 100, 150, 200, 300)
 SEEDS = (0, 1)
 
 
-def measure(name: str, workdir: Path, n_queries: int, projection: str = "sketch") -> dict[str, Any]:
+def measure(
+    name: str, workdir: Path, n_queries: int, projection: str = "sketch", whiten: bool = True
+) -> dict[str, Any]:
     from benchmarks.bench_fidelity import (
         MODELS,
         Harness,
@@ -56,11 +58,12 @@ def measure(name: str, workdir: Path, n_queries: int, projection: str = "sketch"
     h = Harness(checkpoint, corpus_dir, n_queries)
     # What the exact stage scores by: the K-FAC-whitened gradient cosine (sketch), or the
     # plain one (gaussian: no whitening); neither corrected (the defaults).
-    own = unprojected(h, projection, False)[0]
+    own = unprojected(h, projection if whiten else "gaussian", False)[0]  # gaussian k = 0: plain
     own_top = top(own, 10)
     first, dim = {}, 0
     for seed in SEEDS:
-        enc, a, b, _ = h.phi(FingerprintConfig(seed=seed, hessian="none", projection=projection))
+        config = FingerprintConfig(seed=seed, hessian="none", projection=projection, whiten=whiten)
+        enc, a, b, _ = h.phi(config)
         first[seed], dim = h.scores(enc.config, a, b)[0], enc.dim
     s0, s1 = (first[s] for s in SEEDS)
     row: dict[str, Any] = {
@@ -103,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("sketch", "gaussian"),
         help="the fingerprint family (default: sketch, the index default)",
     )
+    p.add_argument("--no-whiten", action="store_true", help="the sketch without its whitening")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [
-        measure(n.strip(), args.workdir, args.queries, args.projection)
+        measure(n.strip(), args.workdir, args.queries, args.projection, not args.no_whiten)
         for n in args.models.split(",")
     ]
     cols = ["model", "d", "first_vs_own", "first_seed"] + [
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Exact second stage depth on the default index\n\n"
         f"Top-10 overlaps, mean over {args.queries} queries; `_seed`: seed {SEEDS[0]} vs {SEEDS[1]}; the rest: "
         f"against the unprojected ranking the exact stage scores by (mean over the two seeds); "
-        f"fingerprint family: {args.projection} (sketch: K-FAC-whitened; gaussian: plain).\n\n"
-        + md_table(rows, cols)
+        f"fingerprint family: {args.projection}{' without whitening' if args.no_whiten else ''} "
+        "(the sketch: K-FAC-whitened unless said; gaussian: plain).\n\n" + md_table(rows, cols)
     )
     payload = {
         "machine": machine(),

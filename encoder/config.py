@@ -53,6 +53,9 @@ class FingerprintConfig:
         delta: damping, R + delta * mean_eig(R) * I before the inverse square root (of the
             projected R and of the sketch's side covariances alike).
         unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
+        whiten: the sketch's K-FAC whitening; ``False`` sketches the plain gradient (the
+            family's sides are the identity, nothing is fitted; the exact stage scores the
+            plain gradient cosine). Only the sketch whitens.
     """
 
     include: tuple[str, ...] = field(
@@ -108,6 +111,12 @@ class FingerprintConfig:
         default=1e-3, metadata={"help": "damping of R and of the sketch's whitening"}
     )
     unit_norm: bool = field(default=True, metadata={"cli": None})
+    whiten: bool = field(
+        default=True,
+        metadata={
+            "help": "turn off the sketch's K-FAC whitening: sketch the plain gradient (no basis step)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 0:
@@ -118,6 +127,8 @@ class FingerprintConfig:
             )
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
+        if not self.whiten and self.projection != "sketch":
+            raise ConfigError(f"only the sketch whitens: --no-whiten with {self.projection!r}")
         if self.projection not in FAMILY_NAMES:
             raise ConfigError(
                 f"projection must be one of {'|'.join(FAMILY_NAMES)}, got {self.projection!r}"
@@ -161,6 +172,9 @@ class FingerprintConfig:
         if d.get("mode", "exact") != "exact":  # indexes of format 3 recorded the retired mode
             raise ConfigError(f"the {d['mode']} encoder mode was retired: rebuild the index")
         d.pop("mode", None)
+        d.setdefault(
+            "whiten", True
+        )  # indexes before the field all whitened (the sketch's only way)
         if set(d) != known:
             raise ConfigError(
                 f"a fingerprint config has every key of to_dict(): missing {sorted(known - set(d))}, "

@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 TAILPATCH_CUTOFFS = (1, 3, 10)
 
 
-PhiKey = tuple[bool, str, int | None]
-"""(correction, projection family, block cap): what a method's phi depends on (``Method.phi_key``)."""
+PhiKey = tuple[bool, str, int | None, bool]
+"""(correction, projection family, block cap, whitening): what a method's phi depends on
+(``Method.phi_key``)."""
 
 
 def _hybrid_gradient() -> Method:
@@ -70,11 +71,15 @@ def _projected(
     keys = {m.phi_key(run.base) for m in methods if m.kind == "gradient"}
     if any(m.kind == "hybrid" for m in methods):
         keys.add(_hybrid_gradient().phi_key(run.base))
-    for correction, projection, max_block in sorted(
-        keys, key=lambda k: (k[0], k[1], k[2] or 0), reverse=True
+    for correction, projection, max_block, whiten in sorted(
+        keys, key=lambda k: (k[0], k[1], k[2] or 0, k[3]), reverse=True
     ):
         config = replace(
-            run.base, correction=correction, projection=projection, max_block=max_block
+            run.base,
+            correction=correction,
+            projection=projection,
+            max_block=max_block,
+            whiten=whiten,
         )
         enc = TrackStarEncoder(
             run.model, config, second_moments=second_moments if correction else None
@@ -83,6 +88,7 @@ def _projected(
             "" if projection == run.base.projection else f", {projection}"
         )
         label += "" if max_block == run.base.max_block else f", block {max_block}"
+        label += "" if whiten else ", plain"
         pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()
@@ -106,7 +112,7 @@ def _projected(
         if pb is not None:
             pb.close()
         run.timings[f"fingerprints_{label.replace(', ', '_')}_s"] = time.perf_counter() - start
-        phis[(correction, projection, max_block)] = GradientInputs(train_phi, query_phi)
+        phis[(correction, projection, max_block, whiten)] = GradientInputs(train_phi, query_phi)
     return phis
 
 
@@ -151,7 +157,7 @@ def _rankings(
             from evaluation.shipped import rank_shipped
 
             start_shipped = time.perf_counter()
-            rankings[m.name] = rank_shipped(run, depth, m.projection)
+            rankings[m.name] = rank_shipped(run, depth, m.projection, m.whiten)
             run.timings[f"{m.name}_s"] = time.perf_counter() - start_shipped
     if "dense" in chosen:
         from evaluation.dense import DenseEncoder, rank_dense

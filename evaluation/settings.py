@@ -23,6 +23,7 @@ class Method:
         projection: the projection family; None: the run's (``EvalSettings.projection``).
         max_block: the most dims one module's block may take (``FingerprintConfig.max_block``);
             None: the family's default cap. Lets two families be compared at equal d.
+        whiten: the sketch's K-FAC whitening (``FingerprintConfig.whiten``).
     """
 
     name: str
@@ -33,6 +34,7 @@ class Method:
     unit_norm: bool = True
     projection: str | None = None
     max_block: int | None = None
+    whiten: bool = True
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
         return replace(
@@ -42,12 +44,14 @@ class Method:
             unit_norm=self.unit_norm,
             projection=self.projection or base.projection,
             max_block=self.max_block if self.max_block is not None else base.max_block,
+            whiten=self.whiten,
         )
 
-    def phi_key(self, base: FingerprintConfig) -> tuple[bool, str, int | None]:
-        """What this method's phi depends on: (correction, projection family, block cap)."""
+    def phi_key(self, base: FingerprintConfig) -> tuple[bool, str, int | None, bool]:
+        """What this method's phi depends on: (correction, projection family, block cap,
+        the sketch's whitening)."""
         config = self.config(base)
-        return config.correction, config.projection, config.max_block
+        return config.correction, config.projection, config.max_block, config.whiten
 
 
 METHODS: tuple[Method, ...] = (
@@ -92,6 +96,15 @@ METHODS: tuple[Method, ...] = (
         max_block=1024,
     ),
     Method(
+        "sketch_plain",
+        "the plain gradient cosine, CountSketched (projection sketch without whitening)",
+        "gradient",
+        correction=False,
+        hessian="none",
+        projection="sketch",
+        whiten=False,
+    ),
+    Method(
         "shipped",
         "the product as served: index build at its defaults, then the engine (first stage, "
         "certified exact second stage)",
@@ -103,6 +116,13 @@ METHODS: tuple[Method, ...] = (
         "grad_cosine's), then its certified exact stage (the plain gradient cosine)",
         "shipped",
         projection="gaussian",
+    ),
+    Method(
+        "shipped_plain",
+        "the product as served with the sketch of the plain gradient (--no-whiten), then its "
+        "certified exact stage (the plain gradient cosine)",
+        "shipped",
+        whiten=False,
     ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method(

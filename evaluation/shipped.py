@@ -34,12 +34,15 @@ QUERY_BATCH = 16
 """Queries per ``run_batch`` call (one encode pass)."""
 
 
-def rank_shipped(run: Run, depth: int, projection: str | None = None) -> np.ndarray:
+def rank_shipped(
+    run: Run, depth: int, projection: str | None = None, whiten: bool = True
+) -> np.ndarray:
     """The served rankings of every query: [Q, depth] passage rows, -1 where the index
-    returned fewer distinct passages. ``projection``: another fingerprint family than the
-    default's, at the build's defaults otherwise (``shipped_cosine``: the Gaussian family
-    without correction or R, whose exact stage is the plain gradient cosine)."""
-    fingerprint = replace(FingerprintConfig(), seed=run.settings.seed)
+    returned fewer distinct passages. ``projection`` / ``whiten``: another fingerprint than
+    the default's, at the build's defaults otherwise (``shipped_cosine``: the Gaussian family
+    without correction or R; ``shipped_plain``: the sketch without whitening; the exact stage
+    of both is the plain gradient cosine)."""
+    fingerprint = replace(FingerprintConfig(), seed=run.settings.seed, whiten=whiten)
     if projection is not None:
         fingerprint = replace(fingerprint, projection=projection)
     with tempfile.TemporaryDirectory(prefix="influence-eval-") as tmp:

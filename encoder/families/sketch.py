@@ -41,6 +41,8 @@ class Sketch(Family):
         """The modules not kept whole, their hash kept where ``keeps_hash``; the whitening is
         fitted later."""
         self.roots: Pairs = {}
+        if not self.config.whiten:  # the identity: the plain gradient is sketched, nothing fitted
+            self.set_whitening({m.name: (torch.ones(1), torch.ones(1)) for m in self.modules})
         self.hashed = {m.name for m in self.modules if not self.whole(m)}
         self.hashes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if keeps_hash(self.device):

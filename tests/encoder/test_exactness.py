@@ -318,3 +318,46 @@ def test_sketch_whitens_each_side_of_the_training_gradients():
             # per unit of the identity, summed over the side (n-term products).
             err = float((c - torch.eye(side, dtype=torch.float64)).abs().max())
             assert err <= 4 * side * float(torch.linalg.cond(raw)) * 2.0**-24, (m.name, err)
+
+
+@pytest.mark.parametrize("sizing", [{"k": 3}, BUDGET])
+def test_an_unwhitened_sketch_is_the_sketch_of_the_plain_gradient(sizing):
+    """``whiten=False``: nothing to fit, every side the identity (the [1] scale 1), so each
+    block is the CountSketch of the plain gradient (or the plain gradient, kept whole), and
+    the exact stage scores the plain gradient cosine, with the norms a build stores."""
+    from encoder.rescoring import ExactRescorer
+
+    model = tiny_gpt2(seed=1, dtype=torch.float64)
+    cfg = FingerprintConfig(**sizing, seed=7, hessian="none", whiten=False)
+    enc = TrackStarEncoder(model, cfg)
+    assert not enc.needs_fit
+    identity = {m.name: (torch.ones(1), torch.ones(1)) for m in enc.modules}
+    assert {n: tuple(map(torch.Tensor.tolist, p)) for n, p in enc.family.whitening().items()} == {
+        n: ([1.0], [1.0]) for n in identity
+    }
+    train = _examples(3, 6, 3, 12, 40)
+    sq = torch.zeros(len(train), dtype=torch.float64)
+    got = enc.project(collate(train), sq).numpy()
+    want = np.stack(
+        [
+            ref.reference_sketch_phi(model, enc.modules, e, plan=enc.plan, roots=identity, seed=7)
+            for e in train
+        ]
+    )
+    assert np.abs(got - want).max() <= TOL * max(np.abs(want).max(), 1.0)
+    plain = [ref.corrected_grads(model, enc.modules, e) for e in train]
+    norms = np.array([sum(float((g[m.name] ** 2).sum()) for m in enc.modules) for g in plain])
+    assert np.abs(sq.numpy() - norms).max() <= TOL * norms.max()
+    # The exact stage: the plain gradients' cosines.
+    scorer = ExactRescorer(model, cfg, None, enc.family.whitening()).for_query(train[0], pad_id=0)
+    flat = np.stack([np.concatenate([g[m.name].ravel() for m in enc.modules]) for g in plain])
+    cos = flat @ flat[0] / (np.linalg.norm(flat, axis=1) * np.linalg.norm(flat[0]))
+    assert np.abs(scorer(train[1:], sq[1:]).numpy() - cos[1:]).max() <= TOL
+
+
+def test_only_the_sketch_whitens_and_old_manifests_read_as_whitened():
+    with pytest.raises(ConfigError, match="only the sketch whitens"):
+        FingerprintConfig(projection="gaussian", whiten=False)
+    old = FingerprintConfig().to_dict()
+    del old["whiten"]  # a manifest written before the field
+    assert FingerprintConfig.from_dict(old).whiten is True
