@@ -219,7 +219,8 @@ class InfluenceQuery(BaseModel):
         None,
         description="Exact second stage (mode `influence`; the other modes ignore it): re-score the first "
         "stage's candidates in order, at most its top max(rescore, k), by their unprojected gradients as "
-        "the index forms them (K-FAC-whitened for a sketch index; no projection noise, no projected R), "
+        "the index forms them (the plain gradients; K-FAC-whitened for an index built with --whiten; no "
+        "projection noise, no projected R), "
         "stopping once the top-k is certified at `confidence`, and return the best k; each candidate "
         "costs one backward pass. 0 = off; null = the server's default (`INFLUENCE_RESCORE`; unset, the "
         "index's: on without a projected R, 0 with one).",

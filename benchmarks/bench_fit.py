@@ -1,6 +1,7 @@
-"""The basis step (the sketch's K-FAC whitening fit) against encoding the same sequences.
+"""The basis step (the whitened sketch's K-FAC fit, ``--whiten``) against encoding the same
+sequences.
 
-Per batch: a plain forward+backward (weight gradients), the default's encode
+Per batch: a plain forward+backward (weight gradients), the whitened sketch's encode
 (``TrackStarEncoder.project``), and the fit's side sums (``TrackStarEncoder.basis_statistics``)
 two ways: from the token factors where that is cheaper (``BasisStatistics.add_factors``, the
 build's path) and through each example's formed gradient (``add``, the previous path). Once
@@ -39,7 +40,7 @@ def measure(model_name: str, seq_len: int, batch_size: int, repeats: int) -> dic
     """Seconds per batch of each pass, the roots once, and the build's basis-step ratio."""
     model = build_model(model_name, seq_len).requires_grad_(False)
     batch = random_batch(model, seq_len, batch_size)
-    enc = TrackStarEncoder(model, FingerprintConfig())
+    enc = TrackStarEncoder(model, FingerprintConfig(whiten=True))  # the sketch that fits
     stats = enc.basis_statistics([batch])
     enc.family.fit(stats)  # encoding needs the whitening; its values do not change the cost
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     md = (
         "# Basis-step benchmark\n\n"
         "Seconds per batch (median of interleaved runs, one torch thread): `plain` a forward+"
-        "backward with weight gradients; `encode` the default's fingerprint; `sums` the fit's "
+        "backward with weight gradients; `encode` the whitened sketch's fingerprint; `sums` the fit's "
         "side covariances from the token factors where cheaper (the build's path), "
         "`sums_formed` through each example's formed gradient (the previous path); `roots_s` "
         "the eigendecompositions, once. `basis_step_ratio` = (sample / batch x sums + roots) "

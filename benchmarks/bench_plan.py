@@ -50,6 +50,7 @@ SHAPES = {  # name: (config, device, memory)
 }
 CONFIGS = {
     "default": FingerprintConfig(),
+    "whitened": FingerprintConfig(whiten=True),
     "paper": FingerprintConfig(projection="gaussian", correction=True, hessian="mixed"),
 }
 

@@ -39,9 +39,9 @@ class FingerprintConfig:
             each d_W x d_W Hessian block: 1024 dims = 8 MiB of float64 sums; its
             eigendecomposition grows with d_W^3). Default (None): 4096 for a sketch without a
             projected R, else 1024 (``block_cap``).
-        projection: the fingerprint family (``encoder.families``): ``sketch`` (default), the
-            K-FAC whitening of each module's gradient, fitted on a sample of the corpus, then
-            a seeded CountSketch; ``gaussian``, the paper's seeded Gaussian Kronecker pairs.
+        projection: the fingerprint family (``encoder.families``): ``sketch`` (default), a
+            seeded CountSketch of each module's gradient (optionally K-FAC-whitened first,
+            ``whiten``); ``gaussian``, the paper's seeded Gaussian Kronecker pairs.
         seed: seed of the sketch's hash and of the Gaussian pairs (drawn per module name).
         correction: divide by sqrt(v_hat)+eps (paper Eq. 2 optimizer state). Off by default
             (the sketch's whitening does better without it); the paper's TrackStar turns it on.
@@ -53,9 +53,11 @@ class FingerprintConfig:
         delta: damping, R + delta * mean_eig(R) * I before the inverse square root (of the
             projected R and of the sketch's side covariances alike).
         unit_norm: normalize the final fingerprint (TrackStar); ``False`` is the ablation.
-        whiten: the sketch's K-FAC whitening; ``False`` sketches the plain gradient (the
-            family's sides are the identity, nothing is fitted; the exact stage scores the
-            plain gradient cosine). Only the sketch whitens.
+        whiten: the sketch's K-FAC whitening (fitted by the build's basis step; the exact
+            stage then scores the whitened cosine). Off by default: the plain gradient is
+            sketched (the family's sides are the identity, nothing is fitted) and the exact
+            stage scores the plain gradient cosine, which answers the influence question best
+            (tail-patch, ``docs/results.md``). Only the sketch whitens.
     """
 
     include: tuple[str, ...] = field(
@@ -112,9 +114,9 @@ class FingerprintConfig:
     )
     unit_norm: bool = field(default=True, metadata={"cli": None})
     whiten: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "turn off the sketch's K-FAC whitening: sketch the plain gradient (no basis step)"
+            "help": "the sketch's K-FAC whitening of each module's gradient (fitted by a basis step)"
         },
     )
 
@@ -127,8 +129,8 @@ class FingerprintConfig:
             )
         if self.hessian not in ("none", "train", "mixed"):
             raise ConfigError(f"hessian must be none|train|mixed, got {self.hessian!r}")
-        if not self.whiten and self.projection != "sketch":
-            raise ConfigError(f"only the sketch whitens: --no-whiten with {self.projection!r}")
+        if self.whiten and self.projection != "sketch":
+            raise ConfigError(f"only the sketch whitens: --whiten with {self.projection!r}")
         if self.projection not in FAMILY_NAMES:
             raise ConfigError(
                 f"projection must be one of {'|'.join(FAMILY_NAMES)}, got {self.projection!r}"

@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 QUERY_BATCH = 32
 """Queries encoded per backward pass in ``encode_examples``."""
 
-DEFAULT_RESCORE = 150
+DEFAULT_RESCORE = 100
 """Candidates a hessian-none index re-scores exactly by default (``default_rescore``), at
 most: the certified second stage stops earlier once its top-k is certain. Chosen by the
-overlap with the unprojected ranking and between seeds (benchmarks/results/bench_rescore_depth.md)."""
+overlap with the unprojected ranking and between seeds of the default (plain) sketch, on
+the demo and on real text (benchmarks/results/bench_rescore_depth_*plain.md); the whitened
+sketch (``--whiten``) needs more (bench_rescore_depth_real_sets.md)."""
 
 EXPLAIN_CHUNK = 4
 """Target tokens per backward pass of an explanation made while queries are flowing: each

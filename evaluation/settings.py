@@ -23,7 +23,7 @@ class Method:
         projection: the projection family; None: the run's (``EvalSettings.projection``).
         max_block: the most dims one module's block may take (``FingerprintConfig.max_block``);
             None: the family's default cap. Lets two families be compared at equal d.
-        whiten: the sketch's K-FAC whitening (``FingerprintConfig.whiten``).
+        whiten: the sketch's K-FAC whitening (``FingerprintConfig.whiten``; off by default).
     """
 
     name: str
@@ -34,7 +34,7 @@ class Method:
     unit_norm: bool = True
     projection: str | None = None
     max_block: int | None = None
-    whiten: bool = True
+    whiten: bool = False
 
     def config(self, base: FingerprintConfig) -> FingerprintConfig:
         return replace(
@@ -80,7 +80,8 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "sketch",
-        "K-FAC-whitened gradient cosine, CountSketched (projection sketch, no correction, no R)",
+        "the plain gradient cosine, CountSketched (the product's first stage: projection "
+        "sketch, no whitening, no correction, no R)",
         "gradient",
         correction=False,
         hessian="none",
@@ -96,13 +97,13 @@ METHODS: tuple[Method, ...] = (
         max_block=1024,
     ),
     Method(
-        "sketch_plain",
-        "the plain gradient cosine, CountSketched (projection sketch without whitening)",
+        "sketch_whitened",
+        "K-FAC-whitened gradient cosine, CountSketched (sketch with --whiten)",
         "gradient",
         correction=False,
         hessian="none",
         projection="sketch",
-        whiten=False,
+        whiten=True,
     ),
     Method(
         "shipped",
@@ -118,11 +119,11 @@ METHODS: tuple[Method, ...] = (
         projection="gaussian",
     ),
     Method(
-        "shipped_plain",
-        "the product as served with the sketch of the plain gradient (--no-whiten), then its "
-        "certified exact stage (the plain gradient cosine)",
+        "shipped_whitened",
+        "the product as served with the K-FAC-whitened sketch (--whiten), then its certified "
+        "exact stage (the whitened gradient cosine)",
         "shipped",
-        whiten=False,
+        whiten=True,
     ),
     Method("bm25", "BM25 (bm25s), query = prompt + completion", "bm25"),
     Method(

@@ -35,13 +35,13 @@ QUERY_BATCH = 16
 
 
 def rank_shipped(
-    run: Run, depth: int, projection: str | None = None, whiten: bool = True
+    run: Run, depth: int, projection: str | None = None, whiten: bool = False
 ) -> np.ndarray:
     """The served rankings of every query: [Q, depth] passage rows, -1 where the index
     returned fewer distinct passages. ``projection`` / ``whiten``: another fingerprint than
     the default's, at the build's defaults otherwise (``shipped_cosine``: the Gaussian family
-    without correction or R; ``shipped_plain``: the sketch without whitening; the exact stage
-    of both is the plain gradient cosine)."""
+    without correction or R, whose exact stage is the plain gradient cosine;
+    ``shipped_whitened``: the K-FAC-whitened sketch, whose exact stage is the whitened one)."""
     fingerprint = replace(FingerprintConfig(), seed=run.settings.seed, whiten=whiten)
     if projection is not None:
         fingerprint = replace(fingerprint, projection=projection)

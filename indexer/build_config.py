@@ -94,7 +94,7 @@ class BuildConfig:
         default=None, metadata={"help": "sequences R_train is summed over (default: all)"}
     )
     basis_sample: int = field(
-        default=1024, metadata={"help": "sequences the sketch's whitening is fitted on (0: all)"}
+        default=1024, metadata={"help": "sequences the whitening (--whiten) is fitted on (0: all)"}
     )
     faiss: str = field(
         default="Flat", metadata={"help": "FAISS factory, e.g. IVF1024,PQ64 (re-ranked exactly)"}

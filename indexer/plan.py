@@ -119,6 +119,8 @@ def _family_terms(
                 32 * max(hashed, default=0),
                 "made at each use: the largest module's, int64 temporaries",
             )
+        if not fp.whiten:  # the plain gradient is sketched: no sides, no fit
+            return [hash_term]
         return [
             hash_term,
             Term(
@@ -274,7 +276,8 @@ def build_plan(
     tracked = sum(m.out_features * m.in_features for m in modules)
     # Per token: a plain step is ~6 flops per parameter; the encode is the frozen forward and
     # input backward (4 per parameter), each example's weight gradients (2 per tracked weight),
-    # and the sketch's whitening of the per-token factors (2 (out^2 + in^2) per module).
+    # and, with --whiten, the sketch's whitening of the per-token factors (2 (out^2 + in^2)
+    # per module).
     whiten = sum(2 * (m.out_features**2 + m.in_features**2) for m in modules)
     return MemoryPlan(
         model=str(path),
@@ -283,7 +286,7 @@ def build_plan(
         dim=sum(plan_dims(modules, plan)),
         terms=terms,
         flops_plain=6.0 * params,
-        flops_encode=4.0 * params + 2.0 * tracked + (whiten if fp.projection == "sketch" else 0),
+        flops_encode=4.0 * params + 2.0 * tracked + (whiten if fp.whiten else 0),
         device=device,
         memory=memory,
     )

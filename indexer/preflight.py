@@ -81,7 +81,7 @@ def check_resources(cfg: BuildConfig, encoder: TrackStarEncoder, n: int, out: Pa
 
 FIXES = {
     "sketch hash": "--projection gaussian, or fewer tracked modules (--include)",
-    "whitening": "--projection gaussian, or fewer tracked modules (--include)",
+    "whitening": "no --whiten (the plain sketch needs none), or fewer tracked modules (--include)",
     "activations": "a smaller --batch-size or --seq-len, or --batch-size auto",
     "weights": "a device with more memory",
 }
@@ -130,7 +130,7 @@ def _check_basis(encoder: TrackStarEncoder, free: int) -> None:
     if need > MEMORY_FRACTION * free:
         raise ConfigError(
             f"the whitening needs ~{need / 2**30:.1f} GiB of memory for its covariance sums, "
-            f"{free / 2**30:.1f} GiB are free: use --projection gaussian, or fewer tracked modules (--include)",
+            f"{free / 2**30:.1f} GiB are free: build without --whiten, or with fewer tracked modules (--include)",
             code="insufficient_memory",
             needed_bytes=need,
             free_bytes=free,

@@ -76,9 +76,9 @@ class Settings(BaseSettings):
         ge=0,
         le=MAX_RESCORE,
         description="Default of the request's `rescore` (exact second stage over the top max(rescore, k) "
-        "candidates, a certified stop before); 0 = off. Unset: the index's default, 150 for an index "
-        "without a projected R (the default sketch index: its top-10 then barely depends on the "
-        "projection seed, benchmarks/results/bench_rescore_depth.md), 0 for one with R.",
+        "candidates, a certified stop before); 0 = off. Unset: the index's default (on for an "
+        "index without a projected R: the default sketch index's top-10 then does not depend on "
+        "the projection seed), 0 for one with R.",
     )
     max_batch_size: int = Field(16, ge=1, description="Queries per encode pass.")
     max_wait_ms: float = Field(

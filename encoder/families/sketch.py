@@ -1,13 +1,16 @@
-"""``sketch``, the product's fingerprint: K-FAC whitening, then a seeded CountSketch.
+"""``sketch``, the product's fingerprint: a seeded CountSketch of each module's gradient, by
+default the plain one, optionally (``whiten``) after a K-FAC whitening.
 
-phi_W = S_W vec(W_out G~_W W_in) with W = (C / n + delta mean_eig I)^-1/2 of each side's
-covariance C of the corrected per-example gradients over a sample of the corpus (fitted once
-by the build, ``encoder.basis.BasisStatistics.kfac_roots``, and saved with the index as
-``{module}.W_out`` / ``{module}.W_in``), and S_W a CountSketch of the out*in whitened entries
-into the module's d_W dims, drawn from (seed, module name) (``encoder.projection.sketch_hash``).
-A module whose gradient fits its share of the budget is kept whole: its block is the whitened
-gradient itself. The sketch is unbiased for inner products with a dense Gaussian projection's
-variance (1 / d_W), whatever the rank of the gradient (``encoder.uncertainty``).
+phi_W = S_W vec(W_out G~_W W_in), S_W a CountSketch of the out*in entries into the module's
+d_W dims, drawn from (seed, module name) (``encoder.projection.sketch_hash``). By default the
+sides are the identity (the [1] scale 1): the plain gradient is sketched and nothing is
+fitted. With ``whiten``, W = (C / n + delta mean_eig I)^-1/2 of each side's covariance C of
+the corrected per-example gradients over a sample of the corpus (fitted once by the build,
+``encoder.basis.BasisStatistics.kfac_roots``); either way the sides are saved with the index
+as ``{module}.W_out`` / ``{module}.W_in``. A module whose gradient fits its share of the
+budget is kept whole: its block is the (whitened) gradient itself. The sketch is unbiased for
+inner products with a dense Gaussian projection's variance (1 / d_W), whatever the rank of
+the gradient (``encoder.uncertainty``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Sketch(Family):
         return not self.roots
 
     def fit(self, stats: BasisStatistics) -> None:
+        if not self.config.whiten:
+            raise ConfigError("this sketch does not whiten (whiten off): it has nothing to fit")
         self.set_whitening(stats.kfac_roots(self.modules, self.config.delta, self.device))
 
     def placeholder(self) -> None:

@@ -249,13 +249,16 @@ def test_bench_rescore_depth_on_the_trained_model(trained_checkpoint, fact_corpu
 
 def test_bench_milvus_quick_on_the_tiny_index(tiny_index, tmp_path):
     """Local FAISS and Milvus Lite rows for the index and the synthetic store; Milvus's
-    FLAT answers have full recall (it scores the same float16 values)."""
+    FLAT answers have full recall (it scores the same float16 values), counting as hits the
+    answers tied with the k-th within float32 rounding (the plain sketch of near-duplicate
+    sequences gives equal scores, ordered either way)."""
     from benchmarks import bench_milvus
 
     assert bench_milvus.main(["--quick", "--index", str(tiny_index), "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_milvus.json").read_text())["rows"]
     assert [r["backend"].split(" ")[0] for r in rows] == ["FAISS", "Milvus", "FAISS", "Milvus"]
-    assert all(r["recall@10"] == 1.0 and r["b1 p99 ms"] >= r["b1 p50 ms"] > 0 for r in rows)
+    assert all(r["recall@10, ties counted"] == 1.0 for r in rows)
+    assert all(r["b1 p99 ms"] >= r["b1 p50 ms"] > 0 for r in rows)
 
 
 def test_bench_peer_skips_cleanly_without_bergson(tmp_path, capsys):

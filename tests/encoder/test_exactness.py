@@ -70,8 +70,14 @@ BUDGET = {"k": None, "budget": 1200, "max_block": 200}
 def test_fingerprints_match_reference(k, projection, correction, hessian):
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sizing = BUDGET if k == "budget" else {"k": k}
+    whiten = projection == "sketch"  # the whitened sketch (the plain one: its own test below)
     cfg = FingerprintConfig(
-        seed=7, correction=correction, hessian=hessian, projection=projection, **sizing
+        seed=7,
+        correction=correction,
+        hessian=hessian,
+        projection=projection,
+        whiten=whiten,
+        **sizing,
     )
     sm = _random_second_moments(model, seed=2) if correction else None
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
@@ -142,7 +148,7 @@ def test_fingerprints_match_reference(k, projection, correction, hessian):
 def test_batch_invariance_float32():
     """An example's fingerprint alone equals its fingerprint inside a padded batch."""
     model = tiny_gpt2(seed=5, n_embd=16)
-    cfg = FingerprintConfig(k=4, hessian="none", projection="sketch", correction=True)
+    cfg = FingerprintConfig(k=4, hessian="none", projection="sketch", correction=True, whiten=True)
     enc = TrackStarEncoder(model, cfg, second_moments=_random_second_moments(model, 6))
     short = sequence_example([3, 9, 4, 7])
     others = _examples(8, 5, 10, 20, 40)
@@ -193,7 +199,8 @@ def test_sketch_leaves_a_long_side_unwhitened(monkeypatch):
 
     monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
     model = tiny_gpt2(seed=1)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", correction=False))
+    config = FingerprintConfig(k=3, seed=5, hessian="none", correction=False, whiten=True)
+    enc = TrackStarEncoder(model, config)
     with pytest.raises(ConfigError, match="not fitted"):
         enc.project(collate(_examples(3, 2, 3, 12, 40)))
     enc.fit_basis([collate(_examples(3, 6, 3, 12, 40))])
@@ -219,7 +226,7 @@ def test_a_long_unwhitened_side_is_never_made_dense(monkeypatch, k, correction):
     monkeypatch.setattr(basis, "MAX_SIDE", 16)  # the tiny model's sides: 8, 24 and 32
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2) if correction else None
-    cfg = FingerprintConfig(k=k, seed=5, hessian="none", correction=correction)
+    cfg = FingerprintConfig(k=k, seed=5, hessian="none", correction=correction, whiten=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 8, 3, 12, 40)
     enc.fit_basis([collate(train)])
@@ -275,7 +282,7 @@ def test_sketch_whitening_matches_reference(sizing, correction, monkeypatch):
         monkeypatch.setattr(BasisStatistics, method, counting(method))
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=correction)
+    cfg = FingerprintConfig(**sizing, seed=5, hessian="none", correction=correction, whiten=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     plain = TrackStarEncoder(
         model, FingerprintConfig(**sizing, hessian="none", projection="gaussian"), second_moments=sm
@@ -300,7 +307,7 @@ def test_sketch_whitens_each_side_of_the_training_gradients():
     L_in C_in L_in = I, and likewise L_out G~ on the output side (up to s^2)."""
     model = tiny_gpt2(seed=1, dtype=torch.float64)
     sm = _random_second_moments(model, seed=2)
-    cfg = FingerprintConfig(k=0, hessian="none", delta=0.0, correction=True)
+    cfg = FingerprintConfig(k=0, hessian="none", delta=0.0, correction=True, whiten=True)
     enc = TrackStarEncoder(model, cfg, second_moments=sm)
     train = _examples(3, 40, 3, 12, 40)  # 40 x 3-12 tokens: C_out, C_in of full rank
     grads = [ref.corrected_grads(model, enc.modules, e, sm.v_hat, sm.eps) for e in train]
@@ -321,16 +328,18 @@ def test_sketch_whitens_each_side_of_the_training_gradients():
 
 
 @pytest.mark.parametrize("sizing", [{"k": 3}, BUDGET])
-def test_an_unwhitened_sketch_is_the_sketch_of_the_plain_gradient(sizing):
-    """``whiten=False``: nothing to fit, every side the identity (the [1] scale 1), so each
+def test_the_default_sketch_is_the_sketch_of_the_plain_gradient(sizing):
+    """The default (``whiten`` off): nothing to fit, every side the identity (the [1] scale 1), so each
     block is the CountSketch of the plain gradient (or the plain gradient, kept whole), and
     the exact stage scores the plain gradient cosine, with the norms a build stores."""
     from encoder.rescoring import ExactRescorer
 
     model = tiny_gpt2(seed=1, dtype=torch.float64)
-    cfg = FingerprintConfig(**sizing, seed=7, hessian="none", whiten=False)
+    cfg = FingerprintConfig(**sizing, seed=7, hessian="none")  # the default: not whitened
     enc = TrackStarEncoder(model, cfg)
     assert not enc.needs_fit
+    with pytest.raises(ConfigError, match="nothing to fit"):
+        enc.fit_basis([collate(_examples(3, 2, 3, 12, 40))])
     identity = {m.name: (torch.ones(1), torch.ones(1)) for m in enc.modules}
     assert {n: tuple(map(torch.Tensor.tolist, p)) for n, p in enc.family.whitening().items()} == {
         n: ([1.0], [1.0]) for n in identity
@@ -357,7 +366,7 @@ def test_an_unwhitened_sketch_is_the_sketch_of_the_plain_gradient(sizing):
 
 def test_only_the_sketch_whitens_and_old_manifests_read_as_whitened():
     with pytest.raises(ConfigError, match="only the sketch whitens"):
-        FingerprintConfig(projection="gaussian", whiten=False)
+        FingerprintConfig(projection="gaussian", whiten=True)
     old = FingerprintConfig().to_dict()
     del old["whiten"]  # a manifest written before the field
     assert FingerprintConfig.from_dict(old).whiten is True

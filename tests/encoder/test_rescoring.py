@@ -39,7 +39,7 @@ def fitted(monkeypatch):
     16 stay the [1] scale (the tiny model's sides: 8, 24 and 32)."""
     monkeypatch.setattr(basis, "MAX_SIDE", 16)
     model = tiny_gpt2(seed=3, dtype=torch.float64)
-    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none"))
+    enc = TrackStarEncoder(model, FingerprintConfig(k=3, seed=5, hessian="none", whiten=True))
     enc.fit_basis([collate(_sequences(7, 12))])
     assert any(w.numel() == 1 for pair in enc.family.whitening().values() for w in pair)
     return model, enc
@@ -54,7 +54,7 @@ def test_the_factor_scorer_gives_the_whitened_gradients_cosines(
     with the candidates' norms computed or given as the build stores them; no dense identity
     is made for a [1] side."""
     model, enc = fitted
-    config = FingerprintConfig(k=3, seed=5, hessian="none", unit_norm=unit_norm)
+    config = FingerprintConfig(k=3, seed=5, hessian="none", unit_norm=unit_norm, whiten=True)
     rescorer = ExactRescorer(model, config, None, enc.family.whitening())
     query = Example((4, 9, 2, 7, 7, 1), (False, False, False, True, True, True))
     candidates = _sequences(11, 9)
@@ -102,7 +102,10 @@ def test_the_corrected_exact_stage_forms_the_gradients(fitted):
     model, enc = fitted
     query, candidates = _sequences(17, 1)[0], _sequences(19, 5)
     rescorer = ExactRescorer(
-        model, FingerprintConfig(k=3, seed=5, hessian="none"), None, enc.family.whitening()
+        model,
+        FingerprintConfig(k=3, seed=5, hessian="none", whiten=True),
+        None,
+        enc.family.whitening(),
     )
     by_factors = rescorer.for_query(query, 0)(candidates).numpy()
     by_gradients = GradientScorer(rescorer, query, 0)(candidates).numpy()

@@ -13,10 +13,10 @@ METHODS = [
     "trackstar",
     "no_hessian",
     "sketch",
-    "sketch_plain",
+    "sketch_whitened",
     "shipped",
     "shipped_cosine",
-    "shipped_plain",
+    "shipped_whitened",
     "bm25",
     "hybrid",
     "dense",
@@ -72,7 +72,7 @@ def test_eval_writes_table_json_and_plot(eval_run, fact_corpus_files):
     assert data["context"]["n_train_sequences"] > 100
     # --k 8 fixes every gradient method's d at 64 per module, whatever its block cap.
     dims = data["context"]["method_dims"]
-    assert set(dims) == {"trackstar", "no_hessian", "sketch", "sketch_plain"}
+    assert set(dims) == {"trackstar", "no_hessian", "sketch", "sketch_whitened"}
     assert len(set(dims.values())) == 1
     assert dims["sketch"] == data["context"]["fingerprint_dim"] and dims["sketch"] % 64 == 0
     # Every method that looks at the data beats a random ranking on attribution, and the

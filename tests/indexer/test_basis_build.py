@@ -22,7 +22,7 @@ def _build(ckpt, corpus, out, **kw):
             out=out,
             shard_size=64,
             batch_size=8,
-            fingerprint=FingerprintConfig(k=4, correction=True),
+            fingerprint=FingerprintConfig(k=4, correction=True, whiten=True),
             **kw,
         )
     )

@@ -346,8 +346,9 @@ def test_basis_memory_is_estimated_and_refused(
             str(tmp_path / "ix"),
             "-k",
             "4",
+            "--whiten",
             "--no-progress",
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and "[insufficient_memory]" in err and "--projection gaussian" in err
+    assert rc == 2 and "[insufficient_memory]" in err and "without --whiten" in err

@@ -26,9 +26,10 @@ def _terms(plan) -> dict[str, int]:
     "fp",
     [
         FingerprintConfig(budget=1200, max_block=200),
+        FingerprintConfig(budget=1200, max_block=200, whiten=True),
         FingerprintConfig(k=3, projection="gaussian", correction=True),
     ],
-    ids=["sketch-budget", "gaussian-k3"],
+    ids=["sketch-budget", "sketch-whitened", "gaussian-k3"],
 )
 def test_the_state_terms_are_what_a_real_encoder_holds(fp, tmp_path):
     model = tiny_gpt2(seed=1)
@@ -46,10 +47,14 @@ def test_the_state_terms_are_what_a_real_encoder_holds(fp, tmp_path):
         hashes = enc.family.hashes.values()  # a sketch with some modules kept whole
         assert 0 < len(hashes) < len(enc.modules)
         assert terms[("sketch hash", "both")] == sum(i.nbytes + s.nbytes for i, s in hashes)
-        enc.family.placeholder()  # a whitening of the fitted one's shapes
-        roots = enc.family.whitening() or {}
-        assert terms[("whitening", "both")] == sum(a.nbytes + b.nbytes for a, b in roots.values())
-        assert terms[("whitening statistics", "build")] == basis_bytes(enc.modules, enc.plan)
+        if fp.whiten:
+            enc.family.placeholder()  # a whitening of the fitted one's shapes
+            roots = enc.family.whitening() or {}
+            whitening = sum(a.nbytes + b.nbytes for a, b in roots.values())
+            assert terms[("whitening", "both")] == whitening
+            assert terms[("whitening statistics", "build")] == basis_bytes(enc.modules, enc.plan)
+        else:  # the plain sketch: identity sides, nothing fitted
+            assert not {name for name, _ in terms} & {"whitening", "whitening statistics"}
         # The second stage keeps of a seq_len-token query what the plan says.
         rescorer = ExactRescorer(model, fp, None, enc.family.whitening())
         scorer = rescorer.for_query(sequence_example(list(range(1, 17))), pad_id=0)
@@ -89,11 +94,12 @@ def test_the_command_says_whether_it_fits(tmp_path, capsys):
     assert "(does NOT fit)" in capsys.readouterr().out
     assert main([*argv, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {t["name"] for t in data["terms"]} >= {
-        "weights",
-        "sketch hash",
+    assert {t["name"] for t in data["terms"]} >= {"weights", "sketch hash", "activations"}
+    assert main([*argv, "--whiten", "--json"]) == 0  # the whitened sketch adds its whitening
+    whitened = json.loads(capsys.readouterr().out)
+    assert {t["name"] for t in whitened["terms"]} - {t["name"] for t in data["terms"]} == {
         "whitening",
-        "activations",
+        "whitening statistics",
     }
     assert main([*argv, "--memory", "lots"]) == 2
     err = capsys.readouterr().err
