@@ -88,7 +88,7 @@ def _projected(
             "" if projection == run.base.projection else f", {projection}"
         )
         label += "" if max_block == run.base.max_block else f", block {max_block}"
-        label += "" if whiten else ", plain"
+        label += ", whitened" if whiten else ""
         pb = run.bar(f"gradients ({label})", len(run.train_examples) + len(run.query_examples))
         tick = pb.update if pb is not None else None
         start = time.perf_counter()

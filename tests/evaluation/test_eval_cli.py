@@ -233,7 +233,7 @@ def test_eval_help_documents_the_file_schemas(capsys):
 def test_the_hybrid_fuses_bm25_with_the_products_fingerprint(
     trained_checkpoint, fact_corpus_files, tmp_path
 ):
-    """The hybrid is BM25 fused with the product's first stage (the sketch, uncorrected), as
+    """The hybrid is BM25 fused with the product's first stage (the plain sketch), as
     the service's hybrid mode is: its run fingerprints with that and nothing else."""
     from evaluation.settings import HYBRID_GRADIENT, METHODS
 
@@ -245,6 +245,7 @@ def test_the_hybrid_fuses_bm25_with_the_products_fingerprint(
     data = json.loads((tmp_path / "eval.json").read_text())
     product = next(m for m in METHODS if m.name == HYBRID_GRADIENT)
     assert (product.projection, product.correction, product.hessian) == ("sketch", False, "none")
+    assert not product.whiten  # the product's sketch is of the plain gradient
     fingerprinted = [k for k in data["context"]["timings"] if k.startswith("fingerprints_")]
     assert fingerprinted == ["fingerprints_uncorrected_sketch_s"]
     rows = {r["method"]: r for r in data["rows"]}
