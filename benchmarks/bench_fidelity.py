@@ -9,7 +9,8 @@ and 1, over the queries of the corpus:
 - ``none_seed`` / ``mixed_seed``: top-10 overlap between seeds 0 and 1, hessian none and
   the full default (mixed R); Spearman of all scores likewise;
 - ``none_vs_own``: the same against the config's own unprojected ranking, which for the
-  ``sketch`` is the K-FAC-whitened one (k = 0; for ``gaussian`` it is ``exact``);
+  ``sketch`` is its plain or K-FAC-whitened gradient (k = 0; for ``gaussian`` it is
+  ``exact``);
 - ``rescoreC``: the exact second stage (``encoder.rescoring``, by the own unprojected
   scores) on the hessian-none first stage's top C: overlap of the re-ranked top-10 with the
   own unprojected one; ``rescoreC_seed`` between seeds; ``mixed_rescoreC_seed``: seed-to-seed
@@ -69,7 +70,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "k=16 gaussian (first)": {"k": 16, **PAPER},
     "budget 2^16, block 1024, gaussian (paper)": {**PAPER},
     "budget 2^16, block 2048, gaussian": {"max_block": 2048, **PAPER},
-    "budget 2^16, block 1024, sketch": {"max_block": 1024, "projection": "sketch"},
+    "budget 2^16, block 1024, sketch, whitened": {
+        "max_block": 1024,
+        "projection": "sketch",
+        "whiten": True,
+    },
+    "budget 2^16, block 4096, sketch, whitened (previous default)": {
+        "projection": "sketch",
+        "whiten": True,
+    },
     "budget 2^16, block 4096, sketch (default)": {"projection": "sketch"},
 }
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {
@@ -188,14 +197,17 @@ class Harness:
         return (time.perf_counter() - t0) * 1e3
 
 
-def unprojected(h: Harness, projection: str, correction: bool) -> tuple[torch.Tensor, Any, float]:
+def unprojected(
+    h: Harness, projection: str, correction: bool, whiten: bool = False
+) -> tuple[torch.Tensor, Any, float]:
     """([Q, N] unit-norm scores, encoder, seconds) of the unprojected configuration
-    (k = 0, hessian none): the plain corrected gradients, or the sketch's whitened ones."""
+    (k = 0, hessian none): the plain (corrected) gradients, or the sketch's whitened ones."""
     from encoder.config import FingerprintConfig
 
-    enc, a, b, seconds = h.phi(
-        FingerprintConfig(k=0, hessian="none", projection=projection, correction=correction)
+    config = FingerprintConfig(
+        k=0, hessian="none", projection=projection, correction=correction, whiten=whiten
     )
+    enc, a, b, seconds = h.phi(config)
     # Unit-normalize in place: the unprojected phi of the deep model is ~10 GB already.
     for m in (a, b):
         m.div_(m.norm(dim=1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny))
@@ -238,8 +250,13 @@ def measure_model(
     h = Harness(checkpoint, corpus_dir, n_queries)
     exact, enc, exact_s = unprojected(h, "gaussian", True)
     exact_top = top(exact, 10)
-    whitened = any(c.get("projection") == "sketch" for c in configs.values())
-    white_exact = unprojected(h, "sketch", False)[0] if whitened else None
+    # The sketch configs' own unprojected rankings (plain, or K-FAC-whitened), each once.
+    sketch_own = {
+        w: unprojected(h, "sketch", False, w)[0]
+        for w in {
+            bool(c.get("whiten")) for c in configs.values() if c.get("projection") == "sketch"
+        }
+    }
     info = {
         "model": spec.name,
         "layers": int(h.model.config.n_layer),
@@ -267,9 +284,9 @@ def measure_model(
             # whitens by R (hessian none builds skip them), and the encode pass.
             cost.append(h.basis_s + phi_s + (phi_s + whiten_s if whitens else 0.0))
             del a, b
-        # A config's own unprojected ranking: the sketch's is the K-FAC-whitened one (k = 0),
-        # and its exact second stage re-scores by it (encoder.rescoring).
-        own = white_exact if enc.config.projection == "sketch" else exact
+        # A config's own unprojected ranking: the sketch's is its plain or K-FAC-whitened
+        # gradient (k = 0), and its exact second stage re-scores by it (encoder.rescoring).
+        own = sketch_own[enc.config.whiten] if enc.config.projection == "sketch" else exact
         own_top = top(own, 10)
         n0, n1 = top(s_none[0], 10), top(s_none[1], 10)
         m0, m1 = top(s_mixed[0], 10), top(s_mixed[1], 10)
@@ -563,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Fidelity benchmark: how much of the top-10 the projection decides\n",
         "Overlaps are top-10 set overlaps averaged over queries; `exact` = the unprojected ranking "
-        "(k = 0, hessian none, corrected); `own` = the config's own unprojected ranking (kfac: K-FAC-whitened, "
-        "uncorrected); `rescoreC` = the exact second stage (by the own unprojected scores) over the first stage's top C. "
+        "(k = 0, hessian none, corrected); `own` = the config's own unprojected ranking (a sketch: its plain or "
+        "K-FAC-whitened gradient, uncorrected); `rescoreC` = the exact second stage (by the own unprojected scores) over the first stage's top C. "
         f"Seeds {SEEDS[0]} and {SEEDS[1]}; a pca basis has no seed, so its two runs fit the basis on disjoint "
         "halves of the corpus (even / odd sequences) and `*_seed` is the overlap between those. "
         "`build_passes_s`: basis (pca) + statistics + encode passes and whitening, in-process, one thread.\n",

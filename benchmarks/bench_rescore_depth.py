@@ -2,17 +2,20 @@
 
 For each model of ``bench_fidelity`` (demo 2 x 128, deep 6 x 256; trained and cached the
 same way), or a real-text set built and trained by ``evaluation.real_sets`` (``.eval/NAME``:
-text nobody here wrote, its corpus far larger than the candidates re-scored), and projection seeds 0 and 1 of the default fingerprint (``FingerprintConfig()``,
-hessian none), over the corpus's first 100 queries:
+text nobody here wrote, its corpus far larger than the candidates re-scored), and
+projection seeds 0 and 1 of the default fingerprint (``FingerprintConfig()``, hessian none;
+``--whiten`` / ``--projection``: another), over the corpus's first 100 queries:
 
 - ``first_vs_own`` / ``first_seed``: top-10 overlap of the first stage with the unprojected
-  K-FAC-whitened ranking (k = 0, what the exact stage scores by) and between the seeds;
+  ranking the exact stage scores by (k = 0: the plain gradient cosine, or the whitened one)
+  and between the seeds;
 - ``rescoreC`` / ``rescoreC_seed``: the same after re-scoring the first stage's top C by
   the unprojected scores (read from the reference matrix: the exact stage's scores are
   those, tests/service/test_sketch_index.py), for C in ``DEPTHS``.
 
-This is what ``engine.index.DEFAULT_RESCORE`` is chosen from; the exact stage's time per
-candidate is in ``bench_fidelity_sketch.md``. Results: benchmarks/results/bench_rescore_depth.{json,md}.
+This is what ``engine.index.DEFAULT_RESCORE`` is chosen from. Results:
+benchmarks/results/bench_rescore_depth[_TAG].{json,md} (files before the default's switch
+measured the whitened sketch, which was the default then).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ SEEDS = (0, 1)
 
 
 def measure(
-    name: str, workdir: Path, n_queries: int, projection: str = "sketch", whiten: bool = True
+    name: str, workdir: Path, n_queries: int, projection: str = "sketch", whiten: bool = False
 ) -> dict[str, Any]:
     from benchmarks.bench_fidelity import (
         MODELS,
@@ -56,9 +59,9 @@ def measure(
             json.loads((corpus_dir / "model" / "train.json").read_text())["checkpoint"]
         )
     h = Harness(checkpoint, corpus_dir, n_queries)
-    # What the exact stage scores by: the K-FAC-whitened gradient cosine (sketch), or the
-    # plain one (gaussian: no whitening); neither corrected (the defaults).
-    own = unprojected(h, projection if whiten else "gaussian", False)[0]  # gaussian k = 0: plain
+    # What the exact stage scores by: the plain gradient cosine, or the K-FAC-whitened one
+    # (--whiten); uncorrected (the default).
+    own = unprojected(h, projection, False, whiten)[0]
     own_top = top(own, 10)
     first, dim = {}, 0
     for seed in SEEDS:
@@ -106,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("sketch", "gaussian"),
         help="the fingerprint family (default: sketch, the index default)",
     )
-    p.add_argument("--no-whiten", action="store_true", help="the sketch without its whitening")
+    p.add_argument("--whiten", action="store_true", help="the K-FAC-whitened sketch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [
-        measure(n.strip(), args.workdir, args.queries, args.projection, not args.no_whiten)
+        measure(n.strip(), args.workdir, args.queries, args.projection, args.whiten)
         for n in args.models.split(",")
     ]
     cols = ["model", "d", "first_vs_own", "first_seed"] + [
@@ -120,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Exact second stage depth on the default index\n\n"
         f"Top-10 overlaps, mean over {args.queries} queries; `_seed`: seed {SEEDS[0]} vs {SEEDS[1]}; the rest: "
         f"against the unprojected ranking the exact stage scores by (mean over the two seeds); "
-        f"fingerprint family: {args.projection}{' without whitening' if args.no_whiten else ''} "
-        "(the sketch: K-FAC-whitened unless said; gaussian: plain).\n\n" + md_table(rows, cols)
+        f"fingerprint family: {args.projection}{', K-FAC-whitened' if args.whiten else ''} "
+        "(unwhitened unless said: the plain gradient).\n\n" + md_table(rows, cols)
     )
     payload = {
         "machine": machine(),
