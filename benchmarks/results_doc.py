@@ -92,10 +92,15 @@ def _best(rows: list[dict[str, Any]], key: str, exclude: str = "") -> dict[str, 
     return max((r for r in rows if r["method"] != exclude and key in r), key=lambda r: r[key])
 
 
-def _winners(rows: list[dict[str, Any]], key: str, form: str) -> str:
-    """Every method at the best value of ``key`` as its report prints it (ties share it)."""
+def _tied(rows: list[dict[str, Any]], key: str, form: str) -> tuple[list[str], str]:
+    """The methods at the best value of ``key`` as a report prints it (ties share it), and
+    that value."""
     best = form.format(_best(rows, key)[key])
-    tied = [r["method"] for r in rows if key in r and form.format(r[key]) == best]
+    return [r["method"] for r in rows if key in r and form.format(r[key]) == best], best
+
+
+def _winners(rows: list[dict[str, Any]], key: str, form: str) -> str:
+    tied, best = _tied(rows, key, form)
     return f"{', '.join(tied)} {best}"
 
 
@@ -147,10 +152,9 @@ def _verdict(data: dict[str, Any], method: str, metric: str) -> str:
 
 def _best_at(rows: list[dict[str, Any]], name: str, key: str, form: str) -> str:
     """yes when ``name`` has the best value of ``key`` as printed (a shared best counts)."""
-    mine = next((r for r in rows if r["method"] == name), None)
-    if mine is None:
+    if not any(r["method"] == name for r in rows):
         return "-"
-    return "yes" if form.format(mine[key]) == form.format(_best(rows, key)[key]) else "no"
+    return "yes" if name in _tied(rows, key, form)[0] else "no"
 
 
 def checklist_rows() -> list[dict[str, Any]]:
