@@ -29,9 +29,12 @@ def candidates(query: Query, default_rescore: int, size: int) -> int:
 
 class WorkMeter:
     """What work costs here, learned from finished batches (exponential averages): seconds
-    of encode per query (a batch's shared pass over its queries) and of second stage per
-    candidate; and the seconds of work admitted but not yet done. Used from the event loop
-    only.
+    of encode per query (a batch's shared pass over its queries), and a second stage's
+    seconds as a fixed part per query (its own backward pass, its pool) plus a part per
+    candidate, fitted as a line through the (candidates scored, seconds) of each second stage
+    (a certified stage that stops after a few candidates still pays the fixed part, which a
+    per-candidate average alone would spread over those few and inflate for every request);
+    and the seconds of work admitted but not yet done. Used from the event loop only.
 
     Args:
         timeout_s: the request timeout every admitted request must fit in.
@@ -43,7 +46,10 @@ class WorkMeter:
         self.smoothing = smoothing
         self.encode_s: float | None = None
         self.candidate_s: float | None = None
+        self.stage_s = 0.0
         self.pending_s = 0.0
+        self._moments: tuple[float, float, float, float] | None = None
+        """Averages of n, s, n^2 and n s over second stages (n candidates in s seconds)."""
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -55,20 +61,43 @@ class WorkMeter:
             return
         shared = max(o.encode_ms + o.search_ms for o in outcomes) / 1e3
         self.encode_s = self._average(self.encode_s, shared / len(outcomes))
-        scored = sum(o.certificate.rescored for o in outcomes if o.certificate is not None)
-        if scored:
-            self.candidate_s = self._average(
-                self.candidate_s, sum(o.rescore_ms for o in outcomes) / 1e3 / scored
-            )
+        for o in outcomes:
+            if o.certificate is not None:
+                self._fit_stage(o.certificate.rescored, o.rescore_ms / 1e3)
 
-    def estimate(self, queries: int, candidates: int) -> float | None:
-        """Seconds ``queries`` encodes and ``candidates`` second-stage passes may take; None
-        until a batch has been seen (and while candidates have no measured cost yet)."""
+    def _fit_stage(self, n: int, seconds: float) -> None:
+        """Move the line seconds = stage_s + n candidate_s toward one second stage's."""
+        n_f = float(n)
+        point = (n_f, seconds, n_f * n_f, n_f * seconds)
+        old, blend = self._moments, self._average
+        if old is not None:
+            point = (
+                blend(old[0], point[0]),
+                blend(old[1], point[1]),
+                blend(old[2], point[2]),
+                blend(old[3], point[3]),
+            )
+        self._moments = point
+        mean_n, mean_s, mean_nn, mean_ns = point
+        if mean_n <= 0:
+            return
+        var = mean_nn - mean_n * mean_n
+        # A spread of candidate counts fits both parts; one count alone (every stage at its
+        # cap, as before certification stopped early) charges it all per candidate.
+        slope = (mean_ns - mean_n * mean_s) / var if var >= 1.0 else mean_s / mean_n
+        self.candidate_s = max(slope, 0.0)
+        self.stage_s = max(mean_s - self.candidate_s * mean_n, 0.0)
+
+    def estimate(self, queries: int, candidates: int, staged: int = 0) -> float | None:
+        """Seconds ``queries`` encodes and ``staged`` second stages of ``candidates``
+        candidates in all may take; None until a batch has been seen (and while candidates
+        have no measured cost yet)."""
         if self.encode_s is None or (candidates and self.candidate_s is None):
             return None
-        return queries * self.encode_s + candidates * (self.candidate_s or 0.0)
+        second = staged * self.stage_s + candidates * (self.candidate_s or 0.0)
+        return queries * self.encode_s + second
 
-    def admit(self, queries: int, candidates: int) -> float:
+    def admit(self, queries: int, candidates: int, staged: int = 0) -> float:
         """Count a request's estimated seconds in, or refuse it. Returns what to ``release``.
 
         Raises:
@@ -76,7 +105,7 @@ class WorkMeter:
             BacklogError: with the work already admitted it would (``retry_after_s``: when
                 that backlog should have cleared).
         """
-        alone = self.estimate(queries, candidates)
+        alone = self.estimate(queries, candidates, staged)
         if alone is None:
             return 0.0
         if alone > self.timeout_s:

@@ -54,6 +54,24 @@ def test_the_meter_learns_both_costs_and_refuses_what_cannot_fit():
     assert meter.admit(1, 200) > 0  # the backlog cleared
 
 
+def test_a_stage_that_stops_early_does_not_inflate_the_cost_per_candidate():
+    """A certified stage that stops after 2 candidates still pays its fixed part (the query's
+    own pass, its pool): the meter fits fixed + per-candidate, so the cap of the next request
+    is not charged 25 ms a candidate."""
+    meter = WorkMeter(timeout_s=60.0)
+    fixed, per = 0.05, 0.002
+    rescored = [2, 100, 40, 7]
+    meter.observe(_batch(40.0, rescored, [1e3 * (fixed + per * n) for n in rescored]))
+    # Collinear points give the line exactly, up to a few float64 operations on them.
+    assert meter.stage_s == pytest.approx(fixed, rel=1e-9)
+    assert meter.candidate_s == pytest.approx(per, rel=1e-9)
+    assert meter.estimate(1, 100, staged=1) == pytest.approx(0.01 + fixed + 100 * per, rel=1e-9)
+    # One count alone (every stage at its cap) cannot split the two: all per candidate.
+    capped = WorkMeter(timeout_s=60.0)
+    capped.observe(_batch(10.0, [100, 100], [300.0, 300.0]))
+    assert capped.stage_s == 0.0 and capped.candidate_s == pytest.approx(0.003, rel=1e-12)
+
+
 class SlowCandidates(FakeIndex):
     """Each candidate of the second stage takes at least 2.5 ms."""
 
