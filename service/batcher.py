@@ -125,9 +125,8 @@ class MicroBatcher:
             if self.state.ready
             else (0, 0)
         )
-        each = [candidates(q, default, size) for q in queries]
-        staged = sum(1 for c in each if c)
-        admitted = self.meter.admit(len(queries), sum(each), staged)  # 413 / 503 before queueing
+        caps = [candidates(q, default, size) for q in queries]
+        admitted = self.meter.admit(caps)  # 413 / 503 before queueing
         loop = asyncio.get_running_loop()
         items = [_Item(q, loop.create_future()) for q in queries]
         for item in items:  # no await between the check and the puts: all fit

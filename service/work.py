@@ -2,9 +2,9 @@
 how many they are.
 
 A query costs its share of an encode pass plus, with the exact second stage, up to its cap
-of candidates (it stops earlier once its top-k is certified, so the cap is an upper bound).
-What each costs is learned from finished batches. A request whose estimate alone
-exceeds the request timeout is refused up front (413 ``work_over_budget``, naming the
+of candidates (it stops earlier once its top-k is certified). What each costs, and how many
+candidates a stage scores, is learned from finished batches. A request expected alone to
+outlast the request timeout is refused up front (413 ``work_over_budget``, naming the
 numbers) instead of timing out a minute later; one that would wait behind more work than
 the timeout allows is refused with 503 and a ``Retry-After`` computed from that backlog.
 """
@@ -12,6 +12,7 @@ the timeout allows is refused with 503 and a ``Retry-After`` computed from that 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from api.errors import BacklogError, WorkOverBudgetError
 from engine.query import Outcome, Query
@@ -28,13 +29,18 @@ def candidates(query: Query, default_rescore: int, size: int) -> int:
 
 
 class WorkMeter:
-    """What work costs here, learned from finished batches (exponential averages): seconds
-    of encode per query (a batch's shared pass over its queries), and a second stage's
-    seconds as a fixed part per query (its own backward pass, its pool) plus a part per
-    candidate, fitted as a line through the (candidates scored, seconds) of each second stage
-    (a certified stage that stops after a few candidates still pays the fixed part, which a
-    per-candidate average alone would spread over those few and inflate for every request);
-    and the seconds of work admitted but not yet done. Used from the event loop only.
+    """What work costs here, learned from finished batches (exponential averages), and the
+    seconds of work admitted but not yet done. Used from the event loop only.
+
+    A query costs its share of a batch's encode and, with the exact second stage, a fixed
+    part (its own backward pass, its pool) plus a part per candidate scored: a line fitted
+    through the (candidates, seconds) of each second stage. How many candidates a stage
+    scores is learned too: a stage that is not certified ran to its cap; a certified one
+    stopped after about as many candidates as certified stages have needed here. A request
+    is charged what it is expected to cost on that model: the share of stages that ran to
+    their cap at its cap, the rest at the count certified stages needed (at most its cap).
+    Charging every cap in full instead refused work an idle server would have answered in
+    milliseconds: a stage certified after 3 candidates was charged for 100.
 
     Args:
         timeout_s: the request timeout every admitted request must fit in.
@@ -47,6 +53,10 @@ class WorkMeter:
         self.encode_s: float | None = None
         self.candidate_s: float | None = None
         self.stage_s = 0.0
+        self.capped: float | None = None
+        """Share of second stages that ran to their cap (were not certified)."""
+        self.certified_n: float | None = None
+        """Candidates a certified second stage scored (average)."""
         self.pending_s = 0.0
         self._moments: tuple[float, float, float, float] | None = None
         """Averages of n, s, n^2 and n s over second stages (n candidates in s seconds)."""
@@ -56,14 +66,20 @@ class WorkMeter:
 
     def observe(self, outcomes: list[Outcome]) -> None:
         """Learn from a finished batch: its shared encode and search over its queries, and
-        each query's own second stage over the candidates it scored."""
+        each query's own second stage: the candidates it scored, in what time, and whether
+        it stopped certified or at its cap."""
         if not outcomes:
             return
         shared = max(o.encode_ms + o.search_ms for o in outcomes) / 1e3
         self.encode_s = self._average(self.encode_s, shared / len(outcomes))
         for o in outcomes:
-            if o.certificate is not None:
-                self._fit_stage(o.certificate.rescored, o.rescore_ms / 1e3)
+            c = o.certificate
+            if c is None:
+                continue
+            self._fit_stage(c.rescored, o.rescore_ms / 1e3)
+            self.capped = self._average(self.capped, 0.0 if c.certified else 1.0)
+            if c.certified:
+                self.certified_n = self._average(self.certified_n, float(c.rescored))
 
     def _fit_stage(self, n: int, seconds: float) -> None:
         """Move the line seconds = stage_s + n candidate_s toward one second stage's."""
@@ -82,37 +98,47 @@ class WorkMeter:
         if mean_n <= 0:
             return
         var = mean_nn - mean_n * mean_n
-        # A spread of candidate counts fits both parts; one count alone (every stage at its
-        # cap, as before certification stopped early) charges it all per candidate.
+        # A spread of candidate counts fits both parts; one count alone charges it all per
+        # candidate, which is exact again for a stage expected to score that count.
         slope = (mean_ns - mean_n * mean_s) / var if var >= 1.0 else mean_s / mean_n
         self.candidate_s = max(slope, 0.0)
         self.stage_s = max(mean_s - self.candidate_s * mean_n, 0.0)
 
-    def estimate(self, queries: int, candidates: int, staged: int = 0) -> float | None:
-        """Seconds ``queries`` encodes and ``staged`` second stages of ``candidates``
-        candidates in all may take; None until a batch has been seen (and while candidates
-        have no measured cost yet)."""
-        if self.encode_s is None or (candidates and self.candidate_s is None):
-            return None
-        second = staged * self.stage_s + candidates * (self.candidate_s or 0.0)
-        return queries * self.encode_s + second
+    def expected_candidates(self, cap: int) -> float:
+        """Candidates a second stage capped at ``cap`` is expected to score here."""
+        if self.capped is None or self.certified_n is None:
+            return float(cap)
+        return self.capped * cap + (1.0 - self.capped) * min(float(cap), self.certified_n)
 
-    def admit(self, queries: int, candidates: int, staged: int = 0) -> float:
-        """Count a request's estimated seconds in, or refuse it. Returns what to ``release``.
+    def estimate(self, caps: Sequence[int]) -> float | None:
+        """Seconds a request of ``len(caps)`` queries is expected to take, ``caps[i]``
+        the second-stage cap of query i (0: no second stage); None until a batch has been
+        seen (and while candidates have no measured cost yet)."""
+        staged = [cap for cap in caps if cap]
+        if self.encode_s is None or (staged and self.candidate_s is None):
+            return None
+        candidate_s = self.candidate_s or 0.0
+        second = sum(self.stage_s + self.expected_candidates(c) * candidate_s for c in staged)
+        return len(caps) * self.encode_s + second
+
+    def admit(self, caps: Sequence[int]) -> float:
+        """Count a request's expected seconds in (see :meth:`estimate`), or refuse it.
+        Returns what to ``release``.
 
         Raises:
             WorkOverBudgetError: the request alone would outlast the timeout.
             BacklogError: with the work already admitted it would (``retry_after_s``: when
                 that backlog should have cleared).
         """
-        alone = self.estimate(queries, candidates, staged)
+        alone = self.estimate(caps)
         if alone is None:
             return 0.0
         if alone > self.timeout_s:
+            queries, candidates = len(caps), sum(caps)
             raise WorkOverBudgetError(
-                f"this request may cost {queries} encodes and {candidates} second-stage candidates, "
-                f"~{alone:.0f} s on this server, over the {self.timeout_s:g} s request timeout: "
-                "lower rescore or k, or split the batch",
+                f"this request of {queries} queries with up to {candidates} second-stage "
+                f"candidates is expected to take ~{alone:.0f} s on this server, over the "
+                f"{self.timeout_s:g} s request timeout: lower rescore or k, or split the batch",
                 queries=queries,
                 candidates=candidates,
                 estimated_s=round(alone, 1),
