@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             config.save_pretrained(d)
             for name, fp in CONFIGS.items():
                 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-                sizes = {"seq_len": 1024, "batch_size": 8, "sequences": 1_000_000}
+                batch = 0 if device == "cuda" else 8  # auto on the GPU: what fits 80 GiB
+                sizes = {"seq_len": 1024, "batch_size": batch, "sequences": 1_000_000}
                 plan = build_plan(Path(d), fp, dtype=dtype, device=device, memory=memory, **sizes)
                 plan = dataclasses.replace(plan, model=shape)
                 rows.append(
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                         "config": name,
                         "device": device,
                         "d": plan.dim,
+                        "build_batch": plan.batch_size,
+                        "candidates_per_pass": plan.candidate_batch,
                         "build_GiB": plan.total("build") / 2**30,
                         "serve_GiB": plan.total("serve") / 2**30,
                         "fits_build": plan.fits("build"),
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "config",
         "device",
         "d",
+        "build_batch",
+        "candidates_per_pass",
         "build_GiB",
         "serve_GiB",
         "fits_build",
@@ -156,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     md = (
         "# Memory plans at real model sizes\n"
         "`influence index plan` from each model's config (no weights): 1,000,000 sequences of 1024 "
-        "tokens, build batch 8; CPU shapes in float32, GPU shapes in bfloat16 on an 80 GiB device. "
+        "tokens; CPU shapes in float32 at build batch 8, GPU shapes in bfloat16 on an 80 GiB device "
+        "at `--batch-size auto` (the batch the build takes there) with the exact stage's candidates "
+        "per pass sized the same way. "
         "An estimate (the state terms are the encoder's own sizes, tested; activations by formula).\n\n"
         + md_table(rows, cols)
         + "\n## The plan against a measured encode (GPT-2 small, CPU, float32)\n\n"

@@ -150,6 +150,15 @@ def estimate_memory(encoder: TrackStarEncoder, seq_len: int) -> MemoryEstimate:
     return MemoryEstimate(2 * GRADIENT_BUDGET_BYTES, per, "cpu-saved-tensors")
 
 
+def fitting_batch(budget: float, fixed: int, per_example: int, max_batch: int) -> int:
+    """The largest batch B <= ``max_batch`` with ``fixed + B * per_example <= budget``,
+    rounded down to a multiple of 8 above 8; 0 when not even one fits."""
+    batch = int(min((budget - fixed) // per_example, max_batch))
+    if batch > 8:
+        batch -= batch % 8
+    return max(batch, 0)
+
+
 def auto_batch_size(
     encoder: TrackStarEncoder,
     seq_len: int,
@@ -175,17 +184,14 @@ def auto_batch_size(
         raise ConfigError(f"fraction must lie in (0, 1], got {fraction}")
     est = estimate_memory(encoder, seq_len)
     budget = int(fraction * (free_memory(encoder.device) if free is None else free))
-    fits = (budget - est.fixed) // est.per_example
-    if fits < 1:
+    batch = fitting_batch(budget, est.fixed, est.per_example, max_batch)
+    if batch < 1:
         raise ConfigError(
             f"one sequence of {seq_len} tokens needs ~{est.bytes_for(1) / 2**20:.0f} MiB to "
             f"encode but only {budget / 2**20:.0f} MiB are available; shorten --seq-len or "
             "free memory",
             code="insufficient_memory",
         )
-    batch = int(min(fits, max_batch))
-    if batch > 8:
-        batch -= batch % 8
     log.info(
         "auto batch size %d: %.1f MiB fixed + %.2f MiB/sequence (%s), budget %.0f MiB",
         batch,
@@ -195,6 +201,23 @@ def auto_batch_size(
         budget / 2**20,
     )
     return batch, est
+
+
+def candidate_batch_size(
+    encoder: TrackStarEncoder, seq_len: int, cap: int, *, free: int | None = None
+) -> int:
+    """Candidates per backward pass of the exact second stage: ``cap`` on the CPU (whose
+    memory the batch of a few candidates does not strain); on an accelerator (or given
+    ``free`` bytes), the largest batch up to ``cap`` that ``auto_batch_size`` fits, so that
+    a model whose ``cap`` full-length candidates would not fit one device still serves.
+
+    Raises:
+        ConfigError: code ``insufficient_memory`` when not even one candidate fits.
+    """
+    if free is None and encoder.device.type != "cuda":
+        return cap
+    batch, _ = auto_batch_size(encoder, seq_len, free=free, max_batch=cap)
+    return batch
 
 
 def hessian_bytes(block_dims: list[int], *, with_eval: bool) -> int:

@@ -40,12 +40,14 @@ from encoder.basis import Pairs
 from encoder.batching import Example, collate
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
+from encoder.memory import candidate_batch_size
 from encoder.modules import TrackedModule
 from encoder.optimizer_state import SecondMoments
 from encoder.products import thin
 
 CANDIDATE_BATCH = 8
-"""Candidates per backward pass."""
+"""Candidates per backward pass, at most (``ExactRescorer.candidate_batch``: fewer where the
+device's memory holds fewer)."""
 
 
 def exact_config(config: FingerprintConfig) -> FingerprintConfig:
@@ -62,6 +64,7 @@ class ExactRescorer:
         second_moments: the index's second moments (when ``config.correction``).
         whitening: the index's whitening (``Family.whitening``); required by a family that
             whitens.
+        candidate_batch: candidates per backward pass.
     """
 
     def __init__(
@@ -70,7 +73,11 @@ class ExactRescorer:
         config: FingerprintConfig,
         second_moments: SecondMoments | None,
         whitening: Pairs | None = None,
+        candidate_batch: int = CANDIDATE_BATCH,
     ) -> None:
+        if candidate_batch < 1:
+            raise ConfigError(f"candidate_batch must be >= 1, got {candidate_batch}")
+        self.candidate_batch = candidate_batch
         self.unit_norm = config.unit_norm
         self.correction = config.correction
         self.encoder = TrackStarEncoder(
@@ -91,6 +98,19 @@ class ExactRescorer:
                 w_out.to(enc.device, enc.accum_dtype),
                 w_in.to(enc.device, enc.accum_dtype),
             )
+
+    @classmethod
+    def of(cls, encoder: TrackStarEncoder, seq_len: int) -> ExactRescorer:
+        """The exact stage of an index's ``encoder`` (its model, configuration, second
+        moments and whitening), taking as many candidates of ``seq_len`` tokens per pass as
+        the device holds (``encoder.memory.candidate_batch_size``)."""
+        return cls(
+            encoder.model,
+            encoder.config,
+            encoder.second_moments,
+            encoder.family.whitening(),
+            candidate_batch_size(encoder, seq_len, CANDIDATE_BATCH),
+        )
 
     def scores(
         self,
@@ -205,7 +225,7 @@ def passes(
     """Scores of candidates for several queries of one rescorer from one backward pass per
     batch: query k's dot is formed only for the candidates ``wanted[k]`` ([C] bool) asks.
 
-    Candidates run ``CANDIDATE_BATCH`` per pass, longest first (a batch pads to its own
+    Candidates run the rescorer's ``candidate_batch`` per pass, longest first (a batch pads to its own
     longest member); ``hold()`` is entered around each pass.
 
     Returns:
@@ -215,8 +235,9 @@ def passes(
     dots = torch.zeros(len(scorers), len(candidates), dtype=torch.float64)
     sq = torch.zeros(len(candidates), dtype=torch.float64)
     order = sorted(range(len(candidates)), key=lambda i: (-len(candidates[i].input_ids), i))
-    for s in range(0, len(order), CANDIDATE_BATCH):
-        rows = torch.tensor(order[s : s + CANDIDATE_BATCH])
+    step = scorers[0].rescorer.candidate_batch if scorers else CANDIDATE_BATCH
+    for s in range(0, len(order), step):
+        rows = torch.tensor(order[s : s + step])
         subsets: list[tuple[int, torch.Tensor | None]] = []
         for k, want in enumerate(wanted):
             sub = torch.nonzero(want[rows]).flatten()

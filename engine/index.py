@@ -266,10 +266,8 @@ class InfluenceIndex:
     def _query_scorer(self, example: Example) -> QueryScorer:
         """The exact stage's scorer for one query (call under ``encode_lock``)."""
         if self._rescorer is None:
-            enc = self.encoder
-            self._rescorer = ExactRescorer(
-                enc.model, enc.config, enc.second_moments, enc.family.whitening()
-            )
+            seq_len = int(self.manifest.corpus.get("seq_len") or max(len(example.input_ids), 2))
+            self._rescorer = ExactRescorer.of(self.encoder, seq_len)
         return self._rescorer.for_query(example, self._pad)
 
     def exact_scorer(self, example: Example) -> Callable[[list[int]], np.ndarray]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from api.errors import ConfigError
 from encoder.config import FingerprintConfig
-from indexer.build_config import BuildConfig
+from indexer.build_config import BuildConfig, batch_size_flag
 from indexer.options import add_flags, from_flags
 from indexer.summary import print_summary, summary
 
@@ -90,8 +90,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from indexer.plan import build_plan, parse_size, plan_lines
 
     fp = from_flags(FingerprintConfig, args)
-    if min(args.seq_len, args.batch_size, args.sequences) < 1:
-        raise ConfigError("--seq-len, --batch-size and --sequences must be >= 1")
+    if min(args.seq_len, args.sequences) < 1:
+        raise ConfigError("--seq-len and --sequences must be >= 1")
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     memory = parse_size(args.memory) if args.memory else None
@@ -133,9 +133,9 @@ def _add_plan(isub) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=batch_size_flag,
         default=8,
-        help="sequences per backward pass of the build (default 8)",
+        help="sequences per backward pass of the build, or auto: the largest that fits --memory",
     )
     p.add_argument(
         "--sequences", type=int, default=1_000_000, help="sequences in the index (default 1000000)"

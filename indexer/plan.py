@@ -14,7 +14,7 @@ real encoder holds; ``benchmarks/bench_scale.py`` checks the total against a mea
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from api.errors import ConfigError
 from encoder.basis import MAX_SIDE, basis_bytes
 from encoder.config import FingerprintConfig
 from encoder.families import family_class
-from encoder.memory import hessian_bytes
+from encoder.memory import DEFAULT_FRACTION, fitting_batch, hessian_bytes
 from encoder.modules import TrackedModule, select_modules
 from encoder.products import CUDA_GRADIENT_BUDGET_BYTES, GRADIENT_BUDGET_BYTES
 from encoder.projection import Plan, plan_dims
+from encoder.rescoring import CANDIDATE_BATCH
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -70,6 +71,10 @@ class MemoryPlan:
     flops_encode: float
     device: str
     memory: int | None
+    batch_size: int
+    """Sequences per backward pass of the build."""
+    candidate_batch: int
+    """Candidates per backward pass of the exact second stage."""
 
     def total(self, phase: str, where: str = "device") -> int:
         return sum(t.bytes for t in self.terms if t.where == where and t.phase in (phase, "both"))
@@ -177,6 +182,7 @@ def _terms(
     batch_size: int,
     sequences: int,
     device: str,
+    candidate_batch: int = CANDIDATE_BATCH,
 ) -> list[Term]:
     dim = sum(plan_dims(modules, plan))
     elem = torch.empty((), dtype=dtype).element_size()
@@ -185,7 +191,7 @@ def _terms(
     cuda = device.startswith("cuda")
     chunk = CUDA_GRADIENT_BUDGET_BYTES if cuda else GRADIENT_BUDGET_BYTES
     build_act = _activation_bytes(model, modules, batch_size * seq_len, seq_len, elem, cuda)
-    serve_act = _activation_bytes(model, modules, 8 * seq_len, seq_len, elem, cuda)
+    serve_act = _activation_bytes(model, modules, candidate_batch * seq_len, seq_len, elem, cuda)
     name = str(dtype).replace("torch.", "")
     terms = [
         Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
@@ -198,7 +204,13 @@ def _terms(
             build_act,
             f"a backward pass, {batch_size} x {seq_len}",
         ),
-        Term("activations", "serve", "device", serve_act, f"8 candidates of {seq_len} tokens"),
+        Term(
+            "activations",
+            "serve",
+            "device",
+            serve_act,
+            f"{candidate_batch} candidates of {seq_len} tokens per pass",
+        ),
         _query_term(modules, fp, seq_len, tracked),
         Term("fingerprints", "both", "disk", 2 * dim * sequences, f"float16, d = {dim:,}"),
         Term("FAISS Flat", "serve", "host", 4 * dim * sequences, "float32 vectors in RAM"),
@@ -266,12 +278,40 @@ def build_plan(
     device: str,
     memory: int | None,
 ) -> MemoryPlan:
-    """Every term of building an index of ``sequences`` sequences and of serving it."""
+    """Every term of building an index of ``sequences`` sequences and of serving it.
+
+    ``batch_size`` 0 (auto) is the batch the build's ``--batch-size auto`` takes on a device
+    of ``memory`` bytes; on an accelerator of ``memory`` bytes the exact stage's candidates
+    per pass are sized the same way (``encoder.memory.candidate_batch_size``).
+
+    Raises:
+        ConfigError: auto without ``memory``.
+    """
+    if batch_size == 0 and memory is None:
+        raise ConfigError("--batch-size auto needs --memory: the device's size to fit")
     model = meta_model(path, dtype)
     modules = select_modules(model, fp)
     plan = family_class(fp.projection).plan_for(fp, modules)
-    sizes = {"seq_len": seq_len, "batch_size": batch_size, "sequences": sequences}
-    terms = _terms(model, modules, fp, plan, dtype=dtype, device=device, **sizes)
+    sizes = {"seq_len": seq_len, "batch_size": max(batch_size, 1), "sequences": sequences}
+    one = {**sizes, "batch_size": 1, "candidate_batch": 1}
+    terms = _terms(model, modules, fp, plan, dtype=dtype, device=device, **one)
+    candidates = CANDIDATE_BATCH
+    if memory is not None:
+        build, serve = _fitted_batches(terms, memory)
+        if batch_size == 0:
+            sizes["batch_size"] = max(build, 1)
+        if device.startswith("cuda"):
+            candidates = max(min(serve, CANDIDATE_BATCH), 1)
+    terms = _terms(
+        model, modules, fp, plan, dtype=dtype, device=device, candidate_batch=candidates, **sizes
+    )
+    if batch_size == 0:
+        terms = [
+            replace(t, what=f"{t.what} (auto: the largest batch that fits)")
+            if (t.name, t.phase) == ("activations", "build")
+            else t
+            for t in terms
+        ]
     params = sum(p.numel() for p in model.parameters())
     tracked = sum(m.out_features * m.in_features for m in modules)
     # Per token: a plain step is ~6 flops per parameter; the encode is the frozen forward and
@@ -289,7 +329,32 @@ def build_plan(
         flops_encode=4.0 * params + 2.0 * tracked + (whiten if fp.whiten else 0),
         device=device,
         memory=memory,
+        batch_size=sizes["batch_size"],
+        candidate_batch=candidates,
     )
+
+
+def _fitted_batches(terms: list[Term], memory: int) -> tuple[int, int]:
+    """The build's batch and the exact stage's candidates per pass that fit ``memory`` by
+    ``encoder.memory.auto_batch_size``'s rule, from ``terms`` made at one of each: what stays
+    resident (weights, the family's state, the query's factors) leaves the free memory, of
+    which ``DEFAULT_FRACTION`` holds the pass (its gradient chunk, then its activations)."""
+
+    def device(phase: str, name: str) -> int:
+        return sum(
+            t.bytes
+            for t in terms
+            if t.where == "device" and t.phase in (phase, "both") and t.name == name
+        )
+
+    batches = []
+    for phase in ("build", "serve"):
+        per, chunk = device(phase, "activations"), device(phase, "gradient chunk")
+        resident = sum(  # every other device term of the phase
+            t.bytes for t in terms if t.where == "device" and t.phase in (phase, "both")
+        ) - (per + chunk)
+        batches.append(fitting_batch(DEFAULT_FRACTION * (memory - resident), chunk, per, 256))
+    return batches[0], batches[1]
 
 
 def _gib(n: int) -> str:

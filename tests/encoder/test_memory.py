@@ -9,7 +9,13 @@ import torch
 from api.errors import ConfigError
 from encoder.config import FingerprintConfig
 from encoder.fingerprint import TrackStarEncoder
-from encoder.memory import auto_batch_size, estimate_memory, free_memory
+from encoder.memory import (
+    DEFAULT_FRACTION,
+    auto_batch_size,
+    candidate_batch_size,
+    estimate_memory,
+    free_memory,
+)
 from tests.conftest import tiny_gpt2
 
 
@@ -58,3 +64,17 @@ def test_auto_batch_size_refuses_when_nothing_fits():
         auto_batch_size(_encoder(), 16, free=1024)
     assert err.value.code == "insufficient_memory"
     assert "MiB" in str(err.value)
+
+
+def test_the_exact_stage_takes_as_many_candidates_per_pass_as_memory_holds():
+    """On the CPU the exact stage keeps its cap; given the device's free bytes (an
+    accelerator's), the largest batch up to the cap that fits, or a clear refusal."""
+    enc = _encoder(correction=False)
+    assert candidate_batch_size(enc, 16, 8) == 8
+    est = estimate_memory(enc, 16)
+    three = int((est.fixed + 3 * est.per_example) / DEFAULT_FRACTION) + 1
+    assert candidate_batch_size(enc, 16, 8, free=three) == 3
+    assert candidate_batch_size(enc, 16, 8, free=1 << 40) == 8
+    with pytest.raises(ConfigError) as err:
+        candidate_batch_size(enc, 16, 8, free=1024)
+    assert err.value.code == "insufficient_memory"

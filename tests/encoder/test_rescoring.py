@@ -47,15 +47,17 @@ def fitted(monkeypatch):
 
 @pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("unit_norm", [True, False])
+@pytest.mark.parametrize("candidate_batch", [8, 2])
 def test_the_factor_scorer_gives_the_whitened_gradients_cosines(
-    fitted, monkeypatch, unit_norm, stored
+    fitted, monkeypatch, unit_norm, stored, candidate_batch
 ):
     """Scores from token factors equal the cosines (or dots) of the dense whitened gradients,
-    with the candidates' norms computed or given as the build stores them; no dense identity
-    is made for a [1] side."""
+    with the candidates' norms computed or given as the build stores them, whatever the
+    candidates per pass (9 candidates: 2 or 5 passes); no dense identity is made for a [1]
+    side."""
     model, enc = fitted
     config = FingerprintConfig(k=3, seed=5, hessian="none", unit_norm=unit_norm, whiten=True)
-    rescorer = ExactRescorer(model, config, None, enc.family.whitening())
+    rescorer = ExactRescorer(model, config, None, enc.family.whitening(), candidate_batch)
     query = Example((4, 9, 2, 7, 7, 1), (False, False, False, True, True, True))
     candidates = _sequences(11, 9)
     sq = None

@@ -84,6 +84,44 @@ def test_on_an_accelerator_the_hash_is_made_at_each_use(tmp_path):
     assert made[("sketch hash", "both")] == 32 * max(hashed)
 
 
+def test_auto_sizes_the_build_batch_and_the_candidates_per_pass_to_the_memory(tmp_path):
+    """``--batch-size auto`` takes the batch the build's auto rule takes on a device of that
+    memory (its fraction of what the resident terms leave, less the gradient chunk), and on
+    an accelerator the exact stage's candidates per pass are sized the same way, at most
+    CANDIDATE_BATCH; the totals then fit. Without a memory, auto is refused."""
+    from api.errors import ConfigError
+    from encoder.memory import DEFAULT_FRACTION
+    from encoder.rescoring import CANDIDATE_BATCH
+
+    tiny_gpt2(seed=1).config.save_pretrained(tmp_path)
+    fp = FingerprintConfig(budget=1200, max_block=200)
+    sizes = {"seq_len": 64, "sequences": 10}
+    one = build_plan(
+        tmp_path, fp, dtype=torch.float32, device="cuda", memory=None, batch_size=1, **sizes
+    )
+    terms = {(t.name, t.phase): t.bytes for t in one.terms}
+    per, chunk = terms[("activations", "build")], terms[("gradient chunk", "both")]
+    resident = one.total("build") - per - chunk
+    for batches in (3, 5, 40):
+        memory = int(resident + (chunk + batches * per + per // 2) / DEFAULT_FRACTION)
+        plan = build_plan(
+            tmp_path, fp, dtype=torch.float32, device="cuda", memory=memory, batch_size=0, **sizes
+        )
+        assert plan.batch_size == (batches if batches < 8 else batches - batches % 8)
+        assert plan.fits("build") and plan.fits("serve")
+        assert 1 <= plan.candidate_batch <= CANDIDATE_BATCH
+        serve = {(t.name, t.phase): t.bytes for t in plan.terms}[("activations", "serve")]
+        assert serve == plan.candidate_batch * per  # activations are linear in the tokens
+    cpu = build_plan(
+        tmp_path, fp, dtype=torch.float32, device="cpu", memory=memory, batch_size=8, **sizes
+    )
+    assert cpu.batch_size == 8 and cpu.candidate_batch == CANDIDATE_BATCH
+    with pytest.raises(ConfigError, match="--memory"):
+        build_plan(
+            tmp_path, fp, dtype=torch.float32, device="cuda", memory=None, batch_size=0, **sizes
+        )
+
+
 def test_the_command_says_whether_it_fits(tmp_path, capsys):
     tiny_gpt2(seed=1).config.save_pretrained(tmp_path)
     argv = ["index", "plan", "--model", str(tmp_path), "--seq-len", "16", "--sequences", "100"]
@@ -104,6 +142,10 @@ def test_the_command_says_whether_it_fits(tmp_path, capsys):
     assert main([*argv, "--memory", "lots"]) == 2
     err = capsys.readouterr().err
     assert "--memory" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--batch-size", "auto"]) == 2  # auto sizes to a --memory
+    assert "--memory" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "auto", "--memory", "1GB"]) == 0
+    assert "(auto: the largest batch that fits)" in capsys.readouterr().out
     assert main(["index", "plan", "--model", str(tmp_path / "nothing")]) == 2
 
 
