@@ -157,13 +157,14 @@ def _activation_bytes(
     tokens: int,
     seq_len: int,
     elem: int,
-    fused_attention: bool,
 ) -> int:
     """What one backward pass over ``tokens`` tokens (sequences of ``seq_len``) keeps: the
-    layers' saved activations (the attention probabilities too, unless a fused attention
-    kernel recomputes them: CUDA's), the tracked modules' captured inputs and output
-    gradients, and the float32 logits with their gradient."""
+    layers' saved activations (the attention probabilities too where the model's attention
+    is eager; a fused kernel, sdpa's or flash's, on the CPU as on CUDA, keeps none), the
+    tracked modules' captured inputs and output gradients, and the float32 logits with their
+    gradient."""
     config: Any = model.config  # transformers maps these names for every architecture
+    fused_attention = getattr(config, "_attn_implementation", "eager") != "eager"
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
     heads, vocab = int(config.num_attention_heads), int(config.vocab_size)
     per_layer = (34 * hidden + (0 if fused_attention else 5 * heads * seq_len)) * elem // 2
@@ -190,8 +191,8 @@ def _terms(
     tracked = sum(m.out_features * m.in_features for m in modules)
     cuda = device.startswith("cuda")
     chunk = CUDA_GRADIENT_BUDGET_BYTES if cuda else GRADIENT_BUDGET_BYTES
-    build_act = _activation_bytes(model, modules, batch_size * seq_len, seq_len, elem, cuda)
-    serve_act = _activation_bytes(model, modules, candidate_batch * seq_len, seq_len, elem, cuda)
+    build_act = _activation_bytes(model, modules, batch_size * seq_len, seq_len, elem)
+    serve_act = _activation_bytes(model, modules, candidate_batch * seq_len, seq_len, elem)
     name = str(dtype).replace("torch.", "")
     terms = [
         Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
