@@ -11,13 +11,14 @@ import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GPT2Config, LlamaConfig
 
 from benchmarks.bench_common import machine, md_table, write_results
 from encoder.config import FingerprintConfig
-from indexer.plan import build_plan, plan_lines
+from indexer.plan import MemoryPlan, build_plan, plan_lines
 
 SHAPES = {  # name: (config, device, memory)
     "gpt2-small (12 x 768)": (GPT2Config(n_layer=12, n_embd=768, n_head=12), "cpu", None),
@@ -110,6 +111,34 @@ def _measured_rows() -> list[dict[str, float]]:
     return rows
 
 
+def shape_plan(shape: str, fp: FingerprintConfig) -> MemoryPlan:
+    """The plan of ``SHAPES[shape]`` at 1,000,000 sequences of 1024 tokens: on the CPU in
+    float32 at batch 8; on the GPU in bfloat16 at ``--batch-size auto`` (what fits its
+    memory)."""
+    config, device, memory = SHAPES[shape]
+    cuda = device == "cuda"
+    sizes = {"seq_len": 1024, "batch_size": 0 if cuda else 8, "sequences": 1_000_000}
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with tempfile.TemporaryDirectory() as d:
+        config.save_pretrained(d)
+        plan = build_plan(Path(d), fp, dtype=dtype, device=device, memory=memory, **sizes)
+    return dataclasses.replace(plan, model=shape)
+
+
+def plan_row(plan: MemoryPlan) -> dict[str, Any]:
+    """A plan's summary columns."""
+    return {
+        "d": plan.dim,
+        "build_batch": plan.batch_size,
+        "candidates_per_pass": plan.candidate_batch,
+        "build_GiB": plan.total("build") / 2**30,
+        "serve_GiB": plan.total("serve") / 2**30,
+        "fits_build": plan.fits("build"),
+        "fits_serve": plan.fits("serve"),
+        "encode_over_plain_flops": plan.flops_encode / plan.flops_plain,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument(
@@ -119,34 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     measured = [] if args.no_measure else _measured_rows()
     rows, sections = [], []
-    for shape, (config, device, memory) in SHAPES.items():
-        with tempfile.TemporaryDirectory() as d:
-            config.save_pretrained(d)
-            for name, fp in CONFIGS.items():
-                dtype = torch.bfloat16 if device == "cuda" else torch.float32
-                batch = 0 if device == "cuda" else 8  # auto on the GPU: what fits 80 GiB
-                sizes = {"seq_len": 1024, "batch_size": batch, "sequences": 1_000_000}
-                plan = build_plan(Path(d), fp, dtype=dtype, device=device, memory=memory, **sizes)
-                plan = dataclasses.replace(plan, model=shape)
-                rows.append(
-                    {
-                        "shape": shape,
-                        "config": name,
-                        "device": device,
-                        "d": plan.dim,
-                        "build_batch": plan.batch_size,
-                        "candidates_per_pass": plan.candidate_batch,
-                        "build_GiB": plan.total("build") / 2**30,
-                        "serve_GiB": plan.total("serve") / 2**30,
-                        "fits_build": plan.fits("build"),
-                        "fits_serve": plan.fits("serve"),
-                        "encode_over_plain_flops": plan.flops_encode / plan.flops_plain,
-                        "terms": [dataclasses.asdict(t) for t in plan.terms],
-                    }
-                )
-                sections.append(
-                    f"## {shape}, {name}\n\n```\n" + "\n".join(plan_lines(plan)) + "\n```\n"
-                )
+    for shape, (_, device, _) in SHAPES.items():
+        for name, fp in CONFIGS.items():
+            plan = shape_plan(shape, fp)
+            rows.append(
+                {
+                    "shape": shape,
+                    "config": name,
+                    "device": device,
+                    **plan_row(plan),
+                    "terms": [dataclasses.asdict(t) for t in plan.terms],
+                }
+            )
+            sections.append(
+                f"## {shape}, {name}\n\n```\n" + "\n".join(plan_lines(plan)) + "\n```\n"
+            )
     cols = [
         "shape",
         "config",

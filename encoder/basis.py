@@ -25,7 +25,7 @@ Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Module name -> (A, B), or (W_out, W_in) for a whitening."""
 
 MAX_SIDE = 4096
-"""Longest side with a fitted basis: its float64 C takes 128 MiB; a longer one stays Gaussian."""
+"""Longest side with a fitted basis: its float64 C takes 128 MiB; a longer one stays unwhitened."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ is a scalar, never a dense identity) plus an estimate of the
 activations a backward pass keeps (Korthikanti et al. 2022's 34 h + 5 a T bytes per token and
 layer at 16 bits, scaled to the weights' dtype, plus the tracked modules' captured inputs and
 output gradients and the float32 logits). A test checks each state term against the bytes a
-real encoder holds; ``benchmarks/bench_scale.py`` checks the total against a measured peak.
+real encoder holds; ``benchmarks/bench_plan.py`` checks the total against a measured peak.
 """
 
 from __future__ import annotations

@@ -92,6 +92,30 @@ def test_bench_encode_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_scale_quick(tmp_path):
+    """One shape in its own process, both fingerprints' rows from one measurement, a query's
+    cost at each cap from the measured per-candidate cost, and the 1B / 8B plans fitting."""
+    from benchmarks import bench_scale
+
+    assert bench_scale.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_scale_quick.json").read_text())
+    (m,) = data["measured"].values()
+    default, paper = data["rows"]
+    assert (default["config"], paper["config"]) == ("default", "paper")
+    assert default["encode_over_step"] == m["default_s"] / m["plain_s"]
+    assert paper["encode_over_step"] == m["paper_s"] / m["plain_s"]
+    assert default["index_bytes_per_sequence"] == 2 * default["d"] + 8
+    assert 0 < m["query_s"] == default["query_s_rescore_0"]
+    per = m["exact_s"] / m["batch"]
+    assert default["query_s_rescore_200"] == m["query_s"] + 200 * per
+    assert default["peak_rss_GiB"] > default["state_GiB"] > 0
+    assert [p["shape"] for p in data["plans"]] == ["llama-3.2-1b", "llama-3.1-8b"]
+    assert all(p["fits_build"] and p["fits_serve"] for p in data["plans"])
+    assert [g["met"] for g in data["goals"][-2:]] == [True, True]
+    assert data["goals"][0]["measured"] == default["encode_over_step"]
+
+
+@pytest.mark.slow
 def test_bench_fit_quick(tmp_path):
     from benchmarks import bench_fit
 
