@@ -35,6 +35,7 @@ from encoder.fingerprint import TrackStarEncoder, sequence_loss
 from encoder.memory import auto_batch_size
 from encoder.optimizer_state import SecondMoments
 from encoder.rescoring import ExactRescorer
+from engine.index import DEFAULT_RESCORE
 
 log = logging.getLogger("bench_encode")
 
@@ -53,6 +54,19 @@ NEOX_MODELS = {  # name: (n_layer, hidden, n_head, intermediate, vocab); shapes 
     "pythia-1b": (16, 2048, 8, 8192, 50304),
     "pythia-tiny": (2, 64, 2, 256, 1024),
 }
+LLAMA_MODELS = {  # name: LlamaConfig keywords (llama-3.2-1b: benchmarks/bench_plan.py's shape)
+    "llama-3.2-1b": None,
+    "llama-tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+    },
+}
+QUERY_TOKENS = 32
+"""Tokens of the query whose encode is timed (prompt and completion)."""
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 """Dense bf16 peak of the GPUs the GPU check runs on (SXM, without sparsity)."""
 
@@ -69,6 +83,15 @@ def corpus_examples(corpus, tokenizer, max_len: int) -> tuple[list[Example], lis
 # -- speed ------------------------------------------------------------------------------
 def build_model(name: str, n_positions: int) -> torch.nn.Module:
     torch.manual_seed(0)
+    if name in LLAMA_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from benchmarks.bench_plan import SHAPES
+
+        keywords = LLAMA_MODELS[name]
+        config = SHAPES[name][0] if keywords is None else LlamaConfig(**keywords)
+        config.max_position_embeddings = max(n_positions, 2048)
+        return LlamaForCausalLM(config).eval()
     if name in NEOX_MODELS:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -222,11 +245,13 @@ def speed(
             "method": est.method,
         }
     batch = random_batch(model, seq_len, batch_size).to(dev)
+    query = random_batch(model, QUERY_TOKENS, 1).to(dev)
     encoders = _encoders(model, sm, k, batch)
     runs = {
         "plain": lambda: plain_step(model, batch),
         **{name: (lambda e=enc: e.project(batch)) for name, enc in encoders.items()},
         "exact": _exact_stage(model, encoders["default"], batch),
+        "query": lambda: encoders["default"].project(query),
     }
     med, peak = _time_runs(runs, repeats, dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -249,6 +274,9 @@ def speed(
         "paper_ratio": med["paper"] / med["plain"],
         "exact_s": med["exact"],
         "exact_ratio": med["exact"] / med["plain"],
+        "query_s": med["query"],
+        # A query at the default cap, every candidate scored (the certified stage stops earlier).
+        "query_s_at_cap": med["query"] + DEFAULT_RESCORE * med["exact"] / batch_size,
         "tokens_per_s_plain": tokens / med["plain"],
         "tokens_per_s_default": tokens / med["default"],
         "plain_TFLOPs": 6 * n_params * tokens / med["plain"] / 1e12,
@@ -265,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default="gpt2-4x256,gpt2-6x384",
-        help=f"comma-separated, of {sorted(MODELS | NEOX_MODELS)}",
+        help=f"comma-separated, of {sorted(MODELS | NEOX_MODELS | LLAMA_MODELS)}",
     )
     p.add_argument(
         "--k", type=int, default=16, help="the paper configuration's k per side (default 16)"
@@ -366,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "exact_s",
         "exact_ratio",
         "tokens_per_s_default",
+        "query_s_at_cap",
     ]
     if cuda:
         cols[4:4] = ["dtype", "plain_TFLOPs"]
@@ -375,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {repeats} interleaved runs, device {args.device}, weights {dtype} (accumulation float32), "
         f"batch {batch_arg}. `default`: the sketch at its default sizing (budget 2^16, no correction, no projected "
         f"R); `paper`: the Gaussian projection, k={args.k}, correction on; `exact`: the default's exact second "
-        "stage scoring the batch as candidates of a query as long as they are, their norms given as stored.\n\n"
+        "stage scoring the batch as candidates of a query as long as they are, their norms given as stored; "
+        f"`query_s_at_cap`: a {QUERY_TOKENS}-token query's encode plus {DEFAULT_RESCORE} candidates (the "
+        "default cap) at the exact stage's cost.\n\n"
         + md_table(rows, cols)
         + "\n## Goals\n\n"
         + md_table(goals, ["goal", "measured", "met"])

@@ -25,25 +25,10 @@ from typing import Any
 import torch
 
 from benchmarks.bench_common import machine, md_table, write_results
+from benchmarks.bench_encode import QUERY_TOKENS
 
 SHAPES = {"gpt2-small": "GPT-2 small (12 x 768)", "gpt2-medium": "GPT-2 medium, 350M (24 x 1024)"}
 RESCORES = (0, 50, 200)
-QUERY_TOKENS = 32
-"""Tokens of the query whose encode is timed (prompt and completion)."""
-
-
-def _query_seconds(model_name: str, seq_len: int, repeats: int) -> tuple[float, Any]:
-    """Median seconds of the default's encode of one query, and the model's config."""
-    from benchmarks.bench_common import median_time
-    from benchmarks.bench_encode import build_model, random_batch
-    from encoder.config import FingerprintConfig
-    from encoder.fingerprint import TrackStarEncoder
-
-    model = build_model(model_name, seq_len).requires_grad_(False)
-    query = random_batch(model, QUERY_TOKENS, 1)
-    encoder = TrackStarEncoder(model, FingerprintConfig())
-    encoder.project(query)  # warm-up
-    return median_time(lambda: encoder.project(query), repeats), model.config
 
 
 def measure(model_name: str, seq_len: int, batch: int, repeats: int) -> dict[str, Any]:
@@ -51,15 +36,14 @@ def measure(model_name: str, seq_len: int, batch: int, repeats: int) -> dict[str
     and family sizes, and the peak RSS. Run in a fresh process (``_measured``)."""
     import resource
 
-    from benchmarks.bench_encode import speed
+    from benchmarks.bench_encode import build_model, speed
     from encoder.config import FingerprintConfig
     from indexer.plan import build_plan
 
     torch.set_num_threads(1)
-    query_s, config = _query_seconds(model_name, seq_len, repeats)
-    row = speed(model_name, seq_len, batch, 16, repeats)  # its own model: this one is freed
-    with tempfile.TemporaryDirectory() as d:
-        config.save_pretrained(d)
+    row = speed(model_name, seq_len, batch, 16, repeats)
+    with tempfile.TemporaryDirectory() as d, torch.device("meta"):
+        build_model(model_name, seq_len).config.save_pretrained(d)  # the config, no weights
         sizes = {"seq_len": seq_len, "batch_size": batch, "sequences": 1}
         state = {}
         for name, fp in (
@@ -71,7 +55,6 @@ def measure(model_name: str, seq_len: int, batch: int, repeats: int) -> dict[str
             state[name] = sum(t.bytes for t in plan.terms if t.name in family)
     return {
         **row,
-        "query_s": query_s,
         "default_state_GiB": state["default"] / 2**30,
         "paper_state_GiB": state["paper"] / 2**30,
         "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,

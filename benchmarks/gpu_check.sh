@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check: every GPU path of the project in one run that fits in 8 minutes on one
+# The GPU check: every GPU path of the project in one run that fits in 9 minutes on one
 # H100/H200, results under benchmarks/results/gpu_check/ (a log per step and summary.md).
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: wheels the GPU machine lacks -> .whl/
 #   bash benchmarks/gpu_check.sh                  # there (carry .whl): the real run
 #   bash benchmarks/gpu_check.sh --dry-run        # anywhere: every step at toy size on the CPU
 #
-# Time limits per step (s): env 30, tests 90, encode 120, search 150, serve 90 (7.9 min in all).
-# Steps: the tests marked gpu; encode tokens/s and MFU (default, paper) on GPT-2 medium and a
-# Pythia-1B-shaped model (random weights); search at 1M x 4096 with faiss-gpu (Flat, IVF-PQ +
+# Time limits per step (s): env 30, tests 90, encode 150, search 150, serve 90 (8.5 min in all).
+# Steps: the tests marked gpu; encode tokens/s, MFU and peak memory (default, paper) and the
+# exact stage per candidate on Pythia-1B- and Llama-3.2-1B-shaped models (random weights; the
+# CPU's GPT-2 small and 350M figures: benchmarks/bench_scale.py); search at 1M x 4096 with faiss-gpu (Flat, IVF-PQ +
 # exact re-rank) and the torch placement; `serve --workers 2` on CUDA under bounded load on
 # 127.0.0.1. A failed step is recorded and the next one runs.
 set -uo pipefail
@@ -49,12 +50,12 @@ fi
 export PYTHONUNBUFFERED=1
 
 if [ "$MODE" = dry ]; then
-  ENCODE="--models pythia-tiny,tiny-2x64 --seq-lens 32 --batch 2 --device cpu"
+  ENCODE="--models pythia-tiny,llama-tiny --seq-lens 32 --batch 2 --device cpu"
   SEARCH="--quick --queries 64 --factories IVF64,PQ16x4fs --torch-exact"  # 8-bit PQ trains for ~40 s on 2 cores
   SERVE="--quick --proj-dim 8"  # the toy index: skip the default's 1024-dim whitening
   SCALE=4  # toy sizes on 2 CPU cores take longer than the real ones on the GPU
 else
-  ENCODE="--models gpt2-medium,pythia-1b --seq-lens 512 --batch auto --device cuda"
+  ENCODE="--models pythia-1b,llama-3.2-1b --seq-lens 512 --batch auto --device cuda"
   SEARCH="--sizes 1000000x4096 --query-signal 0.15 --queries 128 --factories IVF4096,PQ64 --torch-exact --threads 8"  # Flat is always measured
   SERVE="--duration 5 --single 20 --pairs 1 --env INFLUENCE_WORKERS=2 --env INFLUENCE_DEVICE=cuda"
   SCALE=1
@@ -74,7 +75,7 @@ step env 30 "$PY" -c "import torch, json; print(json.dumps({'torch': torch.__ver
  'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))"
 step tests_gpu 90 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 # shellcheck disable=SC2086  # the option strings are meant to split
-step encode 120 "$PY" -m benchmarks.bench_encode $ENCODE --tag gpu_check --out "$OUT"
+step encode 150 "$PY" -m benchmarks.bench_encode $ENCODE --tag gpu_check --out "$OUT"
 # shellcheck disable=SC2086
 step search 150 "$PY" -m benchmarks.bench_search $SEARCH --tag gpu_check --out "$OUT" --workdir /tmp/gpu_check_search
 # shellcheck disable=SC2086

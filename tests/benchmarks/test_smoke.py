@@ -193,7 +193,7 @@ def test_gpu_check_dry_run(tmp_path):
     for step in ("env", "tests_gpu", "encode", "search", "serve"):
         assert f"| {step} | 0 |" in summary, summary
     encode = json.loads((tmp_path / "bench_encode_gpu_check.json").read_text())
-    assert {r["model"] for r in encode["speed"]} == {"pythia-tiny", "tiny-2x64"}
+    assert {r["model"] for r in encode["speed"]} == {"pythia-tiny", "llama-tiny"}
     assert all(r["tokens_per_s_default"] > 0 and "mfu_default" in r for r in encode["speed"])
 
 
