@@ -36,7 +36,10 @@ EVAL_FLAGS = (
     "adam",
 )
 """The paper's configuration for the TrackStar rows (Gaussian projection, its d) and the
-tail-patch step (one Adam step at the final learning rate), as every committed eval uses."""
+tail-patch step, as every committed eval uses: one Adam step from the checkpoint's second
+moments at a fixed small rate (the training's cosine schedule ends near 0, so its final
+rate would move nothing; tail-patch is first order in the rate, and
+``benchmarks/results/eval_vera_lr*`` repeat one set at a tenth and ten times it)."""
 
 
 def _trained(model_dir: Path, corpus: Path) -> Path | None:
