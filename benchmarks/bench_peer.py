@@ -87,7 +87,7 @@ def write_optimizer_state(sm, model, path: Path) -> None:
     )
 
 
-def run_peer(
+def peer_command(
     python: Path,
     model: Path,
     dataset: Path,
@@ -96,8 +96,8 @@ def run_peer(
     token_batch: int,
     lift: bool,
     threads: int,
-) -> tuple[float, float, float]:
-    """(bergson's collection seconds, its build() seconds, whole-process wall seconds)."""
+) -> list[str]:
+    """The driver's command line in the peer venv."""
     cmd = [
         str(python),
         str(DRIVER),
@@ -114,16 +114,33 @@ def run_peer(
         "--threads",
         str(threads),
     ]
-    if lift:
-        cmd.append("--lift-context-limit")
+    return [*cmd, "--lift-context-limit"] if lift else cmd
+
+
+def peer_result(stdout: str) -> dict[str, Any]:
+    """The JSON line the driver printed last."""
+    return json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
+
+
+def run_peer(
+    python: Path,
+    model: Path,
+    dataset: Path,
+    opt: Path,
+    out: Path,
+    token_batch: int,
+    lift: bool,
+    threads: int,
+) -> tuple[float, float, float]:
+    """(bergson's collection seconds, its build() seconds, whole-process wall seconds)."""
+    cmd = peer_command(python, model, dataset, opt, out, token_batch, lift, threads)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"bergson failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
-    out = json.loads(line)
-    return float(out["collect_seconds"]), float(out["build_seconds"]), wall
+    res = peer_result(proc.stdout)
+    return float(res["collect_seconds"]), float(res["build_seconds"]), wall
 
 
 def peer_gradients(run: Path, modules) -> np.ndarray:

@@ -5,7 +5,7 @@ gives it a pre-tokenized dataset (``save_to_disk``: input_ids, labels) and an op
 state file, and reads back ``gradients.bin`` / ``info.json`` and the JSON line printed here.
 
     python peer_bergson_driver.py --model CKPT --dataset DS --optimizer-state OPT \\
-        --out RUN --token-batch-size N [--lift-context-limit] [--threads T]
+        --out RUN --token-batch-size N [--lift-context-limit] [--threads T] [--projection-dim P]
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ def main() -> int:
         help="patch out bergson's check that a token batch fits the model's context",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--projection-dim",
+        type=int,
+        default=0,
+        help="bergson's projection per side (default 0: exact gradients)",
+    )
     p.add_argument(
         "--trackstar-queries",
         default=None,
@@ -70,7 +76,7 @@ def main() -> int:
         run_path=args.out,
         model=args.model,
         data=DataConfig(dataset=args.dataset),
-        projection_dim=0,
+        projection_dim=args.projection_dim,
         optimizer_state=args.optimizer_state,
         token_batch_size=args.token_batch_size,
         precision="fp32",

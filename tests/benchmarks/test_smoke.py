@@ -298,6 +298,20 @@ def test_bench_peer_skips_cleanly_without_bergson(tmp_path, capsys):
     assert not list(tmp_path.glob("bench_peer*"))
 
 
+def test_bench_peer_scale_skips_cleanly_without_bergson_and_reads_peak_rss(
+    tmp_path, monkeypatch, capsys
+):
+    from benchmarks import bench_peer_scale
+
+    monkeypatch.setattr(bench_peer_scale, "PEER_PYTHON", tmp_path / "no-venv" / "python")
+    assert bench_peer_scale.main(["--out", str(tmp_path)]) == 0
+    assert "make peer-venv" in capsys.readouterr().out and not list(tmp_path.glob("*.json"))
+    report = "\tUser time (seconds): 1.0\n\tMaximum resident set size (kbytes): 2097152\n"
+    assert bench_peer_scale.peak_rss_gib(report) == 2.0
+    with pytest.raises(RuntimeError, match="peak RSS"):
+        bench_peer_scale.peak_rss_gib("no report")
+
+
 def test_bench_peer_feeds_the_peer_our_ids_targets_and_second_moments(tmp_path):
     """What bergson is given and how its output is read, without bergson: labels are -100 off
     the targets, the optimizer state names every parameter once with our v_hat, and its
