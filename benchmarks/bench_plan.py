@@ -60,11 +60,14 @@ MEASURED = ((256, 8), (512, 4), (128, 16), (1024, 2))
 """(sequence length, batch) of the encodes measured at the GPT-2-small shape."""
 
 
-def measure(seq_len: int, batch_size: int) -> dict[str, float]:
-    """Peak RSS of one default encode of random-init GPT-2 small in this process (a
-    configuration that needs a fit gets the identity whitening in the fitted one's shapes and
-    cost; the default plain sketch needs none), beside the plan's build device total for the
-    same sizes. Run in a fresh process (``--measure``)."""
+def measure(
+    seq_len: int, batch_size: int, n_layer: int = 12, n_embd: int = 768
+) -> dict[str, float]:
+    """Peak RSS of one default encode of a random-init GPT-2 (GPT-2 small unless given) in
+    this process (a configuration that needs a fit gets the identity whitening in the fitted
+    one's shapes and cost; the default plain sketch needs none), beside the plan's build
+    device total for the same sizes (its runtime term: this process before the model). Run
+    in a fresh process."""
     import resource
 
     from transformers import GPT2LMHeadModel
@@ -72,7 +75,7 @@ def measure(seq_len: int, batch_size: int) -> dict[str, float]:
     from encoder.batching import collate, sequence_example
     from encoder.fingerprint import TrackStarEncoder
 
-    config = SHAPES["gpt2-small (12 x 768)"][0]
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64))
     with tempfile.TemporaryDirectory() as d:
         config.save_pretrained(d)
         sizes = {"seq_len": seq_len, "batch_size": batch_size, "sequences": 1}

@@ -13,6 +13,7 @@ real encoder holds; ``benchmarks/bench_plan.py`` checks the total against a meas
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -195,6 +196,7 @@ def _terms(
     serve_act = _activation_bytes(model, modules, candidate_batch * seq_len, seq_len, elem)
     name = str(dtype).replace("torch.", "")
     terms = [
+        _runtime_term(device),
         Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
         *_family_terms(modules, plan, fp, cuda),
         Term("gradient chunk", "both", "device", 2 * chunk, "per-example gradients at once, x2"),
@@ -226,6 +228,16 @@ def _terms(
         r = hessian_bytes(plan_dims(modules, plan), with_eval=fp.hessian == "mixed")
         terms.append(Term("Hessian statistics", "build", "host", r, "float64 R sums, eigh"))
     return terms
+
+
+def _runtime_term(device: str) -> Term:
+    """What a process of this project holds before any model: the interpreter, torch and
+    transformers, measured as this process's resident set (it has imported them). In RAM: the
+    device's memory on the CPU, the host's beside an accelerator."""
+    statm = Path("/proc/self/statm")  # resident pages, second field (Linux; elsewhere 0)
+    rss = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else 0
+    where = "host" if device.startswith("cuda") else "device"
+    return Term("runtime", "both", where, rss, "python, torch, transformers (this process)")
 
 
 def _hashed(modules: list[TrackedModule], plan: Plan) -> set[str]:

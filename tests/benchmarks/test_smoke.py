@@ -380,6 +380,24 @@ def test_bench_plan_without_measuring(tmp_path):
         assert row["build_GiB"] > 0 and (row["fits_build"] is None) == (row["device"] == "cpu")
 
 
+@pytest.mark.slow
+def test_the_plan_is_within_a_quarter_of_a_measured_encode():
+    """``influence index plan``'s CPU build total against the peak RSS of a fresh process that
+    encodes the same sizes (a 4 x 256 GPT-2, 8 x 256 tokens; bench_plan measures GPT-2 small)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from benchmarks.bench_plan import measure; "
+        "print(json.dumps(measure(256, 8, 4, 256)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.75 <= row["plan_over_measured"] <= 1.25, row
+
+
 def test_bench_fold_measures_the_folded_first_stage():
     """Unfolded, the re-ranked search is Flat's; folded, its scores carry the fold's error."""
     import numpy as np
