@@ -122,18 +122,9 @@ def peer_result(stdout: str) -> dict[str, Any]:
     return json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
 
 
-def run_peer(
-    python: Path,
-    model: Path,
-    dataset: Path,
-    opt: Path,
-    out: Path,
-    token_batch: int,
-    lift: bool,
-    threads: int,
-) -> tuple[float, float, float]:
-    """(bergson's collection seconds, its build() seconds, whole-process wall seconds)."""
-    cmd = peer_command(python, model, dataset, opt, out, token_batch, lift, threads)
+def run_peer(cmd: list[str]) -> tuple[float, float, float]:
+    """Run ``peer_command``'s ``cmd``: (bergson's collection seconds, its build() seconds,
+    whole-process wall seconds)."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
@@ -359,7 +350,7 @@ def measure(args: argparse.Namespace, python: Path, version: str) -> dict[str, A
             ("bergson (context-limited batch)", context, False),
             ("bergson (limit lifted)", lifted_batch, True),
         ):
-            sec, build_s, wall = run_peer(
+            cmd = peer_command(
                 python,
                 Path(checkpoint),
                 work / "train.ds",
@@ -369,19 +360,22 @@ def measure(args: argparse.Namespace, python: Path, version: str) -> dict[str, A
                 lift,
                 args.threads,
             )
+            sec, build_s, wall = run_peer(cmd)
             runs[label].append(sec)
             builds[label].append(build_s)
             walls[label].append(wall)
     peer_t = peer_gradients(work / "run_True", enc.modules)
     run_peer(
-        python,
-        Path(checkpoint),
-        work / "queries.ds",
-        work / "optimizer.pt",
-        work / "run_q",
-        context,
-        False,
-        args.threads,
+        peer_command(
+            python,
+            Path(checkpoint),
+            work / "queries.ds",
+            work / "optimizer.pt",
+            work / "run_q",
+            context,
+            False,
+            args.threads,
+        )
     )
     peer_q = peer_gradients(work / "run_q", enc.modules)
     ours_q = project_all(enc, h.queries, pad_id=h.pad, batch_size=args.batch_size).double().numpy()
