@@ -18,7 +18,10 @@ is the device's free memory (``cudaMemGetInfo``; ``MemAvailable`` on the CPU).
 
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,6 +121,20 @@ def _ready(encoder: TrackStarEncoder) -> TrackStarEncoder:
     else:
         twin.family.restore(encoder.family.tensors())
     return twin
+
+
+@functools.cache
+def runtime_bytes() -> int:
+    """Resident bytes of a fresh interpreter that has imported torch and transformers: what
+    every process of this project holds before any model (measured once per process, in a
+    child, so that the caller's own memory does not count; 0 without /proc)."""
+    code = (
+        "import os, pathlib, torch, transformers; "
+        "print(int(pathlib.Path('/proc/self/statm').read_text().split()[1]) "
+        "* os.sysconf('SC_PAGE_SIZE'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
 
 
 def estimate_memory(encoder: TrackStarEncoder, seq_len: int) -> MemoryEstimate:

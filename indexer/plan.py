@@ -13,7 +13,6 @@ real encoder holds; ``benchmarks/bench_plan.py`` checks the total against a meas
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from api.errors import ConfigError
 from encoder.basis import MAX_SIDE, basis_bytes
 from encoder.config import FingerprintConfig
 from encoder.families import family_class
-from encoder.memory import DEFAULT_FRACTION, fitting_batch, hessian_bytes
+from encoder.memory import DEFAULT_FRACTION, fitting_batch, hessian_bytes, runtime_bytes
 from encoder.modules import TrackedModule, select_modules
 from encoder.products import CUDA_GRADIENT_BUDGET_BYTES, GRADIENT_BUDGET_BYTES
 from encoder.projection import Plan, plan_dims
@@ -231,13 +230,9 @@ def _terms(
 
 
 def _runtime_term(device: str) -> Term:
-    """What a process of this project holds before any model: the interpreter, torch and
-    transformers, measured as this process's resident set (it has imported them). In RAM: the
-    device's memory on the CPU, the host's beside an accelerator."""
-    statm = Path("/proc/self/statm")  # resident pages, second field (Linux; elsewhere 0)
-    rss = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else 0
+    """``runtime_bytes`` in RAM: the device's memory on the CPU, the host's on an accelerator."""
     where = "host" if device.startswith("cuda") else "device"
-    return Term("runtime", "both", where, rss, "python, torch, transformers (this process)")
+    return Term("runtime", "both", where, runtime_bytes(), "python, torch and transformers")
 
 
 def _hashed(modules: list[TrackedModule], plan: Plan) -> set[str]:

@@ -15,6 +15,7 @@ from encoder.memory import (
     candidate_batch_size,
     estimate_memory,
     free_memory,
+    runtime_bytes,
 )
 from tests.conftest import tiny_gpt2
 
@@ -78,3 +79,18 @@ def test_the_exact_stage_takes_as_many_candidates_per_pass_as_memory_holds():
     with pytest.raises(ConfigError) as err:
         candidate_batch_size(enc, 16, 8, free=1024)
     assert err.value.code == "insufficient_memory"
+
+
+def test_the_runtime_is_a_fresh_interpreter_not_the_caller():
+    """The plan's runtime term is what a new process holds after importing torch and
+    transformers, measured in a child: the caller's own memory (here 512 MiB more) is not in
+    it."""
+    import os
+    from pathlib import Path
+
+    held = torch.ones(128 << 20)  # 512 MiB, touched
+    runtime_bytes.cache_clear()
+    runtime = runtime_bytes()
+    own = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < runtime < own - held.numel() * 4 + (64 << 20)
+    assert runtime_bytes() == runtime  # once per process
