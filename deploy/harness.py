@@ -145,7 +145,8 @@ class Replica:
     def start(self) -> None:
         """Spawn the process (returns at once; see :meth:`wait_ready`)."""
         env = dict(os.environ)
-        env.update(
+        env.update(  # the server sets its own torch threads (cores by default): say how many
+            INFLUENCE_TORCH_THREADS=str(self.threads),
             OMP_NUM_THREADS=str(self.threads),
             MKL_NUM_THREADS=str(self.threads),
             TOKENIZERS_PARALLELISM="false",

@@ -272,6 +272,7 @@ def _set_threads(settings: Settings) -> None:
     threads = settings.torch_threads or max(1, cores // settings.workers)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+    log.info("torch and FAISS threads: %d", threads)
 
 
 async def _load(state: IndexState, metrics: Metrics, why: str = "startup") -> None:

@@ -56,6 +56,14 @@ def test_queries_are_answered_and_balanced(gateway, replicas, query_body):
     assert served_by() == addresses
 
 
+def test_each_replica_keeps_to_its_share_of_the_cores(replicas):
+    """Replicas that share a host run the torch threads the harness gives them (one each
+    here), not the server's default of every core each: OpenMP threads oversubscribed that
+    way spin against each other and made requests 100x slower under load."""
+    for replica in replicas:
+        assert "torch and FAISS threads: 1" in replica.log_text(), replica.log_text()[-2000:]
+
+
 def test_request_id_passes_through_and_is_logged(gateway, replicas, query_body):
     rid = f"deploy-test-{uuid.uuid4().hex[:12]}"
     resp = httpx.post(
