@@ -225,8 +225,8 @@ def passes(
     """Scores of candidates for several queries of one rescorer from one backward pass per
     batch: query k's dot is formed only for the candidates ``wanted[k]`` ([C] bool) asks.
 
-    Candidates run the rescorer's ``candidate_batch`` per pass, longest first (a batch pads to its own
-    longest member); ``hold()`` is entered around each pass.
+    Candidates run the rescorer's ``candidate_batch`` per pass, longest first (a batch pads to
+    its own longest member); ``hold()`` is entered around each pass.
 
     Returns:
         dots [K, C] float64 (0 where not wanted) and, with ``need_sq``, ||candidate||^2 [C]

@@ -177,6 +177,8 @@ def _terms(
     modules: list[TrackedModule],
     fp: FingerprintConfig,
     plan: Plan,
+    runtime: bool = True,
+    /,
     *,
     dtype: torch.dtype,
     seq_len: int,
@@ -185,6 +187,7 @@ def _terms(
     device: str,
     candidate_batch: int = CANDIDATE_BATCH,
 ) -> list[Term]:
+    """Every term at these sizes (``runtime``: with the runtime term)."""
     dim = sum(plan_dims(modules, plan))
     elem = torch.empty((), dtype=dtype).element_size()
     params = sum(p.numel() for p in model.parameters())
@@ -195,7 +198,7 @@ def _terms(
     serve_act = _activation_bytes(model, modules, candidate_batch * seq_len, seq_len, elem)
     name = str(dtype).replace("torch.", "")
     terms = [
-        _runtime_term(device),
+        *([_runtime_term(device)] if runtime else []),
         Term("weights", "both", "device", params * elem, f"{params:,} parameters, {name}"),
         *_family_terms(modules, plan, fp, cuda),
         Term("gradient chunk", "both", "device", 2 * chunk, "per-example gradients at once, x2"),
@@ -267,10 +270,11 @@ def build_device_terms(
     device: str,
 ) -> list[Term]:
     """What a build holds on its device (the preflight's check): every build or both-phase
-    device term; the activations only for a fixed batch (auto batches are sized to fit)."""
+    device term; the activations only for a fixed batch (auto batches are sized to fit); not
+    the runtime, which the measured free memory has already left out."""
     dtype = next(encoder_model.parameters()).dtype
     sizes = {"seq_len": seq_len, "batch_size": max(batch_size, 1), "sequences": 0}
-    terms = _terms(encoder_model, modules, fp, plan, dtype=dtype, device=device, **sizes)
+    terms = _terms(encoder_model, modules, fp, plan, False, dtype=dtype, device=device, **sizes)
     keep = [t for t in terms if t.where == "device" and t.phase in ("build", "both")]
     return [t for t in keep if batch_size > 0 or t.name != "activations"]
 
