@@ -38,9 +38,9 @@ class WorkMeter:
     scores is learned too: a stage that is not certified ran to its cap; a certified one
     stopped after about as many candidates as certified stages have needed here. A request
     is charged what it is expected to cost on that model: the share of stages that ran to
-    their cap at its cap, the rest at the count certified stages needed (at most its cap).
-    Charging every cap in full instead refused work an idle server would have answered in
-    milliseconds: a stage certified after 3 candidates was charged for 100.
+    their cap at its cap, the rest at the count certified stages needed (at most its cap),
+    never every cap in full: a stage that certifies early would otherwise be charged for
+    candidates it never scores, and an idle server would refuse work as backlog.
 
     Args:
         timeout_s: the request timeout every admitted request must fit in.
